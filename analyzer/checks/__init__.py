@@ -1,0 +1,85 @@
+"""Checks layer: each check is one function registered with a code; families live in modules.
+
+A check receives a :class:`CheckContext` and yields :class:`~analyzer.diagnostics.Diagnostic`.
+``restore=True`` marks checks that mirror what ``iptables-restore``/the kernel refuses: ``synack
+parse`` runs those too, so its verdict matches ``iptables-restore --test``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from analyzer.diagnostics import Diagnostic, Severity
+
+
+@dataclass(frozen=True, slots=True)
+class CheckInfo:
+    code: str
+    name: str
+    severity: Severity
+    func: Callable
+    summary: str
+    restore: bool = False
+
+
+REGISTRY: dict[str, CheckInfo] = {}
+
+
+def check(code: str, name: str, severity: Severity, restore: bool = False):
+    def deco(func):
+        doc = (func.__doc__ or "").strip().splitlines()
+        REGISTRY[code] = CheckInfo(code, name, severity, func, doc[0] if doc else name, restore)
+        return func
+    return deco
+
+
+@dataclass
+class CheckContext:
+    """What a check may look at: the parsed ruleset and its source files (for messages)."""
+
+    ruleset: object
+    files: tuple = ()
+    partial: bool = False  # input is a fragment/transaction: chains may exist elsewhere
+    extra: dict = field(default_factory=dict)
+
+    def source_line(self, span) -> str | None:
+        for f in self.files:
+            if f.path == span.path:
+                return f.line(span.line)
+        return None
+
+    def diag(self, code: str, message: str, span, hint: str | None = None, **kw) -> Diagnostic:
+        info = REGISTRY[code]
+        sev = kw.pop("severity", info.severity)
+        return Diagnostic(code, sev, message, span, hint, self.source_line(span) if span else None,
+                          name=info.name, **kw)
+
+
+def load_all() -> dict[str, CheckInfo]:
+    # importing the family modules (every module in this package) registers their checks
+    import importlib
+    import pkgutil
+
+    for m in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{m.name}")
+    return REGISTRY
+
+
+def run_checks(ctx: CheckContext, select=None, ignore=None, restore_only: bool = False) -> list[Diagnostic]:
+    out: list[Diagnostic] = []
+    for code, info in sorted(load_all().items()):
+        if restore_only and not info.restore:
+            continue
+        if not selected(code, info.name, select, ignore):
+            continue
+        out.extend(info.func(ctx))
+    return out
+
+
+def selected(code: str, name: str | None, select, ignore) -> bool:
+    """``--select``/``--ignore`` take codes, code prefixes (``CHN``) or check names."""
+    def hit(patterns):
+        return any(code.startswith(p) or p == name for p in patterns)
+    if select and not hit(select):
+        return False
+    return not (ignore and hit(ignore))

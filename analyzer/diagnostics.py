@@ -1,0 +1,80 @@
+"""Results layer: a finding or a parse error, located, with a hint; what every report renders."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from analyzer.source import Span
+
+
+class Severity(IntEnum):
+    INFO = 0
+    WARNING = 1
+    ERROR = 2
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+EXACT = "EXACT"
+APPROXIMATE = "APPROXIMATE"
+
+
+@dataclass(frozen=True, slots=True)
+class Related:
+    """Another place a diagnostic points at ("translated here", "reply leaves here")."""
+
+    message: str
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Diagnostic:
+    code: str
+    severity: Severity
+    message: str
+    span: Span | None
+    hint: str | None = None
+    source_line: str | None = None
+    confidence: str = EXACT
+    related: tuple[Related, ...] = ()
+    witness: str | None = None
+    name: str | None = None
+
+    def sort_key(self):
+        s = self.span
+        return (s.path, s.line, s.col, self.code) if s else ("", 0, 0, self.code)
+
+
+def render_text(d: Diagnostic) -> str:
+    """ruff-style rendering: location, code, message, the line, a caret, a hint.
+
+    >>> d = Diagnostic("PRS002", Severity.ERROR, "unknown option '--dprot'",
+    ...                Span("r.v4", 14, 17, 24), hint="did you mean '--dport'?",
+    ...                source_line="-A INPUT -p tcp --dprot 22 -j ACCEPT")
+    >>> print(render_text(d))
+    r.v4:14:17: PRS002 [error] unknown option '--dprot'
+      14 | -A INPUT -p tcp --dprot 22 -j ACCEPT
+         |                 ^^^^^^^
+      help: did you mean '--dport'?
+    """
+    s = d.span
+    head = f"{s.render()}: " if s else ""
+    out = [f"{head}{d.code} [{d.severity.label}] {d.message}"]
+    if d.confidence != EXACT:
+        out[0] += f" ({d.confidence})"
+    if s is not None and d.source_line is not None:
+        num = str(s.line)
+        pad = " " * len(num)
+        text = d.source_line.expandtabs(1)
+        out.append(f"  {num} | {text}")
+        width = max(1, min(s.end_col, len(text) + 1) - s.col)
+        out.append(f"  {pad} | {' ' * (s.col - 1)}{'^' * width}")
+    for r in d.related:
+        out.append(f"  note: {r.message} at {r.span.render()}")
+    if d.witness:
+        out.append(f"  witness: {d.witness}")
+    if d.hint:
+        out.append(f"  help: {d.hint}")
+    return "\n".join(out)

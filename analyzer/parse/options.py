@@ -1,0 +1,784 @@
+"""Parse layer: table-driven decoder of one rule's options into typed matches and a target.
+
+The tables below say, for every match module and target synack knows, which options it takes and
+how many arguments each has; a handful of handlers turn arguments into typed model values.
+"""
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+import socket
+from functools import lru_cache
+
+from analyzer.model.rules import (
+    AddrMatch, AddrTypeMatch, CommentMatch, ConnmarkCopy, CtStateMatch, CtStatusMatch,
+    CtTupleMatch, FragmentMatch, IcmpMatch, IfaceMatch, IpRangeMatch, Jump, MarkMatch,
+    Masquerade, Nat, NatRange, Netmap, Notrack, OpaqueMatch, OtherTarget, OwnerMatch,
+    PhysdevMatch, PortMatch, ProtoMatch, Redirect, Reject, SetMark, SetMatch, StatisticMatch,
+    TcpFlagsMatch, Tproxy, UnknownMatch, UnknownTarget, Verdict,
+)
+
+
+class DecodeError(Exception):
+    """A problem with one token of a rule: ``index`` of the token, and an optional hint."""
+
+    def __init__(self, code: str, message: str, index: int, hint: str | None = None,
+                 end_index: int | None = None, warning: bool = False):
+        super().__init__(message)
+        self.code, self.message, self.index, self.hint = code, message, index, hint
+        self.end_index = index if end_index is None else end_index
+        self.warning = warning
+
+
+# ------------------------------------------------------------------------ tokenizer
+_TOKEN = re.compile(r"""(?:"(?:[^"\\]|\\.)*"?|'(?:[^'\\]|\\.)*'?|[^\s"'])+""")
+_UNQUOTE = re.compile(r"""\\(.)|"|'""")
+
+
+def tokenize(line: str) -> list[tuple[str, int, int]]:
+    """Split a rule line as iptables-restore does; columns are 1-based, end exclusive.
+
+    >>> tokenize('-A X -m comment --comment "a \\\\"b\\\\" c" -j ACCEPT')[5]
+    ('a "b" c', 27, 40)
+    """
+    out = []
+    for m in _TOKEN.finditer(line):
+        t = m.group()
+        if '"' in t or "'" in t or "\\" in t:
+            t = _UNQUOTE.sub(lambda x: x.group(1) or "", t)
+        out.append((t, m.start() + 1, m.end() + 1))
+    return out
+
+
+# ------------------------------------------------------------------------ value decoders
+PROTOCOLS = {
+    "all": 0, "icmp": 1, "igmp": 2, "ipencap": 4, "ipip": 4, "tcp": 6, "egp": 8, "udp": 17,
+    "ipv6": 41, "ipv6-route": 43, "ipv6-frag": 44, "gre": 47, "esp": 50, "ah": 51,
+    "ipv6-icmp": 58, "icmpv6": 58, "ipv6-nonxt": 59, "ipv6-opts": 60, "ospf": 89, "eigrp": 88,
+    "pim": 103, "vrrp": 112, "l2tp": 115, "sctp": 132, "mh": 135, "udplite": 136, "dccp": 33,
+}
+PROTO_NAMES = {v: k for k, v in PROTOCOLS.items() if k not in ("ipip", "icmpv6")}
+
+SERVICES = {
+    "ftp-data": 20, "ftp": 21, "ssh": 22, "telnet": 23, "smtp": 25, "domain": 53, "bootps": 67,
+    "bootpc": 68, "tftp": 69, "http": 80, "www": 80, "pop3": 110, "sunrpc": 111, "ntp": 123,
+    "netbios-ns": 137, "netbios-dgm": 138, "netbios-ssn": 139, "imap": 143, "imap2": 143,
+    "snmp": 161, "snmp-trap": 162, "bgp": 179, "ldap": 389, "https": 443, "microsoft-ds": 445,
+    "isakmp": 500, "syslog": 514, "submission": 587, "ldaps": 636, "imaps": 993, "pop3s": 995,
+    "openvpn": 1194, "mysql": 3306, "postgresql": 5432, "ipsec-nat-t": 4500, "sip": 5060,
+    "auth": 113, "ident": 113, "nntp": 119, "irc": 194, "rsync": 873, "kerberos": 88,
+    "x11": 6000, "http-alt": 8080, "webcache": 8080, "whois": 43, "finger": 79, "gopher": 70,
+    "printer": 515, "ipp": 631, "rtsp": 554, "socks": 1080, "squid": 3128, "ms-sql-s": 1433,
+    "nfs": 2049, "svn": 3690, "xmpp-client": 5222, "xmpp-server": 5269, "git": 9418,
+    "domain-s": 853, "l2tp": 1701, "pptp": 1723, "radius": 1812, "radius-acct": 1813,
+    "mdns": 5353, "lpd": 515, "tproxy": 8081, "zabbix-agent": 10050, "zabbix-trapper": 10051,
+}
+
+TCP_FLAGS = {"FIN": 0x01, "SYN": 0x02, "RST": 0x04, "PSH": 0x08, "ACK": 0x10, "URG": 0x20,
+             "ECE": 0x40, "CWR": 0x80, "ALL": 0xFF, "NONE": 0}
+
+CT_STATES = frozenset({"NEW", "ESTABLISHED", "RELATED", "INVALID", "UNTRACKED", "SNAT", "DNAT"})
+ADDR_TYPES = frozenset({"UNSPEC", "UNICAST", "LOCAL", "BROADCAST", "ANYCAST", "MULTICAST",
+                        "BLACKHOLE", "UNREACHABLE", "PROHIBIT", "THROW", "NAT", "XRESOLVE"})
+
+ICMP4 = {
+    "any": (None, None), "echo-reply": (0, 0), "pong": (0, 0), "destination-unreachable": (3, None),
+    "network-unreachable": (3, 0), "host-unreachable": (3, 1), "protocol-unreachable": (3, 2),
+    "port-unreachable": (3, 3), "fragmentation-needed": (3, 4), "source-route-failed": (3, 5),
+    "network-unknown": (3, 6), "host-unknown": (3, 7), "network-prohibited": (3, 9),
+    "host-prohibited": (3, 10), "TOS-network-unreachable": (3, 11),
+    "TOS-host-unreachable": (3, 12), "communication-prohibited": (3, 13),
+    "host-precedence-violation": (3, 14), "precedence-cutoff": (3, 15), "source-quench": (4, 0),
+    "redirect": (5, None), "network-redirect": (5, 0), "host-redirect": (5, 1),
+    "TOS-network-redirect": (5, 2), "TOS-host-redirect": (5, 3), "echo-request": (8, 0),
+    "ping": (8, 0), "router-advertisement": (9, 0), "router-solicitation": (10, 0),
+    "time-exceeded": (11, None), "ttl-exceeded": (11, None), "ttl-zero-during-transit": (11, 0),
+    "ttl-zero-during-reassembly": (11, 1), "parameter-problem": (12, None),
+    "ip-header-bad": (12, 0), "required-option-missing": (12, 1), "timestamp-request": (13, 0),
+    "timestamp-reply": (14, 0), "address-mask-request": (17, 0), "address-mask-reply": (18, 0),
+}
+ICMP6 = {
+    "destination-unreachable": (1, None), "no-route": (1, 0), "communication-prohibited": (1, 1),
+    "beyond-scope": (1, 2), "address-unreachable": (1, 3), "port-unreachable": (1, 4),
+    "failed-policy": (1, 5), "reject-route": (1, 6), "packet-too-big": (2, 0),
+    "time-exceeded": (3, None), "ttl-exceeded": (3, None), "ttl-zero-during-transit": (3, 0),
+    "ttl-zero-during-reassembly": (3, 1), "parameter-problem": (4, None),
+    "bad-header": (4, 0), "unknown-header-type": (4, 1), "unknown-option": (4, 2),
+    "echo-request": (128, 0), "ping": (128, 0), "echo-reply": (129, 0), "pong": (129, 0),
+    "router-solicitation": (133, 0), "router-advertisement": (134, 0),
+    "neighbour-solicitation": (135, 0), "neighbor-solicitation": (135, 0),
+    "neighbour-advertisement": (136, 0), "neighbor-advertisement": (136, 0), "redirect": (137, 0),
+    "mld-listener-query": (130, 0), "mld-listener-report": (131, 0),
+    "mld-listener-done": (132, 0), "mld2-listener-report": (143, 0),
+}
+REJECT_WITH = {
+    4: {"icmp-net-unreachable", "icmp-host-unreachable", "icmp-port-unreachable",
+        "icmp-proto-unreachable", "icmp-net-prohibited", "icmp-host-prohibited",
+        "icmp-admin-prohibited", "tcp-reset", "tcp-rst", "net-unreach", "host-unreach",
+        "port-unreach", "proto-unreach", "net-prohib", "host-prohib", "admin-prohib"},
+    6: {"icmp6-no-route", "no-route", "icmp6-adm-prohibited", "adm-prohibited",
+        "icmp6-addr-unreachable", "addr-unreach", "icmp6-port-unreachable", "port-unreach",
+        "tcp-reset", "tcp-rst", "icmp6-policy-fail", "policy-fail", "icmp6-reject-route",
+        "reject-route"},
+}
+REJECT_ALIASES = {"tcp-rst": "tcp-reset", "net-unreach": "icmp-net-unreachable",
+                  "host-unreach": "icmp-host-unreachable", "proto-unreach": "icmp-proto-unreachable",
+                  "net-prohib": "icmp-net-prohibited", "host-prohib": "icmp-host-prohibited",
+                  "admin-prohib": "icmp-admin-prohibited", "no-route": "icmp6-no-route",
+                  "adm-prohibited": "icmp6-adm-prohibited", "addr-unreach": "icmp6-addr-unreachable",
+                  "policy-fail": "icmp6-policy-fail", "reject-route": "icmp6-reject-route"}
+
+
+class Ctx:
+    """Per-rule decoding state shared by handlers."""
+
+    __slots__ = ("family", "index", "host_names")
+
+    def __init__(self, family: int):
+        self.family = family
+        self.index = 0
+        self.host_names: list[tuple[int, str]] = []
+
+
+def _int(s: str, ctx: Ctx, what: str, lo: int = 0, hi: int = 0xFFFFFFFF) -> int:
+    try:
+        v = int(s, 0)
+    except ValueError:
+        try:
+            v = int(s, 10)  # "08" is decimal to iptables
+        except ValueError:
+            raise DecodeError("PRS004", f"invalid {what} '{s}'", ctx.index) from None
+    if not lo <= v <= hi:
+        raise DecodeError("PRS004", f"{what} '{s}' out of range {lo}..{hi}", ctx.index)
+    return v
+
+
+def _port(s: str, ctx: Ctx) -> int:
+    if s.isdigit():
+        v = int(s)
+        if v > 65535:
+            raise DecodeError("PRS004", f"port '{s}' out of range 0..65535", ctx.index)
+        return v
+    if s in SERVICES:
+        return SERVICES[s]
+    try:
+        return socket.getservbyname(s)
+    except OSError:
+        raise DecodeError("PRS004", f"invalid port '{s}'", ctx.index,
+                          hint="ports are numbers 0-65535 or service names") from None
+
+
+def port_range(s: str, ctx: Ctx) -> tuple[int, int]:
+    """``80``, ``1000:2000``, ``:1024``, ``1024:`` (``-`` also accepted, as in NAT ranges)."""
+    sep = ":" if ":" in s else ("-" if "-" in s and not s[0].isalpha() else None)
+    if sep is None:
+        p = _port(s, ctx)
+        return (p, p)
+    a, b = s.split(sep, 1)
+    lo = _port(a, ctx) if a else 0
+    hi = _port(b, ctx) if b else 65535
+    if lo > hi:
+        raise DecodeError("PRS004", f"invalid port range '{s}' (start after end)", ctx.index)
+    return (lo, hi)
+
+
+def port_list(s: str, ctx: Ctx) -> tuple[tuple[int, int], ...]:
+    parts = s.split(",")
+    if len(parts) > 15:
+        raise DecodeError("PRS004", f"too many ports in '{s}' (multiport takes at most 15)", ctx.index)
+    return tuple(port_range(p, ctx) for p in parts)
+
+
+@lru_cache(maxsize=65536)
+def _net_cached(s: str):
+    return ipaddress.ip_network(s, strict=False)
+
+
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*\.?(/\d+)?$")
+
+
+def network(s: str, ctx: Ctx):
+    try:
+        net = _net_cached(s)
+    except ValueError:
+        if _HOSTNAME.match(s) and not s.replace(".", "").replace("/", "").isdigit():
+            ctx.host_names.append((ctx.index, s))
+            return None
+        raise DecodeError("PRS005", f"invalid address '{s}'", ctx.index,
+                          hint="expected ADDRESS[/PREFIX] such as 10.0.0.0/8") from None
+    if net.version != ctx.family:
+        raise DecodeError("PRS005", f"IPv{net.version} address '{s}' in an IPv{ctx.family} ruleset",
+                          ctx.index, hint="IPv6 rules belong in ip6tables-save output")
+    return net
+
+
+def address(s: str, ctx: Ctx):
+    try:
+        a = ipaddress.ip_address(s.strip("[]"))
+    except ValueError:
+        raise DecodeError("PRS005", f"invalid address '{s}'", ctx.index) from None
+    return a
+
+
+def mark_value(s: str, ctx: Ctx) -> tuple[int, int]:
+    v, _, m = s.partition("/")
+    return _int(v, ctx, "mark"), (_int(m, ctx, "mask") if m else 0xFFFFFFFF)
+
+
+def nat_range(s: str, ctx: Ctx, need_addr: bool = True) -> NatRange:
+    """``1.2.3.4``, ``1.2.3.4-1.2.3.9``, ``1.2.3.4:80``, ``1.2.3.4:80-90``, ``[::1]:80``, ``:80``."""
+    addr, ports = s, None
+    if s.startswith("["):
+        end = s.find("]")
+        if end < 0:
+            raise DecodeError("PRS006", f"invalid NAT range '{s}' (missing ']')", ctx.index)
+        addr, rest = s[1:end], s[end + 1:]
+        if rest:
+            if not rest.startswith(":"):
+                raise DecodeError("PRS006", f"invalid NAT range '{s}'", ctx.index)
+            ports = rest[1:]
+    elif s.count(":") == 1 or (ctx.family == 4 and ":" in s):
+        addr, ports = s.split(":", 1)
+    lo = hi = None
+    if addr:
+        a, _, b = addr.partition("-")
+        try:
+            lo = ipaddress.ip_address(a)
+            hi = ipaddress.ip_address(b) if b else lo
+        except ValueError:
+            raise DecodeError("PRS006", f"invalid NAT address '{addr}' in '{s}'", ctx.index,
+                              hint="expected ADDR[-ADDR][:PORT[-PORT]], e.g. 10.244.1.5:8080") from None
+        if lo.version != ctx.family or hi.version != ctx.family or hi < lo:
+            raise DecodeError("PRS006", f"invalid NAT address range '{addr}'", ctx.index)
+    pl = ph = None
+    if ports is not None:
+        a, _, b = ports.partition("-")
+        if not a.isdigit() or (b and not b.isdigit()):
+            raise DecodeError("PRS006", f"invalid NAT port range '{ports}' in '{s}'", ctx.index,
+                              hint="expected PORT or PORT-PORT after ':'")
+        pl = int(a)
+        ph = int(b) if b else pl
+        if ph > 65535 or pl > ph:
+            raise DecodeError("PRS006", f"invalid NAT port range '{ports}'", ctx.index)
+    return NatRange(lo, hi, pl, ph)
+
+
+def to_ports(s: str, ctx: Ctx) -> tuple[int, int]:
+    a, _, b = s.replace(":", "-").partition("-")
+    if not a.isdigit() or (b and not b.isdigit()):
+        raise DecodeError("PRS006", f"invalid port range '{s}'", ctx.index)
+    lo = int(a)
+    hi = int(b) if b else lo
+    if hi > 65535 or lo > hi:
+        raise DecodeError("PRS006", f"invalid port range '{s}'", ctx.index)
+    return (lo, hi)
+
+
+def tcp_flag_set(s: str, ctx: Ctx) -> int:
+    v = 0
+    for f in s.split(","):
+        if f.upper() not in TCP_FLAGS:
+            raise DecodeError("PRS004", f"unknown TCP flag '{f}'", ctx.index,
+                              hint=_suggest(f.upper(), TCP_FLAGS, "flag"))
+        v |= TCP_FLAGS[f.upper()]
+    return v
+
+
+def _suggest(word: str, choices, what: str = "option") -> str | None:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else None
+
+
+def _ranges_ids(s: str, ctx: Ctx, what: str) -> tuple[int, int]:
+    a, _, b = s.partition("-")
+    if not a.isdigit():
+        raise DecodeError("PRS004", f"{what} '{s}' is a name: synack needs a numeric id", ctx.index,
+                          hint="names resolve on the machine the dump came from", warning=True)
+    return (int(a), int(b) if b.isdigit() else int(a))
+
+
+# ------------------------------------------------------------------------ match handlers
+# A handler gets (module, option, args, negated, col, end, ctx) and returns a Match.
+
+def _h_ports(mod, opt, args, neg, col, end, ctx):
+    direction = "src" if opt in ("--sport", "--source-port", "--sports", "--source-ports") else (
+        "any" if opt == "--ports" else "dst")
+    rng = port_list(args[0], ctx) if mod == "multiport" else (port_range(args[0], ctx),)
+    return PortMatch(col, end, neg, mod, direction, rng)
+
+
+def _h_tcp_flags(mod, opt, args, neg, col, end, ctx):
+    if opt == "--syn":
+        return TcpFlagsMatch(col, end, neg, 0x17, 0x02)
+    return TcpFlagsMatch(col, end, neg, tcp_flag_set(args[0], ctx), tcp_flag_set(args[1], ctx))
+
+
+def _h_icmp(mod, opt, args, neg, col, end, ctx):
+    fam = 6 if mod in ("icmp6", "icmpv6") else 4
+    table = ICMP6 if fam == 6 else ICMP4
+    s = args[0]
+    if s in table:
+        t, c = table[s]
+    else:
+        a, _, b = s.partition("/")
+        if not a.isdigit() or (b and not b.isdigit()):
+            raise DecodeError("PRS004", f"unknown ICMP type '{s}'", ctx.index,
+                              hint=_suggest(s, table, "type"))
+        t, c = int(a), (int(b) if b else None)
+    return IcmpMatch(col, end, neg, fam, t, c, s)
+
+
+def _h_mark(mod, opt, args, neg, col, end, ctx):
+    v, m = mark_value(args[0], ctx)
+    return MarkMatch(col, end, neg, mod, v & m, m)
+
+
+def _h_state(mod, opt, args, neg, col, end, ctx):
+    states = frozenset(s.upper() for s in args[0].split(","))
+    bad = states - CT_STATES
+    if bad:
+        b = sorted(bad)[0]
+        raise DecodeError("PRS004", f"unknown conntrack state '{b}'", ctx.index,
+                          hint=_suggest(b, CT_STATES, "state"))
+    return CtStateMatch(col, end, neg, mod, states)
+
+
+def _h_cttuple(mod, opt, args, neg, col, end, ctx):
+    name = opt[4:]
+    if name.endswith("port"):
+        return CtTupleMatch(col, end, neg, name, (), port_range(args[0], ctx))
+    nets = tuple(n for n in (network(a, ctx) for a in args[0].split(",")) if n is not None)
+    return CtTupleMatch(col, end, neg, name, nets, None)
+
+
+def _h_ctstatus(mod, opt, args, neg, col, end, ctx):
+    return CtStatusMatch(col, end, neg, opt[2:], frozenset(args[0].upper().split(",")))
+
+
+def _h_addrtype(mod, opt, args, neg, col, end, ctx):
+    types = frozenset(args[0].upper().split(","))
+    bad = types - ADDR_TYPES
+    if bad:
+        b = sorted(bad)[0]
+        raise DecodeError("PRS004", f"unknown address type '{b}'", ctx.index,
+                          hint=_suggest(b, ADDR_TYPES, "type"))
+    return AddrTypeMatch(col, end, neg, "src" if opt == "--src-type" else "dst", types)
+
+
+def _h_statistic(mod, opt, args, neg, col, end, ctx):
+    # options of one -m statistic are merged by the decoder (see _merge_statistic)
+    return OpaqueMatch(col, end, neg, mod, opt, tuple(args))
+
+
+def _h_owner(mod, opt, args, neg, col, end, ctx):
+    if opt in ("--socket-exists", "--suppl-groups"):
+        return OwnerMatch(col, end, neg, opt[2:])
+    lo, hi = _ranges_ids(args[0], ctx, "uid" if opt == "--uid-owner" else "gid")
+    return OwnerMatch(col, end, neg, "uid" if opt == "--uid-owner" else "gid", lo, hi)
+
+
+def _h_set(mod, opt, args, neg, col, end, ctx):
+    if opt in ("--match-set", "--set"):
+        return SetMatch(col, end, neg, args[0], tuple(args[1].split(",")))
+    return OpaqueMatch(col, end, neg, mod, opt, tuple(args))
+
+
+def _h_physdev(mod, opt, args, neg, col, end, ctx):
+    return PhysdevMatch(col, end, neg, opt[2:], args[0] if args else None)
+
+
+def _h_iprange(mod, opt, args, neg, col, end, ctx):
+    a, _, b = args[0].partition("-")
+    lo = address(a, ctx)
+    hi = address(b, ctx) if b else lo
+    if hi < lo or lo.version != ctx.family:
+        raise DecodeError("PRS005", f"invalid address range '{args[0]}'", ctx.index)
+    return IpRangeMatch(col, end, neg, "src" if opt == "--src-range" else "dst", lo, hi)
+
+
+def _h_comment(mod, opt, args, neg, col, end, ctx):
+    if len(args[0]) > 255:
+        raise DecodeError("PRS004", "comment longer than 255 characters", ctx.index,
+                          hint="the kernel stores at most 255 bytes of a comment")
+    return CommentMatch(col, end, neg, args[0])
+
+
+def _h_opaque(mod, opt, args, neg, col, end, ctx):
+    return OpaqueMatch(col, end, neg, mod, opt, tuple(args))
+
+
+_PORTS = {"--sport": 1, "--source-port": 1, "--dport": 1, "--destination-port": 1}
+_P = _h_ports
+
+# module -> option -> (number of arguments, handler)
+MATCH_MODULES: dict[str, dict[str, tuple[int, object]]] = {
+    "tcp": {**{k: (1, _P) for k in _PORTS}, "--tcp-flags": (2, _h_tcp_flags),
+            "--syn": (0, _h_tcp_flags), "--tcp-option": (1, _h_opaque)},
+    "udp": {k: (1, _P) for k in _PORTS},
+    "udplite": {k: (1, _P) for k in _PORTS},
+    "sctp": {**{k: (1, _P) for k in _PORTS}, "--chunk-types": (2, _h_opaque)},
+    "dccp": {**{k: (1, _P) for k in _PORTS}, "--dccp-types": (1, _h_opaque), "--dccp-option": (1, _h_opaque)},
+    "multiport": {k: (1, _P) for k in ("--sports", "--source-ports", "--dports",
+                                       "--destination-ports", "--ports")},
+    "icmp": {"--icmp-type": (1, _h_icmp)},
+    "icmp6": {"--icmpv6-type": (1, _h_icmp)},
+    "mark": {"--mark": (1, _h_mark)},
+    "connmark": {"--mark": (1, _h_mark)},
+    "state": {"--state": (1, _h_state)},
+    "conntrack": {"--ctstate": (1, _h_state), "--ctproto": (1, _h_opaque),
+                  **{f"--ct{d}{s}": (1, _h_cttuple) for d in ("orig", "repl") for s in
+                     ("src", "dst", "srcport", "dstport")},
+                  "--ctstatus": (1, _h_ctstatus), "--ctdir": (1, _h_ctstatus),
+                  "--ctexpire": (1, _h_opaque)},
+    "addrtype": {"--src-type": (1, _h_addrtype), "--dst-type": (1, _h_addrtype),
+                 "--limit-iface-in": (0, _h_opaque), "--limit-iface-out": (0, _h_opaque)},
+    "statistic": {"--mode": (1, _h_statistic), "--probability": (1, _h_statistic),
+                  "--every": (1, _h_statistic), "--packet": (1, _h_statistic)},
+    "owner": {"--uid-owner": (1, _h_owner), "--gid-owner": (1, _h_owner),
+              "--socket-exists": (0, _h_owner), "--suppl-groups": (0, _h_owner),
+              "--pid-owner": (1, _h_opaque), "--sid-owner": (1, _h_opaque),
+              "--cmd-owner": (1, _h_opaque)},
+    "set": {"--match-set": (2, _h_set), "--set": (2, _h_set), "--return-nomatch": (0, _h_set),
+            "--update-counters": (0, _h_set), "--update-subcounters": (0, _h_set),
+            "--packets-eq": (1, _h_set), "--packets-lt": (1, _h_set), "--packets-gt": (1, _h_set),
+            "--bytes-eq": (1, _h_set), "--bytes-lt": (1, _h_set), "--bytes-gt": (1, _h_set)},
+    "physdev": {"--physdev-in": (1, _h_physdev), "--physdev-out": (1, _h_physdev),
+                "--physdev-is-in": (0, _h_physdev), "--physdev-is-out": (0, _h_physdev),
+                "--physdev-is-bridged": (0, _h_physdev)},
+    "comment": {"--comment": (1, _h_comment)},
+    "iprange": {"--src-range": (1, _h_iprange), "--dst-range": (1, _h_iprange)},
+    # known syntax, semantics not evaluated (APPROXIMATE)
+    "socket": {"--transparent": (0, _h_opaque), "--nowildcard": (0, _h_opaque),
+               "--restore-skmark": (0, _h_opaque)},
+    "recent": {"--name": (1, _h_opaque), "--set": (0, _h_opaque), "--rsource": (0, _h_opaque),
+               "--rdest": (0, _h_opaque), "--mask": (1, _h_opaque), "--rcheck": (0, _h_opaque),
+               "--update": (0, _h_opaque), "--remove": (0, _h_opaque), "--seconds": (1, _h_opaque),
+               "--reap": (0, _h_opaque), "--hitcount": (1, _h_opaque), "--rttl": (0, _h_opaque)},
+    "limit": {"--limit": (1, _h_opaque), "--limit-burst": (1, _h_opaque)},
+    "hashlimit": {k: (1, _h_opaque) for k in (
+        "--hashlimit", "--hashlimit-upto", "--hashlimit-above", "--hashlimit-burst",
+        "--hashlimit-mode", "--hashlimit-srcmask", "--hashlimit-dstmask", "--hashlimit-name",
+        "--hashlimit-htable-size", "--hashlimit-htable-max", "--hashlimit-htable-expire",
+        "--hashlimit-htable-gcinterval", "--hashlimit-rate-match", "--hashlimit-rate-interval")},
+    "length": {"--length": (1, _h_opaque)},
+    "ttl": {"--ttl-eq": (1, _h_opaque), "--ttl-gt": (1, _h_opaque), "--ttl-lt": (1, _h_opaque),
+            "--ttl": (1, _h_opaque)},
+    "hl": {"--hl-eq": (1, _h_opaque), "--hl-gt": (1, _h_opaque), "--hl-lt": (1, _h_opaque)},
+    "mac": {"--mac-source": (1, _h_opaque)},
+    "pkttype": {"--pkt-type": (1, _h_opaque)},
+    "connlimit": {"--connlimit-upto": (1, _h_opaque), "--connlimit-above": (1, _h_opaque),
+                  "--connlimit-mask": (1, _h_opaque), "--connlimit-saddr": (0, _h_opaque),
+                  "--connlimit-daddr": (0, _h_opaque)},
+    "helper": {"--helper": (1, _h_opaque)},
+    "dscp": {"--dscp": (1, _h_opaque), "--dscp-class": (1, _h_opaque)},
+    "tos": {"--tos": (1, _h_opaque)},
+    "ecn": {"--ecn-tcp-cwr": (0, _h_opaque), "--ecn-tcp-ece": (0, _h_opaque),
+            "--ecn-ip-ect": (1, _h_opaque)},
+    "u32": {"--u32": (1, _h_opaque)},
+    "string": {"--algo": (1, _h_opaque), "--string": (1, _h_opaque), "--hex-string": (1, _h_opaque),
+               "--from": (1, _h_opaque), "--to": (1, _h_opaque), "--icase": (0, _h_opaque)},
+    "time": {k: (1, _h_opaque) for k in ("--datestart", "--datestop", "--timestart", "--timestop",
+                                         "--monthdays", "--weekdays")} | {
+        "--localtz": (0, _h_opaque), "--utc": (0, _h_opaque), "--kerneltz": (0, _h_opaque),
+        "--contiguous": (0, _h_opaque)},
+    "rpfilter": {"--loose": (0, _h_opaque), "--validmark": (0, _h_opaque),
+                 "--accept-local": (0, _h_opaque), "--invert": (0, _h_opaque)},
+    "devgroup": {"--src-group": (1, _h_opaque), "--dst-group": (1, _h_opaque)},
+    "cgroup": {"--path": (1, _h_opaque), "--cgroup": (1, _h_opaque)},
+    "policy": {"--dir": (1, _h_opaque), "--pol": (1, _h_opaque), "--strict": (0, _h_opaque),
+               "--reqid": (1, _h_opaque), "--spi": (1, _h_opaque), "--proto": (1, _h_opaque),
+               "--mode": (1, _h_opaque), "--tunnel-src": (1, _h_opaque),
+               "--tunnel-dst": (1, _h_opaque), "--next": (0, _h_opaque)},
+    "esp": {"--espspi": (1, _h_opaque)},
+    "ah": {"--ahspi": (1, _h_opaque), "--ahlen": (1, _h_opaque), "--ahres": (0, _h_opaque)},
+    "ipvs": {"--ipvs": (0, _h_opaque), "--vproto": (1, _h_opaque), "--vaddr": (1, _h_opaque),
+             "--vport": (1, _h_opaque), "--vdir": (1, _h_opaque), "--vmethod": (1, _h_opaque),
+             "--vportctl": (1, _h_opaque)},
+    "nfacct": {"--nfacct-name": (1, _h_opaque)},
+    "bpf": {"--bytecode": (1, _h_opaque), "--object-pinned": (1, _h_opaque)},
+    "quota": {"--quota": (1, _h_opaque)},
+    "connbytes": {"--connbytes": (1, _h_opaque), "--connbytes-dir": (1, _h_opaque),
+                  "--connbytes-mode": (1, _h_opaque)},
+    "realm": {"--realm": (1, _h_opaque)},
+    "tcpmss": {"--mss": (1, _h_opaque)},
+    "frag": {"--fragid": (1, _h_opaque), "--fraglen": (1, _h_opaque), "--fragres": (0, _h_opaque),
+             "--fragfirst": (0, _h_opaque), "--fragmore": (0, _h_opaque), "--fraglast": (0, _h_opaque)},
+    "rt": {"--rt-type": (1, _h_opaque), "--rt-segsleft": (1, _h_opaque), "--rt-len": (1, _h_opaque),
+           "--rt-0-res": (0, _h_opaque), "--rt-0-addrs": (1, _h_opaque), "--rt-0-not-strict": (0, _h_opaque)},
+    "ipv6header": {"--header": (1, _h_opaque), "--soft": (0, _h_opaque)},
+    "mh": {"--mh-type": (1, _h_opaque)},
+    "hbh": {"--hbh-len": (1, _h_opaque), "--hbh-opts": (1, _h_opaque)},
+    "dst": {"--dst-len": (1, _h_opaque), "--dst-opts": (1, _h_opaque)},
+    "eui64": {},
+    "cluster": {"--cluster-total-nodes": (1, _h_opaque), "--cluster-local-node": (1, _h_opaque),
+                "--cluster-local-nodemask": (1, _h_opaque), "--cluster-hash-seed": (1, _h_opaque)},
+    "condition": {"--condition": (1, _h_opaque)},
+    "geoip": {"--src-cc": (1, _h_opaque), "--dst-cc": (1, _h_opaque),
+              "--source-country": (1, _h_opaque), "--destination-country": (1, _h_opaque)},
+    "osf": {"--genre": (1, _h_opaque), "--ttl": (1, _h_opaque), "--log": (1, _h_opaque)},
+    "state6": {},
+    "ipv4options": {"--ssrr": (0, _h_opaque), "--lsrr": (0, _h_opaque), "--no-srr": (0, _h_opaque),
+                    "--rr": (0, _h_opaque), "--ts": (0, _h_opaque), "--ra": (0, _h_opaque),
+                    "--any-opt": (0, _h_opaque), "--flags": (1, _h_opaque), "--any": (0, _h_opaque)},
+    "addrtype6": {},
+    "l2tp": {"--tid": (1, _h_opaque), "--sid": (1, _h_opaque), "--pversion": (1, _h_opaque),
+             "--type": (1, _h_opaque)},
+}
+MODULE_ALIASES = {"icmpv6": "icmp6", "ipv6-icmp": "icmp6"}
+# A protocol named by -p loads its match module implicitly (``-p tcp --dport 80``).
+IMPLICIT_MODULES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp6", 132: "sctp", 136: "udplite",
+                    33: "dccp", 50: "esp", 51: "ah", 135: "mh"}
+
+
+# ------------------------------------------------------------------------ targets
+def _mark_target(kind, opts, ctx, col, end):
+    """MARK / CONNMARK --set-* forms, normalised to xmark value/mask."""
+    value = mask = None
+    for opt, args, i in opts:
+        ctx.index = i
+        if opt in ("--set-xmark", "--set-mark"):
+            v, m = mark_value(args[0], ctx)
+            value, mask = (v, m) if opt == "--set-xmark" else (v, v | m)
+        elif opt == "--and-mark":
+            value, mask = 0, (~_int(args[0], ctx, "mark")) & 0xFFFFFFFF
+        elif opt == "--or-mark":
+            b = _int(args[0], ctx, "mark")
+            value, mask = b, b
+        elif opt == "--xor-mark":
+            value, mask = _int(args[0], ctx, "mark"), 0
+    return SetMark(col, end, kind, value, mask)
+
+
+def _t_mark(name, opts, ctx, col, end):
+    if not opts:
+        raise DecodeError("PRS007", "MARK needs one of --set-xmark/--set-mark/--and-mark/--or-mark/--xor-mark",
+                          ctx.index)
+    return _mark_target("MARK", opts, ctx, col, end)
+
+
+def _t_connmark(name, opts, ctx, col, end):
+    names = [o for o, _, _ in opts]
+    if "--save-mark" in names or "--restore-mark" in names:
+        nf = ct = 0xFFFFFFFF
+        for opt, args, i in opts:
+            ctx.index = i
+            if opt == "--mask":
+                nf = ct = _int(args[0], ctx, "mask")
+            elif opt == "--nfmask":
+                nf = _int(args[0], ctx, "mask")
+            elif opt == "--ctmask":
+                ct = _int(args[0], ctx, "mask")
+        return ConnmarkCopy(col, end, "save" if "--save-mark" in names else "restore", nf, ct)
+    if not opts:
+        raise DecodeError("PRS007", "CONNMARK needs an action", ctx.index)
+    return _mark_target("CONNMARK", opts, ctx, col, end)
+
+
+def _flag(opts, name):
+    return any(o == name for o, _, _ in opts)
+
+
+def _t_nat(name, opts, ctx, col, end):
+    ranges = []
+    for opt, args, i in opts:
+        if opt in ("--to-destination", "--to-source", "--to"):
+            ctx.index = i + 1
+            ranges.append(nat_range(args[0], ctx))
+    if not ranges:
+        raise DecodeError("PRS007", f"{name} needs --to-{'destination' if name == 'DNAT' else 'source'}",
+                          ctx.index)
+    return Nat(col, end, name, tuple(ranges), _flag(opts, "--random"), _flag(opts, "--persistent"),
+               _flag(opts, "--random-fully"))
+
+
+def _ports_opt(opts, ctx):
+    for opt, args, i in opts:
+        if opt == "--to-ports":
+            ctx.index = i + 1
+            return to_ports(args[0], ctx)
+    return None
+
+
+def _t_masq(name, opts, ctx, col, end):
+    return Masquerade(col, end, _ports_opt(opts, ctx), _flag(opts, "--random"), _flag(opts, "--random-fully"))
+
+
+def _t_redirect(name, opts, ctx, col, end):
+    return Redirect(col, end, _ports_opt(opts, ctx), _flag(opts, "--random"))
+
+
+def _t_netmap(name, opts, ctx, col, end):
+    for opt, args, i in opts:
+        ctx.index = i + 1
+        net = network(args[0], ctx)
+        if net is not None:
+            return Netmap(col, end, net)
+    raise DecodeError("PRS007", "NETMAP needs --to ADDRESS/PREFIX", ctx.index)
+
+
+def _t_tproxy(name, opts, ctx, col, end):
+    port, ip, mark, mask = None, None, 0, 0
+    for opt, args, i in opts:
+        ctx.index = i + 1
+        if opt == "--on-port":
+            port = _int(args[0], ctx, "port", 0, 65535)
+        elif opt == "--on-ip":
+            ip = address(args[0], ctx)
+        elif opt == "--tproxy-mark":
+            mark, mask = mark_value(args[0], ctx)
+    if port is None:
+        raise DecodeError("PRS007", "TPROXY needs --on-port", ctx.index)
+    return Tproxy(col, end, port, ip, mark, mask)
+
+
+def _t_reject(name, opts, ctx, col, end):
+    w = "icmp-port-unreachable" if ctx.family == 4 else "icmp6-port-unreachable"
+    for opt, args, i in opts:
+        ctx.index = i + 1
+        w = args[0]
+        if w not in REJECT_WITH[ctx.family] and w not in ("icmp-port-unreachable", "port-unreach"):
+            raise DecodeError("PRS007", f"unknown --reject-with type '{w}'", ctx.index,
+                              hint=_suggest(w, REJECT_WITH[ctx.family]))
+        w = REJECT_ALIASES.get(w, w)
+        if ctx.family == 6 and w in ("port-unreach", "icmp-port-unreachable"):
+            w = "icmp6-port-unreachable"
+    return Reject(col, end, w)
+
+
+def _t_ct(name, opts, ctx, col, end):
+    if name == "NOTRACK" or _flag(opts, "--notrack"):
+        return Notrack(col, end, name)
+    return OtherTarget(col, end, name, tuple((o, tuple(a)) for o, a, _ in opts), False, True)
+
+
+def _t_verdict(name, opts, ctx, col, end):
+    return Verdict(col, end, name)
+
+
+def _t_other(name, opts, ctx, col, end):
+    terminating, _spec, effect = OTHER_TARGETS[name]
+    return OtherTarget(col, end, name, tuple((o, tuple(a)) for o, a, _ in opts), terminating, effect)
+
+
+# target -> (option -> number of arguments, builder)
+TARGETS: dict[str, tuple[dict[str, int], object]] = {
+    "ACCEPT": ({}, _t_verdict), "DROP": ({}, _t_verdict), "RETURN": ({}, _t_verdict),
+    "QUEUE": ({}, _t_verdict),
+    "REJECT": ({"--reject-with": 1}, _t_reject),
+    "DNAT": ({"--to-destination": 1, "--to": 1, "--random": 0, "--persistent": 0}, _t_nat),
+    "SNAT": ({"--to-source": 1, "--to": 1, "--random": 0, "--persistent": 0, "--random-fully": 0}, _t_nat),
+    "MASQUERADE": ({"--to-ports": 1, "--random": 0, "--random-fully": 0}, _t_masq),
+    "REDIRECT": ({"--to-ports": 1, "--random": 0}, _t_redirect),
+    "NETMAP": ({"--to": 1}, _t_netmap),
+    "TPROXY": ({"--on-port": 1, "--on-ip": 1, "--tproxy-mark": 1}, _t_tproxy),
+    "MARK": ({"--set-xmark": 1, "--set-mark": 1, "--and-mark": 1, "--or-mark": 1, "--xor-mark": 1}, _t_mark),
+    "CONNMARK": ({"--set-xmark": 1, "--set-mark": 1, "--and-mark": 1, "--or-mark": 1, "--xor-mark": 1,
+                  "--save-mark": 0, "--restore-mark": 0, "--nfmask": 1, "--ctmask": 1, "--mask": 1},
+                 _t_connmark),
+    "CT": ({"--notrack": 0, "--zone": 1, "--zone-orig": 1, "--zone-reply": 1, "--helper": 1,
+            "--ctevents": 1, "--expevents": 1, "--timeout": 1}, _t_ct),
+    "NOTRACK": ({}, _t_ct),
+}
+# name -> (terminating, options, effect on the packet modelled)
+OTHER_TARGETS: dict[str, tuple[bool, dict[str, int], bool]] = {
+    "LOG": (False, {"--log-prefix": 1, "--log-level": 1, "--log-tcp-sequence": 0,
+                    "--log-tcp-options": 0, "--log-ip-options": 0, "--log-uid": 0,
+                    "--log-macdecode": 0}, True),
+    "NFLOG": (False, {"--nflog-group": 1, "--nflog-prefix": 1, "--nflog-range": 1,
+                      "--nflog-size": 1, "--nflog-threshold": 1}, True),
+    "ULOG": (False, {"--ulog-nlgroup": 1, "--ulog-prefix": 1, "--ulog-cprange": 1,
+                     "--ulog-qthreshold": 1}, True),
+    "TRACE": (False, {}, True),
+    "AUDIT": (False, {"--type": 1}, True),
+    "TCPMSS": (False, {"--set-mss": 1, "--clamp-mss-to-pmtu": 0}, True),
+    "DSCP": (False, {"--set-dscp": 1, "--set-dscp-class": 1}, True),
+    "TOS": (False, {"--set-tos": 1, "--and-tos": 1, "--or-tos": 1, "--xor-tos": 1}, True),
+    "ECN": (False, {"--ecn-tcp-remove": 0, "--ecn-tcp-cwr": 0, "--ecn-tcp-ece": 0, "--ecn-ip-ect": 1}, True),
+    "TTL": (False, {"--ttl-set": 1, "--ttl-dec": 1, "--ttl-inc": 1}, True),
+    "HL": (False, {"--hl-set": 1, "--hl-dec": 1, "--hl-inc": 1}, True),
+    "CLASSIFY": (False, {"--set-class": 1}, True),
+    "CHECKSUM": (False, {"--checksum-fill": 0}, True),
+    "CONNSECMARK": (False, {"--save": 0, "--restore": 0}, True),
+    "SECMARK": (False, {"--selctx": 1}, True),
+    "IDLETIMER": (False, {"--timeout": 1, "--label": 1, "--alarm": 0}, True),
+    "LED": (False, {"--led-trigger-id": 1, "--led-delay": 1, "--led-always-blink": 0}, True),
+    "SET": (False, {"--add-set": 2, "--del-set": 2, "--map-set": 2, "--exist": 0, "--timeout": 1,
+                    "--map-mark": 0, "--map-prio": 0, "--map-queue": 0}, True),
+    "TEE": (False, {"--gateway": 1, "--oif": 1}, True),
+    "NFQUEUE": (True, {"--queue-num": 1, "--queue-balance": 1, "--queue-bypass": 0,
+                       "--fail-open": 0, "--queue-cpu-fanout": 0}, True),
+    "SYNPROXY": (True, {"--sack-perm": 0, "--timestamp": 0, "--wscale": 1, "--mss": 1, "--ecn": 0}, True),
+    "CLUSTERIP": (False, {"--new": 0, "--hashmode": 1, "--clustermac": 1, "--total-nodes": 1,
+                          "--local-node": 1, "--hash-init": 1}, False),
+    "RATEEST": (False, {"--rateest-name": 1, "--rateest-interval": 1, "--rateest-ewmalog": 1}, True),
+    "SAME": (True, {"--to": 1, "--nodst": 0, "--random": 0}, False),
+    "MIRROR": (True, {}, False),
+    "TARPIT": (True, {}, True),
+}
+for _n, (_term, _spec, _eff) in OTHER_TARGETS.items():
+    TARGETS[_n] = (_spec, _t_other)
+
+
+def make_target(name: str, opts: list, ctx: Ctx, col: int, end: int, goto: bool):
+    """Build the target of ``-j NAME opts`` (``-g`` always names a chain)."""
+    if goto:
+        return Jump(col, end, name, True)
+    spec = TARGETS.get(name)
+    if spec is None:
+        if opts:
+            return UnknownTarget(col, end, name, tuple(t for o, a, _ in opts for t in (o, *a)))
+        return Jump(col, end, name, False)
+    return spec[1](name, opts, ctx, col, end)
+
+
+def merge_statistic(parts: list[OpaqueMatch], ctx: Ctx) -> StatisticMatch:
+    """Options of one ``-m statistic`` become one StatisticMatch with the kernel's threshold."""
+    opts = {p.option: p.args[0] for p in parts}
+    mode = opts.get("--mode", "")
+    col, end = parts[0].col, parts[-1].end_col
+    neg = any(p.negated for p in parts)
+    if mode == "random":
+        try:
+            prob = float(opts.get("--probability", ""))
+        except ValueError:
+            raise DecodeError("PRS004", "statistic --mode random needs --probability 0..1", ctx.index) from None
+        if not 0.0 <= prob <= 1.0:
+            raise DecodeError("PRS004", f"probability {prob} out of range 0..1", ctx.index)
+        # libxt_statistic: info->u.random.probability = lround(0x80000000 * prob)
+        return StatisticMatch(col, end, neg, "random", int(0x80000000 * prob + 0.5))
+    if mode == "nth":
+        every = _int(opts.get("--every", "0"), ctx, "every", 1)
+        return StatisticMatch(col, end, neg, "nth", 0, every, _int(opts.get("--packet", "0"), ctx, "packet"))
+    raise DecodeError("PRS004", f"statistic --mode must be random or nth, not '{mode}'", ctx.index,
+                      hint=_suggest(mode, ("random", "nth")))
+
+
+def unknown_module_match(mod, opt, args, neg, col, end) -> UnknownMatch:
+    return UnknownMatch(col, end, neg, mod, opt, tuple(args))
+
+
+def all_match_options(mod: str | None) -> list[str]:
+    if mod and mod in MATCH_MODULES:
+        return list(MATCH_MODULES[mod])
+    return sorted({o for spec in MATCH_MODULES.values() for o in spec})
+
+
+def suggest_option(opt: str, mod: str | None, generic) -> str | None:
+    cands = list(generic) + (list(MATCH_MODULES.get(mod, ())) if mod else [])
+    hint = _suggest(opt, cands)
+    if hint:
+        return hint
+    for m, spec in MATCH_MODULES.items():
+        if opt in spec:
+            return f"'{opt}' belongs to '-m {m}'; add '-m {m}' before it"
+    return _suggest(opt, all_match_options(None))
+
+
+def suggest_module(mod: str) -> str | None:
+    return _suggest(mod, MATCH_MODULES, "module")
+
+
+def suggest_target_option(target: str, opt: str) -> str | None:
+    spec = TARGETS.get(target, ({},))[0]
+    return _suggest(opt, spec)
