@@ -40,7 +40,7 @@ def tokenize(line: str) -> list[tuple[str, int, int]]:
     """Split a rule line as iptables-restore does; columns are 1-based, end exclusive.
 
     >>> tokenize('-A X -m comment --comment "a \\\\"b\\\\" c" -j ACCEPT')[5]
-    ('a "b" c', 27, 40)
+    ('a "b" c', 27, 38)
     """
     out = []
     for m in _TOKEN.finditer(line):
