@@ -1,0 +1,266 @@
+"""Explain one flow through one namespace, first packet and reply: orchestration and rendering.
+
+Uses netfilter/ (what the kernel evaluates, in which order) on the parsed model; the result is a
+list of outcomes, each a forward trace, the conntrack entry, and the reply's trace.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, replace
+
+from analyzer.netfilter.env import EnvError, Namespace
+from analyzer.netfilter.walk import Branch, Conntrack, Packet, Step, Walker, parse_flow
+from analyzer.report import SCHEMA_VERSION
+
+
+@dataclass
+class Outcome:
+    forward: Branch
+    reply: Branch | None
+    disposition: str
+    detail: str
+    client_sees: Packet | None
+    reply_ok: bool | None
+
+    @property
+    def confidence(self) -> str:
+        return "APPROXIMATE" if self.forward.approx or (self.reply and self.reply.approx) else "EXACT"
+
+
+def _route(w: Walker, br: Branch, local_origin: bool) -> str:
+    """Routing decision for br.pkt; returns 'local', 'forward' or sets a disposition."""
+    ns = w.ns
+    r = ns.route(br.pkt.dst)
+    if r.kind == "local":
+        br.steps.append(Step("route", f"local delivery ({br.pkt.dst} is an address of this namespace)"))
+        return "local"
+    if r.kind == "none":
+        if not ns.known:
+            br.steps.append(Step("route", "forward (no addresses/routes given: assumed not local)"))
+            br.approx.append("routing unknown: give --addr/--route or --iproute")
+            return "forward"
+        br.disposition, br.detail = "no-route", f"no route to {br.pkt.dst}"
+        br.steps.append(Step("route", f"no route to {br.pkt.dst}"))
+        return "end"
+    if r.kind != "unicast":
+        br.disposition, br.detail = r.kind, f"{r.kind} route {r.route.render()}"
+        br.steps.append(Step("route", br.detail))
+        return "end"
+    br.pkt = replace(br.pkt, oif=r.oif)
+    br.next_hop = r.via or br.pkt.dst
+    br.steps.append(Step("route", f"{'output' if local_origin else 'forward'} via {r.route.render()}"))
+    return "forward"
+
+
+def explain_flow(ruleset, pkt: Packet, ns: Namespace, local: bool = False) -> list[Outcome]:
+    w = Walker(ruleset, ns)
+    ct = Conntrack(pkt, pkt.dst, pkt.dport, pkt.src, pkt.sport)
+    start = Branch(pkt, ct)
+    outcomes: list[Outcome] = []
+    if local:
+        r = ns.route(pkt.dst)
+        if r.kind == "unicast":
+            start.pkt = replace(pkt, oif=r.oif)
+            start.next_hop = r.via or pkt.dst
+        elif r.kind == "local":
+            start.pkt = replace(pkt, oif="lo")
+        brs = w.hook([start], "OUTPUT")
+        done = []
+        for br in brs:
+            if br.disposition is None:
+                kind = _route(w, br, True)  # nat OUTPUT may have changed the destination: reroute
+                if kind == "local":
+                    br.pkt = replace(br.pkt, oif="lo")
+            done.append(br)
+        brs = w.hook(done, "POSTROUTING")
+        for br in brs:
+            if br.disposition is None:
+                if br.pkt.oif == "lo":
+                    br.disposition, br.detail = "delivered-locally", f"delivered locally to port {br.pkt.dport}"
+                else:
+                    br.disposition = "sent"
+                    br.detail = f"sent out {br.pkt.oif or '?'} to {br.next_hop or br.pkt.dst}"
+    else:
+        brs = w.hook([start], "PREROUTING")
+        routed = []
+        for br in brs:
+            if br.disposition is not None:
+                routed.append(br)
+                continue
+            kind = _route(w, br, False)
+            if kind == "local":
+                for b in w.hook([br], "INPUT"):
+                    if b.disposition is None:
+                        b.disposition, b.detail = "delivered-locally", f"delivered locally to port {b.pkt.dport}"
+                    routed.append(b)
+            elif kind == "forward":
+                if ns.sysctl("net.ipv4.ip_forward" if br.pkt.family == 4 else "net.ipv6.conf.all.forwarding", 1) == 0:
+                    br.disposition, br.detail = "dropped", "ip_forward is 0: the kernel does not forward"
+                    br.steps.append(Step("route", "ip_forward=0: dropped"))
+                    routed.append(br)
+                    continue
+                for b in w.hook(w.hook([br], "FORWARD"), "POSTROUTING"):
+                    if b.disposition is None:
+                        b.disposition = "forwarded"
+                        b.detail = f"forwarded out {b.pkt.oif or '?'} to {b.next_hop or b.pkt.dst}"
+                    routed.append(b)
+            else:
+                routed.append(br)
+        brs = routed
+    for br in brs:
+        outcomes.append(_with_reply(w, br, local))
+    return outcomes
+
+
+def _with_reply(w: Walker, fwd: Branch, local: bool) -> Outcome:
+    if fwd.disposition not in ("forwarded", "delivered-locally", "sent", "tproxy"):
+        return Outcome(fwd, None, fwd.disposition, fwd.detail, None, None)
+    if fwd.disposition == "tproxy":
+        fwd.detail = fwd.detail or "delivered to a transparent proxy"
+    p = fwd.pkt
+    o = fwd.ct.original
+    rp = Packet(p.family, p.proto, p.dst, p.src, p.dport, p.sport, tcp_flags=0x12 if p.proto == 6 else 0,
+                icmp_type=(0 if p.family == 4 else 129) if p.proto in (1, 58) else None, icmp_code=0)
+    if fwd.disposition == "tproxy":  # the proxy answers with the original destination as source
+        rp = replace(rp, src=o.dst, sport=o.dport)
+    rb = Branch(rp, replace(fwd.ct), [], 1.0, [], reply=True)
+    if fwd.disposition in ("delivered-locally", "tproxy"):
+        r = w.ns.route(rp.dst)
+        rb.pkt = replace(rp, oif=r.oif if r.kind == "unicast" else fwd.ct.original.iif)
+        rb.steps.append(Step("reply", f"generated locally by the socket on port {p.dport}"))
+        brs = w.hook(w.hook([rb], "OUTPUT", reply=True), "POSTROUTING", reply=True)
+    else:
+        rb.pkt = replace(rp, iif=p.oif)
+        rb.steps.append(Step("reply", f"arrives on {p.oif or '?'}"))
+        brs = w.hook([rb], "PREROUTING", reply=True)
+        nxt = []
+        for b in brs:
+            if b.disposition is not None:
+                nxt.append(b)
+                continue
+            if local or w.ns.is_local(b.pkt.dst):
+                for x in w.hook([b], "INPUT", reply=True):
+                    if x.disposition is None:
+                        x.disposition, x.detail = "delivered-locally", "delivered to the client socket"
+                    nxt.append(x)
+            else:
+                r = w.ns.route(b.pkt.dst)
+                b.pkt = replace(b.pkt, oif=r.oif if r.kind == "unicast" else o.iif)
+                b.steps.append(Step("route", f"reply forward out {b.pkt.oif or '?'}"))
+                nxt.extend(w.hook(w.hook([b], "FORWARD", reply=True), "POSTROUTING", reply=True))
+        brs = nxt
+    rb = brs[0] if brs else rb
+    if rb.disposition is None and w.ns.is_local(rb.pkt.dst) and fwd.disposition != "forwarded":
+        rb.disposition, rb.detail = "delivered-locally", "delivered to the client socket on this host"
+    if rb.disposition is None:
+        rb.disposition = "sent"
+        rb.detail = f"leaves toward the client via {rb.pkt.oif or '?'}"
+    seen = rb.pkt if rb.disposition in ("sent", "delivered-locally") else None
+    ok = None
+    if seen is not None:
+        ok = seen.src == o.dst and seen.sport == o.dport and seen.dst == o.src and seen.dport == o.sport
+    return Outcome(fwd, rb, fwd.disposition, fwd.detail, seen, ok)
+
+
+# ------------------------------------------------------------------ rendering
+def render_text(flow: Packet, outcomes: list[Outcome], where: str) -> str:
+    out = [f"flow: {flow.tuple_str()} ({where})", ""]
+    n = len(outcomes)
+    for k, oc in enumerate(outcomes, 1):
+        prob = "" if oc.forward.prob is None else f" p={oc.forward.prob:.3f}"
+        out.append(f"outcome {k} of {n}{prob} [{oc.confidence}]: {oc.disposition}"
+                   + (f": {oc.detail}" if oc.detail else ""))
+        for s in oc.forward.steps:
+            out.append("  " + s.render().replace("\n", "\n  "))
+        ct = oc.forward.ct
+        if oc.reply is not None:
+            if ct.untracked:
+                out.append("  conntrack: none (untracked)")
+            else:
+                out.append(f"  conntrack: original {ct.original.tuple_str()}  reply {ct.reply_tuple()}")
+            out.append("  reply:")
+            for s in oc.reply.steps:
+                out.append("    " + s.render().replace("\n", "\n    "))
+            out.append(f"    => {oc.reply.disposition}" + (f": {oc.reply.detail}" if oc.reply.detail else ""))
+            if oc.client_sees is not None:
+                mark = "matches what it dialled" if oc.reply_ok else \
+                    "NOT what it dialled: the client's kernel has no socket for it and answers RST"
+                out.append(f"  client sees: {oc.client_sees.tuple_str()}  ({mark})")
+        for a in oc.forward.approx + (oc.reply.approx if oc.reply else []):
+            out.append(f"  approximate: {a}")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _steps_json(steps):
+    return [{"where": s.where, "verdict": s.verdict, "line": s.line, "path": s.path,
+             "packet": s.packet, "note": s.note} for s in steps]
+
+
+def _tuple_json(p: Packet | None):
+    if p is None:
+        return None
+    return {"proto": p.proto, "src": str(p.src), "sport": p.sport, "dst": str(p.dst), "dport": p.dport}
+
+
+def render_json(flow: Packet, outcomes: list[Outcome]) -> str:
+    doc = {"schema_version": SCHEMA_VERSION, "flow": _tuple_json(flow), "outcomes": []}
+    for oc in outcomes:
+        ct = oc.forward.ct
+        item = {
+            "probability": oc.forward.prob, "confidence": oc.confidence,
+            "disposition": oc.disposition, "detail": oc.detail,
+            "steps": _steps_json(oc.forward.steps),
+            "translated": _tuple_json(oc.forward.pkt),
+            "approximate": oc.forward.approx,
+        }
+        if oc.reply is not None:
+            item["conntrack"] = None if ct.untracked else {
+                "original": _tuple_json(ct.original),
+                "reply": {"proto": ct.original.proto, "src": str(ct.reply_src), "sport": ct.reply_sport,
+                          "dst": str(ct.reply_dst), "dport": ct.reply_dport},
+                "dnat": ct.dnat, "snat": ct.snat, "mark": ct.mark}
+            item["reply"] = {"steps": _steps_json(oc.reply.steps), "disposition": oc.reply.disposition,
+                             "detail": oc.reply.detail, "approximate": oc.reply.approx,
+                             "client_sees": _tuple_json(oc.client_sees), "matches_dialled": oc.reply_ok}
+        doc["outcomes"].append(item)
+    return json.dumps(doc, indent=2)
+
+
+def build_namespace(args) -> Namespace:
+    ns = Namespace()
+    for spec in args.addr:
+        cidr, _, iface = spec.partition("@")
+        ns.add_addr(cidr, iface or "eth0")
+    if args.iproute:
+        with open(args.iproute[0]) as fa, open(args.iproute[1]) as fr:
+            ns.load_iproute_json(fa.read(), fr.read())
+    for r in args.route:
+        ns.add_route(r)
+    return ns
+
+
+def run_explain(args, res) -> int:
+    try:
+        flow = parse_flow(args.flow)
+        ns = build_namespace(args)
+    except (ValueError, EnvError, OSError) as e:
+        sys.stderr.write(f"synack: error: {e}\n")
+        return 2
+    if res.errors:
+        from analyzer.report.diagnostics import render_text_all
+        sys.stderr.write(render_text_all([d for d in res.diagnostics if d.severity.name == "ERROR"]) + "\n")
+        sys.stderr.write("synack: warning: the dump has errors; explaining what could be parsed\n")
+    if args.local:
+        flow = replace(flow, uid=args.uid, gid=args.gid, mark=args.mark)
+        where = "generated locally" + (f" by uid {args.uid}" if args.uid is not None else "")
+    else:
+        flow = replace(flow, iif=args.from_iface, mark=args.mark)
+        where = f"arrives on {args.from_iface}" if args.from_iface else "arrives on an unnamed interface"
+    outcomes = explain_flow(res.ruleset, flow, ns, local=args.local)
+    if args.output_format == "json":
+        sys.stdout.write(render_json(flow, outcomes) + "\n")
+    else:
+        sys.stdout.write(render_text(flow, outcomes, where))
+    return 0

@@ -1,0 +1,154 @@
+"""Netfilter layer: one network namespace's addresses, routes and sysctls (what routing and
+``addrtype``/MASQUERADE/REDIRECT depend on)."""
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import dataclass, field
+
+
+class EnvError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    dest: ipaddress.IPv4Network | ipaddress.IPv6Network
+    dev: str | None
+    via: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    kind: str = "unicast"  # unicast | local | blackhole | unreachable | prohibit
+    src: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    metric: int = 0
+
+    def render(self) -> str:
+        s = f"{self.dest}" if self.kind == "unicast" else f"{self.kind} {self.dest}"
+        if self.via:
+            s += f" via {self.via}"
+        if self.dev:
+            s += f" dev {self.dev}"
+        return s
+
+
+@dataclass(frozen=True, slots=True)
+class RouteResult:
+    kind: str  # local | unicast | blackhole | unreachable | prohibit | none
+    oif: str | None
+    via: object | None
+    route: Route | None
+
+
+@dataclass
+class Namespace:
+    """Addresses per interface and a main routing table; sysctls that change the path."""
+
+    name: str = "host"
+    addrs: dict[str, list] = field(default_factory=dict)  # iface -> [ip_interface]
+    routes: list[Route] = field(default_factory=list)
+    sysctls: dict[str, int] = field(default_factory=dict)
+    bridged: dict[str, str] = field(default_factory=dict)  # port iface -> bridge
+
+    @property
+    def known(self) -> bool:
+        return bool(self.addrs or self.routes)
+
+    def add_addr(self, cidr: str, iface: str):
+        try:
+            a = ipaddress.ip_interface(cidr)
+        except ValueError:
+            raise EnvError(f"invalid address '{cidr}' (expected CIDR like 10.0.0.1/24)") from None
+        self.addrs.setdefault(iface, []).append(a)
+        # the kernel adds the connected route and the local route for each address
+        if a.network.prefixlen < a.max_prefixlen:
+            self.routes.append(Route(a.network, iface, None, "unicast", a.ip))
+
+    def add_route(self, spec: str):
+        words = spec.split()
+        if not words:
+            raise EnvError("empty route")
+        kind = "unicast"
+        if words[0] in ("blackhole", "unreachable", "prohibit", "local", "unicast"):
+            kind, words = words[0], words[1:]
+        if not words:
+            raise EnvError(f"route '{spec}' has no destination")
+        dest = words[0]
+        if dest == "default":
+            dest = "::/0" if any(":" in w for w in words) else "0.0.0.0/0"
+        try:
+            net = ipaddress.ip_network(dest, strict=False)
+        except ValueError:
+            raise EnvError(f"invalid route destination '{words[0]}' in '{spec}'") from None
+        via = dev = src = None
+        metric = 0
+        it = iter(words[1:])
+        for w in it:
+            try:
+                if w == "via":
+                    via = ipaddress.ip_address(next(it))
+                elif w == "dev":
+                    dev = next(it)
+                elif w == "src":
+                    src = ipaddress.ip_address(next(it))
+                elif w == "metric":
+                    metric = int(next(it))
+            except (StopIteration, ValueError):
+                raise EnvError(f"malformed route '{spec}' near '{w}'") from None
+        self.routes.append(Route(net, dev, via, kind, src, metric))
+
+    def load_iproute_json(self, addr_json: str, route_json: str | None):
+        """``ip -j addr`` and ``ip -j route`` output."""
+        try:
+            for link in json.loads(addr_json):
+                for ai in link.get("addr_info", []):
+                    if "local" in ai and "prefixlen" in ai:
+                        self.add_addr(f"{ai['local']}/{ai['prefixlen']}", link.get("ifname", "?"))
+            if route_json:
+                for r in json.loads(route_json):
+                    dst = r.get("dst", "")
+                    if r.get("table") not in (None, "main"):
+                        continue
+                    spec = (r.get("type", "") + " " if r.get("type") in ("blackhole", "unreachable", "prohibit") else "") + dst
+                    if r.get("gateway"):
+                        spec += f" via {r['gateway']}"
+                    if r.get("dev"):
+                        spec += f" dev {r['dev']}"
+                    self.add_route(spec)
+        except (json.JSONDecodeError, AttributeError, TypeError) as e:
+            raise EnvError(f"not `ip -j` JSON output: {e}") from None
+
+    # -- queries the netfilter model asks
+    def local_addresses(self):
+        for iface, lst in self.addrs.items():
+            for a in lst:
+                yield iface, a
+
+    def is_local(self, addr) -> bool:
+        if addr.is_loopback:
+            return True
+        return any(a.ip == addr for _, a in self.local_addresses())
+
+    def primary_address(self, iface: str | None, family: int, toward=None):
+        """MASQUERADE's choice: the route's preferred source, else the first address of the
+        interface (in the destination's subnet when there is one)."""
+        lst = [a for a in self.addrs.get(iface or "", []) if a.version == family]
+        if toward is not None:
+            for a in lst:
+                if toward in a.network:
+                    return a.ip
+        return lst[0].ip if lst else None
+
+    def route(self, dst) -> RouteResult:
+        if self.is_local(dst):
+            return RouteResult("local", "lo", None, None)
+        best = None
+        for r in self.routes:
+            if r.dest.version == dst.version and dst in r.dest:
+                if best is None or (r.dest.prefixlen, -r.metric) > (best.dest.prefixlen, -best.metric):
+                    best = r
+        if best is None:
+            return RouteResult("none", None, None, None)
+        if best.kind != "unicast":
+            return RouteResult(best.kind, best.dev, None, best)
+        return RouteResult("unicast", best.dev, best.via, best)
+
+    def sysctl(self, key: str, default: int) -> int:
+        return self.sysctls.get(key, default)

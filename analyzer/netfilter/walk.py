@@ -1,0 +1,603 @@
+"""Netfilter layer: what the kernel does to one concrete packet in one namespace.
+
+Hooks in kernel order (raw -> conntrack -> mangle -> nat -> routing -> filter ...), chains with
+jump/goto/return and policies, conntrack (nat sees only a connection's first packet; replies are
+reverse-translated automatically), NAT targets, marks. Statistic branches and matches synack cannot
+evaluate fork the walk into several outcomes (the latter marked APPROXIMATE).
+"""
+from __future__ import annotations
+
+import heapq
+import ipaddress
+from dataclasses import dataclass, field, replace
+
+from analyzer.model.rules import (
+    AddrMatch, AddrTypeMatch, CommentMatch, ConnmarkCopy, CtStateMatch, CtStatusMatch,
+    CtTupleMatch, FragmentMatch, IcmpMatch, IfaceMatch, IpRangeMatch, Jump, MarkMatch,
+    Masquerade, Nat, Netmap, Notrack, OpaqueMatch, OtherTarget, OwnerMatch, PhysdevMatch,
+    PortMatch, ProtoMatch, Redirect, Reject, Rule, Ruleset, SetMark, SetMatch, StatisticMatch,
+    TcpFlagsMatch, Tproxy, UnknownMatch, UnknownTarget, Verdict,
+)
+from analyzer.netfilter.env import Namespace
+
+PROTO = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58, "sctp": 132}
+PROTO_NAME = {v: k for k, v in PROTO.items()}
+MAX_OUTCOMES = 64
+
+# hook -> tables in priority order (raw -300, conntrack -200, mangle -150, nat -100/100, filter 0, security 50)
+HOOK_TABLES = {
+    "PREROUTING": ("raw", "mangle", "nat"),
+    "INPUT": ("mangle", "filter", "security", "nat"),
+    "FORWARD": ("mangle", "filter", "security"),
+    "OUTPUT": ("raw", "mangle", "nat", "filter", "security"),
+    "POSTROUTING": ("mangle", "nat"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Packet:
+    family: int
+    proto: int
+    src: object
+    dst: object
+    sport: int | None = None
+    dport: int | None = None
+    iif: str | None = None
+    oif: str | None = None
+    mark: int = 0
+    tcp_flags: int = 0x02  # SYN: the first packet of a TCP connection
+    icmp_type: int | None = None
+    icmp_code: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+
+    def tuple_str(self) -> str:
+        p = PROTO_NAME.get(self.proto, str(self.proto))
+        if self.sport is None and self.dport is None:
+            return f"{p} {self.src} -> {self.dst}"
+        fmt = (lambda a, port: f"[{a}]:{port}") if self.family == 6 else (lambda a, port: f"{a}:{port}")
+        return f"{p} {fmt(self.src, self.sport)} -> {fmt(self.dst, self.dport)}"
+
+    def reply(self) -> "Packet":
+        return Packet(self.family, self.proto, self.dst, self.src, self.dport, self.sport,
+                      tcp_flags=0x12 if self.proto == 6 else 0)
+
+
+def parse_flow(text: str) -> Packet:
+    """``tcp 10.0.0.1:1234 -> 10.0.0.2:80`` (ports optional; IPv6 as ``[::1]:80``).
+
+    >>> parse_flow('tcp 10.4.26.45:35582 -> 10.4.26.234:80').tuple_str()
+    'tcp 10.4.26.45:35582 -> 10.4.26.234:80'
+    """
+    parts = text.replace("->", " -> ").split()
+    if "->" not in parts or len(parts) < 3:
+        raise ValueError("flow must look like 'tcp SRC[:PORT] -> DST[:PORT]'")
+    i = parts.index("->")
+    proto_words, left, right = parts[:i - 1], parts[i - 1], parts[i + 1] if i + 1 < len(parts) else ""
+    proto = proto_words[0].lower() if proto_words else "tcp"
+    if proto not in PROTO and not proto.isdigit():
+        raise ValueError(f"unknown protocol '{proto}' (tcp, udp, icmp, sctp or a number)")
+    pnum = PROTO.get(proto) or int(proto)
+
+    def ep(s):
+        if s.startswith("["):
+            a, _, rest = s[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else None
+        elif s.count(":") == 1:
+            a, port = s.split(":")
+        else:
+            a, port = s, None
+        try:
+            addr = ipaddress.ip_address(a)
+        except ValueError:
+            raise ValueError(f"invalid address '{a}' in flow") from None
+        if port is not None and (not port.isdigit() or int(port) > 65535):
+            raise ValueError(f"invalid port '{port}' in flow")
+        return addr, int(port) if port is not None else None
+
+    (s, sp), (d, dp) = ep(left), ep(right)
+    if s.version != d.version:
+        raise ValueError("source and destination are of different address families")
+    if pnum in (6, 17, 132):
+        sp = 40000 if sp is None else sp
+    return Packet(s.version, pnum, s, d, sp, dp, tcp_flags=0x02 if pnum == 6 else 0,
+                  icmp_type=(8 if s.version == 4 else 128) if pnum in (1, 58) else None,
+                  icmp_code=0 if pnum in (1, 58) else None)
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One line of the trace, as ``xtables-monitor --trace`` prints it, with the dump line."""
+
+    where: str      # e.g. nat:KUBE-SERVICES:rule:7 or nat:PREROUTING:policy or conntrack
+    verdict: str    # CONTINUE, JUMP X, GOTO X, RETURN, ACCEPT, DROP, DNAT ..., MARK ...
+    line: int | None = None
+    path: str | None = None
+    packet: str | None = None  # tuple after a rewrite
+    note: str | None = None
+
+    def render(self) -> str:
+        s = f"{self.where}:{self.verdict}"
+        if self.line:
+            s += f"  ({self.path}:{self.line})"
+        if self.packet:
+            s += f"\n      -> {self.packet}"
+        if self.note:
+            s += f"\n      note: {self.note}"
+        return s
+
+
+@dataclass
+class Conntrack:
+    original: Packet
+    reply_src: object = None
+    reply_sport: int | None = None
+    reply_dst: object = None
+    reply_dport: int | None = None
+    dnat: bool = False
+    snat: bool = False
+    untracked: bool = False
+    mark: int = 0
+
+    def reply_tuple(self) -> str:
+        o = self.original
+        p = Packet(o.family, o.proto, self.reply_src, self.reply_dst, self.reply_sport, self.reply_dport)
+        return p.tuple_str()
+
+
+@dataclass
+class Branch:
+    pkt: Packet
+    ct: Conntrack
+    steps: list = field(default_factory=list)
+    prob: float | None = 1.0
+    approx: list = field(default_factory=list)
+    disposition: str | None = None  # set when the walk ends
+    detail: str = ""
+    next_hop: object = None
+    reply: bool = False
+
+    def fork(self) -> "Branch":
+        return Branch(self.pkt, replace(self.ct), list(self.steps), self.prob, list(self.approx),
+                      self.disposition, self.detail, self.next_hop, self.reply)
+
+
+class ChainIndex:
+    """Rules of a big chain bucketed by a single positive ``-d ADDR/32``: explaining one flow
+    looks only at the rules that can match its destination (kube-proxy's KUBE-SERVICES has one
+    rule per service port)."""
+
+    def __init__(self, rules: tuple[Rule, ...]):
+        self.always: list[int] = []
+        self.by_dst: dict = {}
+        for i, r in enumerate(rules):
+            key = None
+            for m in r.matches:
+                if isinstance(m, AddrMatch) and m.direction == "dst" and not m.negated \
+                        and len(m.networks) == 1 and m.networks[0].num_addresses == 1:
+                    key = m.networks[0].network_address
+            if key is None:
+                self.always.append(i)
+            else:
+                self.by_dst.setdefault(key, []).append(i)
+
+    def candidates(self, dst):
+        b = self.by_dst.get(dst)
+        return heapq.merge(self.always, b) if b else iter(self.always)
+
+
+class Walker:
+    def __init__(self, ruleset: Ruleset, ns: Namespace):
+        self.rs = ruleset
+        self.ns = ns
+        self._index: dict = {}
+
+    # -------------------------------------------------------------- chain evaluation
+    def _rules_for(self, table: str, chain: str, pkt: Packet):
+        c = self.rs.chain(table, chain)
+        if c is None:
+            return None, ()
+        if len(c.rules) < 32:
+            return c, range(len(c.rules))
+        idx = self._index.get((table, chain))
+        if idx is None:
+            idx = self._index[(table, chain)] = ChainIndex(c.rules)
+        return c, idx.candidates(pkt.dst)
+
+    def run_table(self, br: Branch, table: str, hook: str) -> list[Branch]:
+        """Traverse a table's builtin chain for this hook. Returned branches either go on to the
+        next table (``disposition`` None) or ended (dropped, rejected, ...)."""
+        if self.rs.chain(table, hook) is None:
+            return [br]
+        return self._eval(br, table, hook, [self._frame(table, hook, br)])
+
+    def _frame(self, table, chain_name, br):
+        _, cand = self._rules_for(table, chain_name, br.pkt)
+        return [chain_name, list(cand), 0]
+
+    def _eval(self, br: Branch, table: str, hook: str, frames: list) -> list[Branch]:
+        """frames: [chain, candidate rule indices, position] per call level (jump pushes)."""
+        out: list[Branch] = []
+        while frames:
+            frame = frames[-1]
+            chain_name, cand, pos = frame
+            chain = self.rs.chain(table, chain_name)
+            pushed = False
+            while pos < len(cand):
+                rule = chain.rules[cand[pos]]
+                pos += 1
+                frame[2] = pos
+                res = self._match_rule(rule, br, hook)
+                if res is False:
+                    continue
+                if res is not True:  # uncertain: fork into match / no match
+                    p, reason, exact = res
+                    if len(out) < MAX_OUTCOMES:
+                        alt = br.fork()
+                        alt.prob = alt.prob * (1 - p) if (p is not None and alt.prob is not None) else None
+                        if not exact:
+                            alt.approx.append(f"{rule.label} (line {rule.span.line}): {reason}; "
+                                              "this outcome assumes it does not match")
+                        out.extend(self._eval(alt, table, hook, [list(f) for f in frames]))
+                    br.prob = br.prob * p if (p is not None and br.prob is not None) else None
+                    if not exact:
+                        br.approx.append(f"{rule.label} (line {rule.span.line}): {reason}; "
+                                         "this outcome assumes it matches")
+                action = self._apply_target(rule, br, table, hook)
+                if action == "continue":
+                    continue
+                if action in ("jump", "goto"):
+                    if action == "goto":
+                        frames.pop()
+                    frames.append(self._frame(table, rule.target.chain, br))
+                    pushed = True
+                    break
+                if action == "return":
+                    frames.pop()
+                    pushed = True
+                    if not frames:  # RETURN in a builtin chain: the policy decides
+                        pol = chain.policy or "ACCEPT"
+                        br.steps.append(Step(f"{table}:{hook}:policy", pol))
+                        out.append(self._end(br, pol))
+                        return out
+                    break
+                out.append(self._end(br, action))
+                return out
+            if pushed:
+                continue
+            frames.pop()
+            if not frames:
+                c = self.rs.chain(table, hook)
+                pol = c.policy or "ACCEPT"
+                br.steps.append(Step(f"{table}:{hook}:policy", pol))
+                out.append(self._end(br, pol))
+                return out
+            br.steps.append(Step(f"{table}:{chain_name}:return", "RETURN"))
+        return out
+
+    def _end(self, br: Branch, action: str) -> Branch:
+        if action in ("ACCEPT", "NAT"):
+            br.disposition = None
+        elif action == "DROP":
+            br.disposition = "dropped"
+        elif action.startswith("REJECT"):
+            br.disposition = "rejected"
+            br.detail = action.partition(" ")[2]
+        elif action == "TPROXY":
+            br.disposition = "tproxy"
+        else:
+            br.disposition = action.lower()
+        return br
+
+    # -------------------------------------------------------------- matches
+    def _match_rule(self, rule: Rule, br: Branch, hook: str):
+        fork = None
+        for m in rule.matches:
+            r = self._match(m, br, hook)
+            if r is True:
+                continue
+            if r is False:
+                return False
+            if fork is not None:  # second uncertain match: combine conservatively
+                p1, reason1, ex1 = fork
+                p2, reason2, ex2 = r
+                fork = (p1 * p2 if p1 is not None and p2 is not None else None,
+                        f"{reason1}; {reason2}", ex1 and ex2)
+            else:
+                fork = r
+        return True if fork is None else fork
+
+    def _match(self, m, br: Branch, hook: str):
+        p = br.pkt
+        neg = m.negated
+        if isinstance(m, CommentMatch):
+            return True
+        if isinstance(m, AddrMatch):
+            a = p.src if m.direction == "src" else p.dst
+            return any(a in n for n in m.networks if n.version == a.version) != neg
+        if isinstance(m, ProtoMatch):
+            return (m.number == 0 or m.number == p.proto) != neg
+        if isinstance(m, IfaceMatch):
+            name = p.iif if m.direction == "in" else p.oif
+            if name is None:
+                if (m.direction == "in" and hook in ("OUTPUT", "POSTROUTING")) or \
+                        (m.direction == "out" and hook in ("PREROUTING", "INPUT")):
+                    return neg  # no such interface at this hook: '-i' never matches here
+                return (None, f"{'input' if m.direction == 'in' else 'output'} interface unknown "
+                              f"(give --from-iface / routes)", False)
+            hit = name.startswith(m.name[:-1]) if m.name.endswith("+") else name == m.name
+            return hit != neg
+        if isinstance(m, PortMatch):
+            if p.sport is None and p.dport is None:
+                return False
+            if m.mod in ("tcp", "udp", "sctp", "udplite", "dccp") and PROTO.get(m.mod, p.proto) != p.proto:
+                return False
+            def inr(v):
+                return v is not None and any(lo <= v <= hi for lo, hi in m.ranges)
+            if m.direction == "src":
+                hit = inr(p.sport)
+            elif m.direction == "dst":
+                hit = inr(p.dport)
+            else:
+                hit = inr(p.sport) or inr(p.dport)
+            return hit != neg
+        if isinstance(m, TcpFlagsMatch):
+            if p.proto != 6:
+                return False
+            return ((p.tcp_flags & m.mask) == m.comp) != neg
+        if isinstance(m, IcmpMatch):
+            if p.proto not in (1, 58) or p.icmp_type is None:
+                return False
+            hit = m.type is None or (p.icmp_type == m.type and (m.code is None or p.icmp_code == m.code))
+            return hit != neg
+        if isinstance(m, MarkMatch):
+            v = p.mark if m.kind == "mark" else br.ct.mark
+            return ((v & m.mask) == m.value) != neg
+        if isinstance(m, CtStateMatch):
+            return (bool(self._ctstates(br) & m.states)) != neg
+        if isinstance(m, CtStatusMatch):
+            if m.option == "ctdir":
+                d = "REPLY" if br.reply else "ORIGINAL"
+                return (d in m.values) != neg
+            return (None, f"--{m.option} not modelled", False)
+        if isinstance(m, CtTupleMatch):
+            ct = br.ct
+            o = ct.original
+            val = {"origsrc": o.src, "origdst": o.dst, "replsrc": ct.reply_src, "repldst": ct.reply_dst,
+                   "origsrcport": o.sport, "origdstport": o.dport, "replsrcport": ct.reply_sport,
+                   "repldstport": ct.reply_dport}.get(m.field_name)
+            if val is None:
+                return (None, f"--ct{m.field_name} unknown here", False)
+            if m.ports:
+                return (m.ports[0] <= val <= m.ports[1]) != neg
+            return any(val in n for n in m.networks if n.version == val.version) != neg
+        if isinstance(m, AddrTypeMatch):
+            a = p.src if m.direction == "src" else p.dst
+            t = self._addrtype(a)
+            if t is None:
+                return (None, f"whether {a} is LOCAL is unknown (give --addr)", False)
+            return (t in m.types or ("UNICAST" in m.types and t == "LOCAL")) != neg
+        if isinstance(m, IpRangeMatch):
+            a = p.src if m.direction == "src" else p.dst
+            return (a.version == m.lo.version and m.lo <= a <= m.hi) != neg
+        if isinstance(m, StatisticMatch):
+            if m.mode == "random":
+                pr = m.probability
+                if neg:
+                    pr = 1 - pr
+                if pr >= 1.0:
+                    return True
+                if pr <= 0.0:
+                    return False
+                return (pr, f"statistic random {m.probability:.4f}", True)
+            return (None, f"statistic nth every {m.every}", False)
+        if isinstance(m, OwnerMatch):
+            if hook not in ("OUTPUT", "POSTROUTING"):
+                return False
+            if m.option == "socket-exists":
+                return (p.uid is not None) != neg
+            v = p.uid if m.option == "uid" else p.gid if m.option == "gid" else None
+            if v is None:
+                return (None, f"owner {m.option} of the local process unknown (give --uid/--gid)", False)
+            return (m.lo <= v <= m.hi) != neg
+        if isinstance(m, FragmentMatch):
+            return neg  # the first packet is never a non-first fragment
+        if isinstance(m, PhysdevMatch):
+            bridged = p.iif in self.ns.bridged if p.iif else False
+            if m.option == "physdev-is-bridged" or m.option == "physdev-is-in":
+                return bridged != neg
+            return (None, f"bridge port ({m.option}) not modelled", False)
+        if isinstance(m, SetMatch):
+            return (None, f"ipset '{m.name}' contents not given", False)
+        if isinstance(m, (OpaqueMatch, UnknownMatch)):
+            return (None, f"'-m {m.module} {m.option}' not evaluated", False)
+        return (None, f"{type(m).__name__} not evaluated", False)
+
+    def _ctstates(self, br: Branch) -> set:
+        ct = br.ct
+        if ct.untracked:
+            return {"UNTRACKED"}
+        s = {"ESTABLISHED"} if br.reply else {"NEW"}
+        if ct.dnat:
+            s.add("DNAT")
+        if ct.snat:
+            s.add("SNAT")
+        return s
+
+    def _addrtype(self, a):
+        if a.is_multicast:
+            return "MULTICAST"
+        if a.version == 4 and (a == ipaddress.IPv4Address("255.255.255.255")):
+            return "BROADCAST"
+        if a.is_loopback or self.ns.is_local(a):
+            return "LOCAL"
+        if not self.ns.known:
+            return None
+        return "UNICAST"
+
+    # -------------------------------------------------------------- targets
+    def _step(self, br, rule: Rule, verdict: str, packet: bool = False, note: str | None = None):
+        br.steps.append(Step(rule.label, verdict, rule.span.line, rule.span.path,
+                             br.pkt.tuple_str() if packet else None, note))
+
+    def _apply_target(self, rule: Rule, br: Branch, table: str, hook: str) -> str:
+        t = rule.target
+        if t is None:
+            self._step(br, rule, "CONTINUE")
+            return "continue"
+        if isinstance(t, Jump):
+            self._step(br, rule, f"{'GOTO' if t.goto else 'JUMP'} {t.chain}")
+            if self.rs.chain(table, t.chain) is None:
+                br.approx.append(f"{rule.label}: jump to undefined chain {t.chain}")
+                return "continue"
+            return "goto" if t.goto else "jump"
+        if isinstance(t, Verdict):
+            self._step(br, rule, t.verdict)
+            return "return" if t.verdict == "RETURN" else t.verdict
+        if isinstance(t, Reject):
+            self._step(br, rule, f"REJECT {t.with_}")
+            return f"REJECT {t.with_}"
+        if isinstance(t, SetMark):
+            if t.kind == "MARK":
+                br.pkt = replace(br.pkt, mark=(br.pkt.mark & ~t.mask & 0xFFFFFFFF) ^ t.value)
+                self._step(br, rule, f"MARK set 0x{br.pkt.mark:x}")
+            else:
+                br.ct.mark = (br.ct.mark & ~t.mask & 0xFFFFFFFF) ^ t.value
+                self._step(br, rule, f"CONNMARK set 0x{br.ct.mark:x}")
+            return "continue"
+        if isinstance(t, ConnmarkCopy):
+            if t.direction == "save":
+                br.ct.mark = (br.ct.mark & ~t.ctmask & 0xFFFFFFFF) | (br.pkt.mark & t.nfmask)
+                self._step(br, rule, f"CONNMARK save 0x{br.ct.mark:x}")
+            else:
+                br.pkt = replace(br.pkt, mark=(br.pkt.mark & ~t.nfmask & 0xFFFFFFFF) | (br.ct.mark & t.ctmask))
+                self._step(br, rule, f"CONNMARK restore 0x{br.pkt.mark:x}")
+            return "continue"
+        if isinstance(t, Notrack):
+            br.ct.untracked = True
+            self._step(br, rule, "NOTRACK", note="untracked: nat table skipped, no reverse translation")
+            return "continue"
+        if isinstance(t, Tproxy):
+            br.pkt = replace(br.pkt, mark=(br.pkt.mark & ~t.mask & 0xFFFFFFFF) ^ t.mark)
+            ip = t.on_ip or self.ns.primary_address(br.pkt.iif, br.pkt.family) or br.pkt.dst
+            self._step(br, rule, f"TPROXY on {ip}:{t.on_port} mark 0x{br.pkt.mark:x}",
+                       note="delivered to the local proxy socket; the packet keeps its destination")
+            br.detail = f"proxy socket {ip}:{t.on_port}"
+            return "TPROXY"
+        if isinstance(t, (Nat, Masquerade, Redirect, Netmap)):
+            return self._nat(rule, br, table, hook)
+        if isinstance(t, OtherTarget):
+            if t.terminating:
+                self._step(br, rule, t.target)
+                br.approx.append(f"{rule.label}: {t.target} hands the packet to userspace/elsewhere")
+                return t.target
+            self._step(br, rule, t.target)
+            return "continue"
+        if isinstance(t, UnknownTarget):
+            self._step(br, rule, t.target)
+            br.approx.append(f"{rule.label} (line {rule.span.line}): target {t.target} not modelled")
+            return "continue"
+        self._step(br, rule, t.name)
+        return "continue"
+
+    def _nat(self, rule, br: Branch, table: str, hook: str) -> str:
+        t = rule.target
+        p = br.pkt
+        ct = br.ct
+        if isinstance(t, (Nat, Redirect, Netmap)) and (t.name == "DNAT" or isinstance(t, Redirect) or
+                                                        (isinstance(t, Netmap) and hook in ("PREROUTING", "OUTPUT"))):
+            if isinstance(t, Redirect):
+                if hook == "OUTPUT":
+                    addr = ipaddress.ip_address("127.0.0.1" if p.family == 4 else "::1")
+                else:
+                    addr = self.ns.primary_address(p.iif, p.family)
+                    if addr is None:
+                        addr = p.dst
+                        br.approx.append(f"{rule.label}: address of {p.iif or 'the input interface'} unknown; "
+                                         "REDIRECT uses it as the new destination")
+                port = t.ports[0] if t.ports else p.dport
+                br.pkt = replace(p, dst=addr, dport=port)
+                verdict = f"REDIRECT to {addr}:{port}" if port is not None else f"REDIRECT to {addr}"
+            elif isinstance(t, Netmap):
+                off = int(p.dst) & int(t.to.hostmask)
+                br.pkt = replace(p, dst=ipaddress.ip_address(int(t.to.network_address) | off))
+                verdict = f"NETMAP to {br.pkt.dst}"
+            else:
+                r = t.ranges[0]
+                addr = r.addr_lo if r.addr_lo is not None else p.dst
+                port = r.port_lo if r.port_lo is not None else p.dport
+                br.pkt = replace(p, dst=addr, dport=port)
+                verdict = f"DNAT to {r.render()}"
+                if (r.addr_lo != r.addr_hi) or (r.port_lo != r.port_hi) or len(t.ranges) > 1:
+                    br.approx.append(f"{rule.label}: DNAT to a range; the kernel picks one by hash, "
+                                     f"shown with the first ({addr})")
+            ct.dnat = True
+            ct.reply_src, ct.reply_sport = br.pkt.dst, br.pkt.dport
+            self._step(br, rule, verdict, packet=True)
+            return "NAT"
+        # source NAT (SNAT, MASQUERADE, NETMAP in POSTROUTING/INPUT)
+        if isinstance(t, Masquerade):
+            addr = self.ns.primary_address(p.oif, p.family, toward=br.next_hop or p.dst)
+            if addr is None:
+                addr = ipaddress.ip_address("0.0.0.0" if p.family == 4 else "::")
+                br.approx.append(f"{rule.label}: MASQUERADE uses the address of {p.oif or 'the output interface'}, "
+                                 "which is not known (give --addr)")
+            port = p.sport
+            if t.ports:
+                port = t.ports[0]
+            verdict = f"MASQUERADE to {addr}" + (" (random-fully)" if t.random_fully else "")
+        elif isinstance(t, Netmap):
+            off = int(p.src) & int(t.to.hostmask)
+            addr = ipaddress.ip_address(int(t.to.network_address) | off)
+            port = p.sport
+            verdict = f"NETMAP to {addr}"
+        else:
+            r = t.ranges[0]
+            addr = r.addr_lo if r.addr_lo is not None else p.src
+            port = r.port_lo if r.port_lo is not None else p.sport
+            verdict = f"SNAT to {r.render()}"
+        br.pkt = replace(p, src=addr, sport=port)
+        ct.snat = True
+        ct.reply_dst, ct.reply_dport = addr, port
+        self._step(br, rule, verdict, packet=True,
+                   note="source port kept unless it clashes with another connection" if port == p.sport and p.sport else None)
+        return "NAT"
+
+    # -------------------------------------------------------------- the whole path
+    def hook(self, brs: list[Branch], hook: str, reply: bool = False) -> list[Branch]:
+        """Run every table registered at this hook, in priority order."""
+        for table in HOOK_TABLES[hook]:
+            nxt = []
+            for br in brs:
+                if br.disposition is not None:
+                    nxt.append(br)
+                elif table == "nat" and (reply or br.ct.untracked):
+                    # nat chains see only the first packet of a tracked connection; replies are
+                    # reverse-translated by conntrack itself
+                    if reply:
+                        self._denat(br, hook)
+                    nxt.append(br)
+                else:
+                    nxt.extend(self.run_table(br, table, hook))
+            brs = nxt
+            if table == "raw" and hook in ("PREROUTING", "OUTPUT") and not reply:
+                for br in brs:
+                    if br.disposition is None:
+                        br.steps.append(Step("conntrack", "UNTRACKED" if br.ct.untracked else "NEW",
+                                             note=None if br.ct.untracked else
+                                             f"original tuple {br.ct.original.tuple_str()}"))
+        return brs
+
+    def _denat(self, br: Branch, hook: str):
+        """The reply is reverse-translated by conntrack at the nat hooks, without rules."""
+        ct = br.ct
+        o = ct.original
+        p = br.pkt
+        if hook in ("PREROUTING", "OUTPUT") and ct.snat and p.dst == ct.reply_dst:
+            br.pkt = replace(p, dst=o.src, dport=o.sport)
+            br.steps.append(Step(f"nat:{hook}", "conntrack reverse SNAT", packet=br.pkt.tuple_str()))
+        elif hook in ("POSTROUTING", "INPUT") and ct.dnat and p.src == ct.reply_src:
+            br.pkt = replace(br.pkt, src=o.dst, sport=o.dport)
+            br.steps.append(Step(f"nat:{hook}", "conntrack reverse DNAT", packet=br.pkt.tuple_str()))
+
+
