@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""Benchmark: ``synack parse DUMP --quiet`` vs ``iptables-restore --test DUMP``.
+
+Generates (or takes ``--dump``) the 10,000-service kube-proxy dump, then
+times, best of ``--repeat`` runs (wall clock, process spawn to reap):
+
+  (a) ``python -m analyzer parse DUMP --quiet`` (cwd = repository root),
+      and its peak RSS (``ru_maxrss`` of the child, via ``os.wait4``);
+  (b) ``iptables-restore --test < DUMP`` inside a throwaway network namespace
+      ``synack-bench-<pid>`` (``unshare -Urn`` if that is not possible).
+
+Targets: synack/iptables-restore time ratio <= 1.0, synack peak RSS <= 400 MB.
+
+    python benchmarks/bench_parse.py                 # table
+    python benchmarks/bench_parse.py --json          # same, JSON
+    python benchmarks/bench_parse.py --backend all   # also time nft and legacy
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+RATIO_TARGET = 1.0
+RSS_TARGET_MB = 400.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dump", help="use this iptables-save file instead of generating one")
+    ap.add_argument("--services", type=int, default=10000, help="generated dump size")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeat", type=int, default=3, help="best of N runs (default 3)")
+    ap.add_argument("--backend", choices=("default", "nft", "legacy", "all"), default="default",
+                    help="iptables-restore binary to compare against: 'default' is "
+                         "whatever 'iptables-restore' is; 'all' also times nft and "
+                         "legacy (the ratio still uses the default)")
+    ap.add_argument("--synack-cmd", metavar="CMD",
+                    help="override the synack command line (shell-split; {dump} is "
+                         "replaced by the dump path), e.g. 'synack parse {dump} --quiet'")
+    ap.add_argument("--json", action="store_true", help="print the report as JSON")
+    ap.add_argument("--strict", action="store_true", help="exit 2 if a target is missed")
+    a = ap.parse_args(argv)
+
+    try:
+        dump = C.ensure_dump(a.dump, services=a.services, seed=a.seed)
+    except (OSError, ValueError) as e:
+        print(f"bench_parse: {e}", file=sys.stderr)
+        return 1
+    lines = C.count_lines(dump)
+    size_mb = os.path.getsize(dump) / 1e6
+    log = (lambda *x: None) if a.json else (lambda *x: print(*x, file=sys.stderr, flush=True))
+    log(f"dump: {dump} ({lines} lines, {size_mb:.1f} MB)")
+
+    # (a) synack parse
+    if a.synack_cmd:
+        cmd = [w.replace("{dump}", str(dump)) for w in shlex.split(a.synack_cmd)]
+    else:
+        cmd = C.synack_cmd("parse", str(dump), "--quiet")
+    log(f"timing: {' '.join(cmd[1:])}  x{a.repeat}")
+    syn, syn_runs = C.best_of(a.repeat, lambda: C.run_timed(cmd, cwd=C.REPO_ROOT))
+    if not syn.ok:
+        print(f"bench_parse: synack failed (exit {syn.returncode}): {' '.join(cmd)}",
+              file=sys.stderr)
+        sys.stderr.write(syn.stderr or syn.stdout)
+        return 1
+
+    # (b) iptables-restore --test in a throwaway netns
+    backends = ["default", "nft", "legacy"] if a.backend == "all" else [a.backend]
+    ipt: dict[str, C.RunResult] = {}
+    with C.netns() as sb:
+        if sb.note:
+            log(f"note: {sb.note}")
+        for be in backends:
+            try:
+                rcmd = sb.wrap(C.iptables_restore_cmd(be))
+            except FileNotFoundError as e:
+                log(f"skip {be}: {e}")
+                continue
+            log(f"timing: {' '.join(rcmd)} < dump  x{a.repeat}")
+            r, _ = C.best_of(a.repeat, lambda: C.run_timed(rcmd, stdin_path=dump, env=sb.env))
+            if not r.ok:
+                print(f"bench_parse: iptables-restore --test ({be}) rejected the dump "
+                      f"(exit {r.returncode}):", file=sys.stderr)
+                sys.stderr.write(r.stderr)
+                return 1
+            ipt[be] = r
+    ref_backend = a.backend if a.backend != "all" else "default"
+    ref = ipt.get(ref_backend)
+    ratio = syn.seconds / ref.seconds if ref else None
+
+    t_ratio = C.Target("ratio", ratio, RATIO_TARGET)
+    t_rss = C.Target("rss", syn.maxrss_mb, RSS_TARGET_MB, " MB")
+    report = {
+        "benchmark": "parse",
+        "dump": str(dump),
+        "lines": lines,
+        "bytes": os.path.getsize(dump),
+        "repeat": a.repeat,
+        "sandbox": {"mode": sb.mode, "name": sb.name, "note": sb.note},
+        "synack": {"cmd": cmd, "seconds": syn.seconds,
+                   "runs": [r.seconds for r in syn_runs],
+                   "peak_rss_mb": syn.maxrss_mb},
+        "iptables_restore": {
+            be: {"cmd": r.cmd, "seconds": r.seconds, "version": C.iptables_version(be),
+                 "peak_rss_mb": r.maxrss_mb}
+            for be, r in ipt.items()},
+        "reference_backend": ref_backend,
+        "targets": {"ratio": t_ratio.as_dict(), "peak_rss_mb": t_rss.as_dict()},
+        "pass": bool(t_ratio.ok and t_rss.ok),
+    }
+
+    rows = [("lines", f"{lines}", "", ""),
+            ("synack parse --quiet", f"{syn.seconds:.3f} s", "", "")]
+    for be, r in ipt.items():
+        rows.append((f"iptables-restore --test ({be})", f"{r.seconds:.3f} s", "", ""))
+    rows.append((f"ratio synack / iptables-restore ({ref_backend})",
+                 "n/a" if ratio is None else f"{ratio:.2f}",
+                 f"<= {RATIO_TARGET:g}", t_ratio.verdict))
+    rows.append(("synack peak RSS", f"{syn.maxrss_mb:.1f} MB",
+                 f"<= {RSS_TARGET_MB:g} MB", t_rss.verdict))
+    text = (f"synack parse benchmark: {dump.name} (best of {a.repeat}; "
+            f"sandbox: {sb.mode}{' ' + sb.name if sb.name else ''})\n"
+            + C.render_table(rows))
+    C.emit(report, text, a.json)
+    if a.strict and not report["pass"]:
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
