@@ -21,7 +21,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _input_args(p):
-    p.add_argument("dumps", nargs="+", metavar="DUMP",
+    p.add_argument("dumps", nargs="*", metavar="DUMP",
                    help="iptables-save / iptables-restore / `iptables -S` / command-list file; '-' reads stdin. "
                         "Several files apply in order as iptables-restore --noflush transactions")
     p.add_argument("--format", dest="fmt", choices=["auto", "save", "S", "cmd"], default="auto",
@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore", action="append", default=[], help="skip these codes/prefixes/names (comma list)")
     p.add_argument("--fail-on", choices=["error", "warning", "info"], default="warning",
                    help="lowest severity that makes the exit code 1 (default: warning)")
+    p.add_argument("--env", metavar="ENV.yaml",
+                   help="environment of several namespaces (docs/environment.md): also follow every "
+                        "service both ways and report replies that bypass translation (NAT checks)")
 
     p = sub.add_parser("explain", help="trace one flow through the rules, both directions")
     _input_args(p)
@@ -66,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a route of this namespace (ip route syntax)")
     p.add_argument("--iproute", nargs=2, metavar=("ADDR_JSON", "ROUTE_JSON"),
                    help="`ip -j addr` and `ip -j route` output of the namespace")
+    p.add_argument("--env", metavar="ENV.yaml", help="follow the flow across the namespaces of an environment")
+    p.add_argument("--from", dest="start", metavar="NAMESPACE",
+                   help="with --env: the namespace whose process opens the connection")
     p.add_argument("--output-format", "-o", choices=["text", "json"], default="text")
 
     p = sub.add_parser("checks", help="list the checks synack knows")
@@ -111,6 +117,8 @@ def cmd_parse(args) -> int:
     from analyzer.checks import CheckContext, run_checks
     from analyzer.report.diagnostics import render_json, render_text_all
 
+    if not _need_dumps(args):
+        return EXIT_UNUSABLE
     res = _load(args)
     if res is None:
         return EXIT_UNUSABLE
@@ -150,23 +158,58 @@ def _summary(res) -> dict:
     }
 
 
+def _load_env(path):
+    from analyzer.netfilter.env import EnvError
+    from analyzer.parse.envfile import load_environment
+
+    try:
+        return load_environment(path)
+    except (EnvError, ValueError) as e:
+        sys.stderr.write(f"synack: error: {e}\n")
+        return None
+
+
+def _need_dumps(args) -> bool:
+    if not args.dumps and not getattr(args, "env", None):
+        sys.stderr.write("synack: error: give a DUMP (or --env ENV.yaml)\n")
+        return False
+    return True
+
+
 def cmd_lint(args) -> int:
     from analyzer.checks import REGISTRY, CheckContext, load_all, run_checks, selected
     from analyzer.parse.iptables import PARSE_CODES
     from analyzer.report.diagnostics import render_json, render_sarif, render_text_all
 
-    res = _load(args)
-    if res is None:
+    if not _need_dumps(args):
         return EXIT_UNUSABLE
     select, ignore = _split(args.select), _split(args.ignore)
     load_all()
-    ctx = CheckContext(res.ruleset, res.files, partial=res.format in ("S", "cmd") or args.noflush
-                       or len(args.dumps) > 1)
-    diags = [d for d in res.diagnostics if selected(d.code, None, select, ignore)]
-    diags += run_checks(ctx, select, ignore)
+    diags = []
+    if args.env:
+        env = _load_env(args.env)
+        if env is None:
+            return EXIT_UNUSABLE
+        diags += [d for d in env.diagnostics if selected(d.code, None, select, ignore)]
+        for spec in env.namespaces.values():
+            for rs in (spec.ruleset, spec.ruleset6):
+                if rs is not None:
+                    diags += [d for d in run_checks(CheckContext(rs, ()), select, ignore)
+                              if not d.code.startswith("NAT")]
+        diags += run_checks(CheckContext(None, (), extra={"env": env}),
+                            select or ["NAT"], ignore)
+        res = None
+    if args.dumps:
+        res = _load(args)
+        if res is None:
+            return EXIT_UNUSABLE
+        ctx = CheckContext(res.ruleset, res.files, partial=res.format in ("S", "cmd") or args.noflush
+                           or len(args.dumps) > 1)
+        diags += [d for d in res.diagnostics if selected(d.code, None, select, ignore)]
+        diags += run_checks(ctx, select, ignore)
     diags.sort(key=lambda d: d.sort_key())
     if args.output_format == "json":
-        out = render_json(diags, {"summary": _summary(res)})
+        out = render_json(diags, {"summary": _summary(res)} if res is not None else {"env": args.env})
     elif args.output_format == "sarif":
         rules = {c: (i.name, i.summary) for c, i in REGISTRY.items()}
         rules.update({c: v for c, v in PARSE_CODES.items()})
@@ -174,7 +217,7 @@ def cmd_lint(args) -> int:
     else:
         out = render_text_all(diags, summary={})
     sys.stdout.write(out + "\n")
-    if _unusable(res):
+    if res is not None and _unusable(res):
         return EXIT_UNUSABLE
     floor = {"error": Severity.ERROR, "warning": Severity.WARNING, "info": Severity.INFO}[args.fail_on]
     return EXIT_FINDINGS if any(d.severity >= floor for d in diags) else EXIT_OK
@@ -199,10 +242,44 @@ def cmd_checks(args) -> int:
 def cmd_explain(args) -> int:
     from analyzer.explain import run_explain
 
+    if args.env:
+        return cmd_explain_env(args)
+    if not _need_dumps(args):
+        return EXIT_UNUSABLE
     res = _load(args)
     if res is None:
         return EXIT_UNUSABLE
     return run_explain(args, res)
+
+
+def cmd_explain_env(args) -> int:
+    import json
+    from dataclasses import replace
+
+    from analyzer.crosshost import World, findings, follow, render_trip, trip_json
+    from analyzer.netfilter.walk import parse_flow
+
+    env = _load_env(args.env)
+    if env is None:
+        return EXIT_UNUSABLE
+    if not args.start or args.start not in env.namespaces:
+        sys.stderr.write(f"synack: error: --from NAMESPACE is required with --env "
+                         f"(one of: {', '.join(env.namespaces)})\n")
+        return EXIT_UNUSABLE
+    try:
+        flow = parse_flow(args.flow)
+    except ValueError as e:
+        sys.stderr.write(f"synack: error: {e}\n")
+        return EXIT_UNUSABLE
+    flow = replace(flow, mark=args.mark)
+    world = World(env)
+    trip = follow(world, args.start, flow, uid=args.uid, gid=args.gid)
+    diags = findings(world, trip)
+    if args.output_format == "json":
+        sys.stdout.write(json.dumps(trip_json(trip, diags), indent=2) + "\n")
+    else:
+        sys.stdout.write(render_trip(trip, diags))
+    return EXIT_FINDINGS if diags else EXIT_OK
 
 
 def main(argv=None) -> int:

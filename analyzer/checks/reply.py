@@ -1,0 +1,183 @@
+"""Checks layer, translation family (NAT): follow every service of an environment forward and
+back, and report replies that bypass the translation and connections split at a local proxy.
+
+These checks need an environment (``synack lint --env ENV.yaml``): without one they yield nothing.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+from analyzer.checks import CheckContext, check
+from analyzer.diagnostics import Diagnostic, Severity
+from analyzer.model.rules import AddrMatch, Jump, Nat, PortMatch, ProtoMatch, Redirect
+
+PROTO_NAME = {6: "tcp", 17: "udp", 132: "sctp"}
+
+
+def outbound_catchall(spec) -> bool:
+    """Whether locally generated traffic is translated whatever its destination (a sidecar's
+    outbound REDIRECT): then every listener elsewhere in the environment is a destination."""
+    rs = spec.ruleset
+    if rs is None or "nat" not in rs.tables:
+        return False
+    nat = rs.tables["nat"]
+    for cname in _reachable(nat, ("OUTPUT",)):
+        for r in nat.chains[cname].rules:
+            t = r.target
+            if isinstance(t, Redirect) or (isinstance(t, Nat) and t.kind == "DNAT"):
+                if not any(isinstance(m, (AddrMatch, PortMatch)) and not m.negated for m in r.matches):
+                    return True
+    return False
+
+
+def service_destinations(spec):
+    """(address, proto, port) a namespace translates: rules in nat PREROUTING/OUTPUT (and the
+    chains they reach) with a destination port that DNAT/REDIRECT or jump on to a translation.
+    A rule without ``-d`` stands for every address of the namespace (a pod's REDIRECT)."""
+    rs = spec.ruleset
+    if rs is None or "nat" not in rs.tables:
+        return []
+    nat = rs.tables["nat"]
+    out = []
+    seen = set()
+    reach = _reachable(nat, ("PREROUTING", "OUTPUT"))
+    for cname in reach:
+        for r in nat.chains[cname].rules:
+            if not isinstance(r.target, (Nat, Redirect, Jump)):
+                continue
+            if isinstance(r.target, Nat) and r.target.kind != "DNAT":
+                continue
+            if isinstance(r.target, Jump) and not _leads_to_translation(nat, r.target.chain):
+                continue
+            ports = [m for m in r.matches if isinstance(m, PortMatch) and m.direction == "dst" and not m.negated]
+            if not ports:
+                continue
+            proto = next((m.number for m in r.matches if isinstance(m, ProtoMatch) and not m.negated), 6) or 6
+            dsts = [m for m in r.matches if isinstance(m, AddrMatch) and m.direction == "dst" and not m.negated]
+            if dsts:
+                addrs = [n.network_address for m in dsts for n in m.networks if n.num_addresses == 1]
+            else:
+                addrs = [a.ip for _, a in spec.net.local_addresses() if a.version == 4 and not a.ip.is_loopback]
+            for a in addrs:
+                for lo, _ in ports[0].ranges[:1]:
+                    key = (a, proto, lo)
+                    if key not in seen:
+                        seen.add(key)
+                        out.append((key, r))
+    return out
+
+
+def _reachable(table, roots):
+    seen, todo = [], [c for c in roots if c in table.chains]
+    while todo:
+        c = todo.pop()
+        if c in seen:
+            continue
+        seen.append(c)
+        for r in table.chains[c].rules:
+            if isinstance(r.target, Jump) and r.target.chain in table.chains:
+                todo.append(r.target.chain)
+    return seen
+
+
+def _leads_to_translation(table, chain, depth=0) -> bool:
+    if depth > 8 or chain not in table.chains:
+        return False
+    for r in table.chains[chain].rules:
+        t = r.target
+        if isinstance(t, Redirect) or (isinstance(t, Nat) and t.kind == "DNAT"):
+            return True
+        if isinstance(t, Jump) and _leads_to_translation(table, t.chain, depth + 1):
+            return True
+    return False
+
+
+def environment_trips(ctx: CheckContext):
+    """Every (client namespace, translated destination) pair, followed once; cached on ctx."""
+    cached = ctx.extra.get("trips")
+    if cached is not None:
+        return cached
+    env = ctx.extra.get("env")
+    trips = []
+    if env is None:
+        ctx.extra["trips"] = trips
+        return trips
+    import ipaddress
+
+    from analyzer.crosshost import World, follow, findings
+    from analyzer.netfilter.walk import Packet
+
+    world = World(env)
+    clients = env.clients or list(env.namespaces)
+    targets = []
+    for name, spec in env.namespaces.items():
+        targets += [(name, key, set(clients)) for key, _ in service_destinations(spec)]
+        if outbound_catchall(spec) and name in clients:
+            for other, ospec in env.namespaces.items():
+                if other == name:
+                    continue
+                for l in ospec.listeners:
+                    addr = next((a.ip for _, a in ospec.net.local_addresses() if not a.ip.is_loopback), None)
+                    if addr is not None:
+                        proto = {"tcp": 6, "udp": 17, "sctp": 132}.get(l.proto, 6)
+                        targets.append((name, (addr, proto, l.port), {name}))
+    for name, (addr, proto, port), who in targets:
+        for cname in [c for c in clients if c in who]:
+            src = next((a.ip for _, a in env.namespaces[cname].net.local_addresses()
+                        if a.version == addr.version and not a.ip.is_loopback), None)
+            if src is None or (cname == name and src == addr):
+                continue
+            trip = follow(world, cname, Packet(addr.version, proto, src, addr, 40000, port))
+            if trip.request.end not in ("delivered", "refused"):
+                continue  # this client cannot reach the service at all: not a reply problem
+            trips.append((cname, name, trip, findings(world, trip)))
+    ctx.extra["trips"] = trips
+    return trips
+
+
+def _emit(ctx: CheckContext, code: str) -> Iterator[Diagnostic]:
+    seen = set()
+    for cname, sname, trip, diags in environment_trips(ctx):
+        for d in diags:
+            if d.code != code:
+                continue
+            key = (cname, trip.flow.dst, trip.flow.dport, trip.flow.proto)
+            if key in seen:
+                continue
+            seen.add(key)
+            yield Diagnostic(d.code, d.severity, f"[{cname} -> {sname}] {d.message}", d.span, d.hint,
+                             d.source_line, d.confidence, d.related, d.witness, d.name)
+
+
+@check(code="NAT001", name="reply-bypasses-translation", severity=Severity.ERROR)
+def reply_bypasses_translation(ctx: CheckContext) -> Iterator[Diagnostic]:
+    """The reply to a translated connection does not cross the conntrack entry that translated it.
+
+    Why it matters: the client sees the reply from an address it never dialled and resets it;
+    its SYN is retransmitted until the connect times out.
+    Fix: SNAT/MASQUERADE the forward path, enable br_netfilter on the bridge, or route the reply
+    back through the translating namespace.
+    """
+    yield from _emit(ctx, "NAT001")
+
+
+@check(code="NAT002", name="reply-lost", severity=Severity.ERROR)
+def reply_lost(ctx: CheckContext) -> Iterator[Diagnostic]:
+    """The request is delivered but its reply never gets back to the client.
+
+    Why it matters: the client retransmits and times out although the server answered.
+    Fix: a return route toward the client, or accept the reply (ESTABLISHED) in the filter rules.
+    """
+    yield from _emit(ctx, "NAT002")
+
+
+@check(code="NAT003", name="split-connection-second-leg-fails", severity=Severity.ERROR)
+def split_connection(ctx: CheckContext) -> Iterator[Diagnostic]:
+    """A connection ends at a local proxy (REDIRECT/TPROXY) whose own connection onward fails.
+
+    Why it matters: the client's handshake succeeds against the proxy, then the first data is
+    reset when the proxy cannot reach the application (not listening, dropped, or redirected back
+    into the proxy because the owner exemption is missing).
+    Fix: start the application, correct the proxy's target, keep ``-m owner --uid-owner`` RETURN.
+    """
+    yield from _emit(ctx, "NAT003")
