@@ -402,9 +402,11 @@ def findings(world: World, trip: Trip) -> list[Diagnostic]:
                 f"split connection: {flow.tuple_str()} ends at the local proxy on port {trip.listener.port} "
                 f"in '{trip.request.end_ns}', so the client's handshake succeeds; but {fail}. The proxy "
                 f"then resets the client's connection right after the first data",
-                span, "start the application (or fix the proxy's target port), and keep the proxy's "
-                      "uid/gid exempted from the outbound REDIRECT "
-                      f"('-A ISTIO_OUTPUT -m owner --uid-owner {trip.listener.uid} -j RETURN' before the redirect)",
+                span, (f"exempt the proxy's own traffic from the outbound REDIRECT: "
+                       f"'-A ISTIO_OUTPUT -m owner --uid-owner {trip.listener.uid} -j RETURN' before the redirect"
+                       if "redirected back into the proxy" in fail else
+                       f"start the application on {leg.flow.dst}:{leg.flow.dport} (or point the proxy at the "
+                       f"port it really listens on)"),
                 _line(world, span), APPROXIMATE if _approx(trip) or _approx(leg) else EXACT, tuple(related),
                 flow.tuple_str(),
                 "split-connection-second-leg-fails"))

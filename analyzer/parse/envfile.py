@@ -63,6 +63,7 @@ class Environment:
     segments: list[Segment]
     diagnostics: list = field(default_factory=list)
     clients: list = field(default_factory=list)  # namespaces lint uses as clients (default: all)
+    examples: list = field(default_factory=list)  # [{from, flow, uid?}] flows worth explaining
 
     def segment_of(self, ns: str, iface: str | None) -> Segment | None:
         for s in self.segments:
@@ -167,6 +168,11 @@ def load_environment(path: str) -> Environment:
             env.segments.append(Segment(f"{bns}:{bname}", members, bns, bname))
         else:
             raise EnvError(f"{where}: unknown link kind '{kind}' (veth, bridge, segment)")
+    env.examples = list(doc.get("examples") or [])
+    unknown_top = set(doc) - {"namespaces", "links", "clients", "examples", "description"}
+    if unknown_top:
+        raise EnvError(f"{path}: unknown top-level key(s) {', '.join(sorted(unknown_top))} "
+                       "(known: namespaces, links, clients, examples, description)")
     for c in doc.get("clients") or []:
         if str(c) not in env.namespaces:
             raise EnvError(f"{path}: clients: unknown namespace '{c}'")
