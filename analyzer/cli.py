@@ -30,6 +30,11 @@ def _input_args(p):
     p.add_argument("--table", help="table of an `iptables -S` dump (default: inferred from its chains)")
     p.add_argument("--noflush", action="store_true", help="treat input as iptables-restore --noflush transactions")
     p.add_argument("--strict", action="store_true", help="stop at the first error")
+    p.add_argument("--live", action="store_true",
+                   help="read this machine's rules with iptables-save (read-only) instead of a file")
+    p.add_argument("--netns", metavar="NAME", help="with --live: read the rules of this network namespace")
+    p.add_argument("--backend", choices=["auto", "nft", "legacy", "iptc"], default="auto",
+                   help="with --live: which iptables backend to read (iptc = python-iptables, legacy only)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +92,13 @@ def _load(args):
     from analyzer.parse import StrictError, load_ruleset
 
     inputs = []
+    if getattr(args, "live", False):
+        from analyzer.parse.live import LiveError, read_live
+        try:
+            inputs.append(read_live(args.family or 4, args.backend, args.netns))
+        except LiveError as e:
+            sys.stderr.write(f"synack: error: {e}\n")
+            return None
     for path in args.dumps:
         try:
             if path == "-":
@@ -170,8 +182,8 @@ def _load_env(path):
 
 
 def _need_dumps(args) -> bool:
-    if not args.dumps and not getattr(args, "env", None):
-        sys.stderr.write("synack: error: give a DUMP (or --env ENV.yaml)\n")
+    if not args.dumps and not getattr(args, "env", None) and not getattr(args, "live", False):
+        sys.stderr.write("synack: error: give a DUMP ('-' for stdin), --live, or --env ENV.yaml\n")
         return False
     return True
 
@@ -199,7 +211,7 @@ def cmd_lint(args) -> int:
         diags += run_checks(CheckContext(None, (), extra={"env": env}),
                             select or ["NAT"], ignore)
         res = None
-    if args.dumps:
+    if args.dumps or args.live:
         res = _load(args)
         if res is None:
             return EXIT_UNUSABLE
