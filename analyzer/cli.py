@@ -258,10 +258,52 @@ def cmd_explain(args) -> int:
         return cmd_explain_env(args)
     if not _need_dumps(args):
         return EXIT_UNUSABLE
+    from analyzer.symbolic import parse_flow_spec
+
+    try:
+        spec = parse_flow_spec(args.flow)
+    except ValueError as e:
+        sys.stderr.write(f"synack: error: {e}\n")
+        return EXIT_UNUSABLE
     res = _load(args)
     if res is None:
         return EXIT_UNUSABLE
+    if spec.open:
+        return cmd_explain_open(args, res, spec)
     return run_explain(args, res)
+
+
+def cmd_explain_open(args, res, spec) -> int:
+    """A flow with open protocol/ports: every packet it stands for, grouped by outcome."""
+    import json
+    from dataclasses import replace
+
+    from analyzer.explain import build_namespace, render_json
+    from analyzer.netfilter.env import EnvError
+    from analyzer.symbolic import explain_open_flow, render_groups
+
+    try:
+        ns = build_namespace(args)
+    except (EnvError, ValueError, OSError) as e:
+        sys.stderr.write(f"synack: error: {e}\n")
+        return EXIT_UNUSABLE
+    t = spec.template
+    if args.local:
+        t = replace(t, uid=args.uid, gid=args.gid, mark=args.mark)
+        where = "generated locally"
+    else:
+        t = replace(t, iif=args.from_iface, mark=args.mark)
+        where = f"arrives on {args.from_iface}" if args.from_iface else "arrives on an unnamed interface"
+    spec = replace(spec, template=t)
+    groups, complete = explain_open_flow(res.ruleset, spec, ns, local=args.local)
+    if args.output_format == "json":
+        doc = {"schema_version": "1.0", "open_fields": sorted(spec.open), "complete": complete,
+               "groups": [{"packets": g.description, "classes": g.classes,
+                           "explain": json.loads(render_json(g.witness, g.outcomes))} for g in groups]}
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    else:
+        sys.stdout.write(render_groups(spec, groups, complete, where))
+    return EXIT_OK
 
 
 def cmd_explain_env(args) -> int:

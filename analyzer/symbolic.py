@@ -1,0 +1,193 @@
+"""Explain a flow with open parts (no ports, no protocol): every packet it stands for, grouped.
+
+The rules' port and protocol matches become BDD atoms (netfilter/symbolic.py); the engine splits
+the open fields into classes no rule tells apart (engine/partition.py); one witness per class is
+explained concretely (explain.py) and classes with the same outcome are reported together.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, replace
+
+from analyzer.engine.packetset import PacketSpace
+from analyzer.engine.partition import field_ranges, partition
+from analyzer.netfilter.symbolic import OPEN_FIELDS, WIDTH, flow_atoms
+from analyzer.netfilter.walk import PROTO, PROTO_NAME, Packet
+
+_FLOW = re.compile(r"^\s*(?:(?P<proto>[a-z]+|\d+)\s+)?(?P<src>\S+?)\s*->\s*(?P<dst>\S+)\s*$", re.I)
+
+
+@dataclass(frozen=True, slots=True)
+class FlowSpec:
+    template: Packet
+    open: frozenset  # fields the user left out
+
+
+def _endpoint(s: str):
+    if s.startswith("["):
+        a, _, rest = s[1:].partition("]")
+        return ipaddress.ip_address(a), (int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else None)
+    if s.count(":") == 1:
+        a, p = s.split(":")
+        if not p.isdigit() or int(p) > 65535:
+            raise ValueError(f"invalid port '{p}' in flow")
+        return ipaddress.ip_address(a), int(p)
+    return ipaddress.ip_address(s), None
+
+
+def parse_flow_spec(text: str) -> FlowSpec:
+    """``tcp 10.0.0.1:1234 -> 10.0.0.2:80`` with any of protocol/ports left out.
+
+    >>> sorted(parse_flow_spec('10.0.0.1 -> 10.0.0.2').open)
+    ['dport', 'proto', 'sport']
+    >>> sorted(parse_flow_spec('tcp 10.0.0.1 -> 10.0.0.2:80').open)
+    ['sport']
+    """
+    m = _FLOW.match(text)
+    if not m:
+        raise ValueError("flow must look like '[PROTO] SRC[:PORT] -> DST[:PORT]'")
+    try:
+        (src, sport), (dst, dport) = _endpoint(m.group("src")), _endpoint(m.group("dst"))
+    except ValueError as e:
+        raise ValueError(f"invalid flow: {e}") from None
+    if src.version != dst.version:
+        raise ValueError("source and destination are of different address families")
+    open_ = set()
+    p = m.group("proto")
+    if p is None:
+        open_.add("proto")
+        proto = 6
+    else:
+        p = p.lower()
+        if p not in PROTO and not p.isdigit():
+            raise ValueError(f"unknown protocol '{p}' (tcp, udp, icmp, sctp or a number)")
+        proto = PROTO.get(p) if p in PROTO else int(p)
+    if proto in (6, 17, 132) or "proto" in open_:
+        if sport is None:
+            open_.add("sport")
+        if dport is None:
+            open_.add("dport")
+    pkt = Packet(src.version, proto, src, dst, sport if sport is not None else 40000,
+                 dport if dport is not None else 80, tcp_flags=0x02 if proto == 6 else 0,
+                 icmp_type=(8 if src.version == 4 else 128) if proto in (1, 58) else None,
+                 icmp_code=0 if proto in (1, 58) else None)
+    return FlowSpec(pkt, frozenset(open_))
+
+
+@dataclass
+class Group:
+    description: str
+    witness: Packet
+    outcomes: list
+    classes: int
+
+
+def _ranges_text(rs, names=None) -> str:
+    return ", ".join((names.get(lo, str(lo)) if names else str(lo)) if lo == hi else f"{lo}-{hi}"
+                     for lo, hi in rs)
+
+
+def _describe(cls, open_, bounds) -> tuple[tuple, str]:
+    """(protocol ranges, text for the other open fields) of one class (a product of ranges)."""
+    protos = field_ranges(cls, "proto", bounds.get("proto", ()), 8) if "proto" in open_ else ()
+    parts = []
+    for f in ("sport", "dport"):
+        if f not in open_:
+            continue
+        rs = field_ranges(cls, f, bounds.get(f, ()), WIDTH[f])
+        if rs != [(0, 65535)]:
+            parts.append(f"{f} {_ranges_text(rs)}")
+    return tuple(protos), ("; ".join(parts) or "any port")
+
+
+def _group_text(descs) -> str:
+    """Merge class descriptions: the same port text over several protocol ranges is one item."""
+    by_ports: dict[str, list] = {}
+    for protos, ports in descs:
+        by_ports.setdefault(ports, []).extend(protos)
+    items = []
+    for ports, protos in by_ports.items():
+        if protos:
+            merged = []
+            for lo, hi in sorted(protos):
+                if merged and merged[-1][1] + 1 >= lo:
+                    merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
+                else:
+                    merged.append((lo, hi))
+            ptxt = "any protocol" if merged == [(0, 255)] else "proto " + _ranges_text(merged, PROTO_NAME)
+            items.append(f"{ptxt}: {ports}")
+        else:
+            items.append(ports)
+    return " | ".join(items)
+
+
+def explain_open_flow(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 64):
+    """Returns (groups, complete): one group per distinct outcome signature."""
+    from analyzer.explain import explain_flow
+
+    space = PacketSpace()
+    t = spec.template
+    fam = space.family(t.family)
+    fixed = {}
+    if "proto" not in spec.open:
+        fixed["proto"] = t.proto
+    if "sport" not in spec.open and t.proto in (6, 17, 132):
+        fixed["sport"] = t.sport
+    if "dport" not in spec.open and t.proto in (6, 17, 132):
+        fixed["dport"] = t.dport
+    universe = fam & (space.where(**fixed) if fixed else space.universe())
+    atoms, bounds = flow_atoms(space, ruleset, t, set(spec.open))
+    part = partition(universe, atoms, limit)
+    prefer = [space.eq("sport", 40000), space.eq("proto", 6), space.eq("dport", 80),
+              space.range("dport", 1, 65535), space.range("sport", 1024, 65535)]
+    groups: dict = {}
+    order = []
+    for cls in part.classes:
+        v = cls.pick(prefer=prefer)
+        pkt = t
+        if "proto" in spec.open:
+            pkt = replace(pkt, proto=v["proto"], tcp_flags=0x02 if v["proto"] == 6 else 0)
+        if pkt.proto in (6, 17, 132):
+            pkt = replace(pkt, sport=v["sport"] if "sport" in spec.open else t.sport,
+                          dport=v["dport"] if "dport" in spec.open else t.dport)
+        else:
+            pkt = replace(pkt, sport=None, dport=None)
+        outs = explain_flow(ruleset, pkt, ns, local=local)
+        sig = tuple((o.disposition, tuple((s.where, s.verdict.split(" to ")[0]) for s in o.forward.steps))
+                    for o in outs)
+        desc = _describe(cls, spec.open, bounds)
+        if sig not in groups:
+            groups[sig] = Group("", pkt, outs, 1)
+            groups[sig]._descs = [desc]
+            order.append(sig)
+        else:
+            g = groups[sig]
+            g._descs.append(desc)
+            g.classes += 1
+    result = []
+    for sig in order:
+        g = groups[sig]
+        g.description = _group_text(g._descs)
+        del g._descs
+        result.append(g)
+    # the BDD manager must outlive every node: break the space's own cycle before it goes
+    space.preferences = ()
+    return result, part.complete
+
+
+def render_groups(spec: FlowSpec, groups, complete: bool, where: str) -> str:
+    from analyzer.explain import render_text
+
+    t = spec.template
+    shown = f"{'any protocol' if 'proto' in spec.open else PROTO_NAME.get(t.proto, t.proto)} " \
+            f"{t.src}{'' if 'sport' in spec.open else f':{t.sport}'} -> " \
+            f"{t.dst}{'' if 'dport' in spec.open else f':{t.dport}'}"
+    out = [f"flow: {shown} ({where}); open: {', '.join(sorted(spec.open))}",
+           f"{len(groups)} distinct outcome group(s)" + ("" if complete else
+           " (APPROXIMATE: too many classes, the partition stopped early)"), ""]
+    for k, g in enumerate(groups, 1):
+        out.append(f"=== group {k}: {g.description}  (witness {g.witness.tuple_str()})")
+        out.append(render_text(g.witness, g.outcomes, where).rstrip())
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
