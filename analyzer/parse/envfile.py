@@ -54,6 +54,9 @@ class Segment:
     members: tuple[tuple[str, str], ...]
     bridge_ns: str | None = None
     bridge_iface: str | None = None
+    # bridge ports in hairpin mode (a frame may leave by the port it came in on): True for all,
+    # or the (ns, iface) members; Linux default off, kubelet/CNI "hairpinMode" turns it on
+    hairpin: object = False
 
 
 @dataclass
@@ -165,7 +168,10 @@ def load_environment(path: str) -> Environment:
             bns = val.get("namespace")
             bname = val.get("name", "br0")
             members = tuple(_member(m, where) for m in val.get("ports", []))
-            env.segments.append(Segment(f"{bns}:{bname}", members, bns, bname))
+            hp = val.get("hairpin", False)
+            if not isinstance(hp, bool):
+                hp = tuple(_member(m, where) for m in hp)
+            env.segments.append(Segment(f"{bns}:{bname}", members, bns, bname, hp))
         else:
             raise EnvError(f"{where}: unknown link kind '{kind}' (veth, bridge, segment)")
     env.examples = list(doc.get("examples") or [])
