@@ -55,7 +55,7 @@ def _route(w: Walker, br: Branch, local_origin: bool) -> str:
 
 def explain_flow(ruleset, pkt: Packet, ns: Namespace, local: bool = False) -> list[Outcome]:
     w = Walker(ruleset, ns)
-    ct = Conntrack(pkt, pkt.dst, pkt.dport, pkt.src, pkt.sport)
+    ct = Conntrack(pkt, pkt.dst, pkt.dport, pkt.src, pkt.sport, in_use=w.ct_in_use)
     start = Branch(pkt, ct)
     outcomes: list[Outcome] = []
     if local:
@@ -130,6 +130,17 @@ def _with_reply(w: Walker, fwd: Branch, local: bool) -> Outcome:
         rb.pkt = replace(rp, oif=r.oif if r.kind == "unicast" else fwd.ct.original.iif)
         rb.steps.append(Step("reply", f"generated locally by the socket on port {p.dport}"))
         brs = w.hook(w.hook([rb], "OUTPUT", reply=True), "POSTROUTING", reply=True)
+    elif _on_link(w.ns, p):
+        # the backend and the client share the subnet the packet left on: the backend answers
+        # the client directly and the reply never crosses this host's conntrack entry
+        rb.pkt = rp
+        rb.steps.append(Step("reply", f"goes straight from {p.dst} to {p.src} on {p.oif}: both are "
+                                      f"on-link there, so it bypasses this host (no reverse translation)"))
+        if p.oif in w.ns.bridged:
+            rb.approx.append(f"{p.oif} is a bridge port: with br_netfilter (bridge-nf-call-iptables=1) "
+                             "the bridged reply is reverse-translated after all")
+        rb.disposition, rb.detail = "sent", f"sent by {p.dst} directly to the client"
+        brs = [rb]
     else:
         rb.pkt = replace(rp, iif=p.oif)
         rb.steps.append(Step("reply", f"arrives on {p.oif or '?'}"))
@@ -163,6 +174,18 @@ def _with_reply(w: Walker, fwd: Branch, local: bool) -> Outcome:
     return Outcome(fwd, rb, fwd.disposition, fwd.detail, seen, ok)
 
 
+def _on_link(ns: Namespace, p: Packet) -> bool:
+    """Whether a forwarded packet's destination reaches its source without this host: both in
+    a subnet connected to the output interface (the classic hairpin: DNAT without SNAT)."""
+    if not p.oif or ns.is_local(p.src):  # SNAT'd to this host: the reply comes back here
+        return False
+    for a in ns.addrs.get(p.oif, []):
+        if a.version == p.family and a.network.prefixlen < a.max_prefixlen \
+                and p.src in a.network and p.dst in a.network:
+            return True
+    return False
+
+
 # ------------------------------------------------------------------ rendering
 def render_text(flow: Packet, outcomes: list[Outcome], where: str) -> str:
     out = [f"flow: {flow.tuple_str()} ({where})", ""]
@@ -175,7 +198,9 @@ def render_text(flow: Packet, outcomes: list[Outcome], where: str) -> str:
             out.append("  " + s.render().replace("\n", "\n  "))
         ct = oc.forward.ct
         if oc.reply is not None:
-            if ct.untracked:
+            if not ct.in_use:
+                out.append("  conntrack: none (no rule needs conntrack, so the kernel keeps no entry)")
+            elif ct.untracked:
                 out.append("  conntrack: none (untracked)")
             else:
                 out.append(f"  conntrack: original {ct.original.tuple_str()}  reply {ct.reply_tuple()}")
@@ -216,7 +241,9 @@ def render_json(flow: Packet, outcomes: list[Outcome]) -> str:
             "approximate": oc.forward.approx,
         }
         if oc.reply is not None:
-            item["conntrack"] = None if ct.untracked else {
+            item["conntrack_state"] = ("not-in-use" if not ct.in_use else
+                                       "untracked" if ct.untracked else "tracked")
+            item["conntrack"] = None if (ct.untracked or not ct.in_use) else {
                 "original": _tuple_json(ct.original),
                 "reply": {"proto": ct.original.proto, "src": str(ct.reply_src), "sport": ct.reply_sport,
                           "dst": str(ct.reply_dst), "dport": ct.reply_dport},

@@ -138,6 +138,7 @@ class Conntrack:
     snat: bool = False
     untracked: bool = False
     mark: int = 0
+    in_use: bool = True  # False: no rule needs conntrack, so the namespace tracks nothing
 
     def reply_tuple(self) -> str:
         o = self.original
@@ -186,11 +187,42 @@ class ChainIndex:
         return heapq.merge(self.always, b) if b else iter(self.always)
 
 
+#: match modules whose rules make the kernel track connections (their checkentry takes conntrack)
+_CT_MODULES = frozenset({"conntrack", "state", "connmark", "connlimit", "connbytes", "connlabel",
+                         "helper", "cluster", "ipvs", "conntrack_zone"})
+
+
+def conntrack_in_use(ruleset: Ruleset) -> bool:
+    """Whether any rule makes the kernel track connections in this namespace.
+
+    Conntrack exists on demand: a namespace tracks nothing until a rule needs it (a NAT target,
+    a conntrack/state/connmark match, CONNMARK, NOTRACK/CT). Empty builtin nat chains alone do
+    not (checked on 6.x with iptables-nft and iptables-legacy).
+    """
+    for rule in ruleset.rules():
+        t = rule.target
+        if isinstance(t, (Nat, Masquerade, Redirect, Netmap, Notrack, ConnmarkCopy)):
+            return True
+        if isinstance(t, SetMark) and t.kind != "MARK":
+            return True
+        if isinstance(t, OtherTarget) and t.target in ("CT", "CONNSECMARK", "CLUSTERIP"):
+            return True
+        for m in rule.matches:
+            if isinstance(m, (CtStateMatch, CtStatusMatch, CtTupleMatch)):
+                return True
+            if isinstance(m, MarkMatch) and m.kind != "mark":
+                return True
+            if isinstance(m, (OpaqueMatch, UnknownMatch)) and m.module in _CT_MODULES:
+                return True
+    return False
+
+
 class Walker:
     def __init__(self, ruleset: Ruleset, ns: Namespace):
         self.rs = ruleset
         self.ns = ns
         self._index: dict = {}
+        self.ct_in_use = conntrack_in_use(ruleset)
 
     # -------------------------------------------------------------- chain evaluation
     def _rules_for(self, table: str, chain: str, pkt: Packet):
@@ -531,7 +563,8 @@ class Walker:
                 if (r.addr_lo != r.addr_hi) or (r.port_lo != r.port_hi) or len(t.ranges) > 1:
                     br.approx.append(f"{rule.label}: DNAT to a range; the kernel picks one by hash, "
                                      f"shown with the first ({addr})")
-            ct.dnat = True
+            # the kernel sets IPS_DST_NAT (what --ctstate DNAT tests) only if the tuple changed
+            ct.dnat = ct.dnat or (br.pkt.dst, br.pkt.dport) != (p.dst, p.dport)
             ct.reply_src, ct.reply_sport = br.pkt.dst, br.pkt.dport
             self._step(br, rule, verdict, packet=True)
             return "NAT"
@@ -557,7 +590,8 @@ class Walker:
             port = r.port_lo if r.port_lo is not None else p.sport
             verdict = f"SNAT to {r.render()}"
         br.pkt = replace(p, src=addr, sport=port)
-        ct.snat = True
+        # IPS_SRC_NAT only if the tuple changed: MASQUERADE to the address already used is a no-op
+        ct.snat = ct.snat or (addr, port) != (p.src, p.sport)
         ct.reply_dst, ct.reply_dport = addr, port
         self._step(br, rule, verdict, packet=True,
                    note="source port kept unless it clashes with another connection" if port == p.sport and p.sport else None)
@@ -582,7 +616,10 @@ class Walker:
             brs = nxt
             if table == "raw" and hook in ("PREROUTING", "OUTPUT") and not reply:
                 for br in brs:
-                    if br.disposition is None:
+                    if br.disposition is None and not br.ct.in_use:
+                        br.steps.append(Step("conntrack", "OFF", note="no rule in this ruleset needs "
+                                             "conntrack: the kernel keeps no entry"))
+                    elif br.disposition is None:
                         br.steps.append(Step("conntrack", "UNTRACKED" if br.ct.untracked else "NEW",
                                              note=None if br.ct.untracked else
                                              f"original tuple {br.ct.original.tuple_str()}"))
