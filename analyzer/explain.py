@@ -53,8 +53,11 @@ def _route(w: Walker, br: Branch, local_origin: bool) -> str:
     return "forward"
 
 
-def explain_flow(ruleset, pkt: Packet, ns: Namespace, local: bool = False) -> list[Outcome]:
-    w = Walker(ruleset, ns)
+def explain_flow(ruleset, pkt: Packet, ns: Namespace, local: bool = False,
+                 walker: Walker | None = None) -> list[Outcome]:
+    """Every outcome of the flow's first packet and its reply in one namespace. ``walker`` lets a
+    caller observe the walk (symbolic.py records which rules were evaluated)."""
+    w = walker or Walker(ruleset, ns)
     ct = Conntrack(pkt, pkt.dst, pkt.dport, pkt.src, pkt.sport, in_use=w.ct_in_use)
     start = Branch(pkt, ct)
     outcomes: list[Outcome] = []

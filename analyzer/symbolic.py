@@ -12,8 +12,8 @@ from dataclasses import dataclass, replace
 
 from analyzer.engine.packetset import PacketSpace
 from analyzer.engine.partition import field_ranges, partition
-from analyzer.netfilter.symbolic import OPEN_FIELDS, WIDTH, flow_atoms
-from analyzer.netfilter.walk import PROTO, PROTO_NAME, Packet
+from analyzer.netfilter.symbolic import OPEN_FIELDS, WIDTH, match_atoms
+from analyzer.netfilter.walk import PROTO, PROTO_NAME, Packet, Walker
 
 _FLOW = re.compile(r"^\s*(?:(?P<proto>[a-z]+|\d+)\s+)?(?P<src>\S+?)\s*->\s*(?P<dst>\S+)\s*$", re.I)
 
@@ -122,38 +122,63 @@ def _group_text(descs) -> str:
     return " | ".join(items)
 
 
-def explain_open_flow(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 64):
-    """Returns (groups, complete): one group per distinct outcome signature."""
+class _RecordingWalker(Walker):
+    """A walker that remembers every rule it evaluated: the only rules whose matches can tell
+    apart the packets of the class being explained."""
+
+    def __init__(self, ruleset, ns):
+        super().__init__(ruleset, ns)
+        self.evaluated = []
+
+    def _match_rule(self, rule, br, hook):
+        self.evaluated.append(rule)
+        return super()._match_rule(rule, br, hook)
+
+
+def explain_open_flow(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 256):
+    """Returns (groups, complete): one group per distinct outcome signature.
+
+    Path refinement: explain one witness of a class; split the class by the matches of the rules
+    that walk evaluated (engine.partition); a class no such match splits takes exactly the
+    witness's path, so its outcome holds for all of its packets. Only rules on the way are ever
+    asked, so a 10,000-service dump costs the rules the flow meets, not all of them."""
     from analyzer.explain import explain_flow
 
     space = PacketSpace()
     t = spec.template
-    fam = space.family(t.family)
     fixed = {}
     if "proto" not in spec.open:
         fixed["proto"] = t.proto
-    if "sport" not in spec.open and t.proto in (6, 17, 132):
-        fixed["sport"] = t.sport
-    if "dport" not in spec.open and t.proto in (6, 17, 132):
-        fixed["dport"] = t.dport
-    universe = fam & (space.where(**fixed) if fixed else space.universe())
-    atoms, bounds = flow_atoms(space, ruleset, t, set(spec.open))
-    part = partition(universe, atoms, limit)
+    for f in ("sport", "dport"):
+        if f not in spec.open and t.proto in (6, 17, 132):
+            fixed[f] = getattr(t, f)
+    universe = space.family(t.family) & (space.where(**fixed) if fixed else space.universe())
     prefer = [space.eq("sport", 40000), space.eq("proto", 6), space.eq("dport", 80),
               space.range("dport", 1, 65535), space.range("sport", 1024, 65535)]
+    bounds: dict = {f: set() for f in OPEN_FIELDS}
+    work, done = [universe], []
+    complete = True
+    while work:
+        cls = work.pop()
+        pkt = _witness(t, spec, cls.pick(prefer=prefer))
+        w = _RecordingWalker(ruleset, ns)
+        outs = explain_flow(ruleset, pkt, ns, local=local, walker=w)
+        atoms = []
+        for rule in dict.fromkeys(w.evaluated):
+            for m in rule.matches:
+                new, b = match_atoms(space, m, set(spec.open))
+                atoms += new
+                for f, vals in b.items():
+                    bounds[f].update(vals)
+        parts = partition(cls, atoms, limit).classes
+        if len(parts) == 1 or len(done) + len(work) + len(parts) > limit:
+            complete = complete and len(parts) == 1
+            done.append((cls, pkt, outs))
+        else:
+            work.extend(reversed(parts))
     groups: dict = {}
     order = []
-    for cls in part.classes:
-        v = cls.pick(prefer=prefer)
-        pkt = t
-        if "proto" in spec.open:
-            pkt = replace(pkt, proto=v["proto"], tcp_flags=0x02 if v["proto"] == 6 else 0)
-        if pkt.proto in (6, 17, 132):
-            pkt = replace(pkt, sport=v["sport"] if "sport" in spec.open else t.sport,
-                          dport=v["dport"] if "dport" in spec.open else t.dport)
-        else:
-            pkt = replace(pkt, sport=None, dport=None)
-        outs = explain_flow(ruleset, pkt, ns, local=local)
+    for cls, pkt, outs in done:
         sig = tuple((o.disposition, tuple((s.where, s.verdict.split(" to ")[0]) for s in o.forward.steps))
                     for o in outs)
         desc = _describe(cls, spec.open, bounds)
@@ -162,9 +187,8 @@ def explain_open_flow(ruleset, spec: FlowSpec, ns, local: bool = False, limit: i
             groups[sig]._descs = [desc]
             order.append(sig)
         else:
-            g = groups[sig]
-            g._descs.append(desc)
-            g.classes += 1
+            groups[sig]._descs.append(desc)
+            groups[sig].classes += 1
     result = []
     for sig in order:
         g = groups[sig]
@@ -172,8 +196,21 @@ def explain_open_flow(ruleset, spec: FlowSpec, ns, local: bool = False, limit: i
         del g._descs
         result.append(g)
     # the BDD manager must outlive every node: break the space's own cycle before it goes
+    done = work = universe = prefer = None
     space.preferences = ()
-    return result, part.complete
+    return result, complete
+
+
+def _witness(t: Packet, spec: FlowSpec, v: dict) -> Packet:
+    pkt = t
+    if "proto" in spec.open:
+        pkt = replace(pkt, proto=v["proto"], tcp_flags=0x02 if v["proto"] == 6 else 0,
+                      icmp_type=(8 if t.family == 4 else 128) if v["proto"] in (1, 58) else None,
+                      icmp_code=0 if v["proto"] in (1, 58) else None)
+    if pkt.proto in (6, 17, 132):
+        return replace(pkt, sport=v["sport"] if "sport" in spec.open else t.sport,
+                       dport=v["dport"] if "dport" in spec.open else t.dport)
+    return replace(pkt, sport=None, dport=None)
 
 
 def render_groups(spec: FlowSpec, groups, complete: bool, where: str) -> str:

@@ -4,21 +4,11 @@ flow leaves open, so that the engine can split those fields into classes the rul
 from __future__ import annotations
 
 from analyzer.engine.packetset import PacketSpace
-from analyzer.model.rules import AddrMatch, PortMatch, ProtoMatch, Ruleset
+from analyzer.model.rules import PortMatch, ProtoMatch
 
 PROTO_OF_MODULE = {"tcp": 6, "udp": 17, "sctp": 132, "dccp": 33, "udplite": 136}
 OPEN_FIELDS = ("proto", "sport", "dport")
 WIDTH = {"proto": 8, "sport": 16, "dport": 16}
-
-
-def _could_match(rule, pkt) -> bool:
-    """Cheap pre-filter: a rule whose positive -s/-d excludes the flow's addresses adds no atom."""
-    for m in rule.matches:
-        if isinstance(m, AddrMatch) and not m.negated:
-            a = pkt.src if m.direction == "src" else pkt.dst
-            if not any(a in n for n in m.networks if n.version == a.version):
-                return False
-    return True
 
 
 def match_atoms(space: PacketSpace, m, open_fields: set) -> tuple[list, dict]:
@@ -40,25 +30,4 @@ def match_atoms(space: PacketSpace, m, open_fields: set) -> tuple[list, dict]:
             if f in open_fields:
                 atoms.append(space.ports(f, list(m.ranges)))
                 bounds[f] = {b for lo, hi in m.ranges for b in (lo, hi + 1)}
-    return atoms, bounds
-
-
-def flow_atoms(space: PacketSpace, ruleset: Ruleset, pkt, open_fields: set):
-    """Atoms (deduplicated) and boundaries from every rule that could see this flow."""
-    atoms, bounds, seen = [], {f: set() for f in OPEN_FIELDS}, set()
-    for rule in ruleset.rules():
-        if not _could_match(rule, pkt):
-            continue
-        for m in rule.matches:
-            key = (type(m), m.negated, getattr(m, "number", None), getattr(m, "mod", None),
-                   getattr(m, "direction", None), getattr(m, "ranges", None))
-            if key in seen:
-                continue
-            new, b = match_atoms(space, m, open_fields)
-            if not new:
-                continue
-            seen.add(key)
-            atoms.extend(new)
-            for f, vals in b.items():
-                bounds.setdefault(f, set()).update(vals)
     return atoms, bounds
