@@ -195,9 +195,6 @@ def explain_open_flow(ruleset, spec: FlowSpec, ns, local: bool = False, limit: i
         g.description = _group_text(g._descs)
         del g._descs
         result.append(g)
-    # the BDD manager must outlive every node: break the space's own cycle before it goes
-    done = work = universe = prefer = None
-    space.preferences = ()
     return result, complete
 
 
