@@ -485,10 +485,12 @@ def _write_service_port(t: dict[str, _Table], cluster: Cluster,
                   *pp, "-d", lbip, "--dport", port, "-j", ext_filter_target)
     # capture nodeports
     if sp.node_port:
-        if has_external:
+        # kube-proxy jumps to the external chain whenever there are endpoints, and adds the
+        # filter REJECT/DROP when none of them is usable for external traffic (proxier.go)
+        if has_endpoints:
             nat.add("KUBE-NODEPORTS", "-m", "comment", "--comment", spn,
                     *pp, "--dport", str(sp.node_port), "-j", ext_chain)
-        else:
+        if not has_external:
             f.add("KUBE-EXTERNAL-SERVICES", "-m", "comment", "--comment", ext_filter_comment,
                   "-m", "addrtype", "--dst-type", "LOCAL",
                   *pp, "--dport", str(sp.node_port), "-j", ext_filter_target)

@@ -1,8 +1,9 @@
 """Checks layer: each check is one function registered with a code; families live in modules.
 
 A check receives a :class:`CheckContext` and yields :class:`~analyzer.diagnostics.Diagnostic`.
-``restore=True`` marks checks that mirror what ``iptables-restore``/the kernel refuses: ``synack
-parse`` runs those too, so its verdict matches ``iptables-restore --test``.
+``restore=True`` marks checks that mirror what loading the rules would refuse, either in
+iptables itself (also under ``iptables-restore --test``) or in the kernel at commit time (which
+``--test`` never reaches): ``synack parse`` runs those too.
 """
 from __future__ import annotations
 
