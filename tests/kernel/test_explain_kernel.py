@@ -21,11 +21,16 @@ Each case runs in two phases. Phase 1 has no listener: the server's (or the rout
 answers the SYN with RST, so the router sees exactly the first packet and one reply, which is
 what rule counters and conntrack are compared on. Phase 2 starts the listeners and makes a
 real connection, compared on outcome, server view and client view.
+
+The dumps are the golden samples ``samples/explain/NAME.rules``; each case's flow, addresses and
+routes are written there as ``CASE.args`` with the expected ``synack explain`` output next to
+them (tests/test_explain_goldens.py), so the samples are exactly what the kernel verified.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import pytest
 
@@ -36,19 +41,27 @@ from analyzer.parse import load_ruleset
 
 pytestmark = pytest.mark.kernel
 
+ROOT = Path(__file__).resolve().parents[2]
+
 V4 = {"client": "10.0.1.2", "r_c": "10.0.1.1", "r_s": "10.0.2.1", "server": "10.0.2.2", "plen": 24,
       "default": "default via 10.0.2.2 dev sk2b", "kdefault": "default via 10.0.2.2 dev sk2b"}
 V6 = {"client": "fd01::2", "r_c": "fd01::1", "r_s": "fd02::1", "server": "fd02::2", "plen": 64,
       "default": "::/0 via fd02::2 dev sk2b", "kdefault": "::/0 via fd02::2 dev sk2b"}
 
-NAT_EMPTY = "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n" \
-            ":POSTROUTING ACCEPT [0:0]\nCOMMIT\n"
+
+def _sample_path(name: str) -> str:
+    """The dump a case loads, relative to the repository (as the explain goldens name it)."""
+    return f"samples/explain/{name}.rules"
+
+
+def _sample(name: str) -> str:
+    return (ROOT / _sample_path(name)).read_text()
 
 
 @dataclass(frozen=True)
 class Case:
     id: str
-    dump: str
+    rules: str                        # the dump: samples/explain/<rules>.rules
     dst: str
     dport: int
     expect: str                       # synack's disposition (guards the case itself)
@@ -61,267 +74,66 @@ class Case:
     outcomes: int = 1                 # how many outcomes synack predicts
     kernel_outcome: str | None = None  # phase-2 client outcome when not "ok"
 
+    @property
+    def path(self) -> str:
+        return _sample_path(self.rules)
 
-KUBE_NAT = """*nat
-:PREROUTING ACCEPT [0:0]
-:INPUT ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
-:POSTROUTING ACCEPT [0:0]
-:KUBE-MARK-MASQ - [0:0]
-:KUBE-NODEPORTS - [0:0]
-:KUBE-POSTROUTING - [0:0]
-:KUBE-SERVICES - [0:0]
-:KUBE-SVC-WEB - [0:0]
-:KUBE-SEP-WEB1 - [0:0]
-:KUBE-SEP-WEB2 - [0:0]
-:KUBE-EXT-WEB - [0:0]
--A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
--A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
--A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING
--A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000
--A KUBE-NODEPORTS -p tcp -m comment --comment "default/web" -m tcp --dport 30080 -j KUBE-EXT-WEB
--A KUBE-EXT-WEB -m comment --comment "masquerade traffic for default/web external destinations" -j KUBE-MARK-MASQ
--A KUBE-EXT-WEB -j KUBE-SVC-WEB
--A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
--A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0
--A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE
--A KUBE-SERVICES -d 10.96.0.10/32 -p tcp -m comment --comment "default/web cluster IP" -m tcp --dport 80 -j KUBE-SVC-WEB
--A KUBE-SERVICES -m comment --comment "kubernetes service nodeports" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
--A KUBE-SVC-WEB ! -s 10.244.0.0/16 -d 10.96.0.10/32 -p tcp -m comment --comment "default/web cluster IP" -m tcp --dport 80 -j KUBE-MARK-MASQ
--A KUBE-SVC-WEB -m comment --comment "default/web -> 10.0.2.2:8080" -m statistic --mode random --probability {p} -j KUBE-SEP-WEB1
--A KUBE-SVC-WEB -m comment --comment "default/web -> 10.0.2.2:8081" -j KUBE-SEP-WEB2
--A KUBE-SEP-WEB1 -s 10.0.2.2/32 -m comment --comment "default/web" -j KUBE-MARK-MASQ
--A KUBE-SEP-WEB1 -p tcp -m comment --comment "default/web" -m tcp -j DNAT --to-destination 10.0.2.2:8080
--A KUBE-SEP-WEB2 -s 10.0.2.2/32 -m comment --comment "default/web" -j KUBE-MARK-MASQ
--A KUBE-SEP-WEB2 -p tcp -m comment --comment "default/web" -m tcp -j DNAT --to-destination 10.0.2.2:8081
-COMMIT
-"""
+    @property
+    def dump(self) -> str:
+        return _sample(self.rules)
 
-KUBE_NO_ENDPOINTS = NAT_EMPTY + """*filter
-:INPUT ACCEPT [0:0]
-:FORWARD ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
-:KUBE-SERVICES - [0:0]
--A FORWARD -m conntrack --ctstate NEW -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
--A KUBE-SERVICES -d 10.96.0.20/32 -p tcp -m comment --comment "default/empty has no endpoints" -m tcp --dport 80 -j REJECT --reject-with icmp-port-unreachable
-COMMIT
-"""
-
-DNAT_MASQ = """*nat
-:PREROUTING ACCEPT [0:0]
-:INPUT ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
-:POSTROUTING ACCEPT [0:0]
--A PREROUTING -d 10.0.1.1/32 -p tcp --dport 80 -j DNAT --to-destination 10.0.2.2:8080
--A POSTROUTING -o sk2b -m conntrack --ctstate DNAT -j MASQUERADE
-COMMIT
-"""
-
-DNAT_ONLY = """*nat
-:PREROUTING ACCEPT [0:0]
-:INPUT ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
-:POSTROUTING ACCEPT [0:0]
--A PREROUTING -d 10.99.0.1/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.2.2:8080
-COMMIT
-"""
-
-SNAT = """*nat
-:PREROUTING ACCEPT [0:0]
-:INPUT ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
-:POSTROUTING ACCEPT [0:0]
--A POSTROUTING -s 10.0.1.0/24 -o sk2b -j SNAT --to-source 10.0.2.100
-COMMIT
-"""
-
-REDIRECT = """*nat
-:PREROUTING ACCEPT [0:0]
-:INPUT ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
-:POSTROUTING ACCEPT [0:0]
-:ISTIO_INBOUND - [0:0]
-:ISTIO_IN_REDIRECT - [0:0]
--A PREROUTING -p tcp -j ISTIO_INBOUND
--A ISTIO_INBOUND -p tcp --dport 22 -j RETURN
--A ISTIO_INBOUND -p tcp -m tcp --dport 8080 -j ISTIO_IN_REDIRECT
--A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15001
-COMMIT
-"""
-
-FWD_DROP = NAT_EMPTY + """*filter
-:INPUT ACCEPT [0:0]
-:FORWARD DROP [0:0]
-:OUTPUT ACCEPT [0:0]
--A FORWARD -p tcp -m tcp --dport 22 -j ACCEPT
-COMMIT
-"""
-
-FWD_RESET = NAT_EMPTY + """*filter
-:INPUT ACCEPT [0:0]
-:FORWARD ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
--A FORWARD -p tcp -m tcp --dport 8080 --tcp-flags SYN,RST,ACK SYN -j REJECT --reject-with tcp-reset
-COMMIT
-"""
-
-MARKS = """*mangle
-:PREROUTING ACCEPT [0:0]
-:INPUT ACCEPT [0:0]
-:FORWARD ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
-:POSTROUTING ACCEPT [0:0]
--A PREROUTING -p tcp -m tcp --dport 8081 -j MARK --set-mark 0x2
--A PREROUTING -p tcp -m tcp --dport 8080 -j MARK --set-xmark 0x1/0xff
-COMMIT
-""" + NAT_EMPTY + """*filter
-:INPUT ACCEPT [0:0]
-:FORWARD ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
--A FORWARD -m mark --mark 0x2 -j DROP
--A FORWARD -m mark --mark 0x1/0xf -j ACCEPT
-COMMIT
-"""
-
-NOTRACK = """*raw
-:PREROUTING ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
--A PREROUTING -p tcp -m tcp --dport 80 -j NOTRACK
--A PREROUTING -p tcp -m tcp --sport 80 -j NOTRACK
-COMMIT
-""" + DNAT_ONLY.replace("10.99.0.1/32", "10.0.2.2/32")
-
-LOCAL_DNAT = """*nat
-:PREROUTING ACCEPT [0:0]
-:INPUT ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
-:POSTROUTING ACCEPT [0:0]
--A OUTPUT -d 10.96.0.30/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.2.2:8080
-COMMIT
-"""
-
-OWNER = """*nat
-:PREROUTING ACCEPT [0:0]
-:INPUT ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
-:POSTROUTING ACCEPT [0:0]
-:SIDECAR_OUTPUT - [0:0]
--A OUTPUT -p tcp -j SIDECAR_OUTPUT
--A SIDECAR_OUTPUT -m owner --uid-owner 1337 -j RETURN
--A SIDECAR_OUTPUT -d 10.0.2.2/32 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.0.2.2:8081
-COMMIT
-"""
-
-CTSTATE = NAT_EMPTY + """*filter
-:INPUT ACCEPT [0:0]
-:FORWARD DROP [0:0]
-:OUTPUT ACCEPT [0:0]
--A FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
--A FORWARD -p tcp -m conntrack --ctstate NEW -m tcp --dport 8080 -j ACCEPT
-COMMIT
-"""
-
-CTSTATE_DNAT = DNAT_ONLY + """*filter
-:INPUT ACCEPT [0:0]
-:FORWARD DROP [0:0]
-:OUTPUT ACCEPT [0:0]
--A FORWARD -m conntrack --ctstate DNAT -j ACCEPT
-COMMIT
-"""
-
-GOTO = """*nat
-:PREROUTING ACCEPT [0:0]
-:INPUT ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
-:POSTROUTING ACCEPT [0:0]
-:SVC - [0:0]
-:SVC_B - [0:0]
--A PREROUTING -d 10.99.0.1/32 -p tcp -j SVC
--A PREROUTING -d 10.99.0.1/32 -p tcp -j DNAT --to-destination 10.0.2.2:8082
--A SVC -s 10.0.1.0/24 -g SVC_B
--A SVC -p tcp -j DNAT --to-destination 10.0.2.2:8083
--A SVC_B -p tcp -m tcp --dport 81 -j RETURN
--A SVC_B -p tcp -j DNAT --to-destination 10.0.2.2:8080
-COMMIT
-"""
-
-MULTIPORT = NAT_EMPTY + """*filter
-:INPUT ACCEPT [0:0]
-:FORWARD DROP [0:0]
-:OUTPUT ACCEPT [0:0]
--A FORWARD -p tcp -m multiport --sports 8000:9000,22 -j ACCEPT
--A FORWARD -p tcp -m multiport --dports 22,8080:8090 -j ACCEPT
-COMMIT
-"""
-
-IPV6_DNAT = """*nat
-:PREROUTING ACCEPT [0:0]
-:INPUT ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
-:POSTROUTING ACCEPT [0:0]
--A PREROUTING -d fd00:96::10/128 -p tcp -m tcp --dport 80 -j DNAT --to-destination [fd02::2]:8080
--A POSTROUTING -o sk2b -m conntrack --ctstate DNAT -j MASQUERADE
-COMMIT
-""" + """*filter
-:INPUT ACCEPT [0:0]
-:FORWARD DROP [0:0]
-:OUTPUT ACCEPT [0:0]
--A FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
--A FORWARD -d fd02::2/128 -p tcp -m tcp --dport 8080 -j ACCEPT
-COMMIT
-"""
 
 CASES = [
-    Case("kube-clusterip", KUBE_NAT.format(p="1.00000000000"), "10.96.0.10", 80, "forwarded",
+    Case("kube-clusterip", "kube-clusterip-first-endpoint", "10.96.0.10", 80, "forwarded",
          listen=(("server", 8080), ("server", 8081)), backends=("nft", "legacy")),
-    Case("kube-clusterip-second-endpoint", KUBE_NAT.format(p="0.00000000000"), "10.96.0.10", 80,
+    Case("kube-clusterip-second-endpoint", "kube-clusterip-second-endpoint", "10.96.0.10", 80,
          "forwarded", listen=(("server", 8080), ("server", 8081))),
-    Case("kube-clusterip-random", KUBE_NAT.format(p="0.50000000000"), "10.96.0.10", 80, "forwarded",
+    Case("kube-clusterip-random", "kube-clusterip", "10.96.0.10", 80, "forwarded",
          listen=(("server", 8080), ("server", 8081)), outcomes=2),
-    Case("kube-nodeport-addrtype-local", KUBE_NAT.format(p="1.00000000000"), "10.0.1.1", 30080,
+    Case("kube-nodeport-addrtype-local", "kube-clusterip-first-endpoint", "10.0.1.1", 30080,
          "forwarded", listen=(("server", 8080), ("server", 8081)), backends=("nft", "legacy")),
-    Case("kube-clusterip-from-node", KUBE_NAT.format(p="1.00000000000"), "10.96.0.10", 80, "sent",
+    Case("kube-clusterip-from-node", "kube-clusterip-first-endpoint", "10.96.0.10", 80, "sent",
          listen=(("server", 8080), ("server", 8081)), local=True),
-    Case("kube-no-endpoints-reject", KUBE_NO_ENDPOINTS, "10.96.0.20", 80, "rejected",
+    Case("kube-no-endpoints-reject", "kube-no-endpoints", "10.96.0.20", 80, "rejected",
          kernel_outcome="refused", backends=("nft", "legacy")),
-    Case("dnat-masquerade", DNAT_MASQ, "10.0.1.1", 80, "forwarded", backends=("nft", "legacy")),
-    Case("dnat-without-masquerade", DNAT_ONLY, "10.99.0.1", 80, "forwarded"),
-    Case("snat", SNAT, "10.0.2.2", 8080, "forwarded", router_addrs=(("10.0.2.100/24", "sk2b"),),
+    Case("dnat-masquerade", "dnat-masquerade", "10.0.1.1", 80, "forwarded", backends=("nft", "legacy")),
+    Case("dnat-without-masquerade", "dnat-only", "10.99.0.1", 80, "forwarded"),
+    Case("snat", "snat", "10.0.2.2", 8080, "forwarded", router_addrs=(("10.0.2.100/24", "sk2b"),),
          backends=("nft", "legacy")),
-    Case("redirect-to-sidecar", REDIRECT, "10.0.2.2", 8080, "delivered-locally",
+    Case("redirect-to-sidecar", "istio-redirect", "10.0.2.2", 8080, "delivered-locally",
          listen=(("router", 15001), ("server", 8080))),
-    Case("redirect-return-exempt", REDIRECT, "10.0.2.2", 22, "forwarded",
+    Case("redirect-return-exempt", "istio-redirect", "10.0.2.2", 22, "forwarded",
          listen=(("router", 15001), ("server", 22))),
-    Case("forward-policy-drop", FWD_DROP, "10.0.2.2", 8080, "dropped", kernel_outcome="timeout",
+    Case("forward-policy-drop", "forward-drop", "10.0.2.2", 8080, "dropped", kernel_outcome="timeout",
          backends=("nft", "legacy")),
     # the SYN is accepted, its SYN+ACK (sport 22) falls to the DROP policy
-    Case("forward-policy-drops-reply", FWD_DROP, "10.0.2.2", 22, "forwarded",
+    Case("forward-policy-drops-reply", "forward-drop", "10.0.2.2", 22, "forwarded",
          listen=(("server", 22),), backends=("nft", "legacy"), kernel_outcome="timeout"),
-    Case("forward-reject-tcp-reset", FWD_RESET, "10.0.2.2", 8080, "rejected",
+    Case("forward-reject-tcp-reset", "forward-reset", "10.0.2.2", 8080, "rejected",
          kernel_outcome="refused", backends=("nft", "legacy")),
-    Case("mark-then-drop", MARKS, "10.0.2.2", 8081, "dropped", listen=(("server", 8081),),
+    Case("mark-then-drop", "marks", "10.0.2.2", 8081, "dropped", listen=(("server", 8081),),
          kernel_outcome="timeout"),
-    Case("mark-then-accept", MARKS, "10.0.2.2", 8080, "forwarded"),
-    Case("notrack-skips-nat", NOTRACK, "10.0.2.2", 80, "forwarded",
+    Case("mark-then-accept", "marks", "10.0.2.2", 8080, "forwarded"),
+    Case("notrack-skips-nat", "notrack", "10.0.2.2", 80, "forwarded",
          listen=(("server", 80), ("server", 8080))),
-    Case("local-process-dnat", LOCAL_DNAT, "10.96.0.30", 80, "sent", local=True),
-    Case("owner-uid-exempt", OWNER, "10.0.2.2", 8080, "sent", local=True, uid=1337,
+    Case("local-process-dnat", "local-dnat", "10.96.0.30", 80, "sent", local=True),
+    Case("owner-uid-exempt", "owner-sidecar", "10.0.2.2", 8080, "sent", local=True, uid=1337,
          listen=(("server", 8080), ("server", 8081))),
-    Case("owner-uid-redirected", OWNER, "10.0.2.2", 8080, "sent", local=True, uid=1000,
+    Case("owner-uid-redirected", "owner-sidecar", "10.0.2.2", 8080, "sent", local=True, uid=1000,
          listen=(("server", 8080), ("server", 8081))),
-    Case("ctstate-new-accepted", CTSTATE, "10.0.2.2", 8080, "forwarded",
+    Case("ctstate-new-accepted", "ctstate", "10.0.2.2", 8080, "forwarded",
          backends=("nft", "legacy")),
-    Case("ctstate-new-dropped", CTSTATE, "10.0.2.2", 9090, "dropped", listen=(("server", 9090),),
+    Case("ctstate-new-dropped", "ctstate", "10.0.2.2", 9090, "dropped", listen=(("server", 9090),),
          kernel_outcome="timeout"),
-    Case("ctstate-dnat-accepted", CTSTATE_DNAT, "10.99.0.1", 80, "forwarded"),
-    Case("goto-then-dnat", GOTO, "10.99.0.1", 80, "forwarded",
+    Case("ctstate-dnat-accepted", "ctstate-dnat", "10.99.0.1", 80, "forwarded"),
+    Case("goto-then-dnat", "goto", "10.99.0.1", 80, "forwarded",
          listen=(("server", 8080), ("server", 8082), ("server", 8083))),
-    Case("goto-return-skips-caller", GOTO, "10.99.0.1", 81, "forwarded",
+    Case("goto-return-skips-caller", "goto", "10.99.0.1", 81, "forwarded",
          listen=(("server", 8080), ("server", 8082), ("server", 8083))),
-    Case("multiport-accept", MULTIPORT, "10.0.2.2", 8085, "forwarded", listen=(("server", 8085),)),
-    Case("multiport-miss-dropped", MULTIPORT, "10.0.2.2", 9000, "dropped",
+    Case("multiport-accept", "multiport", "10.0.2.2", 8085, "forwarded", listen=(("server", 8085),)),
+    Case("multiport-miss-dropped", "multiport", "10.0.2.2", 9000, "dropped",
          listen=(("server", 9000),), kernel_outcome="timeout"),
-    Case("ipv6-dnat-masquerade", IPV6_DNAT, "fd00:96::10", 80, "forwarded", ipv6=True,
+    Case("ipv6-dnat-masquerade", "ipv6-dnat", "fd00:96::10", 80, "forwarded", ipv6=True,
          backends=("nft", "legacy")),
 ]
 
@@ -346,7 +158,7 @@ def _namespace(case: Case, net: dict) -> Namespace:
 
 
 def _predict(case: Case, net: dict, sport: int):
-    rs = load_ruleset((case.dump, f"{case.id}.rules")).ruleset
+    rs = load_ruleset((case.dump, case.path)).ruleset
     src = net["r_s"] if case.local else net["client"]
     fmt = "[{}]:{}" if case.ipv6 else "{}:{}"
     flow = parse_flow(f"tcp {fmt.format(src, sport)} -> {fmt.format(case.dst, case.dport)}")
@@ -519,25 +331,13 @@ def _norm(addr: str) -> str:
     return addr[7:] if addr.startswith("::ffff:") else addr
 
 
-HAIRPIN = """*nat
-:PREROUTING ACCEPT [0:0]
-:INPUT ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
-:POSTROUTING ACCEPT [0:0]
-:VIP-SERVICES - [0:0]
--A PREROUTING -j VIP-SERVICES
--A VIP-SERVICES -d 10.0.0.1/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.0.3:8080
-{masq}COMMIT
-"""
-
-
 @pytest.mark.parametrize("masq", [False, True], ids=["hairpin-no-masquerade", "hairpin-masquerade"])
 def test_hairpin_on_a_bridge(lab, require, masq: bool):
     """Seed scenario 1: client and backend share the host's bridge. Without SNAT the backend
     answers the client directly, from its own address: the client resets it and times out."""
     require("nft", "conntrack")
-    dump = HAIRPIN.format(masq="-A POSTROUTING -m conntrack --ctstate DNAT -j MASQUERADE\n"
-                          if masq else "")
+    name = "hairpin-masquerade" if masq else "hairpin-no-masquerade"
+    dump = _sample(name)
     c, h, s = lab.netns("client"), lab.netns("host", forwarding=True), lab.netns("server")
     vc = lab.veth(c, h, addr_a="10.0.0.2/24")
     vs = lab.veth(s, h, addr_a="10.0.0.3/24")
@@ -550,7 +350,7 @@ def test_hairpin_on_a_bridge(lab, require, masq: bool):
     h.iptables_restore(dump, backend="nft")
     ns = Namespace()
     ns.add_addr("10.0.0.1/24", "br0")
-    rs = load_ruleset((dump, "hairpin.rules")).ruleset
+    rs = load_ruleset((dump, _sample_path(name))).ruleset
     flow = replace(parse_flow("tcp 10.0.0.2:42424 -> 10.0.0.1:80"), iif="br0")
     (oc,) = explain_flow(rs, flow, ns)
     assert oc.reply_ok is masq
