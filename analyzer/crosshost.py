@@ -102,6 +102,14 @@ class World:
         key = "net.bridge.bridge-nf-call-iptables" if family == 4 else "net.bridge.bridge-nf-call-ip6tables"
         return self.env.namespaces[seg.bridge_ns].net.sysctl(key, 1) == 1
 
+    def hairpin(self, seg, member: tuple[str, str]) -> bool:
+        """Whether the bridge sends a frame back out of the port ``member`` it came in on
+        (the port's hairpin mode; Linux default off, kubelet/CNI ``hairpinMode`` turns it on).
+        ``bridge: {..., hairpin: true | [NS:IF, ...]}`` in the environment file."""
+        hp = seg.hairpin
+        if isinstance(hp, bool):
+            return hp
+        return tuple(member) in set(hp)
 
 class Tracker:
     """Per-namespace conntrack tables built while the request travels."""
@@ -137,11 +145,27 @@ def _route(w: Walker, br: Branch) -> str:
     return "end"
 
 
+def _martian_source(w: Walker, b: Branch, iif: str) -> bool:
+    """The kernel's input route check (fib_validate_source): a packet that arrives from a link
+    with a source address of this very namespace is a martian and dropped, unless accept_local."""
+    if iif == "lo" or b.pkt.family != 4 or not w.ns.is_local(b.pkt.src):
+        return False
+    if w.ns.sysctl("net.ipv4.conf.all.accept_local", 0) or w.ns.sysctl(f"net.ipv4.conf.{iif}.accept_local", 0):
+        return False
+    b.disposition = "dropped"
+    b.detail = (f"martian source: {b.pkt.src} is an address of this namespace, but the packet arrives "
+                f"on {iif}; the kernel drops it (accept_local=0)")
+    b.steps.append(Step("route", b.detail))
+    return True
+
+
 def walk_namespace(world: World, tracker: Tracker, ns: str, pkt: Packet, iif: str | None,
-                   reply_mode: bool, bridged_via: str | None = None) -> list[Branch]:
+                   reply_mode: bool, bridged_via: str | None = None,
+                   from_port: tuple | None = None) -> list[Branch]:
     """One namespace, one packet: PREROUTING/OUTPUT -> route -> INPUT or FORWARD -> POSTROUTING.
     ``reply_mode``: the packet belongs to a connection this namespace already tracks (looked
-    up in ``tracker``); otherwise it starts a NEW connection here."""
+    up in ``tracker``); otherwise it starts a NEW connection here. ``from_port``: (namespace,
+    interface) of the bridge port the frame came in on, when ``iif`` is this namespace's bridge."""
     w = world.walker(ns, pkt.family)
     ct = tracker.lookup_reply(ns, pkt) if reply_mode else None
     is_reply = ct is not None
@@ -194,7 +218,31 @@ def walk_namespace(world: World, tracker: Tracker, ns: str, pkt: Packet, iif: st
             if b.disposition is not None:
                 out.append(b)
                 continue
+            if w.ns.route(b.pkt.dst).kind in ("local", "unicast") and _martian_source(w, b, iif):
+                out.append(b)
+                continue
             kind = _route(w, b)
+            bridged_dnat = False
+            if kind == "forward" and from_port is not None and b.pkt.oif == iif and b.pkt.dst != pkt.dst:
+                seg = world.env.segment_of(ns, iif)
+                if seg is not None and seg.bridge_ns == ns and world.bridge_nf(seg, b.pkt.family):
+                    # br_netfilter: the frame's destination was rewritten in PREROUTING and the new
+                    # one is on the same bridge, so the frame is switched to it, not routed
+                    # (br_nf_pre_routing_finish: "bridged DNAT", no ip_forward needed); the bridge
+                    # never sends a frame back out of the port it came in on unless that port is
+                    # in hairpin mode
+                    bridged_dnat = True
+                    dest = world.next_namespace(ns, iif, b.next_hop)
+                    if dest is not None and (dest[0], dest[1]) == tuple(from_port) \
+                            and not world.hairpin(seg, tuple(from_port)):
+                        b.disposition = "dropped"
+                        b.detail = (f"bridged DNAT back to the port it came in on ({from_port[0]}:{from_port[1]}): "
+                                    f"{iif} drops it, hairpin mode is off on that port")
+                        b.steps.append(Step("bridge", b.detail))
+                        out.append(b)
+                        continue
+                    b.steps.append(Step("bridge", f"bridged DNAT: {b.pkt.dst} is on {iif}, so br_netfilter "
+                                                  f"switches the frame to it (not routed)"))
             if kind == "local":
                 for x in w.hook([b], "INPUT", reply=is_reply):
                     if x.disposition is None:
@@ -202,7 +250,7 @@ def walk_namespace(world: World, tracker: Tracker, ns: str, pkt: Packet, iif: st
                     out.append(x)
             elif kind == "forward":
                 fwd_key = "net.ipv4.ip_forward" if b.pkt.family == 4 else "net.ipv6.conf.all.forwarding"
-                if w.ns.sysctl(fwd_key, 1) == 0:
+                if not bridged_dnat and w.ns.sysctl(fwd_key, 1) == 0:
                     b.disposition, b.detail = "dropped", f"{fwd_key}=0: not forwarded"
                     b.steps.append(Step("route", b.detail))
                     out.append(b)
@@ -229,6 +277,7 @@ def travel(world: World, tracker: Tracker, start_ns: str, pkt: Packet, iif: str 
     are noted."""
     j = Journey()
     ns, arrived, bridged_via = start_ns, iif, None
+    from_port = None
     visited = set()
     for _ in range(MAX_HOPS):
         key = (ns, arrived, pkt.src, pkt.dst, pkt.sport, pkt.dport)
@@ -236,7 +285,8 @@ def travel(world: World, tracker: Tracker, start_ns: str, pkt: Packet, iif: str 
             j.end, j.end_ns, j.detail = "loop", ns, f"the packet comes back to {ns} unchanged: routing loop"
             return j
         visited.add(key)
-        brs = walk_namespace(world, tracker, ns, pkt, arrived, reply_mode, bridged_via)
+        brs = walk_namespace(world, tracker, ns, pkt, arrived, reply_mode, bridged_via, from_port)
+        from_port = None
         b = brs[0]
         hop = Hop(ns, role, arrived, b.steps, pkt, b.pkt, b.disposition, b.detail, b.ct, list(b.approx),
                   bridged=bridged_via is not None)
@@ -271,6 +321,9 @@ def travel(world: World, tracker: Tracker, start_ns: str, pkt: Packet, iif: str 
         if crossed is not None:
             hop.steps = list(hop.steps) + [Step("bridge", f"switched by {crossed.name} without netfilter "
                                                           f"(bridge-nf-call-iptables=0 in {crossed.bridge_ns})")]
+        seg = world.env.segment_of(nns, niface)
+        if seg is not None and seg.bridge_ns == nns and seg.bridge_iface == niface:
+            from_port = (ns, b.pkt.oif)  # the bridge port the frame enters by
         ns, arrived, bridged_via = nns, niface, None
     j.end, j.detail = "loop", f"more than {MAX_HOPS} hops"
     return j
@@ -377,6 +430,40 @@ def findings(world: World, trip: Trip) -> list[Diagnostic]:
                                   None, "check the return route and the filter rules on the reply path",
                                   None, APPROXIMATE if _approx(trip) else EXACT, (), flow.tuple_str(),
                                   "reply-lost"))
+    elif (req.end == "dropped" and req.end_ns == trip.start and req.detail.startswith("martian source")
+          and req.hops and req.hops[-1].packet_in.src == flow.src):
+        # hairpin without SNAT: the translated request comes back to the client's own namespace
+        # with the client's address as source; the kernel drops it before any socket sees it
+        dnat_hops = [h for h in req.hops if h.ct is not None and h.ct.dnat and h.namespace != trip.start]
+        if dnat_hops:
+            hop = dnat_hops[-1]
+            rule = _translating_rule(world, hop)
+            span = rule.option_span(rule.target) if rule is not None and rule.target else None
+            related = (Related("destination translated here", rule.span),) if rule is not None else ()
+            msg = (f"client {flow.src} dialled {flow.dst}:{flow.dport}; '{hop.namespace}' translates it to "
+                   f"{hop.packet_out.dst}:{hop.packet_out.dport}, in the client's own namespace, without "
+                   f"SNAT: the request comes back with the client's own address as source and the kernel "
+                   f"drops it (martian source), so no SYN+ACK ever comes; the connect retries its SYN and "
+                   f"times out")
+            out.append(Diagnostic("NAT001", Severity.ERROR, msg, span,
+                                  _fix_hint(world, trip, [hop], hairpin=True),
+                                  _line(world, span), APPROXIMATE if _approx(trip) else EXACT,
+                                  related, flow.tuple_str(), "reply-bypasses-translation"))
+    if req.end == "dropped" and "hairpin mode is off" in (req.detail or ""):
+        hop = next((h for h in req.hops if h.ct is not None and h.ct.dnat), None)
+        rule = _translating_rule(world, hop) if hop is not None else None
+        span = rule.option_span(rule.target) if rule is not None and rule.target else None
+        bridge = req.hops[-1].namespace
+        out.append(Diagnostic(
+            "NAT004", Severity.ERROR,
+            f"client {flow.src} dialled {flow.dst}:{flow.dport}; the translated request must leave "
+            f"'{bridge}''s bridge by the port it came in on, and {req.detail.split(': ', 1)[-1]}: the "
+            f"SYN is dropped, the connect times out",
+            span, f"turn on hairpin mode for that bridge port (kubelet/CNI hairpinMode, "
+                  f"'bridge link set dev PORT hairpin on'; 'hairpin: true' in the environment file)",
+            _line(world, span), APPROXIMATE if _approx(trip) else EXACT,
+            (Related("destination translated here", rule.span),) if rule is not None else (),
+            flow.tuple_str(), "bridge-hairpin-off"))
     leg = trip.second_leg
     if leg is not None and trip.reply is not None and trip.client_sees is not None:
         fail = None
@@ -437,7 +524,7 @@ def _bypass_point(trip: Trip, ns: str | None) -> str:
     return f"goes {path} and never crosses '{ns}''s conntrack entry, so it is not reverse-translated"
 
 
-def _fix_hint(world: World, trip: Trip, missed) -> str:
+def _fix_hint(world: World, trip: Trip, missed, hairpin: bool = False) -> str:
     if not missed:
         return "make the reply return through the namespace that translated the request"
     ns = missed[0].namespace
@@ -451,6 +538,8 @@ def _fix_hint(world: World, trip: Trip, missed) -> str:
     hint = (f"masquerade the translated traffic in '{ns}' so the reply must come back through it, e.g. "
             f"'-A POSTROUTING -m conntrack --ctstate DNAT"
             + (f" -o {out_if}" if out_if else "") + " -j MASQUERADE' in its nat table")
+    if hairpin:  # br_netfilter does not help a connection translated back to its own client
+        return hint
     for seg in world.env.segments:
         if seg.bridge_ns == ns and not world.bridge_nf(seg, missed[0].packet_in.family):
             hint += (f"; or enable br_netfilter in '{ns}' (net.bridge.bridge-nf-call-iptables=1) so "

@@ -128,9 +128,10 @@ def environment_trips(ctx: CheckContext):
             if src is None or (cname == name and src == addr):
                 continue
             trip = follow(world, cname, Packet(addr.version, proto, src, addr, 40000, port))
-            if trip.request.end not in ("delivered", "refused"):
+            diags = findings(world, trip)
+            if trip.request.end not in ("delivered", "refused") and not diags:
                 continue  # this client cannot reach the service at all: not a reply problem
-            trips.append((cname, name, trip, findings(world, trip)))
+            trips.append((cname, name, trip, diags))
     ctx.extra["trips"] = trips
     return trips
 
@@ -181,3 +182,16 @@ def split_connection(ctx: CheckContext) -> Iterator[Diagnostic]:
     Fix: start the application, correct the proxy's target, keep ``-m owner --uid-owner`` RETURN.
     """
     yield from _emit(ctx, "NAT003")
+
+
+@check(code="NAT004", name="bridge-hairpin-off", severity=Severity.ERROR)
+def bridge_hairpin_off(ctx: CheckContext) -> Iterator[Diagnostic]:
+    """A translated request must go back out of the bridge port it came in on, and that port is
+    not in hairpin mode.
+
+    Why it matters: the bridge drops the frame; the client's SYN is never answered (a pod calling
+    its own service through kube-proxy on a CNI bridge without hairpinMode).
+    Fix: turn hairpin mode on for the port (kubelet/CNI hairpinMode, `bridge link set dev PORT
+    hairpin on`), or masquerade so the backend is reached some other way.
+    """
+    yield from _emit(ctx, "NAT004")

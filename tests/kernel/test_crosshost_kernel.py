@@ -1,0 +1,284 @@
+"""The kernel judges `synack explain --env`: every sample environment is rebuilt in real network
+namespaces (:mod:`envlab`), the flows its docs explain are run for real with a capture in the
+client's namespace, and the client's experience must be what synack's verdict says:
+
+- NAT001, reply bypasses translation: SYN, a SYN+ACK from the backend's address (the one synack
+  says the client sees), the client's RST to it, and the connect times out. The hairpin form
+  of NAT001 (the translated request comes back to the client itself without SNAT): the kernel
+  drops it as a martian source, so there is no SYN+ACK at all and the connect times out;
+- NAT003, split connection whose second leg fails: the handshake completes (with the dialled
+  address), the client sends data and gets RST; the proxy's own connection failed the way
+  synack says (refused by the app port, or looped back into the proxy);
+- NAT002 or a request that never arrives: no SYN+ACK from anywhere, the connect times out;
+- nothing: the connection works end to end (the echo comes back), the SYN+ACK comes from the
+  dialled address, and the server synack names sees the peer address synack says it sees.
+
+Flows: each sample's ``examples:`` (the flows the docs and goldens explain); FLOWS below holds
+them for samples that do not list any. The kubeproxy samples also run as a copy with the hairpin
+mode of the bridge ports flipped (``hairpin: true`` is what kubelet/CNI ``hairpinMode`` sets):
+without it, with br_netfilter, the bridge drops a pod's frame DNATed back to its own port,
+whatever the nat table says.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from analyzer.crosshost import World, findings, follow
+from analyzer.netfilter.walk import parse_flow
+from analyzer.parse.envfile import load_environment
+from envlab import ProxyServer, build_env
+from netns import Lab, Packet, TcpResult, wait_until
+
+pytestmark = pytest.mark.kernel
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = b"GET / HTTP/1.0\r\n\r\n"
+#: A connect that synack says fails must fail within this (one SYN retransmission fits in it).
+CONNECT_TIMEOUT = 1.5
+
+#: The flows of docs/tutorial.md, for samples without ``examples:``.
+FLOWS: dict[str, list[dict]] = {
+    "seed1-broken": [{"from": "client", "flow": "tcp 10.4.26.45:35582 -> 10.4.26.234:80"}],
+    "seed1-fixed-masquerade": [{"from": "client", "flow": "tcp 10.4.26.45:35582 -> 10.4.26.234:80"}],
+    "seed1-fixed-br-netfilter": [{"from": "client", "flow": "tcp 10.4.26.45:35582 -> 10.4.26.234:80"}],
+    "kubeproxy-hairpin": [{"from": "pod-a", "flow": "tcp 10.244.0.5:40000 -> 10.96.0.10:80"}],
+    "kubeproxy-hairpin-broken": [{"from": "pod-a", "flow": "tcp 10.244.0.5:40000 -> 10.96.0.10:80"}],
+    "seed2-app-down": [{"from": "client", "flow": "tcp 10.7.2.2:51136 -> 10.7.3.3:8080"}],
+    "seed2-app-up": [{"from": "client", "flow": "tcp 10.7.2.2:51136 -> 10.7.3.3:8080"}],
+    "seed2-no-owner-exemption": [{"from": "pod", "flow": "tcp 10.7.3.3:40000 -> 10.7.4.4:443", "uid": 1000}],
+    "seed2-outbound-ok": [{"from": "pod", "flow": "tcp 10.7.3.3:40000 -> 10.7.4.4:443", "uid": 1000}],
+    "two-node-routed": [{"from": "client", "flow": "tcp 192.168.0.10:40000 -> 192.168.0.100:80"}],
+}
+
+#: Samples also run, as a generated copy, with the hairpin mode of their bridge ports flipped.
+HAIRPIN_TOGGLE = ("kubeproxy-hairpin", "kubeproxy-hairpin-broken")
+
+
+def _hairpin_of(doc: dict) -> bool:
+    return any(bool(link["bridge"].get("hairpin")) for link in doc.get("links") or []
+               if isinstance(link, dict) and isinstance(link.get("bridge"), dict))
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    env: Path
+    start: str
+    flow: str
+    uid: int | None = None
+    hairpin: bool | None = None  # run a copy with the bridge ports' hairpin mode set to this
+
+
+def _cases() -> list[Case]:
+    out: list[Case] = []
+    envs = sorted((ROOT / "samples" / "env").glob("*.yaml"))
+    envs += sorted((ROOT / "samples" / "checks").glob("NAT*/*.yaml"))
+    for path in envs:
+        name = path.stem if path.parent.name == "env" else f"{path.parent.name}-{path.stem}"
+        doc = yaml.safe_load(path.read_text()) or {}
+        examples = doc.get("examples") or FLOWS.get(name, [])
+        if not examples:  # a sample nobody told us how to exercise: make it visible
+            out.append(Case(f"{name}:no-flow", path, "", ""))
+        for ex in examples:
+            out.append(Case(f"{name}:{ex['from']}", path, ex["from"], ex["flow"], ex.get("uid")))
+            if path.stem in HAIRPIN_TOGGLE and path.parent.name == "env":
+                flip = not _hairpin_of(doc)
+                out.append(Case(f"{name}+hairpin-{'on' if flip else 'off'}:{ex['from']}", path,
+                                ex["from"], ex["flow"], ex.get("uid"), hairpin=flip))
+    return out
+
+
+CASES = _cases()
+
+
+def _hairpin_copy(path: Path, tmp: Path, hairpin: bool) -> Path:
+    """The environment with ``hairpin: <hairpin>`` on every bridge and absolute dump paths."""
+    doc = yaml.safe_load(path.read_text())
+    for spec in doc["namespaces"].values():
+        for key in ("iptables", "ip6tables"):
+            files = (spec or {}).get(key)
+            if isinstance(files, str):
+                spec[key] = str((path.parent / files).resolve())
+            elif files:
+                spec[key] = [str((path.parent / f).resolve()) for f in files]
+    for link in doc.get("links") or []:
+        if "bridge" in link:
+            link["bridge"]["hairpin"] = hairpin
+    out = tmp / f"{path.stem}-hairpin-{'on' if hairpin else 'off'}.yaml"
+    out.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# synack's side
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Verdict:
+    shape: str        # bypass | martian | split | lost | dropped | refused | ok
+    codes: list[str]
+    trip: object
+    summary: str
+
+
+def synack_verdict(env_path: Path, case: Case) -> Verdict:
+    env = load_environment(str(env_path))
+    world = World(env)
+    trip = follow(world, case.start, parse_flow(case.flow), uid=case.uid, gid=case.uid)
+    codes = sorted({d.code for d in findings(world, trip)})
+    req = trip.request
+    if "NAT001" in codes:
+        shape = "bypass" if trip.client_sees is not None else "martian"
+    elif "NAT003" in codes:
+        shape = "split"
+    elif "NAT002" in codes:
+        shape = "lost"
+    elif req.end == "refused":
+        shape = "refused"
+    elif req.end != "delivered":
+        shape = "dropped"
+    elif trip.client_sees is not None and (trip.client_sees.src, trip.client_sees.sport) == \
+            (trip.flow.dst, trip.flow.dport):
+        shape = "ok"
+    else:  # delivered, no finding, yet not a clean reply: say so rather than guess
+        shape = f"unclassified({req.end}, reply={trip.reply and trip.reply.end})"
+    sees = trip.client_sees.tuple_str() if trip.client_sees is not None else f"nothing ({req.end} in {req.end_ns})"
+    return Verdict(shape, codes, trip, f"{','.join(codes) or 'clean'}; client sees {sees}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the kernel's side
+# ---------------------------------------------------------------------------------------------
+
+
+def _length(p: Packet) -> int:
+    tail = p.raw.rsplit("length ", 1)
+    try:
+        return int(tail[1].split()[0].rstrip(":,")) if len(tail) == 2 else 0
+    except ValueError:
+        return 0
+
+
+def _reset_after_connect(res: TcpResult) -> bool:
+    # The proxy's RST can land before the client's shutdown(SHUT_WR) (ENOTCONN) or send (EPIPE).
+    return res.connected and (res.outcome == "reset"
+                              or res.error in ("ECONNRESET", "ENOTCONN", "EPIPE"))
+
+
+def _kernel_summary(res: TcpResult, packets: list[Packet]) -> str:
+    wire = " ".join(f"{p.src}.{p.sport}>{p.dst}.{p.dport}[{p.flags}]" for p in packets[:8])
+    return f"{res.outcome}{'/' + res.error if res.error else ''}; {wire}"
+
+
+def _server_for(envlab, ns: str, port: int):
+    return envlab.servers.get((ns, port))
+
+
+def test_every_sample_environment_has_a_flow() -> None:
+    missing = [c.env.name for c in CASES if not c.flow]
+    assert not missing, f"no flow to run for {missing}: add 'examples:' to the sample or to FLOWS"
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.flow], ids=lambda c: c.id)
+def test_kernel_agrees_with_synack(case: Case, lab: Lab, require, tmp_path: Path) -> None:
+    require("nft", "tcpdump")
+    env_path = case.env if case.hairpin is None else _hairpin_copy(case.env, tmp_path, case.hairpin)
+    doc = yaml.safe_load(env_path.read_text())
+    if any("bridge" in link or "segment" in link for link in doc.get("links") or []):
+        require("bridge_nf")
+    verdict = synack_verdict(env_path, case)
+    trip = verdict.trip
+    flow = trip.flow
+    dialled = (str(flow.dst), flow.dport)
+
+    envlab = build_env(lab, str(env_path))
+    client = envlab[case.start]
+    with client.capture("any", f"tcp port {flow.sport}", timeout=CONNECT_TIMEOUT * 2 + 4) as cap:
+        res = client.connect_tcp(str(flow.dst), flow.dport, src=str(flow.src), src_port=flow.sport,
+                                 data=DATA, timeout=CONNECT_TIMEOUT, uid=case.uid, gid=case.uid)
+    packets = [p for p in cap.packets if p.proto == "tcp"]
+    mine = str(flow.src), flow.sport
+    to_client = [p for p in packets if p.dport == flow.sport and p.sport != flow.sport]
+    from_client = [p for p in packets if (p.src, p.sport) == mine]
+    synacks = [p for p in to_client if p.is_synack]
+    row = (f"{case.id:42} synack: {verdict.shape:8} {verdict.summary} || kernel: "
+           f"{_kernel_summary(res, packets)}")
+    print("\n" + row)
+    why = f"\n{row}\nsynack trip end: {trip.request.end} {trip.request.detail}\ncapture:\n  " + \
+          "\n  ".join(cap.lines)
+
+    if verdict.shape == "bypass":
+        seen = (str(trip.client_sees.src), trip.client_sees.sport)
+        assert seen != dialled
+        assert any(p.is_syn for p in from_client), why
+        assert synacks, f"synack predicts a SYN+ACK from {seen}; none came" + why
+        assert {(p.src, p.sport) for p in synacks} == {seen}, why
+        first = synacks[0]
+        assert any(p.is_rst and (p.dst, p.dport) == seen and p.time >= first.time
+                   for p in from_client), "the client did not reset the stray SYN+ACK" + why
+        assert res.outcome == "timeout", why
+
+    elif verdict.shape in ("martian", "lost", "dropped"):
+        assert any(p.is_syn for p in from_client), why
+        assert not synacks, f"synack says no SYN+ACK reaches the client ({verdict.shape})" + why
+        assert res.outcome == "timeout", why
+        req = trip.request
+        if req.end_packet is not None and verdict.shape != "lost":
+            # where synack says the request dies: back in the client's own namespace (martian),
+            # or elsewhere, in which case its translated form never reaches the client
+            back = [p for p in from_client if p.is_syn
+                    and (p.dst, p.dport) == (str(req.end_packet.dst), req.end_packet.dport)
+                    and (p.dst, p.dport) != dialled]
+            if req.end_ns == case.start:
+                assert back, "synack says the translated SYN comes back to the client" + why
+            else:
+                assert not back, f"synack says the request dies in {req.end_ns}" + why
+
+    elif verdict.shape == "refused":
+        assert res.outcome == "refused", why
+
+    elif verdict.shape == "split":
+        assert res.connected and tuple(res.peer) == dialled, why
+        assert synacks and all((p.src, p.sport) == dialled for p in synacks), why
+        data = [p for p in from_client if _length(p) > 0]
+        assert data, "the client sent no data" + why
+        assert any(p.is_rst and p.time >= data[0].time for p in to_client), \
+            "synack says the proxy resets the client after the first data" + why
+        assert _reset_after_connect(res), why
+        # the second leg failed the way synack says
+        leg = trip.second_leg
+        proxy = _server_for(envlab, trip.request.end_ns, trip.listener.port)
+        assert isinstance(proxy, ProxyServer), why
+        outer = wait_until(lambda: next((c for c in proxy.connections()
+                                         if c.peer == mine and c.client_reset), None),
+                           timeout=2.0, what="the proxy to reset the client")
+        if leg.request.end == "refused":
+            assert outer.upstream == (str(leg.flow.dst), leg.flow.dport), outer
+            assert outer.upstream_error == "ECONNREFUSED", outer
+        elif leg.listener is trip.listener:  # redirected back into the proxy itself
+            assert any(c.loop for c in proxy.connections()), proxy.connections()
+        assert outer.client_reset, outer
+
+    elif verdict.shape == "ok":
+        assert res.ok and tuple(res.peer) == dialled and res.received == DATA, why
+        assert synacks and all((p.src, p.sport) == dialled for p in synacks), why
+        # the server synack names saw the connection, from the peer address synack says
+        end = trip.request.end_packet
+        server = _server_for(envlab, trip.request.end_ns, end.dport)
+        assert server is not None, f"no listener on {trip.request.end_ns}:{end.dport}" + why
+        conns = server.wait_connections(1, timeout=2.0) if isinstance(server, ProxyServer) \
+            else server.wait_connections(1, timeout=2.0, finished=False)
+        assert conns[0].peer[0] == str(end.src), (conns[0], str(end.src))
+        leg = trip.second_leg
+        if leg is not None:  # the proxy's own connection went where synack says
+            assert conns[0].upstream == (str(leg.flow.dst), leg.flow.dport), conns[0]
+            assert conns[0].upstream_error is None, conns[0]
+            final = _server_for(envlab, leg.request.end_ns, leg.request.end_packet.dport)
+            assert final is not None and final.wait_connections(1, timeout=2.0)
+    else:
+        pytest.fail(f"synack's verdict is not one the kernel can check: {verdict.shape}" + why)
