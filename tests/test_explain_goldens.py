@@ -7,43 +7,17 @@ namespaces, so these goldens are predictions the kernel has confirmed.
 from __future__ import annotations
 
 import importlib.util
-import io
-import os
 import shlex
 import sys
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 
-from analyzer.cli import main
+from _golden import ROOT, check_golden, run
 
-ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples" / "explain"
 CASES = sorted(SAMPLES.glob("*.args"))
 IDS = [p.stem for p in CASES]
-
-
-def run(argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    cwd = os.getcwd()
-    os.chdir(ROOT)  # paths in the output are relative to the repository
-    try:
-        with redirect_stdout(out), redirect_stderr(err):
-            rc = main(argv)
-    finally:
-        os.chdir(cwd)
-    return rc, out.getvalue(), err.getvalue()
-
-
-def check_golden(request, path: Path, text: str):
-    if request.config.getoption("--update-goldens") or not path.exists():
-        path.write_text(text)
-        if not request.config.getoption("--update-goldens"):
-            pytest.fail(f"{path.name} did not exist; written, review it")
-        return
-    assert text == path.read_text(), \
-        f"output differs from {path.relative_to(ROOT)} (run pytest --update-goldens and review)"
 
 
 def explain_argv(case: Path, *extra: str) -> list[str]:
