@@ -63,16 +63,17 @@ def test_save_with_counters_any_table_order_and_escaped_comment():
     assert res.ruleset.tables["filter"].chains["FORWARD"].policy == "DROP"
 
 
-@pytest.mark.parametrize("mangle", [
-    lambda s: s.replace("\n", "\r\n"),
-    lambda s: s.rstrip("\n"),
-    lambda s: "\n".join("\t" + l if l.startswith("-A") else l for l in s.split("\n")),
-    lambda s: "\n".join("   " + l for l in s.split("\n")),
+@pytest.mark.parametrize("mangle,warned", [
+    (lambda s: s.replace("\n", "\r\n"), ["PRS106"]),
+    (lambda s: s.rstrip("\n"), ["PRS108"]),
+    (lambda s: "\n".join("\t" + l if l.startswith("-A") else l for l in s.split("\n")), []),
+    (lambda s: "\n".join("   " + l for l in s.split("\n")), ["PRS107", "PRS107"]),  # indented, blank last line
 ], ids=["crlf", "no-final-newline", "tab-indented-rules", "space-indented"])
-def test_pasted_variants_parse_to_the_same_model(mangle):
+def test_pasted_variants_parse_to_the_same_model(mangle, warned):
     base = parse(SAVE).ruleset
     other = parse(mangle(SAVE))
-    assert other.diagnostics == ()
+    # what iptables-restore would refuse for its layout only is one warning, not an error
+    assert [(d.code, d.severity) for d in other.diagnostics] == [(c, Severity.WARNING) for c in warned]
     strip = lambda rs: [(r.label, [type(m).__name__ for m in r.matches], r.target.name) for r in rs.rules()]
     assert strip(other.ruleset) == strip(base)
 
@@ -139,7 +140,8 @@ def test_iptables_S_output_with_table_inferred():
            "-N DOCKER\n-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER\n" \
            "-A DOCKER ! -i docker0 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 172.17.0.2:80\n"
     res = parse(text)
-    assert res.format == "S" and res.diagnostics == ()
+    assert res.format == "S"
+    assert [(d.code, d.severity, d.span.line) for d in res.diagnostics] == [("PRS109", Severity.WARNING, 1)]
     assert "nat" in res.ruleset.tables
     r = res.ruleset.tables["nat"].chains["DOCKER"].rules[0]
     assert isinstance(r.target, Nat) and str(r.target.ranges[0].addr_lo) == "172.17.0.2"
@@ -149,7 +151,8 @@ def test_command_list_format():
     text = "iptables -t nat -N ISTIO_REDIRECT\niptables -t nat -A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001\n" \
            "iptables -t nat -A OUTPUT -p tcp -j ISTIO_REDIRECT\nip6tables -t nat -N ISTIO_REDIRECT\n"
     res = parse(text)
-    assert res.format == "cmd" and res.diagnostics == ()
+    assert res.format == "cmd"
+    assert [(d.code, d.severity, d.span.line) for d in res.diagnostics] == [("PRS109", Severity.WARNING, 1)]
     nat = res.ruleset.tables["nat"]
     assert nat.chains["ISTIO_REDIRECT"].rules[0].target.ports == (15001, 15001)
 
@@ -214,3 +217,193 @@ def test_never_a_traceback_on_mutated_input():
             else:
                 ls.insert(i, rnd.choice(lines))
         parse("\n".join(ls))  # must not raise
+
+
+# ---------------------------------------------------------------------------- restore's verdicts
+# What iptables-restore 1.8.9 does with each input was checked in a network namespace; the
+# corpus test (tests/test_corpus.py) holds the parser to it on 591 real dumps.
+
+def codes(res):
+    return [(d.code, d.severity.label, d.span.line) for d in res.diagnostics]
+
+
+def test_only_double_quotes_group_words_as_in_restore():
+    from analyzer.parse.options import split_args
+    assert split_args('--comment "a b" x')[0] == ["--comment", "a b", "x"]
+    assert split_args("--comment 'a b'")[0] == ["--comment", "'a", "b'"]  # restore: Bad argument `b''
+    assert split_args('a"b c"d')[0] == ["ab c", "d"]  # a closing quote ends the word
+    assert split_args('"a \\"b\\" \\\\c" \\x')[0] == ['a "b" \\c', "\\x"]  # escapes only inside quotes
+    res = parse(wrap("-A INPUT -m comment --comment 'allow all' -j ACCEPT"))
+    (d,) = res.diagnostics
+    assert (d.code, d.severity) == ("PRS003", Severity.ERROR) and "single quotes" in d.hint
+
+
+def test_split_args_fast_path_equals_the_exact_one():
+    from analyzer.parse.options import _split_exact, split_args
+    rnd = random.Random(11)
+    alphabet = list('ab  "\\\'\t-!x') + ['"a b"', ' "c d" ', ' "" ']
+    for _ in range(5000):
+        s = "".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 16)))
+        assert split_args(s, 5) == _split_exact(s, 5), s
+
+
+@pytest.mark.parametrize("rule,table,code", [
+    ("-A INPUT -m tcp -j ACCEPT", "filter", "PRS020"),                    # kernel: tcp match only valid for protocol 6
+    ("-A INPUT -p udp -m tcp --dport 1 -j ACCEPT", "filter", "PRS020"),
+    ("-A INPUT -m multiport --dports 80 -p tcp -j ACCEPT", "filter", "PRS020"),  # -p must come first
+    ("-A INPUT -s 10.0.0.0/8 -p icmpv6 -m icmp6 --icmpv6-type 133 -j ACCEPT", "filter", "PRS021"),
+    ("-A PREROUTING -p tcp -j DNAT --to-destination 10.0.0.1:80 --to-destination 10.0.0.2:80", "nat", "PRS022"),
+    ("-A INPUT -s 10.0.0.1 -s 10.0.0.2 -j ACCEPT", "filter", "PRS022"),
+    ('-A PREROUTING -p tcp -j DNAT --to-destination ""', "nat", "PRS006"),
+    ("-A INPUT -d ! 192.168.122.0/24 -j ACCEPT", "filter", "PRS019"),
+    ("-A INPUT -j ACCEPT # allow all", "filter", "PRS003"),
+    ("-A INPUT -p tcp --dport 60000:29 -j ACCEPT", "filter", "PRS004"),
+    ("-A INPUT -p tcp -m multiport --dports 29:29 -j ACCEPT", "filter", "PRS004"),
+    ("-A INPUT -m mac --mac-source 00:11:22:33:44 -j ACCEPT", "filter", "PRS004"),
+    ("-A INPUT -j LOG --log-prefx x", "filter", "PRS008"),
+])
+def test_what_every_machine_refuses_is_one_error_on_its_line(rule, table, code):
+    res = parse(wrap(rule, table))
+    assert codes(res) == [(code, "error", 2)]
+
+
+def test_old_negation_is_an_error_but_read_as_negated():
+    r, res = only_rule(wrap("-A INPUT -d ! 10.0.0.0/8 -j ACCEPT"))
+    assert [d.code for d in res.diagnostics] == ["PRS019"]
+    (m,) = [m for m in r.matches if isinstance(m, AddrMatch)]
+    assert m.negated and r.text[m.col - 1:m.end_col - 1] == "-d ! 10.0.0.0/8"
+
+
+def test_a_quoted_bang_is_an_argument_not_a_negation():
+    r, res = only_rule(wrap('-A INPUT -m comment --comment "!" -j ACCEPT'))
+    assert res.diagnostics == ()
+    assert [m.text for m in r.matches if isinstance(m, CommentMatch)] == ["!"] and r.target.name == "ACCEPT"
+
+
+def test_protocol_after_the_match_is_fine_and_udp_accepts_an_empty_range():
+    assert parse(wrap("-A INPUT -m tcp -p tcp --dport 22 -j ACCEPT")).diagnostics == ()
+    r, res = only_rule(wrap("-A INPUT -p udp --dport 60000:29 -j ACCEPT"))  # restore accepts; matches nothing
+    assert res.diagnostics == () and [m.ranges for m in r.matches if isinstance(m, PortMatch)] == [((60000, 29),)]
+
+
+def test_what_depends_on_the_machine_is_a_warning_reported_once():
+    text = wrap("\n".join([
+        "-A INPUT -m mac --mac-source XX:XX:XX:XX:XX:XX -j ACCEPT",
+        "-A INPUT -m mac --mac-source XX:XX:XX:XX:XX:XX -j DROP",
+        "-A INPUT -s X.X.X.X/32 -j ACCEPT",
+        "-A INPUT -m set --match-set whitelist src -j ACCEPT",
+        "-A INPUT -m set --match-set whitelist dst -j ACCEPT",
+        "-A OUTPUT -m owner --gid-owner ftp -j ACCEPT",
+        "-A INPUT -m nfacct --nfacct-name ct_invalid -j DROP",
+        "-A INPUT -s ntp.example.net -j ACCEPT",
+    ]))
+    res = parse(text)
+    assert codes(res) == [("PRS102", "warning", 2), ("PRS102", "warning", 4), ("PRS103", "warning", 5),
+                          ("PRS105", "warning", 7), ("PRS104", "warning", 8), ("PRS101", "warning", 9)]
+    assert "used 1 more time" in res.diagnostics[0].message
+    assert len(list(res.ruleset.rules())) == 8  # every rule kept
+    assert not all(r.modelled for r in res.ruleset.rules())
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("*filter\r\n:INPUT ACCEPT [0:0]\r\nCOMMIT\r\n", [("PRS106", "warning", 1)]),
+    ("# dump\r\n*filter\nCOMMIT\n", []),                              # restore ignores \r in comments
+    ("*filter\n  :INPUT ACCEPT [0:0]\n  COMMIT\n", [("PRS107", "warning", 2)]),  # one per kind
+    ("*filter\n   \n-A INPUT -j ACCEPT\nCOMMIT\n", [("PRS107", "warning", 2)]),
+    ("*filter\n-A INPUT -j ACCEPT\nCOMMIT", [("PRS108", "warning", 3)]),
+    ("*filter\n-A INPUT -j ACCEPT\nCOMMIT \n", [("PRS001", "error", 3)]),
+    ("*filter\n-A INPUT -j ACCEPT\nCOMMIT # done\n", [("PRS001", "error", 3)]),
+    ("* nat\n-A OUTPUT -j ACCEPT\nCOMMIT\n", []),
+])
+def test_layout_restore_refuses_is_a_warning_and_the_dump_is_read(text, expected):
+    res = parse(text)
+    assert codes(res) == expected
+    assert res.ruleset.tables
+
+
+def test_state_of_the_machine_is_a_warning():
+    # iptables-nft-restore --test accepts all of these; iptables-legacy-restore refuses them
+    text = "*filter\n:FOO ACCEPT [0:0]\n:BAR - [0:0]\n:BAR - [0:0]\n-A KUBE-FW -j DROP\n" \
+           "-D INPUT -p tcp -j ACCEPT\n-I INPUT 5 -j ACCEPT\n-C INPUT -j DROP\nCOMMIT\n"
+    res = parse(text)
+    assert codes(res) == [("PRS015", "warning", 2), ("PRS016", "warning", 4), ("PRS017", "warning", 5),
+                          ("PRS018", "warning", 6), ("PRS018", "warning", 7), ("PRS018", "warning", 8)]
+
+
+def test_help_in_restore_input_stops_it_there():
+    res = parse("*filter\n-A INPUT -j ACCEPT\n-h\n-A INPUT -j BOGUS --x 1\nCOMMIT\n")
+    assert codes(res) == [("PRS110", "warning", 3)]
+    assert len(list(res.ruleset.rules())) == 1
+
+
+def test_a_command_split_over_lines_is_one_error():
+    res = parse("iptables \\\n-w \\\n--table filter \\\n--insert INPUT \\\n--jump ACCEPT\n"
+                "iptables -t filter -A INPUT -j DROP\n")
+    assert codes(res) == [("PRS001", "error", 1), ("PRS109", "warning", 6)]
+
+
+def test_every_diagnostic_has_a_hint():
+    bad = ["-A INPUT -p tcp --bogus 1 -j ACCEPT", "-A INPUT -m multiport --ports 1 --x -j ACCEPT",
+           "-A INPUT -j REJECT --reject-with nope", "-A INPUT -s 1.2.3.4/99 -j DROP",
+           "-A INPUT -p tcp --dport 99999 -j ACCEPT", "-A INPUT ! ! -s 1.2.3.4 -j DROP", "-A INPUT -j"]
+    res = parse(wrap("\n".join(bad)) + "COMMIT\n*nosuch\n:X\n")
+    assert res.diagnostics and all(d.hint for d in res.diagnostics), [d for d in res.diagnostics if not d.hint]
+
+
+def test_fast_constructors_build_what_the_dataclasses_build():
+    import dataclasses
+
+    from analyzer.model import rules as M
+    from analyzer.parse import options as O
+    from analyzer.source import Span
+    samples = {"CommentMatch": (1, 5, False, "x"), "PortMatch": (1, 5, True, "tcp", "dst", ((1, 2),)),
+               "Nat": (3, 9, "DNAT", (), True), "NatRange": (None, None, 80), "Verdict": (1, 2, "DROP"),
+               "Jump": (1, 2, "X"), "StatisticMatch": (1, 2, False, "random", 7)}
+    for name, args in samples.items():
+        cls = getattr(M, name)
+        assert getattr(O, f"new_{name}")(*args) == cls(*args), name
+    assert O.fast_constructor(Span)("p", 1, 2, 3) == Span("p", 1, 2, 3)
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Checked:
+        x: int
+
+        def __post_init__(self):
+            raise ValueError
+
+    assert O.fast_constructor(Checked) is Checked  # anything beyond storing fields: the class itself
+
+
+def test_every_code_is_documented():
+    from pathlib import Path
+
+    from analyzer.parse.iptables import PARSE_CODES
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "parse-errors.md").read_text()
+    for code, (name, _) in PARSE_CODES.items():
+        assert f"### {code} {name}" in doc, code
+
+
+def test_a_module_without_its_options_is_refused():
+    assert codes(parse(wrap("-A INPUT -m mac -j ACCEPT"))) == [("PRS023", "error", 2)]
+    assert parse(wrap("-A INPUT -m limit -j ACCEPT")).diagnostics == ()  # limit has defaults
+    # a misspelt option is the one diagnostic
+    assert [d.code for d in parse(wrap("-A INPUT -m state --stte NEW -j ACCEPT")).diagnostics] == ["PRS002"]
+
+
+def test_options_go_to_the_latest_extension_that_knows_them():
+    # iptables merges the options of every loaded match: --state after -m comment is state's
+    r, res = only_rule(wrap('-A INPUT -m state -m comment --comment "x y" --state NEW -j ACCEPT'))
+    assert res.diagnostics == ()
+    # and a negated protocol with tcp options: legacy's kernel match refuses, nft loads it
+    assert codes(parse(wrap("-A INPUT ! -p tcp -m tcp --dport 22 -j ACCEPT"))) == [("PRS020", "warning", 2)]
+    assert codes(parse(wrap("-A INPUT ! -p tcp -m tcp -j ACCEPT"))) == [("PRS020", "error", 2)]
+
+
+def test_chain_names_and_jumps_restore_refuses():
+    assert codes(parse("*filter\n:ACCEPT - [0:0]\nCOMMIT\n")) == [("PRS014", "error", 2)]
+    assert codes(parse("*filter\n:-X - [0:0]\nCOMMIT\n")) == [("PRS014", "warning", 2)]  # nft only
+    assert codes(parse("*filter\n-N !X\nCOMMIT\n")) == [("PRS014", "error", 2)]
+    res = parse("*filter\n:LOG_DROP - [0:0]\n-A INPUT -j LOG_DROP --icmp-type 8\nCOMMIT\n")
+    assert codes(res) == [("PRS008", "error", 3)]
+    assert codes(parse(wrap("-A INPUT -m limit --limit 5/sex -j ACCEPT"))) == [("PRS004", "error", 2)]
+    assert parse(wrap("-A INPUT -m limit --limit 5/Min --limit-burst 10 -j ACCEPT")).diagnostics == ()

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import gc
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from itertools import repeat
 
 from lark import Lark, Token
 from lark.exceptions import UnexpectedInput
@@ -19,13 +20,34 @@ from lark.lexer import Lexer
 from analyzer.diagnostics import Diagnostic, Severity
 from analyzer.grammar_loader import grammar_text
 from analyzer.model.rules import (
-    BUILTIN_CHAINS, AddrMatch, AddrTypeMatch, Chain, FragmentMatch, IfaceMatch, OpaqueMatch,
-    ProtoMatch, Rule, Ruleset, Table, freeze_mapping,
+    BUILTIN_CHAINS, AddrMatch, AddrTypeMatch, Chain, FragmentMatch, IfaceMatch, Jump, OpaqueMatch,
+    ProtoMatch, Rule, Ruleset, Table, Verdict, freeze_mapping,
 )
 from analyzer.parse import options as O
 from analyzer.source import SourceFile, Span
 
 FORMATS = ("save", "S")
+
+# bound lookups for the rule decoder, which runs once per rule line (150k in a large dump)
+_MATCH_MODULES_GET = O.MATCH_MODULES.get
+_TARGETS_GET = O.TARGETS.get
+_PROTOCOLS_GET = O.PROTOCOLS.get
+_MODULE_ALIASES = O.MODULE_ALIASES
+_SPECIAL_MODULES = frozenset({"statistic", "addrtype", "set", "nfacct", "multiport"})
+_VERDICTS = frozenset({"ACCEPT", "DROP", "RETURN", "QUEUE"})
+_VERDICT_CACHE: dict = {}   # (verdict, col, end) -> Verdict: frozen, so rules share them
+_NETWORKS: dict = {}        # address text -> network, for the addresses seen before
+_NETWORKS_GET = _NETWORKS.get
+_MODULE_PROTOCOLS_GET = O.MODULE_PROTOCOLS.get
+# the model types built once per rule or option (see options.fast_constructor)
+_new_Span = O.fast_constructor(Span)
+_new_Rule = O.fast_constructor(Rule)
+_new_AddrMatch = O.fast_constructor(AddrMatch)
+_new_IfaceMatch = O.fast_constructor(IfaceMatch)
+_new_ProtoMatch = O.fast_constructor(ProtoMatch)
+_new_Jump = O.fast_constructor(Jump)
+_new_OpaqueMatch = O.fast_constructor(OpaqueMatch)
+_new_Verdict = O.fast_constructor(Verdict)
 
 GENERIC = {
     "-s": "src", "--source": "src", "--src": "src",
@@ -42,9 +64,17 @@ COMMANDS = {
     "-N": "new", "--new-chain": "new", "-X": "delete-chain", "--delete-chain": "delete-chain",
     "-F": "flush", "--flush": "flush", "-P": "policy", "--policy": "policy",
     "-Z": "zero", "--zero": "zero", "-E": "rename", "--rename-chain": "rename",
+    "-C": "check", "--check": "check",
 }
+_NO_SPEC = (None, None)
+_CHAIN_SPEC: dict = {}  # the options of a jump to a chain: none
+# spellings of one option: iptables counts them as the same when it refuses a repeat
+_OPT_KEY = {"--source-port": "--sport", "--destination-port": "--dport", "--source-ports": "--sports",
+            "--destination-ports": "--dports", "--syn": "--tcp-flags"}
+_GENERIC_GET = GENERIC.get
+# accepted by iptables-restore, but they only print (and -h stops restore where it stands)
 NOT_IN_RESTORE = {"-L": "--list", "--list": "--list", "-S": "--list-rules", "--list-rules": "--list-rules",
-                  "-C": "--check", "--check": "--check"}
+                  "-h": "--help", "--help": "--help"}
 POLICIES = ("ACCEPT", "DROP", "QUEUE", "RETURN")
 
 # code -> (name, summary); docs/parse-errors.md explains each with an example
@@ -68,9 +98,46 @@ PARSE_CODES = {
     "PRS016": ("chain-exists", "creating a chain that exists, deleting a builtin one"),
     "PRS017": ("undefined-chain", "a command on a chain that is not declared"),
     "PRS018": ("bad-rule-position", "insert/replace/delete at a position the chain does not have"),
+    "PRS019": ("old-negation-syntax", "'-d ! ADDR' negation of iptables < 1.4.3, refused by 1.8"),
+    "PRS020": ("match-needs-protocol", "'-m tcp' (udp, icmp, multiport ...) without '-p' of its protocol"),
+    "PRS021": ("extension-of-other-family", "a match or target that exists only for the other IP family"),
+    "PRS022": ("option-given-twice", "an option iptables accepts once per rule, match or target"),
+    "PRS023": ("match-missing-option", "'-m MODULE' without any of the options it requires"),
     "PRS101": ("host-name", "a host name where an address belongs: resolved on the source machine"),
+    "PRS102": ("anonymised-value", "an address or MAC replaced by a placeholder (X.X.X.X, XX:XX:...)"),
+    "PRS103": ("ipset-not-in-dump", "an ipset the rules use: it lives outside the dump"),
+    "PRS104": ("nfacct-not-in-dump", "an nfacct object the rules use: it lives outside the dump"),
+    "PRS105": ("owner-name", "a user or group name in -m owner: resolved on the source machine"),
+    "PRS106": ("crlf-line-endings", "CRLF line endings: restore refuses them, synack reads the dump"),
+    "PRS107": ("restore-layout", "indented '*', ':', '#', COMMIT or blank-only lines: restore refuses them"),
+    "PRS108": ("commit-without-newline", "the final COMMIT has no newline: iptables-legacy-restore refuses it"),
+    "PRS109": ("not-restore-input", "`iptables -S` output, a fragment or a command list: not restore input"),
+    "PRS110": ("printing-command", "-L/-S/-h in restore input: prints, changes nothing (-h stops restore)"),
 }
-_COUNTERS = re.compile(r"^\[(\d+):(\d+)\]\s*")
+# the usual severity of each code (docs/parse-errors.md): PRS1xx and the state-dependent ones
+# warn; PRS014, PRS015 and PRS020 also have the other severity in a few cases
+PARSE_SEVERITIES = {code: ("warning" if code >= "PRS100" or code in ("PRS009", "PRS015", "PRS016",
+                                                                     "PRS017", "PRS018") else "error")
+                    for code in PARSE_CODES}
+# the help line of a diagnostic whose own hint could not be more specific
+DEFAULT_HINTS = {
+    "PRS000": "give synack `iptables-save` output",
+    "PRS001": "iptables-restore accepts '*table', ':CHAIN POLICY', rules ('-A ...'), 'COMMIT' and '#' comments",
+    "PRS002": "`iptables -m MODULE --help` (or `-j TARGET --help`) lists the options each one takes",
+    "PRS003": "compare the rule with what `iptables-save` prints for it",
+    "PRS004": "iptables-extensions(8) lists the values each option accepts",
+    "PRS005": "expected ADDRESS[/PREFIX] of the dump's family, such as 10.0.0.0/8",
+    "PRS006": "expected ADDR[-ADDR][:PORT[-PORT]], e.g. 10.244.1.5:8080",
+    "PRS007": "`iptables -j TARGET --help` lists what the target needs",
+    "PRS008": "`iptables -j TARGET --help` lists the options the target takes",
+    "PRS009": "synack keeps the match; verdicts that depend on it are APPROXIMATE",
+    "PRS013": "tables are filter, nat, mangle, raw and security",
+    "PRS016": "declare or create each chain once",
+    "PRS017": "declare the chain with ':NAME - [0:0]' in its table",
+    "PRS018": "check the rule number (or the rule) against the chain",
+}
+_COUNTERS_FULL = re.compile(r"\[(\d+):(\d+)\]$")
+_COUNTERS = re.compile(r"\[(\d+):(\d+)\][ \t]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,22 +293,62 @@ class Builder:
         self.files: list[SourceFile] = []
         self.partial = False  # chains may exist on the machine from earlier transactions
         self._cmd_offset: dict[tuple[str, int], int] = {}
+        self._ctx = O.Ctx(family)
+        self._foreign_modules = O.FAMILY_MODULES[10 - family]  # extensions of the other family
+        self._foreign_targets = O.FAMILY_TARGETS[10 - family]
+        self._declared: set[str] = set()  # chains declared in the current table block
+        self._external: set[tuple[str, str]] = set()  # ipsets / nfacct objects already reported
+        self._stop = False  # '-h' in restore input: restore prints its help and exits there
+        self._values: dict[tuple, list] = {}  # machine-dependent value -> [diagnostic index, repeats]
 
     # -- diagnostics
     def diag(self, sf: SourceFile, line: int, col: int, end: int, code: str, msg: str,
              hint: str | None = None, sev: Severity = Severity.ERROR):
-        d = Diagnostic(code, sev, msg, Span(sf.path, line, col, end), hint, sf.line(line))
+        d = Diagnostic(code, sev, msg, _new_Span(sf.path, line, col, end), hint or DEFAULT_HINTS.get(code),
+                       sf.line(line))
         self.diags.append(d)
         if self.strict and sev == Severity.ERROR:
             raise StrictError(d)
+
+    def warn(self, sf: SourceFile, line: int, col: int, end: int, code: str, msg: str,
+             hint: str | None = None):
+        self.diag(sf, line, col, end, code, msg, hint, Severity.WARNING)
+
+    def warn_once(self, sf: SourceFile, line: int, col: int, end: int, code: str, value: str,
+                  msg: str, hint: str | None = None):
+        """A machine-dependent value (a host name, a placeholder, a user name): reported where it
+        first appears; its other uses in the file are counted in that one diagnostic."""
+        rec = self._values.get((sf.path, code, value))
+        if rec is not None:
+            rec[1] += 1
+            return
+        self._values[(sf.path, code, value)] = [len(self.diags), 0]
+        self.warn(sf, line, col, end, code, msg, hint)
+
+    def _count_repeats(self):
+        for idx, more in self._values.values():
+            if more:
+                d = self.diags[idx]
+                self.diags[idx] = replace(d, message=f"{d.message} (used {more} more time"
+                                          f"{'s' if more > 1 else ''} in this file)")
+        self._values.clear()
 
     # -- input
     def feed(self, text: str, path: str, fmt: str | None = None, table: str | None = None):
         sf = SourceFile.from_text(text, path)
         self.files.append(sf)
+        self._stop = False
         fmt = fmt or detect_format(text)
         if fmt in ("S", "cmd"):
             self.partial = True
+        if "\r" in text:
+            self._crlf(sf, text)
+        if fmt == "save" and text and text[-1] != "\n" and sf.lines[-1] == "COMMIT":
+            n = len(sf.lines)
+            self.warn(sf, n, 1, 7, "PRS108",
+                      "the last COMMIT has no newline: iptables-legacy-restore refuses it (it "
+                      "compares the line with 'COMMIT\\n'); iptables-nft-restore accepts it",
+                      "end the file with a newline")
         toks = self._lex(sf, fmt, table)
         synthetic_open = [False]  # a table opened by error recovery needs no second diagnostic
 
@@ -273,23 +380,47 @@ class Builder:
                 ip.feed_token(tok)
                 return True
             if tok.type == "COMMIT":
-                self.diag(sf, tok.line, 1, 7, "PRS012", "COMMIT without a table", None)
+                self.diag(sf, tok.line, 1, 7, "PRS012", "COMMIT without a table",
+                          "remove it, or open a table with '*filter' (or '*nat', ...) before it")
                 return True
             return False
 
-        tree = _parser().parse(iter(toks), on_error=on_error)
+        try:
+            tree = _parser().parse(iter(toks), on_error=on_error)
+            self._apply(sf, tree)
+        finally:
+            self._count_repeats()
+
+    def _apply(self, sf: SourceFile, tree):
         for tnode in tree.children[:-1]:
+            if self._stop:
+                break
             header, *sections, commit = tnode.children
             self._open_table(sf, header)
             tb = self.tables[header.value[0]]
             for sec in sections:
                 tok = sec.children[0]
                 if sec.data == "decls":
-                    for ln in tok.value:
-                        self._decl(sf, tb, ln)
+                    self._decls(sf, tb, tok.value)
                 else:
-                    for ln in tok.value:
-                        self._command(sf, tb, ln)
+                    self._commands(sf, tb, tok.value)
+                if self._stop:
+                    break
+
+    def _crlf(self, sf: SourceFile, text: str):
+        """CRLF line ends: restore keeps the '\\r' in the last word ('nat\\r', 'ACCEPT\\r') of every
+        line but comments. synack reads the dump as if it had plain newlines."""
+        raw = text.split("\n")
+        bad = [k for k, l in enumerate(raw, 1) if "\r" in l and not l.startswith("#")]
+        if not bad:
+            return
+        n = bad[0]
+        more = f" (and {len(bad) - 1} more line{'s' if len(bad) > 2 else ''})" if len(bad) > 1 else ""
+        line = sf.line(n)
+        self.warn(sf, n, len(line) + 1, len(line) + 2, "PRS106",
+                  f"CRLF line ending{more}: iptables-restore would refuse this line, the '\\r' "
+                  "becomes part of its last word; synack analyses the dump as if it had plain newlines",
+                  "convert the file to LF line endings (dos2unix) before loading it")
 
     def _lex(self, sf: SourceFile, fmt: str, table: str | None):
         out: list[Token] = []
@@ -306,24 +437,50 @@ class Builder:
             return self._lex_commands(sf, out)
         if fmt == "S":
             out.append(Token("TABLE_HEADER", (table or infer_table("\n".join(sf.lines)), 1, True), line=1))
+        blank: list[int] = []    # whitespace-only lines: restore says "no command specified"
+        indented: list[int] = []  # '#', '*', ':' or COMMIT not in column 1: restore refuses them
+        first_cmd = 0
         for n, raw in enumerate(sf.lines, 1):
-            s = raw.strip()
-            if not s or s[0] == "#":
+            if not raw:
+                continue  # only an empty line is skipped by restore
+            c = raw[0]
+            if c == "#":
                 continue
-            c = s[0]
+            if c == " " or c == "\t":
+                s = raw.strip()
+                if not s:
+                    blank.append(n)
+                    continue
+                c = s[0]
+                if c in "#*:" or s.startswith("COMMIT"):
+                    indented.append(n)
+                if c == "#":
+                    continue
+            else:
+                s = raw
             if c == "-" or c == "[":
                 kind = "COMMANDS"
             elif c == ":":
                 kind = "DECLS"
             elif c == "*":
-                name = s[1:].strip()
+                name = (s[1:].split() or [""])[0]  # restore takes the first word after '*'
                 if name not in BUILTIN_CHAINS:
-                    self.diag(sf, n, 2, len(raw) + 1, "PRS013", f"unknown table '{name}'",
-                              O._suggest(name, BUILTIN_CHAINS, "table"))
+                    col = raw.index("*") + 2
+                    self.diag(sf, n, col, len(raw.rstrip()) + 1, "PRS013", f"unknown table '{name}'",
+                              O._suggest(name, BUILTIN_CHAINS, "table") or
+                              "tables are filter, nat, mangle, raw and security")
                 out.append(Token("TABLE_HEADER", (name, n, False), line=n))
                 run_kind = None
                 continue
-            elif s == "COMMIT":
+            elif s.startswith("COMMIT") and (len(s) == 6 or s[6] in " \t#"):
+                tail = s.rstrip()
+                if tail != "COMMIT" or (s != tail and c == raw[0]):
+                    col = raw.index("COMMIT") + 7
+                    extra = tail[6:].strip()
+                    self.diag(sf, n, col, len(raw) + 1, "PRS001",
+                              f"'{extra}' after COMMIT" if extra else "blanks after COMMIT",
+                              "iptables-restore accepts the line only when it is exactly 'COMMIT'; "
+                              + ("comments go on a line of their own" if extra else "remove the trailing blanks"))
                 out.append(Token("COMMIT", "COMMIT", line=n))
                 run_kind = None
                 continue
@@ -334,23 +491,54 @@ class Builder:
                           "iptables-restore accepts '*table', ':CHAIN POLICY', rules ('-A ...'), "
                           "'COMMIT' and '#' comments")
                 continue
+            if not first_cmd:
+                first_cmd = n
             if kind == run_kind:
                 run.append(n)
             else:
                 run = [n]
                 run_kind = kind
                 out.append(Token(kind, run, line=n))
+        if blank:
+            self._layout(sf, blank, "line of blanks", "iptables-restore skips only empty lines "
+                         "(\"no command specified\")", "delete the blanks (or the line)")
+        if indented:
+            self._layout(sf, indented, "indented line", "iptables-restore recognises '#', '*', "
+                         "':' and COMMIT only in column 1", "remove the indentation")
+        if fmt == "S" and first_cmd:
+            name = out[0].value[0]
+            line = sf.line(first_cmd)
+            col = len(line) - len(line.lstrip()) + 1
+            self.warn(sf, first_cmd, col, len(line.rstrip()) + 1, "PRS109",
+                      "no '*table' line: this is `iptables -S` output or part of a dump, which "
+                      f"iptables-restore refuses; synack reads it as the '{name}' table"
+                      + ("" if table else " (inferred)"),
+                      "pass --table to name the table, or give synack `iptables-save` output")
         if fmt == "S":
             out.append(Token("COMMIT", "COMMIT", line=len(sf.lines)))
         out.append(Token("END", "", line=len(sf.lines)))
         return out
 
+    def _layout(self, sf: SourceFile, lines: list[int], what: str, why: str, hint: str):
+        n = lines[0]
+        raw = sf.line(n)
+        more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+        end = len(raw) - len(raw.lstrip()) + 1 if raw.strip() else len(raw) + 1
+        self.warn(sf, n, 1, max(end, 2), "PRS107",
+                  f"{what}{more}: {why}, so it would refuse the dump here; synack reads the "
+                  "line anyway", hint)
+
     def _lex_commands(self, sf: SourceFile, out: list):
         """A list of shell commands (``iptables -t nat -A ...``): each line names its table."""
         current = None
         run = None
+        first = 0
+        continued = False  # inside a command split over lines with '\'
         for n, raw in enumerate(sf.lines, 1):
             s = raw.strip()
+            if continued:
+                continued = s.endswith("\\")
+                continue
             if not s or s[0] == "#":
                 continue
             m = _CMD.match(raw)
@@ -360,29 +548,43 @@ class Builder:
                           f"unexpected line in a command list: '{s.split()[0]}'",
                           "each line should be an iptables command such as 'iptables -t nat -A ...'")
                 continue
+            if s.endswith("\\"):
+                continued = True
+                if (m.group(1).startswith("ip6")) != (self.family == 6):
+                    continue
+                end = n
+                while end < len(sf.lines) and sf.line(end).rstrip().endswith("\\"):
+                    end += 1
+                self.diag(sf, n, len(raw.rstrip()), len(raw.rstrip()) + 1, "PRS001",
+                          f"a command continued over {end - n + 1} lines with '\\': synack reads one "
+                          "command per line, so it skips this one", "join the command onto one line")
+                continue
             prog = m.group(1)
             if (prog.startswith("ip6")) != (self.family == 6):
                 continue  # the other family's commands: analysed with --family
-            if s.endswith("\\"):
-                self.diag(sf, n, len(raw.rstrip()), len(raw.rstrip()) + 1, "PRS001",
-                          "line continuation '\\' is not supported", "join the command onto one line")
-                continue
-            toks = O.tokenize(raw)
+            words, cols, _ = O.split_args(raw)
             k = 1
-            while toks and toks[0][0] == "sudo":
-                toks = toks[1:]
+            while words and words[0] == "sudo":
+                del words[0], cols[0]
             tname = "filter"
-            while k < len(toks) and toks[k][0] in ("-t", "--table", "-w", "--wait", "-W", "-v", "-n"):
-                if toks[k][0] in ("-t", "--table") and k + 1 < len(toks):
-                    tname = toks[k + 1][0]
+            while k < len(words) and words[k] in ("-t", "--table", "-w", "--wait", "-W", "-v", "-n"):
+                if words[k] in ("-t", "--table") and k + 1 < len(words):
+                    tname = words[k + 1]
                     k += 2
-                elif toks[k][0] in ("-w", "--wait", "-W") and k + 1 < len(toks) and toks[k + 1][0].isdigit():
+                elif words[k] in ("-w", "--wait", "-W") and k + 1 < len(words) and words[k + 1].isdigit():
                     k += 2
                 else:
                     k += 1
-            if k >= len(toks):
+            if k >= len(words):
                 continue  # e.g. 'iptables-save' in a list of commands: reads, changes nothing
-            self._cmd_offset[(sf.path, n)] = toks[k][1] - 1
+            if not first:
+                first = n
+                col = len(raw) - len(raw.lstrip()) + 1
+                self.warn(sf, n, col, len(raw.rstrip()) + 1, "PRS109",
+                          "a list of iptables commands, not iptables-restore input: restore refuses "
+                          "it; synack applies the commands in order",
+                          "run it as a shell script, or give synack `iptables-save` output")
+            self._cmd_offset[(sf.path, n)] = cols[k] - 1
             if tname != current:
                 if current is not None:
                     out.append(Token("COMMIT", "COMMIT", line=n))
@@ -401,13 +603,47 @@ class Builder:
 
     def _open_table(self, sf, header):
         name, line, synthetic = header.value
-        if name not in BUILTIN_CHAINS:
-            name = header.value[0]
         tb = self.tables.get(name)
+        self._declared = set()
         if tb is None or not (self.noflush or self.partial or synthetic and tb):
             # without --noflush, iptables-restore flushes the table and deletes its user chains
-            tb = _TableB(name, Span(sf.path, line, 1, len(sf.line(line)) + 1) if line else None)
+            tb = _TableB(name, _new_Span(sf.path, line, 1, len(sf.line(line)) + 1) if line else None)
             self.tables[name] = tb
+
+    def _decls(self, sf, tb: _TableB, run: list[int]):
+        """A run of ':CHAIN POLICY [p:b]' lines; the plain ':NAME - [0:0]' of a user chain, and a
+        builtin chain's ':NAME POLICY [p:b]', take the short way."""
+        lines = sf.lines
+        chains = tb.chains
+        declared = self._declared
+        path = sf.path
+        builtins = BUILTIN_CHAINS.get(tb.name, ())
+        for n in run:
+            raw = lines[n - 1]
+            parts = raw.split(" ")
+            if len(parts) == 3 and raw[0] == ":" and raw[-1] != " " and "\t" not in raw:
+                name = parts[0][1:]
+                m = _COUNTERS_FULL.match(parts[2])
+                if m is not None and 0 < len(name) <= 28 and name not in declared and name[0] not in "-!" \
+                        and name not in O.TARGETS:
+                    policy = parts[1]
+                    c = chains.get(name)
+                    if policy == "-" and name not in builtins:
+                        declared.add(name)
+                        span = _new_Span(path, n, 1, len(raw) + 1)
+                        counters = (int(m.group(1)), int(m.group(2)))
+                        if c is None:
+                            chains[name] = _ChainB(name, False, None, span, counters)
+                        else:  # restore --noflush: declaring an existing chain flushes it
+                            c.rules.clear()
+                            c.span = span
+                        continue
+                    if (policy == "ACCEPT" or policy == "DROP") and name in builtins:
+                        declared.add(name)
+                        c.policy, c.span = policy, _new_Span(path, n, 1, len(raw) + 1)
+                        c.counters = (int(m.group(1)), int(m.group(2)))
+                        continue
+            self._decl(sf, tb, n)
 
     def _decl(self, sf, tb: _TableB, n: int):
         raw = sf.line(n)
@@ -415,10 +651,13 @@ class Builder:
         parts = raw.split()
         name = parts[0][1:]
         col = indent + 1
-        span = Span(sf.path, n, col, len(raw.rstrip()) + 1)
+        span = _new_Span(sf.path, n, col, len(raw.rstrip()) + 1)
         if not name or len(name) > 28:
             self.diag(sf, n, col, col + len(parts[0]), "PRS014",
-                      "chain name missing" if not name else f"chain name '{name}' longer than 28 characters")
+                      "chain name missing" if not name else f"chain name '{name}' longer than 28 characters",
+                      "write ':NAME POLICY [packets:bytes]' with a name of at most 28 characters")
+            return
+        if self._bad_chain_name(sf, n, col + 1, col + len(parts[0]), name, declared=True):
             return
         policy = parts[1] if len(parts) > 1 else None
         counters = None
@@ -431,18 +670,26 @@ class Builder:
             self.diag(sf, n, col, span.end_col, "PRS014", f"chain '{name}' declared without a policy",
                       "write ':NAME - [0:0]' for a user chain or ':INPUT ACCEPT [0:0]' for a builtin one")
             policy = "-"
+        if name in self._declared:
+            self.warn(sf, n, col, col + len(parts[0]), "PRS016",
+                      f"chain '{name}' declared twice in this table: iptables-legacy-restore refuses "
+                      "it (\"File exists\"); iptables-nft-restore accepts it and empties the chain",
+                      "declare each chain once per table")
+        self._declared.add(name)
         if builtin:
             if policy not in POLICIES[:2] and policy != "-":  # '-' keeps the current policy
-                pc = raw.find(policy) + 1
-                self.diag(sf, n, pc, pc + len(policy), "PRS015",
-                          f"invalid policy '{policy}' for builtin chain {name}", "policies are ACCEPT or DROP")
+                pc = raw.find(policy, indent + len(parts[0])) + 1
+                self.warn(sf, n, pc, pc + len(policy), "PRS015",
+                          f"invalid policy '{policy}' for builtin chain {name}: iptables-legacy-restore "
+                          "refuses it, iptables-nft-restore ignores it", "policies are ACCEPT or DROP")
             c = tb.chains[name]
-            c.policy, c.span, c.counters = (policy if policy in POLICIES else "ACCEPT"), span, counters
+            c.policy, c.span, c.counters = (policy if policy in POLICIES[:2] else c.policy), span, counters
             return
         if policy != "-":
-            pc = raw.find(policy, len(parts[0])) + 1
-            self.diag(sf, n, pc, pc + len(policy), "PRS015",
-                      f"user chain '{name}' cannot have policy '{policy}'", "use '-' for user chains")
+            pc = raw.find(policy, indent + len(parts[0])) + 1
+            self.warn(sf, n, pc, pc + len(policy), "PRS015",
+                      f"user chain '{name}' cannot have policy '{policy}': iptables-legacy-restore "
+                      "refuses it, iptables-nft-restore ignores it", "use '-' for user chains")
         c = tb.chains.get(name)
         if c is None:
             tb.chains[name] = _ChainB(name, False, None, span, counters)
@@ -450,39 +697,81 @@ class Builder:
             c.rules.clear()
             c.span = span
 
+    def _bad_chain_name(self, sf, n, col, end, name, declared) -> bool:
+        """A chain named like a target, or starting with '-' or '!': True when it is refused."""
+        if name in O.TARGETS:
+            self.diag(sf, n, col, end, "PRS014", f"chain name '{name}' is a target's name: iptables "
+                      "refuses it (\"chain name may not clash with target name\")", "rename the chain")
+            return True
+        if name[0] in "-!":
+            msg = f"chain name '{name}' starts with '{name[0]}': iptables refuses it"
+            if declared:  # ':NAME' lines: only iptables-nft checks the name
+                self.warn(sf, n, col, end, "PRS014", msg.replace("iptables refuses", "iptables-nft-restore "
+                          "refuses") + " (iptables-legacy-restore accepts it)", "rename the chain")
+                return False
+            self.diag(sf, n, col, end, "PRS014", msg, "rename the chain")
+            return True
+        return False
+
     # -- commands
+    def _commands(self, sf, tb: _TableB, run: list[int]):
+        """A run of command lines; '-A CHAIN ...' of a declared chain takes the short way."""
+        lines = sf.lines
+        chains = tb.chains
+        decode = self._decode
+        split = O.split_args
+        command = self._command
+        tname = tb.name
+        plain = not self._cmd_offset  # command lists need their 'iptables -t nat' prefix cut
+        for n in run:
+            line = lines[n - 1]
+            if plain and line[:3] == "-A " and line[-1] != " " and line[-1] != "\t":
+                w, cs, es = split(line, 1)
+                if len(w) > 2:
+                    chain = chains.get(w[1])
+                    if chain is not None:
+                        decoded = decode(sf, n, w, cs, es, 2, None, line, tname)
+                        if decoded is not None:
+                            chain.rules.append(decoded)
+                        continue
+            command(sf, tb, n)
+            if self._stop:
+                break
+
     def _command(self, sf, tb: _TableB, n: int):
         raw = sf.line(n)
-        line = raw.rstrip()
+        line = raw.rstrip(" \t")
         counters = None
-        off = self._cmd_offset.get((sf.path, n))
+        off = self._cmd_offset.get((sf.path, n)) if self._cmd_offset else None
         if off is None:
-            off = len(line) - len(line.lstrip())
-        body = line[off:]
-        if body.startswith("["):
-            m = _COUNTERS.match(body)
+            off = len(line) - len(line.lstrip(" \t")) if line[:1] in (" ", "\t") else 0
+        if line[off] == "[":
+            m = _COUNTERS.match(line, off)
             if not m:
-                self.diag(sf, n, off + 1, off + 2, "PRS003", "malformed counters '[packets:bytes]'")
+                self.diag(sf, n, off + 1, off + 2, "PRS003", "malformed counters '[packets:bytes]'",
+                          "write the counters as '[PACKETS:BYTES]' before the command, or drop them")
                 return
             counters = (int(m.group(1)), int(m.group(2)))
-            off += m.end()
-            body = line[off:]
-        toks = O.tokenize(body)
-        if off:
-            toks = [(t, c + off, e + off) for t, c, e in toks]
-        if not toks:
+            off = m.end()
+        w, cs, es = O.split_args(line[off:] if off else line, off + 1)
+        if not w:
             return
-        cmd = COMMANDS.get(toks[0][0])
+        cmd = COMMANDS.get(w[0])
         if cmd is None:
-            t, c, e = toks[0]
+            t, c, e = w[0], cs[0], es[0]
             if t in NOT_IN_RESTORE:
-                self.diag(sf, n, c, e, "PRS002", f"'{t}' is not allowed in iptables-restore input",
-                          "remove the line: restore input only changes rules")
+                self.warn(sf, n, c, es[-1], "PRS110",
+                          f"'{t}' makes iptables-restore print its help and stop here: nothing after "
+                          "this line is applied (synack stops reading here too)" if t in ("-h", "--help")
+                          else f"'{t}' in restore input only prints the table; it changes nothing",
+                          "remove the line: it is a command pasted into the dump")
+                if t in ("-h", "--help"):
+                    self._stop = True
             else:
                 self.diag(sf, n, c, e, "PRS002", f"unknown command '{t}'",
                           O._suggest(t, COMMANDS, "command") or "rules start with '-A CHAIN'")
             return
-        chain_name = toks[1][0] if len(toks) > 1 else None
+        chain_name = w[1] if len(w) > 1 else None
         if cmd in ("flush", "zero", "delete-chain") and chain_name is None:
             if cmd == "flush":
                 for c in tb.chains.values():
@@ -492,36 +781,40 @@ class Builder:
                     del tb.chains[k]
             return
         if chain_name is None:
-            t, c, e = toks[0]
-            self.diag(sf, n, c, e, "PRS003", f"'{t}' needs a chain name")
+            self.diag(sf, n, cs[0], es[0], "PRS003", f"'{w[0]}' needs a chain name",
+                      f"write '{w[0]} CHAIN ...'")
             return
-        _, cc, ce = toks[1]
+        cc, ce = cs[1], es[1]
         chain = tb.chains.get(chain_name)
         if cmd == "new":
+            if self._bad_chain_name(sf, n, cc, ce, chain_name, declared=False):
+                return
             if chain is not None:
-                self.diag(sf, n, cc, ce, "PRS016", f"chain '{chain_name}' already exists", None,
-                          Severity.WARNING if self.partial else Severity.ERROR)
+                self.warn(sf, n, cc, ce, "PRS016", f"chain '{chain_name}' already exists: "
+                          "iptables-legacy-restore refuses to create it again (\"File exists\")",
+                          "drop the -N line, or the ':CHAIN' declaration")
             else:
-                tb.chains[chain_name] = _ChainB(chain_name, False, None, Span(sf.path, n, cc, ce))
+                tb.chains[chain_name] = _ChainB(chain_name, False, None, _new_Span(sf.path, n, cc, ce))
             return
         if chain is None:
+            # restore --test (nf_tables) accepts it: the chain may exist on the machine, from an
+            # earlier transaction (kube-proxy's --noflush partial syncs) or another program
             if self.partial or self.noflush:
-                # may exist on the machine from an earlier transaction: analyse what we have
-                self.diag(sf, n, cc, ce, "PRS017",
-                          f"chain '{chain_name}' is not declared here (created by an earlier transaction?)",
-                          f"declare it with ':{chain_name} - [0:0]' or pass the earlier dump first",
-                          Severity.WARNING)
-                chain = tb.chains[chain_name] = _ChainB(chain_name, False, None, Span(sf.path, n, cc, ce))
+                msg = f"chain '{chain_name}' is not declared here (created by an earlier transaction?)"
+                hint = f"declare it with ':{chain_name} - [0:0]' or pass the earlier dump first"
             else:
-                self.diag(sf, n, cc, ce, "PRS017", f"chain '{chain_name}' does not exist in table '{tb.name}'",
-                          O._suggest(chain_name, tb.chains, "chain") or
-                          f"declare it with ':{chain_name} - [0:0]' before its rules")
-                if cmd not in ("append", "insert"):
-                    return
-                chain = tb.chains[chain_name] = _ChainB(chain_name, False, None, Span(sf.path, n, cc, ce))
+                msg = (f"chain '{chain_name}' is not declared in table '{tb.name}': iptables-restore "
+                       "loads this only where the chain already exists")
+                hint = (O._suggest(chain_name, tb.chains, "chain") or
+                        f"declare it with ':{chain_name} - [0:0]' before its rules")
+            self.warn(sf, n, cc, ce, "PRS017", msg, hint)
+            if cmd not in ("append", "insert", "check"):
+                return
+            chain = tb.chains[chain_name] = _ChainB(chain_name, False, None, _new_Span(sf.path, n, cc, ce))
         if cmd == "delete-chain":
             if chain.builtin:
-                self.diag(sf, n, cc, ce, "PRS016", f"cannot delete builtin chain {chain_name}")
+                self.warn(sf, n, cc, ce, "PRS016", f"cannot delete builtin chain {chain_name}: "
+                          "iptables-legacy-restore refuses it", "remove the line")
             else:
                 del tb.chains[chain_name]
             return
@@ -531,34 +824,44 @@ class Builder:
         if cmd == "zero":
             return
         if cmd == "policy":
-            pol = toks[2][0] if len(toks) > 2 else None
+            pol = w[2] if len(w) > 2 else None
+            where = (cs[2], es[2]) if len(w) > 2 else (cc, ce)
+            if len(w) > 3:
+                self.diag(sf, n, cs[3], es[-1], "PRS003", f"unexpected argument '{w[3]}'",
+                          "-P takes a chain and a policy")
+            if pol == "DROP" and tb.name == "nat":
+                self.diag(sf, n, *where, "PRS015", "DROP policy in the nat table: iptables refuses it "
+                          "(\"the nat table is not intended for filtering\")",
+                          "set DROP policies in the filter table")
+                return
             if not chain.builtin or pol not in POLICIES[:2]:
-                where = toks[2] if len(toks) > 2 else toks[1]
-                self.diag(sf, n, where[1], where[2], "PRS015",
-                          f"cannot set policy '{pol}' on chain {chain_name}",
-                          "policies apply to builtin chains and are ACCEPT or DROP")
+                self.warn(sf, n, *where, "PRS015",
+                          f"cannot set policy '{pol}' on chain {chain_name}: iptables-legacy-restore "
+                          "refuses it", "policies apply to builtin chains and are ACCEPT or DROP")
                 return
             chain.policy = pol
             return
         if cmd == "rename":
-            if len(toks) < 3:
-                self.diag(sf, n, cc, ce, "PRS003", "-E needs OLD and NEW chain names")
+            if len(w) < 3:
+                self.diag(sf, n, cc, ce, "PRS003", "-E needs OLD and NEW chain names",
+                          "write '-E OLD NEW'")
                 return
-            tb.chains[toks[2][0]] = chain
+            tb.chains[w[2]] = chain
             del tb.chains[chain_name]
-            chain.name = toks[2][0]
+            chain.name = w[2]
             return
         start, pos = 2, None
-        if cmd in ("insert", "replace", "delete") and len(toks) > 2 and toks[2][0].isdigit():
-            pos = int(toks[2][0])
+        if cmd in ("insert", "replace", "delete") and len(w) > 2 and w[2].isdigit():
+            pos = int(w[2])
             start = 3
         if cmd == "delete" and pos is not None:
             if 1 <= pos <= len(chain.rules):
                 del chain.rules[pos - 1]
             else:
-                self.diag(sf, n, toks[2][1], toks[2][2], "PRS018", f"no rule {pos} in chain {chain_name}")
+                self.warn(sf, n, cs[2], es[2], "PRS018", f"no rule {pos} in chain {chain_name}",
+                          "iptables-legacy-restore refuses to delete a rule that does not exist")
             return
-        decoded = self._decode(sf, n, toks, start, counters, line.strip())
+        decoded = self._decode(sf, n, w, cs, es, start, counters, line.strip(), tb.name)
         if decoded is None:
             return
         if cmd == "append":
@@ -566,279 +869,517 @@ class Builder:
         elif cmd == "insert":
             p = (pos or 1) - 1
             if p > len(chain.rules):
-                self.diag(sf, n, toks[2][1], toks[2][2], "PRS018", f"index {pos} past the end of {chain_name}")
+                self.warn(sf, n, cs[2], es[2], "PRS018", f"index {pos} past the end of {chain_name}",
+                          "iptables-legacy-restore refuses it; the rule is appended here")
                 p = len(chain.rules)
             chain.rules.insert(p, decoded)
         elif cmd == "replace":
             if pos is None or not 1 <= pos <= len(chain.rules):
-                self.diag(sf, n, cc, ce, "PRS018", f"-R needs an existing rule number in {chain_name}")
+                self.warn(sf, n, cc, ce, "PRS018", f"-R needs an existing rule number in {chain_name}",
+                          "iptables-legacy-restore refuses it; write '-R CHAIN N rule' with an existing N")
                 return
             chain.rules[pos - 1] = decoded
-        elif cmd == "delete":
+        else:  # delete / check by rule
             key = _rule_key(decoded)
             for i, r in enumerate(chain.rules):
                 if _rule_key(r) == key:
-                    del chain.rules[i]
+                    if cmd == "delete":
+                        del chain.rules[i]
                     break
             else:
-                self.diag(sf, n, cc, ce, "PRS018", f"-D: no such rule in {chain_name}",
-                          None, Severity.WARNING if self.partial else Severity.ERROR)
+                self.warn(sf, n, cc, ce, "PRS018", f"{w[0]}: no such rule in {chain_name}",
+                          "iptables-legacy-restore refuses it unless the rule exists on the machine")
 
-    def _decode(self, sf, n, toks, start, counters, text):
-        """Decode a rule's options; returns (matches, target, span, text, counters) or None."""
-        ctx = O.Ctx(self.family)
+    # -- one rule
+    def _err(self, sf, n, cs, es, code, msg, a, b=None, hint=None, warning=False, value=None):
+        """A diagnostic on words a..b of rule line n; an error marks the rule as not clean."""
+        last = len(cs) - 1
+        a = a if a < last else last
+        b = a if b is None else (b if b < last else last)
+        if value is not None:
+            self.warn_once(sf, n, cs[a], es[b], code, value, msg, hint)
+            return
+        self.diag(sf, n, cs[a], es[b], code, msg, hint, Severity.WARNING if warning else Severity.ERROR)
+        if not warning:
+            self._ok = False
+
+    def _take(self, sf, n, w, cs, es, k, nargs):
+        """The nargs arguments of the option at k: (args, next index, old-style negation).
+        A '!' right after the option is the pre-1.4.3 negation ('-d ! 10.0.0.0/8'), which
+        iptables 1.8 refuses; a '!' followed by an option (or nothing) is the argument itself."""
+        ntok = len(w)
+        j = k + 1
+        old = False
+        if nargs and j < ntok and w[j] == "!" and j + 1 < ntok and w[j + 1][:1] != "-":
+            old = True
+            self._err(sf, n, cs, es, "PRS019", f"'{w[k]} ! ...' is the negation syntax of iptables "
+                      "before 1.4.3, which iptables-restore 1.8 refuses", j,
+                      hint=f"write '! {w[k]} {w[j + 1]}'; synack reads it as negated")
+            j += 1
+        if j + nargs > ntok:
+            return None, ntok, old
+        return w[j:j + nargs], j + nargs, old
+
+    def _decode(self, sf, n, w, cs, es, start, counters, text, tname):
+        """Decode a rule's options (words ``w`` with columns ``cs``/``es``) as iptables does;
+        returns (matches, target, span, text, counters) or None."""
+        ctx = self._ctx
+        err = self._err
+        family = self.family
         matches: list = []
-        target = None
-        tgt_name = tgt_col = None
+        append = matches.append
+        tgt_name = None
+        tgt_col = tgt_end = 0
         tgt_opts: list = []
+        tspec = None        # option -> nargs of the target, None when synack does not know it
+        tgt_seen: set = set()
         goto = False
-        mod = None
-        proto_mod = None
+        mod = None          # the current '-m' module (its options come next)
+        spec = None         # its option table (None: no module, or one synack does not know)
+        mod_seen: set = set()
+        loaded: list = []   # (module, options, seen) of each known -m so far, in order
+        target_first = False  # the target was loaded after the current -m module
+        proto = None        # protocol number of -p, and whether it is negated
+        proto_neg = False
+        proto_mod = None    # the module -p loads implicitly (-p tcp --dport 80)
+        proto_spec = None
+        proto_seen: set = set()
+        generic_seen: set = set()
+        explicit: list = []  # (module, word index) of every -m, for the protocol checks
         stat: list = []
-        addrtype: list = []
+        stat_at = 0
+        limit_iface = None
         neg = False
         neg_col = 0
-        i, ntok = start, len(toks)
-        ok = True
-
-        def err(code, msg, idx, hint=None, end_idx=None, warning=False):
-            nonlocal ok
-            a = toks[min(idx, ntok - 1)]
-            b = toks[min(end_idx if end_idx is not None else idx, ntok - 1)]
-            self.diag(sf, n, a[1], b[2], code, msg, hint, Severity.WARNING if warning else Severity.ERROR)
-            if not warning:
-                ok = False
-
-        def take(idx, nargs):
-            """Arguments of the option at idx (old-style '--opt ! value' negation allowed)."""
-            nonlocal neg, neg_col
-            args = []
-            j = idx + 1
-            while len(args) < nargs:
-                if j >= ntok:
-                    return None, j
-                t = toks[j][0]
-                if t == "!" and not args:
-                    neg = True
-                    j += 1
-                    continue
-                args.append(t)
-                j += 1
-            return args, j
-
+        ntok = len(w)
+        self._ok = True
+        i = start
         while i < ntok:
-            t, c, e = toks[i]
-            if t == "!":
-                if neg:
-                    err("PRS003", "double negation '! !'", i)
-                neg, neg_col = True, c
-                i += 1
-                continue
-            ctx.index = i
-            g = GENERIC.get(t)
-            if g is None and tgt_name is None and t.startswith("--") and t not in GENERIC:
-                full, g = getopt_lookup(GENERIC, t)
-                if g is not None and mod is not None and any(
-                        k.startswith(t) for k in O.MATCH_MODULES.get(mod, ())):
-                    g = None  # ambiguous with the module's own options: the module wins
-            if tgt_name is not None and g is None:
-                spec = O.TARGETS.get(tgt_name, ({},))[0]
-                t, nargs = getopt_lookup(spec, t)
-                if nargs is None and (tgt_name in O.TARGETS or not t.startswith("-")):
-                    if t.startswith("-"):
-                        err("PRS008", f"unknown option '{t}' for target {tgt_name}", i,
-                            O.suggest_target_option(tgt_name, t))
-                    else:
-                        err("PRS003", f"unexpected argument '{t}'", i)
+            t = w[i]
+            g = _GENERIC_GET(t)
+            if g is None:
+                if t == "!":
+                    if neg:
+                        err(sf, n, cs, es, "PRS003", "double negation '! !'", i,
+                            hint="iptables allows one '!' per option")
+                    neg, neg_col = True, cs[i]
                     i += 1
                     continue
-                if nargs is None:  # unknown target: keep its options verbatim
-                    nargs = 0
-                    while i + 1 + nargs < ntok and not toks[i + 1 + nargs][0].startswith("-"):
-                        nargs += 1
-                args, j = take(i, nargs)
-                if args is None:
-                    err("PRS003", f"option '{t}' of {tgt_name} needs {nargs} argument(s)", i)
-                    break
-                tgt_opts.append((t, args, i))
-                i = j
-                continue
-            if g is not None:
-                if g == "jump" or g == "goto":
-                    if tgt_name is not None:
-                        err("PRS003", "more than one target (-j/-g) in a rule", i)
-                    if i + 1 >= ntok:
-                        err("PRS003", f"'{t}' needs a target name", i)
-                        break
-                    tgt_name, tgt_col = toks[i + 1][0], c
-                    goto = g == "goto"
-                    i += 2
-                    continue
-                if g == "match":
-                    if i + 1 >= ntok:
-                        err("PRS003", "'-m' needs a module name", i)
-                        break
-                    if stat:
-                        matches.append(self._merge_stat(stat, ctx, err))
-                        stat = []
-                    mod = toks[i + 1][0]
-                    mod = O.MODULE_ALIASES.get(mod, mod)
-                    if mod not in O.MATCH_MODULES:
-                        err("PRS009", f"unknown match module '{mod}': kept, results depending on it are APPROXIMATE",
-                            i + 1, O.suggest_module(mod), warning=True)
-                    if mod == "addrtype":
-                        addrtype.append(len(matches))
-                    i += 2
-                    continue
-                if g in ("v4", "v6"):
-                    if (g == "v4") != (self.family == 4):
-                        return None  # rule for the other family: iptables-restore skips it too
-                    i += 1
-                    continue
-                if g == "frag":
-                    matches.append(FragmentMatch(neg_col if neg else c, e, neg))
-                    neg = False
-                    i += 1
-                    continue
-                nargs = 2 if g == "counters" else 1
-                args, j = take(i, nargs)
-                if args is None:
-                    err("PRS003", f"option '{t}' needs an argument", i)
-                    break
-                col0 = neg_col if neg else c
-                end = toks[j - 1][2]
-                if g == "counters":
-                    counters = (int(args[0]), int(args[1])) if all(a.isdigit() for a in args) else counters
-                elif g in ("src", "dst"):
-                    nets = []
-                    for a in args[0].split(","):
+                # iptables merges the options of every extension loaded so far, the latest first,
+                # and loads the protocol's module (-p tcp: --dport) only for what none of them knows
+                if spec is not None and t in spec and (target_first is False or tspec is None
+                                                       or t not in tspec):
+                    owner, use_mod, seen, entry = 2, mod, mod_seen, spec[t]
+                elif tspec is not None and t in tspec:
+                    owner = 1
+                elif len(loaded) > 1 and (spec is not None or mod is None) and (
+                        earlier := next((x for x in reversed(loaded[:-1]) if t in x[1]), None)):
+                    owner, use_mod, seen, entry = 2, earlier[0], earlier[2], earlier[1][t]
+                elif (spec is not None or mod is None) and proto_spec is not None and t in proto_spec:
+                    owner, use_mod, seen, entry = 2, proto_mod, proto_seen, proto_spec[t]
+                else:
+                    g, owner, t, which, entry = self._resolve(t, tgt_name, tspec, mod, spec, proto_mod,
+                                                              proto_spec)
+                    if owner == 2:
+                        use_mod, seen = (mod, mod_seen) if which == 0 else (proto_mod, proto_seen)
+                if g is None:
+                    if owner == 2:
+                        nargs, handler = entry
+                        key = _OPT_KEY.get(t, t)
+                        if key in seen and use_mod != "policy":
+                            err(sf, n, cs, es, "PRS022", f"option '{t}' given twice for -m {use_mod}: "
+                                "iptables refuses it (\"can only be used once\")", i,
+                                hint=f"use a second '-m {use_mod}' for a second condition")
+                        seen.add(key)
+                        if nargs == 1 and i + 1 < ntok and w[i + 1] != "!":
+                            args = w[i + 1:i + 2]
+                            j = i + 2
+                            old = False
+                        else:
+                            args, j, old = self._take(sf, n, w, cs, es, i, nargs)
+                            if args is None:
+                                err(sf, n, cs, es, "PRS003", f"option '{t}' needs {nargs} argument(s)", i,
+                                    hint=f"write '{t} VALUE'")
+                                break
+                            neg = neg or old
+                        col0 = neg_col if neg and not old else cs[i]
+                        end = es[j - 1]
                         ctx.index = j - 1
                         try:
-                            net = O.network(a, ctx)
+                            m = handler(use_mod, t, args, neg, col0, end, ctx)
                         except O.DecodeError as ex:
-                            err(ex.code, ex.message, j - 1, ex.hint)
-                            net = None
-                        if net is not None:
-                            nets.append(net)
-                    if ctx.host_names:
-                        for idx, name in ctx.host_names:
-                            err("PRS101", f"host name '{name}' instead of an address: resolved on the "
-                                "machine at load time, unknown here", idx,
-                                "use the address; synack treats this match as unknown (APPROXIMATE)",
-                                warning=True)
-                        ctx.host_names.clear()
-                        matches.append(OpaqueMatch(col0, end, neg, "", t, tuple(args)))
-                    elif nets:
-                        matches.append(AddrMatch(col0, end, neg, g, tuple(nets)))
-                elif g == "proto":
-                    p = args[0].lower()
-                    num = O.PROTOCOLS.get(p)
-                    if num is None:
-                        if p.isdigit() and int(p) < 256:
-                            num = int(p)
+                            err(sf, n, cs, es, ex.code, ex.message, ex.index if ex.index > i else j - 1,
+                                hint=ex.hint, warning=ex.warning, value=ex.value)
+                            m = _new_OpaqueMatch(col0, end, neg, use_mod, t, tuple(args)) if ex.warning else None
+                        if ctx.host_names:
+                            self._host_names(sf, n, cs, es)
+                            m = _new_OpaqueMatch(col0, end, neg, use_mod, t, tuple(args))
+                        if m is not None:
+                            if use_mod not in _SPECIAL_MODULES:
+                                append(m)
+                            elif use_mod == "statistic":
+                                stat.append(m)
+                                stat_at = j - 1
+                            elif use_mod == "addrtype" and t.startswith("--limit-iface"):
+                                limit_iface = t[-3:].strip("-")
+                            else:
+                                append(m)
+                                if t == "--match-set" or t == "--nfacct-name" or (
+                                        t == "--set" and use_mod == "set"):
+                                    self._external_object(sf, n, use_mod, args[0], cs[i + 1 + old],
+                                                          es[i + 1 + old])
+                                elif use_mod == "multiport" and (
+                                        proto not in O.MODULE_PROTOCOLS["multiport"] or proto_neg):
+                                    # libxt_multiport checks the -p given so far, when it parses the ports
+                                    err(sf, n, cs, es, "PRS020", "multiport needs '-p tcp', '-p udp', "
+                                        "'-p udplite', '-p sctp' or '-p dccp' before its ports: iptables "
+                                        "refuses the rule", i, j - 1,
+                                        hint="add '-p tcp' (or the right protocol) before '-m multiport'")
+                        neg = False
+                        i = j
+                        continue
+                    if owner == 1 or owner == 3:
+                        if owner == 1:
+                            nargs = tspec[t]
+                        else:  # a target synack does not know: keep its options verbatim
+                            nargs = 0
+                            while i + 1 + nargs < ntok and w[i + 1 + nargs][:1] != "-":
+                                nargs += 1
+                        key = _OPT_KEY.get(t, t)
+                        if key in tgt_seen:
+                            err(sf, n, cs, es, "PRS022", f"{tgt_name}: option '{t}' given twice: iptables "
+                                f"refuses it (\"option \\\"{t}\\\" can only be used once\")", i,
+                                hint="a broken save or a bad merge of two rules: keep one")
+                        tgt_seen.add(key)
+                        if nargs == 1 and i + 1 < ntok and w[i + 1] != "!":
+                            args = w[i + 1:i + 2]
+                            j = i + 2
                         else:
-                            err("PRS004", f"unknown protocol '{args[0]}'", j - 1,
-                                O._suggest(p, O.PROTOCOLS, "protocol"))
-                            i = j
-                            neg = False
-                            continue
-                    matches.append(ProtoMatch(col0, end, neg, num, O.PROTO_NAMES.get(num, p)))
-                    proto_mod = O.IMPLICIT_MODULES.get(num) if not neg else None
-                else:  # in/out interface
-                    name = args[0]
-                    if len(name) > 15:
-                        err("PRS004", f"interface name '{name}' longer than 15 characters", j - 1)
-                    matches.append(IfaceMatch(col0, end, neg, g, name))
-                neg = False
-                i = j
+                            args, j, old = self._take(sf, n, w, cs, es, i, nargs)
+                            if args is None:
+                                err(sf, n, cs, es, "PRS003", f"option '{t}' of {tgt_name} needs {nargs} "
+                                    "argument(s)", i, hint=f"write '{t} VALUE'")
+                                break
+                        tgt_opts.append((t, args, i))
+                        i = j
+                        neg = False
+                        continue
+                    if owner == 4:
+                        nargs = 0  # unknown module: options run until the next option
+                        while i + 1 + nargs < ntok and w[i + 1 + nargs][:1] != "-" and w[i + 1 + nargs] != "!":
+                            nargs += 1
+                        j = i + 1 + nargs
+                        append(O.unknown_module_match(mod, t, w[i + 1:j], neg, neg_col if neg else cs[i],
+                                                      es[j - 1]))
+                        neg = False
+                        i = j
+                        continue
+                    i = self._stray(sf, n, w, cs, es, i, start, mod, proto_mod, tgt_name, tspec)
+                    neg = False
+                    if i < 0:
+                        break
+                    continue
+            # a generic option (-s, -p, -m, -j ...)
+            if g == "match":
+                if i + 1 >= ntok:
+                    err(sf, n, cs, es, "PRS003", "'-m' needs a module name", i,
+                        hint="write '-m MODULE --option ...'")
+                    break
+                if neg:
+                    err(sf, n, cs, es, "PRS003", "'!' cannot negate -m: it negates the option after "
+                        "the module", i, hint="write '-m MODULE ! --option VALUE'")
+                    neg = False
+                if stat:
+                    append(self._merge_stat(stat, sf, n, cs, es, stat_at))
+                    stat = []
+                mod = w[i + 1]
+                mod = _MODULE_ALIASES.get(mod, mod)
+                spec = _MATCH_MODULES_GET(mod)
+                mod_seen = set()
+                target_first = False
+                if spec is not None:
+                    loaded.append((mod, spec, mod_seen))
+                explicit.append((mod, i, mod_seen))
+                if spec is None:
+                    err(sf, n, cs, es, "PRS009", f"unknown match module '{mod}': kept, results "
+                        "depending on it are APPROXIMATE", i + 1, hint=O.suggest_module(mod), warning=True)
+                elif mod in self._foreign_modules:
+                    err(sf, n, cs, es, "PRS021", f"match '{mod}' exists only for IPv{10 - family}: "
+                        f"ip{'6' if family == 6 else ''}tables-restore cannot load it", i, i + 1,
+                        hint=f"move the rule to the ip{'' if family == 6 else '6'}tables dump")
+                i += 2
                 continue
-            # a module option: the current -m module, else the protocol's implicit module
-            spec = None
-            use_mod = mod
-            if mod is not None:
-                spec = O.MATCH_MODULES.get(mod)
-                if spec is not None and t not in spec:
-                    if proto_mod and t in O.MATCH_MODULES[proto_mod]:
-                        use_mod, spec = proto_mod, O.MATCH_MODULES[proto_mod]
-                    else:
-                        spec = spec  # fall through to error below
-            elif proto_mod is not None:
-                use_mod, spec = proto_mod, O.MATCH_MODULES[proto_mod]
-            if mod is not None and use_mod == mod and mod not in O.MATCH_MODULES:
-                nargs = 0  # unknown module: options run until the next option
-                while i + 1 + nargs < ntok and not toks[i + 1 + nargs][0].startswith("-") \
-                        and toks[i + 1 + nargs][0] != "!":
-                    nargs += 1
-                args, j = take(i, nargs)
-                matches.append(O.unknown_module_match(mod, t, args, neg, neg_col if neg else c, toks[j - 1][2]))
-                neg = False
-                i = j
+            if g == "jump" or g == "goto":
+                if neg:
+                    err(sf, n, cs, es, "PRS003", f"'!' cannot negate {t}", i, hint="remove the '!'")
+                    neg = False
+                if tgt_name is not None:
+                    err(sf, n, cs, es, "PRS022", "more than one target (-j/-g) in a rule", i,
+                        hint="iptables accepts one -j or -g per rule")
+                if i + 1 >= ntok:
+                    err(sf, n, cs, es, "PRS003", f"'{t}' needs a target name", i,
+                        hint=f"write '{t} ACCEPT' or '{t} CHAIN'")
+                    break
+                tgt_name, tgt_col, tgt_end = w[i + 1], cs[i], es[i + 1]
+                tspec = _TARGETS_GET(tgt_name, _NO_SPEC)[0]
+                if tspec is None and tgt_name in self.tables[tname].chains:
+                    tspec = _CHAIN_SPEC  # a jump to a chain of this table takes no option
+                tgt_opts, tgt_seen = [], set()
+                target_first = True
+                goto = g == "goto"
+                i += 2
                 continue
-            entry = None
-            if spec is not None:
-                t, entry = getopt_lookup(spec, t)
-            if entry is None:
-                if not t.startswith("-"):
-                    err("PRS003", f"unexpected argument '{t}'", i,
-                        "an option ('--name') was expected here" if not t.isdigit() or i != start else
-                        "rule numbers are not allowed with -A; use '-I CHAIN N' to insert at a position")
-                else:
-                    err("PRS002", f"unknown option '{t}'" + (f" for '-m {mod}'" if mod else ""), i,
-                        O.suggest_option(t, use_mod, GENERIC))
-                    # skip its probable arguments so the rest of the rule is still checked
-                    while i + 1 < ntok and not toks[i + 1][0].startswith("-") and toks[i + 1][0] != "!":
-                        i += 1
+            if g == "v4" or g == "v6":
+                if (g == "v4") != (family == 4):
+                    return None  # rule for the other family: iptables-restore skips it too
+                i += 1
+                continue
+            if g in generic_seen and g != "counters":
+                err(sf, n, cs, es, "PRS022", f"'{t}' given twice: iptables refuses it (\"multiple {t} "
+                    "flags not allowed\")", i, hint="one rule matches one value per option; write two rules")
+            generic_seen.add(g)
+            if g == "frag":
+                append(FragmentMatch(neg_col if neg else cs[i], es[i], neg))
                 neg = False
                 i += 1
                 continue
-            nargs, handler = entry
-            args, j = take(i, nargs)
-            if args is None:
-                err("PRS003", f"option '{t}' needs {nargs} argument(s)", i)
-                break
-            col0 = neg_col if neg else c
-            end = toks[j - 1][2]
-            try:
-                m = handler(use_mod, t, args, neg, col0, end, ctx)
-            except O.DecodeError as ex:
-                err(ex.code, ex.message, ex.index if ex.index > i else j - 1, ex.hint, warning=ex.warning)
-                m = OpaqueMatch(col0, end, neg, use_mod, t, tuple(args)) if ex.warning else None
-            if m is not None:
-                if use_mod == "statistic":
-                    stat.append(m)
-                elif use_mod == "addrtype" and t.startswith("--limit-iface"):
-                    addrtype.append(("limit", t[-3:].strip("-")))
+            if g != "counters" and i + 1 < ntok and w[i + 1] != "!":
+                a0 = w[i + 1]
+                j = i + 2
+                old = False
+            else:
+                args, j, old = self._take(sf, n, w, cs, es, i, 2 if g == "counters" else 1)
+                if args is None:
+                    err(sf, n, cs, es, "PRS003", f"option '{t}' needs "
+                        f"{'two arguments' if g == 'counters' else 'an argument'}", i, hint=f"write '{t} VALUE'")
+                    break
+                a0 = args[0]
+                neg = neg or old
+            col0 = neg_col if neg and not old else cs[i]
+            end = es[j - 1]
+            if g == "proto":
+                p = a0.lower()
+                num = _PROTOCOLS_GET(p)
+                if num is None:
+                    if p.isdigit() and int(p) < 256:
+                        num = int(p)
+                    else:
+                        err(sf, n, cs, es, "PRS004", f"unknown protocol '{a0}'", j - 1,
+                            hint=O._suggest(p, O.PROTOCOLS, "protocol"))
+                        i = j
+                        neg = False
+                        continue
+                append(_new_ProtoMatch(col0, end, neg, num, O.PROTO_NAMES.get(num, p)))
+                proto, proto_neg = num, neg
+                proto_mod = None if neg else O.IMPLICIT_MODULES.get(num)
+                proto_spec = None if proto_mod is None else O.MATCH_MODULES[proto_mod]
+                proto_seen = set()
+            elif g == "src" or g == "dst":
+                net = _NETWORKS_GET(a0)  # addresses seen before in this family, no list
+                if net is not None and net.version == family:
+                    append(_new_AddrMatch(col0, end, neg, g, (net,)))
                 else:
-                    matches.append(m)
+                    self._addresses(sf, n, w, cs, es, j - 1, t, a0, g, neg, col0, end, matches)
+            elif g == "counters":
+                counters = (int(a0), int(args[1])) if a0.isdigit() and args[1].isdigit() else counters
+            else:  # in/out interface
+                if len(a0) > 15:
+                    err(sf, n, cs, es, "PRS004", f"interface name '{a0}' longer than 15 characters", j - 1,
+                        hint="Linux interface names have at most 15 characters")
+                append(_new_IfaceMatch(col0, end, neg, g, a0))
             neg = False
             i = j
         if stat:
-            matches.append(self._merge_stat(stat, ctx, err))
-        if addrtype and any(isinstance(a, tuple) for a in addrtype):
-            lim = next(a[1] for a in addrtype if isinstance(a, tuple))
-            matches = [AddrTypeMatch(m.col, m.end_col, m.negated, m.direction, m.types, lim)
+            append(self._merge_stat(stat, sf, n, cs, es, stat_at))
+        if limit_iface is not None:
+            matches = [AddrTypeMatch(m.col, m.end_col, m.negated, m.direction, m.types, limit_iface)
                        if isinstance(m, AddrTypeMatch) else m for m in matches]
         if neg:
-            err("PRS003", "'!' at the end of the rule negates nothing", ntok - 1)
+            err(sf, n, cs, es, "PRS003", "'!' at the end of the rule negates nothing", ntok - 1,
+                hint="put '!' before the option it negates")
+        for mname, at, mseen in explicit:
+            if not mseen and mname in O.NEEDS_AN_OPTION and self._ok:  # not after a misspelt option
+                err(sf, n, cs, es, "PRS023", f"'-m {mname}' without any of its options: iptables refuses "
+                    "the rule", at, at + 1, hint=f"`iptables -m {mname} --help` lists its options")
+                continue
+            need = _MODULE_PROTOCOLS_GET(mname)
+            if need is None or mname == "multiport" or (proto in need and not proto_neg):
+                continue
+            pname = O.PROTO_NAMES.get(need[0], mname)
+            have = "no -p" if proto is None else f"'{'! ' if proto_neg else ''}-p {O.PROTO_NAMES.get(proto, proto)}'"
+            if proto_neg and proto in need and mseen:
+                # iptables-nft turns the ports into its own expressions and loads the rule; the
+                # kernel's x_tables match (iptables-legacy) refuses it
+                err(sf, n, cs, es, "PRS020", f"'-m {mname}' with {have}: iptables-legacy-restore fails "
+                    f"to commit it ({mname} match: only valid for protocol {need[0]}); iptables-nft loads it",
+                    at, at + 1, hint=f"'! -p {pname}' with '-m {mname}' options cannot match: drop one",
+                    warning=True)
+                continue
+            err(sf, n, cs, es, "PRS020", f"'-m {mname}' with {have}: the kernel refuses the rule ({mname} "
+                f"match: only valid for protocol {need[0]})", at, at + 1, hint=f"add '-p {pname}' to the rule")
+        target = None
         if tgt_name is not None:
-            try:
-                target = O.make_target(tgt_name, tgt_opts, ctx, tgt_col, toks[-1][2] if tgt_opts else
-                                       toks[min(ntok - 1, _index_of(toks, tgt_col) + 1)][2], goto)
-            except O.DecodeError as ex:
-                err(ex.code, ex.message, min(ex.index, ntok - 1), ex.hint)
-                target = None
-        if not ok and target is None and not matches:
+            if not tgt_opts and (goto or tspec is None or tspec is _CHAIN_SPEC):
+                target = _new_Jump(tgt_col, tgt_end, tgt_name, goto)
+            elif not tgt_opts and tgt_name in _VERDICTS:
+                key = (tgt_name, tgt_col, tgt_end)
+                target = _VERDICT_CACHE.get(key)
+                if target is None:
+                    target = _VERDICT_CACHE[key] = _new_Verdict(tgt_col, tgt_end, tgt_name)
+            else:
+                if tgt_name in self._foreign_targets:
+                    k = next((k for k in range(start, ntok) if cs[k] == tgt_col), start)
+                    err(sf, n, cs, es, "PRS021", f"target {tgt_name} exists only for IPv{10 - family}: "
+                        f"ip{'6' if family == 6 else ''}tables-restore cannot load it", k, k + 1,
+                        hint=f"move the rule to the ip{'' if family == 6 else '6'}tables dump")
+                try:
+                    target = O.make_target(tgt_name, tgt_opts, ctx, tgt_col,
+                                           es[-1] if tgt_opts else tgt_end, goto)
+                except O.DecodeError as ex:
+                    err(sf, n, cs, es, ex.code, ex.message, ex.index, hint=ex.hint, warning=ex.warning)
+                    target = None
+                if tgt_name == "SET":
+                    for opt, args, k in tgt_opts:
+                        if opt in ("--add-set", "--del-set", "--map-set"):
+                            self._external_object(sf, n, "set", args[0], cs[k + 1], es[k + 1])
+        if not self._ok and target is None and not matches:
             return None
-        span = Span(sf.path, n, toks[0][1], toks[-1][2])
-        return (tuple(matches), target, span, text, counters)
+        return (tuple(matches), target, _new_Span(sf.path, n, cs[0], es[-1]), text, counters)
+
+    def _addresses(self, sf, n, w, cs, es, k, opt, value, direction, neg, col, end, matches):
+        """-s/-d with a list, a host name, a placeholder or an error: the slow path."""
+        ctx = self._ctx
+        nets = []
+        unknown = False
+        for a in value.split(","):
+            ctx.index = k
+            try:
+                net = O.network(a, ctx)
+            except O.DecodeError as ex:
+                self._err(sf, n, cs, es, ex.code, ex.message, k, hint=ex.hint, warning=ex.warning,
+                          value=ex.value)
+                unknown = unknown or ex.warning
+                net = None
+            if net is not None:
+                nets.append(net)
+                if len(_NETWORKS) < 65536:
+                    _NETWORKS[a] = net
+        if ctx.host_names:
+            self._host_names(sf, n, cs, es)
+            unknown = True
+        if unknown:
+            matches.append(_new_OpaqueMatch(col, end, neg, "", opt, (value,)))
+        elif nets:
+            matches.append(_new_AddrMatch(col, end, neg, direction, tuple(nets)))
+
+    def _host_names(self, sf, n, cs, es):
+        ctx = self._ctx
+        for idx, name in ctx.host_names:
+            self._err(sf, n, cs, es, "PRS101", f"host name '{name}' instead of an address: resolved on "
+                      "the machine at load time, unknown here", idx,
+                      hint="use the address; synack treats this match as unknown (APPROXIMATE)",
+                      warning=True, value=name)
+        ctx.host_names.clear()
+
+    def _stray(self, sf, n, w, cs, es, i, start, mod, proto_mod, tgt_name, tspec) -> int:
+        """A word that is no option here: report it (a run of stray words once); returns where
+        decoding goes on, or -1 when the rest of the line is a comment."""
+        err = self._err
+        ntok = len(w)
+        t = w[i]
+        if t[:1] != "-":
+            j = i + 1
+            while j < ntok and w[j][:1] != "-" and w[j] != "!":
+                j += 1
+            if t[:1] == "#":
+                err(sf, n, cs, es, "PRS003", "a comment after the rule: iptables-restore treats '#' as a "
+                    "comment only at the start of a line", i, ntok - 1,
+                    hint="move the comment to a line of its own, or use -m comment --comment \"...\"")
+                return -1
+            words = " ".join(w[i:j])
+            if i == start and t.isdigit():
+                hint = "rule numbers are not allowed with -A; use '-I CHAIN N' to insert at a position"
+            elif "'" in words or (i > start and w[i - 1][:1] == "'"):
+                hint = ("iptables-restore groups words only with double quotes; single quotes "
+                        "are kept as characters: write \"...\"")
+            elif i > start and not w[i - 1].startswith("-"):
+                hint = "an argument with spaces must be in double quotes: \"...\""
+            else:
+                hint = "an option ('--name') was expected here"
+            err(sf, n, cs, es, "PRS003", f"unexpected argument{'s' if j - i > 1 else ''} '{words}'", i, j - 1,
+                hint=hint)
+            return j
+        if tspec is _CHAIN_SPEC:
+            err(sf, n, cs, es, "PRS008", f"unknown option '{t}': -j {tgt_name} jumps to a chain, which "
+                "takes no option", i, hint=O.suggest_option(t, mod or proto_mod, GENERIC))
+        elif tgt_name in O.TARGETS:
+            err(sf, n, cs, es, "PRS008", f"unknown option '{t}' for target {tgt_name}", i,
+                hint=O.suggest_target_option(tgt_name, t) or O.suggest_option(t, mod or proto_mod, GENERIC))
+        else:
+            err(sf, n, cs, es, "PRS002", f"unknown option '{t}'" + (f" for '-m {mod}'" if mod else ""), i,
+                hint=O.suggest_option(t, mod or proto_mod, GENERIC))
+        # skip its probable arguments so the rest of the rule is still checked
+        while i + 1 < ntok and w[i + 1][:1] != "-" and w[i + 1] != "!":
+            i += 1
+        return i + 1
 
     @staticmethod
-    def _merge_stat(parts, ctx, err):
+    def _resolve(t, tgt_name, tspec, mod, spec, proto_mod, proto_spec):
+        """The owner of an option that is no exact option of the target or the modules:
+        (generic name or None, owner, option, 0 = -m module / 1 = -p module, entry).
+        owner: 0 none, 1 target, 2 match module, 3 unknown target, 4 unknown match module."""
+        g = None
+        if t[:2] == "--" and len(t) > 3 and not (proto_spec is not None and t in proto_spec):
+            # getopt: an unambiguous prefix of a generic long option (--src, --dest, --proto ...),
+            # unless the module's (or target's) own options start the same way
+            full, g = getopt_lookup(GENERIC, t)
+            if g is not None and ((spec is not None and any(k.startswith(t) for k in spec))
+                                  or (tspec is not None and any(k.startswith(t) for k in tspec))):
+                g = None
+            if g is not None:
+                return g, 0, t, 0, None
+        if mod is not None and spec is None:
+            return None, 4, t, 0, None
+        if t[:2] == "--" and len(t) > 3:
+            # getopt: an unambiguous prefix of the target's or a module's long option
+            if tspec is not None:
+                full, nargs = getopt_lookup(tspec, t)
+                if nargs is not None:
+                    return None, 1, full, 0, None
+            if spec is not None:
+                full, entry = getopt_lookup(spec, t)
+                if entry is not None:
+                    return None, 2, full, 0, entry
+            if proto_spec is not None:
+                full, entry = getopt_lookup(proto_spec, t)
+                if entry is not None:
+                    return None, 2, full, 1, entry
+        if tgt_name is not None and tspec is None and t[:1] == "-":
+            return None, 3, t, 0, None
+        return None, 0, t, 0, None
+
+    def _external_object(self, sf, n, kind, name, col, end):
+        """An ipset or nfacct object the rule needs: it lives outside the dump."""
+        if (kind, name) in self._external:
+            return
+        self._external.add((kind, name))
+        if kind == "set":
+            self.warn(sf, n, col, end, "PRS103",
+                      f"ipset '{name}' is not part of the dump: iptables-restore refuses the rule on a "
+                      "machine without it; synack cannot see its members, so verdicts that depend on "
+                      "it are APPROXIMATE", "`ipset save` on that machine shows its members")
+        else:
+            self.warn(sf, n, col, end, "PRS104",
+                      f"nfacct object '{name}' is not part of the dump: the kernel refuses the rule on "
+                      "a machine without it (it only counts packets, so verdicts are not affected)",
+                      f"create it with `nfacct add {name}` before loading the dump")
+
+    def _merge_stat(self, parts, sf, n, cs, es, idx):
         try:
-            return O.merge_statistic(parts, ctx)
+            return O.merge_statistic(parts, self._ctx)
         except O.DecodeError as ex:
-            err(ex.code, ex.message, ctx.index, ex.hint)
-            return OpaqueMatch(parts[0].col, parts[-1].end_col, parts[0].negated, "statistic",
+            self._err(sf, n, cs, es, ex.code, ex.message, idx, hint=ex.hint)
+            return _new_OpaqueMatch(parts[0].col, parts[-1].end_col, parts[0].negated, "statistic",
                                " ".join(p.option for p in parts), tuple(a for p in parts for a in p.args))
 
     # -- result
@@ -847,21 +1388,16 @@ class Builder:
         for tname, tb in self.tables.items():
             chains = {}
             for cname, cb in tb.chains.items():
-                rules = tuple(Rule(tname, cname, k, m, t, sp, tx, ct)
-                              for k, (m, t, sp, tx, ct) in enumerate(cb.rules, 1))
+                k = len(cb.rules)
+                # columns of (matches, target, span, text, counters) -> one Rule per rule
+                rules = tuple(map(_new_Rule, repeat(tname, k), repeat(cname, k), range(1, k + 1),
+                                  *zip(*cb.rules))) if k else ()
                 chains[cname] = Chain(tname, cname, cb.builtin, cb.policy if cb.builtin else None,
                                       rules, cb.span, cb.counters)
             tables[tname] = Table(tname, freeze_mapping(chains), tb.span)
         rs = Ruleset(self.family, freeze_mapping(tables), tuple(f.path for f in self.files))
         diags = tuple(sorted(self.diags, key=Diagnostic.sort_key))
         return ParseResult(rs, diags, tuple(self.files), fmt)
-
-
-def _index_of(toks, col):
-    for k, (_, c, _) in enumerate(toks):
-        if c == col:
-            return k
-    return len(toks) - 1
 
 
 def _rule_key(r):
@@ -886,7 +1422,10 @@ def load_ruleset(inputs, fmt: str | None = None, family: int | None = None, nofl
         for text, path in inputs:
             f = fmt or detect_format(text)
             b.feed(text, path, f, table)
+        return b.result(f or "save")
     finally:
         if enabled:
+            # The model is acyclic and lives as long as the caller keeps it: keep the collector
+            # from walking its million objects again and again (each full collection would).
+            gc.freeze()
             gc.enable()
-    return b.result(f or "save")
