@@ -102,9 +102,9 @@ def _load(args):
     for path in args.dumps:
         try:
             if path == "-":
-                inputs.append((sys.stdin.read(), "<stdin>"))
+                inputs.append((sys.stdin.buffer.read().decode("utf-8", "surrogateescape"), "<stdin>"))
             else:
-                with open(path, encoding="utf-8", errors="surrogateescape") as f:
+                with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
                     inputs.append((f.read(), path))
         except OSError as e:
             sys.stderr.write(f"synack: error: cannot read {path}: {e.strerror}\n")
@@ -239,9 +239,9 @@ def cmd_checks(args) -> int:
     import json
 
     from analyzer.checks import load_all
-    from analyzer.parse.iptables import PARSE_CODES
+    from analyzer.parse.iptables import PARSE_CODES, PARSE_SEVERITIES
 
-    rows = [(c, n, "error", s) for c, (n, s) in sorted(PARSE_CODES.items())]
+    rows = [(c, n, PARSE_SEVERITIES.get(c, "error"), s) for c, (n, s) in sorted(PARSE_CODES.items())]
     rows += [(i.code, i.name, i.severity.label, i.summary) for _, i in sorted(load_all().items())]
     if args.output_format == "json":
         print(json.dumps([dict(code=c, name=n, severity=s, summary=m) for c, n, s, m in rows], indent=2))

@@ -287,7 +287,7 @@ COMMIT
 :INPUT ACCEPT [0:0]
 :OUTPUT ACCEPT [0:0]
 :POSTROUTING ACCEPT [0:0]
--A PREROUTING -p tcp -j DNAT --to-destination 10.0.0.1:80 --to-destination 10.0.0.2:80
+-A PREROUTING -p tcp -j DNAT --to-destination 10.0.0.1-10.0.0.2:80-81
 -A PREROUTING -p tcp -j DNAT --to-destination :8080
 COMMIT
 """

@@ -9,6 +9,6 @@ def load_path(path: str, **kw) -> ParseResult:
     import sys
 
     if path == "-":
-        return load_ruleset((sys.stdin.read(), "<stdin>"), **kw)
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        return load_ruleset((sys.stdin.buffer.read().decode("utf-8", "surrogateescape"), "<stdin>"), **kw)
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
         return load_ruleset((f.read(), path), **kw)
