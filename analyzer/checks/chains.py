@@ -75,6 +75,34 @@ class TableGraph:
     hooks: dict[str, set[str]] = field(default_factory=dict)  # chain -> builtin chains reaching it
     via: dict[tuple[str, str], Rule] = field(default_factory=dict)  # (hook, chain) -> first jump in
     order: dict[str, int] = field(default_factory=dict)  # chain -> BFS order from the builtins
+    _topo: tuple | None = None
+
+    def acyclic(self) -> tuple[list[str], set[str]]:
+        """(a topological order of the chains no cycle feeds, the chains on or below a cycle).
+        Kahn's algorithm on plain dicts: a 10,000-service kube-proxy table has 40k chains, and
+        usually no cycle at all, so the loop and depth checks can skip networkx entirely."""
+        if self._topo is None:
+            succ: dict[str, list[str]] = {}
+            indeg: dict[str, int] = dict.fromkeys(self.table.chains, 0)
+            for src, rules in self.callees.items():
+                seen = set()
+                for r in rules:
+                    d = r.target.chain
+                    if d not in seen:
+                        seen.add(d)
+                        succ.setdefault(src, []).append(d)
+                        indeg[d] = indeg.get(d, 0) + 1
+            queue = deque(n for n, k in indeg.items() if k == 0)
+            order = []
+            while queue:
+                n = queue.popleft()
+                order.append(n)
+                for m in succ.get(n, ()):
+                    indeg[m] -= 1
+                    if indeg[m] == 0:
+                        queue.append(m)
+            self._topo = (order, set(indeg) - set(order))
+        return self._topo
 
     @classmethod
     def build(cls, table: Table) -> "TableGraph":
@@ -288,9 +316,14 @@ def chain_loop(ctx: CheckContext) -> Iterator[Diagnostic]:
 
     for table in tables(ctx):
         g = table_graph(ctx, table)
+        _, tangled = g.acyclic()
+        if not tangled:
+            continue  # no cycle anywhere in this table
         dg = nx.DiGraph()
         first_edge: dict[tuple[str, str], Rule] = {}
         for src, rules in g.callees.items():
+            if src not in tangled:
+                continue  # every cycle lies among the chains Kahn's algorithm could not order
             for r in rules:
                 e = (src, r.target.chain)
                 if e not in first_edge:
@@ -653,6 +686,10 @@ def chain_nesting_too_deep(ctx: CheckContext) -> Iterator[Diagnostic]:
 
     for table in tables(ctx):
         g = table_graph(ctx, table)
+        order, tangled = g.acyclic()
+        if not tangled:
+            yield from _nesting_acyclic(ctx, table, g, order)
+            continue
         dg = nx.DiGraph()
         edge: dict[tuple[str, str], Rule] = {}
         for src, rules in g.callees.items():
@@ -681,20 +718,46 @@ def chain_nesting_too_deep(ctx: CheckContext) -> Iterator[Diagnostic]:
                 if n in level and level[n] + 1 > level.get(m, -1):
                     level[m] = level[n] + 1
                     parent[m] = n
-        for name, lv in level.items():
-            if lv != NFT_MAX_JUMP_LEVEL + 1:
-                continue
-            chain_path = [name]
-            while chain_path[-1] in parent:
-                chain_path.append(parent[chain_path[-1]])
-            chain_path.reverse()
-            r = edge[(chain_path[-2], name)]
-            deepest = max(level.values())
-            yield ctx.diag(
-                "CHN010",
-                f"{r.label}: jump puts chain {name} {lv} levels below {table.name} {chain_path[0]} "
-                f"({' -> '.join(chain_path)}); nf_tables allows {NFT_MAX_JUMP_LEVEL}, so iptables-nft "
-                f"refuses table {table.name} (Too many links); iptables-legacy accepts it"
-                + (f" (the deepest chain is {deepest} levels down)" if deepest > lv else ""),
-                r.option_span(r.target),
-                hint="flatten the chains: fold short chains into their caller")
+        yield from _report_depth(ctx, table, level, parent, edge)
+
+
+def _nesting_acyclic(ctx, table, g, order):
+    """CHN010 on a table without cycles: longest jump path from the builtin chains, in
+    topological order, over the jumps of reachable chains (as the networkx path does)."""
+    level: dict[str, int] = {}
+    parent: dict[str, str] = {}
+    edge: dict[tuple[str, str], Rule] = {}
+    for n in order:
+        c = table.chains.get(n)
+        if c is not None and c.builtin:
+            level[n] = 0
+        if n not in level or not g.reachable(n):
+            continue
+        for r in g.callees.get(n, ()):
+            m = r.target.chain
+            edge.setdefault((n, m), r)
+            if level[n] + 1 > level.get(m, -1):
+                level[m] = level[n] + 1
+                parent[m] = n
+    yield from _report_depth(ctx, table, level, parent, edge)
+
+
+def _report_depth(ctx, table, level, parent, edge):
+    for name, lv in level.items():
+        if lv != NFT_MAX_JUMP_LEVEL + 1:
+            continue
+        chain_path = [name]
+        while chain_path[-1] in parent:
+            chain_path.append(parent[chain_path[-1]])
+        chain_path.reverse()
+        r = edge[(chain_path[-2], name)]
+        deepest = max(level.values())
+        yield ctx.diag(
+            "CHN010",
+            f"{r.label}: jump puts chain {name} {lv} levels below {table.name} {chain_path[0]} "
+            f"({' -> '.join(chain_path)}); nf_tables allows {NFT_MAX_JUMP_LEVEL}, so iptables-nft "
+            f"refuses table {table.name} (Too many links); iptables-legacy accepts it"
+            + (f" (the deepest chain is {deepest} levels down)" if deepest > lv else ""),
+            r.option_span(r.target),
+            hint="flatten the chains: fold short chains into their caller")
+

@@ -101,14 +101,13 @@ def target_invalid_here(ctx: CheckContext) -> Iterator[Diagnostic]:
                 key = _target_key(r)
                 if key is None:
                     continue
-                span = r.option_span(r.target)
                 name = key.split()[0]
                 if name == "DROP" and isinstance(r.target, Verdict) and table.name == "nat":
                     yield ctx.diag(
                         "CHN007",
                         f"{r.label}: DROP in the nat table; iptables refuses it (\"the nat table is "
                         "not intended for filtering\"), so table nat does not load",
-                        span, hint="drop the packets in the filter table (or mangle/raw) instead")
+                        r.option_span(r.target), hint="drop the packets in the filter table (or mangle/raw) instead")
                     continue
                 homes = TARGET_TABLES.get(name)
                 if homes is not None and table.name not in homes:
@@ -116,7 +115,7 @@ def target_invalid_here(ctx: CheckContext) -> Iterator[Diagnostic]:
                         "CHN007",
                         f"{r.label}: {name} is only valid in the {'/'.join(homes)} table; the "
                         f"kernel refuses it in {table.name}, so table {table.name} does not load",
-                        span, hint=f"move the rule to *{homes[0]}")
+                        r.option_span(r.target), hint=f"move the rule to *{homes[0]}")
                     continue
                 only = BACKEND_TABLES.get(name)
                 if only is not None and table.name not in only[0]:
@@ -124,7 +123,7 @@ def target_invalid_here(ctx: CheckContext) -> Iterator[Diagnostic]:
                         "CHN007",
                         f"{r.label}: {name} outside the {'/'.join(only[0])} table: {only[1]} refuses "
                         f"table {table.name} (other backends accept it)",
-                        span, hint=f"move the rule to *{only[0][0]}", severity=WARNING)
+                        r.option_span(r.target), hint=f"move the rule to *{only[0][0]}", severity=WARNING)
                     continue
                 hooks = TARGET_HOOKS.get(key)
                 if hooks is None:
@@ -138,7 +137,7 @@ def target_invalid_here(ctx: CheckContext) -> Iterator[Diagnostic]:
                     "CHN007",
                     f"{r.label}: {_where(g, h, r, table, key)}{more}; the kernel allows "
                     f"{name} only from {'/'.join(hooks)} and refuses the whole {table.name} table",
-                    span, hint=f"use {name} only in chains reached from {'/'.join(hooks)}",
+                    r.option_span(r.target), hint=f"use {name} only in chains reached from {'/'.join(hooks)}",
                     related=_path_related(g, h, r))
 
 
@@ -170,7 +169,6 @@ def match_invalid_here(ctx: CheckContext) -> Iterator[Diagnostic]:
         for chain in table.chains.values():
             for r in chain.rules:
                 for m in r.matches:
-                    span = r.option_span(m)
                     if isinstance(m, IfaceMatch) and chain.builtin:
                         banned = NO_IN_IFACE if m.direction == "in" else NO_OUT_IFACE
                         if chain.name in banned:
@@ -181,7 +179,7 @@ def match_invalid_here(ctx: CheckContext) -> Iterator[Diagnostic]:
                                 f"{r.label}: '{opt} {m.name}' in {chain.name}, where a packet has no "
                                 f"{side} interface; iptables refuses it (\"Can't use {opt} with "
                                 f"{chain.name}\"), so table {table.name} does not load",
-                                span, hint=f"use {'-o' if opt == '-i' else '-i'}, or match the "
+                                r.option_span(m), hint=f"use {'-o' if opt == '-i' else '-i'}, or match the "
                                 f"interface in the chain of the other direction")
                         continue
                     allowed = what = None
@@ -205,7 +203,7 @@ def match_invalid_here(ctx: CheckContext) -> Iterator[Diagnostic]:
                         "CHN009",
                         f"{r.label}: {_where(g, h, r, table, what)}; the kernel allows it "
                         f"only from {'/'.join(allowed)} and refuses the whole {table.name} table",
-                        span, hint=f"use {what} only in chains reached from {'/'.join(allowed)}",
+                        r.option_span(m), hint=f"use {what} only in chains reached from {'/'.join(allowed)}",
                         related=_path_related(g, h, r))
 
 
@@ -237,20 +235,19 @@ def target_needs_protocol(ctx: CheckContext) -> Iterator[Diagnostic]:
                     continue
                 p = _proto(r)
                 num = p.number if p is not None else 0
-                span = r.option_span(t)
                 if isinstance(t, Tproxy) and (num not in (6, 17) or p.negated):
                     have = "no -p" if p is None or num == 0 else f"'{'! ' if p.negated else ''}-p {p.name}'"
                     yield ctx.diag(
                         "CHN011",
                         f"{r.label}: TPROXY with {have}; the kernel accepts TPROXY only with "
                         f"-p tcp or -p udp and refuses table {table.name}",
-                        span, hint="add '-p tcp' (and a second rule with '-p udp' if needed)")
+                        r.option_span(t), hint="add '-p tcp' (and a second rule with '-p udp' if needed)")
                 elif isinstance(t, OtherTarget) and t.target == "TCPMSS" and (num != 6 or p.negated):
                     yield ctx.diag(
                         "CHN011",
                         f"{r.label}: TCPMSS without '-p tcp'; the kernel refuses it "
                         f"(TCPMSS target: only valid for protocol 6), so table {table.name} does not load",
-                        span, hint="add '-p tcp --tcp-flags SYN,RST SYN'")
+                        r.option_span(t), hint="add '-p tcp --tcp-flags SYN,RST SYN'")
                 elif _has_ports(t) and num not in PORT_PROTOCOLS.get(family, PORT_PROTOCOLS[4]):
                     have = "no -p" if num == 0 else f"-p {p.name}"
                     yield ctx.diag(
@@ -258,7 +255,7 @@ def target_needs_protocol(ctx: CheckContext) -> Iterator[Diagnostic]:
                         f"{r.label}: {t.name} gives ports with {have}; iptables refuses it (\"Need "
                         f"TCP, UDP, SCTP or DCCP with port specification\"), so table {table.name} "
                         "does not load",
-                        span, hint="add '-p tcp' (or -p udp), or drop the port")
+                        r.option_span(t), hint="add '-p tcp' (or -p udp), or drop the port")
 
 
 def _has_ports(t) -> bool:
