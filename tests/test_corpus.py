@@ -59,14 +59,7 @@ ITERATE_CAP = 12  # re-runs of legacy --test per rejected file (each ~5 ms)
 
 # Files whose disagreement is out of scope for the parser, with the reason. Keep this short and
 # explicit; test_known_exceptions_still_needed fails once a file agrees again.
-KNOWN_EXCEPTIONS: dict[str, str] = {
-    # A --noflush payload: nat jumps to KUBE-SERVICES / KUBE-POSTROUTING, chains kube-proxy made
-    # in another transaction. nft --test accepts the structure (legacy says "Couldn't load
-    # target", machine-dependent), but CHN001 (analyzer/checks/chains.py) reports an error, as
-    # its "declares no builtin chain" heuristic does not see this table as a payload.
-    "iptables/istio/He-Jingkai-istio__offmesh-tools__cpu-network.ztunnel.rules":
-        "CHN001 severity for jumps to chains of an earlier transaction (checks, not parse)",
-}
+KNOWN_EXCEPTIONS: dict[str, str] = {}
 
 
 # --------------------------------------------------------------------------- which files

@@ -151,12 +151,13 @@ class TableGraph:
 
 
 def user_chains_only(table: Table) -> bool:
-    """True when the table neither declares nor fills a builtin chain. iptables-save always
-    declares them (`:INPUT ACCEPT [0:0]`), so this is a restore payload for `--noflush` (as
-    kube-proxy writes): the jumps into its chains live on the machine, outside this input."""
+    """True when the table is a restore payload for ``--noflush`` rather than a dump: it declares
+    none of its builtin chains. iptables-save always declares them (`:INPUT ACCEPT [0:0]`);
+    kube-proxy's and ztunnel's payloads do not, and jump to chains an earlier transaction made
+    on the machine, outside this input."""
     builtins = [c for c in table.chains.values() if c.builtin]
-    return bool(builtins) and all(c.span is None and not c.rules for c in builtins) and any(
-        not c.builtin for c in table.chains.values())
+    return bool(builtins) and all(c.span is None for c in builtins) and (
+        any(not c.builtin for c in table.chains.values()) or any(c.rules for c in builtins))
 
 
 def tables(ctx: CheckContext):
