@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an address of this namespace, e.g. 10.0.0.1/24@eth0")
     p.add_argument("--route", action="append", default=[], metavar="'DEST [via GW] dev IFACE'",
                    help="a route of this namespace (ip route syntax)")
+    p.add_argument("--ipset", action="append", default=[], metavar="FILE",
+                   help="`ipset save` output of the namespace: makes -m set matches exact")
     p.add_argument("--iproute", nargs=2, metavar=("ADDR_JSON", "ROUTE_JSON"),
                    help="`ip -j addr` and `ip -j route` output of the namespace")
     p.add_argument("--env", metavar="ENV.yaml", help="follow the flow across the namespaces of an environment")

@@ -268,6 +268,13 @@ def build_namespace(args) -> Namespace:
             ns.load_iproute_json(fa.read(), fr.read())
     for r in args.route:
         ns.add_route(r)
+    for path in getattr(args, "ipset", []):
+        from analyzer.parse.ipset import load_ipsets
+        with open(path, encoding="utf-8") as f:
+            sets, diags = load_ipsets(f.read(), path)
+        if diags:
+            raise EnvError(f"{diags[0].span.render()}: {diags[0].message}")
+        ns.ipsets.update(sets)
     return ns
 
 

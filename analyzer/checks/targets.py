@@ -14,6 +14,7 @@ from analyzer.checks import CheckContext, check
 from analyzer.checks.chains import render_path, table_graph, tables, user_chains_only
 from analyzer.diagnostics import Diagnostic, Related, Severity
 from analyzer.model.rules import (
+    Reject,
     TABLES, AddrTypeMatch, IfaceMatch, Masquerade, Nat, OtherTarget, OwnerMatch, PhysdevMatch,
     ProtoMatch, Redirect, Rule, Table, Tproxy, Verdict,
 )
@@ -248,6 +249,12 @@ def target_needs_protocol(ctx: CheckContext) -> Iterator[Diagnostic]:
                         f"{r.label}: TCPMSS without '-p tcp'; the kernel refuses it "
                         f"(TCPMSS target: only valid for protocol 6), so table {table.name} does not load",
                         r.option_span(t), hint="add '-p tcp --tcp-flags SYN,RST SYN'")
+                elif isinstance(t, Reject) and t.with_ == "tcp-reset" and (num != 6 or p.negated):
+                    yield ctx.diag(
+                        "CHN011",
+                        f"{r.label}: REJECT --reject-with tcp-reset without '-p tcp'; the kernel refuses "
+                        f"it (\"TCP_RESET invalid for non-tcp\"), so table {table.name} does not load",
+                        r.option_span(t), hint="add '-p tcp' (and reject other protocols with an ICMP type)")
                 elif _has_ports(t) and num not in PORT_PROTOCOLS.get(family, PORT_PROTOCOLS[4]):
                     have = "no -p" if num == 0 else f"-p {p.name}"
                     yield ctx.diag(

@@ -46,6 +46,7 @@ class Namespace:
     routes: list[Route] = field(default_factory=list)
     sysctls: dict[str, int] = field(default_factory=dict)
     bridged: dict[str, str] = field(default_factory=dict)  # port iface -> bridge
+    ipsets: dict = field(default_factory=dict)  # name -> analyzer.parse.ipset.IpSet (`ipset save`)
 
     @property
     def known(self) -> bool:

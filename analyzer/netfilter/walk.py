@@ -440,7 +440,19 @@ class Walker:
                 return bridged != neg
             return (None, f"bridge port ({m.option}) not modelled", False)
         if isinstance(m, SetMatch):
-            return (None, f"ipset '{m.name}' contents not given", False)
+            s = self.ns.ipsets.get(m.name)
+            if s is None:
+                return (None, f"ipset '{m.name}' contents not given (pass `ipset save` output)", False)
+            vals = []
+            for d, f in zip(s.dims if s.type != "list:set" else ["ip"] * len(m.flags), m.flags):
+                if d == "port":
+                    vals.append((p.proto, p.sport if f == "src" else p.dport))
+                else:
+                    vals.append(p.src if f == "src" else p.dst)
+            hit = s.contains(vals, self.ns.ipsets)
+            if hit is None:
+                return (None, f"ipset '{m.name}' of type {s.type} not evaluated", False)
+            return hit != neg
         if isinstance(m, (OpaqueMatch, UnknownMatch)):
             return (None, f"'-m {m.module} {m.option}' not evaluated", False)
         return (None, f"{type(m).__name__} not evaluated", False)

@@ -19,7 +19,7 @@ SYSCTL_DEFAULTS = {
     "net.ipv4.conf.all.rp_filter": 0,
 }
 KNOWN_KEYS = {"iptables", "ip6tables", "addresses", "routes", "iproute", "sysctls", "listeners",
-              "description"}
+              "ipsets", "description"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +127,17 @@ def load_environment(path: str) -> Environment:
         for r in spec.get("routes") or []:
             net.add_route(str(r))
         ns = NamespaceSpec(str(name), net)
+        ipsets = spec.get("ipsets")
+        for fp in ([ipsets] if isinstance(ipsets, str) else list(ipsets or [])):
+            from analyzer.parse.ipset import load_ipsets
+            full = os.path.join(base, fp)
+            try:
+                with open(full, encoding="utf-8") as f:
+                    sets, diags = load_ipsets(f.read(), os.path.relpath(full))
+            except OSError as e:
+                raise EnvError(f"{path}: namespace '{name}': cannot read {fp}: {e.strerror}") from None
+            env.diagnostics.extend(diags)
+            net.ipsets.update(sets)
         for key in ("iptables", "ip6tables"):
             files = spec.get(key)
             if not files:

@@ -112,3 +112,17 @@ def test_interface_in_builtin_output_is_refused_but_in_a_user_chain_never_matche
 
 def test_an_environment_only_context_has_nothing_to_check():
     assert run_checks(CheckContext(None, (), extra={"env": None}), select=["CHN"]) == []
+
+
+def test_reject_tcp_reset_needs_tcp():
+    from analyzer.checks import CheckContext, run_checks
+    from analyzer.parse import load_ruleset
+
+    def codes(rule):
+        text = f"*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n{rule}\nCOMMIT\n"
+        res = load_ruleset((text, "t.rules"))
+        return [d.code for d in run_checks(CheckContext(res.ruleset, res.files), ["CHN011"])]
+
+    assert codes("-A FORWARD -j REJECT --reject-with tcp-reset") == ["CHN011"]
+    assert codes("-A FORWARD -p tcp -j REJECT --reject-with tcp-reset") == []
+    assert codes("-A FORWARD -j REJECT --reject-with icmp-port-unreachable") == []
