@@ -159,6 +159,38 @@ def _martian_source(w: Walker, b: Branch, iif: str) -> bool:
     return True
 
 
+def _conf(w: Walker, key: str, iif: str) -> int:
+    """A per-interface IPv4 sysctl as the kernel combines it: max(all, interface)."""
+    return max(w.ns.sysctl(f"net.ipv4.conf.all.{key}", 0), w.ns.sysctl(f"net.ipv4.conf.{iif}.{key}", 0))
+
+
+def _input_route_refuses(w: Walker, b: Branch, iif: str) -> bool:
+    """The input route lookup's other refusals (ip_route_input_slow): a loopback destination
+    from a real interface without route_localnet, and reverse-path filtering (rp_filter 1 strict:
+    the route back to the source must leave by the interface the packet came in on; 2 loose:
+    some route back must exist)."""
+    if iif == "lo" or b.pkt.family != 4:
+        return False
+    if b.pkt.dst.is_loopback and not _conf(w, "route_localnet", iif):
+        b.disposition = "dropped"
+        b.detail = (f"martian destination: {b.pkt.dst} arrives on {iif}; loopback addresses are "
+                    f"routed only with net.ipv4.conf.{iif}.route_localnet=1")
+        b.steps.append(Step("route", b.detail))
+        return True
+    mode = _conf(w, "rp_filter", iif)
+    if mode == 0:
+        return False
+    back = w.ns.route(b.pkt.src)
+    if back.kind == "local" or (back.kind == "unicast" and (mode == 2 or back.oif == iif)):
+        return False
+    where = f"leaves by {back.oif}" if back.kind == "unicast" else "does not exist"
+    b.disposition = "dropped"
+    b.detail = (f"rp_filter={mode} ({'strict' if mode == 1 else 'loose'}): the packet from {b.pkt.src} "
+                f"arrives on {iif} but the route back to {b.pkt.src} {where}")
+    b.steps.append(Step("route", b.detail))
+    return True
+
+
 def walk_namespace(world: World, tracker: Tracker, ns: str, pkt: Packet, iif: str | None,
                    reply_mode: bool, bridged_via: str | None = None,
                    from_port: tuple | None = None) -> list[Branch]:
@@ -219,6 +251,9 @@ def walk_namespace(world: World, tracker: Tracker, ns: str, pkt: Packet, iif: st
                 out.append(b)
                 continue
             if w.ns.route(b.pkt.dst).kind in ("local", "unicast") and _martian_source(w, b, iif):
+                out.append(b)
+                continue
+            if _input_route_refuses(w, b, iif):
                 out.append(b)
                 continue
             kind = _route(w, b)

@@ -109,9 +109,17 @@ def environment_trips(ctx: CheckContext):
 
     world = World(env)
     clients = env.clients or list(env.namespaces)
-    targets = []
+    targets: list = []
     for name, spec in env.namespaces.items():
         targets += [(name, key, set(clients)) for key, _ in service_destinations(spec)]
+        # every listener is a service too, translated or not: its reply must come back as well
+        for l in spec.listeners:
+            if l.proxy_to:
+                continue  # reached through a REDIRECT/TPROXY, covered by the translated destinations
+            addr = next((a.ip for _, a in spec.net.local_addresses() if not a.ip.is_loopback), None)
+            if addr is not None:
+                proto = {"tcp": 6, "udp": 17, "sctp": 132}.get(l.proto, 6)
+                targets.append((name, (addr, proto, l.port), set(clients) - {name}))
         if outbound_catchall(spec) and name in clients:
             for other, ospec in env.namespaces.items():
                 if other == name:
