@@ -90,7 +90,7 @@ def _split(values):
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
 
 
-def _load(args):
+def _load(args, lazy: bool = False):
     from analyzer.parse import StrictError, load_ruleset
 
     inputs = []
@@ -113,7 +113,7 @@ def _load(args):
             return None
     try:
         return load_ruleset(inputs, fmt=None if args.fmt == "auto" else args.fmt, family=args.family,
-                            noflush=args.noflush, strict=args.strict, table=args.table)
+                            noflush=args.noflush, strict=args.strict, table=args.table, lazy=lazy)
     except StrictError as e:
         from analyzer.diagnostics import render_text
         sys.stderr.write(render_text(e.diagnostic) + "\n")
@@ -267,7 +267,8 @@ def cmd_explain(args) -> int:
     except ValueError as e:
         sys.stderr.write(f"synack: error: {e}\n")
         return EXIT_UNUSABLE
-    res = _load(args)
+    # explain decodes only the rules the flow meets (run lint to validate the whole dump)
+    res = _load(args, lazy=True)
     if res is None:
         return EXIT_UNUSABLE
     if spec.open:
@@ -298,6 +299,8 @@ def cmd_explain_open(args, res, spec) -> int:
         where = f"arrives on {args.from_iface}" if args.from_iface else "arrives on an unnamed interface"
     spec = replace(spec, template=t)
     groups, complete = explain_open_flow(res.ruleset, spec, ns, local=args.local)
+    from analyzer.explain import report_late_errors
+    report_late_errors(res)
     if args.output_format == "json":
         doc = {"schema_version": "1.0", "open_fields": sorted(spec.open), "complete": complete,
                "groups": [{"packets": g.description, "classes": g.classes,

@@ -296,8 +296,19 @@ def run_explain(args, res) -> int:
         flow = replace(flow, iif=args.from_iface, mark=args.mark)
         where = f"arrives on {args.from_iface}" if args.from_iface else "arrives on an unnamed interface"
     outcomes = explain_flow(res.ruleset, flow, ns, local=args.local)
+    report_late_errors(res)
     if args.output_format == "json":
         sys.stdout.write(render_json(flow, outcomes) + "\n")
     else:
         sys.stdout.write(render_text(flow, outcomes, where))
     return 0
+
+
+def report_late_errors(res) -> None:
+    """Errors in rules the flow met, found when a lazily parsed dump decoded them."""
+    late = [d for d in res.late_diagnostics() if d.severity.name == "ERROR"]
+    if late:
+        from analyzer.report.diagnostics import render_text_all
+        sys.stderr.write(render_text_all(sorted(late, key=lambda d: d.sort_key())) + "\n")
+        sys.stderr.write("synack: warning: rules on this flow's path have errors; they were explained "
+                         "as far as they could be parsed (run `synack lint` for the whole dump)\n")

@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     from analyzer.parse import load_ruleset
 
     t0 = time.perf_counter()
-    rs = load_ruleset((text, str(dump))).ruleset
+    rs = load_ruleset((text, str(dump)), lazy=True).ruleset  # as `synack explain` loads it
     load_s = time.perf_counter() - t0
     ns = Namespace()
     ns.add_addr("192.168.0.2/24", "eth0")
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     rows = [
         ("explain one flow, dump loaded (median)", f"{median * 1000:.2f} ms", "<= 50 ms", t_flow.verdict),
         ("explain one flow, worst of %d" % len(times), f"{worst * 1000:.2f} ms", "", ""),
-        ("load (parse) in-process", f"{load_s:.2f} s", "", ""),
+        ("load (lazy parse, as explain does) in-process", f"{load_s:.2f} s", "", ""),
         ("`synack explain` command incl. load", f"{best.seconds:.2f} s", "<= 1.5 s", t_cmd.verdict),
         ("peak RSS of the command", f"{best.maxrss_mb:.0f} MB", "", ""),
     ]

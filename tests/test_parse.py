@@ -407,3 +407,24 @@ def test_chain_names_and_jumps_restore_refuses():
     assert codes(res) == [("PRS008", "error", 3)]
     assert codes(parse(wrap("-A INPUT -m limit --limit 5/sex -j ACCEPT"))) == [("PRS004", "error", 2)]
     assert parse(wrap("-A INPUT -m limit --limit 5/Min --limit-burst 10 -j ACCEPT")).diagnostics == ()
+
+
+def test_lazy_parse_equals_eager_parse_once_decoded():
+    """explain parses lazily; every rule must decode to what the eager parse gives, with the
+    same diagnostics once all rules were touched."""
+    import glob
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    files = sorted(glob.glob(str(root / "samples" / "**" / "*.rules"), recursive=True))
+    corpus = root.parent / "shared" / "corpus" / "iptables"
+    files += sorted(glob.glob(str(corpus / "kube-proxy*" / "*")))[:20]
+    files += sorted(glob.glob(str(corpus / "moby" / "iptabler" / "*")))[:20]
+    assert files
+    for f in files:
+        text = Path(f).read_text(errors="surrogateescape")
+        eager = load_ruleset((text, f))
+        lazy = load_ruleset((text, f), lazy=True)
+        assert lazy.ruleset == eager.ruleset, f
+        got = sorted(lazy.diagnostics + lazy.late_diagnostics(), key=lambda d: d.sort_key())
+        assert [(d.code, d.span) for d in got] == [(d.code, d.span) for d in eager.diagnostics], f

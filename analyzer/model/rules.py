@@ -509,6 +509,22 @@ class Rule:
     span: Span
     text: str
     counters: tuple[int, int] | None = None
+    # a rule parsed lazily (``load_ruleset(lazy=True)``, what ``synack explain`` uses: one flow
+    # reads a few dozen rules of a 10,000-service dump) has its options decoded on first use of
+    # ``matches`` or ``target``; ``pending`` is the decoder, None once done
+    pending: object = field(default=None, repr=False, compare=False, hash=False)
+
+    def __getattr__(self, name):
+        # only reached for an unset slot: the options of a lazily parsed rule
+        if name in ("matches", "target"):
+            pending = object.__getattribute__(self, "pending")
+            if pending is not None:
+                matches, target = pending()
+                object.__setattr__(self, "matches", matches)
+                object.__setattr__(self, "target", target)
+                object.__setattr__(self, "pending", None)
+                return matches if name == "matches" else target
+        raise AttributeError(name)
 
     def option_span(self, opt: Match | Target) -> Span:
         return Span(self.span.path, self.span.line, opt.col, opt.end_col)

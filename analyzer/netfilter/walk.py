@@ -8,6 +8,8 @@ evaluate fork the walk into several outcomes (the latter marked APPROXIMATE).
 from __future__ import annotations
 
 import heapq
+from collections import OrderedDict
+import re
 import ipaddress
 from dataclasses import dataclass, field, replace
 
@@ -192,6 +194,11 @@ _CT_MODULES = frozenset({"conntrack", "state", "connmark", "connlimit", "connbyt
                          "helper", "cluster", "ipvs", "conntrack_zone"})
 
 
+# every target or module name conntrack_in_use() looks for, as words of a rule's text
+_CT_WORDS = re.compile(r"\b(?:DNAT|SNAT|MASQUERADE|REDIRECT|NETMAP|NOTRACK|CT|CONNMARK|CONNSECMARK|"
+                       r"CLUSTERIP|TPROXY|conntrack|state|connmark|" + "|".join(sorted(_CT_MODULES)) + r")\b")
+
+
 def conntrack_in_use(ruleset: Ruleset) -> bool:
     """Whether any rule makes the kernel track connections in this namespace.
 
@@ -200,6 +207,8 @@ def conntrack_in_use(ruleset: Ruleset) -> bool:
     not (checked on 6.x with iptables-nft and iptables-legacy).
     """
     for rule in ruleset.rules():
+        if rule.pending is not None and not _CT_WORDS.search(rule.text):
+            continue  # a lazily parsed rule whose text names nothing conntrack-related: don't decode
         t = rule.target
         if isinstance(t, (Nat, Masquerade, Redirect, Netmap, Notrack, ConnmarkCopy)):
             return True
@@ -217,12 +226,30 @@ def conntrack_in_use(ruleset: Ruleset) -> bool:
     return False
 
 
+# what a ruleset's walks can share (conntrack in use, big-chain indexes), for the last few
+# rulesets walked: explaining many flows on one 10k-service dump must not redo them per flow
+_SHARED: "OrderedDict[int, tuple[Ruleset, dict]]" = OrderedDict()
+
+
+def _shared(ruleset: Ruleset) -> dict:
+    hit = _SHARED.get(id(ruleset))
+    if hit is not None and hit[0] is ruleset:
+        _SHARED.move_to_end(id(ruleset))
+        return hit[1]
+    data = {"ct_in_use": conntrack_in_use(ruleset), "index": {}}
+    _SHARED[id(ruleset)] = (ruleset, data)  # holding the ruleset keeps its id from being reused
+    while len(_SHARED) > 8:
+        _SHARED.popitem(last=False)
+    return data
+
+
 class Walker:
     def __init__(self, ruleset: Ruleset, ns: Namespace):
         self.rs = ruleset
         self.ns = ns
-        self._index: dict = {}
-        self.ct_in_use = conntrack_in_use(ruleset)
+        shared = _shared(ruleset)
+        self._index: dict = shared["index"]
+        self.ct_in_use = shared["ct_in_use"]
 
     # -------------------------------------------------------------- chain evaluation
     def _rules_for(self, table: str, chain: str, pkt: Packet):

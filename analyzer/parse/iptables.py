@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import re
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
+from functools import lru_cache, partial
 from itertools import repeat
 
 from lark import Lark, Token
@@ -41,6 +41,7 @@ _NETWORKS_GET = _NETWORKS.get
 _MODULE_PROTOCOLS_GET = O.MODULE_PROTOCOLS.get
 # the model types built once per rule or option (see options.fast_constructor)
 _new_Span = O.fast_constructor(Span)
+_PENDING = object()  # matches of a rule whose options are decoded on first use
 _new_Rule = O.fast_constructor(Rule)
 _new_AddrMatch = O.fast_constructor(AddrMatch)
 _new_IfaceMatch = O.fast_constructor(IfaceMatch)
@@ -146,10 +147,16 @@ class ParseResult:
     diagnostics: tuple[Diagnostic, ...]
     files: tuple[SourceFile, ...] = ()
     format: str = "save"
+    partial: bool = False  # a fragment or --noflush transaction: chains may exist elsewhere
+    log: list | None = field(default=None, repr=False, compare=False)  # the builder's, still growing
 
     @property
     def errors(self) -> int:
         return sum(1 for d in self.diagnostics if d.severity == Severity.ERROR)
+
+    def late_diagnostics(self) -> tuple[Diagnostic, ...]:
+        """What lazily parsed rules reported when they were decoded after the parse."""
+        return tuple(self.log[len(self.diagnostics):]) if self.log else ()
 
 
 class StrictError(Exception):
@@ -284,7 +291,8 @@ class _TableB:
 class Builder:
     """Applies iptables-restore input in order; several files apply as successive transactions."""
 
-    def __init__(self, family: int = 4, noflush: bool = False, strict: bool = False):
+    def __init__(self, family: int = 4, noflush: bool = False, strict: bool = False, lazy: bool = False):
+        self.lazy = lazy
         self.family = family
         self.noflush = noflush
         self.strict = strict
@@ -723,9 +731,17 @@ class Builder:
         command = self._command
         tname = tb.name
         plain = not self._cmd_offset  # command lists need their 'iptables -t nat' prefix cut
+        lazy = self.lazy
         for n in run:
             line = lines[n - 1]
             if plain and line[:3] == "-A " and line[-1] != " " and line[-1] != "\t":
+                if lazy:
+                    end = line.find(" ", 3)
+                    chain = chains.get(line[3:end]) if end > 3 else None
+                    if chain is not None and '"' not in line[3:end]:
+                        chain.rules.append((_PENDING, (sf, n, line, tname), _new_Span(sf.path, n, 1, len(line) + 1),
+                                            line, None))
+                        continue
                 w, cs, es = split(line, 1)
                 if len(w) > 2:
                     chain = chains.get(w[1])
@@ -1392,12 +1408,24 @@ class Builder:
                 # columns of (matches, target, span, text, counters) -> one Rule per rule
                 rules = tuple(map(_new_Rule, repeat(tname, k), repeat(cname, k), range(1, k + 1),
                                   *zip(*cb.rules))) if k else ()
+                if self.lazy:
+                    for r in rules:
+                        if r.matches is _PENDING:
+                            object.__setattr__(r, "pending", partial(self._decode_later, *r.target))
+                            object.__delattr__(r, "matches")
+                            object.__delattr__(r, "target")
                 chains[cname] = Chain(tname, cname, cb.builtin, cb.policy if cb.builtin else None,
                                       rules, cb.span, cb.counters)
             tables[tname] = Table(tname, freeze_mapping(chains), tb.span)
         rs = Ruleset(self.family, freeze_mapping(tables), tuple(f.path for f in self.files))
         diags = tuple(sorted(self.diags, key=Diagnostic.sort_key))
-        return ParseResult(rs, diags, tuple(self.files), fmt)
+        return ParseResult(rs, diags, tuple(self.files), fmt, self.partial, self.diags)
+
+    def _decode_later(self, sf, n, line, tname):
+        """(matches, target) of a lazily parsed '-A CHAIN ...' line, decoded on first use."""
+        w, cs, es = O.split_args(line, 1)
+        d = self._decode(sf, n, w, cs, es, 2, None, line, tname)
+        return ((), None) if d is None else (d[0], d[1])
 
 
 def _rule_key(r):
@@ -1408,13 +1436,15 @@ def _rule_key(r):
 
 
 def load_ruleset(inputs, fmt: str | None = None, family: int | None = None, noflush: bool = False,
-                 strict: bool = False, table: str | None = None) -> ParseResult:
+                 strict: bool = False, table: str | None = None, lazy: bool = False) -> ParseResult:
     """Parse one or several dumps (``[(text, path), ...]`` or a single ``(text, path)``); several
-    inputs apply in order as successive iptables-restore transactions."""
+    inputs apply in order as successive iptables-restore transactions. ``lazy``: decode the options
+    of plain '-A' rules only when first used (their diagnostics then arrive in
+    ``late_diagnostics()``); for explaining flows, not for validating a dump."""
     if isinstance(inputs, tuple):
         inputs = [inputs]
     fam = family or detect_family(inputs[0][0] if inputs else "")
-    b = Builder(fam, noflush=noflush or len(inputs) > 1, strict=strict)
+    b = Builder(fam, noflush=noflush or len(inputs) > 1, strict=strict, lazy=lazy and not strict)
     enabled = gc.isenabled()
     gc.disable()  # the parse allocates ~1M small objects and frees none: the GC only costs time
     try:
