@@ -243,18 +243,13 @@ def target_needs_protocol(ctx: CheckContext) -> Iterator[Diagnostic]:
                         f"{r.label}: TPROXY with {have}; the kernel accepts TPROXY only with "
                         f"-p tcp or -p udp and refuses table {table.name}",
                         r.option_span(t), hint="add '-p tcp' (and a second rule with '-p udp' if needed)")
-                elif isinstance(t, OtherTarget) and t.target == "TCPMSS" and (num != 6 or p.negated):
+                elif (need := _needs_tcp(t)) is not None and (num != 6 or p.negated):
+                    what, kernel_says, hint = need
                     yield ctx.diag(
                         "CHN011",
-                        f"{r.label}: TCPMSS without '-p tcp'; the kernel refuses it "
-                        f"(TCPMSS target: only valid for protocol 6), so table {table.name} does not load",
-                        r.option_span(t), hint="add '-p tcp --tcp-flags SYN,RST SYN'")
-                elif isinstance(t, Reject) and t.with_ == "tcp-reset" and (num != 6 or p.negated):
-                    yield ctx.diag(
-                        "CHN011",
-                        f"{r.label}: REJECT --reject-with tcp-reset without '-p tcp'; the kernel refuses "
-                        f"it (\"TCP_RESET invalid for non-tcp\"), so table {table.name} does not load",
-                        r.option_span(t), hint="add '-p tcp' (and reject other protocols with an ICMP type)")
+                        f"{r.label}: {what} without '-p tcp'; the kernel refuses it "
+                        f"({kernel_says}), so table {table.name} does not load",
+                        r.option_span(t), hint=hint)
                 elif _has_ports(t) and num not in PORT_PROTOCOLS.get(family, PORT_PROTOCOLS[4]):
                     have = "no -p" if num == 0 else f"-p {p.name}"
                     yield ctx.diag(
@@ -263,6 +258,16 @@ def target_needs_protocol(ctx: CheckContext) -> Iterator[Diagnostic]:
                         f"TCP, UDP, SCTP or DCCP with port specification\"), so table {table.name} "
                         "does not load",
                         r.option_span(t), hint="add '-p tcp' (or -p udp), or drop the port")
+
+
+def _needs_tcp(t):
+    """(what, the kernel's words, hint) for targets valid only on TCP packets, else None."""
+    if isinstance(t, OtherTarget) and t.target == "TCPMSS":
+        return "TCPMSS", "TCPMSS target: only valid for protocol 6", "add '-p tcp --tcp-flags SYN,RST SYN'"
+    if isinstance(t, Reject) and t.with_ == "tcp-reset":
+        return ("REJECT --reject-with tcp-reset", '"TCP_RESET invalid for non-tcp"',
+                "add '-p tcp' (and reject other protocols with an ICMP type)")
+    return None
 
 
 def _has_ports(t) -> bool:
