@@ -448,8 +448,11 @@ def findings(world: World, trip: Trip) -> list[Diagnostic]:
             if rule is not None:
                 related.append(Related("destination translated here", rule.span))
             bypass = _bypass_point(trip, missed[0].namespace if missed else None)
+            back = world.env.namespaces[trip.start].net.route(seen.src)
+            rst = ("answers RST" if back.kind in ("unicast", "local") else
+                   "would answer RST but has no route to it, so the RST is dropped")
             msg = (f"client {flow.src} dialled {flow.dst}:{flow.dport} but the reply arrives from "
-                   f"{seen.src}:{seen.sport}: the client's kernel has no socket for it and answers RST; "
+                   f"{seen.src}:{seen.sport}: the client's kernel has no socket for it and {rst}; "
                    f"the connect retries its SYN and times out")
             if missed:
                 msg += (f". The request was translated in '{missed[0].namespace}' "
