@@ -428,3 +428,24 @@ def test_lazy_parse_equals_eager_parse_once_decoded():
         assert lazy.ruleset == eager.ruleset, f
         got = sorted(lazy.diagnostics + lazy.late_diagnostics(), key=lambda d: d.sort_key())
         assert [(d.code, d.span) for d in got] == [(d.code, d.span) for d in eager.diagnostics], f
+
+
+def test_delete_by_spec_respects_negation():
+    text = wrap("-A INPUT ! -s 10.0.0.1/32 -j DROP\n-A INPUT -s 10.0.0.1/32 -j DROP\n"
+                "-D INPUT -s 10.0.0.1/32 -j DROP")
+    (r,) = parse(text).ruleset.tables["filter"].chains["INPUT"].rules
+    assert r.matches[0].negated  # iptables deletes the second rule, not the negated first one
+
+
+def test_an_unusable_address_keeps_the_rule_conditional():
+    r, res = only_rule(wrap("-A INPUT -d ::1/128 -j RETURN"), family=4)
+    assert [d.code for d in res.diagnostics] == ["PRS005"]
+    assert r.matches and not r.modelled  # not an unconditional RETURN
+
+
+def test_tcp_flags_all_is_the_six_classic_flags():
+    r, _ = only_rule(wrap("-A INPUT -p tcp --tcp-flags ALL NONE -j DROP"))
+    flags = [m for m in r.matches if type(m).__name__ == "TcpFlagsMatch"][0]
+    assert (flags.mask, flags.comp) == (0x3F, 0)
+    res = parse(wrap("-A INPUT -p tcp --tcp-flags SYN,ECE SYN -j DROP"))
+    assert [d.code for d in res.diagnostics] == ["PRS004"]  # libxt_tcp: Unknown TCP flag `ECE'

@@ -7,6 +7,7 @@ option decoder (analyzer/parse/options.py) for each rule line.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import re
 from dataclasses import dataclass, field, replace
@@ -1283,9 +1284,11 @@ class Builder:
         if ctx.host_names:
             self._host_names(sf, n, cs, es)
             unknown = True
-        if unknown:
+        if unknown or not nets:
+            # an address synack cannot use stays a (not evaluated) match: dropping it would
+            # widen the rule to every packet
             matches.append(_new_OpaqueMatch(col, end, neg, "", opt, (value,)))
-        elif nets:
+        else:
             matches.append(_new_AddrMatch(col, end, neg, direction, tuple(nets)))
 
     def _host_names(self, sf, n, cs, es):
@@ -1429,9 +1432,15 @@ class Builder:
 
 
 def _rule_key(r):
+    """What `-D CHAIN RULESPEC` compares: every field of every match and of the target but the
+    columns (``__slots__`` of a slotted subclass would miss the base's ``negated``)."""
     m, t, _, _, _ = r
-    strip = lambda o: (type(o).__name__,) + tuple(
-        getattr(o, f) for f in o.__slots__ if f not in ("col", "end_col")) if o is not None else None
+
+    def strip(o):
+        if o is None:
+            return None
+        return (type(o).__name__,) + tuple(getattr(o, f.name) for f in dataclasses.fields(o)
+                                           if f.name not in ("col", "end_col"))
     return (tuple(strip(x) for x in m), strip(t))
 
 

@@ -224,7 +224,7 @@ SERVICES = {
 }
 
 TCP_FLAGS = {"FIN": 0x01, "SYN": 0x02, "RST": 0x04, "PSH": 0x08, "ACK": 0x10, "URG": 0x20,
-             "ECE": 0x40, "CWR": 0x80, "ALL": 0xFF, "NONE": 0}
+             "ALL": 0x3F, "NONE": 0}  # libxt_tcp: ALL is the six classic flags; ECE/CWR are unknown to it
 
 CT_STATES = frozenset({"NEW", "ESTABLISHED", "RELATED", "INVALID", "UNTRACKED", "SNAT", "DNAT"})
 ADDR_TYPES = frozenset({"UNSPEC", "UNICAST", "LOCAL", "BROADCAST", "ANYCAST", "MULTICAST",
