@@ -449,3 +449,15 @@ def test_tcp_flags_all_is_the_six_classic_flags():
     assert (flags.mask, flags.comp) == (0x3F, 0)
     res = parse(wrap("-A INPUT -p tcp --tcp-flags SYN,ECE SYN -j DROP"))
     assert [d.code for d in res.diagnostics] == ["PRS004"]  # libxt_tcp: Unknown TCP flag `ECE'
+
+
+def test_limit_iface_belongs_to_its_own_addrtype_block():
+    r, _ = only_rule(wrap("-A PREROUTING -m addrtype --src-type LOCAL -m addrtype --dst-type LOCAL "
+                          "--limit-iface-in -j ACCEPT", "mangle"))
+    src, dst = [m for m in r.matches if type(m).__name__ == "AddrTypeMatch"]
+    assert (src.limit_iface, dst.limit_iface) == (None, "in")
+
+
+def test_connmark_without_an_action_is_refused():
+    res = parse(wrap("-A PREROUTING -j CONNMARK --mask 0xff", "mangle"))
+    assert [d.code for d in res.diagnostics] == ["PRS007"]

@@ -7,6 +7,7 @@ option decoder (analyzer/parse/options.py) for each rule line.
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import gc
 import re
@@ -965,7 +966,8 @@ class Builder:
         explicit: list = []  # (module, word index) of every -m, for the protocol checks
         stat: list = []
         stat_at = 0
-        limit_iface = None
+        limit_iface: dict[int, str] = {}  # -m addrtype block -> --limit-iface-in/out
+        addrtype_blocks: list[int] = []
         neg = False
         neg_col = 0
         ntok = len(w)
@@ -1038,7 +1040,8 @@ class Builder:
                                 stat.append(m)
                                 stat_at = j - 1
                             elif use_mod == "addrtype" and t.startswith("--limit-iface"):
-                                limit_iface = t[-3:].strip("-")
+                                # it limits the -m addrtype it belongs to, not the rule's others
+                                limit_iface[len(addrtype_blocks) - 1] = t[-3:].strip("-")
                             else:
                                 append(m)
                                 if t == "--match-set" or t == "--nfacct-name" or (
@@ -1111,6 +1114,8 @@ class Builder:
                     stat = []
                 mod = w[i + 1]
                 mod = _MODULE_ALIASES.get(mod, mod)
+                if mod == "addrtype":
+                    addrtype_blocks.append(len(matches))  # where this -m addrtype's matches start
                 spec = _MATCH_MODULES_GET(mod)
                 mod_seen = set()
                 target_first = False
@@ -1208,9 +1213,15 @@ class Builder:
             i = j
         if stat:
             append(self._merge_stat(stat, sf, n, cs, es, stat_at))
-        if limit_iface is not None:
-            matches = [AddrTypeMatch(m.col, m.end_col, m.negated, m.direction, m.types, limit_iface)
-                       if isinstance(m, AddrTypeMatch) else m for m in matches]
+        if limit_iface:
+            out = []
+            for k, m in enumerate(matches):
+                if isinstance(m, AddrTypeMatch):
+                    block = bisect.bisect_right(addrtype_blocks, k) - 1
+                    if block in limit_iface:
+                        m = AddrTypeMatch(m.col, m.end_col, m.negated, m.direction, m.types, limit_iface[block])
+                out.append(m)
+            matches = out
         if neg:
             err(sf, n, cs, es, "PRS003", "'!' at the end of the rule negates nothing", ntok - 1,
                 hint="put '!' before the option it negates")

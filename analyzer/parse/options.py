@@ -842,8 +842,9 @@ def _t_connmark(name, opts, ctx, col, end):
             elif opt == "--ctmask":
                 ct = _int(args[0], ctx, "mask")
         return ConnmarkCopy(col, end, "save" if "--save-mark" in names else "restore", nf, ct)
-    if not opts:
-        raise DecodeError("PRS007", "CONNMARK needs an action", ctx.index)
+    if not any(o in ("--set-xmark", "--set-mark", "--and-mark", "--or-mark", "--xor-mark") for o in names):
+        raise DecodeError("PRS007", "CONNMARK needs an action: iptables says \"No operation specified\"",
+                          ctx.index, hint="add --set-xmark, --save-mark or --restore-mark")
     return _mark_target("CONNMARK", opts, ctx, col, end)
 
 
