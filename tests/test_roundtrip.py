@@ -333,12 +333,11 @@ def test_model_without_text_roundtrips(name):
     assert model_key(res2.ruleset) == model_key(rs), first_difference(model_key(rs), model_key(res2.ruleset))
 
 
-@pytest.mark.xfail(reason="parser bug: a '-m MODULE' with no options (socket, rpfilter, an unknown "
-                          "module, bare tcp/udp) leaves no match in the model, so the writer cannot "
-                          "write it back", strict=False)
 def test_match_module_without_options_survives():
+    """'-m socket' alone decides (the packet belongs to a local socket): it must stay a match."""
     res, out, _ = roundtrip("*mangle\n-A PREROUTING -p tcp -m socket -j ACCEPT\nCOMMIT\n")
     assert "-m socket" in out
+    assert not next(res.ruleset.rules()).modelled
 
 
 def test_inline_cases_cover_every_model_kind():

@@ -180,6 +180,8 @@ def match_args(m: Match) -> tuple[str, list[str]]:
             # an undecodable -m statistic kept whole: every statistic option takes one argument
             toks = [t for pair in zip(m.option.split(), m.args) for t in pair]
             return "statistic", neg + toks
+        if not m.option:  # a module used without options ('-m socket')
+            return m.mod, []
         return m.mod, neg + [m.option, *m.args]
     raise TypeError(f"cannot write match {type(m).__name__}")
 

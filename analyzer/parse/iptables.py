@@ -79,6 +79,9 @@ _GENERIC_GET = GENERIC.get
 NOT_IN_RESTORE = {"-L": "--list", "--list": "--list", "-S": "--list-rules", "--list-rules": "--list-rules",
                   "-h": "--help", "--help": "--help"}
 POLICIES = ("ACCEPT", "DROP", "QUEUE", "RETURN")
+# match modules that mean something with no option at all (socket: the packet belongs to a local
+# socket; rpfilter: the reverse-path check); other option-less modules only restate -p
+BARE_MODULES = frozenset({"socket", "rpfilter"})
 
 # code -> (name, summary); docs/parse-errors.md explains each with an example
 PARSE_CODES = {
@@ -1226,6 +1229,10 @@ class Builder:
             err(sf, n, cs, es, "PRS003", "'!' at the end of the rule negates nothing", ntok - 1,
                 hint="put '!' before the option it negates")
         for mname, at, mseen in explicit:
+            if not mseen and (mname in BARE_MODULES or mname not in O.MATCH_MODULES):
+                # '-m socket' alone (and an unknown module without options) still decides: keep
+                # it as a match, or the rule would match every packet
+                append(_new_OpaqueMatch(cs[at], es[min(at + 1, ntok - 1)], False, mname, "", ()))
             if not mseen and mname in O.NEEDS_AN_OPTION and self._ok:  # not after a misspelt option
                 err(sf, n, cs, es, "PRS023", f"'-m {mname}' without any of its options: iptables refuses "
                     "the rule", at, at + 1, hint=f"`iptables -m {mname} --help` lists its options")
