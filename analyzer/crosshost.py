@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from analyzer.diagnostics import APPROXIMATE, EXACT, Diagnostic, Related, Severity
-from analyzer.netfilter.walk import Branch, Conntrack, Packet, Step, Walker
+from analyzer.netfilter.walk import Branch, Conntrack, Packet, Step, Walker, route_decision
 from analyzer.parse.envfile import Environment
 from analyzer.source import Span
 
@@ -129,22 +129,6 @@ class Tracker:
         return None
 
 
-def _route(w: Walker, br: Branch) -> str:
-    r = w.ns.route(br.pkt.dst)
-    if r.kind == "local":
-        br.steps.append(Step("route", f"local delivery ({br.pkt.dst} is an address here)"))
-        return "local"
-    if r.kind == "unicast":
-        br.pkt = replace(br.pkt, oif=r.oif)
-        br.next_hop = r.via or br.pkt.dst
-        br.steps.append(Step("route", f"via {r.route.render()}"))
-        return "forward"
-    br.disposition = "no-route" if r.kind == "none" else r.kind
-    br.detail = f"no route to {br.pkt.dst}" if r.kind == "none" else f"{r.kind} route"
-    br.steps.append(Step("route", br.detail))
-    return "end"
-
-
 def _martian_source(w: Walker, b: Branch, iif: str) -> bool:
     """The kernel's input route check (fib_validate_source): a packet that arrives from a link
     with a source address of this very namespace is a martian and dropped, unless accept_local."""
@@ -232,7 +216,7 @@ def walk_namespace(world: World, tracker: Tracker, ns: str, pkt: Packet, iif: st
         out = []
         for b in brs:
             if b.disposition is None:
-                kind = _route(w, b)
+                kind = route_decision(w, b, local_origin=iif is None)
                 if kind == "local":
                     b.pkt = replace(b.pkt, oif="lo")
             out.append(b)
@@ -256,7 +240,7 @@ def walk_namespace(world: World, tracker: Tracker, ns: str, pkt: Packet, iif: st
             if _input_route_refuses(w, b, iif):
                 out.append(b)
                 continue
-            kind = _route(w, b)
+            kind = route_decision(w, b, local_origin=iif is None)
             bridged_dnat = False
             if kind == "forward" and from_port is not None and b.pkt.oif == iif and b.pkt.dst != pkt.dst:
                 seg = world.env.segment_of(ns, iif)

@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass, replace
 
 from analyzer.netfilter.env import EnvError, Namespace
-from analyzer.netfilter.walk import Branch, Conntrack, Packet, Step, Walker, parse_flow
+from analyzer.netfilter.walk import Branch, Conntrack, Packet, Step, Walker, parse_flow, route_decision
 from analyzer.report import SCHEMA_VERSION
 
 
@@ -26,31 +26,6 @@ class Outcome:
     @property
     def confidence(self) -> str:
         return "APPROXIMATE" if self.forward.approx or (self.reply and self.reply.approx) else "EXACT"
-
-
-def _route(w: Walker, br: Branch, local_origin: bool) -> str:
-    """Routing decision for br.pkt; returns 'local', 'forward' or sets a disposition."""
-    ns = w.ns
-    r = ns.route(br.pkt.dst)
-    if r.kind == "local":
-        br.steps.append(Step("route", f"local delivery ({br.pkt.dst} is an address of this namespace)"))
-        return "local"
-    if r.kind == "none":
-        if not ns.known:
-            br.steps.append(Step("route", "forward (no addresses/routes given: assumed not local)"))
-            br.approx.append("routing unknown: give --addr/--route or --iproute")
-            return "forward"
-        br.disposition, br.detail = "no-route", f"no route to {br.pkt.dst}"
-        br.steps.append(Step("route", f"no route to {br.pkt.dst}"))
-        return "end"
-    if r.kind != "unicast":
-        br.disposition, br.detail = r.kind, f"{r.kind} route {r.route.render()}"
-        br.steps.append(Step("route", br.detail))
-        return "end"
-    br.pkt = replace(br.pkt, oif=r.oif)
-    br.next_hop = r.via or br.pkt.dst
-    br.steps.append(Step("route", f"{'output' if local_origin else 'forward'} via {r.route.render()}"))
-    return "forward"
 
 
 def explain_flow(ruleset, pkt: Packet, ns: Namespace, local: bool = False,
@@ -72,7 +47,7 @@ def explain_flow(ruleset, pkt: Packet, ns: Namespace, local: bool = False,
         done = []
         for br in brs:
             if br.disposition is None:
-                kind = _route(w, br, True)  # nat OUTPUT may have changed the destination: reroute
+                kind = route_decision(w, br, local_origin=True)  # nat OUTPUT may have changed the destination: reroute
                 if kind == "local":
                     br.pkt = replace(br.pkt, oif="lo")
             done.append(br)
@@ -91,7 +66,7 @@ def explain_flow(ruleset, pkt: Packet, ns: Namespace, local: bool = False,
             if br.disposition is not None:
                 routed.append(br)
                 continue
-            kind = _route(w, br, False)
+            kind = route_decision(w, br)
             if kind == "local":
                 for b in w.hook([br], "INPUT"):
                     if b.disposition is None:

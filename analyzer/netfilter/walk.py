@@ -677,3 +677,28 @@ class Walker:
             br.steps.append(Step(f"nat:{hook}", "conntrack reverse DNAT", packet=br.pkt.tuple_str()))
 
 
+def route_decision(w: "Walker", br: Branch, local_origin: bool = False) -> str:
+    """The routing decision for ``br.pkt`` in ``w``'s namespace: 'local' (delivered here),
+    'forward' (``oif`` and ``next_hop`` set) or 'end' (disposition set: no route, blackhole...).
+    A namespace given no addresses or routes at all is assumed to forward (APPROXIMATE)."""
+    ns = w.ns
+    r = ns.route(br.pkt.dst)
+    if r.kind == "local":
+        br.steps.append(Step("route", f"local delivery ({br.pkt.dst} is an address of this namespace)"))
+        return "local"
+    if r.kind == "none":
+        if not ns.known:
+            br.steps.append(Step("route", "forward (no addresses/routes given: assumed not local)"))
+            br.approx.append("routing unknown: give --addr/--route or --iproute")
+            return "forward"
+        br.disposition, br.detail = "no-route", f"no route to {br.pkt.dst}"
+        br.steps.append(Step("route", f"no route to {br.pkt.dst}"))
+        return "end"
+    if r.kind != "unicast":
+        br.disposition, br.detail = r.kind, f"{r.kind} route {r.route.render()}"
+        br.steps.append(Step("route", br.detail))
+        return "end"
+    br.pkt = replace(br.pkt, oif=r.oif)
+    br.next_hop = r.via or br.pkt.dst
+    br.steps.append(Step("route", f"{'output' if local_origin else 'forward'} via {r.route.render()}"))
+    return "forward"
