@@ -271,6 +271,11 @@ def cmd_explain(args) -> int:
     res = _load(args, lazy=True)
     if res is None:
         return EXIT_UNUSABLE
+    if _unusable(res):
+        from analyzer.report.diagnostics import render_text_all
+        sys.stderr.write(render_text_all([d for d in res.diagnostics if d.severity == Severity.ERROR]) + "\n")
+        sys.stderr.write("synack: error: nothing to explain: the input has no usable rule\n")
+        return EXIT_UNUSABLE
     if spec.open:
         return cmd_explain_open(args, res, spec)
     return run_explain(args, res)

@@ -90,6 +90,8 @@ def load_environment(path: str) -> Environment:
             doc = yaml.safe_load(f)
     except OSError as e:
         raise EnvError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise EnvError(f"{path}: not UTF-8 text; an environment file is YAML (docs/environment.md)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
