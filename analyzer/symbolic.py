@@ -6,74 +6,12 @@ explained concretely (explain.py) and classes with the same outcome are reported
 """
 from __future__ import annotations
 
-import ipaddress
-import re
 from dataclasses import dataclass, replace
 
 from analyzer.engine.packetset import PacketSpace
 from analyzer.engine.partition import field_ranges, partition
 from analyzer.netfilter.symbolic import OPEN_FIELDS, WIDTH, match_atoms
-from analyzer.netfilter.walk import PROTO, PROTO_NAME, Packet, Walker
-
-_FLOW = re.compile(r"^\s*(?:(?P<proto>[a-z]+|\d+)\s+)?(?P<src>\S+?)\s*->\s*(?P<dst>\S+)\s*$", re.I)
-
-
-@dataclass(frozen=True, slots=True)
-class FlowSpec:
-    template: Packet
-    open: frozenset  # fields the user left out
-
-
-def _endpoint(s: str):
-    if s.startswith("["):
-        a, _, rest = s[1:].partition("]")
-        return ipaddress.ip_address(a), (int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else None)
-    if s.count(":") == 1:
-        a, p = s.split(":")
-        if not p.isdigit() or int(p) > 65535:
-            raise ValueError(f"invalid port '{p}' in flow")
-        return ipaddress.ip_address(a), int(p)
-    return ipaddress.ip_address(s), None
-
-
-def parse_flow_spec(text: str) -> FlowSpec:
-    """``tcp 10.0.0.1:1234 -> 10.0.0.2:80`` with any of protocol/ports left out.
-
-    >>> sorted(parse_flow_spec('10.0.0.1 -> 10.0.0.2').open)
-    ['dport', 'proto', 'sport']
-    >>> sorted(parse_flow_spec('tcp 10.0.0.1 -> 10.0.0.2:80').open)
-    ['sport']
-    """
-    m = _FLOW.match(text)
-    if not m:
-        raise ValueError("flow must look like '[PROTO] SRC[:PORT] -> DST[:PORT]'")
-    try:
-        (src, sport), (dst, dport) = _endpoint(m.group("src")), _endpoint(m.group("dst"))
-    except ValueError as e:
-        raise ValueError(f"invalid flow: {e}") from None
-    if src.version != dst.version:
-        raise ValueError("source and destination are of different address families")
-    open_ = set()
-    p = m.group("proto")
-    if p is None:
-        open_.add("proto")
-        proto = 6
-    else:
-        p = p.lower()
-        if p not in PROTO and not p.isdigit():
-            raise ValueError(f"unknown protocol '{p}' (tcp, udp, icmp, sctp or a number)")
-        proto = PROTO.get(p) if p in PROTO else int(p)
-    if proto in (6, 17, 132) or "proto" in open_:
-        if sport is None:
-            open_.add("sport")
-        if dport is None:
-            open_.add("dport")
-    pkt = Packet(src.version, proto, src, dst, sport if sport is not None else 40000,
-                 dport if dport is not None else 80, tcp_flags=0x02 if proto == 6 else 0,
-                 icmp_type=(8 if src.version == 4 else 128) if proto in (1, 58) else None,
-                 icmp_code=0 if proto in (1, 58) else None)
-    return FlowSpec(pkt, frozenset(open_))
-
+from analyzer.netfilter.walk import PROTO_NAME, FlowSpec, Packet, Walker, parse_flow_spec  # noqa: F401 (re-exported)
 
 @dataclass
 class Group:

@@ -65,46 +65,76 @@ class Packet:
                       tcp_flags=0x12 if self.proto == 6 else 0)
 
 
+_FLOW = re.compile(r"^\s*(?:(?P<proto>[a-z]+|\d+)\s+)?(?P<src>\S+?)\s*->\s*(?P<dst>\S+)\s*$", re.I)
+
+
+@dataclass(frozen=True, slots=True)
+class FlowSpec:
+    template: Packet
+    open: frozenset  # fields the user left out
+
+
+def _endpoint(s: str):
+    if s.startswith("["):
+        a, _, rest = s[1:].partition("]")
+        return ipaddress.ip_address(a), (int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else None)
+    if s.count(":") == 1:
+        a, p = s.split(":")
+        if not p.isdigit() or int(p) > 65535:
+            raise ValueError(f"invalid port '{p}' in flow")
+        return ipaddress.ip_address(a), int(p)
+    return ipaddress.ip_address(s), None
+
+
+def parse_flow_spec(text: str) -> FlowSpec:
+    """``tcp 10.0.0.1:1234 -> 10.0.0.2:80`` with any of protocol/ports left out.
+
+    >>> sorted(parse_flow_spec('10.0.0.1 -> 10.0.0.2').open)
+    ['dport', 'proto', 'sport']
+    >>> sorted(parse_flow_spec('tcp 10.0.0.1 -> 10.0.0.2:80').open)
+    ['sport']
+    """
+    m = _FLOW.match(text)
+    if not m:
+        raise ValueError("flow must look like '[PROTO] SRC[:PORT] -> DST[:PORT]'")
+    try:
+        (src, sport), (dst, dport) = _endpoint(m.group("src")), _endpoint(m.group("dst"))
+    except ValueError as e:
+        raise ValueError(f"invalid flow: {e}") from None
+    if src.version != dst.version:
+        raise ValueError("source and destination are of different address families")
+    open_ = set()
+    p = m.group("proto")
+    if p is None:
+        open_.add("proto")
+        proto = 6
+    else:
+        p = p.lower()
+        if p not in PROTO and not p.isdigit():
+            raise ValueError(f"unknown protocol '{p}' (tcp, udp, icmp, sctp or a number)")
+        proto = PROTO.get(p) if p in PROTO else int(p)
+    if proto in (6, 17, 132) or "proto" in open_:
+        if sport is None:
+            open_.add("sport")
+        if dport is None:
+            open_.add("dport")
+    pkt = Packet(src.version, proto, src, dst, sport if sport is not None else 40000,
+                 dport if dport is not None else 80, tcp_flags=0x02 if proto == 6 else 0,
+                 icmp_type=(8 if src.version == 4 else 128) if proto in (1, 58) else None,
+                 icmp_code=0 if proto in (1, 58) else None)
+    return FlowSpec(pkt, frozenset(open_))
+
+
 def parse_flow(text: str) -> Packet:
-    """``tcp 10.0.0.1:1234 -> 10.0.0.2:80`` (ports optional; IPv6 as ``[::1]:80``).
+    """``tcp 10.0.0.1:1234 -> 10.0.0.2:80`` as one packet: a missing source port is an ephemeral
+    one, a missing destination port stays None (see `parse_flow_spec` for open flows).
 
     >>> parse_flow('tcp 10.4.26.45:35582 -> 10.4.26.234:80').tuple_str()
     'tcp 10.4.26.45:35582 -> 10.4.26.234:80'
     """
-    parts = text.replace("->", " -> ").split()
-    if "->" not in parts or len(parts) < 3:
-        raise ValueError("flow must look like 'tcp SRC[:PORT] -> DST[:PORT]'")
-    i = parts.index("->")
-    proto_words, left, right = parts[:i - 1], parts[i - 1], parts[i + 1] if i + 1 < len(parts) else ""
-    proto = proto_words[0].lower() if proto_words else "tcp"
-    if proto not in PROTO and not proto.isdigit():
-        raise ValueError(f"unknown protocol '{proto}' (tcp, udp, icmp, sctp or a number)")
-    pnum = PROTO.get(proto) or int(proto)
-
-    def ep(s):
-        if s.startswith("["):
-            a, _, rest = s[1:].partition("]")
-            port = rest[1:] if rest.startswith(":") else None
-        elif s.count(":") == 1:
-            a, port = s.split(":")
-        else:
-            a, port = s, None
-        try:
-            addr = ipaddress.ip_address(a)
-        except ValueError:
-            raise ValueError(f"invalid address '{a}' in flow") from None
-        if port is not None and (not port.isdigit() or int(port) > 65535):
-            raise ValueError(f"invalid port '{port}' in flow")
-        return addr, int(port) if port is not None else None
-
-    (s, sp), (d, dp) = ep(left), ep(right)
-    if s.version != d.version:
-        raise ValueError("source and destination are of different address families")
-    if pnum in (6, 17, 132):
-        sp = 40000 if sp is None else sp
-    return Packet(s.version, pnum, s, d, sp, dp, tcp_flags=0x02 if pnum == 6 else 0,
-                  icmp_type=(8 if s.version == 4 else 128) if pnum in (1, 58) else None,
-                  icmp_code=0 if pnum in (1, 58) else None)
+    spec = parse_flow_spec(text)
+    t = spec.template
+    return replace(t, dport=None) if "dport" in spec.open and t.proto in (6, 17, 132) else t
 
 
 @dataclass(frozen=True, slots=True)
