@@ -42,3 +42,12 @@ def test_open_protocol_separates_tcp_from_other_protocols():
 def test_flow_spec_reports_open_fields():
     assert parse_flow_spec("udp 10.0.0.1:53 -> 10.0.0.2").open == {"dport"}
     assert parse_flow_spec("tcp 10.0.0.1:1 -> 10.0.0.2:2").open == frozenset()
+
+
+def test_a_flow_without_ports_has_none():
+    from analyzer.netfilter.walk import parse_flow
+
+    p = parse_flow("icmp 10.0.0.1 -> 10.0.0.2")
+    assert (p.proto, p.sport, p.dport, p.icmp_type) == (1, None, None, 8)
+    assert parse_flow("tcp 10.0.0.1 -> 10.0.0.2:80").sport == 40000
+    assert parse_flow("tcp 10.0.0.1:5 -> 10.0.0.2").dport is None

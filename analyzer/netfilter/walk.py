@@ -118,8 +118,12 @@ def parse_flow_spec(text: str) -> FlowSpec:
             open_.add("sport")
         if dport is None:
             open_.add("dport")
-    pkt = Packet(src.version, proto, src, dst, sport if sport is not None else 40000,
-                 dport if dport is not None else 80, tcp_flags=0x02 if proto == 6 else 0,
+    if proto not in (6, 17, 132):  # ICMP and other protocols have no ports
+        sport = dport = None
+    elif sport is None or dport is None:
+        sport = 40000 if sport is None else sport  # an ephemeral port
+        dport = 80 if dport is None else dport     # a witness for an open destination port
+    pkt = Packet(src.version, proto, src, dst, sport, dport, tcp_flags=0x02 if proto == 6 else 0,
                  icmp_type=(8 if src.version == 4 else 128) if proto in (1, 58) else None,
                  icmp_code=0 if proto in (1, 58) else None)
     return FlowSpec(pkt, frozenset(open_))
