@@ -253,6 +253,57 @@ def build_namespace(args) -> Namespace:
     return ns
 
 
+def outcome_findings(flow: Packet, outcomes: list[Outcome], files=()) -> list:
+    """The findings ``lint --env`` would raise on this flow, read from the outcomes the walk
+    computed: a reply the client does not recognise (NAT001), a reply that never reaches it
+    (NAT002). One namespace only: what happens beyond it is an assumption of the walk."""
+    from analyzer.diagnostics import APPROXIMATE, EXACT, Diagnostic, Severity
+    from analyzer.source import Span
+
+    lines = {f.path: f for f in files}
+    out = []
+    for k, oc in enumerate(outcomes, 1):
+        if oc.reply is None:
+            continue
+        tag = "" if len(outcomes) == 1 else f"outcome {k} of {len(outcomes)}" + (
+            "" if oc.forward.prob in (None, 1.0) else f" (p={oc.forward.prob:.3f})") + ": "
+        conf = oc.confidence if oc.confidence == APPROXIMATE else EXACT
+        dnat = next((s for s in oc.forward.steps if s.verdict.startswith(("DNAT", "REDIRECT", "NETMAP"))
+                     and s.line), None)
+        span = line = None
+        related = ()
+        if dnat is not None:
+            line = lines[dnat.path].line(dnat.line) if dnat.path in lines else None
+            col = (line or "").find("-j ") + 1 or 1
+            span = Span(dnat.path, dnat.line, col, max(col + 1, len(line or "") + 1))
+        o = oc.forward.ct.original
+        if oc.reply_ok is False and oc.client_sees is not None:
+            seen = oc.client_sees
+            msg = (f"{tag}client {o.src} dialled {o.dst}:{o.dport} but the reply arrives from "
+                   f"{seen.src}:{seen.sport}: the client's kernel has no socket for it and answers RST")
+            if oc.forward.ct.dnat and oc.reply.steps and oc.reply.steps[0].verdict.startswith("goes straight"):
+                msg += (f"; the request was translated to {oc.forward.pkt.dst}:{oc.forward.pkt.dport} here "
+                        f"but the reply goes straight back to the client, bypassing this host's conntrack entry")
+            out.append(Diagnostic("NAT001", Severity.ERROR, msg, span,
+                                  "SNAT/MASQUERADE the translated flow on its way out (so the reply comes back "
+                                  "here to be reverse-translated), or route the reply through this host",
+                                  line, conf, related, flow.tuple_str(), "reply-bypasses-translation"))
+        elif oc.reply.disposition not in ("sent", "delivered-locally"):
+            stop = next((s for s in reversed(oc.reply.steps) if s.line and s.path in lines), None)
+            if stop is not None:  # the rule that ended the reply, rather than the translation
+                line = lines[stop.path].line(stop.line)
+                col = line.find("-j ") + 1 or 1
+                span = Span(stop.path, stop.line, col, max(col + 1, len(line) + 1))
+            out.append(Diagnostic("NAT002", Severity.ERROR,
+                                  f"{tag}the reply to {o.tuple_str()} does not come back to the client: "
+                                  f"{oc.reply.disposition}" + (f" ({oc.reply.detail})" if oc.reply.detail else "")
+                                  + (f" by {oc.reply.steps[-1].where}:{oc.reply.steps[-1].verdict}"
+                                     if oc.reply.steps else ""),
+                                  span, "check the filter rules and routes on the reply path", line, conf,
+                                  related, flow.tuple_str(), "reply-lost"))
+    return out
+
+
 def run_explain(args, res) -> int:
     try:
         flow = parse_flow(args.flow)
@@ -272,11 +323,18 @@ def run_explain(args, res) -> int:
         where = f"arrives on {args.from_iface}" if args.from_iface else "arrives on an unnamed interface"
     outcomes = explain_flow(res.ruleset, flow, ns, local=args.local)
     report_late_errors(res)
+    diags = outcome_findings(flow, outcomes, res.files)
     if args.output_format == "json":
-        sys.stdout.write(render_json(flow, outcomes) + "\n")
+        from analyzer.report.diagnostics import to_dict
+        doc = json.loads(render_json(flow, outcomes))
+        doc["diagnostics"] = [to_dict(d) for d in diags]
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:
         sys.stdout.write(render_text(flow, outcomes, where))
-    return 0
+        if diags:
+            from analyzer.report.diagnostics import render_text_all
+            sys.stdout.write("\n" + render_text_all(diags) + "\n")
+    return 1 if diags else 0
 
 
 def report_late_errors(res) -> None:

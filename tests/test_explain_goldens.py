@@ -7,6 +7,7 @@ namespaces, so these goldens are predictions the kernel has confirmed.
 from __future__ import annotations
 
 import importlib.util
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -27,14 +28,17 @@ def explain_argv(case: Path, *extra: str) -> list[str]:
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_explain_text_golden(request, case):
     rc, out, err = run(explain_argv(case))
-    assert (rc, err) == (0, ""), err  # a sample dump parses cleanly and the flow is explainable
+    assert err == "", err  # a sample dump parses cleanly and the flow is explainable
+    # exit 1 exactly when the explained flow has a finding (as `explain --env` and `lint`)
+    assert rc == (1 if re.search(r"\bNAT00\d \[", out) else 0)
     check_golden(request, case.with_suffix(".explain.txt"), out)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_explain_json_golden(request, case):
     rc, out, err = run(explain_argv(case, "-o", "json"))
-    assert (rc, err) == (0, ""), err
+    assert err == "", err
+    assert rc == (1 if '"code": "NAT00' in out else 0)
     check_golden(request, case.with_suffix(".explain.json"), out)
 
 
