@@ -264,6 +264,8 @@ def cmd_explain(args) -> int:
 
     try:
         spec = parse_flow_spec(args.flow)
+        if spec.open & {"src", "dst"}:
+            raise ValueError("open addresses are not explained yet: give single addresses")
     except ValueError as e:
         sys.stderr.write(f"synack: error: {e}\n")
         return EXIT_UNUSABLE

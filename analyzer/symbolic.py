@@ -11,7 +11,9 @@ from dataclasses import dataclass, replace
 from analyzer.engine.packetset import PacketSpace
 from analyzer.engine.partition import field_ranges, partition
 from analyzer.netfilter.symbolic import OPEN_FIELDS, WIDTH, match_atoms
-from analyzer.netfilter.walk import PROTO_NAME, FlowSpec, Packet, Walker, parse_flow_spec  # noqa: F401 (re-exported)
+from analyzer.model.packet import PROTO_NAME, Packet
+from analyzer.netfilter.walk import Walker
+from analyzer.parse.flow import FlowSpec, parse_flow_spec  # noqa: F401 (re-exported)
 
 @dataclass
 class Group:

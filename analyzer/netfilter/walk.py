@@ -22,8 +22,8 @@ from analyzer.model.rules import (
 )
 from analyzer.netfilter.env import Namespace
 
-PROTO = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58, "sctp": 132}
-PROTO_NAME = {v: k for k, v in PROTO.items()}
+from analyzer.model.packet import PROTO, PROTO_NAME, Packet  # noqa: F401 (re-exported)
+from analyzer.parse.flow import FlowSpec, parse_flow, parse_flow_spec  # noqa: F401 (re-exported)
 MAX_OUTCOMES = 64
 
 # hook -> tables in priority order (raw -300, conntrack -200, mangle -150, nat -100/100, filter 0, security 50)
@@ -34,111 +34,6 @@ HOOK_TABLES = {
     "OUTPUT": ("raw", "mangle", "nat", "filter", "security"),
     "POSTROUTING": ("mangle", "nat"),
 }
-
-
-@dataclass(frozen=True, slots=True)
-class Packet:
-    family: int
-    proto: int
-    src: object
-    dst: object
-    sport: int | None = None
-    dport: int | None = None
-    iif: str | None = None
-    oif: str | None = None
-    mark: int = 0
-    tcp_flags: int = 0x02  # SYN: the first packet of a TCP connection
-    icmp_type: int | None = None
-    icmp_code: int | None = None
-    uid: int | None = None
-    gid: int | None = None
-
-    def tuple_str(self) -> str:
-        p = PROTO_NAME.get(self.proto, str(self.proto))
-        if self.sport is None and self.dport is None:
-            return f"{p} {self.src} -> {self.dst}"
-        fmt = (lambda a, port: f"[{a}]:{port}") if self.family == 6 else (lambda a, port: f"{a}:{port}")
-        return f"{p} {fmt(self.src, self.sport)} -> {fmt(self.dst, self.dport)}"
-
-    def reply(self) -> "Packet":
-        return Packet(self.family, self.proto, self.dst, self.src, self.dport, self.sport,
-                      tcp_flags=0x12 if self.proto == 6 else 0)
-
-
-_FLOW = re.compile(r"^\s*(?:(?P<proto>[a-z]+|\d+)\s+)?(?P<src>\S+?)\s*->\s*(?P<dst>\S+)\s*$", re.I)
-
-
-@dataclass(frozen=True, slots=True)
-class FlowSpec:
-    template: Packet
-    open: frozenset  # fields the user left out
-
-
-def _endpoint(s: str):
-    if s.startswith("["):
-        a, _, rest = s[1:].partition("]")
-        return ipaddress.ip_address(a), (int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else None)
-    if s.count(":") == 1:
-        a, p = s.split(":")
-        if not p.isdigit() or int(p) > 65535:
-            raise ValueError(f"invalid port '{p}' in flow")
-        return ipaddress.ip_address(a), int(p)
-    return ipaddress.ip_address(s), None
-
-
-def parse_flow_spec(text: str) -> FlowSpec:
-    """``tcp 10.0.0.1:1234 -> 10.0.0.2:80`` with any of protocol/ports left out.
-
-    >>> sorted(parse_flow_spec('10.0.0.1 -> 10.0.0.2').open)
-    ['dport', 'proto', 'sport']
-    >>> sorted(parse_flow_spec('tcp 10.0.0.1 -> 10.0.0.2:80').open)
-    ['sport']
-    """
-    m = _FLOW.match(text)
-    if not m:
-        raise ValueError("flow must look like '[PROTO] SRC[:PORT] -> DST[:PORT]'")
-    try:
-        (src, sport), (dst, dport) = _endpoint(m.group("src")), _endpoint(m.group("dst"))
-    except ValueError as e:
-        raise ValueError(f"invalid flow: {e}") from None
-    if src.version != dst.version:
-        raise ValueError("source and destination are of different address families")
-    open_ = set()
-    p = m.group("proto")
-    if p is None:
-        open_.add("proto")
-        proto = 6
-    else:
-        p = p.lower()
-        if p not in PROTO and not p.isdigit():
-            raise ValueError(f"unknown protocol '{p}' (tcp, udp, icmp, sctp or a number)")
-        proto = PROTO.get(p) if p in PROTO else int(p)
-    if proto in (6, 17, 132) or "proto" in open_:
-        if sport is None:
-            open_.add("sport")
-        if dport is None:
-            open_.add("dport")
-    if proto not in (6, 17, 132):  # ICMP and other protocols have no ports
-        sport = dport = None
-    elif sport is None or dport is None:
-        sport = 40000 if sport is None else sport  # an ephemeral port
-        dport = 80 if dport is None else dport     # a witness for an open destination port
-    pkt = Packet(src.version, proto, src, dst, sport, dport, tcp_flags=0x02 if proto == 6 else 0,
-                 icmp_type=(8 if src.version == 4 else 128) if proto in (1, 58) else None,
-                 icmp_code=0 if proto in (1, 58) else None)
-    return FlowSpec(pkt, frozenset(open_))
-
-
-def parse_flow(text: str) -> Packet:
-    """``tcp 10.0.0.1:1234 -> 10.0.0.2:80`` as one packet: a missing source port is an ephemeral
-    one, a missing destination port stays None (see `parse_flow_spec` for open flows).
-
-    >>> parse_flow('tcp 10.4.26.45:35582 -> 10.4.26.234:80').tuple_str()
-    'tcp 10.4.26.45:35582 -> 10.4.26.234:80'
-    """
-    spec = parse_flow_spec(text)
-    t = spec.template
-    return replace(t, dport=None) if "dport" in spec.open and t.proto in (6, 17, 132) else t
 
 
 @dataclass(frozen=True, slots=True)

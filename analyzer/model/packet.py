@@ -1,0 +1,39 @@
+"""Model layer: one concrete packet as the netfilter walk sees it (addresses, ports, interfaces,
+mark, TCP flags, ICMP type, the local socket's owner)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PROTO = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58, "sctp": 132}
+PROTO_NAME = {v: k for k, v in PROTO.items()}
+#: protocols whose flows carry ports (the walk gives others none)
+PORT_PROTOS = (6, 17, 132)
+
+
+@dataclass(frozen=True, slots=True)
+class Packet:
+    family: int
+    proto: int
+    src: object
+    dst: object
+    sport: int | None = None
+    dport: int | None = None
+    iif: str | None = None
+    oif: str | None = None
+    mark: int = 0
+    tcp_flags: int = 0x02  # SYN: the first packet of a TCP connection
+    icmp_type: int | None = None
+    icmp_code: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+
+    def tuple_str(self) -> str:
+        p = PROTO_NAME.get(self.proto, str(self.proto))
+        if self.sport is None and self.dport is None:
+            return f"{p} {self.src} -> {self.dst}"
+        fmt = (lambda a, port: f"[{a}]:{port}") if self.family == 6 else (lambda a, port: f"{a}:{port}")
+        return f"{p} {fmt(self.src, self.sport)} -> {fmt(self.dst, self.dport)}"
+
+    def reply(self) -> "Packet":
+        return Packet(self.family, self.proto, self.dst, self.src, self.dport, self.sport,
+                      tcp_flags=0x12 if self.proto == 6 else 0)
