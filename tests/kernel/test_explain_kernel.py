@@ -138,6 +138,14 @@ CASES = [
          listen=(("server", 9000),), kernel_outcome="timeout"),
     Case("ipv6-dnat-masquerade", "ipv6-dnat", "fd00:96::10", 80, "forwarded", ipv6=True,
          backends=("nft", "legacy")),
+    # the order of stages depends on the backend the dump's header names (netfilter/stages.py)
+    Case("security-after-nat-input", "security-nat-input-nft", "10.0.1.1", 8080, "delivered-locally",
+         listen=(("router", 8080),), backends=("nft",)),
+    Case("security-before-nat-input", "security-nat-input-legacy", "10.0.1.1", 8080,
+         "delivered-locally", listen=(("router", 8080),), backends=("legacy",)),
+    # no rule needs conntrack: no entry, and the nat chains never see the packet
+    Case("nat-chains-skipped-without-conntrack", "nat-log-no-conntrack", "10.0.2.2", 8080, "forwarded",
+         backends=("nft", "legacy")),
 ]
 
 PARAMS = [pytest.param(c, b, id=f"{c.id}-{b}") for c in CASES for b in c.backends]
