@@ -81,6 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --env: the namespace whose process opens the connection")
     p.add_argument("--output-format", "-o", choices=["text", "json"], default="text")
 
+    p = sub.add_parser("check", help="check a policy of assertions (docs/policy.md) against dumps or an environment")
+    p.add_argument("policy", metavar="POLICY.yaml", help="policy file (docs/policy.md)")
+    _input_args(p)
+    p.add_argument("--env", metavar="ENV.yaml", help="check against an environment of several namespaces")
+    p.add_argument("--addr", action="append", default=[], metavar="CIDR@IFACE",
+                   help="an address of the dump's namespace (adds to the policy's target.addresses)")
+    p.add_argument("--route", action="append", default=[], metavar="'DEST [via GW] dev IFACE'",
+                   help="a route of the dump's namespace (adds to the policy's target.routes)")
+    p.add_argument("--output-format", "-o", choices=["text", "json", "sarif", "junit"], default="text")
+    p.add_argument("--output-file", metavar="FILE", help="write the report here instead of stdout")
+    p.add_argument("--fail-on", choices=["error", "warning", "info"], default="info",
+                   help="lowest severity of a failing assertion that makes the exit code 1 (default: info, any)")
+    p.add_argument("--quiet", "-q", action="store_true", help="text: show failing assertions only")
+
     p = sub.add_parser("checks", help="list the checks synack knows")
     p.add_argument("--output-format", "-o", choices=["text", "json"], default="text")
     return ap
@@ -348,13 +362,87 @@ def cmd_explain_env(args) -> int:
     return EXIT_FINDINGS if diags else EXIT_OK
 
 
+def cmd_check(args) -> int:
+    import os
+
+    from analyzer.netfilter.env import EnvError
+    from analyzer.policy.adapter import DumpTarget, EnvTarget, make_namespace
+    from analyzer.policy.evaluate import evaluate
+    from analyzer.policy.spec import PolicyError, load_policy
+
+    try:
+        policy = load_policy(args.policy)
+    except PolicyError as e:
+        sys.stderr.write(e.render() + "\n")
+        return EXIT_UNUSABLE
+    tgt = policy.target
+    if not args.dumps and not args.env and not args.live:
+        if tgt.get("env"):
+            args.env = policy.resolve(tgt["env"])
+        elif tgt.get("dumps"):
+            args.dumps = [policy.resolve(d) for d in tgt["dumps"]]
+        else:
+            sys.stderr.write("synack: error: give DUMP..., --env ENV.yaml, or name one in the policy's target:\n")
+            return EXIT_UNUSABLE
+    try:
+        if args.env:
+            env = _load_env(args.env)
+            if env is None:
+                return EXIT_UNUSABLE
+            target = EnvTarget(env, args.env)
+        else:
+            res = _load(args)
+            if res is None:
+                return EXIT_UNUSABLE
+            if _unusable(res):
+                from analyzer.report.diagnostics import render_text_all
+                sys.stderr.write(render_text_all([d for d in res.diagnostics if d.severity == Severity.ERROR]) + "\n")
+                sys.stderr.write("synack: error: nothing to check: the input has no usable rule\n")
+                return EXIT_UNUSABLE
+            ns = make_namespace(list(tgt.get("addresses", [])) + args.addr,
+                                list(tgt.get("routes", [])) + args.route, tgt.get("sysctls"))
+            target = DumpTarget(res.ruleset, ns, ", ".join(args.dumps) or "live", res.files, res)
+    except (EnvError, ValueError, OSError) as e:
+        sys.stderr.write(f"synack: error: {e}\n")
+        return EXIT_UNUSABLE
+    results = evaluate(policy, target)
+    fmt = args.output_format
+    if fmt == "json":
+        from analyzer.report.policy import render_json as render
+    elif fmt == "sarif":
+        from analyzer.report.policy import render_sarif as render
+    elif fmt == "junit":
+        from analyzer.report.junit import render_junit as render
+    else:
+        from analyzer.report.policy import render_text
+        render = lambda r, p, t: render_text(r, p, t, verbose=not args.quiet)  # noqa: E731
+    out = render(results, args.policy, target.label)
+    if args.output_file:
+        with open(args.output_file, "w", encoding="utf-8") as f:
+            f.write(out if out.endswith("\n") else out + "\n")
+        if fmt != "text":
+            from analyzer.report.policy import summary_line
+            sys.stderr.write(summary_line(results) + "\n")
+    else:
+        sys.stdout.write(out if out.endswith("\n") else out + "\n")
+    for r in results:
+        if r.status == "error":
+            sys.stderr.write(f"synack: error: {args.policy}:{r.assertion.span.line}: "
+                             f"'{r.assertion.name}' {r.message}\n")
+    if any(r.status == "error" for r in results):
+        return EXIT_UNUSABLE
+    floor = {"error": Severity.ERROR, "warning": Severity.WARNING, "info": Severity.INFO}[args.fail_on]
+    return EXIT_FINDINGS if any(r.status == "fail" and r.assertion.severity >= floor for r in results) else EXIT_OK
+
+
 def main(argv=None) -> int:
     ap = build_parser()
     try:
         args = ap.parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
-    handler = {"parse": cmd_parse, "lint": cmd_lint, "checks": cmd_checks, "explain": cmd_explain}[args.command]
+    handler = {"parse": cmd_parse, "lint": cmd_lint, "checks": cmd_checks, "explain": cmd_explain,
+               "check": cmd_check}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:

@@ -1,0 +1,526 @@
+"""Policy layer, adapter: the one module that asks the flow engine questions.
+
+A target is one dump (explain.py walks its namespace) or one environment (crosshost.py follows
+connections across namespaces). ``explore`` splits a set of flows into classes that every rule
+the walks met treats alike (engine.partition), one witness walked per class, and returns each
+class's fate in every target. When explain/crosshost change their API, only this module changes.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import dataclass, field, replace
+
+from analyzer.engine.packetset import PacketSet, PacketSpace
+from analyzer.engine.partition import field_ranges, partition
+from analyzer.model.rules import AddrMatch, IpRangeMatch, PortMatch, ProtoMatch
+from analyzer.netfilter.walk import PROTO_NAME, Packet, Walker
+from analyzer.source import Span
+
+PORT_PROTOS = (6, 17, 132)
+_MOD_PROTO = {"tcp": 6, "udp": 17, "sctp": 132, "dccp": 33, "udplite": 136}
+REACHED = ("forwarded", "delivered-locally", "sent", "tproxy", "delivered")
+
+
+class TargetError(ValueError):
+    """A question the target cannot answer (a flow without a start namespace, ...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    """Where one branch of a flow ends (a statistic DNAT has one branch per backend)."""
+
+    disposition: str            # forwarded | delivered-locally | sent | dropped | rejected | refused | ...
+    reached: bool
+    namespace: str | None = None
+    address: object = None      # destination after every translation
+    port: int | None = None
+    interface: str | None = None
+    listener: str | None = None
+    prob: float | None = None
+    translated: bool = False
+    symmetric: bool | None = None   # the reply comes back through the translation (None: no reply)
+    detail: str = ""
+
+    def signature(self) -> tuple:
+        return (self.disposition, self.namespace, str(self.address), self.port, self.interface,
+                self.listener, self.translated, self.symmetric)
+
+    def text(self) -> str:
+        where = f"{self.address}:{self.port}" if self.port is not None else f"{self.address}"
+        s = self.disposition
+        if self.namespace:
+            s += f" in '{self.namespace}'"
+        if self.reached:
+            s += f" at {where}"
+            if self.listener:
+                s += f" (listener {self.listener})"
+            if self.interface:
+                s += f" out {self.interface}"
+        if self.prob is not None and self.prob < 0.999:
+            s += f" p={self.prob:.3f}"
+        return s
+
+
+@dataclass
+class Fate:
+    """What one target does with one witness flow: its ends, and the trace that shows why."""
+
+    ends: tuple[End, ...]
+    trace_text: str
+    trace_json: dict
+    findings: tuple = ()        # diagnostics the walk raised (environment: NAT001-NAT004)
+    decisive: Span | None = None    # the rule that decided (last rule with a line on the first path)
+    rules: tuple = ()           # (where, path, line) of every rule step, in order
+    approximate: bool = False
+    translation: Span | None = None  # the rule that translated the destination, if one did
+
+    def signature(self) -> tuple:
+        return tuple(sorted(e.signature() for e in self.ends)) + (
+            tuple(sorted({d.code for d in self.findings})),)
+
+    def summary(self) -> str:
+        return "; ".join(dict.fromkeys(e.text() for e in self.ends)) or "no outcome"
+
+
+@dataclass
+class FlowClass:
+    packets: PacketSet
+    text: str
+    witness: Packet
+    fates: list[Fate]
+
+
+# ------------------------------------------------------------------ targets
+class _Recorder(Walker):
+    """A walker that remembers the rules it evaluated and the big indexed chains it entered: only
+    those rules' matches can tell apart the packets of the class being walked."""
+
+    log: list = None
+
+    def _match_rule(self, rule, br, hook):
+        self.log[0].append(rule)
+        return super()._match_rule(rule, br, hook)
+
+    def _rules_for(self, table, chain, pkt):
+        c, cand = super()._rules_for(table, chain, pkt)
+        if c is not None and len(c.rules) >= 32:
+            self.log[1].append(self._index.get((table, chain)))
+        return c, cand
+
+
+def _recorder(ruleset, ns, log) -> _Recorder:
+    w = _Recorder(ruleset, ns)
+    w.log = log
+    return w
+
+
+class DumpTarget:
+    kind = "dump"
+
+    def __init__(self, ruleset, ns, label: str, files=(), res=None):
+        self.ruleset, self.ns, self.label, self.files, self.res = ruleset, ns, label, files, res
+
+    def namespaces(self):
+        return [self.ns]
+
+    def default_src(self, sel, family):
+        if sel.local:
+            return next((a.ip for _, a in self.ns.local_addresses()
+                         if a.version == family and not a.ip.is_loopback), None)
+        return None
+
+    def walk(self, pkt: Packet, sel) -> tuple[Fate, list]:
+        from analyzer.explain import explain_flow, render_json, render_text
+
+        log = ([], [])
+        w = _recorder(self.ruleset, self.ns, log)
+        if sel.local:
+            pkt = replace(pkt, uid=sel.uid, gid=sel.gid, mark=sel.mark)
+            where = "generated locally"
+        else:
+            pkt = replace(pkt, iif=sel.iif, mark=sel.mark)
+            where = f"arrives on {sel.iif}" if sel.iif else "arrives on an unnamed interface"
+        outs = explain_flow(self.ruleset, pkt, self.ns, local=sel.local, walker=w)
+        ends = []
+        for o in outs:
+            p = o.forward.pkt
+            translated = bool(o.forward.ct.dnat) or p.dst != pkt.dst or p.dport != pkt.dport
+            sym = None
+            if o.reply is not None:
+                sym = bool(o.reply_ok) if o.client_sees is not None else False
+            ends.append(End(o.disposition, o.disposition in REACHED, None, p.dst, p.dport,
+                            p.oif if o.disposition in ("forwarded", "sent") else None, None,
+                            o.forward.prob, translated, sym, o.detail))
+        first = outs[0].forward.steps if outs else []
+        rules = tuple((s.where, s.path, s.line) for o in outs for s in o.forward.steps if s.line)
+        return Fate(tuple(ends), render_text(pkt, outs, where), json.loads(render_json(pkt, outs)),
+                    (), _decisive(first), rules, any(o.confidence != "EXACT" for o in outs),
+                    _translation(first)), log
+
+    def lint(self, select, ignore=()):
+        from analyzer.checks import CheckContext, run_checks, selected
+        ctx = CheckContext(self.ruleset, self.files, partial=False)
+        diags = [d for d in (self.res.diagnostics if self.res else ()) if selected(d.code, None, select, ignore)]
+        return diags + run_checks(ctx, select, ignore)
+
+    def chain_of(self, span):
+        for r in self.ruleset.rules():
+            if r.span.path == span.path and r.span.line == span.line:
+                return r.table, r.chain
+        return None
+
+
+class EnvTarget:
+    kind = "env"
+
+    def __init__(self, env, label: str):
+        self.env, self.label = env, label
+
+    def namespaces(self):
+        return [s.net for s in self.env.namespaces.values()]
+
+    def default_src(self, sel, family):
+        spec = self.env.namespaces.get(sel.start or "")
+        if spec is None:
+            return None
+        return next((a.ip for _, a in spec.net.local_addresses()
+                     if a.version == family and not a.ip.is_loopback), None)
+
+    def walk(self, pkt: Packet, sel) -> tuple[Fate, list]:
+        from analyzer.crosshost import World, findings, follow, render_trip, trip_json
+
+        if not sel.start or sel.start not in self.env.namespaces:
+            raise TargetError(f"an environment flow needs 'from: NAMESPACE' (one of: {', '.join(self.env.namespaces)})")
+        log = ([], [])
+
+        class _World(World):
+            def walker(self, ns, family):
+                key = f"{ns}/{family}"
+                if key not in self.walkers:
+                    from analyzer.crosshost import _empty_ruleset
+                    spec = self.env.namespaces[ns]
+                    rs = spec.ruleset if family == 4 else spec.ruleset6
+                    self.walkers[key] = _recorder(rs or _empty_ruleset(family), spec.net, log)
+                return self.walkers[key]
+
+        world = _World(self.env)
+        pkt = replace(pkt, mark=sel.mark)
+        trip = follow(world, sel.start, pkt, uid=sel.uid, gid=sel.gid)
+        diags = findings(world, trip)
+        ends = [self._end(trip, diags)]
+        steps = [s for h in trip.request.hops for s in h.steps]
+        rules = tuple((s.where, s.path, s.line) for s in steps if s.line)
+        approx = trip.request.approximate or (trip.reply is not None and trip.reply.approximate)
+        return Fate(tuple(ends), render_trip(trip, diags), trip_json(trip, diags), tuple(diags),
+                    _decisive(steps), rules, approx, _translation(steps)), log
+
+    def _end(self, trip, diags) -> End:
+        req = trip.request
+        leg, lst = trip, trip.listener
+        # a proxy that opens a second connection: the flow really ends where that one ends
+        while leg.second_leg is not None and leg.request.end == "delivered":
+            leg = leg.second_leg
+            lst = leg.listener
+        r = leg.request
+        p = r.end_packet
+        reached = r.end == "delivered" and not any(d.code == "NAT003" for d in diags)
+        translated = any(h.ct is not None and (h.ct.dnat) for h in req.hops)
+        sym = None
+        if trip.reply is not None:
+            sym = not any(d.code in ("NAT001", "NAT002") for d in diags)
+        elif req.end == "dropped" and any(d.code == "NAT001" for d in diags):
+            sym = False
+        return End(r.end, reached, r.end_ns, p.dst if p is not None else None,
+                   p.dport if p is not None else None, None,
+                   (lst.name or str(lst.port)) if lst is not None else None, None, translated, sym,
+                   r.detail)
+
+    def translations(self, pkt: Packet, sel):
+        """Every backend of the first translation on the way, with its share: the environment
+        walk follows one statistic branch, so the translating namespace is explained alone."""
+        from analyzer.explain import explain_flow
+
+        fate, _ = self.walk(pkt, sel)
+        doc = fate.trace_json
+        for hop in (doc.get("request") or {}).get("hops", []):
+            ct = hop.get("conntrack")
+            if ct and ct.get("dnat"):
+                spec = self.env.namespaces[hop["namespace"]]
+                rs = spec.ruleset if pkt.family == 4 else spec.ruleset6
+                pin = hop["packet_in"]
+                p = replace(pkt, src=ipaddress.ip_address(pin["src"]), dst=ipaddress.ip_address(pin["dst"]),
+                            sport=pin["sport"], dport=pin["dport"], iif=hop["arrived_on"])
+                local = hop["arrived_on"] is None
+                if local:
+                    p = replace(p, uid=sel.uid, gid=sel.gid)
+                outs = explain_flow(rs, p, spec.net, local=local)
+                return [(o.forward.pkt.dst, o.forward.pkt.dport, o.forward.prob) for o in outs
+                        if o.forward.ct.dnat], fate
+        return [], fate
+
+    def lint(self, select, ignore=()):
+        from analyzer.checks import CheckContext, run_checks, selected
+        diags = [d for d in self.env.diagnostics if selected(d.code, None, select, ignore)]
+        for spec in self.env.namespaces.values():
+            for rs in (spec.ruleset, spec.ruleset6):
+                if rs is not None:
+                    diags += [d for d in run_checks(CheckContext(rs, ()), select, ignore)
+                              if not d.code.startswith("NAT")]
+        diags += [d for d in run_checks(CheckContext(None, (), extra={"env": self.env}), select, ignore)
+                  if d.code.startswith("NAT")]
+        return diags
+
+    def namespace_of(self, path):
+        for name, spec in self.env.namespaces.items():
+            if path in spec.dumps:
+                return name
+        return None
+
+    def chain_of(self, span):
+        for spec in self.env.namespaces.values():
+            for rs in (spec.ruleset, spec.ruleset6):
+                for r in (rs.rules() if rs is not None else ()):
+                    if r.span.path == span.path and r.span.line == span.line:
+                        return r.table, r.chain
+        return None
+
+
+def _decisive(steps) -> Span | None:
+    for s in reversed(steps):
+        if s.line and s.path:
+            return Span(s.path, s.line, 1, 2)
+    return None
+
+
+def _translation(steps) -> Span | None:
+    for s in steps:
+        if s.line and s.path and s.verdict.startswith(("DNAT", "REDIRECT", "NETMAP", "TPROXY")):
+            return Span(s.path, s.line, 1, 2)
+    return None
+
+
+def load_target(path: str, addresses=(), routes=(), sysctls=None):
+    """A dump or an environment file (``.yaml``/``.yml``), read for flow questions."""
+    from analyzer.netfilter.env import EnvError, Namespace
+    from analyzer.parse import load_ruleset
+    from analyzer.parse.envfile import load_environment
+
+    if path.endswith((".yaml", ".yml")):
+        return EnvTarget(load_environment(path), path)
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+            text = f.read()
+    except OSError as e:
+        raise EnvError(f"cannot read {path}: {e.strerror}") from None
+    res = load_ruleset([(text, path)])
+    return DumpTarget(res.ruleset, make_namespace(addresses, routes, sysctls), path, res.files, res)
+
+
+def make_namespace(addresses=(), routes=(), sysctls=None):
+    from analyzer.netfilter.env import Namespace
+    ns = Namespace()
+    for a in addresses:
+        cidr, _, iface = str(a).partition("@")
+        ns.add_addr(cidr, iface or "eth0")
+    for r in routes:
+        ns.add_route(str(r))
+    ns.sysctls.update({str(k): int(v) for k, v in (sysctls or {}).items()})
+    return ns
+
+
+# ------------------------------------------------------------------ flow sets
+def family_of(sel) -> int:
+    for n in (sel.src or ()) + (sel.dst or ()):
+        return n.version
+    return 4
+
+
+def flow_set(space: PacketSpace, sel, family: int, default_src=None) -> PacketSet:
+    """The policy's flow selector as a packet set (ports constrain port protocols only)."""
+    u = space.family(family)
+    if sel.protos is not None:
+        u &= space.union(space.eq("proto", p) for p in sel.protos)
+    for fld, nets, neg in (("src", sel.src, sel.src_negated), ("dst", sel.dst, sel.dst_negated)):
+        if nets is None:
+            if fld == "src" and default_src is not None:
+                u &= space.eq("src", default_src)
+            continue
+        s = space.union(space.prefix(fld, n) for n in nets)
+        u &= (~s if neg else s)
+    ported = space.union(space.eq("proto", p) for p in PORT_PROTOS)
+    for fld, rs in (("sport", sel.sport), ("dport", sel.dport)):
+        if rs is not None:
+            u &= (ported & space.ports(fld, list(rs))) | (u - ported)
+    return u
+
+
+def rule_atoms(space: PacketSpace, rule, bounds: dict) -> list[PacketSet]:
+    """Per-field separators of a rule's header matches (negation separates at the same place)."""
+    atoms = []
+    for m in rule.matches:
+        if isinstance(m, AddrMatch):
+            for n in m.networks:
+                atoms.append(space.prefix(m.direction, n))
+                bounds.setdefault(m.direction, set()).update(
+                    {int(n.network_address), int(n.broadcast_address) + 1})
+        elif isinstance(m, IpRangeMatch):
+            atoms.append(space.range(m.direction, m.lo, m.hi))
+            bounds.setdefault(m.direction, set()).update({int(m.lo), int(m.hi) + 1})
+        elif isinstance(m, ProtoMatch) and m.number:
+            atoms.append(space.eq("proto", m.number))
+            bounds.setdefault("proto", set()).update({m.number, m.number + 1})
+        elif isinstance(m, PortMatch):
+            proto = _MOD_PROTO.get(m.mod)
+            base = space.eq("proto", proto) if proto else space.universe()
+            if proto:
+                bounds.setdefault("proto", set()).update({proto, proto + 1})
+            fields = ("sport",) if m.direction == "src" else ("dport",) if m.direction == "dst" else ("sport", "dport")
+            for f in fields:
+                atoms.append(base & space.ports(f, list(m.ranges)))
+                bounds.setdefault(f, set()).update(b for lo, hi in m.ranges for b in (lo, hi + 1))
+    return atoms
+
+
+def _net_atoms(space, namespaces, bounds) -> list[PacketSet]:
+    """Routing separates destinations by route prefix and local address."""
+    atoms = []
+    for ns in namespaces:
+        nets = [r.dest for r in ns.routes] + [a.network for _, a in ns.local_addresses()]
+        nets += [ipaddress.ip_network(a.ip) for _, a in ns.local_addresses()]
+        for n in nets:
+            atoms.append(space.prefix("dst", n))
+            bounds.setdefault("dst", set()).update({int(n.network_address), int(n.broadcast_address) + 1})
+    return atoms
+
+
+def witness_packet(v: dict, family: int) -> Packet:
+    mk = ipaddress.IPv4Address if family == 4 else ipaddress.IPv6Address
+    proto = v["proto"]
+    ported = proto in PORT_PROTOS
+    return Packet(family, proto, mk(v["src"]), mk(v["dst"]), v["sport"] if ported else None,
+                  v["dport"] if ported else None, tcp_flags=0x02 if proto == 6 else 0,
+                  icmp_type=(8 if family == 4 else 128) if proto in (1, 58) else None,
+                  icmp_code=0 if proto in (1, 58) else None)
+
+
+def describe(cls: PacketSet, bounds: dict, family: int) -> str:
+    """A class as text: protocols, address ranges (as CIDRs), port ranges."""
+    width = 32 if family == 4 else 128
+    mk = ipaddress.IPv4Address if family == 4 else ipaddress.IPv6Address
+    protos = field_ranges(cls, "proto", bounds.get("proto", ()), 8)
+    ptxt = "any protocol" if protos == [(0, 255)] else ",".join(
+        PROTO_NAME.get(lo, str(lo)) if lo == hi else f"{lo}-{hi}" for lo, hi in protos)
+
+    def addrs(f):
+        rs = field_ranges(cls, f, bounds.get(f, ()), width)
+        if rs == [(0, (1 << width) - 1)]:
+            return "any"
+        nets = [str(n) for lo, hi in rs for n in ipaddress.summarize_address_range(mk(lo), mk(hi))]
+        nets = [n[:-3] if n.endswith("/32") and family == 4 else n for n in nets]
+        return ",".join(nets[:6]) + (f",... ({len(nets)} ranges)" if len(nets) > 6 else "")
+
+    def ports(f):
+        rs = field_ranges(cls, f, bounds.get(f, ()), 16)
+        if rs == [(0, 65535)]:
+            return ""
+        return ":" + ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in rs[:8]) + \
+            (",..." if len(rs) > 8 else "")
+
+    return f"{ptxt} {addrs('src')}{ports('sport')} -> {addrs('dst')}{ports('dport')}"
+
+
+@dataclass
+class Exploration:
+    classes: list[FlowClass]
+    complete: bool
+    bounds: dict
+    family: int
+
+    def describe(self, packets: PacketSet) -> str:
+        return describe(packets, self.bounds, self.family)
+
+    def merged(self, key) -> list[FlowClass]:
+        """Classes with the same key as one class (their union, the first witness), described anew:
+        as few header-space classes as the fates allow."""
+        out: dict = {}
+        for c in self.classes:
+            k = key(c)
+            if k is None:
+                continue
+            if k in out:
+                out[k].packets = out[k].packets | c.packets
+            else:
+                out[k] = FlowClass(c.packets, c.text, c.witness, c.fates)
+        for c in out.values():
+            c.text = self.describe(c.packets)
+        return list(out.values())
+
+
+def explore(targets: list, sel, universe: PacketSet | None = None, space: PacketSpace | None = None,
+            limit: int = 256) -> Exploration:
+    """Split the flows into classes no rule met on the way tells apart; walk one witness per
+    class in every target. ``complete`` is False when the class limit stopped the refinement
+    (then a class may hold packets whose fate differs from its witness's: APPROXIMATE)."""
+    family = family_of(sel)
+    space = space or PacketSpace()
+    src = None
+    if universe is None:
+        if sel.src is None:
+            src = targets[0].default_src(sel, family)
+            if targets[0].kind == "env" and sel.start not in targets[0].env.namespaces:
+                raise TargetError(f"unknown namespace '{sel.start}' in 'from:' (one of: "
+                                  f"{', '.join(targets[0].env.namespaces)})" if sel.start else
+                                  "an environment flow needs 'from: NAMESPACE'")
+            if targets[0].kind == "env" and src is None:
+                raise TargetError(f"namespace '{sel.start}' has no IPv{family} address to send from; give 'src:'")
+        universe = flow_set(space, sel, family, src)
+    bounds: dict = {}
+    if sel.protos:
+        bounds["proto"] = {b for p in sel.protos for b in (p, p + 1)}
+    for f, nets in (("src", sel.src), ("dst", sel.dst)):
+        for n in nets or ():
+            bounds.setdefault(f, set()).update({int(n.network_address), int(n.broadcast_address) + 1})
+    for f, rs in (("sport", sel.sport), ("dport", sel.dport)):
+        for lo, hi in rs or ():
+            bounds.setdefault(f, set()).update({lo, hi + 1})
+    if sel.src is None and src is not None:
+        bounds.setdefault("src", set()).update({int(src), int(src) + 1})
+    if universe.is_empty():
+        return Exploration([], True, bounds, family)
+    prefer = [space.eq("sport", 40000), space.eq("proto", 6), space.eq("dport", 80),
+              space.range("dport", 1, 65535), space.range("sport", 1024, 65535),
+              space.prefix("src", ipaddress.ip_network("10.0.0.0/8" if family == 4 else "fd00::/8")),
+              space.prefix("dst", ipaddress.ip_network("10.0.0.0/8" if family == 4 else "fd00::/8"))]
+    base_atoms = []
+    for t in targets:
+        base_atoms += _net_atoms(space, t.namespaces(), bounds)
+    work, done = [universe], []
+    complete = True
+    atom_cache: dict = {}
+    while work:
+        cls = work.pop()
+        v = cls.pick(prefer=prefer)
+        pkt = witness_packet(v, family)
+        fates, atoms = [], list(base_atoms)
+        for t in targets:
+            fate, (rules, indexes) = t.walk(pkt, sel)
+            fates.append(fate)
+            for rule in dict.fromkeys(rules):
+                a = atom_cache.get(id(rule))
+                if a is None:
+                    a = atom_cache[id(rule)] = (rule, rule_atoms(space, rule, bounds))
+                atoms += a[1]
+            if indexes and not (cls - space.eq("dst", pkt.dst)).is_empty():
+                # a big chain was looked up by this witness's destination only: the rules of
+                # other destinations were skipped, so peel this destination off the class
+                atoms.append(space.eq("dst", pkt.dst))
+        parts = partition(cls, atoms, limit).classes
+        if len(parts) == 1 or len(done) + len(work) + len(parts) > limit:
+            complete = complete and len(parts) == 1
+            done.append(FlowClass(cls, "", pkt, fates))
+        else:
+            work.extend(reversed(parts))
+    for c in done:
+        c.text = describe(c.packets, bounds, family)
+    return Exploration(done, complete, bounds, family)
