@@ -137,6 +137,43 @@ class Namespace:
                     return a.ip
         return lst[0].ip if lst else None
 
+    def masquerade_address(self, iface: str | None, family: int, toward=None):
+        """MASQUERADE's source: ``inet_select_addr(out, nexthop, RT_SCOPE_UNIVERSE)``. A primary
+        address of the output interface (the one whose subnet holds the next hop, else the first);
+        if it has none of universe scope (``lo``: 127.0.0.1 is host scope), the first primary
+        universe-scope address of the namespace's interfaces in kernel order (ifindex: the order
+        ``ip -j addr`` lists them and addresses are given in). None: no such address known.
+
+        >>> ns = Namespace(); ns.add_addr("127.0.0.1/8", "lo"); ns.add_addr("192.168.1.5/24", "eth0")
+        >>> ns.add_addr("172.17.0.1/16", "docker0")
+        >>> ns.masquerade_address("lo", 4), ns.masquerade_address("docker0", 4)
+        (IPv4Address('192.168.1.5'), IPv4Address('172.17.0.1'))
+        """
+        def universe(iface_addrs):
+            seen = []
+            for a in iface_addrs:
+                if a.version != family:
+                    continue
+                if family == 4 and any(a.ip in b.network for b in seen):
+                    continue  # a secondary address (IFA_F_SECONDARY) is never picked
+                seen.append(a)
+                if not (a.ip.is_loopback or (family == 6 and a.ip.is_link_local)):
+                    yield a
+
+        own = list(universe(self.addrs.get(iface or "", [])))
+        if own:
+            if toward is not None:
+                for a in own:
+                    if toward in a.network:
+                        return a.ip
+            return own[0].ip
+        if iface is None:
+            return None
+        for lst in self.addrs.values():
+            for a in universe(lst):
+                return a.ip
+        return None
+
     def route(self, dst) -> RouteResult:
         if self.is_local(dst):
             return RouteResult("local", "lo", None, None)

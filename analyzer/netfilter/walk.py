@@ -22,6 +22,7 @@ from analyzer.model.rules import (
 )
 from analyzer.netfilter import stages as STAGES
 from analyzer.netfilter.env import Namespace
+from analyzer.netfilter.nat import pick_address, pick_port
 
 from analyzer.model.packet import PROTO, PROTO_NAME, Packet  # noqa: F401 (re-exported)
 from analyzer.parse.flow import FlowSpec, parse_flow, parse_flow_spec  # noqa: F401 (re-exported)
@@ -508,7 +509,8 @@ class Walker:
                         addr = p.dst
                         br.approx.append(f"{rule.label}: address of {p.iif or 'the input interface'} unknown; "
                                          "REDIRECT uses it as the new destination")
-                port = t.ports[0] if t.ports else p.dport
+                pc = pick_port(p.dport, *(t.ports or (None, None)), random=t.random, dnat=True)
+                port = self._port(br, rule, pc)
                 br.pkt = replace(p, dst=addr, dport=port)
                 verdict = f"REDIRECT to {addr}:{port}" if port is not None else f"REDIRECT to {addr}"
             elif isinstance(t, Netmap):
@@ -517,28 +519,36 @@ class Walker:
                 verdict = f"NETMAP to {br.pkt.dst}"
             else:
                 r = t.ranges[0]
-                addr = r.addr_lo if r.addr_lo is not None else p.dst
-                port = r.port_lo if r.port_lo is not None else p.dport
+                # find_best_ips_proto: a hash of the source seeded with the destination (exact)
+                addr = p.dst if r.addr_lo is None else \
+                    pick_address(r.addr_lo, r.addr_hi, p.src, p.dst, persistent=t.persistent, dnat=True)
+                pc = pick_port(p.dport, r.port_lo, r.port_hi, random=t.random or t.random_fully, dnat=True)
+                port = self._port(br, rule, pc)
                 br.pkt = replace(p, dst=addr, dport=port)
                 verdict = f"DNAT to {r.render()}"
-                if (r.addr_lo != r.addr_hi) or (r.port_lo != r.port_hi) or len(t.ranges) > 1:
-                    br.approx.append(f"{rule.label}: DNAT to a range; the kernel picks one by hash, "
-                                     f"shown with the first ({addr})")
+                if len(t.ranges) > 1:
+                    br.approx.append(f"{rule.label}: DNAT with several --to-destination; the kernel "
+                                     f"uses one, shown with the first ({addr})")
             # the kernel sets IPS_DST_NAT (what --ctstate DNAT tests) only if the tuple changed
             ct.dnat = ct.dnat or (br.pkt.dst, br.pkt.dport) != (p.dst, p.dport)
             ct.reply_src, ct.reply_sport = br.pkt.dst, br.pkt.dport
-            self._step(br, rule, verdict, packet=True)
+            ranged = isinstance(t, Nat) and t.ranges[0].addr_lo != t.ranges[0].addr_hi
+            self._step(br, rule, verdict, packet=True, note=(
+                "the kernel's pick in the range: a hash of the source address seeded with the "
+                "destination (find_best_ips_proto), the same on every boot") if ranged else None)
             return "NAT"
         # source NAT (SNAT, MASQUERADE, NETMAP in POSTROUTING/INPUT)
         if isinstance(t, Masquerade):
-            addr = self.ns.primary_address(p.oif, p.family, toward=br.next_hop or p.dst)
+            addr = self.ns.masquerade_address(p.oif, p.family, toward=br.next_hop or p.dst)
             if addr is None:
                 addr = ipaddress.ip_address("0.0.0.0" if p.family == 4 else "::")
                 br.approx.append(f"{rule.label}: MASQUERADE uses the address of {p.oif or 'the output interface'}, "
                                  "which is not known (give --addr)")
-            port = p.sport
-            if t.ports:
-                port = t.ports[0]
+            elif p.family == 6 and addr not in [a.ip for a in self.ns.addrs.get(p.oif or "", [])]:
+                br.approx.append(f"{rule.label}: {p.oif} has no global IPv6 address; the kernel's "
+                                 f"source address selection picks one of another interface, shown with {addr}")
+            pc = pick_port(p.sport, *(t.ports or (None, None)), random=t.random)
+            port = self._port(br, rule, pc)
             verdict = f"MASQUERADE to {addr}" + (" (random-fully)" if t.random_fully else "")
         elif isinstance(t, Netmap):
             off = int(p.src) & int(t.to.hostmask)
@@ -547,8 +557,16 @@ class Walker:
             verdict = f"NETMAP to {addr}"
         else:
             r = t.ranges[0]
-            addr = r.addr_lo if r.addr_lo is not None else p.src
-            port = r.port_lo if r.port_lo is not None else p.sport
+            random_all = t.random or t.random_fully
+            in_range = (r.addr_lo is None or (p.src.version == r.addr_lo.version and r.addr_lo <= p.src <= r.addr_hi)) \
+                and (r.port_lo is None or p.sport is None or r.port_lo <= p.sport <= r.port_hi)
+            if in_range and not random_all:
+                # get_unique_tuple step 1: the original tuple already lies in the range: kept
+                addr, port = p.src, p.sport
+            else:
+                addr = p.src if r.addr_lo is None else \
+                    pick_address(r.addr_lo, r.addr_hi, p.src, p.dst, persistent=t.persistent, dnat=False)
+                port = self._port(br, rule, pick_port(p.sport, r.port_lo, r.port_hi, random=random_all))
             verdict = f"SNAT to {r.render()}"
         br.pkt = replace(p, src=addr, sport=port)
         # IPS_SRC_NAT only if the tuple changed: MASQUERADE to the address already used is a no-op
@@ -557,6 +575,11 @@ class Walker:
         self._step(br, rule, verdict, packet=True,
                    note="source port kept unless it clashes with another connection" if port == p.sport and p.sport else None)
         return "NAT"
+
+    def _port(self, br: Branch, rule: Rule, pc) -> int | None:
+        if not pc.exact:
+            br.approx.append(f"{rule.label}: {pc.why}; shown with {pc.port}")
+        return pc.port
 
     # -------------------------------------------------------------- the whole path
     def hook(self, brs: list[Branch], hook: str, reply: bool = False) -> list[Branch]:
