@@ -214,6 +214,7 @@ def cmd_lint(args) -> int:
     select, ignore = _split(args.select), _split(args.ignore)
     load_all()
     diags = []
+    coverage = None
     if args.env:
         env = _load_env(args.env)
         if env is None:
@@ -224,8 +225,9 @@ def cmd_lint(args) -> int:
                 if rs is not None:
                     diags += [d for d in run_checks(CheckContext(rs, ()), select, ignore)
                               if not d.code.startswith("NAT")]
-        diags += run_checks(CheckContext(None, (), extra={"env": env}),
-                            select or ["NAT"], ignore)
+        env_ctx = CheckContext(None, (), extra={"env": env})
+        diags += run_checks(env_ctx, select or ["NAT"], ignore)
+        coverage = env_ctx.extra.get("coverage")
         res = None
     if args.dumps or args.live:
         res = _load(args)
@@ -237,18 +239,36 @@ def cmd_lint(args) -> int:
         diags += run_checks(ctx, select, ignore)
     diags.sort(key=lambda d: d.sort_key())
     if args.output_format == "json":
-        out = render_json(diags, {"summary": _summary(res)} if res is not None else {"env": args.env})
+        extra = {"summary": _summary(res)} if res is not None else {"env": args.env}
+        if coverage is not None:
+            extra["coverage"] = coverage
+        out = render_json(diags, extra)
     elif args.output_format == "sarif":
         rules = {c: (i.name, i.summary) for c, i in REGISTRY.items()}
         rules.update({c: v for c, v in PARSE_CODES.items()})
         out = render_sarif(diags, rules)
     else:
         out = render_text_all(diags, summary={})
+        if coverage is not None:
+            out = f"{out}\n{_coverage_text(coverage)}"
     sys.stdout.write(out + "\n")
     if res is not None and _unusable(res):
         return EXIT_UNUSABLE
     floor = {"error": Severity.ERROR, "warning": Severity.WARNING, "info": Severity.INFO}[args.fail_on]
     return EXIT_FINDINGS if any(d.severity >= floor for d in diags) else EXIT_OK
+
+
+def _coverage_text(c: dict) -> str:
+    """What lint --env followed and what it could not (the same counts are in the JSON)."""
+    s = lambda n, w: f"{n} {w}{'' if n == 1 else 's'}"
+    text = (f"Covered: {s(c['services'], 'service')} x {s(c['clients'], 'client')} = {s(c['flows'], 'flow')}, "
+            f"{s(c['endpoints'], 'endpoint')} ({s(c['outcomes'], 'outcome')}), requests and replies "
+            f"({c['requests_delivered']} requests delivered, {c['replies_followed']} replies followed).")
+    text += (f"\nNot covered: {c['never_arrived']} requests never arrived anywhere "
+             f"({c['unreachable_listeners']} of them to untranslated listeners, not flagged), "
+             f"{c['left_environment']} left the environment, "
+             f"{c['branches_not_followed']} branches over the cap of {c['max_outcomes']} not followed.")
+    return text
 
 
 def cmd_checks(args) -> int:
@@ -336,7 +356,7 @@ def cmd_explain_env(args) -> int:
     import json
     from dataclasses import replace
 
-    from analyzer.crosshost import World, findings, follow, render_trip, trip_json
+    from analyzer.crosshost import World, follow_all, outcome_findings, render_trips, trips_json
     from analyzer.netfilter.walk import parse_flow
 
     env = _load_env(args.env)
@@ -353,12 +373,12 @@ def cmd_explain_env(args) -> int:
         return EXIT_UNUSABLE
     flow = replace(flow, mark=args.mark)
     world = World(env)
-    trip = follow(world, args.start, flow, uid=args.uid, gid=args.gid)
-    diags = findings(world, trip)
+    trips = follow_all(world, args.start, flow, uid=args.uid, gid=args.gid)
+    diags = outcome_findings(world, trips)
     if args.output_format == "json":
-        sys.stdout.write(json.dumps(trip_json(trip, diags), indent=2) + "\n")
+        sys.stdout.write(json.dumps(trips_json(trips, diags), indent=2) + "\n")
     else:
-        sys.stdout.write(render_trip(trip, diags))
+        sys.stdout.write(render_trips(trips, diags))
     return EXIT_FINDINGS if diags else EXIT_OK
 
 

@@ -7,6 +7,7 @@ keeps each namespace's conntrack entries, and walks the reply back from where th
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
 from analyzer.diagnostics import APPROXIMATE, EXACT, Diagnostic, Related, Severity
@@ -15,6 +16,11 @@ from analyzer.parse.envfile import Environment
 from analyzer.source import Span
 
 MAX_HOPS = 16
+#: at most this many distinct journeys per direction of one connection; more are counted as not
+#: followed and reported (kube-proxy's endpoint choice forks once per endpoint)
+MAX_OUTCOMES = 64
+#: namespace walks remembered by a World (oldest forgotten first)
+MEMO_SIZE = 20000
 
 
 @dataclass
@@ -30,25 +36,43 @@ class Hop:
     ct: Conntrack | None = None
     approx: list = field(default_factory=list)
     bridged: bool = False
+    prob: float | None = 1.0   # of this outcome among the namespace's outcomes (None: unknown)
+    outcomes: int = 1          # how many outcomes the namespace had for this packet
 
 
 @dataclass
 class Journey:
-    """One direction of one connection through the environment."""
+    """One direction of one connection through the environment (one branch of it)."""
 
     hops: list = field(default_factory=list)
     end: str = ""           # delivered | refused | dropped | rejected | left | no-route | loop | ...
     end_ns: str | None = None
     end_packet: Packet | None = None
     detail: str = ""
+    order: tuple = ()       # which outcome of each fork on the way (0 = the first, in rule order)
 
     @property
     def approximate(self) -> bool:
         return any(h.approx for h in self.hops)
 
+    @property
+    def prob(self) -> float | None:
+        """Probability of this branch (product of the forks on its way; None: unknown)."""
+        p = 1.0
+        for h in self.hops:
+            if h.prob is None:
+                return None
+            p *= h.prob
+        return p
+
+    def copy(self) -> "Journey":
+        return Journey(list(self.hops), self.end, self.end_ns, self.end_packet, self.detail, self.order)
+
 
 @dataclass
 class Trip:
+    """One outcome of a connection: its request, the reply, and a proxy's second leg."""
+
     flow: Packet
     start: str
     request: Journey
@@ -57,6 +81,25 @@ class Trip:
     second_leg: "Trip | None" = None
     findings: list = field(default_factory=list)
     listener: object = None
+    unfollowed: int = 0     # branches beyond the cap (MAX_OUTCOMES), not followed
+
+    @property
+    def prob(self) -> float | None:
+        p = self.request.prob
+        for part in (self.reply.prob if self.reply is not None else 1.0,
+                     self.second_leg.prob if self.second_leg is not None else 1.0):
+            p = None if p is None or part is None else p * part
+        return p
+
+    @property
+    def endpoint(self) -> Packet | None:
+        """Where the request was sent to: the last destination translation's result, else where
+        the request ended (kube-proxy's endpoint choice)."""
+        for h in reversed(self.request.hops):
+            if h.ct is not None and h.ct.dnat and (h.packet_out.dst, h.packet_out.dport) != \
+                    (h.packet_in.dst, h.packet_in.dport):
+                return h.packet_out
+        return self.request.end_packet
 
 
 def _empty_ruleset(family: int):
@@ -65,9 +108,34 @@ def _empty_ruleset(family: int):
 
 
 class World:
-    def __init__(self, env: Environment):
+    """An environment being walked: per-namespace walkers, and a memo of namespace walks keyed by
+    (namespace, packet, arrival, conntrack entry), so that every branch and every flow that
+    brings the same packet to the same place reuses the walk."""
+
+    def __init__(self, env: Environment, max_outcomes: int | None = None):
         self.env = env
         self.walkers: dict[str, Walker] = {}
+        self.max_outcomes = max_outcomes or MAX_OUTCOMES
+        self._memo: OrderedDict = OrderedDict()
+        self.memo_hits = 0
+        self.memo_misses = 0
+
+    def walk(self, ns: str, pkt: Packet, iif: str | None, reply_mode: bool, ct: Conntrack | None,
+             bridged_via: str | None = None, from_port: tuple | None = None) -> list[Branch]:
+        """Every outcome of ``pkt`` arriving in ``ns`` (fresh copies: callers may change them)."""
+        key = (ns, pkt, iif, reply_mode, _ct_key(ct), bridged_via,
+               tuple(from_port) if from_port is not None else None)
+        hit = self._memo.get(key)
+        if hit is None:
+            self.memo_misses += 1
+            hit = _walk_namespace(self, ns, pkt, iif, reply_mode, ct, bridged_via, from_port)
+            self._memo[key] = hit
+            if len(self._memo) > MEMO_SIZE:
+                self._memo.popitem(last=False)
+        else:
+            self.memo_hits += 1
+            self._memo.move_to_end(key)
+        return [b.fork() for b in hit]
 
     def walker(self, ns: str, family: int) -> Walker:
         key = f"{ns}/{family}"
@@ -116,6 +184,11 @@ class Tracker:
 
     def __init__(self):
         self.entries: dict[str, list[Conntrack]] = {}
+
+    def copy(self) -> "Tracker":
+        t = Tracker()
+        t.entries = {ns: list(lst) for ns, lst in self.entries.items()}
+        return t
 
     def add(self, ns: str, ct: Conntrack):
         if not ct.untracked:
@@ -181,10 +254,33 @@ def walk_namespace(world: World, tracker: Tracker, ns: str, pkt: Packet, iif: st
     """One namespace, one packet: PREROUTING/OUTPUT -> route -> INPUT or FORWARD -> POSTROUTING.
     ``reply_mode``: the packet belongs to a connection this namespace already tracks (looked
     up in ``tracker``); otherwise it starts a NEW connection here. ``from_port``: (namespace,
-    interface) of the bridge port the frame came in on, when ``iif`` is this namespace's bridge."""
-    w = world.walker(ns, pkt.family)
+    interface) of the bridge port the frame came in on, when ``iif`` is this namespace's bridge.
+    Every outcome's conntrack entry is added to ``tracker`` (use :func:`travel_all` to keep one
+    tracker per outcome)."""
     ct = tracker.lookup_reply(ns, pkt) if reply_mode else None
+    brs = world.walk(ns, pkt, iif, reply_mode, ct, bridged_via, from_port)
+    for b in brs:
+        if not b.reply:
+            tracker.add(ns, b.ct)
+    return brs
+
+
+def _ct_key(ct: Conntrack | None):
+    if ct is None:
+        return None
+    return (ct.original, ct.reply_src, ct.reply_sport, ct.reply_dst, ct.reply_dport, ct.dnat, ct.snat,
+            ct.untracked, ct.mark, ct.in_use)
+
+
+def _walk_namespace(world: World, ns: str, pkt: Packet, iif: str | None, reply_mode: bool,
+                    ct: Conntrack | None, bridged_via: str | None = None,
+                    from_port: tuple | None = None) -> list[Branch]:
+    """:func:`walk_namespace` without conntrack bookkeeping: ``ct`` is the entry the packet
+    belongs to (None: a new connection). A pure function of its arguments (memoized by World)."""
+    w = world.walker(ns, pkt.family)
     is_reply = ct is not None
+    if ct is not None:
+        ct = replace(ct)  # a reply may change the entry's mark: not the caller's copy
     if ct is None:
         ct = Conntrack(replace(pkt, iif=iif), pkt.dst, pkt.dport, pkt.src, pkt.sport)
         if hasattr(w, "ct_in_use"):
@@ -202,8 +298,6 @@ def walk_namespace(world: World, tracker: Tracker, ns: str, pkt: Packet, iif: st
         for b in brs:
             if b.disposition is None:
                 b.disposition, b.detail = "bridged", f"switched on {bridged_via}"
-            if not is_reply:
-                tracker.add(ns, b.ct)
         return brs
     if iif is None:  # generated by a local process
         r = w.ns.route(br.pkt.dst)
@@ -284,67 +378,106 @@ def walk_namespace(world: World, tracker: Tracker, ns: str, pkt: Packet, iif: st
     for b in brs:
         if b.disposition == "tproxy":
             b.disposition = "delivered"
-        if not is_reply:
-            tracker.add(ns, b.ct)
     return brs
+
+
+def travel_all(world: World, tracker: Tracker, start_ns: str, pkt: Packet, iif: str | None,
+               role: str, reply_mode: bool) -> tuple[list[tuple[Journey, Tracker]], int]:
+    """Move a packet hop by hop until it is delivered, dropped or leaves the environment,
+    following every outcome of every namespace (statistic endpoint choices with their
+    probability, uncertain matches with their APPROXIMATE reason). Returns the distinct journeys,
+    each with the conntrack entries its own branch made, and how many further branches were not
+    followed because of the cap ``world.max_outcomes``."""
+    done: list[tuple[Journey, Tracker]] = []
+    unfollowed = 0
+    # a branch in flight: journey so far, its tracker, where the packet is, and how it got there
+    todo = [(Journey(), tracker, start_ns, pkt, iif, None, None, None, frozenset())]
+    while todo:
+        j, tr, ns, pkt, arrived, bridged_via, from_port, bridged_from, visited = todo.pop()
+        for _ in range(MAX_HOPS):
+            key = (ns, arrived, pkt.src, pkt.dst, pkt.sport, pkt.dport)
+            if key in visited:
+                j.end, j.end_ns, j.detail = "loop", ns, f"the packet comes back to {ns} unchanged: routing loop"
+                break
+            visited = visited | {key}
+            ct = tr.lookup_reply(ns, pkt) if reply_mode else None
+            brs = world.walk(ns, pkt, arrived, reply_mode, ct, bridged_via, from_port)
+            # the walker lists a fork's outcomes last-rule-first; follow them in rule order
+            brs.reverse()
+            room = max(1, world.max_outcomes - len(done) - len(todo))
+            if len(brs) > room:  # the cap: counted and reported, never silent
+                unfollowed += len(brs) - room
+                brs = brs[:room]
+            for i, alt in enumerate(brs[1:], 1):
+                # each other outcome continues as its own branch, with its own conntrack view
+                jj, tt = j.copy(), tr.copy()
+                jj.order += (i,)
+                nxt = _advance(world, jj, tt, ns, pkt, arrived, bridged_via, bridged_from, alt, len(brs), role)
+                if nxt is None:
+                    done.append((jj, tt))
+                else:
+                    todo.append((jj, tt, *nxt, visited))
+            if len(brs) > 1:
+                j.order += (0,)
+            nxt = _advance(world, j, tr, ns, pkt, arrived, bridged_via, bridged_from, brs[0], len(brs), role)
+            if nxt is None:
+                break
+            ns, pkt, arrived, bridged_via, from_port, bridged_from = nxt
+        else:
+            j.end, j.detail = "loop", f"more than {MAX_HOPS} hops"
+        done.append((j, tr))
+    done.sort(key=lambda jt: jt[0].order)
+    return done, unfollowed
+
+
+def _advance(world: World, j: Journey, tr: Tracker, ns: str, pkt: Packet, arrived, bridged_via,
+             bridged_from, b: Branch, outcomes: int, role: str):
+    """Record outcome ``b`` of the walk of ``pkt`` in ``ns`` as a hop of ``j``; return where the
+    packet goes next (namespace, packet, arrival, bridged_via, from_port, bridged_from), or None
+    when the journey ends here (``j.end`` set)."""
+    if not b.reply:
+        tr.add(ns, b.ct)
+    hop = Hop(ns, role, arrived, b.steps, pkt, b.pkt, b.disposition, b.detail, b.ct, list(b.approx),
+              bridged=bridged_via is not None, prob=b.prob if outcomes > 1 else 1.0, outcomes=outcomes)
+    j.hops.append(hop)
+    if b.disposition == "bridged":
+        from_ns, from_oif, next_hop = bridged_from
+        nxt = world.next_namespace(from_ns, from_oif, next_hop)
+        if nxt is None:
+            j.end, j.end_ns, j.detail = "no-neighbour", ns, f"nobody answers for {next_hop}"
+            return None
+        nns, niface, _ = nxt
+        return nns, replace(b.pkt, iif=None, oif=None), niface, None, None, None
+    if b.disposition != "sent":
+        j.end, j.end_ns, j.end_packet, j.detail = b.disposition, ns, b.pkt, b.detail
+        return None
+    nxt = world.next_namespace(ns, b.pkt.oif, b.next_hop)
+    if nxt is None:
+        j.end, j.end_ns, j.end_packet = "left", ns, b.pkt
+        j.detail = f"leaves the environment from {ns} via {b.pkt.oif} (to {b.next_hop})"
+        return None
+    nns, niface, crossed = nxt
+    out = replace(b.pkt, iif=None, oif=None)
+    if crossed is not None and world.bridge_nf(crossed, out.family):
+        # the frame crosses the bridge's netfilter first
+        return (crossed.bridge_ns, out, crossed.bridge_iface, crossed.bridge_iface, None,
+                (ns, b.pkt.oif, b.next_hop))
+    if crossed is not None:
+        hop.steps = list(hop.steps) + [Step("bridge", f"switched by {crossed.name} without netfilter "
+                                                      f"(bridge-nf-call-iptables=0 in {crossed.bridge_ns})")]
+    seg = world.env.segment_of(nns, niface)
+    from_port = None
+    if seg is not None and seg.bridge_ns == nns and seg.bridge_iface == niface:
+        from_port = (ns, b.pkt.oif)  # the bridge port the frame enters by
+    return nns, out, niface, None, from_port, None
 
 
 def travel(world: World, tracker: Tracker, start_ns: str, pkt: Packet, iif: str | None,
            role: str, reply_mode: bool) -> Journey:
-    """Move a packet hop by hop until it is delivered, dropped or leaves the environment.
-    Where a namespace forks (statistic branches), the first outcome is followed and the others
-    are noted."""
-    j = Journey()
-    ns, arrived, bridged_via = start_ns, iif, None
-    from_port = None
-    visited = set()
-    for _ in range(MAX_HOPS):
-        key = (ns, arrived, pkt.src, pkt.dst, pkt.sport, pkt.dport)
-        if key in visited:
-            j.end, j.end_ns, j.detail = "loop", ns, f"the packet comes back to {ns} unchanged: routing loop"
-            return j
-        visited.add(key)
-        brs = walk_namespace(world, tracker, ns, pkt, arrived, reply_mode, bridged_via, from_port)
-        from_port = None
-        b = brs[0]
-        hop = Hop(ns, role, arrived, b.steps, pkt, b.pkt, b.disposition, b.detail, b.ct, list(b.approx),
-                  bridged=bridged_via is not None)
-        if len(brs) > 1:
-            hop.approx.append(f"{len(brs)} outcomes in {ns} (statistic/uncertain matches); following the first "
-                              f"(p={b.prob:.3f})" if b.prob is not None else f"{len(brs)} outcomes; following the first")
-        j.hops.append(hop)
-        if b.disposition == "bridged":
-            nxt = world.next_namespace(bridged_from_ns, bridged_from_oif, bridged_next_hop)
-            bridged_via = None
-            if nxt is None:
-                j.end, j.end_ns, j.detail = "no-neighbour", ns, f"nobody answers for {bridged_next_hop}"
-                return j
-            ns, arrived, _ = nxt
-            pkt = replace(b.pkt, iif=None, oif=None)
-            continue
-        if b.disposition != "sent":
-            j.end, j.end_ns, j.end_packet, j.detail = b.disposition, ns, b.pkt, b.detail
-            return j
-        nxt = world.next_namespace(ns, b.pkt.oif, b.next_hop)
-        if nxt is None:
-            j.end, j.end_ns, j.end_packet = "left", ns, b.pkt
-            j.detail = f"leaves the environment from {ns} via {b.pkt.oif} (to {b.next_hop})"
-            return j
-        nns, niface, crossed = nxt
-        pkt = replace(b.pkt, iif=None, oif=None)
-        if crossed is not None and world.bridge_nf(crossed, pkt.family):
-            # the frame crosses the bridge's netfilter first
-            bridged_from_ns, bridged_from_oif, bridged_next_hop = ns, b.pkt.oif, b.next_hop
-            ns, arrived, bridged_via = crossed.bridge_ns, crossed.bridge_iface, crossed.bridge_iface
-            continue
-        if crossed is not None:
-            hop.steps = list(hop.steps) + [Step("bridge", f"switched by {crossed.name} without netfilter "
-                                                          f"(bridge-nf-call-iptables=0 in {crossed.bridge_ns})")]
-        seg = world.env.segment_of(nns, niface)
-        if seg is not None and seg.bridge_ns == nns and seg.bridge_iface == niface:
-            from_port = (ns, b.pkt.oif)  # the bridge port the frame enters by
-        ns, arrived, bridged_via = nns, niface, None
-    j.end, j.detail = "loop", f"more than {MAX_HOPS} hops"
+    """The first journey of :func:`travel_all` (its conntrack entries added to ``tracker``)."""
+    journeys, _ = travel_all(world, tracker.copy(), start_ns, pkt, iif, role, reply_mode)
+    j, tr = journeys[0]
+    tracker.entries = tr.entries
     return j
 
 
@@ -356,41 +489,61 @@ def _listener(world: World, ns: str, pkt: Packet):
     return None
 
 
-def follow(world: World, start: str, flow: Packet, uid=None, gid=None, depth: int = 0) -> Trip:
-    """A connection from a process in ``start`` (OUTPUT path) to ``flow.dst``: request, then reply."""
-    tracker = Tracker()
+def follow_all(world: World, start: str, flow: Packet, uid=None, gid=None, depth: int = 0) -> list[Trip]:
+    """Every outcome of a connection from a process in ``start`` (OUTPUT path) to ``flow.dst``:
+    one Trip per distinct (request, reply, second leg) branch, each with its probability
+    (``Trip.prob``; None when an uncertain match forked it). Never empty."""
     flow = replace(flow, uid=uid, gid=gid)
-    req = travel(world, tracker, start, flow, None, "request", reply_mode=False)
-    trip = Trip(flow, start, req)
-    if req.end != "delivered":
-        return trip
-    end_ns, arrived = req.end_ns, req.end_packet
-    spec = world.env.namespaces[end_ns]
-    lst = _listener(world, end_ns, arrived)
-    trip.listener = lst
-    if spec.listeners and lst is None:
-        req.end, req.detail = "refused", (f"nothing listens on {arrived.dport}/{'tcp' if arrived.proto == 6 else arrived.proto} "
-                                          f"in {end_ns}: the kernel answers RST (connection refused)")
-        return trip
-    # the reply is generated by the socket that accepted the connection
-    rp = Packet(arrived.family, arrived.proto, arrived.dst, arrived.src, arrived.dport, arrived.sport,
-                tcp_flags=0x12 if arrived.proto == 6 else 0)
-    hop_tproxy = any("TPROXY" in s.verdict for s in req.hops[-1].steps)
-    if hop_tproxy:  # a transparent proxy answers as the original destination
-        rp = replace(rp, src=flow.dst, sport=flow.dport)
-    rep = travel(world, tracker, end_ns, rp, None, "reply", reply_mode=True)
-    trip.reply = rep
-    if rep.end in ("delivered",) and rep.end_ns == start:
-        trip.client_sees = rep.end_packet
-    if lst is not None and lst.proxy_to and depth == 0:
-        trip.second_leg = _second_leg(world, end_ns, lst, arrived, req.hops[-1].packet_in)
-    return trip
+    reqs, unfollowed = travel_all(world, Tracker(), start, flow, None, "request", reply_mode=False)
+    trips: list[Trip] = []
+    for req, tracker in reqs:
+        trip = Trip(flow, start, req)
+        if req.end != "delivered":
+            trips.append(trip)
+            continue
+        end_ns, arrived = req.end_ns, req.end_packet
+        spec = world.env.namespaces[end_ns]
+        lst = _listener(world, end_ns, arrived)
+        trip.listener = lst
+        if spec.listeners and lst is None:
+            req.end, req.detail = "refused", (f"nothing listens on {arrived.dport}/{'tcp' if arrived.proto == 6 else arrived.proto} "
+                                              f"in {end_ns}: the kernel answers RST (connection refused)")
+            trips.append(trip)
+            continue
+        # the reply is generated by the socket that accepted the connection
+        rp = Packet(arrived.family, arrived.proto, arrived.dst, arrived.src, arrived.dport, arrived.sport,
+                    tcp_flags=0x12 if arrived.proto == 6 else 0)
+        hop_tproxy = any("TPROXY" in s.verdict for s in req.hops[-1].steps)
+        if hop_tproxy:  # a transparent proxy answers as the original destination
+            rp = replace(rp, src=flow.dst, sport=flow.dport)
+        reps, more = travel_all(world, tracker, end_ns, rp, None, "reply", reply_mode=True)
+        unfollowed += more
+        legs = [None]
+        if lst is not None and lst.proxy_to and depth == 0:
+            legs = _second_legs(world, end_ns, lst, arrived, req.hops[-1].packet_in)
+        for rep, _ in reps:
+            for leg in legs:
+                t = Trip(flow, start, req, rep, listener=lst, second_leg=leg)
+                if rep.end in ("delivered",) and rep.end_ns == start:
+                    t.client_sees = rep.end_packet
+                trips.append(t)
+    if len(trips) > world.max_outcomes:
+        unfollowed += len(trips) - world.max_outcomes
+        trips = trips[:world.max_outcomes]
+    trips[0].unfollowed = unfollowed
+    return trips
 
 
-def _second_leg(world: World, ns: str, lst, arrived: Packet, before: Packet) -> Trip:
-    """The connection a proxy opens for each client. ``proxy_to: original`` is what a sidecar
-    does: the original destination (before REDIRECT/TPROXY), or 127.0.0.1:PORT when that
-    destination is an address of the proxy's own namespace (inbound)."""
+def follow(world: World, start: str, flow: Packet, uid=None, gid=None, depth: int = 0) -> Trip:
+    """The first outcome of :func:`follow_all` (rule order): request, then reply. Where the
+    connection forks, prefer follow_all, which returns every outcome."""
+    return follow_all(world, start, flow, uid, gid, depth)[0]
+
+
+def _second_legs(world: World, ns: str, lst, arrived: Packet, before: Packet) -> list[Trip]:
+    """The connection a proxy opens for each client, every outcome of it. ``proxy_to: original``
+    is what a sidecar does: the original destination (before REDIRECT/TPROXY), or
+    127.0.0.1:PORT when that destination is an address of the proxy's own namespace (inbound)."""
     import ipaddress
 
     net = world.env.namespaces[ns].net
@@ -407,7 +560,7 @@ def _second_leg(world: World, ns: str, lst, arrived: Packet, before: Packet) -> 
         r = net.route(dst)
         src = (net.primary_address(r.oif, dst.version, dst) if r.kind == "unicast" else None) or arrived.dst
     pkt = Packet(dst.version, arrived.proto, src, dst, 50000, port)
-    return follow(world, ns, pkt, uid=lst.uid, gid=lst.gid, depth=1)
+    return follow_all(world, ns, pkt, uid=lst.uid, gid=lst.gid, depth=1)
 
 
 # ------------------------------------------------------------------ findings
@@ -522,6 +675,54 @@ def findings(world: World, trip: Trip) -> list[Diagnostic]:
     return out
 
 
+#: what the connections of a failing outcome experience, per finding
+_FATE = {"NAT001": "are reset", "NAT002": "lose their reply and time out",
+         "NAT003": "are reset after the first data", "NAT004": "time out"}
+
+
+def _where(t: Trip) -> str:
+    e = t.endpoint
+    return e.tuple_str().split(" -> ")[-1] if e is not None else (t.request.end_ns or "?")
+
+
+def outcome_findings(world: World, trips: list[Trip]) -> list[Diagnostic]:
+    """Findings of a connection over all its outcomes: a finding when any outcome fails, naming
+    the failing endpoints and the share of connections affected ("1 of 3 endpoints, about 33%
+    of connections, are reset"). EXACT when the forks are statistic (exact probabilities) and
+    the finding itself is exact."""
+    per = [(t, findings(world, t)) for t in trips]
+    if len(trips) == 1:
+        return per[0][1]
+    total = None if any(t.prob is None for t in trips) else sum(t.prob for t in trips)
+    wheres = [_where(t) for t in trips]
+    by_endpoint = len(set(wheres)) == len(trips)
+    out = []
+    codes = list(dict.fromkeys(d.code for _, ds in per for d in ds))
+    for code in codes:
+        failing = [(t, next(d for d in ds if d.code == code)) for t, ds in per if any(d.code == code for d in ds)]
+        t0, d0 = failing[0]
+        k, n = len(failing), len(trips)
+        names = ", ".join(dict.fromkeys(_where(t) for t, _ in failing))
+        if total:
+            share = sum(t.prob for t, _ in failing) / total
+            how = f"about {share:.0%} of connections"
+        else:
+            how = "share of connections unknown (an uncertain match forks the path)"
+        fate = _FATE.get(code, "fail")
+        if code == "NAT001" and t0.client_sees is None:
+            fate = "time out"
+        if by_endpoint:
+            head = (f"{k} of {n} endpoints ({names}), {how}, {fate}: "
+                    if k < n else f"all {n} endpoints ({names}) {fate}: ")
+        else:
+            head = f"{k} of {n} outcomes ({names}), {how}, {fate}: "
+        exact = total is not None and all(d.confidence == EXACT for _, d in failing)
+        related = tuple(dict.fromkeys(r for _, d in failing for r in d.related))
+        out.append(Diagnostic(d0.code, d0.severity, head + d0.message, d0.span, d0.hint, d0.source_line,
+                              EXACT if exact else APPROXIMATE, related, d0.witness, d0.name))
+    return out
+
+
 def _approx(trip: Trip) -> bool:
     return trip.request.approximate or (trip.reply is not None and trip.reply.approximate)
 
@@ -552,6 +753,15 @@ def _fix_hint(world: World, trip: Trip, missed, hairpin: bool = False) -> str:
     ns = missed[0].namespace
     out_if = missed[0].packet_out.oif
     rule = _translating_rule(world, missed[0])
+    bridged_seg = next((seg for seg in world.env.segments
+                        if seg.bridge_ns == ns and not world.bridge_nf(seg, missed[0].packet_in.family)), None)
+    if rule is not None and rule.chain.startswith("KUBE-SEP-") and not hairpin and bridged_seg is not None \
+            and _has_hairpin_masq(world, missed[0], rule):
+        # kube-proxy's rules are complete: it relies on br_netfilter for same-bridge endpoints
+        return (f"kube-proxy needs br_netfilter on '{ns}': the reply of the endpoint "
+                f"{missed[0].packet_out.dst} is switched on {bridged_seg.name} straight to the client; load "
+                f"br_netfilter and set net.bridge.bridge-nf-call-iptables=1 so bridged replies cross "
+                f"'{ns}''s conntrack")
     if rule is not None and rule.chain.startswith("KUBE-SEP-"):
         ep = missed[0].packet_out.dst
         return (f"kube-proxy's hairpin masquerade is missing for this endpoint: add "
@@ -568,6 +778,22 @@ def _fix_hint(world: World, trip: Trip, missed, hairpin: bool = False) -> str:
                      f"bridged replies cross its conntrack")
             break
     return hint
+
+
+def _has_hairpin_masq(world: World, hop: Hop, rule) -> bool:
+    """Whether the KUBE-SEP chain of ``rule`` marks the endpoint's own traffic for masquerade."""
+    from analyzer.model.rules import AddrMatch, Jump
+
+    spec = world.env.namespaces[hop.namespace]
+    rs = spec.ruleset if hop.packet_in.family == 4 else spec.ruleset6
+    chain = rs.chain(rule.table, rule.chain) if rs is not None else None
+    ep = hop.packet_out.dst
+    for r in chain.rules if chain is not None else ():
+        if isinstance(r.target, Jump) and r.target.chain == "KUBE-MARK-MASQ" and any(
+                isinstance(m, AddrMatch) and m.direction == "src" and not m.negated
+                and any(ep in n for n in m.networks) for m in r.matches):
+            return True
+    return False
 
 
 def _line(world: World, span):
@@ -597,6 +823,9 @@ def render_trip(trip: Trip, diags: list[Diagnostic]) -> str:
             for s in h.steps:
                 out.append(indent + "  " + s.render().replace("\n", "\n" + indent + "  "))
             out.append(f"{indent}  => {h.disposition}" + (f": {h.detail}" if h.detail else ""))
+            if h.outcomes > 1:
+                out.append(f"{indent}  branch: one of {h.outcomes} outcomes here"
+                           + (f" (p={h.prob:.3f})" if h.prob is not None else " (probability unknown)"))
             for a in h.approx:
                 out.append(f"{indent}  approximate: {a}")
         out.append(f"{indent}end: {j.end}" + (f" in '{j.end_ns}'" if j.end_ns else "") +
@@ -622,6 +851,54 @@ def render_trip(trip: Trip, diags: list[Diagnostic]) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def _outcome_title(t: Trip, i: int, n: int) -> str:
+    p = t.prob
+    share = f"p={p:.3f}" if p is not None else "probability unknown (uncertain match)"
+    e = t.endpoint
+    to = f", endpoint {_where(t)}" if e is not None and t.request.end != "no-route" else ""
+    return f"outcome {i} of {n} ({share}{to})"
+
+
+def render_trips(trips: list[Trip], diags: list[Diagnostic]) -> str:
+    """Every outcome of one connection, each with its probability, then the findings."""
+    if len(trips) == 1:
+        return render_trip(trips[0], diags)
+    t0 = trips[0]
+    out = [f"flow: {t0.flow.tuple_str()} from namespace '{t0.start}'",
+           f"{len(trips)} outcomes (the path forks: statistic endpoint choice or uncertain matches)"]
+    for i, t in enumerate(trips, 1):
+        out.append("")
+        out.append(f"== {_outcome_title(t, i, len(trips))}")
+        out.extend(render_trip(t, []).splitlines()[2:])
+    if t0.unfollowed:
+        out.append("")
+        out.append(f"not followed: {t0.unfollowed} further branches (cap of {MAX_OUTCOMES} outcomes per direction)")
+    if diags:
+        from analyzer.diagnostics import render_text
+        out.append("")
+        out.extend(render_text(d) for d in diags)
+    return "\n".join(out).rstrip() + "\n"
+
+
+def trips_json(trips: list[Trip], diags) -> dict:
+    """The first outcome's document as before (request, reply, ...), plus every outcome under
+    ``outcomes`` with its probability and endpoint."""
+    from analyzer.report.diagnostics import to_dict
+
+    doc = trip_json(trips[0], diags)
+    doc["outcomes"] = []
+    for t in trips:
+        o = trip_json(t, [])
+        o.pop("schema_version", None)
+        o.pop("findings", None)
+        o["probability"] = t.prob
+        o["endpoint"] = _pkt_json(t.endpoint)
+        doc["outcomes"].append(o)
+    doc["branches_not_followed"] = trips[0].unfollowed
+    doc["findings"] = [to_dict(d) for d in diags]
+    return doc
+
+
 def _pkt_json(p: Packet | None):
     if p is None:
         return None
@@ -637,6 +914,7 @@ def _journey_json(j: Journey | None):
             "namespace": h.namespace, "arrived_on": h.arrived_on, "bridged": h.bridged,
             "packet_in": _pkt_json(h.packet_in), "packet_out": _pkt_json(h.packet_out),
             "disposition": h.disposition, "detail": h.detail, "approximate": h.approx,
+            "probability": h.prob, "outcomes_here": h.outcomes,
             "steps": [{"where": s.where, "verdict": s.verdict, "line": s.line, "path": s.path,
                        "packet": s.packet, "note": s.note} for s in h.steps],
             "conntrack": None if h.ct is None or h.ct.untracked or not getattr(h.ct, "in_use", True) else {

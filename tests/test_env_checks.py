@@ -55,3 +55,97 @@ def test_bad_environment_files_get_clear_errors(tmp_path, text, needle):
     with pytest.raises(EnvError) as e:
         load_environment(str(p))
     assert needle in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# every branch followed (kube-proxy's endpoint choice)
+# ---------------------------------------------------------------------------------------------
+
+KUBE_MULTI = ["kubeproxy-local-endpoint-first", "kubeproxy-remote-endpoint-first", "kubeproxy-three-endpoints"]
+
+
+@pytest.mark.parametrize("name,share", [("kubeproxy-local-endpoint-first", "1 of 2 endpoints (10.244.0.6:8080), about 50%"),
+                                        ("kubeproxy-remote-endpoint-first", "1 of 2 endpoints (10.244.0.6:8080), about 50%"),
+                                        ("kubeproxy-three-endpoints", "1 of 3 endpoints (10.244.0.6:8080), about 33%")])
+def test_same_node_endpoint_is_nat001_in_every_endpoint_order(name, share):
+    (d,) = env_findings(ROOT / "samples" / "env" / f"{name}.yaml")
+    assert d.code == "NAT001" and share in d.message, d.message
+    assert d.confidence == "EXACT"  # statistic forks have exact probabilities
+    assert "bridge-nf-call-iptables=1" in d.hint  # kube-proxy's rules are complete: br_netfilter is missing
+
+
+def test_every_outcome_is_followed_with_its_probability():
+    from analyzer.crosshost import World, follow_all
+    from analyzer.netfilter.walk import parse_flow
+
+    env = load_environment(str(ROOT / "samples" / "env" / "kubeproxy-three-endpoints.yaml"))
+    trips = follow_all(World(env), "pod-a", parse_flow("tcp 10.244.0.5:40000 -> 10.96.0.20:80"))
+    got = {(str(t.endpoint.dst), round(t.prob, 3)) for t in trips}
+    assert got == {("10.244.0.6", 0.333), ("10.244.1.5", 0.333), ("10.244.1.6", 0.333)}
+    # in rule order, each with its own reply: the local endpoint's reply bypasses node1
+    assert [str(t.endpoint.dst) for t in trips] == ["10.244.0.6", "10.244.1.5", "10.244.1.6"]
+    assert str(trips[0].client_sees.src) == "10.244.0.6"
+    assert all(str(t.client_sees.src) == "10.96.0.20" for t in trips[1:])
+
+
+def test_fan_out_cap_is_counted_not_silent():
+    from analyzer.crosshost import World, follow_all
+    from analyzer.netfilter.walk import parse_flow
+
+    env = load_environment(str(ROOT / "samples" / "env" / "kubeproxy-three-endpoints.yaml"))
+    trips = follow_all(World(env, max_outcomes=2), "pod-a", parse_flow("tcp 10.244.0.5:40000 -> 10.96.0.20:80"))
+    assert len(trips) == 2 and trips[0].unfollowed == 1
+
+
+def test_namespace_walks_are_memoized():
+    from analyzer.crosshost import World, follow_all
+    from analyzer.netfilter.walk import parse_flow
+
+    env = load_environment(str(ROOT / "samples" / "env" / "kubeproxy-three-endpoints.yaml"))
+    world = World(env)
+    flow = parse_flow("tcp 10.244.0.5:40000 -> 10.96.0.20:80")
+    first = follow_all(world, "pod-a", flow)
+    misses = world.memo_misses
+    again = follow_all(world, "pod-a", flow)
+    assert world.memo_misses == misses and world.memo_hits >= misses
+    assert [t.client_sees for t in again] == [t.client_sees for t in first]
+
+
+def test_default_route_without_dev_takes_the_gateway_device():
+    import ipaddress
+
+    from analyzer.netfilter.env import Namespace
+
+    ns = Namespace()
+    ns.add_route("default via 10.244.0.1")  # before the address: resolved at lookup, as the kernel shows it
+    ns.add_addr("10.244.0.5/24", "eth0")
+    r = ns.route(ipaddress.ip_address("10.96.0.20"))
+    assert (r.kind, r.oif, str(r.via)) == ("unicast", "eth0", "10.244.0.1")
+    assert r.route.render() == "0.0.0.0/0 via 10.244.0.1 dev eth0"
+
+
+def test_lint_env_reports_what_it_covered():
+    import json
+
+    from _golden import run
+
+    rc, out, _ = run(["lint", "--env", "samples/env/kubeproxy-three-endpoints.yaml", "-o", "json"])
+    doc = json.loads(out)
+    assert rc == 1 and [d["code"] for d in doc["diagnostics"]] == ["NAT001"]
+    c = doc["coverage"]
+    assert (c["services"], c["clients"], c["flows"]) == (4, 1, 4)
+    assert c["outcomes"] == 6 and c["replies_followed"] == 6 and c["branches_not_followed"] == 0
+    rc, out, _ = run(["lint", "--env", "samples/env/kubeproxy-three-endpoints.yaml"])
+    assert "Covered: 4 services x 1 client = 4 flows, 6 endpoints (6 outcomes)" in out
+    assert "Not covered: 0 requests never arrived" in out
+
+
+def test_explain_env_prints_every_outcome():
+    from _golden import run
+
+    rc, out, _ = run(["explain", "--env", "samples/env/kubeproxy-remote-endpoint-first.yaml", "--from", "pod-a",
+                      "--flow", "tcp 10.244.0.5:40000 -> 10.96.0.20:80"])
+    assert rc == 1
+    assert "== outcome 1 of 2 (p=0.500, endpoint 10.244.1.5:8080)" in out
+    assert "== outcome 2 of 2 (p=0.500, endpoint 10.244.0.6:8080)" in out
+    assert "about 50% of connections, are reset" in out

@@ -92,8 +92,19 @@ def _leads_to_translation(table, chain, depth=0) -> bool:
     return False
 
 
+#: how a request that reaches no listener ends, in words (NAT005)
+_NEVER = {"dropped": "is dropped", "rejected": "is rejected", "no-route": "finds no route",
+          "no-neighbour": "finds nobody on the link", "loop": "loops", "blackhole": "is blackholed",
+          "unreachable": "hits an unreachable route", "prohibit": "hits a prohibit route",
+          "refused": "is refused (nothing listens)"}
+
+
 def environment_trips(ctx: CheckContext):
-    """Every (client namespace, translated destination) pair, followed once; cached on ctx."""
+    """Every (client namespace, service) pair, followed once over every branch; cached on ctx.
+
+    Returns [(client, service namespace, trips, findings)] and sets ``ctx.extra["coverage"]``:
+    what was followed (services x clients, endpoints, requests and replies) and what could not
+    be (requests that never arrived, flows that leave the environment, branches over the cap)."""
     cached = ctx.extra.get("trips")
     if cached is not None:
         return cached
@@ -102,16 +113,15 @@ def environment_trips(ctx: CheckContext):
     if env is None:
         ctx.extra["trips"] = trips
         return trips
-    import ipaddress
 
-    from analyzer.crosshost import World, follow, findings
+    from analyzer.crosshost import World, follow_all, outcome_findings
     from analyzer.netfilter.walk import Packet
 
     world = World(env)
     clients = env.clients or list(env.namespaces)
     targets: list = []
     for name, spec in env.namespaces.items():
-        targets += [(name, key, set(clients)) for key, _ in service_destinations(spec)]
+        targets += [(name, key, set(clients), True) for key, _ in service_destinations(spec)]
         # every listener is a service too, translated or not: its reply must come back as well
         for l in spec.listeners:
             if l.proxy_to:
@@ -119,7 +129,7 @@ def environment_trips(ctx: CheckContext):
             addr = next((a.ip for _, a in spec.net.local_addresses() if not a.ip.is_loopback), None)
             if addr is not None:
                 proto = {"tcp": 6, "udp": 17, "sctp": 132}.get(l.proto, 6)
-                targets.append((name, (addr, proto, l.port), set(clients) - {name}))
+                targets.append((name, (addr, proto, l.port), set(clients) - {name}, False))
         if outbound_catchall(spec) and name in clients:
             for other, ospec in env.namespaces.items():
                 if other == name:
@@ -128,29 +138,104 @@ def environment_trips(ctx: CheckContext):
                     addr = next((a.ip for _, a in ospec.net.local_addresses() if not a.ip.is_loopback), None)
                     if addr is not None:
                         proto = {"tcp": 6, "udp": 17, "sctp": 132}.get(l.proto, 6)
-                        targets.append((name, (addr, proto, l.port), {name}))
-    for name, (addr, proto, port), who in targets:
+                        targets.append((name, (addr, proto, l.port), {name}, False))
+    cov = {"services": 0, "clients": 0, "flows": 0, "outcomes": 0, "endpoints": 0, "requests_delivered": 0,
+           "replies_followed": 0, "never_arrived": 0, "left_environment": 0, "unreachable_listeners": 0,
+           "branches_not_followed": 0, "max_outcomes": world.max_outcomes}
+    services, used_clients, seen = set(), set(), set()
+    for name, (addr, proto, port), who, translated in targets:
         for cname in [c for c in clients if c in who]:
             src = next((a.ip for _, a in env.namespaces[cname].net.local_addresses()
                         if a.version == addr.version and not a.ip.is_loopback), None)
             if src is None or (cname == name and src == addr):
                 continue
-            trip = follow(world, cname, Packet(addr.version, proto, src, addr, 40000, port))
-            diags = findings(world, trip)
-            if trip.request.end not in ("delivered", "refused") and not diags:
-                continue  # this client cannot reach the service at all: not a reply problem
-            trips.append((cname, name, trip, diags))
+            if (cname, addr, proto, port) in seen:
+                continue  # the same service published by several namespaces (every node's kube-proxy)
+            seen.add((cname, addr, proto, port))
+            outcomes = follow_all(world, cname, Packet(addr.version, proto, src, addr, 40000, port))
+            diags = outcome_findings(world, outcomes)
+            services.add((addr, proto, port))
+            used_clients.add(cname)
+            cov["flows"] += 1
+            cov["outcomes"] += len(outcomes)
+            cov["branches_not_followed"] += sum(t.unfollowed for t in outcomes)
+            cov["endpoints"] += len({(t.endpoint.dst, t.endpoint.dport) if t.endpoint is not None else None
+                                     for t in outcomes})
+            cov["requests_delivered"] += sum(t.request.end == "delivered" for t in outcomes)
+            cov["replies_followed"] += sum(t.reply is not None for t in outcomes)
+            ends = {t.request.end for t in outcomes}
+            if ends <= {"left"}:
+                cov["left_environment"] += 1
+                continue  # goes somewhere the environment does not describe
+            if not (ends & {"delivered", "refused"}) and not diags:
+                cov["never_arrived"] += 1
+                if translated:
+                    # a translated service no branch of which reaches a listener anywhere
+                    diags = [_never_arrives(world, cname, name, outcomes)]
+                else:
+                    cov["unreachable_listeners"] += 1
+                    continue  # this client cannot reach that listener at all: not asked
+            trips.append((cname, name, outcomes, diags))
+    cov["services"], cov["clients"] = len(services), len(used_clients)
+    ctx.extra["coverage"] = cov
     ctx.extra["trips"] = trips
     return trips
 
 
+def _never_arrives(world, cname: str, sname: str, outcomes) -> Diagnostic:
+    from analyzer.crosshost import _line, _translating_rule
+    from analyzer.diagnostics import APPROXIMATE, EXACT, Related
+
+    flow = outcomes[0].flow
+    fates = []
+    for t in outcomes:
+        r = t.request
+        detail = r.detail
+        if not detail and r.hops and r.hops[-1].steps:
+            last = r.hops[-1].steps[-1]  # the verdict that ended it, as the trace prints it
+            detail = f"{last.where}:{last.verdict}" + (f", line {last.line}" if last.line else "")
+        fates.append(f"{_NEVER.get(r.end, r.end)} in '{r.end_ns}'" + (f" ({detail})" if detail else ""))
+    fates = list(dict.fromkeys(fates))
+    req = outcomes[0].request
+    dnat = next((h for h in req.hops if h.ct is not None and h.ct.dnat), None)
+    rule = _translating_rule(world, dnat) if dnat is not None else None
+    span = rule.option_span(rule.target) if rule is not None and rule.target else None
+    related = []
+    if rule is not None:
+        related.append(Related("destination translated here", rule.span))
+    for t in outcomes:
+        hop = t.request.hops[-1] if t.request.hops else None
+        end = next((x for x in reversed(hop.steps) if x.line), None) if hop is not None else None
+        if end is not None and end.verdict.split()[0] in ("DROP", "REJECT"):
+            end_rule = next((x for x in _rules(world, hop) if x.span.line == end.line and x.span.path == end.path), None)
+            if end_rule is not None and all(r.span != end_rule.span for r in related):
+                related.append(Related("the request ends here", end_rule.span))
+    approx = any(t.request.approximate for t in outcomes) or any(t.prob is None for t in outcomes)
+    n = len(outcomes)
+    msg = (f"client {flow.src} dialled {flow.dst}:{flow.dport}, which '{sname}' translates, but the "
+           f"request reaches no listener anywhere" + (f" on any of its {n} branches" if n > 1 else "")
+           + ": it " + "; ".join(fates))
+    return Diagnostic("NAT005", Severity.WARNING, msg, span,
+                      "check the routes and filter rules toward the service's endpoints, and that the "
+                      "endpoints' namespaces are in the environment", _line(world, span),
+                      APPROXIMATE if approx else EXACT, tuple(related), flow.tuple_str(),
+                      "request-never-arrives")
+
+
+def _rules(world, hop):
+    spec = world.env.namespaces[hop.namespace]
+    rs = spec.ruleset if hop.packet_in.family == 4 else spec.ruleset6
+    return rs.rules() if rs is not None else ()
+
+
 def _emit(ctx: CheckContext, code: str) -> Iterator[Diagnostic]:
     seen = set()
-    for cname, sname, trip, diags in environment_trips(ctx):
+    for cname, sname, trips, diags in environment_trips(ctx):
+        flow = trips[0].flow
         for d in diags:
             if d.code != code:
                 continue
-            key = (cname, trip.flow.dst, trip.flow.dport, trip.flow.proto)
+            key = (cname, flow.dst, flow.dport, flow.proto)
             if key in seen:
                 continue
             seen.add(key)
@@ -203,3 +288,15 @@ def bridge_hairpin_off(ctx: CheckContext) -> Iterator[Diagnostic]:
     hairpin on`), or masquerade so the backend is reached some other way.
     """
     yield from _emit(ctx, "NAT004")
+
+
+@check(code="NAT005", name="request-never-arrives", severity=Severity.WARNING)
+def request_never_arrives(ctx: CheckContext) -> Iterator[Diagnostic]:
+    """A client's request to a translated service reaches no listener anywhere, on any branch.
+
+    Why it matters: the service is published (DNAT/REDIRECT) but every connection to it is
+    dropped, rejected or lost on the way: a route, a filter rule or a missing endpoint.
+    Fix: the route or filter rule the message names; or describe the endpoint's namespace in the
+    environment (a request that leaves the environment is counted as not covered, not flagged).
+    """
+    yield from _emit(ctx, "NAT005")

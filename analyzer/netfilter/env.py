@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 class EnvError(ValueError):
@@ -186,7 +186,28 @@ class Namespace:
             return RouteResult("none", None, None, None)
         if best.kind != "unicast":
             return RouteResult(best.kind, best.dev, None, best)
+        if best.dev is None and best.via is not None:
+            # `default via GW` without `dev`: the kernel takes the device of the connected route
+            # holding GW (fib_check_nh), as `ip route` shows it afterwards
+            dev = self.gateway_device(best.via)
+            if dev is not None:
+                best = replace(best, dev=dev)
         return RouteResult("unicast", best.dev, best.via, best)
+
+    def gateway_device(self, gw) -> str | None:
+        """The device a gateway is reached by: the longest connected route (no ``via``) holding it.
+
+        >>> ns = Namespace(); ns.add_addr("10.0.0.5/24", "eth0"); ns.add_route("default via 10.0.0.1")
+        >>> ns.route(ipaddress.ip_address("8.8.8.8")).oif
+        'eth0'
+        """
+        best = None
+        for r in self.routes:
+            if (r.kind == "unicast" and r.via is None and r.dev is not None
+                    and r.dest.version == gw.version and gw in r.dest
+                    and (best is None or r.dest.prefixlen > best.dest.prefixlen)):
+                best = r
+        return best.dev if best is not None else None
 
     def sysctl(self, key: str, default: int) -> int:
         return self.sysctls.get(key, default)

@@ -21,13 +21,14 @@ whatever the nat table says.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
-from analyzer.crosshost import World, findings, follow
+from analyzer.crosshost import World, findings, follow, follow_all
 from analyzer.netfilter.walk import parse_flow
 from analyzer.parse.envfile import load_environment
 from envlab import ProxyServer, build_env
@@ -53,6 +54,12 @@ FLOWS: dict[str, list[dict]] = {
     "seed2-outbound-ok": [{"from": "pod", "flow": "tcp 10.7.3.3:40000 -> 10.7.4.4:443", "uid": 1000}],
     "two-node-routed": [{"from": "client", "flow": "tcp 192.168.0.10:40000 -> 192.168.0.100:80"}],
 }
+
+#: Samples whose connection forks (kube-proxy's random endpoint choice): the kernel picks an
+#: endpoint per connection, so they are checked per endpoint by
+#: test_kernel_agrees_with_every_endpoint below, not by the one-outcome test.
+MULTI_ENDPOINT = ("kubeproxy-local-endpoint-first", "kubeproxy-remote-endpoint-first",
+                  "kubeproxy-three-endpoints")
 
 #: Samples also run, as a generated copy, with the hairpin mode of their bridge ports flipped.
 HAIRPIN_TOGGLE = ("kubeproxy-hairpin", "kubeproxy-hairpin-broken")
@@ -81,6 +88,8 @@ def _cases() -> list[Case]:
         name = path.stem if path.parent.name == "env" else f"{path.parent.name}-{path.stem}"
         doc = yaml.safe_load(path.read_text()) or {}
         examples = doc.get("examples") or FLOWS.get(name, [])
+        if name in MULTI_ENDPOINT:
+            continue
         if not examples:  # a sample nobody told us how to exercise: make it visible
             out.append(Case(f"{name}:no-flow", path, "", ""))
         for ex in examples:
@@ -193,6 +202,9 @@ def test_kernel_agrees_with_synack(case: Case, lab: Lab, require, tmp_path: Path
         require("bridge_nf")
     verdict = synack_verdict(env_path, case)
     trip = verdict.trip
+    env = load_environment(str(env_path))
+    assert len(follow_all(World(env), case.start, parse_flow(case.flow), uid=case.uid, gid=case.uid)) == 1, \
+        "this connection forks: add the sample to MULTI_ENDPOINT (checked per endpoint)"
     flow = trip.flow
     dialled = (str(flow.dst), flow.dport)
 
@@ -290,3 +302,93 @@ def test_kernel_agrees_with_synack(case: Case, lab: Lab, require, tmp_path: Path
             assert final is not None and final.wait_connections(1, timeout=2.0)
     else:
         pytest.fail(f"synack's verdict is not one the kernel can check: {verdict.shape}" + why)
+
+
+# ---------------------------------------------------------------------------------------------
+# connections that fork: every endpoint, one at a time, then the kernel's own random choice
+# ---------------------------------------------------------------------------------------------
+
+#: random-choice connections made with the real rules (each lands on some endpoint; each one that
+#: synack says is reset costs a connect timeout)
+RANDOM_CONNECTIONS = 4
+
+
+def _pinned(rules: str, endpoint: str) -> str:
+    """The dump with kube-proxy's endpoint choice pinned to ``endpoint``: the KUBE-SVC rules
+    jumping to other endpoints are dropped, and the statistic match of the kept one removed."""
+    out = []
+    for line in rules.splitlines():
+        if line.startswith("-A KUBE-SVC-") and "-j KUBE-SEP-" in line:
+            if f"-> {endpoint}" not in line:
+                continue
+            line = re.sub(r"-m statistic --mode random --probability \S+ ", "", line)
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def _kernel_outcome(envlab, client, flow, sport: int, servers: dict) -> tuple[str, str | None]:
+    """('reset', endpoint the stray SYN+ACK came from) or ('ok', endpoint whose server got it)
+    or (other outcome, None), for one connection from ``sport``."""
+    with client.capture("any", f"tcp port {sport}", timeout=CONNECT_TIMEOUT * 2 + 4) as cap:
+        res = client.connect_tcp(str(flow.dst), flow.dport, src=str(flow.src), src_port=sport,
+                                 data=DATA, timeout=CONNECT_TIMEOUT)
+    packets = [p for p in cap.packets if p.proto == "tcp"]
+    synacks = [p for p in packets if p.dport == sport and p.is_synack]
+    stray = {f"{p.src}:{p.sport}" for p in synacks if (p.src, p.sport) != (str(flow.dst), flow.dport)}
+    resets = any(p.is_rst and p.sport == sport for p in packets)
+    if res.outcome == "timeout" and stray and resets:
+        (ep,) = stray
+        return "reset", ep
+    if res.ok and tuple(res.peer) == (str(flow.dst), flow.dport) and res.received == DATA:
+        for ep, server in servers.items():
+            if any(c.peer and c.peer[1] == sport for c in server.connections()):
+                return "ok", ep
+        return "ok", None
+    return f"{res.outcome}/{res.error}", None
+
+
+@pytest.mark.parametrize("name", MULTI_ENDPOINT)
+def test_kernel_agrees_with_every_endpoint(name: str, lab: Lab, require) -> None:
+    """The kernel resets every connection that lands on the same-node endpoint (its reply is
+    switched on the bridge without netfilter) and completes the others; synack says so per
+    endpoint, with NAT001 naming exactly the failing ones."""
+    require("nft", "tcpdump", "bridge_nf")
+    env_path = ROOT / "samples" / "env" / f"{name}.yaml"
+    doc = yaml.safe_load(env_path.read_text())
+    ex = doc["examples"][0]
+    env = load_environment(str(env_path))
+    world = World(env)
+    flow = parse_flow(ex["flow"])
+    trips = follow_all(world, ex["from"], flow)
+    predicted = {}
+    for t in trips:
+        ep = f"{t.endpoint.dst}:{t.endpoint.dport}"
+        codes = {d.code for d in findings(world, t)}
+        predicted[ep] = "reset" if "NAT001" in codes and t.client_sees is not None else \
+            "ok" if not codes and t.client_sees is not None and \
+            (t.client_sees.src, t.client_sees.sport) == (flow.dst, flow.dport) else f"other {codes}"
+    assert len(predicted) == len(trips) >= 2, predicted
+    assert sum(t.prob for t in trips) == pytest.approx(1.0)
+
+    envlab = build_env(lab, str(env_path))
+    client = envlab[ex["from"]]
+    servers = {f"{ep.split(':')[0]}:{ep.split(':')[1]}": envlab.servers[(ns, int(ep.split(":")[1]))]
+               for ep in predicted for ns, spec in doc["namespaces"].items()
+               if any(str(a).split("/")[0] == ep.split(":")[0] for a in (spec or {}).get("addresses") or [])}
+    assert set(servers) == set(predicted), servers
+    rules = (env_path.parent / doc["namespaces"]["node1"]["iptables"]).read_text()
+    node1 = envlab["node1"]
+    rows = []
+    # each endpoint pinned in turn: the kernel's answer for that branch
+    for i, ep in enumerate(sorted(predicted)):
+        node1.iptables_restore(_pinned(rules, ep))
+        got, where = _kernel_outcome(envlab, client, flow, 42000 + i, servers)
+        rows.append(f"pinned {ep}: synack {predicted[ep]}, kernel {got} ({where})")
+        assert (got, where) == (predicted[ep], ep), "\n".join(rows)
+    # the real rules: whichever endpoint the kernel picks, the outcome is synack's for it
+    node1.iptables_restore(rules)
+    for i in range(RANDOM_CONNECTIONS):
+        got, where = _kernel_outcome(envlab, client, flow, 43000 + i, servers)
+        rows.append(f"random: kernel {got} at {where}")
+        assert where in predicted and got == predicted[where], "\n".join(rows)
+    print("\n" + "\n".join(rows))
