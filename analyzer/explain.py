@@ -52,6 +52,13 @@ def explain_flow(ruleset, pkt: Packet, ns: Namespace, local: bool = False,
                     br.pkt = replace(br.pkt, oif="lo")
             done.append(br)
         brs = w.hook(done, "POSTROUTING")
+        looped = []
+        for br in brs:
+            if br.disposition is None and br.pkt.oif == "lo":
+                looped.extend(_loopback(w, br))
+            else:
+                looped.append(br)
+        brs = looped
         for br in brs:
             if br.disposition is None:
                 if br.pkt.oif == "lo":
@@ -105,9 +112,12 @@ def _with_reply(w: Walker, fwd: Branch, local: bool) -> Outcome:
     rb = Branch(rp, replace(fwd.ct), [], 1.0, [], reply=True)
     if fwd.disposition in ("delivered-locally", "tproxy"):
         r = w.ns.route(rp.dst)
-        rb.pkt = replace(rp, oif=r.oif if r.kind == "unicast" else fwd.ct.original.iif)
+        rb.pkt = replace(rp, oif=r.oif if r.kind in ("unicast", "local") else fwd.ct.original.iif)
         rb.steps.append(Step("reply", f"generated locally by the socket on port {p.dport}"))
         brs = w.hook(w.hook([rb], "OUTPUT", reply=True), "POSTROUTING", reply=True)
+        if local:  # a local process dialled a local address: the reply loops back through lo too
+            brs = [x for b in brs for x in (_loopback(w, b, reply=True)
+                                            if b.disposition is None and b.pkt.oif == "lo" else [b])]
     elif _on_link(w.ns, p):
         # the backend and the client share the subnet the packet left on: the backend answers
         # the client directly and the reply never crosses this host's conntrack entry
@@ -150,6 +160,22 @@ def _with_reply(w: Walker, fwd: Branch, local: bool) -> Outcome:
     if seen is not None:
         ok = seen.src == o.dst and seen.sport == o.dport and seen.dst == o.src and seen.dport == o.sport
     return Outcome(fwd, rb, fwd.disposition, fwd.detail, seen, ok)
+
+
+def _loopback(w: Walker, br: Branch, reply: bool = False) -> list[Branch]:
+    """A packet a local process sent to a local address leaves on ``lo`` and comes back in:
+    PREROUTING and INPUT see it with ``-i lo``. Its conntrack entry was confirmed on the way
+    out, so the nat chains do not run again."""
+    br.ct.confirmed = True
+    br.pkt = replace(br.pkt, iif="lo", oif=None)
+    br.steps.append(Step("route", "loopback: back in on lo"))
+    out = w.hook(w.hook([br], "PREROUTING", reply=reply), "INPUT", reply=reply)
+    for b in out:
+        if b.disposition is None:
+            b.disposition = "delivered-locally"
+            b.detail = "delivered to the client socket on this host" if reply else \
+                f"delivered locally to port {b.pkt.dport}"
+    return out
 
 
 def _on_link(ns: Namespace, p: Packet) -> bool:

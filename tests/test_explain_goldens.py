@@ -76,7 +76,8 @@ def _kernel_argv(case) -> list[str]:
 KERNEL_ARGV = {c.id: _kernel_argv(c) for c in KERNEL.CASES} | {
     name: [f"samples/explain/{name}.rules", "--flow", "tcp 10.0.0.2:42424 -> 10.0.0.1:80",
            "--from-iface", "br0", "--addr", "10.0.0.1/24@br0"]
-    for name in ("hairpin-no-masquerade", "hairpin-masquerade")}
+    for name in ("hairpin-no-masquerade", "hairpin-masquerade")} | {
+    "docker-lo-masquerade": KERNEL.DOCKER_LO_ARGV}
 
 
 def test_every_kernel_case_is_a_sample():

@@ -62,6 +62,7 @@ class Conntrack:
     untracked: bool = False
     mark: int = 0
     in_use: bool = True  # False: no rule needs conntrack, so the namespace tracks nothing
+    confirmed: bool = False  # the entry left this namespace once (looped back on lo): nat is done
 
     def reply_tuple(self) -> str:
         o = self.original
@@ -596,14 +597,14 @@ class Walker:
             if table is None:  # the conntrack lookup
                 if not reply:
                     for br in brs:
-                        if br.disposition is None:
+                        if br.disposition is None and not br.ct.confirmed:
                             self._conntrack_step(br)
                 continue
             nxt = []
             for br in brs:
                 if br.disposition is not None:
                     nxt.append(br)
-                elif table == "nat" and (reply or br.ct.untracked or not br.ct.in_use):
+                elif table == "nat" and (reply or br.ct.untracked or not br.ct.in_use or br.ct.confirmed):
                     # nat chains see only the first packet of a tracked connection; replies are
                     # reverse-translated by conntrack itself; a packet without a conntrack entry
                     # (untracked, or no rule needs conntrack) passes the nat hooks untouched

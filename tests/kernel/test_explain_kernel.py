@@ -434,3 +434,40 @@ def test_dnat_address_range_pick_is_the_kernels(lab, require, backend, ipv6: boo
     want = {str(a(x)): str(pick_address(a(lo), a(hi), a(x), a(vip))) for x in srcs}
     assert got == want
     assert len(set(got.values())) > 5  # the sources really spread over the range
+
+
+DOCKER_LO_ARGV = ["samples/explain/docker-lo-masquerade.rules", "--flow",
+                  "tcp 172.17.0.1:42424 -> 172.17.0.1:8080", "--local",
+                  "--addr", "10.0.1.1/24@sk1b", "--addr", "172.17.0.1/16@sk2b"]
+
+
+def test_masquerade_through_lo(lab, require, backend):
+    """Docker's MASQUERADE of a connection from the host to its own docker0 address: the packet
+    leaves through lo and the kernel picks 10.0.1.1 (the first interface's universe-scope
+    address), not 127.0.0.1; the reply leaves through lo too (OUTPUT -o lo, INPUT -i lo)."""
+    require("conntrack")
+    name = "docker-lo-masquerade"
+    dump = _sample(name)
+    c, h, d = lab.netns("client"), lab.netns("host"), lab.netns("docker")
+    lab.veth(c, h, addr_a="10.0.1.2/24", addr_b="10.0.1.1/24")      # sk1a / sk1b
+    lab.veth(d, h, addr_a="172.17.0.2/16", addr_b="172.17.0.1/16")  # sk2a / sk2b (docker0)
+    h.iptables_restore(dump, backend=backend)
+    ns = Namespace()
+    ns.add_addr("10.0.1.1/24", "sk1b")
+    ns.add_addr("172.17.0.1/16", "sk2b")
+    rs = load_ruleset((dump, _sample_path(name))).ruleset
+    sport = next(_SPORTS)
+    (oc,) = explain_flow(rs, parse_flow(f"tcp 172.17.0.1:{sport} -> 172.17.0.1:8080"), ns, local=True)
+    assert oc.disposition == "delivered-locally" and oc.reply_ok is True, oc
+    srv = h.listen_tcp("172.17.0.1", 8080)
+    res = h.connect_tcp("172.17.0.1", 8080, src="172.17.0.1", src_port=sport, timeout=2.0)
+    assert res.outcome == "ok", res
+    conn = srv.wait_connections(1)[0]
+    assert (conn.peer[0], conn.peer[1]) == (str(oc.forward.pkt.src), oc.forward.pkt.sport)
+    (entry,) = [e for e in h.conntrack(proto="tcp") if e.original.sport == sport]
+    ct = oc.forward.ct
+    assert (entry.reply.src, entry.reply.sport, entry.reply.dst, entry.reply.dport) == \
+        (str(ct.reply_src), ct.reply_sport, str(ct.reply_dst), ct.reply_dport)
+    for table in ("nat", "filter"):
+        crossed = {k for k, n in h.rule_counters(table, backend=backend).items() if n}
+        assert crossed == _matched_rules(oc, table), (table, sorted(crossed))
