@@ -29,9 +29,10 @@ class Outcome:
 
 
 def explain_flow(ruleset, pkt: Packet, ns: Namespace, local: bool = False,
-                 walker: Walker | None = None) -> list[Outcome]:
+                 walker: Walker | None = None, reply: bool = True) -> list[Outcome]:
     """Every outcome of the flow's first packet and its reply in one namespace. ``walker`` lets a
-    caller observe the walk (symbolic.py records which rules were evaluated)."""
+    caller observe the walk (symbolic.py records which rules were evaluated); ``reply=False``
+    follows the first packet only (what lint checks about a connection's fate ask)."""
     w = walker or Walker(ruleset, ns)
     ct = Conntrack(pkt, pkt.dst, pkt.dport, pkt.src, pkt.sport, in_use=w.ct_in_use)
     start = Branch(pkt, ct)
@@ -94,7 +95,8 @@ def explain_flow(ruleset, pkt: Packet, ns: Namespace, local: bool = False,
                 routed.append(br)
         brs = routed
     for br in brs:
-        outcomes.append(_with_reply(w, br, local))
+        outcomes.append(_with_reply(w, br, local) if reply else
+                        Outcome(br, None, br.disposition, br.detail, None, None))
     return outcomes
 
 
