@@ -321,8 +321,8 @@ def endpoint_without_hairpin_masq(ctx: CheckContext) -> Iterator[Diagnostic]:
     """A KUBE-SEP chain that DNATs to an endpoint without `-s <endpoint> -j KUBE-MARK-MASQ` first.
 
     Why it matters: a pod that connects to its own service is DNATed back to itself; without
-    the hairpin masquerade its reply goes pod to pod, misses the node's conntrack entry and
-    is not reverse-translated, so the pod resets its own connection.
+    the hairpin masquerade the request arrives with the pod's own address as source and the
+    pod's kernel drops it as a martian, so the connection times out.
     Fix: put `-s <endpoint ip> -j KUBE-MARK-MASQ` before the DNAT, as kube-proxy writes it.
     """
     nat = _nat(ctx)
@@ -352,8 +352,8 @@ def endpoint_without_hairpin_masq(ctx: CheckContext) -> Iterator[Diagnostic]:
         yield ctx.diag(
             "KUB004",
             f"{d.label}: {c.name} DNATs to endpoint {ep}{f':{port}' if port else ''} without first marking "
-            f"'-s {ep}/32 -j KUBE-MARK-MASQ': a connection from {ep} to its own service comes back to it "
-            "unmasqueraded and its reply skips the reverse translation",
+            f"'-s {ep}/32 -j KUBE-MARK-MASQ': a connection from {ep} to its own service is sent back to "
+            f"{ep} with its own address as source, which it drops (martian source): the connect times out",
             d.option_span(d.target), hint=f"add '-A {c.name} -s {ep}/32 -j KUBE-MARK-MASQ' before the DNAT",
             related=(Related(f"{via.chain} picks this endpoint here", via.span),) if via else (),
             witness=wit)
