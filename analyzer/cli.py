@@ -9,6 +9,7 @@ import sys
 
 from analyzer import __version__
 from analyzer.diagnostics import Severity
+from analyzer.model.rules import TABLES
 
 EXIT_OK, EXIT_FINDINGS, EXIT_UNUSABLE = 0, 1, 2
 
@@ -22,13 +23,27 @@ class _Parser(argparse.ArgumentParser):
 
 def _input_args(p):
     p.add_argument("dumps", nargs="*", metavar="DUMP",
-                   help="iptables-save / iptables-restore / `iptables -S` / command-list file; '-' reads stdin. "
-                        "Several files apply in order as iptables-restore --noflush transactions")
+                   help="iptables-save / ip6tables-save (both in one file too) / iptables-restore / "
+                        "`iptables -S` / command-list file; '-' reads stdin. Several files are "
+                        "separate dumps, each checked on its own (see --apply-in-order)")
     p.add_argument("--format", dest="fmt", choices=["auto", "save", "S", "cmd"], default="auto",
                    help="input format (default: detected)")
-    p.add_argument("--family", type=int, choices=[4, 6], help="address family (default: detected)")
-    p.add_argument("--table", help="table of an `iptables -S` dump (default: inferred from its chains)")
-    p.add_argument("--noflush", action="store_true", help="treat input as iptables-restore --noflush transactions")
+    p.add_argument("--family", type=int, choices=[4, 6],
+                   help="address family (default: detected; with a file of both, keep only this one)")
+    p.add_argument("--table", choices=list(TABLES),
+                   help="table of an `iptables -S` dump (default: inferred from its chains and targets)")
+    p.add_argument("--apply-in-order", action="store_true",
+                   help="several files are one host's successive iptables-restore --noflush "
+                        "transactions (kube-proxy's way): apply them in order, check the result")
+    p.add_argument("--noflush", action="store_true",
+                   help="the input is iptables-restore --noflush transactions (chains may exist "
+                        "from earlier ones); with several files, implies --apply-in-order")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="accept input whose tables hold no rule (only chain policies) instead of "
+                        "refusing it as nothing to check")
+    p.add_argument("--ipset", action="append", default=[], metavar="FILE",
+                   help="`ipset save` output of the namespace: its sets are known (no PRS103), "
+                        "and explain evaluates -m set matches exactly")
     p.add_argument("--strict", action="store_true", help="stop at the first error")
     p.add_argument("--live", action="store_true",
                    help="read this machine's rules with iptables-save (read-only) instead of a file")
@@ -72,8 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an address of this namespace, e.g. 10.0.0.1/24@eth0")
     p.add_argument("--route", action="append", default=[], metavar="'DEST [via GW] dev IFACE'",
                    help="a route of this namespace (ip route syntax)")
-    p.add_argument("--ipset", action="append", default=[], metavar="FILE",
-                   help="`ipset save` output of the namespace: makes -m set matches exact")
     p.add_argument("--iproute", nargs=2, metavar=("ADDR_JSON", "ROUTE_JSON"),
                    help="`ip -j addr` and `ip -j route` output of the namespace")
     p.add_argument("--env", metavar="ENV.yaml", help="follow the flow across the namespaces of an environment")
@@ -104,8 +117,52 @@ def _split(values):
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
 
 
-def _load(args, lazy: bool = False):
-    from analyzer.parse import StrictError, load_ruleset
+def _error(message: str) -> int:
+    sys.stderr.write(f"synack: error: {message}\n")
+    return EXIT_UNUSABLE
+
+
+def _usage_problem(args) -> str | None:
+    """Options that would be silently ignored, or that contradict each other: a usage error
+    (exit 2) rather than an answer to a question the user did not ask."""
+    live, env, dumps = getattr(args, "live", False), getattr(args, "env", None), args.dumps
+    if live and dumps:
+        return "--live reads this machine's rules: give either --live or DUMP files, not both"
+    if not live:
+        if getattr(args, "netns", None):
+            return "--netns NAME only applies to --live (a dump file is read as it is)"
+        if getattr(args, "backend", "auto") != "auto":
+            return f"--backend {args.backend} only applies to --live"
+    if env:
+        with_env = [name for name, given in (
+            ("DUMP", dumps), ("--live", live), ("--from-iface", getattr(args, "from_iface", None)),
+            ("--local", getattr(args, "local", False)), ("--addr", getattr(args, "addr", None)),
+            ("--route", getattr(args, "route", None)), ("--iproute", getattr(args, "iproute", None)),
+            ("--ipset", getattr(args, "ipset", None))) if given]
+        if with_env:
+            return (f"{', '.join(with_env)} cannot be combined with --env: the environment file gives "
+                    "each namespace its rules, addresses and routes"
+                    + (" (start the flow with --from NAMESPACE)" if "--from-iface" in with_env
+                       or "--local" in with_env else ""))
+    elif getattr(args, "start", None):
+        return "--from NAMESPACE only applies with --env ENV.yaml; for a dump, say where the packet " \
+               "comes from with --from-iface IFACE or --local"
+    for spec in getattr(args, "addr", None) or ():
+        cidr, at, iface = spec.partition("@")
+        if not at or not iface or not cidr:
+            return f"--addr {spec}: give the interface too, as CIDR@IFACE (e.g. 10.0.0.1/24@eth0)"
+    if (getattr(args, "uid", None) is not None or getattr(args, "gid", None) is not None) \
+            and not getattr(args, "local", False) and not env:  # with --env: the --from process
+        return "--uid/--gid describe a local process: use them with --local"
+    if getattr(args, "apply_in_order", False) and len(dumps) < 2 and not live:
+        return "--apply-in-order applies several DUMP files in order: give two or more"
+    return None
+
+
+def _read_inputs(args) -> list[tuple[str, str]] | None:
+    """(text, display path) of every input, each of a kind the iptables parser reads; None after
+    an error message (a missing file, nothing read, input of another kind)."""
+    from analyzer.parse.kinds import identify
 
     inputs = []
     if getattr(args, "live", False):
@@ -113,7 +170,7 @@ def _load(args, lazy: bool = False):
         try:
             inputs.append(read_live(args.family or 4, args.backend, args.netns))
         except LiveError as e:
-            sys.stderr.write(f"synack: error: {e}\n")
+            _error(str(e))
             return None
     for path in args.dumps:
         try:
@@ -123,67 +180,169 @@ def _load(args, lazy: bool = False):
                 with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
                     inputs.append((f.read(), path))
         except OSError as e:
-            sys.stderr.write(f"synack: error: cannot read {path}: {e.strerror}\n")
+            _error(f"cannot read {path}: {e.strerror}")
             return None
-    try:
-        return load_ruleset(inputs, fmt=None if args.fmt == "auto" else args.fmt, family=args.family,
-                            noflush=args.noflush, strict=args.strict, table=args.table, lazy=lazy)
-    except StrictError as e:
-        from analyzer.diagnostics import render_text
-        sys.stderr.write(render_text(e.diagnostic) + "\n")
-        sys.stderr.write("synack: stopped at the first error (--strict)\n")
+        except UnicodeDecodeError:  # surrogateescape decodes any bytes; kept for safety
+            _error(f"cannot read {path}: not text")
+            return None
+    for text, path in inputs:
+        kind = identify(text)
+        if kind.iptables:
+            continue
+        msg = kind.message
+        if kind.name == "empty" and path.startswith("<live"):
+            msg = (f"iptables-save printed nothing: no table is loaded in this backend "
+                   f"({path[1:-1]}); the rules may live in the other one (try --backend "
+                   "nft or --backend legacy), or iptables-save lacked root")
+        _error(f"{path}: {msg}")
         return None
+    return inputs
 
 
-def _unusable(res) -> bool:
-    """Nothing to analyse: no rule and no chain came out, and errors say why."""
-    rules = sum(1 for _ in res.ruleset.rules())
-    return rules == 0 and res.errors > 0
+def _ipset_names(args) -> frozenset | None:
+    from analyzer.parse.ipset import load_ipsets
+
+    names = set()
+    for path in getattr(args, "ipset", None) or ():
+        try:
+            with open(path, encoding="utf-8", errors="surrogateescape") as f:
+                sets, _ = load_ipsets(f.read(), path)
+        except OSError as e:
+            _error(f"--ipset {path}: cannot read it: {e.strerror}")
+            return None
+        names.update(sets)
+    return frozenset(names)
+
+
+def _load(args, lazy: bool = False):
+    """The parse results to check: one per DUMP file (each a dump of its own), or one for all of
+    them with --apply-in-order / --noflush; None after an error message."""
+    from analyzer.parse import StrictError, load_ruleset
+
+    inputs = _read_inputs(args)
+    if inputs is None:
+        return None
+    ipsets = _ipset_names(args)
+    if ipsets is None:
+        return None
+    together = args.apply_in_order or (args.noflush and len(inputs) > 1)
+    units = [inputs] if together else [[i] for i in inputs]
+    results = []
+    for unit in units:
+        try:
+            res = load_ruleset(unit, fmt=None if args.fmt == "auto" else args.fmt, family=args.family,
+                               noflush=args.noflush or together, strict=args.strict, table=args.table,
+                               lazy=lazy, ipsets=ipsets)
+        except StrictError as e:
+            from analyzer.diagnostics import render_text
+            sys.stderr.write(render_text(e.diagnostic) + "\n")
+            sys.stderr.write("synack: stopped at the first error (--strict)\n")
+            return None
+        if args.table and res.format == "save":
+            _error(f"--table {args.table} names the table of `iptables -S` input; "
+                   f"{', '.join(p for _, p in unit)} is iptables-save output with its own '*table' lines")
+            return None
+        results.append(res)
+    return results
+
+
+def _nothing_read(res, allow_empty: bool) -> str | None:
+    """Why the input gives nothing to check, or None: no table and no rule (the message says what
+    was there instead), or tables with only chain policies (unless --allow-empty)."""
+    if res.rule_count():
+        return None
+    sources = ", ".join(res.ruleset.sources) or "the input"
+    if not res.table_count():
+        return f"{sources}: no table and no rule read: nothing to check"
+    if allow_empty:
+        return None
+    tables = ", ".join(t for r in res.families() for t in r.ruleset.tables)
+    return (f"{sources}: no rule read, only the chain policies of {tables}: nothing to check "
+            "(--allow-empty accepts an empty ruleset)")
+
+
+def _partial(res, args) -> bool:
+    """Chains may exist outside this input: a fragment, a --noflush transaction, files applied in
+    order, or a dump cut short (PRS010 at its end)."""
+    return res.format in ("S", "cmd") or args.noflush or args.apply_in_order or res.truncated
+
+
+def _truncation_first(diags):
+    """Per file, the diagnostic saying the input was cut short comes before what follows from it."""
+    def key(d):
+        trunc = d.code == "PRS010" and "truncated" in d.message
+        return (d.span.path if d.span else "", not trunc, d.sort_key())
+    return sorted(diags, key=key)
 
 
 def cmd_parse(args) -> int:
     from analyzer.checks import CheckContext, run_checks
     from analyzer.report.diagnostics import render_json, render_text_all
 
+    problem = _usage_problem(args)
+    if problem:
+        return _error(problem)
     if not _need_dumps(args):
         return EXIT_UNUSABLE
-    res = _load(args)
-    if res is None:
+    results = _load(args)
+    if results is None:
         return EXIT_UNUSABLE
-    ctx = CheckContext(res.ruleset, res.files, partial=res.format in ("S", "cmd") or args.noflush
-                       or len(args.dumps) > 1)
-    diags = sorted(list(res.diagnostics) + run_checks(ctx, restore_only=True),
-                   key=lambda d: d.sort_key())
+    diags, empty = [], []
+    for res in results:
+        diags += res.all_diagnostics
+        for r in res.families():
+            diags += run_checks(CheckContext(r.ruleset, r.files, partial=_partial(res, args)),
+                                restore_only=True)
+        why = _nothing_read(res, args.allow_empty)
+        if why:
+            empty.append(why)
+    diags = _truncation_first(diags)
     errors = sum(1 for d in diags if d.severity == Severity.ERROR)
     if args.output_format == "save":
         from analyzer.model.save import to_save
-        sys.stdout.write(to_save(res.ruleset))
+        for res in results:
+            for r in res.families():
+                sys.stdout.write(to_save(r.ruleset))
         if diags:
             sys.stderr.write(render_text_all(diags) + "\n")
     elif args.output_format == "json":
-        sys.stdout.write(render_json(diags, {"model": _summary(res)}) + "\n")
+        sums = [_summary(res) for res in results]
+        sys.stdout.write(render_json(diags, {"model": sums[0], "inputs": sums}) + "\n")
     else:
         if diags:
             sys.stdout.write(render_text_all(diags) + "\n")
         if not args.quiet:
-            s = _summary(res)
-            tables = ", ".join(f"{t['name']} ({t['chains']} chains, {t['rules']} rules)" for t in s["tables"])
-            sys.stdout.write(f"{', '.join(s['sources'])}: {s['format']} format, IPv{s['family']}: "
-                             f"{tables or 'no tables'}; {errors} error(s), "
-                             f"{sum(1 for d in diags if d.severity == Severity.WARNING)} warning(s)\n")
-    if _unusable(res):
+            for res in results:
+                s = _summary(res)
+                mine = [d for d in diags if d.span and d.span.path in s["sources"]]
+                fams = "; ".join(
+                    f"IPv{f['family']}: " + (", ".join(f"{t['name']} ({t['chains']} chains, {t['rules']} rules)"
+                                                     for t in f["tables"]) or "no tables")
+                    for f in s["families"])
+                sys.stdout.write(f"{', '.join(s['sources'])}: {s['format']} format, {fams}; "
+                                 f"{sum(1 for d in mine if d.severity == Severity.ERROR)} error(s), "
+                                 f"{sum(1 for d in mine if d.severity == Severity.WARNING)} warning(s)\n")
+    for why in empty:
+        _error(why)
+    if empty:
         return EXIT_UNUSABLE
     return EXIT_FINDINGS if errors else EXIT_OK
 
 
 def _summary(res) -> dict:
-    rs = res.ruleset
-    return {
-        "sources": list(rs.sources), "format": res.format, "family": rs.family,
-        "tables": [{"name": t.name, "chains": len(t.chains), "rules": sum(len(c.rules) for c in t.chains.values())}
-                   for t in rs.tables.values()],
-        "approximate_rules": sum(1 for r in rs.rules() if not r.modelled),
-    }
+    """One input's model: its sources, format and, per address family, its tables. ``family`` and
+    ``tables`` are those of the first family (IPv4 when the input holds both)."""
+    fams = []
+    for r in res.families():
+        rs = r.ruleset
+        fams.append({"family": rs.family,
+                     "tables": [{"name": t.name, "chains": len(t.chains),
+                                 "rules": sum(len(c.rules) for c in t.chains.values())}
+                                for t in rs.tables.values()],
+                     "approximate_rules": sum(1 for x in rs.rules() if not x.modelled)})
+    return {"sources": list(res.ruleset.sources), "format": res.format, "family": fams[0]["family"],
+            "tables": fams[0]["tables"], "approximate_rules": sum(f["approximate_rules"] for f in fams),
+            "families": fams, "truncated": res.truncated}
 
 
 def _load_env(path):
@@ -204,17 +363,62 @@ def _need_dumps(args) -> bool:
     return True
 
 
+def _selection(args, known: dict[str, str]) -> tuple[list, list] | str:
+    """--select/--ignore as codes and code prefixes, case-insensitive; a check name stands for its
+    code. An unknown entry is a usage error with the nearest codes (ruff's behaviour); selecting
+    only environment checks (NAT) without --env too."""
+    import difflib
+
+    names = {n.lower(): c for c, n in known.items()}
+    out = []
+    for opt, values in (("--select", args.select), ("--ignore", args.ignore)):
+        codes = []
+        for v in _split(values):
+            u = v.upper()
+            if v.lower() in names:
+                codes.append(names[v.lower()])
+            elif u == "ALL":
+                codes.append("")
+            elif any(c.startswith(u) for c in known) and u[:1].isalpha():
+                codes.append(u)
+            else:
+                near = difflib.get_close_matches(u, list(known), n=3, cutoff=0.6) or \
+                    [known_code for n, known_code in names.items()
+                     if n in difflib.get_close_matches(v.lower(), list(names), n=1, cutoff=0.6)]
+                hint = f"; did you mean {', '.join(repr(x) for x in near)}?" if near else ""
+                return (f"{opt} {v}: no check has this code or name{hint} "
+                        "(`synack checks` lists them)")
+        out.append(codes)
+    select, ignore = out
+    if select and not getattr(args, "env", None):
+        # an environment check (NAT...) follows flows across namespaces: a dump alone has none
+        env_only = [c for c in select if c and all(k.startswith("NAT") for k in known if k.startswith(c))]
+        if env_only and len(env_only) == len(select):
+            return (f"--select {','.join(env_only)}: environment checks follow flows across "
+                    "namespaces and need --env ENV.yaml")
+    return select, ignore
+
+
 def cmd_lint(args) -> int:
     from analyzer.checks import REGISTRY, CheckContext, load_all, run_checks, selected
     from analyzer.parse.iptables import PARSE_CODES
     from analyzer.report.diagnostics import render_json, render_sarif, render_text_all
 
+    problem = _usage_problem(args)
+    if problem:
+        return _error(problem)
     if not _need_dumps(args):
         return EXIT_UNUSABLE
-    select, ignore = _split(args.select), _split(args.ignore)
     load_all()
+    known = {c: i.name for c, i in REGISTRY.items()}
+    known.update({c: n for c, (n, _) in PARSE_CODES.items()})
+    sel = _selection(args, known)
+    if isinstance(sel, str):
+        return _error(sel)
+    select, ignore = sel
     diags = []
     coverage = None
+    results = []
     if args.env:
         env = _load_env(args.env)
         if env is None:
@@ -228,18 +432,26 @@ def cmd_lint(args) -> int:
         env_ctx = CheckContext(None, (), extra={"env": env})
         diags += run_checks(env_ctx, select or ["NAT"], ignore)
         coverage = env_ctx.extra.get("coverage")
-        res = None
+    empty = []
     if args.dumps or args.live:
-        res = _load(args)
-        if res is None:
+        results = _load(args)
+        if results is None:
             return EXIT_UNUSABLE
-        ctx = CheckContext(res.ruleset, res.files, partial=res.format in ("S", "cmd") or args.noflush
-                           or len(args.dumps) > 1)
-        diags += [d for d in res.diagnostics if selected(d.code, None, select, ignore)]
-        diags += run_checks(ctx, select, ignore)
-    diags.sort(key=lambda d: d.sort_key())
+        for res in results:
+            diags += [d for d in res.all_diagnostics if selected(d.code, None, select, ignore)]
+            for r in res.families():
+                diags += run_checks(CheckContext(r.ruleset, r.files, partial=_partial(res, args)),
+                                    select, ignore)
+            why = _nothing_read(res, args.allow_empty)
+            if why:
+                empty.append(why)
+    diags = _truncation_first(diags)
     if args.output_format == "json":
-        extra = {"summary": _summary(res)} if res is not None else {"env": args.env}
+        if results:
+            sums = [_summary(res) for res in results]
+            extra = {"summary": sums[0], "inputs": sums}
+        else:
+            extra = {"env": args.env}
         if coverage is not None:
             extra["coverage"] = coverage
         out = render_json(diags, extra)
@@ -247,12 +459,17 @@ def cmd_lint(args) -> int:
         rules = {c: (i.name, i.summary) for c, i in REGISTRY.items()}
         rules.update({c: v for c, v in PARSE_CODES.items()})
         out = render_sarif(diags, rules)
+    elif empty and not diags:
+        out = None  # not "No findings.": nothing was checked
     else:
         out = render_text_all(diags, summary={})
         if coverage is not None:
             out = f"{out}\n{_coverage_text(coverage)}"
-    sys.stdout.write(out + "\n")
-    if res is not None and _unusable(res):
+    if out is not None:
+        sys.stdout.write(out + "\n")
+    for why in empty:
+        _error(why)
+    if empty:
         return EXIT_UNUSABLE
     floor = {"error": Severity.ERROR, "warning": Severity.WARNING, "info": Severity.INFO}[args.fail_on]
     return EXIT_FINDINGS if any(d.severity >= floor for d in diags) else EXIT_OK
@@ -290,10 +507,17 @@ def cmd_checks(args) -> int:
 def cmd_explain(args) -> int:
     from analyzer.explain import run_explain
 
+    problem = _usage_problem(args)
+    if problem:
+        return _error(problem)
     if args.env:
         return cmd_explain_env(args)
     if not _need_dumps(args):
         return EXIT_UNUSABLE
+    if len(args.dumps) > 1 and not (args.apply_in_order or args.noflush):
+        return _error("explain walks one namespace's rules: give one DUMP (it may hold both "
+                      "iptables-save and ip6tables-save output), or --apply-in-order to apply "
+                      "several files in order")
     from analyzer.symbolic import parse_flow_spec
 
     try:
@@ -301,20 +525,28 @@ def cmd_explain(args) -> int:
         if spec.open & {"src", "dst"}:
             raise ValueError("open addresses are not explained yet: give single addresses")
     except ValueError as e:
-        sys.stderr.write(f"synack: error: {e}\n")
-        return EXIT_UNUSABLE
+        return _error(str(e))
     # explain decodes only the rules the flow meets (run lint to validate the whole dump)
-    res = _load(args, lazy=True)
-    if res is None:
+    results = _load(args, lazy=True)
+    if results is None:
         return EXIT_UNUSABLE
-    if _unusable(res):
+    res = results[0]
+    if not res.table_count() or (not res.rule_count() and res.errors):
         from analyzer.report.diagnostics import render_text_all
-        sys.stderr.write(render_text_all([d for d in res.diagnostics if d.severity == Severity.ERROR]) + "\n")
-        sys.stderr.write("synack: error: nothing to explain: the input has no usable rule\n")
-        return EXIT_UNUSABLE
+        sys.stderr.write(render_text_all([d for d in res.all_diagnostics if d.severity == Severity.ERROR]) + "\n")
+        return _error("nothing to explain: the input has no usable table or rule")
+    family = spec.template.family
+    mine = res.for_family(family)
+    if mine is None:
+        held = ", ".join(f"IPv{r.ruleset.family}" for r in res.families())
+        return _error(f"the flow is IPv{family}, but {', '.join(res.ruleset.sources)} holds only {held} "
+                      f"rules: give {'ip6tables-save' if family == 6 else 'iptables-save'} output (both "
+                      f"families may be in one file), or --family {family} if the dump is of that family")
+    from dataclasses import replace
+    mine = replace(mine, others=())  # the flow's own family: the other one plays no part
     if spec.open:
-        return cmd_explain_open(args, res, spec)
-    return run_explain(args, res)
+        return cmd_explain_open(args, mine, spec)
+    return run_explain(args, mine)
 
 
 def cmd_explain_open(args, res, spec) -> int:
@@ -411,14 +643,20 @@ def cmd_check(args) -> int:
                 return EXIT_UNUSABLE
             target = EnvTarget(env, args.env)
         else:
-            res = _load(args)
-            if res is None:
+            results = _load(args)
+            if results is None:
                 return EXIT_UNUSABLE
-            if _unusable(res):
+            if len(results) > 1:
+                return _error("a policy checks one namespace's rules: give one DUMP (it may hold "
+                              "both families), or --apply-in-order to apply several files in order")
+            res = results[0]
+            why = _nothing_read(res, args.allow_empty)
+            if why:
                 from analyzer.report.diagnostics import render_text_all
-                sys.stderr.write(render_text_all([d for d in res.diagnostics if d.severity == Severity.ERROR]) + "\n")
-                sys.stderr.write("synack: error: nothing to check: the input has no usable rule\n")
-                return EXIT_UNUSABLE
+                errs = [d for d in res.all_diagnostics if d.severity == Severity.ERROR]
+                if errs:
+                    sys.stderr.write(render_text_all(errs) + "\n")
+                return _error(why)
             ns = make_namespace(list(tgt.get("addresses", [])) + args.addr,
                                 list(tgt.get("routes", [])) + args.route, tgt.get("sysctls"))
             target = DumpTarget(res.ruleset, ns, ", ".join(args.dumps) or "live", res.files, res)

@@ -267,14 +267,20 @@ def build_namespace(args) -> Namespace:
         cidr, _, iface = spec.partition("@")
         ns.add_addr(cidr, iface or "eth0")
     if args.iproute:
-        with open(args.iproute[0]) as fa, open(args.iproute[1]) as fr:
-            ns.load_iproute_json(fa.read(), fr.read())
+        try:
+            with open(args.iproute[0]) as fa, open(args.iproute[1]) as fr:
+                ns.load_iproute_json(fa.read(), fr.read())
+        except OSError as e:
+            raise EnvError(f"--iproute {e.filename}: cannot read it: {e.strerror}") from None
     for r in args.route:
         ns.add_route(r)
     for path in getattr(args, "ipset", []):
         from analyzer.parse.ipset import load_ipsets
-        with open(path, encoding="utf-8") as f:
-            sets, diags = load_ipsets(f.read(), path)
+        try:
+            with open(path, encoding="utf-8", errors="surrogateescape") as f:
+                sets, diags = load_ipsets(f.read(), path)
+        except OSError as e:
+            raise EnvError(f"--ipset {path}: cannot read it: {e.strerror}") from None
         if diags:
             raise EnvError(f"{diags[0].span.render()}: {diags[0].message}")
         ns.ipsets.update(sets)

@@ -154,10 +154,39 @@ class ParseResult:
     format: str = "save"
     partial: bool = False  # a fragment or --noflush transaction: chains may exist elsewhere
     log: list | None = field(default=None, repr=False, compare=False)  # the builder's, still growing
+    # the other address family of the same input (``iptables-save; ip6tables-save`` in one file):
+    # one ParseResult per family, as a namespace has its iptables and its ip6tables rules
+    others: tuple["ParseResult", ...] = ()
+    truncated: bool = False  # the input ends inside a table: rules may be missing
 
     @property
     def errors(self) -> int:
-        return sum(1 for d in self.diagnostics if d.severity == Severity.ERROR)
+        return sum(1 for d in self.families() for x in d.diagnostics if x.severity == Severity.ERROR)
+
+    def families(self) -> tuple["ParseResult", ...]:
+        """This result and those of the other family, IPv4 first."""
+        return (self,) + self.others
+
+    def for_family(self, family: int) -> "ParseResult | None":
+        return next((r for r in self.families() if r.ruleset.family == family), None)
+
+    @property
+    def all_diagnostics(self) -> tuple[Diagnostic, ...]:
+        """The diagnostics of every family, each once (a command list is read once per family)."""
+        seen, out = set(), []
+        for r in self.families():
+            for d in r.diagnostics:
+                key = (d.code, d.span, d.message)
+                if key not in seen:
+                    seen.add(key)
+                    out.append(d)
+        return tuple(sorted(out, key=Diagnostic.sort_key))
+
+    def rule_count(self) -> int:
+        return sum(1 for r in self.families() for _ in r.ruleset.rules())
+
+    def table_count(self) -> int:
+        return sum(len(r.ruleset.tables) for r in self.families())
 
     def late_diagnostics(self) -> tuple[Diagnostic, ...]:
         """What lazily parsed rules reported when they were decoded after the parse."""
@@ -226,17 +255,37 @@ def detect_format(text: str) -> str:
     return "S" if kinds["S"] else "unknown"
 
 
+_BUILTIN_REF = re.compile(r"(?m)^[ \t]*-[PAIRDF][ \t]+(PREROUTING|INPUT|FORWARD|OUTPUT|POSTROUTING)\b")
+# targets that exist in one table only; MARK and CONNMARK are valid in every table (kube-proxy
+# marks in nat, calico in filter), so they say nothing about the table
+_TABLE_TARGETS = (("nat", re.compile(r"-j[ \t]+(?:DNAT|SNAT|MASQUERADE|REDIRECT|NETMAP)\b")),
+                  ("raw", re.compile(r"-j[ \t]+(?:CT|NOTRACK)\b")),
+                  ("mangle", re.compile(r"-j[ \t]+(?:TPROXY|TOS|DSCP|TCPMSS|TTL|HL|ECN|CLASSIFY)\b")))
+
+
 def infer_table(text: str) -> str:
-    """The table of an ``iptables -S`` dump: from its builtin chains' ``-P`` lines, else its targets."""
+    """The table of an ``iptables -S`` dump: the one whose builtin chains are exactly its ``-P``
+    lines; else the first of filter (what ``iptables -S`` lists without ``-t``), mangle, nat,
+    raw that has every builtin chain the dump names and every table-specific target it uses.
+
+    >>> infer_table("-P PREROUTING ACCEPT\\n-P OUTPUT ACCEPT\\n")
+    'raw'
+    >>> infer_table("-A FORWARD -j MARK --set-xmark 0x1/0x1\\n-A cali-x -j MARK --set-xmark 0x2\\n")
+    'filter'
+    >>> infer_table("-A PREROUTING -j KUBE-SERVICES\\n-A KUBE-SVC-X -j DNAT --to-destination 10.0.0.1\\n")
+    'nat'
+    """
     pol = set(re.findall(r"(?m)^\s*-P\s+(\S+)", text))
     for t in ("nat", "mangle", "raw", "filter"):
         if pol and pol == set(BUILTIN_CHAINS[t]):
             return t
-    if re.search(r"-j\s+(DNAT|SNAT|MASQUERADE|REDIRECT|NETMAP)\b", text):
-        return "nat"
-    if re.search(r"-j\s+(TPROXY|MARK|CONNMARK|TOS|DSCP|TCPMSS)\b|-A\s+(PREROUTING|POSTROUTING)\b", text):
-        return "mangle" if "PREROUTING" not in pol or "INPUT" in pol else "raw"
-    return "filter"
+    used = set(_BUILTIN_REF.findall(text))
+    cands = [t for t in ("filter", "mangle", "nat", "raw") if used <= set(BUILTIN_CHAINS[t])] or \
+        ["filter", "mangle", "nat", "raw"]
+    for t, pattern in _TABLE_TARGETS:
+        if t in cands and pattern.search(text):
+            return t
+    return cands[0]
 
 
 _ADDR_ARG = re.compile(r"(?:^|\s)(?:-[sd]|--(?:source|destination|src|dst|to-destination|to-source))\s+!?\s*(\[?[0-9a-fA-F:.]+)")
@@ -288,6 +337,36 @@ def detect_backend(text: str) -> str | None:
     if major is not None and (int(major), int(minor)) < (1, 8):
         return "legacy"
     return None
+
+
+def join_continuations(lines) -> tuple[str, ...]:
+    """Shell commands split over lines with a final backslash (libvirt writes every option on a
+    line of its own): each command joined onto its first line, its other lines left empty so that
+    line numbers stay those of the file.
+
+    >>> join_continuations(["iptables \\\\", "-w \\\\", "--jump ACCEPT", "x"])
+    ('iptables -w --jump ACCEPT', '', '', 'x')
+    """
+    out = list(lines)
+    i = 0
+    while i < len(out):
+        line = out[i]
+        if line.rstrip().endswith("\\") and not line.lstrip().startswith("#"):
+            parts = [line.rstrip()[:-1].rstrip()]
+            j = i + 1
+            while j < len(out):
+                nxt = out[j].strip()
+                out[j] = ""
+                cont = nxt.endswith("\\")
+                parts.append(nxt[:-1].rstrip() if cont else nxt)
+                j += 1
+                if not cont:
+                    break
+            out[i] = " ".join(p for p in parts if p)
+            i = j
+        else:
+            i += 1
+    return tuple(out)
 
 
 def getopt_lookup(table, opt: str):
@@ -342,6 +421,8 @@ class Builder:
         self._external: set[tuple[str, str]] = set()  # ipsets / nfacct objects already reported
         self._stop = False  # '-h' in restore input: restore prints its help and exits there
         self._values: dict[tuple, list] = {}  # machine-dependent value -> [diagnostic index, repeats]
+        self.known_sets: frozenset = frozenset()  # ipsets given with --ipset: no PRS103
+        self.truncated = False  # an input ended inside a table (PRS010 at its end)
 
     # -- diagnostics
     def diag(self, sf: SourceFile, line: int, col: int, end: int, code: str, msg: str,
@@ -392,6 +473,9 @@ class Builder:
                       "the last COMMIT has no newline: iptables-legacy-restore refuses it (it "
                       "compares the line with 'COMMIT\\n'); iptables-nft-restore accepts it",
                       "end the file with a newline")
+        if fmt == "cmd" and "\\\n" in text.replace("\r", ""):
+            sf = SourceFile(path, join_continuations(sf.lines))
+            self.files[-1] = sf
         toks = self._lex(sf, fmt, table)
         synthetic_open = [False]  # a table opened by error recovery needs no second diagnostic
 
@@ -406,10 +490,20 @@ class Builder:
                     ip.feed_token(Token("COMMIT", "", line=line))
                     ip.feed_token(tok)
                     return True
-                self.diag(sf, line, 1, len(sf.line(line)) + 1, "PRS010",
-                          "table not closed with COMMIT before "
-                          + ("end of input" if at_end else "the next table"),
-                          "iptables-restore rejects a table without COMMIT; add 'COMMIT'")
+                if at_end:
+                    # the input stops inside a table: usually a dump cut short (a pager, a full
+                    # disk, a paste), so chains declared above may have lost the rules that use them
+                    self.truncated = True
+                    tname = next((t.value[0] for t in reversed(toks) if t.type == "TABLE_HEADER"), "?")
+                    self.diag(sf, line, 1, len(sf.line(line)) + 1, "PRS010",
+                              f"the input ends inside table '{tname}' without COMMIT: the dump looks "
+                              "truncated, so rules after this line may be missing (checks that need "
+                              "whole chains, such as unreachable-chain, are skipped)",
+                              "take the dump again, whole; iptables-restore rejects a table without COMMIT")
+                else:
+                    self.diag(sf, line, 1, len(sf.line(line)) + 1, "PRS010",
+                              "table not closed with COMMIT before the next table",
+                              "iptables-restore rejects a table without COMMIT; add 'COMMIT'")
                 ip.feed_token(Token("COMMIT", "", line=line))
                 ip.feed_token(tok)
                 return True
@@ -528,9 +622,12 @@ class Builder:
                 run_kind = None
                 continue
             else:
-                col = len(raw) - len(raw.lstrip()) + 1
-                word = s.split()[0]
-                self.diag(sf, n, col, col + len(word), "PRS001", f"unexpected line starting with '{word}'",
+                # restore splits words at blanks and tabs only: '\x0b', '\xa0' or '\u2028' are
+                # characters of a word to it (and str.split() would find no word at all)
+                col = len(raw) - len(raw.lstrip(" \t")) + 1
+                word = raw.lstrip(" \t").split(" ", 1)[0].split("\t", 1)[0] or raw[col - 1:col]
+                self.diag(sf, n, col, col + len(word), "PRS001",
+                          f"unexpected line starting with {O.printable(word)}",
                           "iptables-restore accepts '*table', ':CHAIN POLICY', rules ('-A ...'), "
                           "'COMMIT' and '#' comments")
                 continue
@@ -552,11 +649,14 @@ class Builder:
             name = out[0].value[0]
             line = sf.line(first_cmd)
             col = len(line) - len(line.lstrip()) + 1
-            self.warn(sf, first_cmd, col, len(line.rstrip()) + 1, "PRS109",
+            # the format is a fact about the input, not a finding: an info, so that the
+            # default --fail-on (warning) does not fail on `iptables -S` input
+            self.diag(sf, first_cmd, col, len(line.rstrip()) + 1, "PRS109",
                       "no '*table' line: this is `iptables -S` output or part of a dump, which "
                       f"iptables-restore refuses; synack reads it as the '{name}' table"
-                      + ("" if table else " (inferred)"),
-                      "pass --table to name the table, or give synack `iptables-save` output")
+                      + ("" if table else " (inferred from its chains and targets)"),
+                      "pass --table to name the table, or give synack `iptables-save` output",
+                      Severity.INFO)
         if fmt == "S":
             out.append(Token("COMMIT", "COMMIT", line=len(sf.lines)))
         out.append(Token("END", "", line=len(sf.lines)))
@@ -587,8 +687,9 @@ class Builder:
             m = _CMD.match(raw)
             if not m:
                 col = len(raw) - len(raw.lstrip()) + 1
-                self.diag(sf, n, col, col + len(s.split()[0]), "PRS001",
-                          f"unexpected line in a command list: '{s.split()[0]}'",
+                word = (s.split() or [s])[0]
+                self.diag(sf, n, col, col + len(word), "PRS001",
+                          f"unexpected line in a command list: {O.printable(word)}",
                           "each line should be an iptables command such as 'iptables -t nat -A ...'")
                 continue
             if s.endswith("\\"):
@@ -1427,7 +1528,7 @@ class Builder:
 
     def _external_object(self, sf, n, kind, name, col, end):
         """An ipset or nfacct object the rule needs: it lives outside the dump."""
-        if (kind, name) in self._external:
+        if (kind, name) in self._external or (kind == "set" and name in self.known_sets):
             return
         self._external.add((kind, name))
         if kind == "set":
@@ -1470,7 +1571,8 @@ class Builder:
             tables[tname] = Table(tname, freeze_mapping(chains), tb.span)
         rs = Ruleset(self.family, freeze_mapping(tables), tuple(f.path for f in self.files), self.backend)
         diags = tuple(sorted(self.diags, key=Diagnostic.sort_key))
-        return ParseResult(rs, diags, tuple(self.files), fmt, self.partial, self.diags)
+        return ParseResult(rs, diags, tuple(self.files), fmt, self.partial, self.diags,
+                           truncated=self.truncated)
 
     def _decode_later(self, sf, n, line, tname):
         """(matches, target) of a lazily parsed '-A CHAIN ...' line, decoded on first use."""
@@ -1492,16 +1594,99 @@ def _rule_key(r):
     return (tuple(strip(x) for x in m), strip(t))
 
 
+_GENERATED = re.compile(r"^# Generated by (ip6?)tables(?:-nft|-legacy)?-save\b")
+_CMD_FAMILY = re.compile(r"(?m)^[ \t]*(?:sudo[ \t]+)?(ip6?)tables(?:-nft|-legacy)?[ \t]")
+
+
+def split_families(text: str) -> dict[int, str] | None:
+    """``iptables-save; ip6tables-save`` in one file: the text of each family, the other family's
+    lines blanked (so that line numbers stay those of the file); None when the input holds one
+    family. The families are told apart by the ``# Generated by ip6tables-save`` headers, or, for
+    dumps without them, by a table that starts again with addresses of the other family; a list
+    of commands holds both when it has both ``iptables`` and ``ip6tables`` commands.
+
+    >>> sorted(split_families("*filter\\n-A INPUT -s 10.0.0.1 -j DROP\\nCOMMIT\\n"
+    ...                       "*filter\\n-A INPUT -s fd00::1 -j DROP\\nCOMMIT\\n"))
+    [4, 6]
+    """
+    if "tables" not in text and text.count("*") < 2:
+        return None
+    lines = text.split("\n")
+    if detect_format(text) == "cmd":
+        fams = {m.group(1) for m in _CMD_FAMILY.finditer(text)}
+        return {4: text, 6: text} if fams == {"ip", "ip6"} else None
+    # segments: [start line index, family or None]
+    segs: list[list] = [[0, None]]
+    seen: set[str] = set()
+    for i, line in enumerate(lines):
+        m = _GENERATED.match(line)
+        if m:
+            fam = 6 if m.group(1) == "ip6" else 4
+            if segs[-1][1] is None and not seen:
+                segs[-1][1] = fam
+            elif segs[-1][1] != fam:
+                segs.append([i, fam])
+                seen = set()
+        elif line[:1] == "*":
+            name = line[1:].split(" ", 1)[0].strip()
+            if name in seen:  # a table again: the start of another dump
+                segs.append([i, None])
+                seen = set()
+            seen.add(name)
+    if len(segs) < 2:
+        return None
+    bounds = [a for a, _ in segs] + [len(lines)]
+    for k, seg in enumerate(segs):
+        if seg[1] is None:
+            seg[1] = detect_family("\n".join(lines[bounds[k]:bounds[k + 1]]))
+    if len({f for _, f in segs}) < 2:
+        return None
+    out = {}
+    for fam in (4, 6):
+        kept = [line if segs[k][1] == fam else ""
+                for k in range(len(segs)) for line in lines[bounds[k]:bounds[k + 1]]]
+        out[fam] = "\n".join(kept)
+    return out
+
+
 def load_ruleset(inputs, fmt: str | None = None, family: int | None = None, noflush: bool = False,
-                 strict: bool = False, table: str | None = None, lazy: bool = False) -> ParseResult:
+                 strict: bool = False, table: str | None = None, lazy: bool = False,
+                 ipsets=frozenset()) -> ParseResult:
     """Parse one or several dumps (``[(text, path), ...]`` or a single ``(text, path)``); several
-    inputs apply in order as successive iptables-restore transactions. ``lazy``: decode the options
-    of plain '-A' rules only when first used (their diagnostics then arrive in
-    ``late_diagnostics()``); for explaining flows, not for validating a dump."""
+    inputs apply in order as successive ``iptables-restore --noflush`` transactions (the CLI
+    does that only with --apply-in-order: by default each file is a dump of its own). An input that holds both families (``iptables-save;
+    ip6tables-save``) gives one result per family: the IPv4 one, with the IPv6 one in ``others``;
+    ``family`` keeps only that family's part. ``ipsets``: names of the sets given with --ipset (no
+    PRS103 for them). ``lazy``: decode the options of plain '-A' rules only when first used (their
+    diagnostics then arrive in ``late_diagnostics()``); for explaining flows, not for validating
+    a dump."""
     if isinstance(inputs, tuple):
         inputs = [inputs]
+    parts: dict[int | None, list] = {}
+    for text, path in inputs:
+        split = split_families(text) if fmt in (None, "save", "cmd") else None
+        if split is None:
+            parts.setdefault(None, []).append((text, path))
+        else:
+            for fam, t in split.items():
+                parts.setdefault(fam, []).append((t, path))
+    if len(parts) == 1 and None in parts:
+        return _load_one(inputs, fmt, family, noflush, strict, table, lazy, ipsets)
+    # both families: the single-family inputs go with the family they are of
+    for text, path in parts.pop(None, []):
+        fam = family or detect_family(text)
+        parts.setdefault(fam, []).append((text, path))
+    fams = [f for f in (4, 6) if f in parts and (family is None or f == family)]
+    results = [_load_one(parts[f], fmt, f, noflush, strict, table, lazy, ipsets) for f in fams]
+    if not results:  # --family names a family the input does not hold
+        return _load_one(parts[next(iter(parts))], fmt, family, noflush, strict, table, lazy, ipsets)
+    return replace(results[0], others=tuple(results[1:]))
+
+
+def _load_one(inputs, fmt, family, noflush, strict, table, lazy, ipsets) -> ParseResult:
     fam = family or detect_family(inputs[0][0] if inputs else "")
     b = Builder(fam, noflush=noflush or len(inputs) > 1, strict=strict, lazy=lazy and not strict)
+    b.known_sets = frozenset(ipsets)
     enabled = gc.isenabled()
     gc.disable()  # the parse allocates ~1M small objects and frees none: the GC only costs time
     try:

@@ -208,20 +208,13 @@ PROTOCOLS = {
 }
 PROTO_NAMES = {v: k for k, v in PROTOCOLS.items() if k not in ("ipip", "icmpv6")}
 
-SERVICES = {
-    "ftp-data": 20, "ftp": 21, "ssh": 22, "telnet": 23, "smtp": 25, "domain": 53, "bootps": 67,
-    "bootpc": 68, "tftp": 69, "http": 80, "www": 80, "pop3": 110, "sunrpc": 111, "ntp": 123,
-    "netbios-ns": 137, "netbios-dgm": 138, "netbios-ssn": 139, "imap": 143, "imap2": 143,
-    "snmp": 161, "snmp-trap": 162, "bgp": 179, "ldap": 389, "https": 443, "microsoft-ds": 445,
-    "isakmp": 500, "syslog": 514, "submission": 587, "ldaps": 636, "imaps": 993, "pop3s": 995,
-    "openvpn": 1194, "mysql": 3306, "postgresql": 5432, "ipsec-nat-t": 4500, "sip": 5060,
-    "auth": 113, "ident": 113, "nntp": 119, "irc": 194, "rsync": 873, "kerberos": 88,
-    "x11": 6000, "http-alt": 8080, "webcache": 8080, "whois": 43, "finger": 79, "gopher": 70,
-    "printer": 515, "ipp": 631, "rtsp": 554, "socks": 1080, "squid": 3128, "ms-sql-s": 1433,
-    "nfs": 2049, "svn": 3690, "xmpp-client": 5222, "xmpp-server": 5269, "git": 9418,
-    "domain-s": 853, "l2tp": 1701, "pptp": 1723, "radius": 1812, "radius-acct": 1813,
-    "mdns": 5353, "lpd": 515, "tproxy": 8081, "zabbix-agent": 10050, "zabbix-trapper": 10051,
-}
+# port names: one table shipped with synack (analyzer/parse/services.py, generated from netbase /
+# IANA data), never the analysing machine's /etc/services; a name resolves to its tcp port, else
+# its udp (or other protocol's) port, as getservbyname does for the protocols iptables passes
+from analyzer.parse.services import SERVICES as _SERVICES_BY_PROTO  # noqa: E402
+
+SERVICES = {name: ports.get("tcp", ports.get("udp", next(iter(ports.values()))))
+            for name, ports in _SERVICES_BY_PROTO.items()}
 
 TCP_FLAGS = {"FIN": 0x01, "SYN": 0x02, "RST": 0x04, "PSH": 0x08, "ACK": 0x10, "URG": 0x20,
              "ALL": 0x3F, "NONE": 0}  # libxt_tcp: ALL is the six classic flags; ECE/CWR are unknown to it
@@ -303,18 +296,41 @@ def _int(s: str, ctx: Ctx, what: str, lo: int = 0, hi: int = 0xFFFFFFFF) -> int:
 
 
 def _port(s: str, ctx: Ctx) -> int:
-    if s.isdigit():
+    """A port number or a service name of synack's table (never the analysing machine's).
+
+    >>> _port("http", Ctx(4)), _port("08080", Ctx(4))
+    (80, 8080)
+    """
+    if s.isascii() and s.isdigit():  # '²'.isdigit() is True too, but no port to iptables
         v = int(s)
         if v > 65535:
             raise DecodeError("PRS004", f"port '{s}' out of range 0..65535", ctx.index)
         return v
-    if s in SERVICES:
-        return SERVICES[s]
-    try:
-        return socket.getservbyname(s)
-    except OSError:
-        raise DecodeError("PRS004", f"invalid port '{s}'", ctx.index,
-                          hint="ports are numbers 0-65535 or service names") from None
+    v = SERVICES.get(s)
+    if v is not None:
+        return v
+    raise DecodeError("PRS004", f"invalid port {printable(s)}", ctx.index,
+                      hint="ports are numbers 0-65535 or service names of the services(5) table "
+                           "synack ships (analyzer/parse/services.py)")
+
+
+def printable(s: str, limit: int = 60) -> str:
+    """A word of the input quoted for a message: control bytes, undecodable bytes and unusual
+    whitespace escaped (never sent raw to a terminal), long words cut.
+
+    >>> print(printable(b"ht\\xfftp".decode("utf-8", "surrogateescape")), printable("a\\x0bb"))
+    'ht\\xfftp' 'a\\x0bb'
+    """
+    out = []
+    for ch in s[:limit]:
+        o = ord(ch)
+        if 0xDC80 <= o <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif ch.isprintable() and ch != "\\":
+            out.append(ch)
+        else:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+    return "'" + "".join(out) + ("..." if len(s) > limit else "") + "'"
 
 
 def port_range(s: str, ctx: Ctx, strict: bool = False) -> tuple[int, int]:
