@@ -15,8 +15,10 @@ CLI in-process (``analyzer.cli.main``) on a temporary file; a failing case is wr
     python benchmarks/fuzz_inputs.py --cases 20000 --seed 1       # from the repository root
     python benchmarks/fuzz_inputs.py --cases 500 --json
 
-Environment files (``--env``) are mutated too when ``--env-files`` lists some (the environment
-parser belongs to parse/envfile.py; its mutations are off by default until it is hardened).
+With ``--env-share 0.1`` a tenth of the cases mutate ``samples/env/*.yaml`` instead (a number
+where a list belongs, a string where a mapping belongs, a renamed key) and run ``lint --env``;
+environment-file validation is parse/envfile.py's, so these cases are off by default and counted
+apart (``env_tracebacks``) until it is hardened.
 """
 from __future__ import annotations
 
@@ -112,6 +114,31 @@ def mutate(text: str, rng: random.Random, others: list[str]) -> str:
     return "\n".join(lines)
 
 
+def mutate_env(text: str, rng: random.Random) -> str:
+    """An environment file with a structural mistake people make: a number where a list belongs,
+    a string where a mapping belongs, a renamed key; or one of the line-level mutations."""
+    import re
+    op = rng.randrange(4)
+    if op == 0:
+        spans = [m.span() for m in re.finditer(r"\[[^\[\]\n]*\]", text)]
+        if spans:
+            a, b = rng.choice(spans)
+            return text[:a] + rng.choice(("80", "x", "{}", "null", "[[1]]")) + text[b:]
+    if op == 1:
+        spans = [m.span() for m in re.finditer(r"\{[^{}\n]*\}", text)]
+        if spans:
+            a, b = rng.choice(spans)
+            return text[:a] + rng.choice(("somewhere", "1", "[]", "{x: 1}")) + text[b:]
+    if op == 2:
+        keys = [m.span(1) for m in re.finditer(r"(?m)^\s*-?\s*([a-z_.-]+):", text)]
+        if keys:
+            a, b = rng.choice(keys)
+            k = text[a:b]
+            i = rng.randrange(len(k))
+            return text[:a] + k[:i] + k[i + 1:] + text[b:]
+    return mutate(text, rng, [])
+
+
 def rules_read(path: str) -> int:
     """How many rules the parser reads from the file (the zero-rule measure)."""
     from analyzer.parse import load_ruleset
@@ -140,19 +167,43 @@ def run_case(argv: list[str]) -> tuple[int | None, str | None]:
 
 
 def fuzz(cases: int, seed: int, files: list[Path] | None = None, save: Path | None = None,
-         progress: bool = False) -> dict:
+         progress: bool = False, env_share: float = 0.0) -> dict:
+    """``env_share`` of the cases mutate the sample environment files (``lint --env``)."""
+    import shutil
     rng = random.Random(seed)
     files = files if files is not None else corpus_files()
     if not files:
         return {"cases": 0, "skipped": "no corpus"}
     texts = [p.read_text(encoding="utf-8", errors="surrogateescape") for p in files]
     stats = {"cases": 0, "tracebacks": 0, "bad_exit": 0, "zero_rules_exit_0": 0, "exits": {},
-             "causes": {}, "examples": []}
+             "causes": {}, "examples": [], "env_cases": 0, "env_tracebacks": 0}
     tmp = Path(tempfile.mkdtemp(prefix="synack-fuzz-"))
     path = tmp / "case.rules"
+    envs = []
+    if env_share:
+        shutil.copytree(REPO_ROOT / "samples" / "env", tmp / "env")
+        envs = [(p.name, p.read_text()) for p in sorted((tmp / "env").glob("*.yaml"))]
     t0 = time.time()
     try:
         for n in range(cases):
+            if envs and rng.random() < env_share:
+                name, src = rng.choice(envs)
+                env_path = tmp / "env" / "case.yaml"
+                env_path.write_bytes(mutate_env(src, rng).encode("utf-8", "surrogateescape"))
+                argv = ["lint", "--env", str(env_path)]
+                rc, tb = run_case(argv)
+                stats["cases"] += 1
+                stats["env_cases"] += 1
+                stats["exits"][str(rc)] = stats["exits"].get(str(rc), 0) + 1
+                if tb is not None or rc not in (0, 1, 2):
+                    stats["env_tracebacks"] += tb is not None
+                    stats["bad_exit"] += rc not in (0, 1, 2) and tb is None
+                    cause = "env: " + (tb.strip().splitlines()[-1][:110] if tb else f"exit {rc}")
+                    stats["causes"][cause] = stats["causes"].get(cause, 0) + 1
+                    if save is not None:
+                        save.mkdir(parents=True, exist_ok=True)
+                        shutil.copy(env_path, save / f"env-{seed}-{n}-{name}")
+                continue
             k = rng.randrange(len(texts))
             text = mutate(texts[k], rng, texts)
             path.write_bytes(text.encode("utf-8", "surrogateescape"))
@@ -190,8 +241,7 @@ def fuzz(cases: int, seed: int, files: list[Path] | None = None, save: Path | No
                 print(f"  {n} cases, {stats['tracebacks']} tracebacks, {time.time() - t0:.0f} s",
                       file=sys.stderr)
     finally:
-        path.unlink(missing_ok=True)
-        tmp.rmdir()
+        shutil.rmtree(tmp, ignore_errors=True)
     stats["seconds"] = round(time.time() - t0, 1)
     return stats
 
@@ -202,16 +252,22 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--corpus", type=Path, default=CORPUS)
     ap.add_argument("--save", type=Path, help="write each failing case into this directory")
+    ap.add_argument("--env-share", type=float, default=0.0,
+                    help="share of the cases that mutate samples/env/*.yaml and run lint --env "
+                         "(environment-file validation is parse/envfile.py's; off by default)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     os.chdir(REPO_ROOT)
-    stats = fuzz(a.cases, a.seed, corpus_files(a.corpus), a.save, progress=not a.json)
+    stats = fuzz(a.cases, a.seed, corpus_files(a.corpus), a.save, progress=not a.json,
+                 env_share=a.env_share)
     if a.json:
         print(json.dumps(stats, indent=2))
     else:
         print(f"{stats['cases']} cases in {stats.get('seconds', 0)} s (seed {a.seed}): "
               f"{stats.get('tracebacks', 0)} tracebacks, {stats.get('bad_exit', 0)} exits not 0/1/2, "
-              f"{stats.get('zero_rules_exit_0', 0)} zero-rule inputs that exit 0; exits {stats.get('exits')}")
+              f"{stats.get('zero_rules_exit_0', 0)} zero-rule inputs that exit 0; exits {stats.get('exits')}"
+              + (f"; environment files: {stats['env_cases']} cases, {stats['env_tracebacks']} tracebacks"
+                 if stats.get("env_cases") else ""))
         for cause, k in sorted(stats.get("causes", {}).items(), key=lambda x: -x[1]):
             print(f"  {k:6d}  {cause}")
         for ex in stats.get("examples", []):
