@@ -108,6 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lowest severity of a failing assertion that makes the exit code 1 (default: info, any)")
     p.add_argument("--quiet", "-q", action="store_true", help="text: show failing assertions only")
 
+    p = sub.add_parser("diff", help="which flows change fate between two dumps or two environments")
+    p.add_argument("old", metavar="OLD", help="dump, or environment file (.yaml)")
+    p.add_argument("new", metavar="NEW", help="dump, or environment file (.yaml)")
+    p.add_argument("--from-iface", help="dumps: the interface arriving packets come in on")
+    p.add_argument("--addr", action="append", default=[], metavar="CIDR@IFACE",
+                   help="dumps: an address of the namespace both dumps stand for")
+    p.add_argument("--route", action="append", default=[], metavar="'DEST [via GW] dev IFACE'",
+                   help="dumps: a route of that namespace")
+    p.add_argument("--limit", type=int, default=256, help="most classes explored per entry (default 256)")
+    p.add_argument("--verbose", "-v", action="store_true", help="text: print both traces of each witness")
+    p.add_argument("--output-format", "-o", choices=["text", "json", "sarif"], default="text")
+
     p = sub.add_parser("checks", help="list the checks synack knows")
     p.add_argument("--output-format", "-o", choices=["text", "json"], default="text")
     return ap
@@ -693,6 +705,50 @@ def cmd_check(args) -> int:
     return EXIT_FINDINGS if any(r.status == "fail" and r.assertion.severity >= floor for r in results) else EXIT_OK
 
 
+def cmd_diff(args) -> int:
+    from analyzer.netfilter.env import EnvError
+    from analyzer.parse import load_ruleset
+    from analyzer.policy.adapter import DumpTarget, EnvTarget, make_namespace
+    from analyzer.policy.diff import diff_dumps, diff_envs
+
+    is_env = [p.endswith((".yaml", ".yml")) for p in (args.old, args.new)]
+    if is_env[0] != is_env[1]:
+        sys.stderr.write("synack: error: diff two dumps or two environments, not one of each\n")
+        return EXIT_UNUSABLE
+    try:
+        if is_env[0]:
+            envs = [_load_env(p) for p in (args.old, args.new)]
+            if None in envs:
+                return EXIT_UNUSABLE
+            res = diff_envs(EnvTarget(envs[0], args.old), EnvTarget(envs[1], args.new), limit=args.limit)
+        else:
+            ns = make_namespace(args.addr, args.route)
+            targets = []
+            for path in (args.old, args.new):
+                with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+                    r = load_ruleset([(f.read(), path)], lazy=True)
+                if _unusable(r):
+                    sys.stderr.write(f"synack: error: {path}: no usable rule\n")
+                    return EXIT_UNUSABLE
+                targets.append(DumpTarget(r.ruleset, ns, path, r.files, r))
+            if targets[0].ruleset.family != targets[1].ruleset.family:
+                sys.stderr.write("synack: error: the two dumps are of different address families\n")
+                return EXIT_UNUSABLE
+            res = diff_dumps(targets[0], targets[1], limit=args.limit, iif=args.from_iface)
+    except (EnvError, ValueError, OSError) as e:
+        sys.stderr.write(f"synack: error: {e}\n")
+        return EXIT_UNUSABLE
+    from analyzer.report import diff as rd
+    if args.output_format == "json":
+        out = rd.render_json(res, args.old, args.new)
+    elif args.output_format == "sarif":
+        out = rd.render_sarif(res, args.old, args.new)
+    else:
+        out = rd.render_text(res, args.old, args.new, verbose=args.verbose)
+    sys.stdout.write(out if out.endswith("\n") else out + "\n")
+    return EXIT_FINDINGS if res.changes else EXIT_OK
+
+
 def main(argv=None) -> int:
     ap = build_parser()
     try:
@@ -700,7 +756,7 @@ def main(argv=None) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     handler = {"parse": cmd_parse, "lint": cmd_lint, "checks": cmd_checks, "explain": cmd_explain,
-               "check": cmd_check}[args.command]
+               "check": cmd_check, "diff": cmd_diff}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:

@@ -57,6 +57,8 @@ class End:
                 s += f" (listener {self.listener})"
             if self.interface:
                 s += f" out {self.interface}"
+        if self.symmetric is False:
+            s += ", the reply bypasses the translation"
         if self.prob is not None and self.prob < 0.999:
             s += f" p={self.prob:.3f}"
         return s
@@ -86,9 +88,16 @@ class Fate:
 @dataclass
 class FlowClass:
     packets: PacketSet
-    text: str
+    _text: str | None
     witness: Packet
     fates: list[Fate]
+    describe: object = None     # packets -> text, set by explore (describing costs; done on demand)
+
+    @property
+    def text(self) -> str:
+        if self._text is None:
+            self._text = self.describe(self.packets) if self.describe else ""
+        return self._text
 
 
 # ------------------------------------------------------------------ targets
@@ -103,10 +112,35 @@ class _Recorder(Walker):
         return super()._match_rule(rule, br, hook)
 
     def _rules_for(self, table, chain, pkt):
+        c = self.rs.chain(table, chain)
+        index = getattr(self, "_index", None)
+        if c is not None and len(c.rules) >= 32 and isinstance(index, dict) and (table, chain) not in index:
+            index[(table, chain)] = _text_index(c.rules)
         c, cand = super()._rules_for(table, chain, pkt)
         if c is not None and len(c.rules) >= 32:
-            self.log[1].append(self._index.get((table, chain)))
+            self.log[1].append(c)
         return c, cand
+
+
+def _text_index(rules):
+    """A walker's destination index of a big chain, built from the rules' text: the walker's own
+    builder decodes every rule of the chain, about a second per chain of a 10,000-service dump
+    (a diff walks several chains of two dumps)."""
+    from analyzer.netfilter import walk
+    from analyzer.policy.diff import _KEY_DST
+
+    idx = walk.ChainIndex.__new__(walk.ChainIndex)
+    idx.always, idx.by_dst = [], {}
+    for i, r in enumerate(rules):
+        found = _KEY_DST.findall(r.text) if " -d " in r.text else ()
+        if len(found) == 1:
+            try:
+                idx.by_dst.setdefault(ipaddress.ip_address(found[0]), []).append(i)
+                continue
+            except ValueError:
+                pass
+        idx.always.append(i)
+    return idx
 
 
 def _recorder(ruleset, ns, log) -> _Recorder:
@@ -355,31 +389,54 @@ def flow_set(space: PacketSpace, sel, family: int, default_src=None) -> PacketSe
     return u
 
 
+def match_set(space: PacketSpace, rule) -> PacketSet:
+    """The header part of a rule's matches as one packet set (other matches: any packet)."""
+    s = space.universe()
+    for m in rule.matches:
+        if isinstance(m, AddrMatch):
+            x = space.union(space.prefix(m.direction, n) for n in m.networks)
+        elif isinstance(m, IpRangeMatch):
+            x = space.range(m.direction, m.lo, m.hi)
+        elif isinstance(m, ProtoMatch):
+            if not m.number:
+                continue
+            x = space.eq("proto", m.number)
+        elif isinstance(m, PortMatch):
+            proto = _MOD_PROTO.get(m.mod)
+            if m.direction == "any":
+                x = space.ports("sport", list(m.ranges)) | space.ports("dport", list(m.ranges))
+            else:
+                x = space.ports("sport" if m.direction == "src" else "dport", list(m.ranges))
+            if proto:
+                x &= space.eq("proto", proto)
+        else:
+            continue
+        s &= (~x if m.negated else x)
+    return s
+
+
 def rule_atoms(space: PacketSpace, rule, bounds: dict) -> list[PacketSet]:
-    """Per-field separators of a rule's header matches (negation separates at the same place)."""
-    atoms = []
+    """A rule separates the packets its header matches take from the others: one atom, the
+    conjunction (a rule whose address matches but port does not is no reason to split). The
+    per-field boundaries are kept to describe classes."""
     for m in rule.matches:
         if isinstance(m, AddrMatch):
             for n in m.networks:
-                atoms.append(space.prefix(m.direction, n))
                 bounds.setdefault(m.direction, set()).update(
                     {int(n.network_address), int(n.broadcast_address) + 1})
         elif isinstance(m, IpRangeMatch):
-            atoms.append(space.range(m.direction, m.lo, m.hi))
             bounds.setdefault(m.direction, set()).update({int(m.lo), int(m.hi) + 1})
         elif isinstance(m, ProtoMatch) and m.number:
-            atoms.append(space.eq("proto", m.number))
             bounds.setdefault("proto", set()).update({m.number, m.number + 1})
         elif isinstance(m, PortMatch):
             proto = _MOD_PROTO.get(m.mod)
-            base = space.eq("proto", proto) if proto else space.universe()
             if proto:
                 bounds.setdefault("proto", set()).update({proto, proto + 1})
             fields = ("sport",) if m.direction == "src" else ("dport",) if m.direction == "dst" else ("sport", "dport")
             for f in fields:
-                atoms.append(base & space.ports(f, list(m.ranges)))
                 bounds.setdefault(f, set()).update(b for lo, hi in m.ranges for b in (lo, hi + 1))
-    return atoms
+    s = match_set(space, rule)
+    return [] if s.is_full() else [s]
 
 
 def _net_atoms(space, namespaces, bounds) -> list[PacketSet]:
@@ -391,7 +448,46 @@ def _net_atoms(space, namespaces, bounds) -> list[PacketSet]:
         for n in nets:
             atoms.append(space.prefix("dst", n))
             bounds.setdefault("dst", set()).update({int(n.network_address), int(n.broadcast_address) + 1})
+        for _, a in ns.local_addresses():  # a local process sends from one of them
+            bounds.setdefault("src", set()).update({int(a.ip), int(a.ip) + 1})
     return atoms
+
+
+_INDEXED: dict = {}
+
+
+def _indexed_dsts(chain) -> set:
+    return _INDEXED[(id(chain),)][1]
+
+
+def _indexed_space(space: PacketSpace, chain) -> PacketSet:
+    """An over-approximation of the packets any rule of a destination-indexed chain can match:
+    each rule's (destination, protocol, destination port) as far as its text pins them down."""
+    from analyzer.policy.diff import _key
+
+    hit = _INDEXED.get((id(chain),))
+    if hit is None or hit[2] is not chain:
+        dsts = set()
+        parts = []
+        for r in chain.rules:
+            d, p, port = _key(r.text)
+            if d is None:
+                continue
+            a = ipaddress.ip_address(d)
+            dsts.add(a)
+            c = {"dst": a}
+            if p in _MOD_PROTO or p in ("icmp",):
+                c["proto"] = {"icmp": 1}.get(p, _MOD_PROTO.get(p))
+                if port is not None and p in _MOD_PROTO:
+                    c["dport"] = (int(port), int(port))
+            parts.append(c)
+        hit = _INDEXED[(id(chain),)] = ({}, dsts, chain, parts)
+    cache = hit[0]
+    u = cache.get(id(space))
+    if u is None:
+        u = space.union(space.where(**c) for c in hit[3])
+        cache[id(space)] = u
+    return u
 
 
 def witness_packet(v: dict, family: int) -> Packet:
@@ -451,18 +547,16 @@ class Exploration:
             if k in out:
                 out[k].packets = out[k].packets | c.packets
             else:
-                out[k] = FlowClass(c.packets, c.text, c.witness, c.fates)
-        for c in out.values():
-            c.text = self.describe(c.packets)
+                out[k] = FlowClass(c.packets, None, c.witness, c.fates, self.describe)
         return list(out.values())
 
 
 def explore(targets: list, sel, universe: PacketSet | None = None, space: PacketSpace | None = None,
-            limit: int = 256) -> Exploration:
+            limit: int = 256, family: int | None = None, seeds=()) -> Exploration:
     """Split the flows into classes no rule met on the way tells apart; walk one witness per
     class in every target. ``complete`` is False when the class limit stopped the refinement
     (then a class may hold packets whose fate differs from its witness's: APPROXIMATE)."""
-    family = family_of(sel)
+    family = family or family_of(sel)
     space = space or PacketSpace()
     src = None
     if universe is None:
@@ -495,7 +589,8 @@ def explore(targets: list, sel, universe: PacketSet | None = None, space: Packet
     base_atoms = []
     for t in targets:
         base_atoms += _net_atoms(space, t.namespaces(), bounds)
-    work, done = [universe], []
+    # seeds: sets the caller already knows to differ (diff: the space of each changed rule)
+    work, done = list(reversed(partition(universe, seeds, limit).classes)) if seeds else [universe], []
     complete = True
     atom_cache: dict = {}
     while work:
@@ -506,21 +601,30 @@ def explore(targets: list, sel, universe: PacketSet | None = None, space: Packet
         for t in targets:
             fate, (rules, indexes) = t.walk(pkt, sel)
             fates.append(fate)
-            for rule in dict.fromkeys(rules):
+            for rule in {id(r): r for r in rules}.values():  # rules hash by value: slow
                 a = atom_cache.get(id(rule))
                 if a is None:
                     a = atom_cache[id(rule)] = (rule, rule_atoms(space, rule, bounds))
                 atoms += a[1]
             if indexes and not (cls - space.eq("dst", pkt.dst)).is_empty():
                 # a big chain was looked up by this witness's destination only: the rules of
-                # other destinations were skipped, so peel this destination off the class
-                atoms.append(space.eq("dst", pkt.dst))
+                # other destinations were skipped. Packets no such rule can match walk like the
+                # witness; the others are peeled off one destination at a time
+                for chain in {id(c): c for c in indexes}.values():
+                    u = _indexed_space(space, chain)
+                    if (cls & u).is_empty():
+                        continue
+                    if not (cls - u).is_empty():
+                        atoms.append(u)  # first split off what no indexed rule can match
+                    elif pkt.dst in _indexed_dsts(chain):
+                        atoms.append(space.eq("dst", pkt.dst))
         parts = partition(cls, atoms, limit).classes
         if len(parts) == 1 or len(done) + len(work) + len(parts) > limit:
             complete = complete and len(parts) == 1
-            done.append(FlowClass(cls, "", pkt, fates))
+            done.append(FlowClass(cls, None, pkt, fates))
         else:
             work.extend(reversed(parts))
+    ex = Exploration(done, complete, bounds, family)
     for c in done:
-        c.text = describe(c.packets, bounds, family)
-    return Exploration(done, complete, bounds, family)
+        c.describe = ex.describe
+    return ex

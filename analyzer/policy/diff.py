@@ -1,0 +1,411 @@
+"""Policy layer: which flows change fate between two dumps or two environments.
+
+Rule identity is (table, chain, text without counters): rules that moved to other lines or whose
+counters changed are not changes, rules whose order within their chain changed are. The packet
+space worth asking about is what the changed rules can see: the union over changed rules of the
+rule's own header matches AND the space of every jump path into its chain. Only that space is
+explored (adapter.explore over both targets at once), so a one-service change of a
+10,000-service dump costs the rules of that service, not the dump.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+
+from analyzer.engine.packetset import PacketSpace
+from analyzer.policy.adapter import DumpTarget, EnvTarget, FlowClass, TargetError, explore, match_set
+from analyzer.policy.spec import FlowSel
+from analyzer.source import Span
+
+_COUNTERS = re.compile(r"^\[\d+:\d+\]\s*|\s-c\s+\d+\s+\d+(?=\s|$)")
+_JUMP = re.compile(r"\s-[jg]\s+(\S+)")
+BUILTIN = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
+LOCAL_ROOTS = ("OUTPUT",)
+ARRIVAL_ROOTS = ("PREROUTING", "INPUT", "FORWARD", "POSTROUTING")
+
+
+def identity(rule) -> str:
+    """A rule's text without counters and with single spaces.
+
+    >>> identity(type("R", (), {"text": "[3:4] -A X -p tcp  -c 1 2 -j ACCEPT"})())
+    '-A X -p tcp -j ACCEPT'
+    """
+    t = rule.text
+    if t.startswith("[") or " -c " in t:
+        t = _COUNTERS.sub(" ", t)
+    return " ".join(t.split()) if "  " in t or t != t.strip() else t
+
+
+@dataclass
+class RuleChange:
+    side: str                   # "old" | "new"
+    table: str
+    chain: str
+    rule: object                # analyzer.model.rules.Rule (None: the chain's policy)
+    span: Span | None
+    text: str
+
+
+@dataclass
+class Change:
+    kind: str                   # newly-blocked | newly-allowed | translated-elsewhere | now-asymmetric | ...
+    cls: FlowClass
+    old: str
+    new: str
+    old_rules: list = field(default_factory=list)   # (Span, text) responsible in OLD
+    new_rules: list = field(default_factory=list)
+    entry: str = ""
+
+
+@dataclass
+class DiffResult:
+    changes: list[Change]
+    rule_changes: list[RuleChange]
+    complete: bool
+    classes: int
+    entries: list[str]
+
+
+def _chains(rs):
+    for t in rs.tables.values():
+        for c in t.chains.values():
+            yield t.name, c
+
+
+_KEY_DST = re.compile(r"(?<!! )-d (\d+\.\d+\.\d+\.\d+|[0-9a-fA-F:]+)(?:/(?:32|128))?(?= )")
+_KEY_PROTO = re.compile(r"(?<!! )-p (\w+)")
+_KEY_DPORT = re.compile(r"(?<!! )--dport (\d+)(?= |$)")
+
+
+def _key(text: str) -> tuple:
+    """(destination, protocol, destination port) a rule's text pins down, None for any: two
+    rules whose keys differ in a pinned field never match the same packet.
+
+    >>> _key("-A KUBE-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 53 -j KUBE-SVC-X")
+    ('10.96.0.10', 'tcp', '53')
+    >>> _key("-A X ! -d 10.0.0.1/32 -j DROP")
+    (None, None, None)
+    """
+    out = []
+    for rx in (_KEY_DST, _KEY_PROTO, _KEY_DPORT):
+        m = rx.search(text)
+        out.append(m.group(1) if m else None)
+    return tuple(out)
+
+
+def _compatible(a: tuple, b: tuple) -> bool:
+    return all(x is None or y is None or x == y for x, y in zip(a, b))
+
+
+def _reordered(ra: list[str], rb: list[str]) -> tuple[set, set]:
+    """Indices (old side, new side) of common rules whose order relative to a rule they can
+    overlap with changed: only those can change a packet's fate by moving. kube-proxy writes
+    KUBE-SERVICES in Go map order, different at every sync; its rules pin distinct
+    destination/port pairs, so the shuffle is no change."""
+    from collections import Counter, defaultdict
+
+    def occ(seq):
+        seen, out = Counter(), []
+        for t in seq:
+            out.append((t, seen[t]))
+            seen[t] += 1
+        return out
+    oa, ob = occ(ra), occ(rb)
+    pos_b = {x: j for j, x in enumerate(ob)}
+    common = [(i, x) for i, x in enumerate(oa) if x in pos_b]
+    in_a = set(oa)
+    if [x for _, x in common] == [x for x in ob if x in in_a]:
+        return set(), set()
+    # rules off the longest common order moved (LCS of two orders of the same items: the
+    # longest increasing run of new positions, O(n log n)); compare each with what it may overlap
+    seq = [x for _, x in common]
+    stay = _lis_items(seq, [pos_b[x] for x in seq])
+    pos_a = {x: i for i, x in enumerate(oa)}
+    keys = {x: _key(x[0]) for _, x in common}
+    sem = {x: _COMMENT.sub("", x[0]) for _, x in common}
+    by_dst, by_port, wild_dst, wild_port = defaultdict(list), defaultdict(list), [], []
+    for _, x in common:
+        d, p, port = keys[x]
+        (by_dst[d] if d else wild_dst).append(x)
+        (by_port[(p, port)] if port else wild_port).append(x)
+    old_idx, new_idx = set(), set()
+    for _, m in common:
+        if m in stay:
+            continue
+        d, p, port = keys[m]
+        cands = by_dst[d] + wild_dst if d else (by_port[(p, port)] + wild_port if port else [x for _, x in common])
+        for x in cands:
+            if x == m or not _compatible(keys[m], keys[x]) or sem[m] == sem[x]:
+                continue  # disjoint, or the same rule but for its comment: order is moot
+            if (pos_a[m] < pos_a[x]) != (pos_b[m] < pos_b[x]):
+                old_idx.update((pos_a[m], pos_a[x]))
+                new_idx.update((pos_b[m], pos_b[x]))
+    return old_idx, new_idx
+
+
+def _lis_items(items: list, keys: list[int]) -> set:
+    """The items of a longest strictly increasing subsequence of ``keys``.
+
+    >>> sorted(_lis_items("abcd", [2, 0, 1, 3]))
+    ['b', 'c', 'd']
+    """
+    import bisect
+    tails, tail_idx, prev = [], [], [-1] * len(keys)
+    for i, k in enumerate(keys):
+        j = bisect.bisect_left(tails, k)
+        if j == len(tails):
+            tails.append(k)
+            tail_idx.append(i)
+        else:
+            tails[j], tail_idx[j] = k, i
+        prev[i] = tail_idx[j - 1] if j else -1
+    out, i = set(), tail_idx[-1] if tail_idx else -1
+    while i >= 0:
+        out.add(items[i])
+        i = prev[i]
+    return out
+
+
+_COMMENT = re.compile(r'\s-m comment --comment (?:"(?:[^"\\]|\\.)*"|\S+)')
+
+
+def changed_rules(old_rs, new_rs) -> list[RuleChange]:
+    """Rules present on one side only, chain by chain, by identity; rules present on both sides
+    that changed order relative to a rule they can overlap with (a move only in the file, or
+    past rules that never match the same packet, is no change); a chain whose policy changed."""
+    from collections import Counter
+
+    out = []
+    old_c = {(t, c.name): c for t, c in _chains(old_rs)}
+    new_c = {(t, c.name): c for t, c in _chains(new_rs)}
+    for key in sorted(set(old_c) | set(new_c)):
+        a, b = old_c.get(key), new_c.get(key)
+        if a is not None and b is not None and a.policy == b.policy and len(a.rules) == len(b.rules) \
+                and all(x.text == y.text for x, y in zip(a.rules, b.rules)):
+            continue
+        ra = [identity(r) for r in a.rules] if a else []
+        rb = [identity(r) for r in b.rules] if b else []
+        if a is not None and b is not None and a.policy != b.policy:
+            out.append(RuleChange("old", key[0], key[1], None, a.span, f"policy {a.policy}"))
+            out.append(RuleChange("new", key[0], key[1], None, b.span, f"policy {b.policy}"))
+        if ra == rb:
+            continue
+        ca, cb = Counter(ra), Counter(rb)
+        gone, came = ca - cb, cb - ca
+        seen: Counter = Counter()
+        for i, t in enumerate(ra):
+            seen[t] += 1
+            if seen[t] > ca[t] - gone[t]:
+                out.append(RuleChange("old", key[0], key[1], a.rules[i], a.rules[i].span, t))
+        seen = Counter()
+        for j, t in enumerate(rb):
+            seen[t] += 1
+            if seen[t] > cb[t] - came[t]:
+                out.append(RuleChange("new", key[0], key[1], b.rules[j], b.rules[j].span, t))
+        oi, ni = _reordered(ra, rb)
+        for i in sorted(oi):
+            out.append(RuleChange("old", key[0], key[1], a.rules[i], a.rules[i].span, ra[i]))
+        for j in sorted(ni):
+            out.append(RuleChange("new", key[0], key[1], b.rules[j], b.rules[j].span, rb[j]))
+    return out
+
+
+class _Reach:
+    """The packets that can reach each chain of one ruleset: builtin chains see every packet of
+    their hooks, a user chain what its callers' jump rules pass (the rules before a jump are
+    ignored: an over-approximation, which only costs classes that then show no change)."""
+
+    def __init__(self, space, rs):
+        self.space, self.rs = space, rs
+        self.memo: dict = {}
+        self._callers: dict = {}
+        self._blob: dict = {}
+
+    def callers(self, table, chain) -> list:
+        """Rules of ``table`` that jump or go to ``chain`` (found in the rules' text: one scan of
+        a joined text per query instead of decoding every rule's target)."""
+        key = (table, chain)
+        hit = self._callers.get(key)
+        if hit is not None:
+            return hit
+        import bisect
+        blob = self._blob.get(table)
+        if blob is None:
+            rules = [r for c in self.rs.tables[table].chains.values() for r in c.rules]
+            starts, pos = [], 0
+            for r in rules:
+                starts.append(pos)
+                pos += len(r.text) + 1
+            blob = self._blob[table] = ("\n".join(r.text for r in rules) + "\n", starts, rules)
+        text, starts, rules = blob
+        out = []
+        for m in re.finditer(r" -[jg] " + re.escape(chain) + r"(?=[ \n])", text):
+            r = rules[bisect.bisect_right(starts, m.start()) - 1]
+            if r.chain != chain:
+                out.append(r)
+        self._callers[key] = out
+        return out
+
+    def roots(self, table, chain, seen=None) -> set:
+        """Builtin chains a chain is reached from."""
+        if chain in BUILTIN:
+            return {chain}
+        seen = seen or set()
+        if (table, chain) in seen:
+            return set()
+        seen.add((table, chain))
+        out = set()
+        for r in self.callers(table, chain):
+            out |= self.roots(table, r.chain, seen)
+        return out
+
+    def space_of(self, table, chain, depth=0):
+        key = (table, chain)
+        if key in self.memo:
+            return self.memo[key]
+        sp = self.space
+        if chain in BUILTIN or depth > 32:
+            s = sp.universe()
+        else:
+            self.memo[key] = sp.empty()  # a jump cycle adds nothing
+            s = sp.empty()
+            for r in self.callers(table, chain):
+                s |= self.space_of(table, r.chain, depth + 1) & match_set(sp, r)
+        self.memo[key] = s
+        return s
+
+
+def _kind(old_ends, new_ends) -> str:
+    o_reach = any(e.reached for e in old_ends)
+    n_reach = any(e.reached for e in new_ends)
+    if o_reach and not n_reach:
+        return "newly-blocked"
+    if n_reach and not o_reach:
+        return "newly-allowed"
+    o_dst = {(str(e.address), e.port, e.namespace, e.listener) for e in old_ends if e.reached}
+    n_dst = {(str(e.address), e.port, e.namespace, e.listener) for e in new_ends if e.reached}
+    if o_dst != n_dst:
+        o_tr = any(e.translated for e in old_ends if e.reached)
+        n_tr = any(e.translated for e in new_ends if e.reached)
+        if n_tr and not o_tr:
+            return "newly-translated"
+        if o_tr and not n_tr:
+            return "no-longer-translated"
+        return "translated-elsewhere"
+    o_sym = any(e.symmetric is False for e in old_ends)
+    n_sym = any(e.symmetric is False for e in new_ends)
+    if n_sym and not o_sym:
+        return "now-asymmetric"
+    if o_sym and not n_sym:
+        return "now-symmetric"
+    return "changed"
+
+
+def _responsible(fate, changed_lines: set) -> list:
+    """Rules on the witness's path that changed, else the rule that decided."""
+    out = [(Span(p, l, 1, 2), w) for w, p, l in fate.rules if (p, l) in changed_lines]
+    if not out and fate.decisive is not None:
+        out = [(fate.decisive, "decided here")]
+    return out
+
+
+def diff_dumps(old: DumpTarget, new: DumpTarget, limit: int = 256, iif: str | None = None) -> DiffResult:
+    space = PacketSpace()
+    rchanges = changed_rules(old.ruleset, new.ruleset)
+    if not rchanges:
+        return DiffResult([], [], True, 0, [])
+    reach = {"old": _Reach(space, old.ruleset), "new": _Reach(space, new.ruleset)}
+    seen = space.empty()
+    roots = set()
+    seeds = {}
+    for rc in rchanges:
+        r = reach[rc.side]
+        s = r.space_of(rc.table, rc.chain)
+        if rc.rule is not None:
+            s &= match_set(space, rc.rule)
+        seen |= s
+        seeds[s.node] = s
+        roots |= r.roots(rc.table, rc.chain)
+    fam = space.family(old.ruleset.family)
+    seen &= fam
+    entries = []
+    if roots & set(ARRIVAL_ROOTS):
+        entries.append(FlowSel(iif=iif))
+    if roots & set(LOCAL_ROOTS):
+        entries.append(FlowSel(local=True))
+    changed_lines = {"old": set(), "new": set()}
+    for rc in rchanges:
+        if rc.span is not None:
+            changed_lines[rc.side].add((rc.span.path, rc.span.line))
+    changes, complete, n = [], True, 0
+    labels = []
+    for sel in entries:
+        label = "generated locally" if sel.local else (f"arriving on {sel.iif}" if sel.iif else "arriving")
+        labels.append(label)
+        u = seen
+        local_src = [a.ip for _, a in old.ns.local_addresses() if a.version == old.ruleset.family]
+        if sel.local and local_src:  # a local process sends from an address of the namespace
+            u = seen & space.union(space.eq("src", a) for a in local_src)
+        ex = explore([old, new], sel, universe=u, space=space, limit=limit, family=old.ruleset.family,
+                     seeds=[x for x in seeds.values() if not x.is_full()])
+        complete = complete and ex.complete
+        n += len(ex.classes)
+        differ = [c for c in ex.classes if c.fates[0].signature() != c.fates[1].signature()]
+        ex.classes = differ
+        for c in ex.merged(lambda c: (c.fates[0].signature(), c.fates[1].signature())):
+            fo, fn = c.fates
+            changes.append(Change(_kind(fo.ends, fn.ends), c, fo.summary(), fn.summary(),
+                                  _responsible(fo, changed_lines["old"]), _responsible(fn, changed_lines["new"]),
+                                  label))
+    return DiffResult(changes, rchanges, complete, n, labels)
+
+
+def diff_envs(old: EnvTarget, new: EnvTarget, limit: int = 256) -> DiffResult:
+    """Environments: flows from every namespace to every listener and translated destination of
+    either environment (the destinations lint --env follows), compared end to end."""
+    from analyzer.checks.reply import service_destinations
+
+    space = PacketSpace()
+    rchanges = []
+    for name in sorted(set(old.env.namespaces) | set(new.env.namespaces)):
+        a, b = old.env.namespaces.get(name), new.env.namespaces.get(name)
+        for attr in ("ruleset", "ruleset6"):
+            ra, rb = getattr(a, attr, None), getattr(b, attr, None)
+            if ra is not None or rb is not None:
+                from analyzer.model.rules import Ruleset
+                fam = 4 if attr == "ruleset" else 6
+                rchanges += changed_rules(ra or Ruleset(fam, {}, ()), rb or Ruleset(fam, {}, ()))
+    dests = set()
+    for t in (old, new):
+        for name, spec in t.env.namespaces.items():
+            for (addr, proto, port), _ in service_destinations(spec):
+                dests.add((addr, proto, port))
+            for l in spec.listeners:
+                for _, a in spec.net.local_addresses():
+                    if not a.ip.is_loopback:
+                        dests.add((a.ip, {"tcp": 6, "udp": 17, "sctp": 132}.get(l.proto, 6), l.port))
+    changes, complete, n, labels = [], True, 0, []
+    starts = [s for s in old.env.namespaces if s in new.env.namespaces]
+    changed_lines = {"old": set(), "new": set()}
+    for rc in rchanges:
+        if rc.span is not None:
+            changed_lines[rc.side].add((rc.span.path, rc.span.line))
+    for start in starts:
+        for addr, proto, port in sorted(dests, key=lambda d: (str(d[0]), d[1], d[2])):
+            sel = FlowSel(start=start, protos=(proto,), dst=(__import__("ipaddress").ip_network(addr),),
+                          dport=((port, port),))
+            try:
+                ex = explore([old, new], sel, space=space, limit=limit)
+            except TargetError:
+                continue
+            complete = complete and ex.complete
+            n += len(ex.classes)
+            ex.classes = [c for c in ex.classes if c.fates[0].signature() != c.fates[1].signature()]
+            for c in ex.merged(lambda c: (c.fates[0].signature(), c.fates[1].signature())):
+                fo, fn = c.fates
+                changes.append(Change(_kind(fo.ends, fn.ends), c, fo.summary(), fn.summary(),
+                                      _responsible(fo, changed_lines["old"]),
+                                      _responsible(fn, changed_lines["new"]), f"from '{start}'"))
+        labels.append(f"from '{start}'")
+    return DiffResult(changes, rchanges, complete, n, labels)
