@@ -727,9 +727,9 @@ def cmd_diff(args) -> int:
             for path in (args.old, args.new):
                 with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
                     r = load_ruleset([(f.read(), path)], lazy=True)
-                if _unusable(r):
-                    sys.stderr.write(f"synack: error: {path}: no usable rule\n")
-                    return EXIT_UNUSABLE
+                why = _nothing_read(r, True)
+                if why:
+                    return _error(why)
                 targets.append(DumpTarget(r.ruleset, ns, path, r.files, r))
             if targets[0].ruleset.family != targets[1].ruleset.family:
                 sys.stderr.write("synack: error: the two dumps are of different address families\n")
