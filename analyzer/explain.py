@@ -9,6 +9,7 @@ import json
 import sys
 from dataclasses import dataclass, replace
 
+from analyzer.model.packet import tcp_flag_names
 from analyzer.netfilter.env import EnvError, Namespace
 from analyzer.netfilter.walk import Branch, Conntrack, Packet, Step, Walker, parse_flow, route_decision
 from analyzer.report import SCHEMA_VERSION
@@ -107,7 +108,12 @@ def _with_reply(w: Walker, fwd: Branch, local: bool) -> Outcome:
         fwd.detail = fwd.detail or "delivered to a transparent proxy"
     p = fwd.pkt
     o = fwd.ct.original
-    rp = Packet(p.family, p.proto, p.dst, p.src, p.dport, p.sport, tcp_flags=0x12 if p.proto == 6 else 0,
+    if p.proto == 6 and p.tcp_flags & 0x04:  # an RST is never answered
+        return Outcome(fwd, None, fwd.disposition, fwd.detail, None, None)
+    # the answer to a SYN is a SYN+ACK; to anything else, an ACK (the far end still knows the
+    # connection, as after a firewall failover; a host that does not answers RST instead)
+    rflags = (0x12 if p.tcp_flags & 0x02 else 0x10) if p.proto == 6 else 0
+    rp = Packet(p.family, p.proto, p.dst, p.src, p.dport, p.sport, tcp_flags=rflags,
                 icmp_type=(0 if p.family == 4 else 129) if p.proto in (1, 58) else None, icmp_code=0)
     if fwd.disposition == "tproxy":  # the proxy answers with the original destination as source
         rp = replace(rp, src=o.dst, sport=o.dport)
@@ -194,7 +200,8 @@ def _on_link(ns: Namespace, p: Packet) -> bool:
 
 # ------------------------------------------------------------------ rendering
 def render_text(flow: Packet, outcomes: list[Outcome], where: str) -> str:
-    out = [f"flow: {flow.tuple_str()} ({where})", ""]
+    flags = f" flags {tcp_flag_names(flow.tcp_flags)}" if flow.proto == 6 and flow.tcp_flags != 0x02 else ""
+    out = [f"flow: {flow.tuple_str()}{flags} ({where})", ""]
     n = len(outcomes)
     for k, oc in enumerate(outcomes, 1):
         prob = "" if oc.forward.prob is None else f" p={oc.forward.prob:.3f}"
@@ -208,6 +215,8 @@ def render_text(flow: Packet, outcomes: list[Outcome], where: str) -> str:
                 out.append("  conntrack: none (no rule needs conntrack, so the kernel keeps no entry)")
             elif ct.untracked:
                 out.append("  conntrack: none (untracked)")
+            elif ct.invalid:
+                out.append("  conntrack: none (INVALID: the kernel made no entry)")
             else:
                 out.append(f"  conntrack: original {ct.original.tuple_str()}  reply {ct.reply_tuple()}")
             out.append("  reply:")
@@ -247,9 +256,9 @@ def render_json(flow: Packet, outcomes: list[Outcome]) -> str:
             "approximate": oc.forward.approx,
         }
         if oc.reply is not None:
-            item["conntrack_state"] = ("not-in-use" if not ct.in_use else
-                                       "untracked" if ct.untracked else "tracked")
-            item["conntrack"] = None if (ct.untracked or not ct.in_use) else {
+            item["conntrack_state"] = ("not-in-use" if not ct.in_use else "untracked" if ct.untracked
+                                       else "invalid" if ct.invalid else "tracked")
+            item["conntrack"] = None if (ct.untracked or ct.invalid or not ct.in_use) else {
                 "original": _tuple_json(ct.original),
                 "reply": {"proto": ct.original.proto, "src": str(ct.reply_src), "sport": ct.reply_sport,
                           "dst": str(ct.reply_dst), "dport": ct.reply_dport},
@@ -266,6 +275,12 @@ def build_namespace(args) -> Namespace:
     for spec in args.addr:
         cidr, _, iface = spec.partition("@")
         ns.add_addr(cidr, iface or "eth0")
+    for spec in getattr(args, "sysctl", None) or []:
+        key, sep, value = spec.partition("=")
+        try:
+            ns.sysctls[key.strip()] = int(value, 0)
+        except ValueError:
+            raise EnvError(f"--sysctl takes KEY=INTEGER, not '{spec}'") from None
     if args.iproute:
         try:
             with open(args.iproute[0]) as fa, open(args.iproute[1]) as fr:

@@ -77,7 +77,8 @@ KERNEL_ARGV = {c.id: _kernel_argv(c) for c in KERNEL.CASES} | {
     name: [f"samples/explain/{name}.rules", "--flow", "tcp 10.0.0.2:42424 -> 10.0.0.1:80",
            "--from-iface", "br0", "--addr", "10.0.0.1/24@br0"]
     for name in ("hairpin-no-masquerade", "hairpin-masquerade")} | {
-    "docker-lo-masquerade": KERNEL.DOCKER_LO_ARGV}
+    "docker-lo-masquerade": KERNEL.DOCKER_LO_ARGV} | {
+    name: KERNEL.lone_segment_argv(name) for name in KERNEL.LONE_SEGMENTS}
 
 
 def test_every_kernel_case_is_a_sample():

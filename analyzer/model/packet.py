@@ -8,6 +8,18 @@ PROTO = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58, "sctp": 132}
 PROTO_NAME = {v: k for k, v in PROTO.items()}
 #: protocols whose flows carry ports (the walk gives others none)
 PORT_PROTOS = (6, 17, 132)
+#: TCP header flag bits, in header order
+TCP_FLAGS = {"FIN": 0x01, "SYN": 0x02, "RST": 0x04, "PSH": 0x08, "ACK": 0x10, "URG": 0x20,
+             "ECE": 0x40, "CWR": 0x80}
+
+
+def tcp_flag_names(bits: int) -> str:
+    """``0x12`` -> ``'SYN,ACK'`` (header order), as flows write them after ``flags``.
+
+    >>> tcp_flag_names(0x12), tcp_flag_names(0)
+    ('SYN,ACK', 'NONE')
+    """
+    return ",".join(n for n, b in TCP_FLAGS.items() if bits & b) or "NONE"
 
 
 @dataclass(frozen=True, slots=True)

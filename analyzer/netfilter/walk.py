@@ -24,7 +24,7 @@ from analyzer.netfilter import stages as STAGES
 from analyzer.netfilter.env import Namespace
 from analyzer.netfilter.nat import pick_address, pick_port
 
-from analyzer.model.packet import PROTO, PROTO_NAME, Packet  # noqa: F401 (re-exported)
+from analyzer.model.packet import PROTO, PROTO_NAME, Packet, tcp_flag_names  # noqa: F401 (re-exported)
 from analyzer.parse.flow import FlowSpec, parse_flow, parse_flow_spec  # noqa: F401 (re-exported)
 MAX_OUTCOMES = 64
 
@@ -63,6 +63,7 @@ class Conntrack:
     mark: int = 0
     in_use: bool = True  # False: no rule needs conntrack, so the namespace tracks nothing
     confirmed: bool = False  # the entry left this namespace once (looped back on lo): nat is done
+    invalid: bool = False  # conntrack refused the packet (ctstate INVALID): no entry, nat skipped
 
     def reply_tuple(self) -> str:
         o = self.original
@@ -146,6 +147,43 @@ def conntrack_in_use(ruleset: Ruleset) -> bool:
             if isinstance(m, (OpaqueMatch, UnknownMatch)) and m.module in _CT_MODULES:
                 return True
     return False
+
+
+TCP_LOOSE = "net.netfilter.nf_conntrack_tcp_loose"
+_FIN, _SYN, _RST, _PSH, _ACK, _URG, _ECE, _CWR = (1 << i for i in range(8))
+# tcp_valid_flags in nf_conntrack_proto_tcp.c (PSH, ECE and CWR masked off first)
+_VALID_TCP_FLAGS = frozenset({_SYN, _SYN | _URG, _SYN | _ACK, _RST, _RST | _ACK, _FIN | _ACK,
+                              _FIN | _ACK | _URG, _ACK, _ACK | _URG})
+
+
+def first_packet_state(pkt: Packet, tcp_loose: int = 1) -> tuple[str, str | None]:
+    """What conntrack makes of a packet that belongs to no entry: ("NEW", note) or ("INVALID",
+    reason). TCP only opens an entry on a SYN, or, with ``nf_conntrack_tcp_loose=1`` (the
+    default), on a mid-stream ACK, which it picks up as an established connection (tcp_new in
+    nf_conntrack_proto_tcp.c); an RST, a FIN or a SYN+ACK opens nothing.
+
+    >>> from analyzer.model.packet import Packet
+    >>> import ipaddress as ip
+    >>> ack = Packet(4, 6, ip.ip_address("10.0.0.1"), ip.ip_address("10.0.0.2"), 1, 2, tcp_flags=0x10)
+    >>> first_packet_state(ack)[0], first_packet_state(ack, tcp_loose=0)[0]
+    ('NEW', 'INVALID')
+    """
+    if pkt.proto != 6:
+        return "NEW", None
+    f = pkt.tcp_flags & ~(_PSH | _ECE | _CWR)
+    if f not in _VALID_TCP_FLAGS:
+        return "INVALID", f"TCP flags {tcp_flag_names(pkt.tcp_flags)} are not a valid combination"
+    if f & _RST:
+        return "INVALID", "an RST that belongs to no connection opens none"
+    if f & _SYN:
+        if f & _ACK:
+            return "INVALID", "a SYN+ACK that belongs to no connection opens none"
+        return "NEW", None
+    if f & _FIN:
+        return "INVALID", "a FIN that belongs to no connection opens none"
+    if not tcp_loose:
+        return "INVALID", f"a mid-stream ACK is not picked up with {TCP_LOOSE}=0"
+    return "NEW", f"a mid-stream ACK picked up ({TCP_LOOSE}=1): the entry starts ESTABLISHED"
 
 
 # what a ruleset's walks can share (conntrack in use, big-chain indexes), for the last few
@@ -412,6 +450,8 @@ class Walker:
         ct = br.ct
         if ct.untracked:
             return {"UNTRACKED"}
+        if ct.invalid:
+            return {"INVALID"}
         s = {"ESTABLISHED"} if br.reply else {"NEW"}
         if ct.dnat:
             s.add("DNAT")
@@ -604,7 +644,8 @@ class Walker:
             for br in brs:
                 if br.disposition is not None:
                     nxt.append(br)
-                elif table == "nat" and (reply or br.ct.untracked or not br.ct.in_use or br.ct.confirmed):
+                elif table == "nat" and (reply or br.ct.untracked or not br.ct.in_use or br.ct.confirmed
+                                         or br.ct.invalid):
                     # nat chains see only the first packet of a tracked connection; replies are
                     # reverse-translated by conntrack itself; a packet without a conntrack entry
                     # (untracked, or no rule needs conntrack) passes the nat hooks untouched
@@ -625,10 +666,17 @@ class Walker:
         if not br.ct.in_use:
             br.steps.append(Step("conntrack", "OFF", note="no rule in this ruleset needs "
                                  "conntrack: the kernel keeps no entry"))
-        else:
-            br.steps.append(Step("conntrack", "UNTRACKED" if br.ct.untracked else "NEW",
-                                 note=None if br.ct.untracked else
-                                 f"original tuple {br.ct.original.tuple_str()}"))
+            return
+        if br.ct.untracked:
+            br.steps.append(Step("conntrack", "UNTRACKED"))
+            return
+        state, why = first_packet_state(br.pkt, self.ns.sysctl(TCP_LOOSE, 1))
+        if state == "INVALID":
+            br.ct.invalid = True
+            br.steps.append(Step("conntrack", "INVALID", note=f"{why}: no entry; the nat table is skipped"))
+            return
+        note = f"original tuple {br.ct.original.tuple_str()}"
+        br.steps.append(Step("conntrack", "NEW", note=f"{note}; {why}" if why else note))
 
     def _denat(self, br: Branch, hook: str):
         """The reply is reverse-translated by conntrack at the nat hooks, without rules."""

@@ -10,7 +10,7 @@ import ipaddress
 import re
 from dataclasses import dataclass, replace
 
-from analyzer.model.packet import PORT_PROTOS, PROTO, Packet
+from analyzer.model.packet import PORT_PROTOS, PROTO, TCP_FLAGS, Packet, tcp_flag_names
 
 _FLOW = re.compile(r"^\s*(?:(?P<proto>[a-z]+|\d+)\s+)?(?P<src>\S+?)\s*->\s*(?P<dst>\S+)\s*$", re.I)
 
@@ -60,7 +60,9 @@ class FlowSpec:
 
         from analyzer.model.packet import PROTO_NAME
         proto = "" if "proto" in self.open else f"{PROTO_NAME.get(t.proto, t.proto)} "
-        return f"{proto}{side('src', 'sport')} -> {side('dst', 'dport')}"
+        flags = f" flags {tcp_flag_names(t.tcp_flags)}" if t.proto == 6 and t.tcp_flags != 0x02 \
+            and "proto" not in self.open else ""
+        return f"{proto}{side('src', 'sport')} -> {side('dst', 'dport')}{flags}"
 
 
 def _range_text(lo, hi) -> str:
@@ -121,6 +123,27 @@ def _witness_address(rs: tuple):
     return lo + 1 if hi > lo + 1 else lo
 
 
+_FLAGS = re.compile(r"\s+flags\s+(?P<flags>\S+)\s*$", re.I)
+
+
+def split_tcp_flags(text: str) -> tuple[str, int | None]:
+    """A flow's ``flags ACK,PSH`` suffix (a TCP packet that is not a connection's first SYN):
+    the flow without it, and the flag bits (None: no suffix, the default SYN).
+
+    >>> split_tcp_flags('tcp 10.0.0.1:1 -> 10.0.0.2:80 flags ACK')
+    ('tcp 10.0.0.1:1 -> 10.0.0.2:80', 16)
+    """
+    m = _FLAGS.search(text)
+    if not m:
+        return text, None
+    bits = 0
+    for name in re.split(r"[,|]", m.group("flags").upper()):
+        if name not in TCP_FLAGS and name != "NONE":
+            raise ValueError(f"unknown TCP flag '{name}' (SYN, ACK, FIN, RST, PSH, URG, ECE, CWR or NONE)")
+        bits |= TCP_FLAGS.get(name, 0)
+    return text[:m.start()], bits
+
+
 def parse_flow_spec(text: str, iif: str | None = None) -> FlowSpec:
     """``tcp 10.0.0.1:1234 -> 10.0.0.2:80`` with any part open; ``iif`` an interface or a
     ``prefix+`` wildcard (open when it is a wildcard).
@@ -133,9 +156,10 @@ def parse_flow_spec(text: str, iif: str | None = None) -> FlowSpec:
     >>> sorted(s.open), s.dport, s.template.tuple_str(), s.template.iif
     (['dport', 'dst', 'iif', 'src'], ((1000, 2000),), 'udp 10.0.0.1:53 -> 10.96.0.1:1000', None)
     """
+    text, flags = split_tcp_flags(text)
     m = _FLOW.match(text)
     if not m:
-        raise ValueError("flow must look like '[PROTO] SRC[:PORT] -> DST[:PORT]'")
+        raise ValueError("flow must look like '[PROTO] SRC[:PORT] -> DST[:PORT] [flags ACK,...]'")
     try:
         (srcs, sports), (dsts, dports) = _endpoint(m.group("src")), _endpoint(m.group("dst"))
     except ValueError as e:
@@ -156,6 +180,8 @@ def parse_flow_spec(text: str, iif: str | None = None) -> FlowSpec:
             raise ValueError(f"protocol number {proto} out of range (0-255)")
         if proto not in PORT_PROTOS and (sports or dports):
             raise ValueError(f"{p} flows have no ports")
+    if flags is not None and (p is None or proto != 6):
+        raise ValueError("only tcp flows take 'flags'")
     for f, rs in (("src", srcs), ("dst", dsts)):
         if len(rs) > 1 or rs[0][0] != rs[0][1]:
             open_.add(f)
@@ -170,7 +196,7 @@ def parse_flow_spec(text: str, iif: str | None = None) -> FlowSpec:
         open_.add("iif")
     fam = srcs[0][0].version
     pkt = Packet(fam, proto, _witness_address(srcs), _witness_address(dsts), sport, dport,
-                 iif=None if "iif" in open_ else iif, tcp_flags=0x02 if proto == 6 else 0,
+                 iif=None if "iif" in open_ else iif, tcp_flags=(0x02 if flags is None else flags) if proto == 6 else 0,
                  icmp_type=(8 if fam == 4 else 128) if proto in (1, 58) else None,
                  icmp_code=0 if proto in (1, 58) else None)
     return FlowSpec(pkt, frozenset(open_), srcs, dsts, sports or (), dports or (),

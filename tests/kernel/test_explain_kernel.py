@@ -31,6 +31,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -471,3 +472,69 @@ def test_masquerade_through_lo(lab, require, backend):
     for table in ("nat", "filter"):
         crossed = {k for k, n in h.rule_counters(table, backend=backend).items() if n}
         assert crossed == _matched_rules(oc, table), (table, sorted(crossed))
+
+
+# one TCP segment with the given flags from the client's own address (the kernel adds the IP header)
+_SEND_SEGMENT = r"""
+import json, socket, struct, sys
+c = json.loads(sys.argv[1])
+tcp = struct.pack("!HHIIBBHHH", c["sport"], c["dport"], 1000, 2000, 5 << 4, c["flags"], 65535, 0, 0)
+pseudo = socket.inet_aton(c["src"]) + socket.inet_aton(c["dst"]) + struct.pack("!BBH", 0, 6, len(tcp))
+data = pseudo + tcp
+total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+while total >> 16:
+    total = (total & 0xFFFF) + (total >> 16)
+tcp = tcp[:16] + struct.pack("!H", ~total & 0xFFFF) + tcp[18:]
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+s.sendto(tcp, (c["dst"], 0))
+"""
+
+LONE_SEGMENTS = {  # sample name -> (flags, nf_conntrack_tcp_loose)
+    "lone-ack-picked-up": ("ACK", 1),
+    "lone-ack-invalid-without-loose": ("ACK", 0),
+    "lone-rst-invalid": ("RST", 1),
+}
+
+
+def lone_segment_argv(name: str) -> list[str]:
+    flags, loose = LONE_SEGMENTS[name]
+    return ["samples/explain/lone-ack.rules", "--flow", f"tcp 10.0.1.2:41000 -> 10.99.0.1:80 flags {flags}",
+            "--from-iface", "sk1b", "--addr", "10.0.1.1/24@sk1b", "--addr", "10.0.2.1/24@sk2b",
+            "--route", "default via 10.0.2.2 dev sk2b", "--sysctl", f"net.netfilter.nf_conntrack_tcp_loose={loose}"]
+
+
+@pytest.mark.parametrize("name", sorted(LONE_SEGMENTS))
+def test_lone_segment_agrees_with_kernel(lab, require, backend, name: str):
+    """A TCP segment that is not a SYN, sent alone: conntrack picks a lone ACK up as NEW (and the
+    nat table translates it) only with nf_conntrack_tcp_loose=1; an RST is INVALID either way.
+    The router's conntrack entry and rule counters must be what synack predicts."""
+    require("conntrack")
+    flags, loose = LONE_SEGMENTS[name]
+    case = Case(name, "lone-ack", "10.99.0.1", 80, "forwarded")
+    net, nss = _build(lab, case, backend)
+    router = nss["router"]
+    router.sysctl("net.netfilter.nf_conntrack_tcp_loose", loose)
+    sport = next(_SPORTS)
+    ns = _namespace(case, net)
+    ns.sysctls["net.netfilter.nf_conntrack_tcp_loose"] = loose
+    flow = replace(parse_flow(f"tcp 10.0.1.2:{sport} -> 10.99.0.1:80 flags {flags}"), iif="sk1b")
+    (oc,) = explain_flow(load_ruleset((case.dump, case.path)).ruleset, flow, ns)
+    # the server answers RST (it has no such connection), and a reply that is only an RST
+    # deletes the entry at once (tcp_packet): swallow it so the entry can be compared
+    nss["server"].iptables("-A OUTPUT -j DROP")
+    nss["client"].run([lab.python, "-c", _SEND_SEGMENT, json.dumps(
+        {"src": "10.0.1.2", "dst": "10.99.0.1", "sport": sport, "dport": 80,
+         "flags": {"ACK": 0x10, "RST": 0x04}[flags]})])
+    ct = oc.forward.ct
+    deadline = time.monotonic() + 2.0  # the segment crosses the router asynchronously (softirq)
+    while (entry := _ct_entry(router, case, "10.0.1.2", sport)) is None and not ct.invalid \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if ct.invalid:
+        assert entry is None, entry.raw
+    else:
+        assert entry is not None, "synack predicts an entry; the kernel has none"
+        assert (entry.reply.src, entry.reply.sport) == (str(ct.reply_src), ct.reply_sport)
+    for table in ("nat", "filter"):
+        crossed = {k for k, n in router.rule_counters(table, backend=backend).items() if n}
+        assert crossed == _matched_rules(oc, table, reply=False), (table, sorted(crossed))
