@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an address of this namespace, e.g. 10.0.0.1/24@eth0")
     p.add_argument("--route", action="append", default=[], metavar="'DEST [via GW] dev IFACE'",
                    help="a route of this namespace (ip route syntax)")
-    p.add_argument("--iproute", nargs=2, metavar=("ADDR_JSON", "ROUTE_JSON"),
-                   help="`ip -j addr` and `ip -j route` output of the namespace")
+    p.add_argument("--iproute", nargs=2, metavar=("ADDR", "ROUTE"),
+                   help="files with `ip addr` and `ip route` output of the namespace (as printed, or `ip -j`)")
     p.add_argument("--sysctl", action="append", default=[], metavar="KEY=VALUE",
                    help="a sysctl of the namespace, e.g. net.netfilter.nf_conntrack_tcp_loose=0")
     p.add_argument("--env", metavar="ENV.yaml", help="follow the flow across the namespaces of an environment")
@@ -367,7 +367,7 @@ def _load_env(path):
     try:
         return load_environment(path)
     except (EnvError, ValueError) as e:
-        sys.stderr.write(f"synack: error: {e}\n")
+        sys.stderr.write("".join(f"synack: error: {line}\n" for line in str(e).splitlines()))
         return None
 
 

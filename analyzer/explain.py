@@ -284,7 +284,7 @@ def build_namespace(args) -> Namespace:
     if args.iproute:
         try:
             with open(args.iproute[0]) as fa, open(args.iproute[1]) as fr:
-                ns.load_iproute_json(fa.read(), fr.read())
+                ns.load_iproute(fa.read(), fr.read())
         except OSError as e:
             raise EnvError(f"--iproute {e.filename}: cannot read it: {e.strerror}") from None
     for r in args.route:

@@ -43,7 +43,7 @@ def test_kube_proxy_hairpin_hint_is_the_missing_rule():
 
 @pytest.mark.parametrize("text,needle", [
     ("namespaces: [a, b]\n", "expected a mapping with 'namespaces:'"),
-    ("namespaces:\n  a: {adresses: []}\n", "unknown key(s) adresses"),
+    ("namespaces:\n  a: {adresses: []}\n", "unknown key 'adresses' (did you mean 'addresses'?)"),
     ("namespaces:\n  a: {addresses: [10.0.0.1/24]}\n", "needs '@IFACE'"),
     ("namespaces:\n  a: {}\nlinks:\n  - veth: [a:eth0, b:eth0]\n", "unknown namespace 'b'"),
     ("namespaces:\n  a: {routes: ['10.0.0.0/33 dev x']}\n", "invalid route destination"),

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from dataclasses import dataclass, field, replace
 
 
 class EnvError(ValueError):
     pass
+
+
+_BR_STATES = ("UP", "DOWN", "UNKNOWN", "LOWERLAYERDOWN", "DORMANT", "NOTPRESENT", "TESTING")
+_SKIPPED_ROUTE_TYPES = ("broadcast", "multicast", "anycast", "throw", "nat", "nexthop")
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +100,61 @@ class Namespace:
                 raise EnvError(f"malformed route '{spec}' near '{w}'") from None
         self.routes.append(Route(net, dev, via, kind, src, metric))
 
+    def load_iproute(self, addr_text: str, route_text: str | None):
+        """``ip addr`` and ``ip route`` output as printed (also ``-o``/``-br``), or ``ip -j`` JSON."""
+        if addr_text.lstrip().startswith("[") and (route_text is None or not route_text.strip()
+                                                   or route_text.lstrip().startswith("[")):
+            return self.load_iproute_json(addr_text, route_text)
+        n = self._load_ip_addr_text(addr_text)
+        if n == 0:
+            raise EnvError("no address found: expected the output of `ip addr` (or `ip -j addr`)")
+        if route_text:
+            self._load_ip_route_text(route_text)
+
+    def _load_ip_addr_text(self, text: str) -> int:
+        r"""``ip addr``: ``N: IFACE[@PEER]: <FLAGS> ...`` then ``inet CIDR ... [peer P/N]`` lines;
+        ``ip -o addr``: one ``N: IFACE inet CIDR ...`` per line; ``ip -br addr``: ``IFACE STATE CIDR...``.
+
+        >>> ns = Namespace(); ns._load_ip_addr_text(
+        ...     "2: eth0@if7: <BROADCAST,UP> mtu 1500\n    inet 10.0.0.5/24 brd 10.0.0.255 scope global eth0\n")
+        1
+        >>> ns.addrs["eth0"][0]
+        IPv4Interface('10.0.0.5/24')
+        """
+        iface, n = None, 0
+        for raw in text.splitlines():
+            words = raw.split()
+            if not words:
+                continue
+            if re.match(r"\d+:$", words[0]) and len(words) > 1:
+                iface = words[1].rstrip(":").split("@")[0]
+                words = words[2:] if words[1].endswith(":") else words[2:]
+                if not words or words[0].startswith("<"):
+                    continue
+            elif len(words) >= 3 and words[1] in _BR_STATES and not raw[0].isspace():
+                for w in words[2:]:
+                    if "/" in w:
+                        self.add_addr(w, words[0].split("@")[0])
+                        n += 1
+                continue
+            if words[0] in ("inet", "inet6") and len(words) > 1 and iface:
+                cidr = words[1]
+                if "peer" in words[:4] and words.index("peer") + 1 < len(words):
+                    cidr = words[1].split("/")[0] + "/" + ("32" if words[0] == "inet" else "128")
+                self.add_addr(cidr, iface)
+                n += 1
+        return n
+
+    def _load_ip_route_text(self, text: str) -> None:
+        """``ip route`` / ``ip -6 route`` lines (main table; other tables and types are skipped)."""
+        for raw in text.splitlines():
+            words = raw.split()
+            if not words or raw[0].isspace() or words[0] in _SKIPPED_ROUTE_TYPES:
+                continue
+            if "table" in words and words[words.index("table") + 1:][:1] not in (["main"], []):
+                continue
+            self.add_route(" ".join(words))
+
     def load_iproute_json(self, addr_json: str, route_json: str | None):
         """``ip -j addr`` and ``ip -j route`` output."""
         try:
@@ -114,7 +174,7 @@ class Namespace:
                         spec += f" dev {r['dev']}"
                     self.add_route(spec)
         except (json.JSONDecodeError, AttributeError, TypeError) as e:
-            raise EnvError(f"not `ip -j` JSON output: {e}") from None
+            raise EnvError(f"not `ip -j addr`/`ip -j route` JSON: {e}") from None
 
     # -- queries the netfilter model asks
     def local_addresses(self):
