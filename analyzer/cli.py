@@ -62,10 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-format", "-o", choices=["text", "json", "save"], default="text",
                    help="text summary, JSON model summary, or the model written back as iptables-save")
     p.add_argument("--quiet", "-q", action="store_true", help="print diagnostics only")
+    p.add_argument("--no-group", action="store_true",
+                   help="list every occurrence of a repeated diagnostic (default: one per file with a count)")
 
     p = sub.add_parser("lint", help="structural and translation checks")
     _input_args(p)
-    p.add_argument("--output-format", "-o", choices=["text", "json", "sarif"], default="text")
+    p.add_argument("--output-format", "-o", choices=["text", "json", "sarif"], default="text",
+                   help="text (default), JSON (with schema_version) or SARIF 2.1.0 for code scanning")
+    p.add_argument("--no-group", action="store_true",
+                   help="list every occurrence of a repeated diagnostic (default: one per file with a count)")
     p.add_argument("--select", action="append", default=[], help="only these codes/prefixes/names (comma list)")
     p.add_argument("--ignore", action="append", default=[], help="skip these codes/prefixes/names (comma list)")
     p.add_argument("--fail-on", choices=["error", "warning", "info"], default="warning",
@@ -95,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env", metavar="ENV.yaml", help="follow the flow across the namespaces of an environment")
     p.add_argument("--from", dest="start", metavar="NAMESPACE",
                    help="with --env: the namespace whose process opens the connection")
-    p.add_argument("--output-format", "-o", choices=["text", "json"], default="text")
+    p.add_argument("--output-format", "-o", choices=["text", "json"], default="text",
+                   help="text trace (default) or JSON")
 
     p = sub.add_parser("check", help="check a policy of assertions (docs/policy.md) against dumps or an environment")
     p.add_argument("policy", metavar="POLICY.yaml", help="policy file (docs/policy.md)")
@@ -105,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an address of the dump's namespace (adds to the policy's target.addresses)")
     p.add_argument("--route", action="append", default=[], metavar="'DEST [via GW] dev IFACE'",
                    help="a route of the dump's namespace (adds to the policy's target.routes)")
-    p.add_argument("--output-format", "-o", choices=["text", "json", "sarif", "junit"], default="text")
+    p.add_argument("--output-format", "-o", choices=["text", "json", "sarif", "junit"], default="text",
+                   help="text (default), JSON, SARIF 2.1.0 or JUnit XML")
     p.add_argument("--output-file", metavar="FILE", help="write the report here instead of stdout")
     p.add_argument("--fail-on", choices=["error", "warning", "info"], default="info",
                    help="lowest severity of a failing assertion that makes the exit code 1 (default: info, any)")
@@ -121,10 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dumps: a route of that namespace")
     p.add_argument("--limit", type=int, default=256, help="most classes explored per entry (default 256)")
     p.add_argument("--verbose", "-v", action="store_true", help="text: print both traces of each witness")
-    p.add_argument("--output-format", "-o", choices=["text", "json", "sarif"], default="text")
+    p.add_argument("--output-format", "-o", choices=["text", "json", "sarif"], default="text",
+                   help="text (default), JSON or SARIF 2.1.0")
 
-    p = sub.add_parser("checks", help="list the checks synack knows")
-    p.add_argument("--output-format", "-o", choices=["text", "json"], default="text")
+    p = sub.add_parser("checks", help="list every diagnostic code synack can report")
+    p.add_argument("--output-format", "-o", choices=["text", "json"], default="text",
+                   help="a table (default) or JSON with each code's docs URL")
     return ap
 
 
@@ -312,7 +321,10 @@ def cmd_parse(args) -> int:
         if why:
             empty.append(why)
     diags = _truncation_first(diags)
-    errors = sum(1 for d in diags if d.severity == Severity.ERROR)
+    errors = sum(d.count for d in diags if d.severity == Severity.ERROR)
+    if not args.no_group:
+        from analyzer.diagnostics import group
+        diags = group(diags)
     if args.output_format == "save":
         from analyzer.model.save import to_save
         for res in results:
@@ -335,8 +347,8 @@ def cmd_parse(args) -> int:
                                                      for t in f["tables"]) or "no tables")
                     for f in s["families"])
                 sys.stdout.write(f"{', '.join(s['sources'])}: {s['format']} format, {fams}; "
-                                 f"{sum(1 for d in mine if d.severity == Severity.ERROR)} error(s), "
-                                 f"{sum(1 for d in mine if d.severity == Severity.WARNING)} warning(s)\n")
+                                 f"{sum(d.count for d in mine if d.severity == Severity.ERROR)} error(s), "
+                                 f"{sum(d.count for d in mine if d.severity == Severity.WARNING)} warning(s)\n")
     for why in empty:
         _error(why)
     if empty:
@@ -415,8 +427,8 @@ def _selection(args, known: dict[str, str]) -> tuple[list, list] | str:
 
 
 def cmd_lint(args) -> int:
-    from analyzer.checks import REGISTRY, CheckContext, load_all, run_checks, selected
-    from analyzer.parse.iptables import PARSE_CODES
+    from analyzer.checks import CheckContext, load_all, run_checks, selected
+    from analyzer.codes import all_codes
     from analyzer.report.diagnostics import render_json, render_sarif, render_text_all
 
     problem = _usage_problem(args)
@@ -425,8 +437,7 @@ def cmd_lint(args) -> int:
     if not _need_dumps(args):
         return EXIT_UNUSABLE
     load_all()
-    known = {c: i.name for c, i in REGISTRY.items()}
-    known.update({c: n for c, (n, _) in PARSE_CODES.items()})
+    known = {c: i.name for c, i in all_codes().items()}
     sel = _selection(args, known)
     if isinstance(sel, str):
         return _error(sel)
@@ -461,6 +472,9 @@ def cmd_lint(args) -> int:
             if why:
                 empty.append(why)
     diags = _truncation_first(diags)
+    if not args.no_group:
+        from analyzer.diagnostics import group
+        diags = group(diags)
     if args.output_format == "json":
         if results:
             sums = [_summary(res) for res in results]
@@ -471,9 +485,7 @@ def cmd_lint(args) -> int:
             extra["coverage"] = coverage
         out = render_json(diags, extra)
     elif args.output_format == "sarif":
-        rules = {c: (i.name, i.summary) for c, i in REGISTRY.items()}
-        rules.update({c: v for c, v in PARSE_CODES.items()})
-        out = render_sarif(diags, rules)
+        out = render_sarif(diags, all_codes())
     elif empty and not diags:
         out = None  # not "No findings.": nothing was checked
     else:
@@ -505,17 +517,24 @@ def _coverage_text(c: dict) -> str:
 
 def cmd_checks(args) -> int:
     import json
+    import shutil
+    import textwrap
 
-    from analyzer.checks import load_all
-    from analyzer.parse.iptables import PARSE_CODES, PARSE_SEVERITIES
+    from analyzer.codes import all_codes
 
-    rows = [(c, n, PARSE_SEVERITIES.get(c, "error"), s) for c, (n, s) in sorted(PARSE_CODES.items())]
-    rows += [(i.code, i.name, i.severity.label, i.summary) for _, i in sorted(load_all().items())]
+    codes = all_codes().values()
     if args.output_format == "json":
-        print(json.dumps([dict(code=c, name=n, severity=s, summary=m) for c, n, s, m in rows], indent=2))
-    else:
-        for c, n, s, m in rows:
-            print(f"{c}  {n:<32} {s:<8} {m}")
+        print(json.dumps([dict(code=c.code, name=c.name, severity=c.severity, summary=c.summary,
+                               docs=c.help_uri) for c in codes], indent=2))
+        return EXIT_OK
+    width = max(60, shutil.get_terminal_size((100, 20)).columns - 1)
+    name_w = max(len(c.name) for c in codes)
+    indent = " " * (8 + name_w + 2 + 9)
+    for c in codes:  # the whole summary, wrapped under its column: never cut mid-sentence
+        head = f"{c.code}  {c.name:<{name_w}}  {c.severity:<8} "
+        print(textwrap.fill(c.summary, width=width, initial_indent=head, subsequent_indent=indent,
+                            break_on_hyphens=False, break_long_words=False))
+    print("\nEach code's page: docs/checks/CODE.md, docs/parse-errors.md (PRS), docs/environment.md (ENV).")
     return EXIT_OK
 
 

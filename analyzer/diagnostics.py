@@ -41,10 +41,40 @@ class Diagnostic:
     related: tuple[Related, ...] = ()
     witness: str | None = None
     name: str | None = None
+    # a group of the same finding repeated in one file (group()): how many, and where the others are
+    count: int = 1
+    also: tuple[Span, ...] = ()
 
     def sort_key(self):
         s = self.span
         return (s.path, s.line, s.col, self.code) if s else ("", 0, 0, self.code)
+
+
+SHOWN_LOCATIONS = 5  # of a group: the first, then this many more by place
+
+
+def group(diags, shown: int = SHOWN_LOCATIONS) -> list[Diagnostic]:
+    """The same finding (code and message) repeated in one file becomes one diagnostic with a
+    count and its first locations; order is kept (a group sits where its first member was).
+
+    >>> ds = [Diagnostic("PRS019", Severity.ERROR, "old negation", Span("f", n, 5, 6)) for n in (3, 4, 9)]
+    >>> [(d.span.line, d.count, [s.line for s in d.also]) for d in group(ds)]
+    [(3, 3, [4, 9])]
+    """
+    from dataclasses import replace
+
+    first: dict[tuple, int] = {}
+    members: list[list[Diagnostic]] = []
+    for d in diags:
+        key = (d.code, d.message, d.severity, d.span.path if d.span else None)
+        if d.span is None or key not in first:
+            first[key] = len(members)
+            members.append([d])
+        else:
+            members[first[key]].append(d)
+    return [ms[0] if len(ms) == 1 else
+            replace(ms[0], count=sum(m.count for m in ms), also=tuple(m.span for m in ms[1:1 + shown]))
+            for ms in members]
 
 
 def render_text(d: Diagnostic) -> str:
@@ -61,7 +91,7 @@ def render_text(d: Diagnostic) -> str:
     """
     s = d.span
     head = f"{s.render()}: " if s else ""
-    out = [f"{head}{d.code} [{d.severity.label}] {d.message}"]
+    out = [f"{head}{d.code} [{d.severity.label}] {d.message}" + (f" ({d.count} times)" if d.count > 1 else "")]
     if d.confidence != EXACT:
         out[0] += f" ({d.confidence})"
     if s is not None and d.source_line is not None:
@@ -73,6 +103,11 @@ def render_text(d: Diagnostic) -> str:
         out.append(f"  {pad} | {' ' * (s.col - 1)}{'^' * width}")
     for r in d.related:
         out.append(f"  note: {r.message} at {r.span.render()}")
+    if d.count > 1:
+        more = d.count - 1 - len(d.also)
+        lines = ", ".join(str(s.line) for s in d.also) + (f" and {more} more" if more > 0 else "")
+        out.append(f"  note: {d.count - 1} more like this in {d.span.path}: line{'s' if d.count > 2 else ''} "
+                   f"{lines} (--no-group lists each)")
     if d.witness:
         out.append(f"  witness: {d.witness}")
     if d.hint:

@@ -1,9 +1,19 @@
 """Output people can act on: findings that explain reports, grouping, SARIF, colour, help text."""
 from __future__ import annotations
 
+import argparse
 import json
+import os
+from pathlib import Path
 
-from _golden import run
+import jsonschema
+import pytest
+
+from _golden import ROOT, run
+from analyzer import DOCS_URL
+from analyzer.checks import load_all
+from analyzer.cli import build_parser
+from analyzer.codes import all_codes
 
 README_FIRST = ["explain", "samples/seed1-hairpin-host.rules", "--flow", "tcp 10.4.26.45:35582 -> 10.4.26.234:80",
                 "--from-iface", "eth0", "--addr", "10.4.26.1/24@eth0"]
@@ -23,3 +33,108 @@ def test_explain_clean_flow_exits_0():
     rc, out, _ = run(["explain", "samples/explain/dnat-masquerade.rules", "--flow", "tcp 10.0.1.2:41000 -> 10.0.1.1:80",
                       "--from-iface", "sk1b", "--addr", "10.0.1.1/24@sk1b", "--addr", "10.0.2.1/24@sk2b"])
     assert rc == 0 and "NAT00" not in out
+
+
+# ------------------------------------------------------------------------ grouping
+OLD_NEGATION = "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n" + \
+    "".join(f"-A POSTROUTING -s 192.168.{i}.0/24 -d ! 192.168.{i}.0/24 -j MASQUERADE\n" for i in range(12)) + "COMMIT\n"
+
+
+@pytest.fixture
+def old_negation(tmp_path):
+    p = tmp_path / "old.rules"
+    p.write_text(OLD_NEGATION)
+    return str(p)
+
+
+def test_repeated_diagnostics_are_one_finding_with_a_count(old_negation):
+    rc, out, _ = run(["lint", old_negation])
+    assert rc == 1
+    assert out.count("PRS019") == 1 and "(12 times)" in out
+    assert "note: 11 more like this in" in out and "lines 7, 8, 9, 10, 11 and 6 more" in out
+    assert out.rstrip().endswith("Found 1 error (12 occurrences).")
+    rc, out, _ = run(["lint", old_negation, "--no-group"])
+    assert out.count("PRS019 [error]") == 12
+    rc, out, _ = run(["lint", old_negation, "-o", "json"])
+    [d] = json.loads(out)["diagnostics"]
+    assert d["count"] == 12 and [s["line"] for s in d["also"]] == [7, 8, 9, 10, 11]
+    rc, out, _ = run(["lint", old_negation, "-o", "sarif"])
+    [r] = json.loads(out)["runs"][0]["results"]
+    assert r["properties"]["count"] == 12 and len(r["relatedLocations"]) == 5
+    rc, out, _ = run(["parse", old_negation])
+    assert out.count("PRS019") == 1 and "12 error(s)" in out
+
+
+CORPUS = Path(os.environ.get("SYNACK_CORPUS", ROOT.parent / "shared" / "corpus"))
+UGENT = CORPUS / "iptables" / "net-network" / "configs_ugent__iptables-save"
+
+
+@pytest.mark.skipif(not UGENT.exists(), reason="corpus not present")
+def test_174_old_negations_on_one_firewall_are_one_finding():
+    rc, out, _ = run(["lint", str(UGENT), "-o", "json"])
+    prs = [d for d in json.loads(out)["diagnostics"] if d["code"] == "PRS019"]
+    assert [d["count"] for d in prs] == [174]
+
+
+# ------------------------------------------------------------------------ SARIF
+SCHEMA = json.loads((ROOT / "tests" / "data" / "sarif-schema-2.1.0.json").read_text())
+
+
+def sarif_of(argv):
+    rc, out, err = run(argv + ["-o", "sarif"])
+    assert rc in (0, 1), err
+    doc = json.loads(out)
+    jsonschema.Draft4Validator(SCHEMA).validate(doc)
+    return doc
+
+
+@pytest.mark.parametrize("argv", [
+    ["lint", "samples/seed1-hairpin-host.rules"],
+    ["lint", "--env", "samples/env/seed1-broken.yaml"],      # related locations, NAT findings
+    ["lint", "samples/checks/CHN005/bad.rules"],
+], ids=["dump", "env", "chn005"])
+def test_sarif_validates_against_the_2_1_0_schema(argv):
+    doc = sarif_of(argv)
+    driver = doc["runs"][0]["tool"]["driver"]
+    assert driver["informationUri"].startswith("https://") and "example" not in driver["informationUri"]
+    for rule in driver["rules"]:
+        assert rule["helpUri"].startswith("https://"), rule
+
+
+def test_grouped_sarif_validates(old_negation):
+    sarif_of(["lint", old_negation])
+
+
+def test_every_code_has_a_docs_page():
+    for code, info in all_codes().items():
+        assert info.help_uri.startswith(DOCS_URL)
+        page, _, anchor = info.doc.partition("#")
+        path = ROOT / page
+        assert path.exists(), f"{code}: {page} missing"
+        if anchor:
+            assert f'id="{anchor}"' in path.read_text(), f"{code}: no anchor #{anchor} in {page}"
+
+
+# ------------------------------------------------------------------------ checks and help
+def test_check_summaries_are_whole_sentences():
+    for code, info in load_all().items():
+        assert info.summary.endswith((".", "?", "!", ")")), f"{code}: summary cut: {info.summary!r}"
+    rc, out, _ = run(["checks"])
+    flat = " ".join(out.split())
+    for info in all_codes().values():
+        assert " ".join(info.summary.split()) in flat, info.code
+
+
+def _walk(parser, path=()):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _walk(sub, path + (name,))
+        elif not isinstance(action, (argparse._HelpAction,)):
+            yield path, action
+
+
+def test_every_option_has_help_text():
+    missing = [f"{' '.join(p) or 'synack'} {a.option_strings or a.dest}" for p, a in _walk(build_parser())
+               if not (a.help and a.help.strip())]
+    assert missing == []

@@ -28,10 +28,26 @@ REGISTRY: dict[str, CheckInfo] = {}
 
 def check(code: str, name: str, severity: Severity, restore: bool = False):
     def deco(func):
-        doc = (func.__doc__ or "").strip().splitlines()
-        REGISTRY[code] = CheckInfo(code, name, severity, func, doc[0] if doc else name, restore)
+        REGISTRY[code] = CheckInfo(code, name, severity, func, summary_of(func.__doc__) or name, restore)
         return func
     return deco
+
+
+def summary_of(doc: str | None) -> str:
+    """A check's summary: the docstring's whole first paragraph (a sentence may wrap).
+
+    >>> summary_of('''A rule repeats an earlier rule,
+    ...     with nothing in between.
+    ...
+    ...     Why it matters: ...''')
+    'A rule repeats an earlier rule, with nothing in between.'
+    """
+    para = []
+    for line in (doc or "").strip().splitlines():
+        if not line.strip():
+            break
+        para.append(line.strip())
+    return " ".join(para)
 
 
 @dataclass

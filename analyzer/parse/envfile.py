@@ -38,10 +38,10 @@ SYSCTL_DEFAULTS = {k: v[0] for k, v in KNOWN_SYSCTLS.items() if "IFACE" not in k
 
 # warnings about an environment that loads but would not behave as written (docs/environment.md)
 ENV_CODES = {
-    "ENV001": ("route-device-missing", "a route names a device the namespace does not have"),
-    "ENV002": ("gateway-not-on-link", "a route's gateway is not in a subnet of the namespace (the kernel refuses it)"),
-    "ENV003": ("address-in-two-namespaces", "one address is configured in two namespaces"),
-    "ENV004": ("listener-port-repeated", "a namespace lists the same listener twice"),
+    "ENV001": ("route-device-missing", "A route names a device the namespace does not have"),
+    "ENV002": ("gateway-not-on-link", "A route's gateway is not in a subnet of the namespace (the kernel refuses it)"),
+    "ENV003": ("address-in-two-namespaces", "One address is configured in two namespaces"),
+    "ENV004": ("listener-port-repeated", "A namespace lists the same listener twice"),
 }
 TOP_KEYS = ("namespaces", "links", "clients", "examples", "description")
 LISTENER_KEYS = ("port", "proto", "address", "uid", "gid", "proxy_to", "name")

@@ -19,6 +19,7 @@ def to_dict(d: Diagnostic) -> dict:
         "confidence": d.confidence,
         "related": [{"message": r.message, "span": _span(r.span)} for r in d.related],
         "witness": d.witness,
+        "count": d.count, "also": [_span(s) for s in d.also],
     }
 
 
@@ -27,7 +28,9 @@ def render_text_all(diags, summary: dict | None = None) -> str:
     if summary is not None:
         counts = {s.label: sum(1 for d in diags if d.severity == s) for s in Severity}
         parts = [f"{v} {k}{'s' if v != 1 else ''}" for k, v in reversed(counts.items()) if v]
-        out.append(("Found " + ", ".join(parts) + ".") if parts else "No findings.")
+        total = sum(d.count for d in diags)
+        repeated = f" ({total} occurrences)" if total > len(diags) else ""
+        out.append(("Found " + ", ".join(parts) + repeated + ".") if parts else "No findings.")
     return "\n".join(out)
 
 
@@ -42,15 +45,29 @@ def render_json(diags, extra: dict | None = None) -> str:
 _LEVEL = {Severity.ERROR: "error", Severity.WARNING: "warning", Severity.INFO: "note"}
 
 
-def render_sarif(diags, rules: dict) -> str:
-    """SARIF 2.1.0: one run, a rule per check code used, a result per diagnostic."""
+def _uri(path: str) -> str:
+    """A dump's path as a SARIF artifact URI (a relative reference; '<stdin>' stays readable)."""
+    from urllib.parse import quote
+    return quote(path, safe="/:._-~")
+
+
+def render_sarif(diags, codes: dict) -> str:
+    """SARIF 2.1.0: one run, a rule per code used (``codes``: analyzer.codes.all_codes()), a result
+    per diagnostic; a group's other places are related locations and its size a property."""
+    from analyzer import PROJECT_URL
+    from analyzer.codes import CodeInfo, doc_path
+
     used = sorted({d.code for d in diags})
     rule_index = {c: i for i, c in enumerate(used)}
 
+    def info(c) -> CodeInfo:
+        return codes.get(c) or CodeInfo(c, c, "warning", c, doc_path(c))
+
     def loc(span, message=None):
-        l = {"physicalLocation": {"artifactLocation": {"uri": span.path},
-                                  "region": {"startLine": span.line, "startColumn": span.col,
-                                             "endColumn": span.end_col}}}
+        region = {"startLine": max(1, span.line), "startColumn": max(1, span.col)}
+        if span.end_col > span.col:
+            region["endColumn"] = span.end_col
+        l = {"physicalLocation": {"artifactLocation": {"uri": _uri(span.path)}, "region": region}}
         if message:
             l["message"] = {"text": message}
         return l
@@ -58,22 +75,27 @@ def render_sarif(diags, rules: dict) -> str:
     results = []
     for d in diags:
         r = {"ruleId": d.code, "ruleIndex": rule_index[d.code], "level": _LEVEL[d.severity],
-             "message": {"text": d.message + (f" (help: {d.hint})" if d.hint else "")}}
+             "message": {"text": d.message + (f" ({d.count} times)" if d.count > 1 else "")
+                         + (f" (help: {d.hint})" if d.hint else "")}}
         if d.span:
             r["locations"] = [loc(d.span)]
-        if d.related:
-            r["relatedLocations"] = [dict(loc(x.span, x.message), id=i) for i, x in enumerate(d.related)]
-        r["properties"] = {"confidence": d.confidence, **({"witness": d.witness} if d.witness else {})}
+        related = [loc(x.span, x.message) for x in d.related] + [loc(s, "the same finding") for s in d.also]
+        if related:
+            r["relatedLocations"] = [dict(x, id=i) for i, x in enumerate(related)]
+        r["properties"] = {"confidence": d.confidence, **({"witness": d.witness} if d.witness else {}),
+                           **({"count": d.count} if d.count > 1 else {})}
         results.append(r)
     doc = {
         "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
         "version": "2.1.0",
         "runs": [{
             "tool": {"driver": {
-                "name": "synack", "version": __version__, "informationUri": "https://example.invalid/synack",
-                "rules": [{"id": c, "name": rules.get(c, (c, ""))[0],
-                           "shortDescription": {"text": rules.get(c, (c, c))[1]},
-                           "helpUri": f"docs/checks/{c}.md"} for c in used],
+                "name": "synack", "version": __version__, "informationUri": PROJECT_URL,
+                "rules": [{"id": c, "name": info(c).name,
+                           "shortDescription": {"text": info(c).summary},
+                           "helpUri": info(c).help_uri,
+                           "defaultConfiguration": {"level": {"error": "error", "warning": "warning"}
+                                                    .get(info(c).severity, "note")}} for c in used],
             }},
             "results": results,
             "properties": {"schema_version": SCHEMA_VERSION},

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from analyzer import __version__
+from analyzer import DOCS_URL, PROJECT_URL, __version__
 from analyzer.report import SCHEMA_VERSION
 
 TITLE = {"newly-blocked": "newly blocked", "newly-allowed": "newly allowed",
@@ -88,10 +88,10 @@ def render_sarif(res, old: str, new: str) -> str:
         results.append(r)
     doc = {"$schema": "https://json.schemastore.org/sarif-2.1.0.json", "version": "2.1.0",
            "runs": [{"tool": {"driver": {"name": "synack", "version": __version__,
-                                         "informationUri": "https://example.invalid/synack",
+                                         "informationUri": PROJECT_URL,
                                          "rules": [{"id": f"diff/{k}", "name": k,
                                                     "shortDescription": {"text": f"flows {TITLE.get(k, k)}"},
-                                                    "helpUri": "docs/policy.md"} for k in kinds]}},
+                                                    "helpUri": DOCS_URL + "docs/policy.md"} for k in kinds]}},
                      "results": results,
                      "properties": {"schema_version": SCHEMA_VERSION, "old": old, "new": new}}]}
     return json.dumps(doc, indent=2)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from analyzer import __version__
+from analyzer import DOCS_URL, PROJECT_URL, __version__
 from analyzer.report import SCHEMA_VERSION
 
 _LEVEL = {"error": "error", "warning": "warning", "info": "note"}
@@ -119,10 +119,10 @@ def render_sarif(results, policy_path: str, target: str) -> str:
         "version": "2.1.0",
         "runs": [{
             "tool": {"driver": {
-                "name": "synack", "version": __version__, "informationUri": "https://example.invalid/synack",
+                "name": "synack", "version": __version__, "informationUri": PROJECT_URL,
                 "rules": [{"id": rid, "name": by_id[rid].kind,
                            "shortDescription": {"text": by_id[rid].description or f"{by_id[rid].kind} assertion '{by_id[rid].name}'"},
-                           "helpUri": "docs/policy.md"} for rid in rule_ids]}},
+                           "helpUri": DOCS_URL + "docs/policy.md"} for rid in rule_ids]}},
             "results": out,
             "properties": {"schema_version": SCHEMA_VERSION, "policy": policy_path, "target": target},
         }],
