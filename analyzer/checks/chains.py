@@ -491,33 +491,28 @@ def rule_after_terminal(ctx: CheckContext) -> Iterator[Diagnostic]:
 # --------------------------------------------------------------------------- CHN005
 @check(code="CHN005", name="return-in-builtin-chain", severity=WARNING)
 def return_in_builtin_chain(ctx: CheckContext) -> Iterator[Diagnostic]:
-    """A builtin chain uses -j RETURN, which there means "apply the chain policy".
+    """A builtin chain with policy DROP uses -j RETURN, which there drops the packet.
 
     Why it matters: RETURN reads as "continue", but a builtin chain has no caller; the packet
-    gets the policy at once. With policy DROP that is a drop written as RETURN (WARNING); with
-    policy ACCEPT it is the common "skip the rest of this chain" idiom (INFO).
-    Fix: write the verdict explicitly (-j ACCEPT or -j DROP), or move the rules into a user chain.
+    gets the policy at once, and with policy DROP that is a drop written as RETURN. With policy
+    ACCEPT (and in nat, mangle and raw, whose policy is ACCEPT) RETURN is the usual "skip the rest
+    of this chain" idiom of libvirt, Istio and OpenStack, and means what it says: not reported.
+    Fix: write the verdict explicitly (-j DROP, or -j ACCEPT to let them through), or move the
+    rules into a user chain.
     """
     for table in tables(ctx):
         for chain in table.chains.values():
-            if not chain.builtin:
+            if not chain.builtin or (chain.policy or "ACCEPT") != "DROP":
                 continue
-            policy = chain.policy or "ACCEPT"
             for r in chain.rules:
                 t = r.target
                 if not (isinstance(t, Verdict) and t.verdict == "RETURN"):
                     continue
                 which = "every packet gets" if unconditional(r) else "packets matching it get"
-                msg = (f"{r.label}: RETURN in builtin chain {chain.name} has no caller to return "
-                       f"to: {which} the chain policy, {policy}")
-                if policy == "DROP":
-                    yield ctx.diag("CHN005", msg + ", so they are dropped", r.option_span(t),
-                                   hint="write '-j DROP' if that is meant, or '-j ACCEPT' to let "
-                                        "them through")
-                else:
-                    yield ctx.diag("CHN005", msg + f": they leave {table.name} {chain.name} unchanged",
-                                   r.option_span(t), hint=f"write '-j {policy}' to say so",
-                                   severity=Severity.INFO)
+                yield ctx.diag("CHN005", f"{r.label}: RETURN in builtin chain {chain.name} has no caller to "
+                                         f"return to: {which} the chain policy, DROP, so they are dropped",
+                               r.option_span(t),
+                               hint="write '-j DROP' if that is meant, or '-j ACCEPT' to let them through")
 
 
 # --------------------------------------------------------------------------- CHN006

@@ -1,6 +1,11 @@
 """Checks layer: behaviour of the chain and placement checks on small hand-written dumps."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import pytest
+
 from analyzer.checks import CheckContext, run_checks
 from analyzer.diagnostics import Severity
 from analyzer.parse import load_ruleset
@@ -77,9 +82,32 @@ def test_a_mark_between_copies_or_a_random_match_is_not_a_duplicate():
     assert codes(random) == []
 
 
-def test_return_in_builtin_is_info_with_policy_accept():
-    (d,) = diags(NAT + "-A POSTROUTING -d 224.0.0.0/24 -j RETURN\nCOMMIT\n")
-    assert d.code == "CHN005" and d.severity == Severity.INFO
+def test_return_in_builtin_is_the_skip_idiom_with_policy_accept():
+    # libvirt's multicast/broadcast exemption from MASQUERADE, Istio's excluded interfaces
+    assert codes(NAT + "-A POSTROUTING -s 192.168.122.0/24 -d 224.0.0.0/24 -j RETURN\n"
+                       "-A PREROUTING -i lo -j RETURN\nCOMMIT\n") == []
+    assert codes(FILTER + "-A OUTPUT -o lo -j RETURN\nCOMMIT\n") == []
+
+
+def test_return_in_builtin_with_policy_drop_is_a_drop():
+    text = FILTER.replace(":FORWARD ACCEPT", ":FORWARD DROP") + "-A FORWARD -i br0 -j RETURN\nCOMMIT\n"
+    (d,) = diags(text)
+    assert d.code == "CHN005" and d.severity == Severity.WARNING and "so they are dropped" in d.message
+
+
+CORPUS = Path(os.environ.get("SYNACK_CORPUS", Path(__file__).resolve().parents[3] / "shared" / "corpus"))
+
+
+@pytest.mark.skipif(not (CORPUS / "iptables").exists(), reason="corpus not present")
+def test_return_idioms_of_libvirt_istio_openstack_are_not_reported():
+    quiet = [p for sub in ("libvirt", "istio", "istio-cmdlist", "openstack", "openstack-neutron-sefl")
+             for p in sorted((CORPUS / "iptables" / sub).iterdir()) if p.is_file()]
+    assert quiet
+    def chn005(p):
+        res = load_ruleset((p.read_text(errors="surrogateescape"), p.name))
+        return run_checks(CheckContext(res.ruleset, res.files), select=["CHN005"])
+    fired = [p.name for p in quiet if chn005(p)]
+    assert fired == []
 
 
 def test_target_table_and_backend_only_refusals():
