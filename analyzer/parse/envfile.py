@@ -29,6 +29,7 @@ KNOWN_SYSCTLS: dict[str, tuple[int, tuple[int, ...], str]] = {
     # br_netfilter creates these at 1 in every new namespace
     "net.bridge.bridge-nf-call-iptables": (1, (0, 1), "bridged IPv4 frames cross iptables (br_netfilter)"),
     "net.bridge.bridge-nf-call-ip6tables": (1, (0, 1), "bridged IPv6 frames cross ip6tables (br_netfilter)"),
+    "net.netfilter.nf_conntrack_tcp_loose": (1, (0, 1), "a lone TCP ACK may open a conntrack entry (mid-stream pickup)"),
     "net.ipv4.conf.IFACE.rp_filter": (0, (0, 1, 2), "reverse-path filter: 1 strict, 2 loose (max of all and IFACE)"),
     "net.ipv4.conf.IFACE.route_localnet": (0, (0, 1), "accept 127.0.0.0/8 destinations from real interfaces"),
     "net.ipv4.conf.IFACE.accept_local": (0, (0, 1), "accept packets whose source is a local address"),
