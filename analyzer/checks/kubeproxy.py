@@ -121,6 +121,12 @@ def _endpoints(ruleset, svc_chain: str) -> list[tuple]:
     return out
 
 
+def _declared(chain) -> bool:
+    """False for a chain that only appears in `-A` lines (PRS017): a grep or `-S` fragment,
+    whose other rules may have been cut."""
+    return chain.span is not None and not (chain.rules and chain.span.line == chain.rules[0].span.line)
+
+
 def _nat(ctx):
     return ctx.ruleset.tables.get("nat") if ctx.ruleset is not None else None
 
@@ -205,8 +211,8 @@ def endpoint_share_skewed(ctx: CheckContext) -> Iterator[Diagnostic]:
     if nat is None:
         return
     for c in nat.chains.values():
-        if not c.name.startswith(("KUBE-SVC-", "KUBE-SVL-")):
-            continue
+        if not c.name.startswith(("KUBE-SVC-", "KUBE-SVL-")) or not _declared(c):
+            continue  # an undeclared chain is a fragment (grep output): its rules may be cut
         eps = endpoint_rules(c)
         if not eps or any(isinstance(m, StatisticMatch) and m.mode != "random" for r in eps for m in r.matches):
             continue
@@ -330,8 +336,8 @@ def endpoint_without_hairpin_masq(ctx: CheckContext) -> Iterator[Diagnostic]:
         return
     owners = None
     for c in nat.chains.values():
-        if not c.name.startswith("KUBE-SEP-"):
-            continue
+        if not c.name.startswith("KUBE-SEP-") or not _declared(c):
+            continue  # an undeclared chain is a fragment (grep output): its rules may be cut
         d = _dnat(c)
         if d is None or len(d.target.ranges) != 1 or d.target.ranges[0].addr_lo is None:
             continue
@@ -339,7 +345,8 @@ def endpoint_without_hairpin_masq(ctx: CheckContext) -> Iterator[Diagnostic]:
         if ep.is_unspecified:
             continue
         before = c.rules[:d.index - 1]
-        if any(_jump(r, "KUBE-MARK-MASQ") and _src_is(r, ep) for r in before):
+        # kube-proxy before 1.2 wrote the mark inline ('-j MARK --set-xmark 0x4d415351/...')
+        if any((_jump(r, "KUBE-MARK-MASQ") or isinstance(r.target, SetMark)) and _src_is(r, ep) for r in before):
             continue
         if owners is None:
             owners = _svc_of_sep(ctx)
