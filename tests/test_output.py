@@ -138,3 +138,14 @@ def test_every_option_has_help_text():
     missing = [f"{' '.join(p) or 'synack'} {a.option_strings or a.dest}" for p, a in _walk(build_parser())
                if not (a.help and a.help.strip())]
     assert missing == []
+
+
+def test_malformed_dnat_of_two_iptables_versions_gets_version_advice(tmp_path):
+    # kubernetes#114537: the host's iptables-save printing kube-proxy's newer DNAT revision
+    p = tmp_path / "sep.rules"
+    p.write_text("*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n"
+                 "-A PREROUTING -p tcp -m tcp -j DNAT --to-destination :0 --persistent --to-destination :0 "
+                 "--persistent --to-destination 0.0.0.0:0\nCOMMIT\n")
+    rc, out, _ = run(["lint", str(p), "-o", "json"])
+    hints = {d["hint"] for d in json.loads(out)["diagnostics"] if d["code"] == "PRS022"}
+    assert hints and all("same iptables version" in h and "bad merge" not in h for h in hints)

@@ -193,6 +193,22 @@ class ParseResult:
         return tuple(self.log[len(self.diagnostics):]) if self.log else ()
 
 
+def _twice_hint(target: str, option: str) -> str:
+    """A NAT target printed with its range options repeated is what an iptables-save decoding a
+    newer target revision than it knows prints (kubernetes#114537: kube-proxy's image and the host
+    ran different iptables versions on one table), not something a person wrote.
+
+    >>> _twice_hint("DNAT", "--to-destination")[:43]
+    'an iptables-save older than the iptables th'
+    """
+    if target in ("DNAT", "SNAT") and option in ("--to-destination", "--to-source", "--persistent", "--random",
+                                                 "--random-fully"):
+        return ("an iptables-save older than the iptables that wrote this rule (e.g. the host's versus "
+                "kube-proxy's image, kubernetes#114537) prints a NAT target revision it cannot decode this "
+                "way: dump and restore with the same iptables version and backend as the writer")
+    return "a broken save or a bad merge of two rules: keep one"
+
+
 class StrictError(Exception):
     def __init__(self, diagnostic: Diagnostic):
         super().__init__(diagnostic.message)
@@ -1203,7 +1219,7 @@ class Builder:
                         if key in tgt_seen:
                             err(sf, n, cs, es, "PRS022", f"{tgt_name}: option '{t}' given twice: iptables "
                                 f"refuses it (\"option \\\"{t}\\\" can only be used once\")", i,
-                                hint="a broken save or a bad merge of two rules: keep one")
+                                hint=_twice_hint(tgt_name, t))
                         tgt_seen.add(key)
                         if nargs == 1 and i + 1 < ntok and w[i + 1] != "!":
                             args = w[i + 1:i + 2]
