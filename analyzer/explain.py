@@ -9,7 +9,6 @@ import json
 import sys
 from dataclasses import dataclass, replace
 
-from analyzer.model.packet import tcp_flag_names
 from analyzer.netfilter.env import EnvError, Namespace
 from analyzer.netfilter.walk import Branch, Conntrack, Packet, Step, Walker, parse_flow, route_decision
 from analyzer.report import SCHEMA_VERSION
@@ -200,37 +199,9 @@ def _on_link(ns: Namespace, p: Packet) -> bool:
 
 # ------------------------------------------------------------------ rendering
 def render_text(flow: Packet, outcomes: list[Outcome], where: str) -> str:
-    flags = f" flags {tcp_flag_names(flow.tcp_flags)}" if flow.proto == 6 and flow.tcp_flags != 0x02 else ""
-    out = [f"flow: {flow.tuple_str()}{flags} ({where})", ""]
-    n = len(outcomes)
-    for k, oc in enumerate(outcomes, 1):
-        prob = "" if oc.forward.prob is None else f" p={oc.forward.prob:.3f}"
-        out.append(f"outcome {k} of {n}{prob} [{oc.confidence}]: {oc.disposition}"
-                   + (f": {oc.detail}" if oc.detail else ""))
-        for s in oc.forward.steps:
-            out.append("  " + s.render().replace("\n", "\n  "))
-        ct = oc.forward.ct
-        if oc.reply is not None:
-            if not ct.in_use:
-                out.append("  conntrack: none (no rule needs conntrack, so the kernel keeps no entry)")
-            elif ct.untracked:
-                out.append("  conntrack: none (untracked)")
-            elif ct.invalid:
-                out.append("  conntrack: none (INVALID: the kernel made no entry)")
-            else:
-                out.append(f"  conntrack: original {ct.original.tuple_str()}  reply {ct.reply_tuple()}")
-            out.append("  reply:")
-            for s in oc.reply.steps:
-                out.append("    " + s.render().replace("\n", "\n    "))
-            out.append(f"    => {oc.reply.disposition}" + (f": {oc.reply.detail}" if oc.reply.detail else ""))
-            if oc.client_sees is not None:
-                mark = "matches what it dialled" if oc.reply_ok else \
-                    "NOT what it dialled: the client's kernel has no socket for it and answers RST"
-                out.append(f"  client sees: {oc.client_sees.tuple_str()}  ({mark})")
-        for a in oc.forward.approx + (oc.reply.approx if oc.reply else []):
-            out.append(f"  approximate: {a}")
-        out.append("")
-    return "\n".join(out).rstrip() + "\n"
+    """Summary first, then each outcome's trace (analyzer/report/explain_text.py)."""
+    from analyzer.report.explain_text import render
+    return render(flow, outcomes, where)
 
 
 def _steps_json(steps):

@@ -149,3 +149,36 @@ def test_malformed_dnat_of_two_iptables_versions_gets_version_advice(tmp_path):
     rc, out, _ = run(["lint", str(p), "-o", "json"])
     hints = {d["hint"] for d in json.loads(out)["diagnostics"] if d["code"] == "PRS022"}
     assert hints and all("same iptables version" in h and "bad merge" not in h for h in hints)
+
+
+# ------------------------------------------------------------------------ explain text
+def test_explain_opens_with_one_line_per_outcome():
+    _, out, _ = run(README_FIRST)
+    head = out.split("\n\n")[1].splitlines()
+    assert head == ["1 outcome:", "  1. p=1.000 forwarded as tcp 10.4.26.45:35582 -> 10.4.26.11:80; client sees "
+                    "tcp 10.4.26.11:80 -> 10.4.26.45:35582 (NOT what it dialled: RST)"]
+
+
+def test_unknown_masquerade_address_is_said_not_zero():
+    rc, out, _ = run(["explain", "samples/explain/dnat-masquerade.rules", "--flow", "tcp 10.0.1.2:41000 -> 10.0.1.1:80",
+                      "--from-iface", "sk1b"])
+    assert "0.0.0.0" not in out
+    assert "MASQUERADE to <unknown: give --addr>" in out and "tcp <unknown: give --addr>:41000 -> 10.0.2.2:8080" in out
+
+
+def test_approximate_lines_are_not_repeated():
+    rc, out, _ = run(["explain", "samples/explain/dnat-masquerade.rules", "--flow", "tcp 10.0.1.2:41000 -> 10.0.1.1:80",
+                      "--from-iface", "sk1b"])
+    assert out.count("routing unknown: give --addr/--route or --iproute") == 1
+    assert "approximate (every outcome): routing unknown" in out
+    for block in out.split("\n\n"):
+        lines = [l for l in block.splitlines() if "approximate" in l]
+        assert len(lines) == len(set(lines))
+
+
+def test_one_statement_about_conntrack_per_outcome():
+    argv = (ROOT / "samples" / "explain" / "notrack-skips-nat.args").read_text()
+    import shlex
+    _, out, _ = run(["explain", *shlex.split(argv)])
+    forward = out.split("  reply:")[0]
+    assert forward.count("conntrack:UNTRACKED") == 1 and "conntrack: none" not in forward
