@@ -52,6 +52,61 @@ def _input_args(p):
                    help="with --live: which iptables backend to read (iptc = python-iptables, legacy only)")
 
 
+def _config_args(p):
+    p.add_argument("--config", metavar="FILE", help="synack.toml or pyproject.toml to use instead of the "
+                                                      "nearest one above the input (docs/ci.md)")
+    p.add_argument("--isolated", action="store_true", help="ignore configuration files")
+
+
+def _configure(args) -> int | None:
+    """Settings from the nearest configuration (synack.toml / [tool.synack]) under the command
+    line's: --select replaces the configured selection, --ignore adds to it; the suppressor that
+    lint and check apply. An unusable configuration is exit 2."""
+    from analyzer.policy.config import ConfigError, Suppressor, find_config, load_config
+
+    cfg = None
+    if not args.isolated:
+        start = next(iter(getattr(args, "dumps", None) or []), None) or getattr(args, "env", None) \
+            or getattr(args, "policy", None)
+        try:
+            cfg = load_config(args.config) if args.config else find_config(None if start == "-" else start)
+        except ConfigError as e:
+            return _error(str(e))
+        if args.config and cfg is None:
+            return _error(f"{args.config}: no [tool.synack] table")
+    args.config_used = cfg
+    if cfg is not None:
+        if hasattr(args, "select") and not args.select:
+            args.select = list(cfg.select)
+        if hasattr(args, "ignore"):
+            args.ignore = list(cfg.ignore) + list(args.ignore)
+        if args.fail_on is None:
+            args.fail_on = cfg.fail_on
+        if cfg.env and not args.dumps and not getattr(args, "env", None) and not getattr(args, "live", False) \
+                and args.command == "lint":
+            args.env = cfg.env
+    if args.fail_on is None:
+        args.fail_on = "info" if args.command == "check" else "warning"
+    args.suppressor = Suppressor(cfg)
+    return None
+
+
+def _suppress(args, diags, env, results, select, ignore):
+    """Drop suppressed diagnostics; add POL002 for suppressions that silenced nothing."""
+    from analyzer.checks import selected
+
+    sup = args.suppressor
+    if env is not None:
+        sup.add_env(env)
+    for res in results:
+        for f in res.files:
+            sup.add_dump(f.path, f.lines)
+    kept = sup.filter(diags)
+    ran = lambda c: selected(c, None, select, ignore) and (env is not None or not c.startswith("NAT"))  # noqa: E731
+    unused = [d for d in sup.unused(ran) if selected(d.code, d.name, None, ignore)]  # unless ignored
+    return kept + sorted(unused, key=lambda d: d.sort_key())
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="synack", description="Follow a flow through iptables/NAT forward and back.")
     ap.add_argument("--version", action="version", version=f"synack {__version__}")
@@ -73,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list every occurrence of a repeated diagnostic (default: one per file with a count)")
     p.add_argument("--select", action="append", default=[], help="only these codes/prefixes/names (comma list)")
     p.add_argument("--ignore", action="append", default=[], help="skip these codes/prefixes/names (comma list)")
-    p.add_argument("--fail-on", choices=["error", "warning", "info"], default="warning",
+    _config_args(p)
+    p.add_argument("--fail-on", choices=["error", "warning", "info"], default=None,
                    help="lowest severity that makes the exit code 1 (default: warning)")
     p.add_argument("--env", metavar="ENV.yaml",
                    help="environment of several namespaces (docs/environment.md): also follow every "
@@ -114,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-format", "-o", choices=["text", "json", "sarif", "junit"], default="text",
                    help="text (default), JSON, SARIF 2.1.0 or JUnit XML")
     p.add_argument("--output-file", metavar="FILE", help="write the report here instead of stdout")
-    p.add_argument("--fail-on", choices=["error", "warning", "info"], default="info",
+    _config_args(p)
+    p.add_argument("--fail-on", choices=["error", "warning", "info"], default=None,
                    help="lowest severity of a failing assertion that makes the exit code 1 (default: info, any)")
     p.add_argument("--quiet", "-q", action="store_true", help="text: show failing assertions only")
 
@@ -471,7 +528,7 @@ def cmd_lint(args) -> int:
             why = _nothing_read(res, args.allow_empty)
             if why:
                 empty.append(why)
-    diags = _truncation_first(diags)
+    diags = _truncation_first(_suppress(args, diags, env if args.env else None, results, select, ignore))
     if not args.no_group:
         from analyzer.diagnostics import group
         diags = group(diags)
@@ -663,10 +720,13 @@ def cmd_check(args) -> int:
         return EXIT_UNUSABLE
     tgt = policy.target
     if not args.dumps and not args.env and not args.live:
+        cfg = args.config_used
         if tgt.get("env"):
             args.env = policy.resolve(tgt["env"])
         elif tgt.get("dumps"):
             args.dumps = [policy.resolve(d) for d in tgt["dumps"]]
+        elif cfg is not None and cfg.env:
+            args.env = cfg.env
         else:
             sys.stderr.write("synack: error: give DUMP..., --env ENV.yaml, or name one in the policy's target:\n")
             return EXIT_UNUSABLE
@@ -697,6 +757,7 @@ def cmd_check(args) -> int:
     except (EnvError, ValueError, OSError) as e:
         sys.stderr.write(f"synack: error: {e}\n")
         return EXIT_UNUSABLE
+    target.suppressor = args.suppressor
     results = evaluate(policy, target)
     fmt = args.output_format
     if fmt == "json":
@@ -780,6 +841,10 @@ def main(argv=None) -> int:
     handler = {"parse": cmd_parse, "lint": cmd_lint, "checks": cmd_checks, "explain": cmd_explain,
                "check": cmd_check, "diff": cmd_diff}[args.command]
     try:
+        if args.command in ("lint", "check"):
+            bad = _configure(args)
+            if bad is not None:
+                return bad
         return handler(args)
     except KeyboardInterrupt:
         return 130

@@ -31,6 +31,10 @@ def doc_path(code: str) -> str:
         return f"docs/parse-errors.md#{code.lower()}"
     if code.startswith("ENV"):
         return f"docs/environment.md#{code.lower()}"
+    if code == "POL001":
+        return "docs/policy.md#pol001"
+    if code.startswith("POL"):
+        return f"docs/ci.md#{code.lower()}"
     return f"docs/checks/{code}.md"
 
 
@@ -42,5 +46,7 @@ def all_codes() -> dict[str, CodeInfo]:
     out = {c: CodeInfo(c, n, PARSE_SEVERITIES.get(c, "error"), s, doc_path(c))
            for c, (n, s) in PARSE_CODES.items()}
     out |= {c: CodeInfo(c, n, "warning", s, doc_path(c)) for c, (n, s) in ENV_CODES.items()}
+    from analyzer.policy.config import POL_CODES
+    out |= {c: CodeInfo(c, n, sev, s, doc_path(c)) for c, (n, sev, s) in POL_CODES.items()}
     out |= {c: CodeInfo(c, i.name, i.severity.label, i.summary, doc_path(c)) for c, i in load_all().items()}
     return dict(sorted(out.items()))

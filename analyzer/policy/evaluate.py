@@ -216,6 +216,14 @@ def check_no_finding(a: Assertion, target) -> Result:
     codes = a.body["codes"]
     scope = a.body.get("scope") or {}
     diags = target.lint(codes)
+    sup = getattr(target, "suppressor", None)
+    if sup is not None:  # suppressions next to the rules hold for policies too
+        if target.kind == "env":
+            sup.add_env(target.env)
+        else:
+            for f in target.files:
+                sup.add_dump(f.path, f.lines)
+        diags = sup.filter(diags)
     kept = []
     for d in diags:
         if scope.get("paths") and not (d.span and any(fnmatch.fnmatch(d.span.path, p) or
