@@ -394,7 +394,8 @@ def cmd_parse(args) -> int:
         sys.stdout.write(render_json(diags, {"model": sums[0], "inputs": sums}) + "\n")
     else:
         if diags:
-            sys.stdout.write(render_text_all(diags) + "\n")
+            from analyzer.report.terminal import write
+            write(render_text_all(diags) + "\n")
         if not args.quiet:
             for res in results:
                 s = _summary(res)
@@ -502,32 +503,36 @@ def cmd_lint(args) -> int:
     diags = []
     coverage = None
     results = []
+    from analyzer.checks import REGISTRY
+    from analyzer.report.terminal import progress
+    n_checks = sum(1 for c, i in REGISTRY.items() if selected(c, i.name, select, ignore))
     if args.env:
         env = _load_env(args.env)
         if env is None:
             return EXIT_UNUSABLE
         diags += [d for d in env.diagnostics if selected(d.code, None, select, ignore)]
-        for spec in env.namespaces.values():
-            for rs in (spec.ruleset, spec.ruleset6):
-                if rs is not None:
-                    diags += [d for d in run_checks(CheckContext(rs, ()), select, ignore)
-                              if not d.code.startswith("NAT")]
-        env_ctx = CheckContext(None, (), extra={"env": env})
-        diags += run_checks(env_ctx, select or ["NAT"], ignore)
+        rulesets = [rs for spec in env.namespaces.values() for rs in (spec.ruleset, spec.ruleset6) if rs is not None]
+        with progress(len(rulesets) * n_checks + 1, "checking") as tick:  # stderr, terminal only
+            for rs in rulesets:
+                diags += [d for d in run_checks(CheckContext(rs, ()), select, ignore, on_check=tick)
+                          if not d.code.startswith("NAT")]
+            env_ctx = CheckContext(None, (), extra={"env": env})
+            diags += run_checks(env_ctx, select or ["NAT"], ignore, on_check=tick)
         coverage = env_ctx.extra.get("coverage")
     empty = []
     if args.dumps or args.live:
         results = _load(args)
         if results is None:
             return EXIT_UNUSABLE
-        for res in results:
-            diags += [d for d in res.all_diagnostics if selected(d.code, None, select, ignore)]
-            for r in res.families():
-                diags += run_checks(CheckContext(r.ruleset, r.files, partial=_partial(res, args)),
-                                    select, ignore)
-            why = _nothing_read(res, args.allow_empty)
-            if why:
-                empty.append(why)
+        with progress(sum(len(list(res.families())) for res in results) * n_checks, "checking") as tick:
+            for res in results:
+                diags += [d for d in res.all_diagnostics if selected(d.code, None, select, ignore)]
+                for r in res.families():
+                    diags += run_checks(CheckContext(r.ruleset, r.files, partial=_partial(res, args)),
+                                        select, ignore, on_check=tick)
+                why = _nothing_read(res, args.allow_empty)
+                if why:
+                    empty.append(why)
     diags = _truncation_first(_suppress(args, diags, env if args.env else None, results, select, ignore))
     if not args.no_group:
         from analyzer.diagnostics import group
@@ -550,7 +555,11 @@ def cmd_lint(args) -> int:
         if coverage is not None:
             out = f"{out}\n{_coverage_text(coverage)}"
     if out is not None:
-        sys.stdout.write(out + "\n")
+        if args.output_format == "text":
+            from analyzer.report.terminal import write
+            write(out + "\n")  # colour on a terminal only
+        else:
+            sys.stdout.write(out + "\n")
     for why in empty:
         _error(why)
     if empty:

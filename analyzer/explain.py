@@ -350,10 +350,11 @@ def run_explain(args, res) -> int:
         doc["diagnostics"] = [to_dict(d) for d in diags]
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:
-        sys.stdout.write(render_text(flow, outcomes, where))
+        from analyzer.report.terminal import write
+        write(render_text(flow, outcomes, where))  # colour on a terminal only
         if diags:
             from analyzer.report.diagnostics import render_text_all
-            sys.stdout.write("\n" + render_text_all(diags) + "\n")
+            write("\n" + render_text_all(diags) + "\n")
     return 1 if diags else 0
 
 

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -12,7 +14,7 @@ import pytest
 from _golden import ROOT, run
 from analyzer import DOCS_URL
 from analyzer.checks import load_all
-from analyzer.cli import build_parser
+from analyzer.cli import build_parser, main
 from analyzer.codes import all_codes
 
 README_FIRST = ["explain", "samples/seed1-hairpin-host.rules", "--flow", "tcp 10.4.26.45:35582 -> 10.4.26.234:80",
@@ -182,3 +184,54 @@ def test_one_statement_about_conntrack_per_outcome():
     _, out, _ = run(["explain", *shlex.split(argv)])
     forward = out.split("  reply:")[0]
     assert forward.count("conntrack:UNTRACKED") == 1 and "conntrack: none" not in forward
+
+
+# ------------------------------------------------------------------------ terminal
+class _Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def _run_tty(argv, monkeypatch, stdout_tty=True, stderr_tty=False):
+    out, err = (_Tty() if stdout_tty else io.StringIO()), (_Tty() if stderr_tty else io.StringIO())
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    rc = main(argv)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_colour_on_a_terminal_only(monkeypatch):
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm-256color")
+    rc, out, _ = _run_tty(["lint", "samples/checks/CHN005/bad.rules"], monkeypatch)
+    assert rc == 1 and "\x1b[" in out and "[warning]" in out
+    rc, out, _ = _run_tty(README_FIRST, monkeypatch)
+    assert "\x1b[" in out
+    rc, out, _ = _run_tty(["lint", "samples/checks/CHN005/bad.rules"], monkeypatch, stdout_tty=False)
+    assert "\x1b[" not in out  # piped
+    monkeypatch.setenv("NO_COLOR", "1")
+    rc, out, _ = _run_tty(["lint", "samples/checks/CHN005/bad.rules"], monkeypatch)
+    assert "\x1b[" not in out
+    monkeypatch.delenv("NO_COLOR")
+    rc, out, _ = _run_tty(["lint", "samples/checks/CHN005/bad.rules", "-o", "sarif"], monkeypatch)
+    assert "\x1b[" not in out and json.loads(out)  # never in JSON/SARIF
+
+
+def test_progress_bar_goes_to_a_terminal_stderr_only():
+    from analyzer.report.terminal import progress
+    err = _Tty()
+    with progress(3, "checking", stream=err, delay=0) as tick:
+        for code in ("CHN001", "CHN002", "CHN003"):
+            tick(code)
+    assert "checking" in err.getvalue()
+    quiet = io.StringIO()
+    with progress(3, "checking", stream=quiet, delay=0) as tick:
+        tick("CHN001")
+    assert quiet.getvalue() == ""
+
+
+def test_lint_json_is_clean_with_a_terminal_stderr(monkeypatch):
+    rc, out, err = _run_tty(["lint", "--env", "samples/env/seed1-broken.yaml", "-o", "json"], monkeypatch,
+                            stdout_tty=True, stderr_tty=True)
+    assert "\x1b[" not in out and json.loads(out)["diagnostics"]

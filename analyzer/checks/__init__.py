@@ -82,7 +82,9 @@ def load_all() -> dict[str, CheckInfo]:
     return REGISTRY
 
 
-def run_checks(ctx: CheckContext, select=None, ignore=None, restore_only: bool = False) -> list[Diagnostic]:
+def run_checks(ctx: CheckContext, select=None, ignore=None, restore_only: bool = False,
+               on_check=None) -> list[Diagnostic]:
+    """Every selected check on ``ctx``; ``on_check(code)`` is called after each (progress)."""
     out: list[Diagnostic] = []
     for code, info in sorted(load_all().items()):
         if restore_only and not info.restore:
@@ -90,6 +92,8 @@ def run_checks(ctx: CheckContext, select=None, ignore=None, restore_only: bool =
         if not selected(code, info.name, select, ignore):
             continue
         out.extend(info.func(ctx))
+        if on_check is not None:
+            on_check(code)
     return out
 
 
