@@ -24,9 +24,10 @@ class _Parser(argparse.ArgumentParser):
 def _input_args(p):
     p.add_argument("dumps", nargs="*", metavar="DUMP",
                    help="iptables-save / ip6tables-save (both in one file too) / iptables-restore / "
-                        "`iptables -S` / command-list file; '-' reads stdin. Several files are "
+                        "`iptables -S` / command-list file, or Cilium dumps (service list, bpf lb list, "
+                        "statedb tables, status: docs/cilium.md); '-' reads stdin. Several files are "
                         "separate dumps, each checked on its own (see --apply-in-order)")
-    p.add_argument("--format", dest="fmt", choices=["auto", "save", "S", "cmd"], default="auto",
+    p.add_argument("--format", dest="fmt", choices=["auto", "save", "S", "cmd", "cilium"], default="auto",
                    help="input format (default: detected)")
     p.add_argument("--family", type=int, choices=[4, 6],
                    help="address family (default: detected; with a file of both, keep only this one)")
@@ -134,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env", metavar="ENV.yaml",
                    help="environment of several namespaces (docs/environment.md): also follow every "
                         "service both ways and report replies that bypass translation (NAT checks)")
+    p.add_argument("--node", metavar="NAME",
+                   help="Cilium dumps: the node they were taken on (CIL004 compares the backends' nodes with it)")
 
     p = sub.add_parser("explain", help="trace one flow through the rules, both directions")
     _input_args(p)
@@ -365,6 +368,9 @@ def cmd_parse(args) -> int:
         return _error(problem)
     if not _need_dumps(args):
         return EXIT_UNUSABLE
+    from analyzer import cli_cilium
+    if cli_cilium.is_cilium(args):
+        return cli_cilium.cmd_parse(args)
     results = _load(args)
     if results is None:
         return EXIT_UNUSABLE
@@ -520,7 +526,14 @@ def cmd_lint(args) -> int:
             diags += run_checks(env_ctx, select or ["NAT"], ignore, on_check=tick)
         coverage = env_ctx.extra.get("coverage")
     empty = []
-    if args.dumps or args.live:
+    from analyzer import cli_cilium
+    cilium = bool(args.dumps) and cli_cilium.is_cilium(args)
+    if cilium:
+        found = cli_cilium.cmd_lint(args, select, ignore)
+        if found is None:
+            return EXIT_UNUSABLE
+        diags += found
+    elif args.dumps or args.live:
         results = _load(args)
         if results is None:
             return EXIT_UNUSABLE
@@ -541,6 +554,8 @@ def cmd_lint(args) -> int:
         if results:
             sums = [_summary(res) for res in results]
             extra = {"summary": sums[0], "inputs": sums}
+        elif cilium:
+            extra = {"inputs": list(args.dumps)}
         else:
             extra = {"env": args.env}
         if coverage is not None:

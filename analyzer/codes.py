@@ -48,5 +48,8 @@ def all_codes() -> dict[str, CodeInfo]:
     out |= {c: CodeInfo(c, n, "warning", s, doc_path(c)) for c, (n, s) in ENV_CODES.items()}
     from analyzer.policy.config import POL_CODES
     out |= {c: CodeInfo(c, n, sev, s, doc_path(c)) for c, (n, sev, s) in POL_CODES.items()}
+    from analyzer.parse import cilium
+    out |= {c: CodeInfo(c, n, cilium.PARSE_SEVERITIES.get(c, "error"), s, f"docs/cilium.md#{c.lower()}")
+            for c, (n, s) in cilium.PARSE_CODES.items()}
     out |= {c: CodeInfo(c, i.name, i.severity.label, i.summary, doc_path(c)) for c, i in load_all().items()}
     return dict(sorted(out.items()))

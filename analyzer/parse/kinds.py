@@ -51,23 +51,26 @@ def _binary(head: str) -> bool:
     return odd * 20 > len(head)
 
 
-def _cilium_service_list(head: str) -> InputKind | None:
-    if _CILIUM_SERVICE_HEADER.search(head) or len(_CILIUM_SERVICE_ROW.findall(head)) >= 1 \
-            or len(_CILIUM_BACKEND_ROW.findall(head)) >= 2:
-        return InputKind("cilium-service-list", "this is a Cilium service list (`cilium service list`), "
-                         "not an iptables dump: synack does not read Cilium input yet")
-    if _CILIUM_JSON.search(head):
-        return InputKind("cilium-service-json", "this is Cilium service JSON (`cilium service list -o "
-                         "json`), not an iptables dump: synack does not read Cilium input yet")
-    return None
+def _cilium(head: str) -> InputKind | None:
+    """Any dump analyzer/parse/cilium.py reads (service list, bpf lb list, statedb tables, status,
+    JSON, txtar): ``synack parse``/``lint`` read it on its own; explain does not walk it yet."""
+    from analyzer.parse.cilium import detect_cilium
 
-
-def _bpf_lb_list(head: str) -> InputKind | None:
+    if detect_cilium(head) is None and not (_CILIUM_SERVICE_HEADER.search(head)
+                                            or _CILIUM_SERVICE_ROW.search(head) or _BPF_LB_HEADER.search(head)):
+        return None
     if _BPF_LB_HEADER.search(head):
-        return InputKind("cilium-bpf-lb-list", "this is a Cilium BPF load-balancer map "
-                         "(`cilium bpf lb list`), not an iptables dump: synack does not read Cilium "
-                         "input yet")
-    return None
+        name, what = "cilium-bpf-lb-list", "a Cilium BPF load-balancer map (`cilium bpf lb list`)"
+    elif _CILIUM_JSON.search(head):
+        name, what = "cilium-service-json", "Cilium service JSON (`cilium service list -o json`)"
+    elif _CILIUM_SERVICE_HEADER.search(head) or _CILIUM_SERVICE_ROW.search(head) \
+            or len(_CILIUM_BACKEND_ROW.findall(head)) >= 2:
+        name, what = "cilium-service-list", "a Cilium service list (`cilium service list`)"
+    else:
+        name, what = "cilium", "a Cilium dump"
+    return InputKind(name, f"this is {what}, not an iptables dump: `synack parse` and `synack lint` "
+                     "read it on its own (not mixed with iptables dumps); explain does not walk "
+                     "Cilium dumps yet (docs/cilium.md)")
 
 
 def _nft(head: str) -> InputKind | None:
@@ -85,10 +88,9 @@ def _environment(head: str) -> InputKind | None:
     return None
 
 
-# in order; the first that recognises the text names it (the Cilium readers replace the
-# messages of their kinds when they land)
+# in order; the first that recognises the text names it
 RECOGNISERS: list[Callable[[str], InputKind | None]] = [
-    _cilium_service_list, _bpf_lb_list, _nft, _environment,
+    _cilium, _nft, _environment,
 ]
 
 
