@@ -41,6 +41,7 @@ class End:
     translated: bool = False
     symmetric: bool | None = None   # the reply comes back through the translation (None: no reply)
     detail: str = ""
+    backend: tuple | None = None    # (address, port) the destination was translated to
 
     def signature(self) -> tuple:
         return (self.disposition, self.namespace, str(self.address), self.port, self.interface,
@@ -185,7 +186,8 @@ class DumpTarget:
                 sym = bool(o.reply_ok) if o.client_sees is not None else False
             ends.append(End(o.disposition, o.disposition in REACHED, None, p.dst, p.dport,
                             p.oif if o.disposition in ("forwarded", "sent") else None, None,
-                            o.forward.prob, translated, sym, o.detail))
+                            o.forward.prob, translated, sym, o.detail,
+                            (p.dst, p.dport) if translated else None))
         first = outs[0].forward.steps if outs else []
         rules = tuple((s.where, s.path, s.line) for o in outs for s in o.forward.steps if s.line)
         return Fate(tuple(ends), render_text(pkt, outs, where), json.loads(render_json(pkt, outs)),
@@ -222,34 +224,41 @@ class EnvTarget:
                      if a.version == family and not a.ip.is_loopback), None)
 
     def walk(self, pkt: Packet, sel) -> tuple[Fate, list]:
-        from analyzer.crosshost import World, findings, follow, render_trip, trip_json
+        from analyzer import crosshost as ch
 
         if not sel.start or sel.start not in self.env.namespaces:
             raise TargetError(f"an environment flow needs 'from: NAMESPACE' (one of: {', '.join(self.env.namespaces)})")
         log = ([], [])
 
-        class _World(World):
+        class _World(ch.World):
             def walker(self, ns, family):
                 key = f"{ns}/{family}"
                 if key not in self.walkers:
-                    from analyzer.crosshost import _empty_ruleset
                     spec = self.env.namespaces[ns]
                     rs = spec.ruleset if family == 4 else spec.ruleset6
-                    self.walkers[key] = _recorder(rs or _empty_ruleset(family), spec.net, log)
+                    self.walkers[key] = _recorder(rs or ch._empty_ruleset(family), spec.net, log)
                 return self.walkers[key]
 
         world = _World(self.env)
         pkt = replace(pkt, mark=sel.mark)
-        trip = follow(world, sel.start, pkt, uid=sel.uid, gid=sel.gid)
-        diags = findings(world, trip)
-        ends = [self._end(trip, diags)]
-        steps = [s for h in trip.request.hops for s in h.steps]
-        rules = tuple((s.where, s.path, s.line) for s in steps if s.line)
-        approx = trip.request.approximate or (trip.reply is not None and trip.reply.approximate)
-        return Fate(tuple(ends), render_trip(trip, diags), trip_json(trip, diags), tuple(diags),
-                    _decisive(steps), rules, approx, _translation(steps)), log
+        if hasattr(ch, "follow_all"):   # every outcome (statistic endpoints, uncertain matches)
+            trips = ch.follow_all(world, sel.start, pkt, uid=sel.uid, gid=sel.gid)
+            per = [ch.findings(world, t) for t in trips]
+            diags = ch.outcome_findings(world, trips) if len(trips) > 1 else per[0]
+            text, doc = ch.render_trips(trips, diags), ch.trips_json(trips, diags)
+        else:
+            trips = [ch.follow(world, sel.start, pkt, uid=sel.uid, gid=sel.gid)]
+            per = [ch.findings(world, trips[0])]
+            diags = per[0]
+            text, doc = ch.render_trip(trips[0], diags), ch.trip_json(trips[0], diags)
+        ends = [self._end(t, d, getattr(t, "prob", None)) for t, d in zip(trips, per)]
+        steps = [s for h in trips[0].request.hops for s in h.steps]
+        rules = tuple((s.where, s.path, s.line) for t in trips for h in t.request.hops for s in h.steps if s.line)
+        approx = any(t.request.approximate or (t.reply is not None and t.reply.approximate) for t in trips)
+        return Fate(tuple(ends), text, doc, tuple(diags), _decisive(steps), rules, approx,
+                    _translation(steps)), log
 
-    def _end(self, trip, diags) -> End:
+    def _end(self, trip, diags, prob=None) -> End:
         req = trip.request
         leg, lst = trip, trip.listener
         # a proxy that opens a second connection: the flow really ends where that one ends
@@ -259,7 +268,14 @@ class EnvTarget:
         r = leg.request
         p = r.end_packet
         reached = r.end == "delivered" and not any(d.code == "NAT003" for d in diags)
-        translated = any(h.ct is not None and (h.ct.dnat) for h in req.hops)
+        translated = any(h.ct is not None and h.ct.dnat for h in req.hops)
+        backend = None
+        if translated:
+            e = getattr(trip, "endpoint", None)
+            if e is None:
+                h = next(h for h in reversed(req.hops) if h.ct is not None and h.ct.dnat)
+                e = h.packet_out
+            backend = (e.dst, e.dport)
         sym = None
         if trip.reply is not None:
             sym = not any(d.code in ("NAT001", "NAT002") for d in diags)
@@ -267,31 +283,8 @@ class EnvTarget:
             sym = False
         return End(r.end, reached, r.end_ns, p.dst if p is not None else None,
                    p.dport if p is not None else None, None,
-                   (lst.name or str(lst.port)) if lst is not None else None, None, translated, sym,
-                   r.detail)
-
-    def translations(self, pkt: Packet, sel):
-        """Every backend of the first translation on the way, with its share: the environment
-        walk follows one statistic branch, so the translating namespace is explained alone."""
-        from analyzer.explain import explain_flow
-
-        fate, _ = self.walk(pkt, sel)
-        doc = fate.trace_json
-        for hop in (doc.get("request") or {}).get("hops", []):
-            ct = hop.get("conntrack")
-            if ct and ct.get("dnat"):
-                spec = self.env.namespaces[hop["namespace"]]
-                rs = spec.ruleset if pkt.family == 4 else spec.ruleset6
-                pin = hop["packet_in"]
-                p = replace(pkt, src=ipaddress.ip_address(pin["src"]), dst=ipaddress.ip_address(pin["dst"]),
-                            sport=pin["sport"], dport=pin["dport"], iif=hop["arrived_on"])
-                local = hop["arrived_on"] is None
-                if local:
-                    p = replace(p, uid=sel.uid, gid=sel.gid)
-                outs = explain_flow(rs, p, spec.net, local=local)
-                return [(o.forward.pkt.dst, o.forward.pkt.dport, o.forward.prob) for o in outs
-                        if o.forward.ct.dnat], fate
-        return [], fate
+                   (lst.name or str(lst.port)) if lst is not None else None, prob, translated, sym,
+                   r.detail, backend)
 
     def lint(self, select, ignore=()):
         from analyzer.checks import CheckContext, run_checks, selected

@@ -140,10 +140,7 @@ def check_translated(a: Assertion, target) -> Result:
 
     def bad(c):
         f = c.fates[0]
-        if target.kind == "env":
-            got, _ = target.translations(c.witness, a.flows)
-        else:
-            got = [(e.address, e.port, e.prob) for e in f.ends if e.translated]
+        got = [(e.backend[0], e.backend[1], e.prob) for e in f.ends if e.backend is not None]
         shares: dict = {}
         for ad, p, prob in got:
             shares[(ad, p)] = shares.get((ad, p), 0.0) + (prob if prob is not None else 1.0)

@@ -24,13 +24,24 @@ CORPUS = next((p for p in (REPO.parent / "shared" / "corpus", Path("/work/shared
 CASES = [
     ("seed1-hairpin.yaml", ENV / "seed1-broken.yaml",
      {"vip-reaches-backend": "pass", "vip-replies-translated": "fail", "vip-backends": "pass",
-      "no-bypassed-replies": "fail", "other-ports-closed": "pass"}),
+      "no-bypassed-replies": "fail", "other-ports-closed": "pass", "same-as-masquerade-fix": "fail"}),
     ("seed1-hairpin.yaml", ENV / "seed1-fixed-masquerade.yaml", "all-pass"),
     ("seed1-hairpin.yaml", ENV / "seed1-fixed-br-netfilter.yaml", "all-pass"),
     ("seed2-sidecar.yaml", ENV / "seed2-app-down.yaml",
      {"app-reachable-through-sidecar": "fail", "no-split-connections": "fail", "replies-translated": "pass"}),
     ("seed2-sidecar.yaml", ENV / "seed2-app-up.yaml", "all-pass"),
     ("kubeproxy-node.yaml", ENV / "kubeproxy-node.rules", "all-pass"),
+    ("kubeproxy-node.yaml", POL / "kubeproxy-node-any-port.rules",
+     {"clusterip-to-endpoint": "pass", "clusterip-forwarded-to-pod": "pass", "hairpin-masqueraded": "pass",
+      "other-service-ports-not-translated": "fail", "structure": "pass"}),
+    # kernel-verified per endpoint (test_crosshost_kernel: kubeproxy-three-endpoints): pod-b's
+    # third of the connections is reset, the others connect
+    ("kubeproxy-three-endpoints.yaml", ENV / "kubeproxy-three-endpoints.yaml",
+     {"web-reached": "pass", "equal-shares": "pass", "replies-translated": "fail"}),
+    ("kubeproxy-shares.yaml", ENV / "kubeproxy-three-endpoints-node1.rules", "all-pass"),
+    ("kubeproxy-shares.yaml", POL / "kubeproxy-stale-probability.rules", {"equal-shares": "fail"}),
+    ("kubeproxy-unchanged.yaml", ENV / "kubeproxy-node.rules", "all-pass"),
+    ("kubeproxy-unchanged.yaml", ENV / "kubeproxy-node-no-hairpin-masq.rules", {"clusterip-unchanged": "fail"}),
     ("kubeproxy-node.yaml", ENV / "kubeproxy-node-no-hairpin-masq.rules",
      {"clusterip-to-endpoint": "pass", "clusterip-forwarded-to-pod": "pass", "hairpin-masqueraded": "fail",
       "other-service-ports-not-translated": "pass", "structure": "pass"}),
@@ -85,7 +96,7 @@ def test_exit_codes_text_and_failing_witness(capsys):
     assert "FAIL  vip-replies-translated (symmetric, error)" in out
     assert "witness 1: tcp 10.4.26.45:40000 -> 10.4.26.234:80" in out
     assert "nat:VIP-SERVICES:rule:1:DNAT to 10.4.26.11:80" in out  # the trace that shows why
-    assert "5 assertions: 3 passed, 2 failed." in out
+    assert "6 assertions: 3 passed, 3 failed." in out
 
 
 def test_fail_on_ignores_lower_severity(tmp_path, capsys):
@@ -164,13 +175,28 @@ def test_junit_one_case_per_assertion(tmp_path, capsys):
     cases = suite.findall("testcase")
     assert [c.get("name") for c in cases] == [a.name for a in load_policy(str(POL / "seed1-hairpin.yaml")).assertions]
     failed = [c.get("name") for c in cases if c.find("failure") is not None]
-    assert failed == ["vip-replies-translated", "no-bypassed-replies"]
-    assert suite.get("failures") == "2" and suite.get("tests") == "5"
+    assert failed == ["vip-replies-translated", "no-bypassed-replies", "same-as-masquerade-fix"]
+    assert suite.get("failures") == "3" and suite.get("tests") == "6"
     assert "witness: tcp 10.4.26.45:40000" in cases[1].find("failure").text
-    assert "2 failed" in capsys.readouterr().err
+    assert "3 failed" in capsys.readouterr().err
 
 
 def test_schema_ships_in_the_package():
     from analyzer.policy.spec import schema
     s = schema()
     assert s["$defs"]["assertion"]["oneOf"][0] == {"required": ["reachable"]}
+
+
+def test_unchanged_from_witness_shows_both_sides(capsys):
+    assert main(["check", str(POL / "kubeproxy-unchanged.yaml"), str(ENV / "kubeproxy-node-no-hairpin-masq.rules"),
+                 "-o", "json"]) == 1
+    r = json.loads(capsys.readouterr().out)["results"][0]
+    w = r["witnesses"][0]
+    assert w["flow"] == "tcp 10.244.0.5:40000 -> 10.96.0.10:80"
+    assert "bypasses the translation" in w["fate"] and "bypasses" not in w["baseline"]
+
+
+def test_translated_to_reports_the_wrong_shares(capsys):
+    assert main(["check", str(POL / "kubeproxy-shares.yaml"), str(POL / "kubeproxy-stale-probability.rules")]) == 1
+    out = capsys.readouterr().out
+    assert "10.244.1.5:8080 gets 0.222 of the connections, not 0.3333" in out
