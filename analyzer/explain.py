@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass, replace
 
 from analyzer.netfilter.env import EnvError, Namespace
+from analyzer.netfilter.neighbour import answers_solicitation, own_address, resolves_neighbour
 from analyzer.netfilter.walk import Branch, Conntrack, Packet, Step, Walker, parse_flow, route_decision
 from analyzer.report import SCHEMA_VERSION
 
@@ -67,7 +68,10 @@ def explain_flow(ruleset, pkt: Packet, ns: Namespace, local: bool = False,
                 else:
                     br.disposition = "sent"
                     br.detail = f"sent out {br.pkt.oif or '?'} to {br.next_hop or br.pkt.dst}"
+                    _resolve_next_hop(w, br)
     else:
+        if not _client_resolves_us(w, start):
+            return [Outcome(start, None, start.disposition, start.detail, None, None)]
         brs = w.hook([start], "PREROUTING")
         routed = []
         for br in brs:
@@ -90,6 +94,7 @@ def explain_flow(ruleset, pkt: Packet, ns: Namespace, local: bool = False,
                     if b.disposition is None:
                         b.disposition = "forwarded"
                         b.detail = f"forwarded out {b.pkt.oif or '?'} to {b.next_hop or b.pkt.dst}"
+                        _resolve_next_hop(w, b)
                     routed.append(b)
             else:
                 routed.append(br)
@@ -98,6 +103,45 @@ def explain_flow(ruleset, pkt: Packet, ns: Namespace, local: bool = False,
         outcomes.append(_with_reply(w, br, local) if reply else
                         Outcome(br, None, br.disposition, br.detail, None, None))
     return outcomes
+
+
+def _neighbour_steps(br: Branch, chk, what: str):
+    """An exchange that crossed rules is shown in full (the kernel counts it too); one that
+    only met policies is one line."""
+    if chk.crosses_rules or not chk.ok:
+        br.steps.append(Step("neighbour", what))
+        br.steps.extend(chk.steps)
+    br.steps.append(Step("neighbour", ("ok: " if chk.ok else "FAILED: ") + chk.summary))
+    br.approx.extend(chk.approx)
+
+
+def _client_resolves_us(w: Walker, br: Branch) -> bool:
+    """IPv6: the client on the input link must resolve this host (its next hop) first; the
+    neighbour solicitation goes through ip6tables (netfilter.neighbour)."""
+    p = br.pkt
+    target = own_address(w.ns, p.iif, p.src) if p.family == 6 and p.iif else None
+    if target is None:
+        return True
+    chk = answers_solicitation(w.rs, w.ns, p.iif, target, p.src, walker=w)
+    _neighbour_steps(br, chk, f"the client {p.src} solicits {target} on {p.iif}")
+    if not chk.ok:
+        br.disposition = "dropped"
+        br.detail = f"{chk.summary}: the client cannot resolve its next hop and never sends the packet"
+    return chk.ok
+
+
+def _resolve_next_hop(w: Walker, br: Branch):
+    """IPv6: before the packet leaves, this host resolves the next hop on the output link."""
+    p = br.pkt
+    hop = br.next_hop or p.dst
+    source = own_address(w.ns, p.oif, hop) if p.family == 6 and p.oif else None
+    if source is None:
+        return
+    chk = resolves_neighbour(w.rs, w.ns, p.oif, hop, source, walker=w)
+    _neighbour_steps(br, chk, f"this host solicits {hop} on {p.oif}")
+    if not chk.ok:
+        br.disposition = "dropped"
+        br.detail = f"{chk.summary}: the next hop stays unresolved and the packet is never sent"
 
 
 def _with_reply(w: Walker, fwd: Branch, local: bool) -> Outcome:
