@@ -446,22 +446,19 @@ def _net_atoms(space, namespaces, bounds) -> list[PacketSet]:
     return atoms
 
 
-_INDEXED: dict = {}
+_INDEXED: dict = {}     # id(chain) -> (chain, destinations, per-rule constraints); a few chains
 
 
 def _indexed_dsts(chain) -> set:
-    return _INDEXED[(id(chain),)][1]
+    return _indexed_parts(chain)[1]
 
 
-def _indexed_space(space: PacketSpace, chain) -> PacketSet:
-    """An over-approximation of the packets any rule of a destination-indexed chain can match:
-    each rule's (destination, protocol, destination port) as far as its text pins them down."""
+def _indexed_parts(chain):
     from analyzer.policy.diff import _key
 
-    hit = _INDEXED.get((id(chain),))
-    if hit is None or hit[2] is not chain:
-        dsts = set()
-        parts = []
+    hit = _INDEXED.get(id(chain))
+    if hit is None or hit[0] is not chain:
+        dsts, parts = set(), []
         for r in chain.rules:
             d, p, port = _key(r.text)
             if d is None:
@@ -469,18 +466,25 @@ def _indexed_space(space: PacketSpace, chain) -> PacketSet:
             a = ipaddress.ip_address(d)
             dsts.add(a)
             c = {"dst": a}
-            if p in _MOD_PROTO or p in ("icmp",):
+            if p in _MOD_PROTO or p == "icmp":
                 c["proto"] = {"icmp": 1}.get(p, _MOD_PROTO.get(p))
                 if port is not None and p in _MOD_PROTO:
                     c["dport"] = (int(port), int(port))
             parts.append(c)
-        hit = _INDEXED[(id(chain),)] = ({}, dsts, chain, parts)
-    cache = hit[0]
-    u = cache.get(id(space))
-    if u is None:
-        u = space.union(space.where(**c) for c in hit[3])
-        cache[id(space)] = u
-    return u
+        hit = _INDEXED[id(chain)] = (chain, dsts, parts)
+        while len(_INDEXED) > 16:
+            _INDEXED.pop(next(iter(_INDEXED)))
+    return hit
+
+
+def _indexed_space(space: PacketSpace, chain, cache: dict) -> PacketSet:
+    """An over-approximation of the packets any rule of a destination-indexed chain can match:
+    each rule's (destination, protocol, destination port) as far as its text pins them down.
+    ``cache``: per exploration (sets belong to one packet space)."""
+    hit = cache.get(id(chain))
+    if hit is None or hit[0] is not chain:
+        hit = cache[id(chain)] = (chain, space.union(space.where(**c) for c in _indexed_parts(chain)[2]))
+    return hit[1]
 
 
 def witness_packet(v: dict, family: int) -> Packet:
@@ -529,6 +533,12 @@ class Exploration:
     def describe(self, packets: PacketSet) -> str:
         return describe(packets, self.bounds, self.family)
 
+    def describer(self):
+        """packets -> text without a reference back to this exploration (a cycle through BDD
+        nodes would let the collector free the BDD manager before its nodes)."""
+        import functools
+        return functools.partial(describe, bounds=self.bounds, family=self.family)
+
     def merged(self, key) -> list[FlowClass]:
         """Classes with the same key as one class (their union, the first witness), described anew:
         as few header-space classes as the fates allow."""
@@ -540,7 +550,7 @@ class Exploration:
             if k in out:
                 out[k].packets = out[k].packets | c.packets
             else:
-                out[k] = FlowClass(c.packets, None, c.witness, c.fates, self.describe)
+                out[k] = FlowClass(c.packets, None, c.witness, c.fates, self.describer())
         return list(out.values())
 
 
@@ -586,6 +596,7 @@ def explore(targets: list, sel, universe: PacketSet | None = None, space: Packet
     work, done = list(reversed(partition(universe, seeds, limit).classes)) if seeds else [universe], []
     complete = True
     atom_cache: dict = {}
+    u_cache: dict = {}
     while work:
         cls = work.pop()
         v = cls.pick(prefer=prefer)
@@ -604,7 +615,7 @@ def explore(targets: list, sel, universe: PacketSet | None = None, space: Packet
                 # other destinations were skipped. Packets no such rule can match walk like the
                 # witness; the others are peeled off one destination at a time
                 for chain in {id(c): c for c in indexes}.values():
-                    u = _indexed_space(space, chain)
+                    u = _indexed_space(space, chain, u_cache)
                     if (cls & u).is_empty():
                         continue
                     if not (cls - u).is_empty():
@@ -619,5 +630,5 @@ def explore(targets: list, sel, universe: PacketSet | None = None, space: Packet
             work.extend(reversed(parts))
     ex = Exploration(done, complete, bounds, family)
     for c in done:
-        c.describe = ex.describe
+        c.describe = ex.describer()
     return ex
