@@ -436,15 +436,22 @@ def _summary(res) -> dict:
             "families": fams, "truncated": res.truncated}
 
 
-def _load_env(path):
+def _load_env(path, warn: bool = True):
+    """The environment, or None after saying why on stderr. ``warn``: also print its ENV
+    warnings there (lint reports them as findings instead)."""
     from analyzer.netfilter.env import EnvError
-    from analyzer.parse.envfile import load_environment
+    from analyzer.parse.envfile import ENV_CODES, load_environment
 
     try:
-        return load_environment(path)
+        env = load_environment(path)
     except (EnvError, ValueError) as e:
         sys.stderr.write("".join(f"synack: error: {line}\n" for line in str(e).splitlines()))
         return None
+    if warn:
+        for d in env.diagnostics:
+            if d.code in ENV_CODES:
+                sys.stderr.write(f"synack: warning: {d.span.render()}: {d.code} {d.message}\n")
+    return env
 
 
 def _need_dumps(args) -> bool:
@@ -513,7 +520,7 @@ def cmd_lint(args) -> int:
     from analyzer.report.terminal import progress
     n_checks = sum(1 for c, i in REGISTRY.items() if selected(c, i.name, select, ignore))
     if args.env:
-        env = _load_env(args.env)
+        env = _load_env(args.env, warn=False)
         if env is None:
             return EXIT_UNUSABLE
         diags += [d for d in env.diagnostics if selected(d.code, None, select, ignore)]

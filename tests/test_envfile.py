@@ -198,3 +198,9 @@ def test_mutated_environments_never_end_in_a_traceback():
         if tb:
             failures.append(f"case {i} from {name}:\n{text}\n{tb}")
     assert not failures, failures[0]
+
+
+def test_explain_env_says_the_warnings_on_stderr(tmp_path):
+    p = env_file(tmp_path, BASE.replace("default via 10.4.26.1", "default via 10.9.9.1"))
+    rc, out, err = run(["explain", "--env", p, "--from", "client", "--flow", "tcp 10.4.26.45:40000 -> 10.4.26.1:80"])
+    assert "synack: warning: " in err and "ENV002" in err and "env.yaml:4:" in err
