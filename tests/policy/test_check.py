@@ -200,3 +200,21 @@ def test_translated_to_reports_the_wrong_shares(capsys):
     assert main(["check", str(POL / "kubeproxy-shares.yaml"), str(POL / "kubeproxy-stale-probability.rules")]) == 1
     out = capsys.readouterr().out
     assert "10.244.1.5:8080 gets 0.222 of the connections, not 0.3333" in out
+
+
+def test_check_and_diff_sarif_validate_against_the_2_1_0_schema(capsys):
+    import jsonschema
+    schema = json.loads((REPO / "tests" / "data" / "sarif-schema-2.1.0.json").read_text())
+    runs = [
+        ["check", str(POL / "kubeproxy-node.yaml"), str(ENV / "kubeproxy-node-no-hairpin-masq.rules"), "-o", "sarif"],
+        ["check", str(POL / "seed1-hairpin.yaml"), "-o", "sarif"],
+        ["diff", str(ENV / "kubeproxy-node.rules"), str(ENV / "kubeproxy-node-no-hairpin-masq.rules"), "-o", "sarif",
+         "--addr", "10.244.0.1/24@cni0"],
+    ]
+    for argv in runs:
+        assert main(argv) == 1
+        doc = json.loads(capsys.readouterr().out)
+        jsonschema.Draft4Validator(schema).validate(doc)
+        driver = doc["runs"][0]["tool"]["driver"]
+        assert driver["informationUri"].startswith("https://") and "example" not in driver["informationUri"]
+        assert all(r["helpUri"].startswith("https://") for r in driver["rules"])
