@@ -385,7 +385,9 @@ def run_explain(args, res) -> int:
     else:
         flow = replace(flow, iif=args.from_iface, mark=args.mark)
         where = f"arrives on {args.from_iface}" if args.from_iface else "arrives on an unnamed interface"
-    outcomes = explain_flow(res.ruleset, flow, ns, local=args.local)
+    backend = getattr(args, "backend", None)
+    walker = Walker(res.ruleset, ns, backend=backend if backend in ("nft", "legacy") else None)
+    outcomes = explain_flow(res.ruleset, flow, ns, local=args.local, walker=walker)
     report_late_errors(res)
     diags = outcome_findings(flow, outcomes, res.files)
     if args.output_format == "json":
