@@ -772,7 +772,9 @@ def cmd_check(args) -> int:
                 return EXIT_UNUSABLE
             target = EnvTarget(env, args.env)
         else:
-            results = _load(args)
+            # flow questions decode only the rules the walks meet (as explain does); lint-based
+            # assertions need every rule decoded
+            results = _load(args, lazy=not any(a.kind == "no-finding" for a in policy.assertions))
             if results is None:
                 return EXIT_UNUSABLE
             if len(results) > 1:
@@ -794,6 +796,9 @@ def cmd_check(args) -> int:
         return EXIT_UNUSABLE
     target.suppressor = args.suppressor
     results = evaluate(policy, target)
+    if target.kind == "dump" and target.res is not None and hasattr(target.res, "late_diagnostics"):
+        from analyzer.explain import report_late_errors
+        report_late_errors(target.res)
     fmt = args.output_format
     if fmt == "json":
         from analyzer.report.policy import render_json as render
