@@ -534,7 +534,7 @@ def cmd_lint(args) -> int:
                 diags += [d for d in run_checks(CheckContext(rs, ()), select, ignore, on_check=tick)
                           if not d.code.startswith("NAT")]
             env_ctx = CheckContext(None, (), extra={"env": env})
-            diags += run_checks(env_ctx, select or ["NAT"], ignore, on_check=tick)
+            diags += run_checks(env_ctx, select or ["NAT", "CIL006"], ignore, on_check=tick)
         coverage = env_ctx.extra.get("coverage")
     empty = []
     from analyzer import cli_cilium

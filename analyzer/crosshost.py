@@ -119,6 +119,7 @@ class World:
         self._memo: OrderedDict = OrderedDict()
         self.memo_hits = 0
         self.memo_misses = 0
+        self.cilium_cover = _cilium_setup(env)  # namespace -> (Cilium node namespace, its veth there)
 
     def walk(self, ns: str, pkt: Packet, iif: str | None, reply_mode: bool, ct: Conntrack | None,
              bridged_via: str | None = None, from_port: tuple | None = None) -> list[Branch]:
@@ -178,6 +179,97 @@ class World:
         if isinstance(hp, bool):
             return hp
         return tuple(member) in set(hp)
+
+def _cilium_setup(env: Environment) -> dict:
+    """Which Cilium node each namespace belongs to: the node itself, or a pod whose veth peer is
+    one of the node's endpoints. Fills the node's default endpoints (its veths to namespaces that
+    are not Cilium nodes) and devices (its other interfaces)."""
+    cover = {}
+    for name, spec in env.namespaces.items():
+        node = spec.cilium
+        if node is None:
+            continue
+        cover[name] = (name, None)
+        peers = {}
+        for seg in env.segments:
+            if seg.bridge_ns is None and len(seg.members) == 2:
+                (a, ai), (b, bi) = seg.members
+                if a == name and env.namespaces[b].cilium is None:
+                    peers[ai] = b
+                elif b == name and env.namespaces[a].cilium is None:
+                    peers[bi] = a
+        if not node.endpoints:
+            node.endpoints = tuple(sorted(peers))
+        for iface in node.endpoints:
+            if iface in peers:
+                cover[peers[iface]] = (name, iface)
+        if not node.devices:
+            node.devices = tuple(sorted(i for i in spec.net.addrs if i not in node.endpoints and i != "lo"))
+    return cover
+
+
+def _cilium_stage(world: "World", tr: "Tracker", ns: str, pkt: Packet, arrived, reply_mode: bool,
+                  bridged_via, from_port) -> list[Branch] | None:
+    """Cilium's BPF datapath on the way into ``ns`` (analyzer/netfilter/cilium.py): socket LB at
+    connect() for a local process, bpf_lxc for a packet from a pod's veth (per-packet LB, rev-NAT,
+    local delivery by BPF redirect that skips the host's netfilter). None: Cilium plays no part
+    here, the namespace is walked as before."""
+    from analyzer.netfilter import cilium as C
+
+    cover = world.cilium_cover.get(ns)
+    if cover is None or bridged_via is not None:
+        return None
+    node_ns, _ = cover
+    node = world.env.namespaces[node_ns].cilium
+    entries = tr.entries.get(node_ns + "#cilium", [])
+    outs = None
+    if arrived is None and not reply_mode:
+        spec = world.env.namespaces[node_ns]
+        local = {a.ip for addrs in spec.net.addrs.values() for a in addrs}
+        outs = C.connect(node, pkt, ns == node_ns, lambda a: a in local)
+    elif ns == node_ns and arrived in node.endpoints:
+        w = world.walker(ns, pkt.family)
+
+        def route_oif(dst):
+            r = w.ns.route(dst)
+            return r.oif if r.kind == "unicast" else None
+        outs = C.from_endpoint(node, pkt, arrived, route_oif, lambda i: i in node.endpoints, entries)
+    if not outs or (len(outs) == 1 and not outs[0].steps):
+        return None
+    brs = []
+    for o in outs:
+        if o.redirect_oif is not None:
+            ct = o.entry or Conntrack(replace(o.pkt, iif=arrived), untracked=True)
+            b = Branch(replace(o.pkt, iif=arrived, oif=o.redirect_oif), ct, list(o.steps), o.prob,
+                       disposition="sent", detail=f"redirected to {o.redirect_oif} by BPF",
+                       next_hop=o.pkt.dst, reply=reply_mode)
+            b.cilium_entry = o.entry
+            b.cilium_done = True  # delivered by bpf_lxc itself: its rev-NAT (or its absence) is decided
+            brs.append(b)
+            continue
+        ct = tr.lookup_reply(ns, o.pkt) if reply_mode else None
+        for b in world.walk(ns, o.pkt, arrived, reply_mode, ct, bridged_via, from_port):
+            b.steps = list(o.steps) + b.steps
+            b.prob = None if b.prob is None else b.prob * o.prob
+            b.cilium_entry = o.entry
+            brs.append(b)
+    return brs
+
+
+def _cilium_into_endpoint(world: "World", tr: "Tracker", ns: str, b: Branch) -> None:
+    """bpf_lxc to-container: a reply leaving a Cilium node toward a pod's veth is reverse-
+    translated when that pod's from-container translated its connection."""
+    from analyzer.netfilter import cilium as C
+
+    node = world.env.namespaces[ns].cilium
+    if node is None or b.disposition != "sent" or b.pkt.oif not in node.endpoints \
+            or getattr(b, "cilium_done", False):
+        return
+    o = C.reply_into_endpoint(node, b.pkt, b.pkt.oif, tr.entries.get(ns + "#cilium", []))
+    if o is not None:
+        b.pkt = replace(o.pkt, iif=b.pkt.iif, oif=b.pkt.oif)
+        b.steps = b.steps + o.steps
+
 
 class Tracker:
     """Per-namespace conntrack tables built while the request travels."""
@@ -400,8 +492,12 @@ def travel_all(world: World, tracker: Tracker, start_ns: str, pkt: Packet, iif: 
                 j.end, j.end_ns, j.detail = "loop", ns, f"the packet comes back to {ns} unchanged: routing loop"
                 break
             visited = visited | {key}
-            ct = tr.lookup_reply(ns, pkt) if reply_mode else None
-            brs = world.walk(ns, pkt, arrived, reply_mode, ct, bridged_via, from_port)
+            brs = _cilium_stage(world, tr, ns, pkt, arrived, reply_mode, bridged_via, from_port)
+            if brs is None:
+                ct = tr.lookup_reply(ns, pkt) if reply_mode else None
+                brs = world.walk(ns, pkt, arrived, reply_mode, ct, bridged_via, from_port)
+            for b in brs:
+                _cilium_into_endpoint(world, tr, ns, b)
             # the walker lists a fork's outcomes last-rule-first; follow them in rule order
             brs.reverse()
             room = max(1, world.max_outcomes - len(done) - len(todo))
@@ -430,13 +526,22 @@ def travel_all(world: World, tracker: Tracker, start_ns: str, pkt: Packet, iif: 
     return done, unfollowed
 
 
+def _cilium_ct_type():
+    from analyzer.netfilter.cilium import CiliumCT
+    return CiliumCT
+
+
 def _advance(world: World, j: Journey, tr: Tracker, ns: str, pkt: Packet, arrived, bridged_via,
              bridged_from, b: Branch, outcomes: int, role: str):
     """Record outcome ``b`` of the walk of ``pkt`` in ``ns`` as a hop of ``j``; return where the
     packet goes next (namespace, packet, arrival, bridged_via, from_port, bridged_from), or None
     when the journey ends here (``j.end`` set)."""
-    if not b.reply:
+    if not b.reply and not isinstance(b.ct, _cilium_ct_type()):
         tr.add(ns, b.ct)
+    entry = getattr(b, "cilium_entry", None)
+    if entry is not None:
+        cover = world.cilium_cover.get(ns)
+        tr.add((cover[0] if cover else ns) + "#cilium", entry)
     hop = Hop(ns, role, arrived, b.steps, pkt, b.pkt, b.disposition, b.detail, b.ct, list(b.approx),
               bridged=bridged_via is not None, prob=b.prob if outcomes > 1 else 1.0, outcomes=outcomes)
     j.hops.append(hop)
@@ -525,13 +630,37 @@ def follow_all(world: World, start: str, flow: Packet, uid=None, gid=None, depth
             for leg in legs:
                 t = Trip(flow, start, req, rep, listener=lst, second_leg=leg)
                 if rep.end in ("delivered",) and rep.end_ns == start:
-                    t.client_sees = rep.end_packet
+                    t.client_sees = _socket_revnat(world, tracker, start, flow, rep)
                 trips.append(t)
     if len(trips) > world.max_outcomes:
         unfollowed += len(trips) - world.max_outcomes
         trips = trips[:world.max_outcomes]
     trips[0].unfollowed = unfollowed
     return trips
+
+
+def _socket_revnat(world: World, tracker: Tracker, start: str, flow: Packet, rep: Journey) -> Packet:
+    """What the client's socket reports for the reply: with Cilium's socket LB the socket is
+    connected to the backend, and recvmsg/getpeername give the frontend back (bpf_sock.c
+    __sock4_xlate_rev): the reverse translation happens in the socket layer, not on the wire."""
+    from analyzer.netfilter.cilium import FACTS, CiliumCT
+
+    seen = rep.end_packet
+    cover = world.cilium_cover.get(start)
+    if cover is None:
+        return seen
+    for ct in tracker.entries.get(cover[0] + "#cilium", []):
+        if (isinstance(ct, CiliumCT) and ct.revnat_at == "socket" and ct.original.src == flow.src
+                and ct.original.sport == flow.sport and ct.original.dst == flow.dst
+                and ct.original.dport == flow.dport and seen.src == ct.reply_src and seen.sport == ct.reply_sport):
+            back = replace(seen, src=ct.original.dst, sport=ct.original.dport)
+            if rep.hops:
+                rep.hops[-1].steps = list(rep.hops[-1].steps) + [Step(
+                    "cilium:socket-lb", f"recvmsg/getpeername report {back.src}:{back.sport} for "
+                                        f"{seen.src}:{seen.sport} (reverse translation in the socket layer)",
+                    note=FACTS["socket-lb"].source)]
+            return back
+    return seen
 
 
 def follow(world: World, start: str, flow: Packet, uid=None, gid=None, depth: int = 0) -> Trip:
@@ -591,11 +720,17 @@ def findings(world: World, trip: Trip) -> list[Diagnostic]:
             msg = (f"client {flow.src} dialled {flow.dst}:{flow.dport} but the reply arrives from "
                    f"{seen.src}:{seen.sport}: the client's kernel has no socket for it and {rst}; "
                    f"the connect retries its SYN and times out")
-            if missed:
+            cil = _cilium_miss(world, trip, missed[0]) if missed else None
+            hint = _fix_hint(world, trip, missed)
+            if cil is not None:
+                msg += (f". The request {flow.dst}:{flow.dport} -> {missed[0].packet_out.dst}:"
+                        f"{missed[0].packet_out.dport}: {cil[0]}")
+                hint = cil[1]
+            elif missed:
                 msg += (f". The request was translated in '{missed[0].namespace}' "
                         f"({flow.dst}:{flow.dport} -> {missed[0].packet_out.dst}:{missed[0].packet_out.dport}) "
                         f"but the reply {bypass}")
-            out.append(Diagnostic("NAT001", Severity.ERROR, msg, span, _fix_hint(world, trip, missed),
+            out.append(Diagnostic("NAT001", Severity.ERROR, msg, span, hint,
                                   _line(world, span), APPROXIMATE if _approx(trip) else EXACT,
                                   tuple(related), flow.tuple_str(), "reply-bypasses-translation"))
         elif trip.reply.end not in ("delivered",) or (trip.reply.end_ns != trip.start):
@@ -744,13 +879,56 @@ def _bypass_point(trip: Trip, ns: str | None) -> str:
         return "never reaches it"
     first = hops[0]
     path = " -> ".join(dict.fromkeys(h.namespace for h in hops))
+    redirect = next((s for h in hops if h.namespace == ns for s in h.steps
+                     if s.where == "cilium:local-delivery"), None)
+    if redirect is not None:
+        # Cilium's bpf_lxc hands the reply from one pod's veth to the other's: no netfilter
+        return (f"goes {path}, where Cilium redirects it by BPF from pod to pod "
+                f"({redirect.verdict.split(' (')[0].lower()}): it never crosses '{ns}''s netfilter "
+                f"conntrack, so the translation there is not undone")
     return f"goes {path} and never crosses '{ns}''s conntrack entry, so it is not reverse-translated"
+
+
+def _cilium_miss(world: World, trip: Trip, hop: Hop) -> tuple[str, str] | None:
+    """For a request Cilium translated: (what happened to the reply, the fixes), from the
+    datapath facts and the known-defects table (analyzer/netfilter/cilium.py)."""
+    from analyzer.netfilter.cilium import CiliumCT, FACTS
+
+    ct = hop.ct
+    if not isinstance(ct, CiliumCT):
+        return None
+    node = world.env.namespaces[hop.namespace].cilium
+    said = next((s for h in trip.reply.hops for s in h.steps
+                 if s.where.startswith("cilium:revnat") and s.verdict.startswith("NO ")), None)
+    where = FACTS[ct.point].name
+    if said is not None:
+        why = (f"Cilium translated it in '{hop.namespace}' ({where}, at {ct.revnat_at}); the reply is "
+               f"delivered back to {ct.revnat_at} by BPF redirect with no reverse translation on its path "
+               f"({said.verdict.split('(', 1)[-1].rstrip(')')})")
+        fixes = said.note.split("fix: ", 1)[-1]
+    else:
+        why = (f"Cilium translated it in '{hop.namespace}' ({where}, reverse translation at "
+               f"{ct.revnat_at}), but the reply {_bypass_point(trip, hop.namespace)}")
+        fixes = ("translate at connect() (socket LB) or make the reply pass the interface where "
+                 "Cilium reverse-translates")
+    if node is not None and node.version is None:
+        fixes += ("; the Cilium version is not known (give cilium status or cilium.version): "
+                  + ", ".join(d.issue for d, _ in node.defects(ct.point) + node.defects("revnat-to-container"))
+                  + " may apply")
+    return why, fixes
 
 
 def _fix_hint(world: World, trip: Trip, missed, hairpin: bool = False) -> str:
     if not missed:
         return "make the reply return through the namespace that translated the request"
     ns = missed[0].namespace
+    if trip.reply is not None and any(s.where == "cilium:local-delivery" for h in trip.reply.hops
+                                      if h.namespace == ns for s in h.steps):
+        # cilium#10567: iptables translated, Cilium's bpf_lxc delivers the reply past netfilter
+        return (f"Cilium delivers the reply from pod to pod by BPF redirect, past '{ns}''s conntrack "
+                f"(cilium#10567): let Cilium translate the service itself (east-west LB: cilium.per_packet_lb, "
+                f"or socket LB) so that it also reverse-translates, or use endpoint routes "
+                f"(cilium.local_delivery: stack) so replies cross the host's netfilter")
     out_if = missed[0].packet_out.oif
     rule = _translating_rule(world, missed[0])
     bridged_seg = next((seg for seg in world.env.segments

@@ -1,4 +1,4 @@
-"""Golden samples: every environment under samples/env/ with its expected lint and explain output
+"""Golden samples: every environment under samples/env/ and samples/cilium/ with its expected lint and explain output
 next to it (NAME.lint.txt, NAME.explain.txt). ``pytest --update-goldens`` rewrites them."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import yaml
 
 from _golden import ROOT, check_golden, run
 
-ENVS = sorted((ROOT / "samples" / "env").glob("*.yaml"))
+ENVS = sorted((ROOT / "samples" / "env").glob("*.yaml")) + sorted((ROOT / "samples" / "cilium").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("env", ENVS, ids=[p.stem for p in ENVS])

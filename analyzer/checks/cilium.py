@@ -207,3 +207,36 @@ def run_cilium_checks(ctx: CheckContext, select=None, ignore=None) -> list:
         if code.startswith("CIL") and selected(code, info.name, select, ignore):
             out.extend(info.func(ctx))
     return out
+
+
+@check(code="CIL006", name="known-cilium-defect-possible", severity=Severity.INFO)
+def known_cilium_defect_possible(ctx: CheckContext) -> Iterator:
+    """A connection takes a path a known Cilium defect breaks, and the node's version is unknown.
+
+    Why it matters: the walk models the datapath as Cilium documents it; some versions break this
+    very path (the table in analyzer/netfilter/cilium.py, docs/cilium.md), e.g. cilium#9285: a pod
+    reaching an ExternalIP whose backend is on its own node gets the SYN+ACK from the PodIP and
+    resets. Whether it happens depends on the version, which the service dumps do not show.
+    Fix: give the node's version (a `cilium status` dump among `cilium.dumps`, or `cilium.version`)
+    so that lint can decide; upgrade past the fixed version named in the message.
+    """
+    from analyzer.checks.reply import environment_trips
+
+    if ctx.extra.get("env") is None:
+        return
+    seen = set()
+    for cname, sname, trips, _ in environment_trips(ctx):
+        for t in trips:
+            for j in (t.request, t.reply):
+                for h in (j.hops if j is not None else ()):
+                    for s in h.steps:
+                        if s.where != "cilium:known-defect":
+                            continue
+                        issue = s.verdict.split()[1].rstrip(":")
+                        if (h.namespace, issue) in seen:
+                            continue
+                        seen.add((h.namespace, issue))
+                        yield ctx.diag("CIL006", f"[{cname} -> {sname}] node '{h.namespace}', version unknown: "
+                                       f"{t.flow.tuple_str()} takes the path {issue} breaks in some versions "
+                                       f"({s.verdict.split(': ', 1)[-1]})", None, s.note,
+                                       witness=t.flow.tuple_str())

@@ -122,6 +122,9 @@ def environment_trips(ctx: CheckContext):
     targets: list = []
     for name, spec in env.namespaces.items():
         targets += [(name, key, set(clients), True) for key, _ in service_destinations(spec)]
+        if spec.cilium is not None:  # the frontends of a Cilium node's service dumps
+            from analyzer.netfilter.cilium import destinations
+            targets += [(name, key, set(clients), True) for key in destinations(spec.cilium)]
         # every listener is a service too, translated or not: its reply must come back as well
         for l in spec.listeners:
             if l.proxy_to:

@@ -72,6 +72,7 @@ class NamespaceSpec:
     ruleset6: object = None
     listeners: list = field(default_factory=list)
     dumps: list = field(default_factory=list)
+    cilium: object = None   # analyzer.netfilter.cilium.CiliumNode: this namespace is a Cilium node
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,6 +405,86 @@ def _k_listeners(ld: _Loader, ns: NamespaceSpec, v, loc) -> None:
                                      None if item.get("name") is None else str(item["name"])))
 
 
+CILIUM_KEYS = ("dumps", "node", "version", "socket_lb", "socket_lb_hostns_only", "per_packet_lb", "nodeport",
+               "lb_mode", "local_delivery", "endpoints", "devices")
+
+
+def _k_cilium(ld: _Loader, ns: NamespaceSpec, v, loc) -> None:
+    """``cilium:`` makes the namespace a Cilium node: its service dumps, and the datapath
+    settings the dumps cannot show (docs/cilium.md: each with its default)."""
+    from analyzer.netfilter.cilium import CiliumNode, parse_version
+    from analyzer.parse.cilium import join_statedb, parse_cilium
+
+    d = ld.as_map(v, loc, "cilium")
+    ld.known_keys(d, loc, CILIUM_KEYS, "cilium key")
+    node = CiliumNode()
+    services, status, meta, bes, fronts = [], None, None, None, []
+    for i, fp in enumerate(ld.as_list(d.get("dumps"), loc + ("dumps",), "cilium.dumps", scalar_ok=True)):
+        floc = loc + ("dumps",) + ((i,) if isinstance(d.get("dumps"), list) else ())
+        got = ld.read(fp, floc, errors="surrogateescape")
+        if got is None:
+            continue
+        res = parse_cilium(*got)
+        ld.env.diagnostics.extend(res.diagnostics)
+        ns.dumps.append(got[1])
+        node.dumps += (got[1],)
+        for lst in res.dump.listings:
+            if lst.status is not None:
+                status = lst.status
+            elif lst.kind == "frontends":
+                fronts.append(lst)
+            elif lst.kind == "services":
+                meta = lst
+            elif lst.kind == "backends":
+                bes = lst
+            elif lst.kind != "revnat":
+                services.extend(lst.services)
+    for f in fronts:
+        services.extend(join_statedb(f, meta, bes))
+    if not services:
+        ld.error(loc + ("dumps",), "cilium needs at least one service dump (service list, JSON, bpf lb "
+                                   "list or statedb frontends table) in 'dumps'")
+    node.services = tuple(services)
+    node.status = status
+    if status is not None:
+        node.version = parse_version(status.version)
+        if status.socket_lb is not None:
+            node.socket_lb = status.socket_lb
+        if status.socket_lb_hostns_only is not None:
+            node.socket_lb_hostns_only = status.socket_lb_hostns_only
+        if status.kpr is not None:
+            node.nodeport = status.kpr.lower() in ("true", "strict", "probe")
+        if status.lb_mode:
+            node.lb_mode = status.lb_mode.lower()
+    for key in ("socket_lb", "socket_lb_hostns_only", "per_packet_lb", "nodeport"):
+        if key in d:
+            if not isinstance(d[key], bool):
+                ld.error(loc + (key,), f"cilium.{key} should be true or false, not {_kind(d[key])}")
+            else:
+                setattr(node, key, d[key])
+    if "version" in d:
+        node.version = parse_version(str(d["version"]))
+        if node.version is None:
+            ld.error(loc + ("version",), f"cilium.version '{d['version']}' is not a version like 1.15.3")
+    if "node" in d:
+        node.node = str(d["node"])
+    for key, allowed in (("lb_mode", ("snat", "dsr", "hybrid")), ("local_delivery", ("bpf", "stack"))):
+        if key in d:
+            val = str(d[key]).lower()
+            if val not in allowed:
+                ld.error(loc + (key,), f"cilium.{key} '{d[key]}'{_suggest(val, allowed)}: one of {', '.join(allowed)}")
+            else:
+                setattr(node, key, val)
+    for key in ("endpoints", "devices"):
+        if key in d:
+            items = ld.as_list(d[key], loc + (key,), f"cilium.{key}", scalar_ok=True)
+            setattr(node, key, tuple(str(x) for x in items))
+            for j, x in enumerate(items):
+                ld.iface_refs.append((ns.name, str(x), loc + (key, j), f"cilium.{key}"))
+    node.build_index()
+    ns.cilium = node
+
+
 # one row per namespace key, in the order they are read (addresses before what names interfaces)
 NAMESPACE_KEYS: dict[str, Callable] = {
     "description": _k_description,
@@ -415,6 +496,7 @@ NAMESPACE_KEYS: dict[str, Callable] = {
     "iptables": _k_rules(4),
     "ip6tables": _k_rules(6),
     "listeners": _k_listeners,
+    "cilium": _k_cilium,
 }
 KNOWN_KEYS = set(NAMESPACE_KEYS)
 
