@@ -65,6 +65,41 @@ class DiffResult:
     complete: bool
     classes: int
     entries: list[str]
+    env_changes: list[str] = field(default_factory=list)   # environments: what changed besides rules
+
+
+def env_changes(old_env, new_env) -> list[str]:
+    """What differs between two environments besides their rules: namespaces, addresses,
+    routes, sysctls, listeners, links.
+
+    >>> env_changes(type("E", (), {"namespaces": {}, "segments": []})(), type("E", (), {"namespaces": {}, "segments": []})())
+    []
+    """
+    out = []
+    a, b = old_env.namespaces, new_env.namespaces
+    for n in sorted(set(a) - set(b)):
+        out.append(f"namespace '{n}' removed")
+    for n in sorted(set(b) - set(a)):
+        out.append(f"namespace '{n}' added")
+    for n in sorted(set(a) & set(b)):
+        x, y = a[n], b[n]
+        facts = {
+            "addresses": lambda s: sorted(f"{ad}@{i}" for i, ad in s.net.local_addresses()),
+            "routes": lambda s: sorted(r.render() for r in s.net.routes),
+            "sysctls": lambda s: sorted(f"{k}={v}" for k, v in s.net.sysctls.items()),
+            "listeners": lambda s: sorted(f"{l.proto}/{l.port}" + (f" ({l.name})" if l.name else "")
+                                          + (f" proxy_to {l.proxy_to}" if l.proxy_to else "") for l in s.listeners),
+        }
+        for what, f in facts.items():
+            fx, fy = f(x), f(y)
+            if fx != fy:
+                gone = [v for v in fx if v not in fy]
+                came = [v for v in fy if v not in fx]
+                out.append(f"'{n}' {what}: " + ", ".join([f"-{v}" for v in gone] + [f"+{v}" for v in came]))
+    seg = lambda e: sorted(f"{s.name}:{sorted(s.members)}:{s.bridge_ns}:{s.hairpin}" for s in e.segments)  # noqa: E731
+    if seg(old_env) != seg(new_env):
+        out.append("links changed")
+    return out
 
 
 def _chains(rs):
@@ -302,12 +337,17 @@ def _kind(old_ends, new_ends) -> str:
     return "changed"
 
 
-def _responsible(fate, changed_lines: set) -> list:
-    """Rules on the witness's path that changed, else the rule that decided."""
+def _responsible(fate, changed_lines: set, kind: str = "") -> list:
+    """Rules on the witness's path that changed, else the rule that decided (for a change in
+    symmetry: the translation whose reply is or is not reversed)."""
     out = [(Span(p, l, 1, 2), w) for w, p, l in fate.rules if (p, l) in changed_lines]
-    if not out and fate.decisive is not None:
-        out = [(fate.decisive, "decided here")]
-    return out
+    if out:
+        return out
+    if kind in ("now-asymmetric", "now-symmetric") and fate.translation is not None:
+        return [(fate.translation, "translated here")]
+    if fate.decisive is not None:
+        return [(fate.decisive, "decided here")]
+    return []
 
 
 def diff_dumps(old: DumpTarget, new: DumpTarget, limit: int = 256, iif: str | None = None) -> DiffResult:
@@ -355,9 +395,9 @@ def diff_dumps(old: DumpTarget, new: DumpTarget, limit: int = 256, iif: str | No
         ex.classes = differ
         for c in ex.merged(lambda c: (c.fates[0].signature(), c.fates[1].signature())):
             fo, fn = c.fates
-            changes.append(Change(_kind(fo.ends, fn.ends), c, fo.summary(), fn.summary(),
-                                  _responsible(fo, changed_lines["old"]), _responsible(fn, changed_lines["new"]),
-                                  label))
+            k = _kind(fo.ends, fn.ends)
+            changes.append(Change(k, c, fo.summary(), fn.summary(), _responsible(fo, changed_lines["old"], k),
+                                  _responsible(fn, changed_lines["new"], k), label))
     return DiffResult(changes, rchanges, complete, n, labels)
 
 
@@ -404,8 +444,8 @@ def diff_envs(old: EnvTarget, new: EnvTarget, limit: int = 256) -> DiffResult:
             ex.classes = [c for c in ex.classes if c.fates[0].signature() != c.fates[1].signature()]
             for c in ex.merged(lambda c: (c.fates[0].signature(), c.fates[1].signature())):
                 fo, fn = c.fates
-                changes.append(Change(_kind(fo.ends, fn.ends), c, fo.summary(), fn.summary(),
-                                      _responsible(fo, changed_lines["old"]),
-                                      _responsible(fn, changed_lines["new"]), f"from '{start}'"))
+                k = _kind(fo.ends, fn.ends)
+                changes.append(Change(k, c, fo.summary(), fn.summary(), _responsible(fo, changed_lines["old"], k),
+                                      _responsible(fn, changed_lines["new"], k), f"from '{start}'"))
         labels.append(f"from '{start}'")
-    return DiffResult(changes, rchanges, complete, n, labels)
+    return DiffResult(changes, rchanges, complete, n, labels, env_changes(old.env, new.env))

@@ -62,7 +62,10 @@ class FlowSel:
         rng = lambda rs: "" if rs is None else ":" + ",".join(str(a) if a == b else f"{a}-{b}" for a, b in rs)
         where = f" from '{self.start}'" if self.start else f" in on {self.iif}" if self.iif else \
             " generated locally" if self.local else ""
-        src = f"'{self.start}'" if self.src is None and self.start else nets(self.src, self.src_negated)
+        if self.src is None and self.start:
+            src, where = f"'{self.start}'", ""
+        else:
+            src = nets(self.src, self.src_negated)
         return f"{p} {src}{rng(self.sport)} -> " \
                f"{nets(self.dst, self.dst_negated)}{rng(self.dport)}{where}"
 

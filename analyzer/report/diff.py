@@ -21,6 +21,8 @@ def render_text(res, old: str, new: str, verbose: bool = False) -> str:
            f"(table, chain, text without counters); {res.classes} class(es) explored "
            f"({', '.join(res.entries) or 'nothing to explore'})"
            + ("" if res.complete else " (APPROXIMATE: class limit reached)"), ""]
+    for e in res.env_changes:
+        out.insert(-1, f"  environment: {e}")
     if not res.changes:
         out.append("No flow changes fate." if res.rule_changes else "No rule changed.")
         return "\n".join(out) + "\n"
@@ -56,6 +58,7 @@ def render_json(res, old: str, new: str) -> str:
            "complete": res.complete, "classes_explored": res.classes, "entries": res.entries,
            "rule_changes": [{"side": r.side, "table": r.table, "chain": r.chain, "span": _span(r.span),
                              "text": r.text} for r in res.rule_changes],
+           "environment_changes": res.env_changes,
            "changes": [to_dict(c) for c in res.changes]}
     return json.dumps(doc, indent=2)
 

@@ -115,3 +115,14 @@ def test_kube_proxy_syncs_name_exactly_the_changed_services(tmp_path, capsys):
     assert named_flows(doc) == expected_flows(added, shrink)
     kinds = {c["kind"] for c in doc["changes"]}
     assert kinds == {"newly-translated", "translated-elsewhere"}
+
+
+def test_environment_changes_besides_rules_are_named(capsys):
+    rc, doc = _diff(capsys, ENV / "seed2-app-down.yaml", ENV / "seed2-app-up.yaml")
+    assert rc == 1 and doc["rule_changes"] == []
+    assert doc["environment_changes"] == ["'pod' listeners: +tcp/8080 (app)"]
+    assert {c["kind"] for c in doc["changes"]} == {"newly-allowed"}
+    rc, doc = _diff(capsys, ENV / "seed1-broken.yaml", ENV / "seed1-fixed-br-netfilter.yaml")
+    (ch,) = doc["changes"]
+    assert ch["kind"] == "now-symmetric" and ch["old"]["rules"][0]["step"] == "translated here"
+    assert ch["old"]["rules"][0]["span"]["line"] == 11   # the DNAT whose reply was not reversed
