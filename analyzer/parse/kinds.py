@@ -35,10 +35,11 @@ _CILIUM_SERVICE_ROW = re.compile(
     r"(?m)^[\t ]*\d+[\t ]+\[?[0-9a-fA-F:.]+\]?:\d+(?:/\w+)?(?:/i)?[\t ]+"
     r"(?:ClusterIP|NodePort|ExternalIPs|LoadBalancer|HostPort|LocalRedirect)\b")
 _CILIUM_BACKEND_ROW = re.compile(r"(?m)^[\t ]*\d+ => \[?[0-9a-fA-F:.]+\]?:\d+")
-_BPF_LB_HEADER = re.compile(r"(?m)^[\t ]*SERVICE ADDRESS[\t ]+BACKEND ADDRESS")
+_BPF_LB_HEADER = re.compile(r"(?m)^[\t ]*(?:SERVICE ADDRESS|ID)[\t ]+BACKEND ADDRESS")
 _CILIUM_JSON = re.compile(r'"(?:frontend-address|backend-addresses)"\s*:')
 _NFT = re.compile(r"(?m)^[\t ]*table[\t ]+(?:ip|ip6|inet|arp|bridge|netdev)[\t ]+\S+[\t ]*\{")
 _ENV_YAML = re.compile(r"(?m)^namespaces[\t ]*:[\t ]*(?:#.*)?$")
+_CONTENT = re.compile(r"(?m)^[^\S\n]*[^\s#]")  # a line with something other than blanks or a comment
 _IPTABLES_LINE = re.compile(r"(?m)^[\t ]*(?:\*[a-z]|:[^\s]+ |-[AINPXFDR] |COMMIT\b|(?:sudo[\t ]+)?ip6?tables)")
 
 
@@ -114,7 +115,7 @@ def identify(text: str) -> InputKind:
     if _binary(head):
         return InputKind("binary", "binary data, not a text dump (no bytes are shown): give synack "
                          "the text `iptables-save` prints")
-    if not any(l.strip() and not l.lstrip().startswith("#") for l in text.splitlines()):
+    if _CONTENT.search(text) is None:
         what = "only blank lines" if not text.strip() else "only comments"
         return InputKind("empty", f"the input has {what}, no table and no rule: nothing was read. "
                          "A non-root `iptables-save` prints nothing (run it with sudo)")
