@@ -345,7 +345,9 @@ def _nothing_read(res, allow_empty: bool) -> str | None:
     if allow_empty:
         return None
     tables = ", ".join(t for r in res.families() for t in r.ruleset.tables)
-    return (f"{sources}: no rule read, only the chain policies of {tables}: nothing to check "
+    live = " (a live read: the rules may live in the other backend, try --backend nft or " \
+        "--backend legacy)" if sources.startswith("<live") else ""
+    return (f"{sources}: no rule read, only the chain policies of {tables}: nothing to check{live} "
             "(--allow-empty accepts an empty ruleset)")
 
 

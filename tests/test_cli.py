@@ -329,3 +329,12 @@ def test_fuzz_sample_has_no_traceback_and_no_silent_pass():
     stats = fuzz_inputs.fuzz(300, seed=8, files=files)
     assert stats["cases"] == 300
     assert (stats["tracebacks"], stats["bad_exit"], stats["zero_rules_exit_0"]) == (0, 0, 0), stats
+
+
+def test_live_read_of_policies_only_names_the_backend(monkeypatch):
+    monkeypatch.setattr("analyzer.parse.live.read_live", lambda *a: (
+        "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n",
+        "<live nft IPv4>"))
+    rc, out, err = run(["lint", "--live"])
+    assert rc == 2 and "only the chain policies of filter" in err and "--backend legacy" in err
+    assert "No findings." not in out

@@ -443,6 +443,8 @@ class Builder:
     # -- diagnostics
     def diag(self, sf: SourceFile, line: int, col: int, end: int, code: str, msg: str,
              hint: str | None = None, sev: Severity = Severity.ERROR):
+        if not msg.isprintable():  # words of the input quoted in the message: no raw bytes
+            msg = O.escape_text(msg)
         d = Diagnostic(code, sev, msg, _new_Span(sf.path, line, col, end), hint or DEFAULT_HINTS.get(code),
                        sf.line(line))
         self.diags.append(d)

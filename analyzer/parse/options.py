@@ -321,16 +321,28 @@ def printable(s: str, limit: int = 60) -> str:
     >>> print(printable(b"ht\\xfftp".decode("utf-8", "surrogateescape")), printable("a\\x0bb"))
     'ht\\xfftp' 'a\\x0bb'
     """
+    return "'" + escape_text(s[:limit]) + ("..." if len(s) > limit else "") + "'"
+
+
+def escape_text(s: str) -> str:
+    """``s`` with control characters, unusual whitespace and bytes that were not UTF-8 escaped,
+    so that a message never sends raw bytes of the input to a terminal.
+
+    >>> escape_text("--d\\x1b[2Jport")
+    '--d\\\\x1b[2Jport'
+    """
+    if s.isprintable():
+        return s
     out = []
-    for ch in s[:limit]:
+    for ch in s:
         o = ord(ch)
         if 0xDC80 <= o <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
             out.append(f"\\x{o - 0xDC00:02x}")
-        elif ch.isprintable() and ch != "\\":
+        elif ch.isprintable():
             out.append(ch)
         else:
-            out.append(ch.encode("unicode_escape").decode("ascii"))
-    return "'" + "".join(out) + ("..." if len(s) > limit else "") + "'"
+            out.append(ch.encode("unicode_escape", "backslashreplace").decode("ascii"))
+    return "".join(out)
 
 
 def port_range(s: str, ctx: Ctx, strict: bool = False) -> tuple[int, int]:
