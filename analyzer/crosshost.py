@@ -234,15 +234,32 @@ def _cilium_stage(world: "World", tr: "Tracker", ns: str, pkt: Packet, arrived, 
             r = w.ns.route(dst)
             return r.oif if r.kind == "unicast" else None
         outs = C.from_endpoint(node, pkt, arrived, route_oif, lambda i: i in node.endpoints, entries)
+    elif ns == node_ns and arrived in node.devices:
+        w = world.walker(ns, pkt.family)
+        spec = world.env.namespaces[node_ns]
+        local = {a.ip for addrs in spec.net.addrs.values() for a in addrs}
+
+        def route_oif(dst):
+            r = w.ns.route(dst)
+            return r.oif if r.kind == "unicast" else None
+
+        def addr_of(iface):
+            return next((a.ip for a in spec.net.addrs.get(iface, []) if a.version == pkt.family), None)
+        outs = C.from_device(node, pkt, arrived, route_oif, lambda i: i in node.endpoints, entries,
+                             lambda a: a in local, addr_of)
     if not outs or (len(outs) == 1 and not outs[0].steps):
         return None
     brs = []
     for o in outs:
         if o.redirect_oif is not None:
             ct = o.entry or Conntrack(replace(o.pkt, iif=arrived), untracked=True)
+            nh = o.pkt.dst
+            r = world.walker(ns, o.pkt.family).ns.route(o.pkt.dst)
+            if r.kind == "unicast" and r.via is not None:
+                nh = r.via  # bpf_fib_lookup gives the gateway of the route
             b = Branch(replace(o.pkt, iif=arrived, oif=o.redirect_oif), ct, list(o.steps), o.prob,
-                       disposition="sent", detail=f"redirected to {o.redirect_oif} by BPF",
-                       next_hop=o.pkt.dst, reply=reply_mode)
+                       list(o.approx), disposition="sent", detail=f"redirected to {o.redirect_oif} by BPF",
+                       next_hop=nh, reply=reply_mode)
             b.cilium_entry = o.entry
             b.cilium_done = True  # delivered by bpf_lxc itself: its rev-NAT (or its absence) is decided
             brs.append(b)
@@ -250,6 +267,7 @@ def _cilium_stage(world: "World", tr: "Tracker", ns: str, pkt: Packet, arrived, 
         ct = tr.lookup_reply(ns, o.pkt) if reply_mode else None
         for b in world.walk(ns, o.pkt, arrived, reply_mode, ct, bridged_via, from_port):
             b.steps = list(o.steps) + b.steps
+            b.approx = list(o.approx) + b.approx
             b.prob = None if b.prob is None else b.prob * o.prob
             b.cilium_entry = o.entry
             brs.append(b)

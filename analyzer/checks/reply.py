@@ -124,7 +124,10 @@ def environment_trips(ctx: CheckContext):
         targets += [(name, key, set(clients), True) for key, _ in service_destinations(spec)]
         if spec.cilium is not None:  # the frontends of a Cilium node's service dumps
             from analyzer.netfilter.cilium import destinations
-            targets += [(name, key, set(clients), True) for key in destinations(spec.cilium)]
+            inside = {c for c, (node, _) in world.cilium_cover.items() if node == name}
+            # a ClusterIP is dialled from inside the cluster: the node and its pods
+            targets += [(name, key, set(clients) & inside if typ == "ClusterIP" else set(clients), True)
+                        for key, typ in destinations(spec.cilium)]
         # every listener is a service too, translated or not: its reply must come back as well
         for l in spec.listeners:
             if l.proxy_to:

@@ -191,14 +191,22 @@ class CiliumNode:
             key = (s.frontend.address, s.frontend.port, s.frontend.protocol)
             self.index.setdefault(key, s)
 
-    def lookup(self, pkt: Packet):
-        """The service whose frontend is the packet's destination (protocol-less dumps match any)."""
+    def lookup(self, pkt: Packet, local_addr=None):
+        """The service whose frontend is the packet's destination (protocol-less dumps match any).
+        ``local_addr``: for traffic at a device, a NodePort/HostPort on 0.0.0.0/[::] matches any
+        address of the node (the wildcard frontend, bpf_sock.c sock4_wildcard_lookup)."""
         try:
             dst = ipaddress.ip_address(str(pkt.dst))
         except ValueError:
             return None
         proto = _PROTO.get(pkt.proto)
-        return self.index.get((dst, pkt.dport, proto)) or self.index.get((dst, pkt.dport, None))
+        svc = self.index.get((dst, pkt.dport, proto)) or self.index.get((dst, pkt.dport, None))
+        if svc is None and local_addr is not None and local_addr(dst):
+            any_ = ipaddress.ip_address("::" if dst.version == 6 else "0.0.0.0")
+            svc = self.index.get((any_, pkt.dport, proto)) or self.index.get((any_, pkt.dport, None))
+            if svc is not None and svc.type not in ("NodePort", "HostPort", None):
+                svc = None
+        return svc
 
     def defects(self, fact: str, service=None) -> list[tuple[Defect, bool | None]]:
         return [(d, defect_applies(d, self.version)) for d in DEFECTS if d.applies == fact
@@ -224,6 +232,7 @@ class Outcome:
     redirect_oif: str | None = None    # delivered by BPF redirect: the host's netfilter is skipped
     entry: CiliumCT | None = None      # a translation to remember for the replies
     revnat: bool = False
+    approx: list = field(default_factory=list)
 
 
 def _step(fact: str, verdict: str, packet: Packet | None = None, note: str | None = None) -> Step:
@@ -301,6 +310,16 @@ def _match_reply(entries: list, pkt: Packet) -> CiliumCT | None:
 def _reply(node: CiliumNode, pkt: Packet, ct: CiliumCT, route_oif, is_local_endpoint) -> list[Outcome]:
     """A reply on a connection Cilium translated on this node."""
     o = Outcome(pkt, [])
+    if ct.point == "nodeport" and ct.revnat_at == "endpoint":
+        new = replace(pkt, src=ct.original.dst, sport=ct.original.dport)
+        o.pkt = new
+        o.revnat = True
+        o.steps.append(_step("nodeport", f"rev-DNAT {pkt.src}:{pkt.sport} -> {new.src}:{new.sport} in "
+                                         "from-container (CT_REPLY of a NodePort connection: NODEPORT_REVNAT)", new))
+        oif = route_oif(new.dst)
+        if oif is not None:
+            o.redirect_oif = oif
+        return [o]
     _maybe_local_delivery(node, o, route_oif, is_local_endpoint)
     if ct.revnat_at == "socket":
         return [o]  # the socket layer reverse-translates at recvmsg/getpeername: nothing on the wire
@@ -328,6 +347,57 @@ def _reply(node: CiliumNode, pkt: Packet, ct: CiliumCT, route_oif, is_local_endp
     return [o]
 
 
+def from_device(node: CiliumNode, pkt: Packet, iif: str, route_oif, is_local_endpoint, entries: list,
+                local_addr, addr_of) -> list[Outcome] | None:
+    """A packet arriving on a node's device (bpf_host from-netdev, bpf/lib/nodeport.h):
+    NodePort/ExternalIP/LoadBalancer LB of a connection from outside, and the reverse
+    translation of the replies of the connections it SNATed. None: not Cilium's (the host's
+    stack and netfilter handle it)."""
+    rev = _match_reply(entries, pkt)
+    if rev is not None and rev.point == "nodeport" and rev.revnat_at == iif:
+        new = replace(pkt, src=rev.original.dst, sport=rev.original.dport, dst=rev.original.src,
+                      dport=rev.original.sport)
+        o = Outcome(new, [_step("nodeport", f"rev-SNAT+rev-DNAT {pkt.src}:{pkt.sport} -> {pkt.dst}:{pkt.dport} "
+                                            f"to {new.src}:{new.sport} -> {new.dst}:{new.dport} at {iif} "
+                                            "(rev_nodeport_lb4)", new)], revnat=True)
+        oif = route_oif(new.dst)
+        if oif is not None:
+            o.redirect_oif = oif
+        return [o]
+    if not node.nodeport:
+        return None
+    svc = node.lookup(pkt, local_addr)
+    if svc is None or svc.type not in ("NodePort", "ExternalIPs", "LoadBalancer", "HostPort"):
+        return None
+    outs = _backends(node, svc, pkt, "nodeport", f"{iif} (bpf_host from-netdev, nodeport_lb4)")
+    for o in outs:
+        oif = route_oif(o.pkt.dst)
+        o.entry = CiliumCT(pkt, o.pkt.dst, o.pkt.dport, pkt.src, pkt.sport, dnat=True, point="nodeport",
+                           revnat_at="endpoint", service=svc)
+        if oif is not None and is_local_endpoint(oif):
+            # a local backend: no SNAT; its reply is rev-DNATed in its from-container
+            # (CT_REPLY with node_port -> NODEPORT_REVNAT, bpf_lxc.c)
+            o.redirect_oif = oif
+            o.steps.append(_step("nodeport", f"REDIRECT to the local backend's {oif} (no SNAT: the backend "
+                                             f"sees the client {pkt.src})"))
+        elif node.lb_mode == "snat" and oif is not None:
+            me = addr_of(oif)
+            if me is None:
+                continue
+            o.pkt = replace(o.pkt, src=me)
+            o.entry = CiliumCT(pkt, o.pkt.dst, o.pkt.dport, me, pkt.sport, dnat=True, snat=True,
+                               point="nodeport", revnat_at=oif, service=svc)
+            o.redirect_oif = oif
+            o.steps.append(_step("nodeport", f"SNAT {pkt.src} -> {me} (mode SNAT) and REDIRECT out {oif}: the "
+                                             "reply must come back here to be reverse-translated", o.pkt))
+        else:
+            o.approx.append(f"Cilium {node.lb_mode.upper()} to a remote backend: the backend's node "
+                            "reverse-translates from the DSR option; synack does not walk that yet")
+            o.steps.append(_step("nodeport", f"{node.lb_mode.upper()}: the client's address is kept; "
+                                             "reverse translation on the backend's node (not walked)"))
+    return outs
+
+
 def reply_into_endpoint(node: CiliumNode, pkt: Packet, oif: str, entries: list) -> Outcome | None:
     """A reply leaving the node's stack toward a pod's veth: bpf_lxc's to-container reverse-
     translates it when it belongs to a connection the pod's from-container translated."""
@@ -340,8 +410,9 @@ def reply_into_endpoint(node: CiliumNode, pkt: Packet, oif: str, entries: list) 
 
 
 def destinations(node: CiliumNode):
-    """(address, protocol number, port) of every frontend with backends a client can dial
-    (the wildcard NodePort frontends 0.0.0.0/[::] stand for the node's addresses: not listed)."""
+    """((address, protocol number, port), service type) of every frontend with backends a client
+    can dial (the wildcard NodePort frontends 0.0.0.0/[::] stand for the node's addresses: not
+    listed)."""
     seen = set()
     for s in node.services:
         fe = s.frontend
@@ -350,4 +421,4 @@ def destinations(node: CiliumNode):
         key = (fe.address, {"TCP": 6, "UDP": 17, "SCTP": 132}.get(fe.protocol or "TCP", 6), fe.port)
         if key not in seen:
             seen.add(key)
-            yield key
+            yield key, s.type

@@ -148,3 +148,29 @@ def test_bad_cilium_keys_get_located_errors(tmp_path, body, needle):
     with pytest.raises(EnvError) as e:
         load_environment(str(tmp_path / "env.yaml"))
     assert needle in str(e.value) and "env.yaml:3:" in str(e.value)
+
+
+def test_nodeport_from_outside_local_backend_without_snat_remote_with_snat():
+    world, ts = trips("nodeport-external-client.yaml", src="outside")
+    assert len(ts) == 2 and outcome_findings(world, ts) == []
+    by_end = {str(t.endpoint.dst): t for t in ts}
+    remote, local = by_end["10.4.27.12"], by_end["10.4.26.11"]
+    # remote backend: SNAT to node-a's address, reverse-translated when the reply comes back to eth0
+    assert str(remote.request.end_packet.src) == "192.168.1.11"
+    assert any("rev-SNAT+rev-DNAT" in s[2] for s in steps(remote.reply))
+    # local backend: the client's address is kept, rev-DNAT in the backend's from-container
+    assert str(local.request.end_packet.src) == "192.168.1.50"
+    assert any("NODEPORT_REVNAT" in s[2] for s in steps(local.reply))
+    assert all(str(t.client_sees.src) == "192.168.1.11" and t.client_sees.sport == 30080 for t in ts)
+
+
+def test_nodeport_dsr_to_a_remote_backend_is_approximate(tmp_path):
+    text = (SAMPLES / "nodeport-external-client.yaml").read_text().replace("lb_mode: snat", "lb_mode: dsr")
+    text = text.replace("nodeport-node-a.services.txt", str(SAMPLES / "nodeport-node-a.services.txt"))
+    (tmp_path / "env.yaml").write_text(text)
+    env = load_environment(str(tmp_path / "env.yaml"))
+    world = World(env)
+    from analyzer.netfilter.walk import parse_flow
+    ts = follow_all(world, "outside", parse_flow("tcp 192.168.1.50:40000 -> 192.168.1.11:30080"))
+    remote = next(t for t in ts if str(t.endpoint.dst) == "10.4.27.12")
+    assert remote.request.approximate and str(remote.request.end_packet.src) == "192.168.1.50"
