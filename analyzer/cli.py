@@ -537,6 +537,13 @@ def cmd_lint(args) -> int:
                           if not d.code.startswith("NAT")]
             env_ctx = CheckContext(None, (), extra={"env": env})
             diags += run_checks(env_ctx, select or ["NAT", "CIL006"], ignore, on_check=tick)
+            from analyzer.checks.cilium import run_cilium_checks
+            for spec in env.namespaces.values():  # a Cilium node's own dumps: the CIL dump checks
+                node = spec.cilium
+                if node is not None:
+                    diags += [d for d in run_cilium_checks(CheckContext(
+                        None, node.files, extra={"cilium": node.parsed, "node": node.node}), select, ignore)
+                        if d.code != "CIL006"]
         coverage = env_ctx.extra.get("coverage")
     empty = []
     from analyzer import cli_cilium

@@ -182,6 +182,8 @@ class CiliumNode:
     endpoints: tuple = ()             # the node's interfaces that are pods' veths
     devices: tuple = ()               # the node's external devices (NodePort LB)
     dumps: tuple = ()
+    parsed: tuple = ()                # the CiliumDump of each dump (for the CIL checks)
+    files: tuple = ()                 # their SourceFiles (for the checks' source lines)
     index: dict = field(default_factory=dict)
 
     def build_index(self):

@@ -428,6 +428,8 @@ def _k_cilium(ld: _Loader, ns: NamespaceSpec, v, loc) -> None:
         ld.env.diagnostics.extend(res.diagnostics)
         ns.dumps.append(got[1])
         node.dumps += (got[1],)
+        node.parsed += (res.dump,)
+        node.files += res.files
         for lst in res.dump.listings:
             if lst.status is not None:
                 status = lst.status

@@ -174,3 +174,15 @@ def test_nodeport_dsr_to_a_remote_backend_is_approximate(tmp_path):
     ts = follow_all(world, "outside", parse_flow("tcp 192.168.1.50:40000 -> 192.168.1.11:30080"))
     remote = next(t for t in ts if str(t.endpoint.dst) == "10.4.27.12")
     assert remote.request.approximate and str(remote.request.end_packet.src) == "192.168.1.50"
+
+
+def test_lint_env_runs_the_dump_checks_on_each_cilium_node(tmp_path):
+    from _golden import run
+    (tmp_path / "svc.txt").write_text("ID   Frontend        Service Type   Backend\n"
+                                      "7    10.4.26.234:80  ExternalIPs    1 => 10.4.26.11:80\n"
+                                      "9    10.96.5.5:80    ClusterIP\n")
+    text = (SAMPLES / "seed1-same-node-fixed.yaml").read_text().replace(
+        "dumps: [seed1-node-a.services.txt]", f"dumps: [{tmp_path / 'svc.txt'}]")
+    (tmp_path / "env.yaml").write_text(text)
+    rc, out, _ = run(["lint", "--env", str(tmp_path / "env.yaml")])
+    assert rc == 1 and "CIL001" in out and "10.96.5.5:80" in out and "NAT001" not in out
