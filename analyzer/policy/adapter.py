@@ -44,8 +44,11 @@ class End:
     backend: tuple | None = None    # (address, port) the destination was translated to
 
     def signature(self) -> tuple:
-        return (self.disposition, self.namespace, str(self.address), self.port, self.interface,
-                self.listener, self.translated, self.symmetric)
+        """What makes two ends the same fate: an untranslated packet's own destination is not
+        part of it (packets to 10.0.0.1 and 10.0.0.2 that are both forwarded share a fate)."""
+        where = (str(self.address), self.port) if self.translated or self.namespace else None
+        return (self.disposition, self.namespace, where, self.interface, self.listener, self.translated,
+                self.symmetric)
 
     def text(self) -> str:
         where = f"{self.address}:{self.port}" if self.port is not None else f"{self.address}"
@@ -115,12 +118,29 @@ class _Recorder(Walker):
     def _rules_for(self, table, chain, pkt):
         c = self.rs.chain(table, chain)
         index = getattr(self, "_index", None)
-        if c is not None and len(c.rules) >= 32 and isinstance(index, dict) and (table, chain) not in index:
+        if not _INDEX_SHAPE:
+            _INDEX_SHAPE.append(_index_shape_known())
+        if c is not None and len(c.rules) >= 32 and isinstance(index, dict) and (table, chain) not in index \
+                and _INDEX_SHAPE[0]:
             index[(table, chain)] = _text_index(c.rules)
         c, cand = super()._rules_for(table, chain, pkt)
         if c is not None and len(c.rules) >= 32:
             self.log[1].append(c)
         return c, cand
+
+
+def _index_shape_known() -> bool:
+    """Whether the walker's chain index is the destination-only one `_text_index` imitates (a
+    walker whose index also buckets other fields builds its own)."""
+    from analyzer.netfilter import walk
+    try:
+        probe = walk.ChainIndex(())
+    except Exception:  # noqa: BLE001 - another constructor: leave indexing to the walker
+        return False
+    return set(getattr(probe, "__dict__", {})) == {"always", "by_dst"}
+
+
+_INDEX_SHAPE: list = []
 
 
 def _text_index(rules):
@@ -610,7 +630,12 @@ def explore(targets: list, sel, universe: PacketSet | None = None, space: Packet
                 if a is None:
                     a = atom_cache[id(rule)] = (rule, rule_atoms(space, rule, bounds))
                 atoms += a[1]
-            if indexes and not (cls - space.eq("dst", pkt.dst)).is_empty():
+            single_dst = (cls - space.eq("dst", pkt.dst)).is_empty()
+            # a walker index of another shape may also skip rules by port: peel (dst, dport)
+            key = space.eq("dst", pkt.dst) if not single_dst or pkt.dport is None else \
+                space.where(dst=pkt.dst, dport=(pkt.dport, pkt.dport))
+            if indexes and (not single_dst or not (_INDEX_SHAPE and _INDEX_SHAPE[0])) \
+                    and not (cls - key).is_empty():
                 # a big chain was looked up by this witness's destination only: the rules of
                 # other destinations were skipped. Packets no such rule can match walk like the
                 # witness; the others are peeled off one destination at a time
@@ -620,8 +645,8 @@ def explore(targets: list, sel, universe: PacketSet | None = None, space: Packet
                         continue
                     if not (cls - u).is_empty():
                         atoms.append(u)  # first split off what no indexed rule can match
-                    elif pkt.dst in _indexed_dsts(chain):
-                        atoms.append(space.eq("dst", pkt.dst))
+                    else:
+                        atoms.append(key)
         parts = partition(cls, atoms, limit).classes
         if len(parts) == 1 or len(done) + len(work) + len(parts) > limit:
             complete = complete and len(parts) == 1
