@@ -9,6 +9,7 @@ import json
 import sys
 from dataclasses import dataclass, replace
 
+from analyzer.model.packet import tcp_flag_names
 from analyzer.netfilter.env import EnvError, Namespace
 from analyzer.netfilter.neighbour import answers_solicitation, own_address, resolves_neighbour
 from analyzer.netfilter.walk import Branch, Conntrack, Packet, Step, Walker, parse_flow, route_decision
@@ -261,6 +262,8 @@ def _tuple_json(p: Packet | None):
 
 def render_json(flow: Packet, outcomes: list[Outcome]) -> str:
     doc = {"schema_version": SCHEMA_VERSION, "flow": _tuple_json(flow), "outcomes": []}
+    if flow.proto == 6 and flow.tcp_flags != 0x02:  # not a connection's first SYN
+        doc["flow"]["tcp_flags"] = tcp_flag_names(flow.tcp_flags)
     for oc in outcomes:
         ct = oc.forward.ct
         item = {
