@@ -112,7 +112,12 @@ def services_json(results) -> list:
 
 
 def _unusable(results) -> bool:
-    return all(not r.dump.listings for r in results) and any(r.errors for r in results)
+    """A file from which no listing was read: nothing to check (issue 8: no silent pass), said
+    on stderr."""
+    empty = [r.dump.path for r in results if not r.dump.listings]
+    for path in empty:
+        sys.stderr.write(f"synack: error: {path}: no Cilium listing read: nothing to check\n")
+    return bool(empty)
 
 
 def cmd_parse(args) -> int:

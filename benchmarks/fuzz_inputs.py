@@ -142,8 +142,15 @@ def mutate_env(text: str, rng: random.Random) -> str:
 def rules_read(path: str) -> int:
     """How many rules the parser reads from the file (the zero-rule measure)."""
     from analyzer.parse import load_ruleset
+    from analyzer.parse.kinds import identify
     with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
         text = f.read()
+    if identify(text).name.startswith("cilium"):  # read by the Cilium reader: its listings count
+        from analyzer.parse.cilium import parse_cilium
+        try:
+            return len(parse_cilium(text, path).dump.listings)
+        except Exception:
+            return -1
     try:
         res = load_ruleset((text, path))
     except Exception:

@@ -338,3 +338,18 @@ def test_live_read_of_policies_only_names_the_backend(monkeypatch):
     rc, out, err = run(["lint", "--live"])
     assert rc == 2 and "only the chain policies of filter" in err and "--backend legacy" in err
     assert "No findings." not in out
+
+
+def test_fuzz_sample_of_cilium_dumps_has_no_traceback_and_no_silent_pass():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import fuzz_inputs
+    finally:
+        sys.path.pop(0)
+    files = fuzz_inputs.corpus_files(CORPUS / "cilium")
+    if not files:
+        pytest.skip("corpus absent")
+    stats = fuzz_inputs.fuzz(150, seed=5, files=files)
+    assert (stats["tracebacks"], stats["bad_exit"], stats["zero_rules_exit_0"]) == (0, 0, 0), stats

@@ -835,7 +835,7 @@ class _Builder:
                 # dropped (cilium#36236): no frontend a client can use
                 continue
             backends = []
-            for slot, beid, ln in sorted(g["slots"]):
+            for slot, beid, ln in sorted(g["slots"], key=lambda x: x[:2]):  # a slot twice: no _Line order
                 be = bes.get(beid)
                 if be is None:
                     self.diag(ln, ln.col, len(ln.raw) + 1, "PRS201", f"SVC slot {slot} names backend {beid}, "
