@@ -416,11 +416,13 @@ for src in cfg["srcs"]:
 """
 
 
+@pytest.mark.parametrize("kind", ["dnat", "dnat-persistent", "snat"])
 @pytest.mark.parametrize("ipv6", [False, True], ids=["ipv4", "ipv6"])
-def test_dnat_address_range_pick_is_the_kernels(lab, require, backend, ipv6: bool):
-    """DNAT to an address range: for each of many clients the kernel picks the address synack
-    computes (find_best_ips_proto's jhash2 of the source seeded with the destination). IPv6
-    spans a range whose words differ beyond the last, exercising the per-word walk."""
+def test_nat_address_range_pick_is_the_kernels(lab, require, backend, ipv6: bool, kind: str):
+    """NAT to an address range: for each of many clients the kernel picks the address synack
+    computes (find_best_ips_proto's jhash2 of the source seeded with the destination; 0 and no
+    destination mixing with --persistent; SNAT hashes the same way). IPv6 spans a range whose
+    words differ beyond the last, exercising the per-word walk."""
     require("conntrack")
     c, r, s = lab.netns("client"), lab.netns("router", forwarding=True), lab.netns("server")
     lab.veth(c, r, addr_a=["10.0.1.2/24", "fd01::2/64"], addr_b=["10.0.1.1/24", "fd01::1/64"],
@@ -434,14 +436,20 @@ def test_dnat_address_range_pick_is_the_kernels(lab, require, backend, ipv6: boo
     else:
         vip, lo, hi = "10.99.0.1", "10.0.2.10", "10.0.2.40"
         srcs = [f"10.0.1.{i}" for i in range(100, 132)] + [f"192.168.{i}.{7 * i % 250 + 1}" for i in range(16)]
-    r.iptables_restore(f"*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -d {vip} -p udp "
-                       f"-j DNAT --to-destination {lo}-{hi}\nCOMMIT\n", backend=backend, ipv6=ipv6)
+    if kind == "snat":  # sent to the server itself, translated on the way out
+        vip = "fd02::2" if ipv6 else "10.0.2.2"
+        rule = f"*nat\n:POSTROUTING ACCEPT [0:0]\n-A POSTROUTING -d {vip} -p udp -j SNAT --to-source {lo}-{hi}\nCOMMIT\n"
+    else:
+        rule = (f"*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -d {vip} -p udp -j DNAT --to-destination "
+                f"{lo}-{hi}{' --persistent' if kind == 'dnat-persistent' else ''}\nCOMMIT\n")
+    r.iptables_restore(rule, backend=backend, ipv6=ipv6)
     c.run([lab.python, "-c", _SEND_FROM_MANY, json.dumps({"srcs": srcs, "dst": vip})])
     a = ipaddress.ip_address
     entries = r.conntrack(family="ipv6" if ipv6 else "ipv4", proto="udp")
-    got = {_norm(e.original.src): e.reply.src for e in entries}
+    got = {_norm(e.original.src): (e.reply.dst if kind == "snat" else e.reply.src) for e in entries}
     assert sorted(got) == sorted(str(a(x)) for x in srcs), "one entry per source"
-    want = {str(a(x)): str(pick_address(a(lo), a(hi), a(x), a(vip))) for x in srcs}
+    want = {str(a(x)): str(pick_address(a(lo), a(hi), a(x), a(vip), persistent=kind == "dnat-persistent",
+                                        dnat=kind != "snat")) for x in srcs}
     assert got == want
     assert len(set(got.values())) > 5  # the sources really spread over the range
 
