@@ -561,7 +561,7 @@ class Walker:
             else:
                 r = t.ranges[0]
                 # find_best_ips_proto: a hash of the source seeded with the destination (exact)
-                addr = p.dst if r.addr_lo is None else \
+                addr = p.dst if r.addr_lo is None else r.addr_lo if r.addr_lo.version != p.dst.version else \
                     pick_address(r.addr_lo, r.addr_hi, p.src, p.dst, persistent=t.persistent, dnat=True)
                 pc = pick_port(p.dport, r.port_lo, r.port_hi, random=t.random or t.random_fully, dnat=True)
                 port = self._port(br, rule, pc)
@@ -605,7 +605,7 @@ class Walker:
                 # get_unique_tuple step 1: the original tuple already lies in the range: kept
                 addr, port = p.src, p.sport
             else:
-                addr = p.src if r.addr_lo is None else \
+                addr = p.src if r.addr_lo is None else r.addr_lo if r.addr_lo.version != p.src.version else \
                     pick_address(r.addr_lo, r.addr_hi, p.src, p.dst, persistent=t.persistent, dnat=False)
                 port = self._port(br, rule, pick_port(p.sport, r.port_lo, r.port_hi, random=random_all))
             verdict = f"SNAT to {r.render()}"
