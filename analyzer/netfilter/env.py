@@ -42,6 +42,11 @@ class RouteResult:
     route: Route | None
 
 
+def _common_prefix(a, b) -> int:
+    x = int(a) ^ int(b)
+    return a.max_prefixlen - x.bit_length()
+
+
 @dataclass
 class Namespace:
     """Addresses per interface and a main routing table; sysctls that change the path."""
@@ -229,6 +234,15 @@ class Namespace:
             return own[0].ip
         if iface is None:
             return None
+        if family == 6:
+            # ipv6_dev_get_saddr (RFC 6724) over every interface: the destination itself if it
+            # is ours (rule 1), else the longest common prefix with it (rule 8)
+            cands = [a.ip for lst in self.addrs.values() for a in universe(lst)]
+            if not cands:
+                return None
+            if toward is None or toward.version != 6:
+                return cands[0]
+            return max(cands, key=lambda ip: (ip == toward, _common_prefix(ip, toward)))
         for lst in self.addrs.values():
             for a in universe(lst):
                 return a.ip

@@ -585,9 +585,6 @@ class Walker:
                 addr = ipaddress.ip_address("0.0.0.0" if p.family == 4 else "::")
                 br.approx.append(f"{rule.label}: MASQUERADE uses the address of {p.oif or 'the output interface'}, "
                                  "which is not known (give --addr)")
-            elif p.family == 6 and addr not in [a.ip for a in self.ns.addrs.get(p.oif or "", [])]:
-                br.approx.append(f"{rule.label}: {p.oif} has no global IPv6 address; the kernel's "
-                                 f"source address selection picks one of another interface, shown with {addr}")
             pc = pick_port(p.sport, *(t.ports or (None, None)), random=t.random)
             port = self._port(br, rule, pc)
             verdict = f"MASQUERADE to {addr}" + (" (random-fully)" if t.random_fully else "")

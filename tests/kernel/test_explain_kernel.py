@@ -555,3 +555,26 @@ def test_lone_segment_agrees_with_kernel(lab, require, backend, name: str):
     for table in ("nat", "filter"):
         crossed = {k for k, n in router.rule_counters(table, backend=backend).items() if n}
         assert crossed == _matched_rules(oc, table, reply=False), (table, sorted(crossed))
+
+
+def test_ipv6_masquerade_through_lo_picks_by_source_address_selection(lab, require):
+    """IPv6 MASQUERADE out of lo: the kernel's source address selection (RFC 6724) over every
+    interface picks the destination itself when it is ours, as synack predicts."""
+    require("conntrack")
+    c, h, d = lab.netns("client"), lab.netns("host"), lab.netns("docker")
+    lab.veth(c, h, addr_a="fd01::2/64", addr_b="fd01::1/64")
+    lab.veth(d, h, addr_a="fd02::2/64", addr_b="fd02::1/64")
+    dump = "*nat\n:POSTROUTING ACCEPT [0:0]\n-A POSTROUTING -s fd02::/64 ! -o sk2b -j MASQUERADE\nCOMMIT\n"
+    h.iptables_restore(dump, ipv6=True)
+    ns = Namespace()
+    ns.add_addr("fd01::1/64", "sk1b")
+    ns.add_addr("fd02::1/64", "sk2b")
+    rs = load_ruleset((dump, "lo6.rules")).ruleset
+    for dst, port in (("fd02::1", 8080), ("fd01::1", 8081)):
+        sport = next(_SPORTS)
+        (oc,) = explain_flow(rs, parse_flow(f"tcp [fd02::1]:{sport} -> [{dst}]:{port}"), ns, local=True)
+        assert oc.confidence == "EXACT"
+        srv = h.listen_tcp("::", port)
+        res = h.connect_tcp(dst, port, src="fd02::1", src_port=sport, timeout=2.0)
+        assert res.outcome == "ok", res
+        assert srv.wait_connections(1)[0].peer == (str(oc.forward.pkt.src), oc.forward.pkt.sport)
