@@ -193,6 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-format", "-o", choices=["text", "json", "sarif"], default="text",
                    help="text (default), JSON or SARIF 2.1.0")
 
+    p = sub.add_parser("matrix", help="service matrix of a filter chain: which address ranges reach which on a port")
+    _input_args(p)
+    p.add_argument("--chain", default="FORWARD", help="filter chain to evaluate (default FORWARD; INPUT, OUTPUT, ...)")
+    p.add_argument("--dport", type=int, default=22, help="TCP destination port (default 22; source port 10000)")
+    p.add_argument("--closure", choices=["upper", "lower"], default="upper",
+                   help="matches synack only bounds: count packets that may be accepted (upper, default) "
+                        "or only those certainly accepted (lower)")
+    p.add_argument("--output-format", "-o", choices=["text", "json", "dot"], default="text",
+                   help="text (fffuu's layout, default), JSON, or a Graphviz DOT picture")
+
     p = sub.add_parser("checks", help="list every diagnostic code synack can report")
     p.add_argument("--output-format", "-o", choices=["text", "json"], default="text",
                    help="a table (default) or JSON with each code's docs URL")
@@ -881,6 +891,30 @@ def cmd_diff(args) -> int:
     return EXIT_FINDINGS if res.changes else EXIT_OK
 
 
+def cmd_matrix(args) -> int:
+    from analyzer.matrix import service_matrix
+    from analyzer.report import matrix as rm
+
+    if not _need_dumps(args):
+        return EXIT_UNUSABLE
+    if not 0 <= args.dport <= 65535:
+        return _error(f"--dport {args.dport} is not a port")
+    results = _load(args)
+    if results is None:
+        return EXIT_UNUSABLE
+    out = []
+    for res in results:
+        for r in res.families():
+            if r.ruleset.chain("filter", args.chain) is None:
+                continue
+            m = service_matrix(r.ruleset, args.chain, args.dport, args.closure)
+            out.append({"json": rm.render_json, "dot": rm.render_dot}.get(args.output_format, rm.render_text)(m))
+    if not out:
+        return _error(f"no filter chain {args.chain} in {', '.join(args.dumps) or 'the input'}")
+    sys.stdout.write("\n".join(out))
+    return EXIT_OK
+
+
 def main(argv=None) -> int:
     ap = build_parser()
     try:
@@ -888,7 +922,7 @@ def main(argv=None) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     handler = {"parse": cmd_parse, "lint": cmd_lint, "checks": cmd_checks, "explain": cmd_explain,
-               "check": cmd_check, "diff": cmd_diff}[args.command]
+               "check": cmd_check, "diff": cmd_diff, "matrix": cmd_matrix}[args.command]
     try:
         if args.command in ("lint", "check"):
             bad = _configure(args)
