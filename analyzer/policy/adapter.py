@@ -189,14 +189,18 @@ class DumpTarget:
         from analyzer.explain import explain_flow, render_json, render_text
 
         log = ([], [])
-        w = _recorder(self.ruleset, self.ns, log)
+        rs = self.ruleset
+        if rs.family != pkt.family and self.res is not None and hasattr(self.res, "for_family"):
+            other = self.res.for_family(pkt.family)   # a dump holding both families
+            rs = other.ruleset if other is not None else rs
+        w = _recorder(rs, self.ns, log)
         if sel.local:
             pkt = replace(pkt, uid=sel.uid, gid=sel.gid, mark=sel.mark)
             where = "generated locally"
         else:
             pkt = replace(pkt, iif=sel.iif, mark=sel.mark)
             where = f"arrives on {sel.iif}" if sel.iif else "arrives on an unnamed interface"
-        outs = explain_flow(self.ruleset, pkt, self.ns, local=sel.local, walker=w)
+        outs = explain_flow(rs, pkt, self.ns, local=sel.local, walker=w)
         ends = []
         for o in outs:
             p = o.forward.pkt
@@ -216,9 +220,13 @@ class DumpTarget:
 
     def lint(self, select, ignore=()):
         from analyzer.checks import CheckContext, run_checks, selected
-        ctx = CheckContext(self.ruleset, self.files, partial=False)
-        diags = [d for d in (self.res.diagnostics if self.res else ()) if selected(d.code, None, select, ignore)]
-        return diags + run_checks(ctx, select, ignore)
+        res = self.res
+        if res is None:
+            return run_checks(CheckContext(self.ruleset, self.files, partial=False), select, ignore)
+        diags = [d for d in getattr(res, "all_diagnostics", res.diagnostics) if selected(d.code, None, select, ignore)]
+        for r in (res.families() if hasattr(res, "families") else (res,)):   # both families of one dump
+            diags += run_checks(CheckContext(r.ruleset, r.files, partial=False), select, ignore)
+        return diags
 
     def chain_of(self, span):
         for r in self.ruleset.rules():

@@ -218,3 +218,17 @@ def test_check_and_diff_sarif_validate_against_the_2_1_0_schema(capsys):
         driver = doc["runs"][0]["tool"]["driver"]
         assert driver["informationUri"].startswith("https://") and "example" not in driver["informationUri"]
         assert all(r["helpUri"].startswith("https://") for r in driver["rules"])
+
+
+def test_a_dump_with_both_families_answers_ipv6_flows_from_its_ip6tables_part(tmp_path, capsys):
+    rules = tmp_path / "dual.rules"
+    rules.write_text("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+                     "-A FORWARD -d 10.0.0.5/32 -p tcp -m tcp --dport 80 -j ACCEPT\nCOMMIT\n"
+                     "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+                     "-A FORWARD -d fd00::5/128 -p tcp -m tcp --dport 80 -j ACCEPT\nCOMMIT\n")
+    pol = tmp_path / "p.yaml"
+    pol.write_text('assertions:\n  - {name: v4, reachable: {iif: eth0, dst: 10.0.0.5, dport: 80}}\n'
+                   '  - {name: v6, reachable: {iif: eth0, dst: "fd00::5", dport: 80}}\n'
+                   '  - {name: v6-other, blocked: {iif: eth0, dst: "fd00::6", dport: 80}}\n')
+    assert main(["check", str(pol), str(rules), "--addr", "10.0.0.1/24@eth1", "--addr", "fd00::1/64@eth1"]) == 0
+    assert "3 passed" in capsys.readouterr().out
