@@ -847,11 +847,38 @@ def cmd_check(args) -> int:
     return EXIT_FINDINGS if any(r.status == "fail" and r.assertion.severity >= floor for r in results) else EXIT_OK
 
 
+def diff_dump_families(loaded, ns, args):
+    """Diff each address family the two dumps hold (a missing family is an empty ruleset); the
+    results in one."""
+    from analyzer.model.rules import Ruleset
+    from analyzer.policy.adapter import DumpTarget
+    from analyzer.policy.diff import DiffResult, diff_dumps
+
+    def part(r, fam):
+        f = r.for_family(fam) if hasattr(r, "for_family") else (r if r.ruleset.family == fam else None)
+        return f
+    total = None
+    for fam in (4, 6):
+        a, b = part(loaded[0][1], fam), part(loaded[1][1], fam)
+        if a is None and b is None:
+            continue
+        ta = DumpTarget(a.ruleset if a else Ruleset(fam, {}, ()), ns, loaded[0][0], a.files if a else (), a)
+        tb = DumpTarget(b.ruleset if b else Ruleset(fam, {}, ()), ns, loaded[1][0], b.files if b else (), b)
+        d = diff_dumps(ta, tb, limit=args.limit, iif=args.from_iface)
+        if total is None:
+            total = d
+        else:
+            total = DiffResult(total.changes + d.changes, total.rule_changes + d.rule_changes,
+                               total.complete and d.complete, total.classes + d.classes,
+                               list(dict.fromkeys(total.entries + d.entries)))
+    return total
+
+
 def cmd_diff(args) -> int:
     from analyzer.netfilter.env import EnvError
     from analyzer.parse import load_ruleset
-    from analyzer.policy.adapter import DumpTarget, EnvTarget, make_namespace
-    from analyzer.policy.diff import diff_dumps, diff_envs
+    from analyzer.policy.adapter import EnvTarget, make_namespace
+    from analyzer.policy.diff import diff_envs
 
     is_env = [p.endswith((".yaml", ".yml")) for p in (args.old, args.new)]
     if is_env[0] != is_env[1]:
@@ -865,18 +892,17 @@ def cmd_diff(args) -> int:
             res = diff_envs(EnvTarget(envs[0], args.old), EnvTarget(envs[1], args.new), limit=args.limit)
         else:
             ns = make_namespace(args.addr, args.route)
-            targets = []
+            loaded = []
             for path in (args.old, args.new):
                 with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
                     r = load_ruleset([(f.read(), path)], lazy=True)
                 why = _nothing_read(r, True)
                 if why:
                     return _error(why)
-                targets.append(DumpTarget(r.ruleset, ns, path, r.files, r))
-            if targets[0].ruleset.family != targets[1].ruleset.family:
-                sys.stderr.write("synack: error: the two dumps are of different address families\n")
-                return EXIT_UNUSABLE
-            res = diff_dumps(targets[0], targets[1], limit=args.limit, iif=args.from_iface)
+                loaded.append((path, r))
+            res = diff_dump_families(loaded, ns, args)
+            if res is None:
+                return _error("the two dumps share no address family")
     except (EnvError, ValueError, OSError) as e:
         sys.stderr.write(f"synack: error: {e}\n")
         return EXIT_UNUSABLE

@@ -538,7 +538,7 @@ def describe(cls: PacketSet, bounds: dict, family: int) -> str:
         if rs == [(0, (1 << width) - 1)]:
             return "any"
         nets = [str(n) for lo, hi in rs for n in ipaddress.summarize_address_range(mk(lo), mk(hi))]
-        nets = [n[:-3] if n.endswith("/32") and family == 4 else n for n in nets]
+        nets = [n.rsplit("/", 1)[0] if n.endswith("/32" if family == 4 else "/128") else n for n in nets]
         return ",".join(nets[:6]) + (f",... ({len(nets)} ranges)" if len(nets) > 6 else "")
 
     def ports(f):

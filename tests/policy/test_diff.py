@@ -126,3 +126,14 @@ def test_environment_changes_besides_rules_are_named(capsys):
     (ch,) = doc["changes"]
     assert ch["kind"] == "now-symmetric" and ch["old"]["rules"][0]["step"] == "translated here"
     assert ch["old"]["rules"][0]["span"]["line"] == 11   # the DNAT whose reply was not reversed
+
+
+def test_both_families_of_one_dump_are_compared(tmp_path, capsys):
+    half = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n-A FORWARD -d {} -p tcp -m tcp --dport 80 -j {}\nCOMMIT\n"
+    old, new = tmp_path / "old.rules", tmp_path / "new.rules"
+    old.write_text(half.format("10.0.0.5/32", "ACCEPT") + half.format("fd00::5/128", "ACCEPT"))
+    new.write_text(half.format("10.0.0.5/32", "ACCEPT") + half.format("fd00::5/128", "DROP"))
+    rc, doc = _diff(capsys, old, new, "--addr", "fd00::1/64@eth1")
+    assert rc == 1
+    (ch,) = doc["changes"]
+    assert ch["kind"] == "newly-blocked" and ch["packets"] == "tcp any -> fd00::5:80"
