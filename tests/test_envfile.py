@@ -204,3 +204,8 @@ def test_explain_env_says_the_warnings_on_stderr(tmp_path):
     p = env_file(tmp_path, BASE.replace("default via 10.4.26.1", "default via 10.9.9.1"))
     rc, out, err = run(["explain", "--env", p, "--from", "client", "--flow", "tcp 10.4.26.45:40000 -> 10.4.26.1:80"])
     assert "synack: warning: " in err and "ENV002" in err and "env.yaml:4:" in err
+
+
+def test_default_interface_sysctl_says_what_to_write(tmp_path):
+    msg = load_error(tmp_path, BASE.replace("{net.ipv4.ip_forward: 1}", "{net.ipv4.conf.default.rp_filter: 1}"))
+    assert "write net.ipv4.conf.all.rp_filter or net.ipv4.conf.IFACE.rp_filter" in msg

@@ -305,6 +305,10 @@ def _k_sysctls(ld: _Loader, ns: NamespaceSpec, v, loc) -> None:
         if not isinstance(val, int) or val not in row[1]:
             ld.error(kloc, f"sysctl '{key}' is {val!r}; expected one of {', '.join(map(str, row[1]))}")
             continue
+        if m and m.group(1) == "default":
+            ld.error(kloc, f"sysctl '{key}' sets the value for interfaces created later, which an environment "
+                           f"does not have: write net.ipv4.conf.all.{m.group(2)} or net.ipv4.conf.IFACE.{m.group(2)}")
+            continue
         if m and m.group(1) not in ("all",):
             ld.iface_refs.append((ns.name, m.group(1), kloc, f"sysctl '{key}'"))
         ns.net.sysctls[key] = val
