@@ -158,11 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="files with `ip addr` and `ip route` output of the namespace (as printed, or `ip -j`)")
     p.add_argument("--sysctl", action="append", default=[], metavar="KEY=VALUE",
                    help="a sysctl of the namespace, e.g. net.netfilter.nf_conntrack_tcp_loose=0")
+    p.add_argument("--bridge", action="append", default=[], metavar="IFACE[@BRIDGE]",
+                   help="IFACE is a bridge port (or the bridge itself): peers on it are switched, and "
+                        "with bridge-nf-call-iptables=1 their bridged replies cross this namespace's hooks")
     p.add_argument("--env", metavar="ENV.yaml", help="follow the flow across the namespaces of an environment")
     p.add_argument("--from", dest="start", metavar="NAMESPACE",
                    help="with --env: the namespace whose process opens the connection")
-    p.add_argument("--output-format", "-o", choices=["text", "json"], default="text",
-                   help="text trace (default) or JSON")
+    p.add_argument("--output-format", "-o", choices=["text", "json", "mermaid"], default="text",
+                   help="text trace (default), JSON, or mermaid: a sequence diagram per outcome (client, "
+                        "hosts, server; SYN, SYN+ACK, RST; translations as notes)")
 
     p = sub.add_parser("check", help="check a policy of assertions (docs/policy.md) against dumps or an environment")
     p.add_argument("policy", metavar="POLICY.yaml", help="policy file (docs/policy.md)")
@@ -754,6 +758,9 @@ def cmd_explain_env(args) -> int:
     diags = outcome_findings(world, trips)
     if args.output_format == "json":
         sys.stdout.write(json.dumps(trips_json(trips, diags), indent=2) + "\n")
+    elif args.output_format == "mermaid":
+        from analyzer.report.mermaid import trips_mermaid
+        sys.stdout.write(trips_mermaid(trips))
     else:
         sys.stdout.write(render_trips(trips, diags))
     return EXIT_FINDINGS if diags else EXIT_OK

@@ -102,6 +102,21 @@ class Trip:
         return self.request.end_packet
 
 
+#: the namespace of a single dump (``synack explain DUMP``) when walked as an environment
+HOST = "host"
+
+
+def one_namespace_world(ruleset, ns, family: int, walker: Walker | None = None) -> "World":
+    """The environment of one dump: one namespace ``HOST`` with its ruleset, addresses, routes
+    and sysctls; what lies beyond it is explain's implicit peer model (analyzer/explain.py)."""
+    from analyzer.parse.envfile import NamespaceSpec
+
+    spec = NamespaceSpec(HOST, ns, ruleset if family == 4 else None, ruleset if family == 6 else None)
+    world = World(Environment("<dump>", {HOST: spec}, []))
+    world.walkers[f"{HOST}/{family}"] = walker or Walker(ruleset or _empty_ruleset(family), ns)
+    return world
+
+
 def _empty_ruleset(family: int):
     from analyzer.model.rules import Ruleset
     return Ruleset(family, {}, ())
@@ -120,16 +135,21 @@ class World:
         self.memo_hits = 0
         self.memo_misses = 0
         self.cilium_cover = _cilium_setup(env)  # namespace -> (Cilium node namespace, its veth there)
+        self._segment_of: dict = {}
+        self._owners: dict = {}
 
     def walk(self, ns: str, pkt: Packet, iif: str | None, reply_mode: bool, ct: Conntrack | None,
-             bridged_via: str | None = None, from_port: tuple | None = None) -> list[Branch]:
-        """Every outcome of ``pkt`` arriving in ``ns`` (fresh copies: callers may change them)."""
+             bridged_via: str | None = None, from_port: tuple | None = None,
+             local_origin: bool | None = None) -> list[Branch]:
+        """Every outcome of ``pkt`` arriving in ``ns`` on ``iif`` (None: sent by a local process,
+        unless ``local_origin`` is False: arriving on an unnamed interface), in the walker's
+        order (fresh copies: callers may change them)."""
         key = (ns, pkt, iif, reply_mode, _ct_key(ct), bridged_via,
-               tuple(from_port) if from_port is not None else None)
+               tuple(from_port) if from_port is not None else None, local_origin)
         hit = self._memo.get(key)
         if hit is None:
             self.memo_misses += 1
-            hit = _walk_namespace(self, ns, pkt, iif, reply_mode, ct, bridged_via, from_port)
+            hit = _walk_namespace(self, ns, pkt, iif, reply_mode, ct, bridged_via, from_port, local_origin)
             self._memo[key] = hit
             if len(self._memo) > MEMO_SIZE:
                 self._memo.popitem(last=False)
@@ -151,20 +171,27 @@ class World:
     def next_namespace(self, ns: str, oif: str | None, next_hop) -> tuple[str, str, object] | None:
         """Who receives a packet sent by ``ns`` out of ``oif`` to ``next_hop``:
         (namespace, its interface, the bridge segment crossed or None)."""
-        seg = self.env.segment_of(ns, oif)
+        seg = self._segment_of.get((ns, oif), False)
+        if seg is False:
+            seg = self._segment_of[(ns, oif)] = self.env.segment_of(ns, oif)
         if seg is None:
             return None
-        candidates = list(seg.members)
-        if seg.bridge_ns is not None:
-            candidates.append((seg.bridge_ns, seg.bridge_iface))
-        for other_ns, iface in candidates:
+        owners = self._owners.get(seg.name)
+        if owners is None:
+            # who owns each address on this segment, in the segment's member order
+            owners = self._owners[seg.name] = {}
+            candidates = list(seg.members)
+            if seg.bridge_ns is not None:
+                candidates.append((seg.bridge_ns, seg.bridge_iface))
+            for other_ns, iface in candidates:
+                for a in self.env.namespaces[other_ns].net.addrs.get(iface, []):
+                    owners.setdefault(a.ip, []).append((other_ns, iface))
+        for other_ns, iface in owners.get(next_hop, ()):
             if other_ns == ns and iface == oif:
                 continue
-            net = self.env.namespaces[other_ns].net
-            if any(a.ip == next_hop for a in net.addrs.get(iface, [])):
-                crossed = seg if (seg.bridge_ns is not None and other_ns != seg.bridge_ns
-                                  and ns != seg.bridge_ns) else None
-                return other_ns, iface, crossed
+            crossed = seg if (seg.bridge_ns is not None and other_ns != seg.bridge_ns
+                              and ns != seg.bridge_ns) else None
+            return other_ns, iface, crossed
         return None
 
     def bridge_nf(self, seg, family: int) -> bool:
@@ -384,7 +411,7 @@ def _ct_key(ct: Conntrack | None):
 
 def _walk_namespace(world: World, ns: str, pkt: Packet, iif: str | None, reply_mode: bool,
                     ct: Conntrack | None, bridged_via: str | None = None,
-                    from_port: tuple | None = None) -> list[Branch]:
+                    from_port: tuple | None = None, local_origin: bool | None = None) -> list[Branch]:
     """:func:`walk_namespace` without conntrack bookkeeping: ``ct`` is the entry the packet
     belongs to (None: a new connection). A pure function of its arguments (memoized by World)."""
     w = world.walker(ns, pkt.family)
@@ -409,7 +436,9 @@ def _walk_namespace(world: World, ns: str, pkt: Packet, iif: str | None, reply_m
             if b.disposition is None:
                 b.disposition, b.detail = "bridged", f"switched on {bridged_via}"
         return brs
-    if iif is None:  # generated by a local process
+    if local_origin is None:
+        local_origin = iif is None
+    if local_origin:  # generated by a local process
         r = w.ns.route(br.pkt.dst)
         if r.kind == "unicast":
             br.pkt = replace(br.pkt, oif=r.oif)
@@ -420,14 +449,27 @@ def _walk_namespace(world: World, ns: str, pkt: Packet, iif: str | None, reply_m
         out = []
         for b in brs:
             if b.disposition is None:
-                kind = route_decision(w, b, local_origin=iif is None)
+                kind = route_decision(w, b, local_origin=True)
                 if kind == "local":
                     b.pkt = replace(b.pkt, oif="lo")
             out.append(b)
         brs = w.hook(out, "POSTROUTING", reply=is_reply)
+        looped = []
+        for b in brs:
+            if b.disposition is None and b.pkt.oif == "lo":
+                # a packet to a local address leaves on lo and comes back in: PREROUTING and
+                # INPUT see it with -i lo; its conntrack entry was confirmed on the way out, so
+                # the nat chains do not run again
+                b.ct.confirmed = True
+                b.pkt = replace(b.pkt, iif="lo", oif=None)
+                b.steps.append(Step("route", "loopback: back in on lo"))
+                looped.extend(w.hook(w.hook([b], "PREROUTING", reply=is_reply), "INPUT", reply=is_reply))
+            else:
+                looped.append(b)
+        brs = looped
         for b in brs:
             if b.disposition is None:
-                if b.pkt.oif == "lo":
+                if b.pkt.iif == "lo":
                     b.disposition, b.detail = "delivered", f"delivered locally to port {b.pkt.dport}"
                 else:
                     b.disposition, b.detail = "sent", f"sent out {b.pkt.oif} to {b.next_hop}"
@@ -444,7 +486,7 @@ def _walk_namespace(world: World, ns: str, pkt: Packet, iif: str | None, reply_m
             if _input_route_refuses(w, b, iif):
                 out.append(b)
                 continue
-            kind = route_decision(w, b, local_origin=iif is None)
+            kind = route_decision(w, b, local_origin=False)
             bridged_dnat = False
             if kind == "forward" and from_port is not None and b.pkt.oif == iif and b.pkt.dst != pkt.dst:
                 seg = world.env.segment_of(ns, iif)
@@ -480,7 +522,7 @@ def _walk_namespace(world: World, ns: str, pkt: Packet, iif: str | None, reply_m
                     continue
                 for x in w.hook(w.hook([b], "FORWARD", reply=is_reply), "POSTROUTING", reply=is_reply):
                     if x.disposition is None:
-                        x.disposition, x.detail = "sent", f"forwarded out {x.pkt.oif} to {x.next_hop}"
+                        x.disposition, x.detail = "forwarded", f"forwarded out {x.pkt.oif} to {x.next_hop}"
                     out.append(x)
             else:
                 out.append(b)
@@ -571,7 +613,7 @@ def _advance(world: World, j: Journey, tr: Tracker, ns: str, pkt: Packet, arrive
             return None
         nns, niface, _ = nxt
         return nns, replace(b.pkt, iif=None, oif=None), niface, None, None, None
-    if b.disposition != "sent":
+    if b.disposition not in ("sent", "forwarded"):
         j.end, j.end_ns, j.end_packet, j.detail = b.disposition, ns, b.pkt, b.detail
         return None
     nxt = world.next_namespace(ns, b.pkt.oif, b.next_hop)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from analyzer.model.packet import tcp_flag_names
 from analyzer.netfilter.env import EnvError, Namespace
 from analyzer.netfilter.neighbour import answers_solicitation, own_address, resolves_neighbour
-from analyzer.netfilter.walk import Branch, Conntrack, Packet, Step, Walker, parse_flow, route_decision
+from analyzer.netfilter.walk import Branch, Conntrack, Packet, Step, Walker, parse_flow
 from analyzer.report import SCHEMA_VERSION
 
 
@@ -30,80 +30,69 @@ class Outcome:
         return "APPROXIMATE" if self.forward.approx or (self.reply and self.reply.approx) else "EXACT"
 
 
+#: what explain assumes about the world beyond the dump's namespace (printed with every answer;
+#: the sysctls are settable with --sysctl, a bridge with --bridge)
+PEER_MODEL = ("the client is a peer on the input interface; a destination outside this namespace is a "
+              "peer reached by the route, which answers from the address it was sent to, straight to "
+              "the client when both are on-link on the output interface, else back through this namespace")
+
+
+def assumptions(ns: Namespace, family: int, local: bool) -> list[str]:
+    """Every assumption explain makes, as printed (the same defaults as an environment file gives
+    a namespace only where the kernel has one: ip_forward is assumed on, a router being explained)."""
+    fwd = "net.ipv4.ip_forward" if family == 4 else "net.ipv6.conf.all.forwarding"
+    out = [f"{fwd}={ns.sysctl(fwd, 1)}"]
+    if ns.bridged:
+        brnf = "net.bridge.bridge-nf-call-iptables" if family == 4 else "net.bridge.bridge-nf-call-ip6tables"
+        out.append(f"{brnf}={ns.sysctl(brnf, 1)} (bridge ports: {', '.join(sorted(ns.bridged))})")
+    else:
+        out.append("no bridge: peers are on plain links (--bridge IFACE makes IFACE a bridge port)")
+    if family == 4:
+        rp = ns.sysctl("net.ipv4.conf.all.rp_filter", 0)
+        out.append(f"net.ipv4.conf.all.rp_filter={rp}")
+    if not local:
+        out.append(PEER_MODEL)
+    return out
+
+
+def client_route_assumption(ns: Namespace, pkt: Packet, local: bool) -> str | None:
+    if _with_client_route(ns, pkt, local) is ns:
+        return None
+    return (f"the client {pkt.src} is reached back on {pkt.iif} (no route to it given: "
+            f"'--route \'{pkt.src}/{pkt.src.max_prefixlen} via GW dev IFACE\'' to change)")
+
+
 def explain_flow(ruleset, pkt: Packet, ns: Namespace, local: bool = False,
                  walker: Walker | None = None, reply: bool = True) -> list[Outcome]:
-    """Every outcome of the flow's first packet and its reply in one namespace. ``walker`` lets a
-    caller observe the walk (symbolic.py records which rules were evaluated); ``reply=False``
-    follows the first packet only (what lint checks about a connection's fate ask)."""
-    w = walker or Walker(ruleset, ns)
-    ct = Conntrack(pkt, pkt.dst, pkt.dport, pkt.src, pkt.sport, in_use=w.ct_in_use)
-    start = Branch(pkt, ct)
-    outcomes: list[Outcome] = []
-    if local:
-        r = ns.route(pkt.dst)
-        if r.kind == "unicast":
-            start.pkt = replace(pkt, oif=r.oif)
-            start.next_hop = r.via or pkt.dst
-        elif r.kind == "local":
-            start.pkt = replace(pkt, oif="lo")
-        brs = w.hook([start], "OUTPUT")
-        done = []
-        for br in brs:
-            if br.disposition is None:
-                kind = route_decision(w, br, local_origin=True)  # nat OUTPUT may have changed the destination: reroute
-                if kind == "local":
-                    br.pkt = replace(br.pkt, oif="lo")
-            done.append(br)
-        brs = w.hook(done, "POSTROUTING")
-        looped = []
-        for br in brs:
-            if br.disposition is None and br.pkt.oif == "lo":
-                looped.extend(_loopback(w, br))
-            else:
-                looped.append(br)
-        brs = looped
-        for br in brs:
-            if br.disposition is None:
-                if br.pkt.oif == "lo":
-                    br.disposition, br.detail = "delivered-locally", f"delivered locally to port {br.pkt.dport}"
-                else:
-                    br.disposition = "sent"
-                    br.detail = f"sent out {br.pkt.oif or '?'} to {br.next_hop or br.pkt.dst}"
-                    _resolve_next_hop(w, br)
-    else:
-        if not _client_resolves_us(w, start):
-            return [Outcome(start, None, start.disposition, start.detail, None, None)]
-        brs = w.hook([start], "PREROUTING")
-        routed = []
-        for br in brs:
-            if br.disposition is not None:
-                routed.append(br)
-                continue
-            kind = route_decision(w, br)
-            if kind == "local":
-                for b in w.hook([br], "INPUT"):
-                    if b.disposition is None:
-                        b.disposition, b.detail = "delivered-locally", f"delivered locally to port {b.pkt.dport}"
-                    routed.append(b)
-            elif kind == "forward":
-                if ns.sysctl("net.ipv4.ip_forward" if br.pkt.family == 4 else "net.ipv6.conf.all.forwarding", 1) == 0:
-                    br.disposition, br.detail = "dropped", "ip_forward is 0: the kernel does not forward"
-                    br.steps.append(Step("route", "ip_forward=0: dropped"))
-                    routed.append(br)
-                    continue
-                for b in w.hook(w.hook([br], "FORWARD"), "POSTROUTING"):
-                    if b.disposition is None:
-                        b.disposition = "forwarded"
-                        b.detail = f"forwarded out {b.pkt.oif or '?'} to {b.next_hop or b.pkt.dst}"
-                        _resolve_next_hop(w, b)
-                    routed.append(b)
-            else:
-                routed.append(br)
-        brs = routed
-    for br in brs:
-        outcomes.append(_with_reply(w, br, local) if reply else
-                        Outcome(br, None, br.disposition, br.detail, None, None))
-    return outcomes
+    """Every outcome of the flow's first packet and its reply in one namespace, in rule order.
+    The namespace is walked by the environment walk (crosshost: one namespace, the same hook
+    sequence, ip_forward, martians, rp_filter and bridges as ``--env``); the world beyond it is
+    the implicit peer model (``PEER_MODEL``). ``walker`` lets a caller observe the walk
+    (symbolic.py records which rules were evaluated); ``reply=False`` follows the first packet
+    only (what lint checks about a connection's fate ask)."""
+    from analyzer.crosshost import HOST, one_namespace_world
+
+    ns = _with_client_route(ns, pkt, local)
+    if walker is not None and walker.ns is not ns:
+        walker.ns = ns
+    world = one_namespace_world(ruleset, ns, pkt.family, walker)
+    w = world.walker(HOST, pkt.family)
+    nd = None
+    if not local:
+        # IPv6: the client must resolve this host (its next hop) before it sends anything
+        nd = Branch(pkt, Conntrack(pkt, pkt.dst, pkt.dport, pkt.src, pkt.sport, in_use=w.ct_in_use))
+        if not _client_resolves_us(w, nd):
+            return [Outcome(nd, None, nd.disposition, nd.detail, None, None)]
+    brs = world.walk(HOST, pkt, None if local else pkt.iif, False, None, local_origin=local)
+    brs.reverse()  # the walker lists a fork's outcomes last-rule-first
+    for b in brs:
+        if nd is not None and nd.steps:
+            b.steps[:0] = nd.steps
+            b.approx[:0] = nd.approx
+        if b.disposition in ("forwarded", "sent"):
+            _resolve_next_hop(w, b)  # IPv6: this host resolves the next hop on the output link
+    return [_with_reply(world, br, local) if reply else
+            Outcome(br, None, br.disposition, br.detail, None, None) for br in brs]
 
 
 def _neighbour_steps(br: Branch, chk, what: str):
@@ -145,11 +134,29 @@ def _resolve_next_hop(w: Walker, br: Branch):
         br.detail = f"{chk.summary}: the next hop stays unresolved and the packet is never sent"
 
 
-def _with_reply(w: Walker, fwd: Branch, local: bool) -> Outcome:
-    if fwd.disposition not in ("forwarded", "delivered-locally", "sent", "tproxy"):
+_REACHED = ("forwarded", "delivered", "sent")
+
+
+def _with_client_route(ns: Namespace, pkt: Packet, local: bool) -> Namespace:
+    """The peer model's client is reachable back on the interface it came in on: when the
+    namespace has addresses or routes but none toward the client, a copy with that route."""
+    if local or not pkt.iif or not ns.known or ns.route(pkt.src).kind != "none":
+        return ns
+    import copy
+
+    peer = copy.copy(ns)
+    peer.routes = list(ns.routes)
+    peer._routes_by_dst = {}
+    peer.add_route(f"{pkt.src}/{pkt.src.max_prefixlen} dev {pkt.iif}")
+    return peer
+
+
+def _with_reply(world, fwd: Branch, local: bool) -> Outcome:
+    from analyzer.crosshost import HOST
+
+    if fwd.disposition not in _REACHED:
         return Outcome(fwd, None, fwd.disposition, fwd.detail, None, None)
-    if fwd.disposition == "tproxy":
-        fwd.detail = fwd.detail or "delivered to a transparent proxy"
+    w = world.walker(HOST, fwd.pkt.family)
     p = fwd.pkt
     o = fwd.ct.original
     if p.proto == 6 and p.tcp_flags & 0x04:  # an RST is never answered
@@ -159,75 +166,60 @@ def _with_reply(w: Walker, fwd: Branch, local: bool) -> Outcome:
     rflags = (0x12 if p.tcp_flags & 0x02 else 0x10) if p.proto == 6 else 0
     rp = Packet(p.family, p.proto, p.dst, p.src, p.dport, p.sport, tcp_flags=rflags,
                 icmp_type=(0 if p.family == 4 else 129) if p.proto in (1, 58) else None, icmp_code=0)
-    if fwd.disposition == "tproxy":  # the proxy answers with the original destination as source
+    tproxy = any(s.verdict.startswith("TPROXY") for s in fwd.steps)
+    if tproxy:  # the proxy answers with the original destination as source
         rp = replace(rp, src=o.dst, sport=o.dport)
-    rb = Branch(rp, replace(fwd.ct), [], 1.0, [], reply=True)
-    if fwd.disposition in ("delivered-locally", "tproxy"):
-        r = w.ns.route(rp.dst)
-        rb.pkt = replace(rp, oif=r.oif if r.kind in ("unicast", "local") else fwd.ct.original.iif)
-        rb.steps.append(Step("reply", f"generated locally by the socket on port {p.dport}"))
-        brs = w.hook(w.hook([rb], "OUTPUT", reply=True), "POSTROUTING", reply=True)
-        if local:  # a local process dialled a local address: the reply loops back through lo too
-            brs = [x for b in brs for x in (_loopback(w, b, reply=True)
-                                            if b.disposition is None and b.pkt.oif == "lo" else [b])]
-    elif _on_link(w.ns, p):
+    # the reply belongs to the request's connection (untracked or not: then nat is skipped and
+    # nothing is reverse-translated, as the kernel does)
+    ct = fwd.ct
+    if fwd.disposition == "delivered":
+        head = Step("reply", f"generated locally by the socket on port {p.dport}")
+        brs = world.walk(HOST, rp, None, True, ct, local_origin=True)
+    elif _on_link(w.ns, p) and not (p.oif in w.ns.bridged and _bridge_nf(w.ns, p.family)):
         # the backend and the client share the subnet the packet left on: the backend answers
         # the client directly and the reply never crosses this host's conntrack entry
-        rb.pkt = rp
+        rb = Branch(rp, replace(fwd.ct), [], 1.0, [], reply=True)
         rb.steps.append(Step("reply", f"goes straight from {p.dst} to {p.src} on {p.oif}: both are "
                                       f"on-link there, so it bypasses this host (no reverse translation)"))
         if p.oif in w.ns.bridged:
-            rb.approx.append(f"{p.oif} is a bridge port: with br_netfilter (bridge-nf-call-iptables=1) "
-                             "the bridged reply is reverse-translated after all")
+            rb.steps.append(Step("bridge", f"switched by {w.ns.bridged[p.oif]} without netfilter "
+                                           f"(bridge-nf-call-iptables=0)"))
         rb.disposition, rb.detail = "sent", f"sent by {p.dst} directly to the client"
-        brs = [rb]
+        brs, head = [rb], None
+    elif _on_link(w.ns, p):
+        # a bridge port with br_netfilter: the bridged reply crosses this host's hooks (and its
+        # conntrack entry) on its way to the client
+        head = Step("reply", f"bridged on {w.ns.bridged[p.oif]} from {p.dst} to {p.src}: br_netfilter "
+                             f"(bridge-nf-call-iptables=1) runs this host's hooks on it")
+        brs = world.walk(HOST, rp, p.oif, True, ct, bridged_via=p.oif)
     else:
-        rb.pkt = replace(rp, iif=p.oif)
-        rb.steps.append(Step("reply", f"arrives on {p.oif or '?'}"))
-        brs = w.hook([rb], "PREROUTING", reply=True)
-        nxt = []
-        for b in brs:
-            if b.disposition is not None:
-                nxt.append(b)
-                continue
-            if local or w.ns.is_local(b.pkt.dst):
-                for x in w.hook([b], "INPUT", reply=True):
-                    if x.disposition is None:
-                        x.disposition, x.detail = "delivered-locally", "delivered to the client socket"
-                    nxt.append(x)
-            else:
-                r = w.ns.route(b.pkt.dst)
-                b.pkt = replace(b.pkt, oif=r.oif if r.kind == "unicast" else o.iif)
-                b.steps.append(Step("route", f"reply forward out {b.pkt.oif or '?'}"))
-                nxt.extend(w.hook(w.hook([b], "FORWARD", reply=True), "POSTROUTING", reply=True))
-        brs = nxt
-    rb = brs[0] if brs else rb
-    if rb.disposition is None and w.ns.is_local(rb.pkt.dst) and fwd.disposition != "forwarded":
-        rb.disposition, rb.detail = "delivered-locally", "delivered to the client socket on this host"
-    if rb.disposition is None:
-        rb.disposition = "sent"
+        head = Step("reply", f"arrives on {p.oif or '?'}")
+        brs = world.walk(HOST, rp, p.oif, True, ct, local_origin=False)
+    brs.reverse()
+    rb = brs[0]
+    if head is not None:
+        rb.steps.insert(0, head)
+    if rb.disposition == "bridged":
+        rb.disposition, rb.detail = "sent", f"bridged to the client ({rb.detail})"
+    elif rb.disposition == "delivered" and not local and fwd.disposition == "forwarded":
+        rb.detail = "delivered to the client socket"
+    elif rb.disposition == "delivered":
+        rb.detail = "delivered to the client socket on this host"
+    elif rb.disposition in ("forwarded", "sent") and head is not None:
         rb.detail = f"leaves toward the client via {rb.pkt.oif or '?'}"
-    seen = rb.pkt if rb.disposition in ("sent", "delivered-locally") else None
+    for other in brs[1:]:
+        rb.approx.append(f"the reply has {len(brs)} outcomes here; shown: the first ({other.disposition} "
+                         f"is another)")
+    seen = rb.pkt if rb.disposition in _REACHED else None
     ok = None
     if seen is not None:
         ok = seen.src == o.dst and seen.sport == o.dport and seen.dst == o.src and seen.dport == o.sport
     return Outcome(fwd, rb, fwd.disposition, fwd.detail, seen, ok)
 
 
-def _loopback(w: Walker, br: Branch, reply: bool = False) -> list[Branch]:
-    """A packet a local process sent to a local address leaves on ``lo`` and comes back in:
-    PREROUTING and INPUT see it with ``-i lo``. Its conntrack entry was confirmed on the way
-    out, so the nat chains do not run again."""
-    br.ct.confirmed = True
-    br.pkt = replace(br.pkt, iif="lo", oif=None)
-    br.steps.append(Step("route", "loopback: back in on lo"))
-    out = w.hook(w.hook([br], "PREROUTING", reply=reply), "INPUT", reply=reply)
-    for b in out:
-        if b.disposition is None:
-            b.disposition = "delivered-locally"
-            b.detail = "delivered to the client socket on this host" if reply else \
-                f"delivered locally to port {b.pkt.dport}"
-    return out
+def _bridge_nf(ns: Namespace, family: int) -> bool:
+    key = "net.bridge.bridge-nf-call-iptables" if family == 4 else "net.bridge.bridge-nf-call-ip6tables"
+    return ns.sysctl(key, 1) == 1
 
 
 def _on_link(ns: Namespace, p: Packet) -> bool:
@@ -243,10 +235,15 @@ def _on_link(ns: Namespace, p: Packet) -> bool:
 
 
 # ------------------------------------------------------------------ rendering
-def render_text(flow: Packet, outcomes: list[Outcome], where: str) -> str:
-    """Summary first, then each outcome's trace (analyzer/report/explain_text.py)."""
+def render_text(flow: Packet, outcomes: list[Outcome], where: str, assumed: list[str] | None = None) -> str:
+    """Summary first, then each outcome's trace (analyzer/report/explain_text.py); the
+    assumptions explain made, one ``assumes:`` line each, after the flow line."""
     from analyzer.report.explain_text import render
-    return render(flow, outcomes, where)
+    text = render(flow, outcomes, where)
+    if not assumed:
+        return text
+    first, _, rest = text.partition("\n")
+    return "\n".join([first] + [f"assumes: {a}" for a in assumed]) + "\n" + rest
 
 
 def _steps_json(steps):
@@ -260,10 +257,12 @@ def _tuple_json(p: Packet | None):
     return {"proto": p.proto, "src": str(p.src), "sport": p.sport, "dst": str(p.dst), "dport": p.dport}
 
 
-def render_json(flow: Packet, outcomes: list[Outcome]) -> str:
+def render_json(flow: Packet, outcomes: list[Outcome], assumed: list[str] | None = None) -> str:
     doc = {"schema_version": SCHEMA_VERSION, "flow": _tuple_json(flow), "outcomes": []}
     if flow.proto == 6 and flow.tcp_flags != 0x02:  # not a connection's first SYN
         doc["flow"]["tcp_flags"] = tcp_flag_names(flow.tcp_flags)
+    if assumed is not None:
+        doc["assumptions"] = assumed
     for oc in outcomes:
         ct = oc.forward.ct
         item = {
@@ -307,6 +306,9 @@ def build_namespace(args) -> Namespace:
             raise EnvError(f"--iproute {e.filename}: cannot read it: {e.strerror}") from None
     for r in args.route:
         ns.add_route(r)
+    for port in getattr(args, "bridge", None) or []:
+        iface, _, bridge = port.partition("@")
+        ns.bridged[iface] = bridge or iface
     for path in getattr(args, "ipset", []):
         from analyzer.parse.ipset import load_ipsets
         try:
@@ -355,7 +357,7 @@ def outcome_findings(flow: Packet, outcomes: list[Outcome], files=()) -> list:
                                   "SNAT/MASQUERADE the translated flow on its way out (so the reply comes back "
                                   "here to be reverse-translated), or route the reply through this host",
                                   line, conf, related, flow.tuple_str(), "reply-bypasses-translation"))
-        elif oc.reply.disposition not in ("sent", "delivered-locally"):
+        elif oc.reply.disposition not in _REACHED:
             stop = next((s for s in reversed(oc.reply.steps) if s.line and s.path in lines), None)
             if stop is not None:  # the rule that ended the reply, rather than the translation
                 line = lines[stop.path].line(stop.line)
@@ -391,16 +393,23 @@ def run_explain(args, res) -> int:
     backend = getattr(args, "backend", None)
     walker = Walker(res.ruleset, ns, backend=backend if backend in ("nft", "legacy") else None)
     outcomes = explain_flow(res.ruleset, flow, ns, local=args.local, walker=walker)
+    assumed = assumptions(ns, flow.family, args.local)
+    extra = client_route_assumption(ns, flow, args.local)
+    if extra:
+        assumed.append(extra)
     report_late_errors(res)
     diags = outcome_findings(flow, outcomes, res.files)
     if args.output_format == "json":
         from analyzer.report.diagnostics import to_dict
-        doc = json.loads(render_json(flow, outcomes))
+        doc = json.loads(render_json(flow, outcomes, assumed))
         doc["diagnostics"] = [to_dict(d) for d in diags]
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    elif args.output_format == "mermaid":
+        from analyzer.report.mermaid import explain_mermaid
+        sys.stdout.write(explain_mermaid(flow, outcomes, where))
     else:
         from analyzer.report.terminal import write
-        write(render_text(flow, outcomes, where))  # colour on a terminal only
+        write(render_text(flow, outcomes, where, assumed))  # colour on a terminal only
         if diags:
             from analyzer.report.diagnostics import render_text_all
             write("\n" + render_text_all(diags) + "\n")

@@ -149,3 +149,112 @@ def test_explain_env_prints_every_outcome():
     assert "== outcome 1 of 2 (p=0.500, endpoint 10.244.1.5:8080)" in out
     assert "== outcome 2 of 2 (p=0.500, endpoint 10.244.0.6:8080)" in out
     assert "about 50% of connections, are reset" in out
+
+
+def test_session_affinity_first_connection_follows_the_statistic_choice():
+    """-m recent --rcheck (kube-proxy's ClientIP affinity) finds no entry on a client's first
+    connection: the endpoints are chosen by the statistic rules alone, with exact probabilities."""
+    from analyzer.explain import explain_flow
+    from analyzer.netfilter.env import Namespace
+    from analyzer.netfilter.walk import parse_flow
+    from analyzer.parse import load_ruleset
+
+    text = """*nat
+:PREROUTING ACCEPT [0:0]
+:SVC - [0:0]
+:SEP-A - [0:0]
+:SEP-B - [0:0]
+-A PREROUTING -d 10.96.0.1/32 -p tcp -m tcp --dport 80 -j SVC
+-A SVC -m recent --rcheck --seconds 10800 --reap --name SEP-A --mask 255.255.255.255 --rsource -j SEP-A
+-A SVC -m recent --rcheck --seconds 10800 --reap --name SEP-B --mask 255.255.255.255 --rsource -j SEP-B
+-A SVC -m statistic --mode random --probability 0.50000000000 -j SEP-A
+-A SVC -j SEP-B
+-A SEP-A -p tcp -m recent --set --name SEP-A --mask 255.255.255.255 --rsource -m tcp -j DNAT --to-destination 10.244.0.5:80
+-A SEP-B -p tcp -m recent --set --name SEP-B --mask 255.255.255.255 --rsource -m tcp -j DNAT --to-destination 10.244.1.5:80
+COMMIT
+"""
+    res = load_ruleset((text, "affinity.rules"))
+    ns = Namespace()
+    ns.add_addr("192.168.0.1/24", "eth0")
+    ns.add_route("10.244.0.0/16 via 192.168.0.2")
+    outs = explain_flow(res.ruleset, parse_flow("tcp 192.168.0.9:40000 -> 10.96.0.1:80"), ns)
+    assert sorted((str(o.forward.pkt.dst), o.forward.prob, o.confidence) for o in outs) == [
+        ("10.244.0.5", 0.5, "EXACT"), ("10.244.1.5", 0.5, "EXACT")]
+
+
+# ---------------------------------------------------------------------------------------------
+# one walk: explain DUMP and explain --env give the same answer for the same namespace
+# ---------------------------------------------------------------------------------------------
+
+ENV_SAMPLES = sorted((ROOT / "samples" / "env").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ENV_SAMPLES, ids=[p.stem for p in ENV_SAMPLES])
+def test_explain_and_env_agree(path):
+    """Every namespace a sample's example flow crosses, explained on its own
+    (`explain DUMP` with the namespace's addresses, routes and sysctls, arriving as it did in the
+    environment), takes the same steps to the same packet and disposition as in the environment."""
+    from dataclasses import replace
+
+    import yaml
+
+    from analyzer.crosshost import World, follow_all
+    from analyzer.explain import explain_flow
+    from analyzer.netfilter.walk import parse_flow
+
+    env = load_environment(str(path))
+    doc = yaml.safe_load(path.read_text())
+    compared = 0
+    for ex in doc.get("examples") or []:
+        uid = ex.get("uid")
+        for trip in follow_all(World(env), ex["from"], parse_flow(ex["flow"]), uid=uid, gid=uid):
+            for hop in trip.request.hops:
+                spec = env.namespaces[hop.namespace]
+                if hop.bridged:
+                    continue
+                local = hop.arrived_on is None
+                pkt = hop.packet_in if local else replace(hop.packet_in, iif=hop.arrived_on)
+                outs = explain_flow(spec.ruleset, pkt, spec.net, local=local)
+                same = [o for o in outs if o.forward.pkt.dst == hop.packet_out.dst
+                        and o.forward.pkt.dport == hop.packet_out.dport]
+                assert same, (hop.namespace, [o.forward.pkt.tuple_str() for o in outs])
+                o = same[0]
+                assert o.disposition == hop.disposition, (hop.namespace, o.disposition, hop.disposition)
+                steps = [s for s in hop.steps if s.where != "bridge"]
+                assert [s.render() for s in o.forward.steps] == [s.render() for s in steps]
+                compared += 1
+    assert compared, "no namespace on the example's path"
+
+
+def test_mermaid_draws_syn_synack_rst_and_translations():
+    from _golden import run
+
+    rc, out, _ = run(["explain", "--env", "samples/env/kubeproxy-remote-endpoint-first.yaml", "--from", "pod-a",
+                      "--flow", "tcp 10.244.0.5:40000 -> 10.96.0.20:80", "-o", "mermaid"])
+    diagrams = out.strip().split("\n\n")
+    assert len(diagrams) == 2 and all(d.startswith("sequenceDiagram") for d in diagrams)
+    ok, bad = diagrams
+    assert "Note over node1: DNAT to 10.244.1.5:8080" in ok and "Note over node1: conntrack reverse DNAT" in ok
+    assert "RST" not in ok
+    assert "pod_b->>pod_a: SYN+ACK tcp 10.244.0.6:8080 -> 10.244.0.5:40000" in bad
+    assert "pod_a-xpod_b: RST" in bad
+    rc, out, _ = run(["explain", "samples/explain/hairpin-no-masquerade.rules", "--flow", "tcp 10.0.0.2:42424 -> 10.0.0.1:80",
+                      "--from-iface", "br0", "--addr", "10.0.0.1/24@br0", "-o", "mermaid"])
+    assert "client->>host: SYN" in out and "(bypasses host)" in out and "client-xn10_0_0_3: RST" in out
+
+
+def test_explain_prints_and_takes_its_assumptions():
+    from _golden import run
+
+    argv = ["explain", "samples/explain/hairpin-no-masquerade.rules", "--flow", "tcp 10.0.0.2:42424 -> 10.0.0.1:80",
+            "--from-iface", "br0", "--addr", "10.0.0.1/24@br0"]
+    rc, out, _ = run(argv)
+    assert rc == 1 and "assumes: net.ipv4.ip_forward=1" in out and "NAT001" in out
+    # the same host as the bridge of an environment with br_netfilter: the bridged reply crosses
+    # the host's conntrack entry, as `explain --env` says (no finding)
+    rc, out, _ = run(argv + ["--bridge", "br0"])
+    assert rc == 0 and "assumes: net.bridge.bridge-nf-call-iptables=1 (bridge ports: br0)" in out
+    rc, out, _ = run(argv + ["--bridge", "br0", "--sysctl", "net.bridge.bridge-nf-call-iptables=0"])
+    assert rc == 1 and "NAT001" in out
+    rc, out, _ = run(argv + ["--sysctl", "net.ipv4.ip_forward=0"])
+    assert "net.ipv4.ip_forward=0: not forwarded" in out

@@ -54,7 +54,7 @@ def test_seed2_sidecar_redirect_terminates_locally():
     rules = _load(os.path.join(SAMPLES, "seed2-sidecar-pod.rules"))
     _, (oc,) = _explain(rules, "tcp 10.6.2.2:51136 -> 10.7.3.3:8080",
                         addrs=[("10.7.3.3/24", "eth0")])
-    assert oc.disposition == "delivered-locally"
+    assert oc.disposition == "delivered"
     assert oc.forward.pkt.dport == 15001
     assert oc.forward.ct.reply_sport == 15001 and oc.forward.ct.dnat
     assert oc.reply_ok is True and oc.client_sees.sport == 8080
@@ -138,7 +138,7 @@ def test_kube_proxy_trace_packets(doc, flow):
     if want in ("DROP", "REJECT"):
         assert {o.disposition for o in outs} == {"dropped" if want == "DROP" else "rejected"}
     elif want == "ACCEPT":
-        assert {o.disposition for o in outs} == {"delivered-locally"}
+        assert {o.disposition for o in outs} == {"delivered"}
         assert not any(o.forward.ct.dnat for o in outs)
     else:
         got = {f"{o.forward.pkt.dst}:{o.forward.pkt.dport}" for o in outs if o.forward.ct.dnat}

@@ -57,7 +57,9 @@ def service_destinations(spec):
             if dsts:
                 addrs = [n.network_address for m in dsts for n in m.networks if n.num_addresses == 1]
             else:
-                addrs = [a.ip for _, a in spec.net.local_addresses() if a.version == 4 and not a.ip.is_loopback]
+                # the namespace's first address stands for all of them (a NodePort rule does not
+                # look at the address; dialling every address of every node multiplies the work)
+                addrs = [a.ip for _, a in spec.net.local_addresses() if a.version == 4 and not a.ip.is_loopback][:1]
             for a in addrs:
                 for lo, _ in ports[0].ranges[:1]:
                     key = (a, proto, lo)

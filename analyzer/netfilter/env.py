@@ -57,6 +57,10 @@ class Namespace:
     sysctls: dict[str, int] = field(default_factory=dict)
     bridged: dict[str, str] = field(default_factory=dict)  # port iface -> bridge
     ipsets: dict = field(default_factory=dict)  # name -> analyzer.parse.ipset.IpSet (`ipset save`)
+    # caches of the queries below (a node may hold hundreds of addresses and routes, and an
+    # environment walk asks the same questions for every flow); add_addr/add_route reset them
+    _local: frozenset | None = field(default=None, repr=False, compare=False)
+    _routes_by_dst: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def known(self) -> bool:
@@ -68,8 +72,13 @@ class Namespace:
         except ValueError:
             raise EnvError(f"invalid address '{cidr}' (expected CIDR like 10.0.0.1/24)") from None
         self.addrs.setdefault(iface, []).append(a)
-        # the kernel adds the connected route and the local route for each address
-        if a.network.prefixlen < a.max_prefixlen:
+        self._local = None
+        self._routes_by_dst.clear()
+        # the kernel adds the connected route and the local route for each address (one
+        # connected route per prefix and device: a second address in the subnet adds none)
+        if a.network.prefixlen < a.max_prefixlen and not any(
+                r.dest == a.network and r.dev == iface and r.via is None and r.kind == "unicast"
+                for r in self.routes):
             self.routes.append(Route(a.network, iface, None, "unicast", a.ip))
 
     def add_route(self, spec: str):
@@ -104,6 +113,7 @@ class Namespace:
             except (StopIteration, ValueError):
                 raise EnvError(f"malformed route '{spec}' near '{w}'") from None
         self.routes.append(Route(net, dev, via, kind, src, metric))
+        self._routes_by_dst.clear()
 
     def load_iproute(self, addr_text: str, route_text: str | None):
         """``ip addr`` and ``ip route`` output as printed (also ``-o``/``-br``), or ``ip -j`` JSON."""
@@ -190,7 +200,9 @@ class Namespace:
     def is_local(self, addr) -> bool:
         if addr.is_loopback:
             return True
-        return any(a.ip == addr for _, a in self.local_addresses())
+        if self._local is None:
+            self._local = frozenset(a.ip for _, a in self.local_addresses())
+        return addr in self._local
 
     def primary_address(self, iface: str | None, family: int, toward=None):
         """MASQUERADE's choice: the route's preferred source, else the first address of the
@@ -249,6 +261,14 @@ class Namespace:
         return None
 
     def route(self, dst) -> RouteResult:
+        hit = self._routes_by_dst.get(dst)
+        if hit is None:
+            if len(self._routes_by_dst) > 65536:
+                self._routes_by_dst.clear()
+            hit = self._routes_by_dst[dst] = self._route(dst)
+        return hit
+
+    def _route(self, dst) -> RouteResult:
         if self.is_local(dst):
             return RouteResult("local", "lo", None, None)
         best = None

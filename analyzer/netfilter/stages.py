@@ -6,6 +6,8 @@ priority -200) after which the nat table only sees a connection's first packet.
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 
@@ -73,6 +75,7 @@ def stages(hook: str, backend: str | None = None) -> tuple[Stage, ...]:
     return BACKENDS[backend or DEFAULT_BACKEND][hook]
 
 
+@functools.lru_cache(maxsize=None)
 def tables(hook: str, backend: str | None = None) -> tuple[str, ...]:
     """The iptables tables ``hook`` runs, in order.
 
@@ -89,5 +92,10 @@ def order_differs(hook: str, present: set) -> bool:
     >>> order_differs("INPUT", {"nat", "security"}), order_differs("INPUT", {"filter", "nat"})
     (True, False)
     """
+    return _order_differs(hook, frozenset(present))
+
+
+@functools.lru_cache(maxsize=4096)
+def _order_differs(hook: str, present: frozenset) -> bool:
     seqs = {tuple(t for t in tables(hook, b) if t in present) for b in BACKENDS}
     return len(seqs) > 1

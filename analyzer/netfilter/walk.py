@@ -442,6 +442,12 @@ class Walker:
             if hit is None:
                 return (None, f"ipset '{m.name}' of type {s.type} not evaluated", False)
             return hit != neg
+        if isinstance(m, OpaqueMatch) and m.module == "recent":
+            # the walk is a connection's first packet from a client the list has not seen (kube-proxy's
+            # session affinity: the first connection picks an endpoint by statistic, later ones stick
+            # to it): --set matches and records, --rcheck/--update/--remove find no entry; the
+            # other options only qualify the check
+            return (m.option not in ("--rcheck", "--update", "--remove")) != neg
         if isinstance(m, (OpaqueMatch, UnknownMatch)):
             return (None, f"'-m {m.module} {m.option}' not evaluated", False)
         return (None, f"{type(m).__name__} not evaluated", False)

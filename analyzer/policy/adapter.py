@@ -30,7 +30,7 @@ class TargetError(ValueError):
 class End:
     """Where one branch of a flow ends (a statistic DNAT has one branch per backend)."""
 
-    disposition: str            # forwarded | delivered-locally | sent | dropped | rejected | refused | ...
+    disposition: str            # forwarded | delivered | sent | dropped | rejected | refused | ...
     reached: bool
     namespace: str | None = None
     address: object = None      # destination after every translation

@@ -71,7 +71,7 @@ def end_matches(e: End, to: dict | None) -> bool:
         return False
     if "interface" in to and not fnmatch.fnmatchcase(e.interface or "", to["interface"].replace("+", "*")):
         return False
-    if "local" in to and (e.disposition in ("delivered-locally", "tproxy")) != bool(to["local"]):
+    if "local" in to and (e.disposition in ("delivered", "delivered-locally", "tproxy")) != bool(to["local"]):
         return False
     return True
 

@@ -106,7 +106,7 @@ CASES = [
     Case("dnat-without-masquerade", "dnat-only", "10.99.0.1", 80, "forwarded"),
     Case("snat", "snat", "10.0.2.2", 8080, "forwarded", router_addrs=(("10.0.2.100/24", "sk2b"),),
          backends=("nft", "legacy")),
-    Case("redirect-to-sidecar", "istio-redirect", "10.0.2.2", 8080, "delivered-locally",
+    Case("redirect-to-sidecar", "istio-redirect", "10.0.2.2", 8080, "delivered",
          listen=(("router", 15001), ("server", 8080))),
     Case("redirect-return-exempt", "istio-redirect", "10.0.2.2", 22, "forwarded",
          listen=(("router", 15001), ("server", 22))),
@@ -145,10 +145,10 @@ CASES = [
     Case("ipv6-dnat-masquerade", "ipv6-dnat", "fd00:96::10", 80, "forwarded", ipv6=True,
          backends=("nft", "legacy")),
     # the order of stages depends on the backend the dump's header names (netfilter/stages.py)
-    Case("security-after-nat-input", "security-nat-input-nft", "10.0.1.1", 8080, "delivered-locally",
+    Case("security-after-nat-input", "security-nat-input-nft", "10.0.1.1", 8080, "delivered",
          listen=(("router", 8080),), backends=("nft",)),
     Case("security-before-nat-input", "security-nat-input-legacy", "10.0.1.1", 8080,
-         "delivered-locally", listen=(("router", 8080),), backends=("legacy",)),
+         "delivered", listen=(("router", 8080),), backends=("legacy",)),
     # NAT to a port range keeps a port that lies inside it; outside, the kernel picks at random
     Case("masquerade-to-ports-keeps-port", "masquerade-to-ports", "10.0.2.2", 8080, "forwarded",
          backends=("nft", "legacy")),
@@ -297,7 +297,7 @@ def test_explain_agrees_with_kernel(lab, require, case: Case, backend: str):
     assert res1.outcome == "timeout", res1  # the sink swallowed every answer
     entry = _ct_entry(router, case, src, sport1)
     ct0 = outcomes1[0].forward.ct
-    tracked = case.expect in ("forwarded", "delivered-locally", "sent") \
+    tracked = case.expect in ("forwarded", "delivered", "sent") \
         and ct0.in_use and not ct0.untracked
     if not tracked:
         assert entry is None, f"synack predicts no conntrack entry; kernel has {entry.raw}"
@@ -342,7 +342,7 @@ def test_explain_agrees_with_kernel(lab, require, case: Case, backend: str):
     (where, _), conn = conns[0]
     oc = _pick(outcomes2, _norm(conn.local[0]), conn.local[1])
     pkt = oc.forward.pkt
-    expected_ns = "router" if oc.disposition == "delivered-locally" else "server"
+    expected_ns = "router" if oc.disposition == "delivered" else "server"
     assert where == expected_ns
     assert _norm(conn.peer[0]) == str(pkt.src), f"server saw peer {conn.peer}, synack {pkt.tuple_str()}"
     if _port_exact(oc):
@@ -362,7 +362,7 @@ def _client_outcome(oc) -> str:
                                           "icmp6-port-unreachable") else "unreachable"
     if oc.disposition == "no-route":
         return "unreachable"
-    if oc.reply is None or oc.reply.disposition not in ("sent", "delivered-locally"):
+    if oc.reply is None or oc.reply.disposition not in ("sent", "forwarded", "delivered"):
         return "timeout"  # the SYN+ACK never reaches the client; it retransmits its SYN
     return "ok" if oc.reply_ok else "timeout"
 
