@@ -60,7 +60,7 @@ def _sees(oc) -> str:
 def summary_line(k: int, oc) -> str:
     unk = _masq_unknown(oc)
     prob = "" if oc.forward.prob is None else f"p={oc.forward.prob:.3f} "
-    final = oc.forward.pkt.tuple_str() if oc.disposition in ("forwarded", "delivered-locally", "sent", "tproxy") \
+    final = oc.forward.pkt.tuple_str() if oc.disposition in ("forwarded", "delivered", "delivered-locally", "sent", "tproxy") \
         else None
     head = f"  {k}. {prob}{oc.disposition}" + (f" as {final}" if final else
                                                (f": {oc.detail}" if oc.detail else _where(oc.forward.steps)))
