@@ -307,7 +307,7 @@ def _cilium_into_endpoint(world: "World", tr: "Tracker", ns: str, b: Branch) -> 
     from analyzer.netfilter import cilium as C
 
     node = world.env.namespaces[ns].cilium
-    if node is None or b.disposition != "sent" or b.pkt.oif not in node.endpoints \
+    if node is None or b.disposition not in ("sent", "forwarded") or b.pkt.oif not in node.endpoints \
             or getattr(b, "cilium_done", False):
         return
     o = C.reply_into_endpoint(node, b.pkt, b.pkt.oif, tr.entries.get(ns + "#cilium", []))
