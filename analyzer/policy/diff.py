@@ -19,6 +19,7 @@ from analyzer.policy.spec import FlowSel
 from analyzer.source import Span
 
 _COUNTERS = re.compile(r"^\[\d+:\d+\]\s*|\s-c\s+\d+\s+\d+(?=\s|$)")
+_INSERT = re.compile(r"^-I (\S+) (?:\d+ )?")
 _JUMP = re.compile(r"\s-[jg]\s+(\S+)")
 BUILTIN = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
 LOCAL_ROOTS = ("OUTPUT",)
@@ -30,11 +31,16 @@ def identity(rule) -> str:
 
     >>> identity(type("R", (), {"text": "[3:4] -A X -p tcp  -c 1 2 -j ACCEPT"})())
     '-A X -p tcp -j ACCEPT'
+    >>> identity(type("R", (), {"text": "-I X 1 -p tcp -j ACCEPT"})())
+    '-A X -p tcp -j ACCEPT'
     """
     t = rule.text
     if t.startswith("[") or " -c " in t:
         t = _COUNTERS.sub(" ", t)
-    return " ".join(t.split()) if "  " in t or t != t.strip() else t
+    t = " ".join(t.split()) if "  " in t or t != t.strip() else t
+    if t.startswith("-I "):  # '-I CHAIN [n]' (a --noflush payload) is the same rule as '-A CHAIN'
+        t = _INSERT.sub(r"-A \1 ", t)
+    return t
 
 
 @dataclass
