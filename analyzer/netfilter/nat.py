@@ -136,4 +136,7 @@ def pick_port(port: int | None, lo: int | None, hi: int | None, random: bool = F
         return PortChoice(lo, True)
     why = ("--random: " if random else f"{port} is outside {lo}-{hi}: ") + \
         f"the kernel picks the port at a random offset into {lo}-{hi} (nf_nat_l4proto_unique_tuple)"
+    if dnat and not random:
+        why = (f"{port} is outside {lo}-{hi}: the 6.18 kernel takes the first free port of the range "
+               "for DNAT (tests/kernel), the nf_nat_core.c read here a random offset into it")
     return PortChoice(lo, False, why)
