@@ -35,25 +35,25 @@ FACTS = {
         "to a backend before any packet exists; recvmsg4/getpeername4 report the frontend back "
         "(reverse translation in the socket layer, not on the wire)",
         "bpf/bpf_sock.c sock4_connect -> __sock4_xlate_fwd, __sock4_xlate_rev (commit 00c22b1c)",
-        "1.6+ ('host-reachable services'), 'Socket LB' in cilium status since 1.12"),
+        "'host-reachable services' in 1.7-era status output, 'Socket LB' in the 1.13+ output of the corpus"),
     "socket-lb-externalip": Fact(
         "socket LB skips foreign ExternalIPs",
         "an ExternalIP frontend is translated at connect() only when the address belongs to this "
         "host (ipcache identity HOST), 'so that a k8s service cannot easily MITM a public IP'",
-        "bpf/bpf_sock.c sock4_skip_xlate (commit 00c22b1c)", "1.7+"),
+        "bpf/bpf_sock.c sock4_skip_xlate (commit 00c22b1c)", "as read at that commit (2020); other versions not checked"),
     "socket-lb-hostns-only": Fact(
         "socket LB for the host namespace only",
         "with 'Socket LB Coverage: Hostns-only' pods' sockets are not translated at connect(); "
         "their packets are translated per packet by bpf_lxc",
         "bpf/bpf_sock.c ctx_in_hostns (commit 00c22b1c); cilium status 'Socket LB Coverage'",
-        "1.12+ (--bpf-lb-sock-hostns-only)"),
+        "'Socket LB Coverage' seen in the 1.15 status output of the corpus"),
     "per-packet-lb": Fact(
         "per-packet LB at the pod's interface",
         "bpf_lxc (from-container, tc on the pod's host-side veth) looks the destination up in the "
         "service map and DNATs it to a backend when the socket layer did not; the CT entry keeps "
         "the rev-NAT index",
         "bpf/bpf_lxc.c __per_packet_lb_svc_xlate_4 / handle_ipv4_from_lxc; bpf/lib/lb.h lb4_local "
-        "(commit 00025c98)", "all versions (east-west LB); 1.16 names it ENABLE_PER_PACKET_LB"),
+        "(commit 00025c98)", "east-west LB of every version; ENABLE_PER_PACKET_LB in the source read"),
     "revnat-to-container": Fact(
         "reverse translation into the client pod",
         "a reply to a connection bpf_lxc translated is reverse-translated (lb4_rev_nat with the CT "
