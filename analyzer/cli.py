@@ -183,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-on", choices=["error", "warning", "info"], default=None,
                    help="lowest severity of a failing assertion that makes the exit code 1 (default: info, any)")
     p.add_argument("--quiet", "-q", action="store_true", help="text: show failing assertions only")
+    p.add_argument("--no-trace", action="store_true", help="text: witnesses without their traces")
 
     p = sub.add_parser("diff", help="which flows change fate between two dumps or two environments")
     p.add_argument("old", metavar="OLD", help="dump, or environment file (.yaml)")
@@ -834,7 +835,7 @@ def cmd_check(args) -> int:
         from analyzer.report.junit import render_junit as render
     else:
         from analyzer.report.policy import render_text
-        render = lambda r, p, t: render_text(r, p, t, verbose=not args.quiet)  # noqa: E731
+        render = lambda r, p, t: render_text(r, p, t, verbose=not args.quiet, traces=not args.no_trace)  # noqa: E731
     out = render(results, args.policy, target.label)
     if args.output_file:
         with open(args.output_file, "w", encoding="utf-8") as f:

@@ -17,7 +17,7 @@ def _indent(text: str, pad: str) -> str:
     return "\n".join(pad + l if l else l for l in text.rstrip().splitlines())
 
 
-def render_text(results, policy_path: str, target: str, verbose: bool = True) -> str:
+def render_text(results, policy_path: str, target: str, verbose: bool = True, traces: bool = True) -> str:
     out = [f"policy {policy_path} against {target}", ""]
     for r in results:
         a = r.assertion
@@ -35,13 +35,15 @@ def render_text(results, policy_path: str, target: str, verbose: bool = True) ->
         out.append(f"      assertion at {a.span.render()}")
         for k, w in enumerate(r.witnesses, 1):
             if w.code:
-                out.append(_indent(w.trace, "      "))
+                out.append(_indent(w.trace if traces else w.trace.splitlines()[0], "      "))
                 continue
             out.append(f"      witness {k}: {w.flow}" + (f"  (class: {w.packets})" if w.packets else ""))
             out.append(f"        fate: {w.fate}" + (f"  [rule at {w.span.path}:{w.span.line}]" if w.span else ""))
             if w.baseline is not None:
                 out.append(f"        baseline: {w.baseline}"
                            + (f"  [rule at {w.baseline_span.path}:{w.baseline_span.line}]" if w.baseline_span else ""))
+            if not traces:
+                continue
             out.append("        trace:")
             out.append(_indent(w.trace, "          "))
             if w.baseline_trace:
