@@ -9,7 +9,8 @@ What it measures (issue 8, "a green result means the input was read and checked"
 Mutations are byte- and line-level: flip or insert a byte (unusual whitespace, NUL, 0xff, a
 quote, a backslash ...), delete / duplicate / swap / truncate lines, cut the file at a random
 point, swap two words, splice in a word from another rule, replace a number. Each case runs the
-CLI in-process (``analyzer.cli.main``) on a temporary file; a failing case is written to
+CLI in-process (``analyzer.cli.main``) on a temporary file (lint 60%, parse 30%, explain of an
+IPv4, IPv6 or open flow 5%, two files with or without --apply-in-order 5%); a failing case is written to
 ``--save DIR`` so it can be replayed with ``synack lint FILE``.
 
     python benchmarks/fuzz_inputs.py --cases 20000 --seed 1       # from the repository root
@@ -219,9 +220,15 @@ def fuzz(cases: int, seed: int, files: list[Path] | None = None, save: Path | No
                 argv = ["lint", str(path)]
             elif r < 0.9:
                 argv = ["parse", str(path)]
-            else:
-                argv = ["explain", str(path), "--flow", "tcp 10.0.0.1:1234 -> 10.96.0.10:80",
+            elif r < 0.95:
+                argv = ["explain", str(path), "--flow", rng.choice((
+                    "tcp 10.0.0.1:1234 -> 10.96.0.10:80", "udp 10.0.0.1:53 -> 10.96.0.10:53",
+                    "tcp [fd00::1]:1234 -> [fd00::10]:443", "10.0.0.1 -> 10.96.0.10")),
                         "--from-iface", "eth0"]
+            else:  # two files applied in order (kube-proxy's base dump, then a transaction)
+                other = tmp / "other.rules"
+                other.write_bytes(texts[rng.randrange(len(texts))].encode("utf-8", "surrogateescape"))
+                argv = ["lint", str(other), str(path)] + (["--apply-in-order"] if rng.random() < 0.5 else [])
             rc, tb = run_case(argv)
             stats["cases"] += 1
             stats["exits"][str(rc)] = stats["exits"].get(str(rc), 0) + 1
@@ -234,7 +241,7 @@ def fuzz(cases: int, seed: int, files: list[Path] | None = None, save: Path | No
             elif rc not in (0, 1, 2):
                 stats["bad_exit"] += 1
                 problem = f"exit {rc}"
-            elif rc == 0 and argv[0] != "explain" and rules_read(str(path)) == 0:
+            elif rc == 0 and argv[0] != "explain" and rules_read(str(path)) == 0 and "--apply-in-order" not in argv:
                 stats["zero_rules_exit_0"] += 1
                 problem = "zero rules, exit 0"
             if problem:
