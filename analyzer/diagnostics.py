@@ -98,6 +98,8 @@ def render_text(d: Diagnostic) -> str:
         num = str(s.line)
         pad = " " * len(num)
         text = d.source_line.expandtabs(1)
+        if not text.isprintable():  # never send the input's control bytes to a terminal; one
+            text = "".join(c if c.isprintable() else "?" for c in text)  # '?' each: carets align
         out.append(f"  {num} | {text}")
         width = max(1, min(s.end_col, len(text) + 1) - s.col)
         out.append(f"  {pad} | {' ' * (s.col - 1)}{'^' * width}")
