@@ -1000,7 +1000,7 @@ def _fix_hint(world: World, trip: Trip, missed, hairpin: bool = False) -> str:
                 f"{missed[0].packet_out.dst} is switched on {bridged_seg.name} straight to the client; load "
                 f"br_netfilter and set net.bridge.bridge-nf-call-iptables=1 so bridged replies cross "
                 f"'{ns}''s conntrack")
-    if rule is not None and rule.chain.startswith("KUBE-SEP-"):
+    if rule is not None and rule.chain.startswith("KUBE-SEP-") and not _has_hairpin_masq(world, missed[0], rule):
         ep = missed[0].packet_out.dst
         return (f"kube-proxy's hairpin masquerade is missing for this endpoint: add "
                 f"'-A {rule.chain} -s {ep}/{ep.max_prefixlen} -j KUBE-MARK-MASQ' before the DNAT rule "
