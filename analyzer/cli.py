@@ -801,6 +801,8 @@ def cmd_check(args) -> int:
         else:
             # flow questions decode only the rules the walks meet (as explain does); lint-based
             # assertions need every rule decoded
+            # a policy's target is one namespace: several dumps apply in order (docs/policy.md)
+            args.apply_in_order = args.apply_in_order or len(args.dumps) > 1
             results = _load(args, lazy=not any(a.kind == "no-finding" for a in policy.assertions))
             if results is None:
                 return EXIT_UNUSABLE
