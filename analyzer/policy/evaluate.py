@@ -98,8 +98,15 @@ def _flow_result(a: Assertion, ex: Exploration, bad, what_fails: str, what_holds
                   [_witness(c, f) for c, f in failing[:MAX_WITNESSES]], approx, n, len(failing))
 
 
+ENV_ONLY_TO, DUMP_ONLY_TO = ("namespace", "listener"), ("interface", "local")
+
+
 def check_reach(a: Assertion, target, blocked: bool) -> Result:
     to = a.body.get("to")
+    wrong = [k for k in (to or {}) if k in (DUMP_ONLY_TO if target.kind == "env" else ENV_ONLY_TO)]
+    if wrong:
+        raise TargetError(f"'to: {wrong[0]}' applies to {'dumps' if target.kind == 'env' else 'environments'} "
+                          f"only; this input is {'an environment' if target.kind == 'env' else 'a dump'}")
     ex = explore([target], a.flows)
 
     def bad(c):

@@ -232,3 +232,10 @@ def test_a_dump_with_both_families_answers_ipv6_flows_from_its_ip6tables_part(tm
                    '  - {name: v6-other, blocked: {iif: eth0, dst: "fd00::6", dport: 80}}\n')
     assert main(["check", str(pol), str(rules), "--addr", "10.0.0.1/24@eth1", "--addr", "fd00::1/64@eth1"]) == 0
     assert "3 passed" in capsys.readouterr().out
+
+
+def test_a_destination_of_the_other_input_kind_cannot_be_answered(tmp_path, capsys):
+    p = tmp_path / "p.yaml"
+    p.write_text("assertions:\n  - name: a\n    reachable: {iif: eth0, dst: 10.96.0.10, dport: 80, to: {namespace: pod}}\n")
+    assert main(["check", str(p), str(ENV / "kubeproxy-node.rules")]) == 2
+    assert "'to: namespace' applies to environments only" in capsys.readouterr().err
