@@ -819,6 +819,11 @@ def cmd_check(args) -> int:
                 return _error(why)
             ns = make_namespace(list(tgt.get("addresses", [])) + args.addr,
                                 list(tgt.get("routes", [])) + args.route, tgt.get("sysctls"))
+            for path in args.ipset or ():   # -m set matches evaluated exactly, as for explain
+                from analyzer.parse.ipset import load_ipsets
+                with open(path, encoding="utf-8") as f:
+                    sets, _ = load_ipsets(f.read(), path)
+                ns.ipsets.update(sets)
             target = DumpTarget(res.ruleset, ns, ", ".join(args.dumps) or "live", res.files, res)
     except (EnvError, ValueError, OSError) as e:
         sys.stderr.write(f"synack: error: {e}\n")
