@@ -724,14 +724,23 @@ def cmd_explain_open(args, res, spec) -> int:
     groups, complete = explain_open_flow(res.ruleset, spec, ns, local=args.local)
     from analyzer.explain import report_late_errors
     report_late_errors(res)
+    from analyzer.explain import outcome_findings
+    from analyzer.report.diagnostics import render_text_all, to_dict
+    from analyzer.report.terminal import write
+
+    found = [outcome_findings(g.witness, g.outcomes, res.files) for g in groups]  # as lint would
     if args.output_format == "json":
         doc = {"schema_version": "1.0", "open_fields": sorted(spec.open), "complete": complete,
                "groups": [{"packets": g.description, "classes": g.classes,
-                           "explain": json.loads(render_json(g.witness, g.outcomes))} for g in groups]}
+                           "explain": json.loads(render_json(g.witness, g.outcomes)),
+                           "diagnostics": [to_dict(d) for d in ds]} for g, ds in zip(groups, found)]}
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:
-        sys.stdout.write(render_groups(spec, groups, complete, where))
-    return EXIT_OK
+        write(render_groups(spec, groups, complete, where))
+        for g, ds in zip(groups, found):
+            if ds:
+                write(f"\n{g.description}:\n" + render_text_all(ds) + "\n")
+    return EXIT_FINDINGS if any(found) else EXIT_OK
 
 
 def cmd_explain_env(args) -> int:

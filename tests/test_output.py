@@ -235,3 +235,13 @@ def test_lint_json_is_clean_with_a_terminal_stderr(monkeypatch):
     rc, out, err = _run_tty(["lint", "--env", "samples/env/seed1-broken.yaml", "-o", "json"], monkeypatch,
                             stdout_tty=True, stderr_tty=True)
     assert "\x1b[" not in out and json.loads(out)["diagnostics"]
+
+
+def test_explain_of_an_open_flow_reports_the_findings_of_its_groups():
+    argv = ["explain", "samples/seed1-hairpin-host.rules", "--flow", "10.4.26.45 -> 10.4.26.234",
+            "--from-iface", "eth0", "--addr", "10.4.26.1/24@eth0"]
+    rc, out, _ = run(argv)
+    assert rc == 1 and "NAT001 [error]" in out
+    rc, out, _ = run(argv + ["-o", "json"])
+    codes = [d["code"] for g in json.loads(out)["groups"] for d in g["diagnostics"]]
+    assert rc == 1 and codes == ["NAT001"]
