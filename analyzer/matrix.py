@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from analyzer.engine.packetset import PacketSet
 from analyzer.model.rules import (
     AddrMatch, IpRangeMatch, Jump, Reject, Verdict,
 )
@@ -171,12 +172,24 @@ def service_matrix(ruleset, chain: str = "FORWARD", dport: int = 22, closure: st
     both = _classes(_Pair(pairs), "src", bounds, fam, "")
     m.sources = m.destinations = both
     for s in both:
-        row = pairs.restrict("src", s.rep)
+        row = _cofactor(pairs, "src", s.rep)
         for d in both:
-            if not row.restrict("dst", d.rep).is_empty():
+            if not _cofactor(row, "dst", d.rep).is_empty():
                 m.edges.append((s.name, d.name))
     m.approximate = sorted(ev.approx)
     return m
+
+
+def _cofactor(ps, field: str, addr):
+    """``ps.restrict(field, addr)``, fast for IPv4: the set's high 96 address bits are free for
+    IPv4 packets, so fixing the 32 low variables is the whole cofactor (no re-pinning of the
+    high bits, which is most of restrict's cost on 4,000-rule dumps)."""
+    if addr.version != 4:
+        return ps.restrict(field, addr)
+    sp = ps.space
+    v = int(addr)
+    low = sp._vars[field][-32:]  # MSB first, as the engine lays address bits out
+    return PacketSet(sp, sp.bdd.let({x: bool(v >> (31 - i) & 1) for i, x in enumerate(low)}, ps.node))
 
 
 class _Pair:
@@ -187,4 +200,4 @@ class _Pair:
         self.pairs = pairs
 
     def restrict(self, field, rep):
-        return (self.pairs.restrict("src", rep), self.pairs.restrict("dst", rep))
+        return (_cofactor(self.pairs, "src", rep), _cofactor(self.pairs, "dst", rep))

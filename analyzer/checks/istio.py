@@ -54,6 +54,8 @@ def redirect_without_owner_exemption(ctx: CheckContext) -> Iterator[Diagnostic]:
     nat = rs.tables.get("nat") if rs is not None else None
     if nat is None:
         return
+    if not any(isinstance(r.target, Redirect) for r in nat.rules()):
+        return
     redirects = _redirects_from_output(ctx, nat)
     if not redirects:
         return
@@ -110,19 +112,18 @@ def redirect_without_owner_exemption(ctx: CheckContext) -> Iterator[Diagnostic]:
 
 
 # --------------------------------------------------------------------------- IST002
-def _intercepts(nat, r: Rule, seen=None) -> bool:
+def _intercepts(table, r: Rule, memo: dict) -> bool:
     """Whether a rule sends matching packets to a proxy: REDIRECT/TPROXY, or a jump to a chain
-    that does so unconditionally on its way."""
+    that does so on its way (``memo``: chain -> answer, one pass per table)."""
     t = r.target
     if isinstance(t, (Redirect, Tproxy)):
         return True
     if isinstance(t, Jump):
-        seen = seen or set()
-        if t.chain in seen:
-            return False
-        seen.add(t.chain)
-        c = nat.chains.get(t.chain)
-        return c is not None and any(_intercepts(nat, x, seen) for x in c.rules)
+        if t.chain not in memo:
+            memo[t.chain] = False  # a loop intercepts nothing more
+            c = table.chains.get(t.chain)
+            memo[t.chain] = c is not None and any(_intercepts(table, x, memo) for x in c.rules)
+        return memo[t.chain]
     return False
 
 
@@ -172,13 +173,14 @@ def capture_ports_collide(ctx: CheckContext) -> Iterator[Diagnostic]:
     rs = ctx.ruleset
     for tname in ("nat", "mangle"):
         t = rs.tables.get(tname) if rs is not None else None
-        if t is None:
+        if t is None or not any(isinstance(r.target, (Redirect, Tproxy)) for r in t.rules()):
             continue
+        memo: dict = {}
         for c in t.chains.values():
             seen: list[tuple[Rule, bool, tuple]] = []
             for r in c.rules:
                 ports = _dports(r)
-                exc, inc = _excludes(r), _intercepts(t, r)
+                exc, inc = _excludes(r), _intercepts(t, r, memo)
                 if ports is None or not (exc or inc):
                     continue
                 key = _rest_key(r)
