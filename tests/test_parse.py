@@ -464,3 +464,11 @@ def test_limit_iface_belongs_to_its_own_addrtype_block():
 def test_connmark_without_an_action_is_refused():
     res = parse(wrap("-A PREROUTING -j CONNMARK --mask 0xff", "mangle"))
     assert [d.code for d in res.diagnostics] == ["PRS007"]
+
+
+def test_icmp_type_out_of_range_is_an_invalid_value_not_a_crash():
+    # found by benchmarks/fuzz_inputs.py: 65536 reached the packet-set encoder (ValueError)
+    res = parse(wrap("-A INPUT -p icmp -m icmp --icmp-type 65536 -j ACCEPT\n"
+                     "-A INPUT -p icmp -m icmp --icmp-type 8/256 -j ACCEPT\n"
+                     "-A INPUT -p icmp -m icmp --icmp-type \u00b2 -j ACCEPT\n"))
+    assert [(d.code, d.span.line) for d in res.diagnostics] == [("PRS004", 2), ("PRS004", 3), ("PRS004", 4)]

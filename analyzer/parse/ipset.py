@@ -74,7 +74,7 @@ def _parse_dim(dim: str, text: str):
         proto = None
         if ":" in text:
             p, text = text.split(":", 1)
-            proto = PROTO.get(p.lower(), int(p) if p.isdigit() else -1)
+            proto = PROTO.get(p.lower(), int(p) if p.isdecimal() else -1)
         lo, _, hi = text.partition("-")
         return (proto, int(lo), int(hi or lo))
     raise ValueError(dim)

@@ -733,7 +733,7 @@ class Builder:
                 if words[k] in ("-t", "--table") and k + 1 < len(words):
                     tname = words[k + 1]
                     k += 2
-                elif words[k] in ("-w", "--wait", "-W") and k + 1 < len(words) and words[k + 1].isdigit():
+                elif words[k] in ("-w", "--wait", "-W") and k + 1 < len(words) and words[k + 1].isdecimal():
                     k += 2
                 else:
                     k += 1
@@ -1021,7 +1021,7 @@ class Builder:
             chain.name = w[2]
             return
         start, pos = 2, None
-        if cmd in ("insert", "replace", "delete") and len(w) > 2 and w[2].isdigit():
+        if cmd in ("insert", "replace", "delete") and len(w) > 2 and w[2].isdecimal():
             pos = int(w[2])
             start = 3
         if cmd == "delete" and pos is not None:
@@ -1335,7 +1335,7 @@ class Builder:
                 p = a0.lower()
                 num = _PROTOCOLS_GET(p)
                 if num is None:
-                    if p.isdigit() and int(p) < 256:
+                    if p.isdecimal() and int(p) < 256:
                         num = int(p)
                     else:
                         err(sf, n, cs, es, "PRS004", f"unknown protocol '{a0}'", j - 1,
@@ -1355,7 +1355,7 @@ class Builder:
                 else:
                     self._addresses(sf, n, w, cs, es, j - 1, t, a0, g, neg, col0, end, matches)
             elif g == "counters":
-                counters = (int(a0), int(args[1])) if a0.isdigit() and args[1].isdigit() else counters
+                counters = (int(a0), int(args[1])) if a0.isdecimal() and args[1].isdecimal() else counters
             else:  # in/out interface
                 if len(a0) > 15:
                     err(sf, n, cs, es, "PRS004", f"interface name '{a0}' longer than 15 characters", j - 1,

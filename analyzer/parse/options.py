@@ -494,7 +494,7 @@ def _nat_range(s: str, ctx: Ctx) -> NatRange:
     pl = ph = None
     if ports is not None:
         a, _, b = ports.partition("-")
-        if not a.isdigit() or (b and not b.isdigit()):
+        if not a.isdecimal() or (b and not b.isdecimal()):
             raise DecodeError("PRS006", f"invalid NAT port range '{ports}' in '{s}'", ctx.index,
                               hint="expected PORT or PORT-PORT after ':'")
         pl = int(a)
@@ -506,7 +506,7 @@ def _nat_range(s: str, ctx: Ctx) -> NatRange:
 
 def to_ports(s: str, ctx: Ctx) -> tuple[int, int]:
     a, _, b = s.replace(":", "-").partition("-")
-    if not a.isdigit() or (b and not b.isdigit()):
+    if not a.isdecimal() or (b and not b.isdecimal()):
         raise DecodeError("PRS006", f"invalid port range '{s}'", ctx.index)
     lo = int(a)
     hi = int(b) if b else lo
@@ -532,13 +532,13 @@ def _suggest(word: str, choices, what: str = "option") -> str | None:
 
 def _ranges_ids(s: str, ctx: Ctx, what: str) -> tuple[int, int]:
     a, _, b = s.partition("-")
-    if not a.isdigit():
+    if not a.isdecimal():
         raise DecodeError("PRS105", f"{'user' if what == 'uid' else 'group'} name '{s}' instead of a "
                           f"numeric {what}: iptables-restore resolves it on the machine (and refuses the "
                           "rule where it does not exist); synack cannot, so this match is APPROXIMATE",
                           ctx.index, hint=f"write the numeric {what} (`id -{what[0]} {s}` on that machine)",
                           warning=True, value=s)
-    return (int(a), int(b) if b.isdigit() else int(a))
+    return (int(a), int(b) if b.isdecimal() else int(a))
 
 
 # ------------------------------------------------------------------------ match handlers
@@ -566,10 +566,13 @@ def _h_icmp(mod, opt, args, neg, col, end, ctx):
         t, c = table[s]
     else:
         a, _, b = s.partition("/")
-        if not a.isdigit() or (b and not b.isdigit()):
-            raise DecodeError("PRS004", f"unknown ICMP type '{s}'", ctx.index,
+        if not (a.isascii() and a.isdigit()) or (b and not (b.isascii() and b.isdigit())):
+            raise DecodeError("PRS004", f"unknown ICMP type {printable(s)}", ctx.index,
                               hint=_suggest(s, table, "type"))
         t, c = int(a), (int(b) if b else None)
+        if t > 255 or (c is not None and c > 255):  # one byte each (iptables: "Invalid ICMP type")
+            raise DecodeError("PRS004", f"ICMP type '{s}' out of range: type and code are 0..255",
+                              ctx.index)
     return new_IcmpMatch(col, end, neg, fam, t, c, s)
 
 
@@ -657,7 +660,7 @@ def _h_limit(mod, opt, args, neg, col, end, ctx):
     """``--limit N[/second|minute|hour|day]`` (any prefix of the unit), ``--limit-burst N``."""
     s = args[0]
     if opt == "--limit-burst":
-        if not s.isdigit():
+        if not s.isdecimal():
             raise DecodeError("PRS004", f"invalid --limit-burst '{s}'", ctx.index, hint="a packet count such as 5")
     else:
         m = _RATE.fullmatch(s)
