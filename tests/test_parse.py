@@ -472,3 +472,16 @@ def test_icmp_type_out_of_range_is_an_invalid_value_not_a_crash():
                      "-A INPUT -p icmp -m icmp --icmp-type 8/256 -j ACCEPT\n"
                      "-A INPUT -p icmp -m icmp --icmp-type \u00b2 -j ACCEPT\n"))
     assert [(d.code, d.span.line) for d in res.diagnostics] == [("PRS004", 2), ("PRS004", 3), ("PRS004", 4)]
+
+
+def test_port_names_never_ask_the_analysing_machine(monkeypatch):
+    import socket
+
+    def refuse(*a):
+        raise AssertionError("getservbyname must not be called: /etc/services differs per machine")
+    monkeypatch.setattr(socket, "getservbyname", refuse)
+    res = parse(wrap("-A INPUT -p tcp -m tcp --dport sieve -j ACCEPT\n-A INPUT -p udp -m udp --dport domain -j ACCEPT\n"
+                     "-A INPUT -p tcp -m tcp --dport rtmp -j ACCEPT\n"))  # rtmp: an AppleTalk (ddp) name only
+    ports = [m.ranges for r in res.ruleset.rules() for m in r.matches if hasattr(m, "ranges")]
+    assert ports[:2] == [((4190, 4190),), ((53, 53),)]
+    assert [(d.code, d.span.line) for d in res.diagnostics] == [("PRS004", 4)]

@@ -18,6 +18,8 @@ def read_services(text: str) -> dict[str, dict[str, int]]:
         if len(fields) < 2 or "/" not in fields[1]:
             continue
         port, proto = fields[1].split("/", 1)
+        if proto not in ("tcp", "udp", "sctp", "dccp"):  # the protocols iptables has ports for (not ddp)
+            continue
         for name in [fields[0]] + fields[2:]:
             names.setdefault(name, {}).setdefault(proto, int(port))
     return names
