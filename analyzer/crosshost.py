@@ -137,6 +137,8 @@ class World:
         self.cilium_cover = _cilium_setup(env)  # namespace -> (Cilium node namespace, its veth there)
         self._segment_of: dict = {}
         self._owners: dict = {}
+        self._rule_index: dict = {}    # (namespace, family) -> {(path, line): Rule}
+        self._source_lines: dict = {}  # path -> its lines, for findings' source lines
 
     def walk(self, ns: str, pkt: Packet, iif: str | None, reply_mode: bool, ct: Conntrack | None,
              bridged_via: str | None = None, from_port: tuple | None = None,
@@ -925,12 +927,22 @@ def _approx(trip: Trip) -> bool:
 def _translating_rule(world: World, hop: Hop):
     for s in hop.steps:
         if s.verdict.startswith(("DNAT", "REDIRECT", "NETMAP")) and s.line:
-            spec = world.env.namespaces[hop.namespace]
-            rs = spec.ruleset if hop.packet_in.family == 4 else spec.ruleset6
-            for r in rs.rules():
-                if r.span.line == s.line and r.span.path == s.path:
-                    return r
+            r = rule_at(world, hop.namespace, hop.packet_in.family, s.path, s.line)
+            if r is not None:
+                return r
     return None
+
+
+def rule_at(world: World, ns: str, family: int, path: str | None, line: int | None):
+    """The rule of ``ns``'s ruleset written at ``path:line`` (an index built once per ruleset:
+    a finding on a 100k-rule node must not scan every rule)."""
+    key = (ns, family)
+    idx = world._rule_index.get(key)
+    if idx is None:
+        spec = world.env.namespaces[ns]
+        rs = spec.ruleset if family == 4 else spec.ruleset6
+        idx = world._rule_index[key] = {(r.span.path, r.span.line): r for r in rs.rules()} if rs is not None else {}
+    return idx.get((path, line))
 
 
 def _bypass_point(trip: Trip, ns: str | None) -> str:
@@ -1035,16 +1047,18 @@ def _has_hairpin_masq(world: World, hop: Hop, rule) -> bool:
 
 
 def _line(world: World, span):
+    """The source line a span points at (each file read once per World)."""
     if span is None:
         return None
-    try:
-        with open(span.path, encoding="utf-8", errors="replace") as f:
-            for i, line in enumerate(f, 1):
-                if i == span.line:
-                    return line.rstrip("\n")
-    except OSError:
-        return None
-    return None
+    lines = world._source_lines.get(span.path)
+    if lines is None:
+        try:
+            with open(span.path, encoding="utf-8", errors="replace") as f:
+                lines = f.read().split("\n")
+        except OSError:
+            lines = []
+        world._source_lines[span.path] = lines
+    return lines[span.line - 1].rstrip("\r") if 0 < span.line <= len(lines) else None
 
 
 # ------------------------------------------------------------------ rendering

@@ -70,28 +70,46 @@ def service_destinations(spec):
 
 
 def _reachable(table, roots):
-    seen, todo = [], [c for c in roots if c in table.chains]
+    """The chains ``roots`` reach by jumps, each once, in discovery order (a set for membership:
+    a kube-proxy nat table has tens of thousands of chains)."""
+    seen, order, todo = set(), [], [c for c in roots if c in table.chains]
     while todo:
         c = todo.pop()
         if c in seen:
             continue
-        seen.append(c)
+        seen.add(c)
+        order.append(c)
         for r in table.chains[c].rules:
             if isinstance(r.target, Jump) and r.target.chain in table.chains:
                 todo.append(r.target.chain)
-    return seen
+    return order
 
 
-def _leads_to_translation(table, chain, depth=0) -> bool:
+def _leads_to_translation(table, chain, depth=0, memo=None) -> bool:
+    if memo is None:
+        if len(_TRANSLATES) > 16 and id(table) not in _TRANSLATES:
+            _TRANSLATES.clear()
+        memo = _TRANSLATES.setdefault(id(table), (table, {}))[1]
+    hit = memo.get(chain)
+    if hit is not None:
+        return hit
     if depth > 8 or chain not in table.chains:
         return False
+    out = False
     for r in table.chains[chain].rules:
         t = r.target
         if isinstance(t, Redirect) or (isinstance(t, Nat) and t.kind == "DNAT"):
-            return True
-        if isinstance(t, Jump) and _leads_to_translation(table, t.chain, depth + 1):
-            return True
-    return False
+            out = True
+            break
+        if isinstance(t, Jump) and _leads_to_translation(table, t.chain, depth + 1, memo):
+            out = True
+            break
+    memo[chain] = out
+    return out
+
+
+# per nat table (held, so its id stays unique): chain -> whether it leads to a translation
+_TRANSLATES: dict = {}
 
 
 #: how a request that reaches no listener ends, in words (NAT005)
@@ -191,7 +209,7 @@ def environment_trips(ctx: CheckContext):
 
 
 def _never_arrives(world, cname: str, sname: str, outcomes) -> Diagnostic:
-    from analyzer.crosshost import _line, _translating_rule
+    from analyzer.crosshost import _line, _translating_rule, rule_at
     from analyzer.diagnostics import APPROXIMATE, EXACT, Related
 
     flow = outcomes[0].flow
@@ -215,7 +233,7 @@ def _never_arrives(world, cname: str, sname: str, outcomes) -> Diagnostic:
         hop = t.request.hops[-1] if t.request.hops else None
         end = next((x for x in reversed(hop.steps) if x.line), None) if hop is not None else None
         if end is not None and end.verdict.split()[0] in ("DROP", "REJECT"):
-            end_rule = next((x for x in _rules(world, hop) if x.span.line == end.line and x.span.path == end.path), None)
+            end_rule = rule_at(world, hop.namespace, hop.packet_in.family, end.path, end.line)
             if end_rule is not None and all(r.span != end_rule.span for r in related):
                 related.append(Related("the request ends here", end_rule.span))
     approx = any(t.request.approximate for t in outcomes) or any(t.prob is None for t in outcomes)
