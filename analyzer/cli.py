@@ -668,12 +668,14 @@ def cmd_explain(args) -> int:
         return _error("explain walks one namespace's rules: give one DUMP (it may hold both "
                       "iptables-save and ip6tables-save output), or --apply-in-order to apply "
                       "several files in order")
+    from dataclasses import replace
+
     from analyzer.symbolic import parse_flow_spec
 
     try:
-        spec = parse_flow_spec(args.flow)
-        if spec.open & {"src", "dst"}:
-            raise ValueError("open addresses are not explained yet: give single addresses")
+        spec = parse_flow_spec(args.flow, iif=None if args.local else args.from_iface)
+        if spec.open and not args.local and args.from_iface is None:
+            spec = replace(spec, open=spec.open | {"iif"})  # a set of packets from any interface
     except ValueError as e:
         return _error(str(e))
     # explain decodes only the rules the flow meets (run lint to validate the whole dump)
@@ -718,8 +720,8 @@ def cmd_explain_open(args, res, spec) -> int:
         t = replace(t, uid=args.uid, gid=args.gid, mark=args.mark)
         where = "generated locally"
     else:
-        t = replace(t, iif=args.from_iface, mark=args.mark)
-        where = f"arrives on {args.from_iface}" if args.from_iface else "arrives on an unnamed interface"
+        t = replace(t, mark=args.mark)
+        where = f"arrives on {args.from_iface}" if args.from_iface else "arrives on any interface"
     spec = replace(spec, template=t)
     groups, complete = explain_open_flow(res.ruleset, spec, ns, local=args.local)
     from analyzer.explain import report_late_errors

@@ -1,19 +1,27 @@
-"""Explain a flow with open parts (no ports, no protocol): every packet it stands for, grouped.
+"""Explain a flow with open parts (addresses as prefixes or ranges, ports, protocol, input
+interface): every packet it stands for, in classes the rules treat alike, grouped by outcome.
 
-The rules' port and protocol matches become BDD atoms (netfilter/symbolic.py); the engine splits
-the open fields into classes no rule tells apart (engine/partition.py); one witness per class is
-explained concretely (explain.py) and classes with the same outcome are reported together.
+Path refinement (engine/partition.py ``explore``): a witness of the packets not yet explained
+is walked concretely (explain.py) with concolic open fields (netfilter/symbolic.py); every
+decision of that walk is noted as a packet set, and the packets deciding alike are its class.
+Only the rules on the way are ever asked, so a 10,000-service dump costs the rules each class
+meets, not all of them. Classes with the same outcome are reported together.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import ipaddress
+from dataclasses import dataclass, field
 
-from analyzer.engine.packetset import PacketSpace
-from analyzer.engine.partition import field_ranges, partition
-from analyzer.netfilter.symbolic import OPEN_FIELDS, WIDTH, match_atoms
-from analyzer.model.packet import PROTO_NAME, Packet
-from analyzer.netfilter.walk import Walker
+from analyzer.engine.partition import explore, intervals
+from analyzer.model.packet import PROTO_NAME, Packet  # noqa: F401 (re-exported)
+from analyzer.netfilter.symbolic import (
+    RecordingWalker, flow_set, flow_space, noting_namespace, proto_class, witness,
+)
 from analyzer.parse.flow import FlowSpec, parse_flow_spec  # noqa: F401 (re-exported)
+
+#: how many ranges a group description lists per field before "and N more"
+SHOWN_RANGES = 8
+
 
 @dataclass
 class Group:
@@ -21,147 +29,159 @@ class Group:
     witness: Packet
     outcomes: list
     classes: int
+    packets: object = None  # the engine PacketSet of every packet in the group
+    approximate: list = field(default_factory=list)  # why the classes may be too wide
 
 
-def _ranges_text(rs, names=None) -> str:
-    return ", ".join((names.get(lo, str(lo)) if names else str(lo)) if lo == hi else f"{lo}-{hi}"
-                     for lo, hi in rs)
+def signature(outcomes) -> tuple:
+    """What tells two classes' outcomes apart: dispositions, the rules crossed and their verdicts
+    (without the addresses they translate to), the reply's fate."""
+    return tuple((o.disposition, tuple((s.where, s.verdict.split(" to ")[0]) for s in o.forward.steps),
+                  o.reply.disposition if o.reply is not None else None, o.reply_ok)
+                 for o in outcomes)
 
 
-def _describe(cls, open_, bounds) -> tuple[tuple, str]:
-    """(protocol ranges, text for the other open fields) of one class (a product of ranges)."""
-    protos = field_ranges(cls, "proto", bounds.get("proto", ()), 8) if "proto" in open_ else ()
-    parts = []
-    for f in ("sport", "dport"):
-        if f not in open_:
-            continue
-        rs = field_ranges(cls, f, bounds.get(f, ()), WIDTH[f])
-        if rs != [(0, 65535)]:
-            parts.append(f"{f} {_ranges_text(rs)}")
-    return tuple(protos), ("; ".join(parts) or "any port")
-
-
-def _group_text(descs) -> str:
-    """Merge class descriptions: the same port text over several protocol ranges is one item."""
-    by_ports: dict[str, list] = {}
-    for protos, ports in descs:
-        by_ports.setdefault(ports, []).extend(protos)
-    items = []
-    for ports, protos in by_ports.items():
-        if protos:
-            merged = []
-            for lo, hi in sorted(protos):
-                if merged and merged[-1][1] + 1 >= lo:
-                    merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
-                else:
-                    merged.append((lo, hi))
-            ptxt = "any protocol" if merged == [(0, 255)] else "proto " + _ranges_text(merged, PROTO_NAME)
-            items.append(f"{ptxt}: {ports}")
-        else:
-            items.append(ports)
-    return " | ".join(items)
-
-
-class _RecordingWalker(Walker):
-    """A walker that remembers every rule it evaluated: the only rules whose matches can tell
-    apart the packets of the class being explained."""
-
-    def __init__(self, ruleset, ns):
-        super().__init__(ruleset, ns)
-        self.evaluated = []
-
-    def _match_rule(self, rule, br, hook):
-        self.evaluated.append(rule)
-        return super()._match_rule(rule, br, hook)
-
-
-def explain_open_flow(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 256):
-    """Returns (groups, complete): one group per distinct outcome signature.
-
-    Path refinement: explain one witness of a class; split the class by the matches of the rules
-    that walk evaluated (engine.partition); a class no such match splits takes exactly the
-    witness's path, so its outcome holds for all of its packets. Only rules on the way are ever
-    asked, so a 10,000-service dump costs the rules the flow meets, not all of them."""
+def explain_classes(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 20000):
+    """The packets of ``spec`` in classes the walk cannot tell apart: ``([Explored], rest)``,
+    each class with its witness's values and outcomes; ``rest`` the packets left when ``limit``
+    classes were reached (empty when every packet is explained). Also returns the space."""
     from analyzer.explain import explain_flow
 
-    space = PacketSpace()
+    space = flow_space(ruleset, ns, spec)
+    universe = flow_set(space, spec, local)
     t = spec.template
-    fixed = {}
+    prefer = {"proto": 6, "sport": 40000, "dport": 80}
+    for f in ("src", "dst"):
+        prefer[f] = int(getattr(t, f))
+    nsw = noting_namespace(ns)
+    walker = RecordingWalker(ruleset, nsw)
+
+    def make(v):
+        return witness(spec, v, space)
+
+    def walk(pkt):
+        return explain_flow(ruleset, pkt, nsw, local=local, walker=walker)
+
     if "proto" not in spec.open:
-        fixed["proto"] = t.proto
-    for f in ("sport", "dport"):
-        if f not in spec.open and t.proto in (6, 17, 132):
-            fixed[f] = getattr(t, f)
-    universe = space.family(t.family) & (space.where(**fixed) if fixed else space.universe())
-    prefer = [space.eq("sport", 40000), space.eq("proto", 6), space.eq("dport", 80),
-              space.range("dport", 1, 65535), space.range("sport", 1024, 65535)]
-    bounds: dict = {f: set() for f in OPEN_FIELDS}
-    work, done = [universe], []
-    complete = True
-    while work:
-        cls = work.pop()
-        pkt = _witness(t, spec, cls.pick(prefer=prefer))
-        w = _RecordingWalker(ruleset, ns)
-        outs = explain_flow(ruleset, pkt, ns, local=local, walker=w)
-        atoms = []
-        for rule in dict.fromkeys(w.evaluated):
-            for m in rule.matches:
-                new, b = match_atoms(space, m, set(spec.open))
-                atoms += new
-                for f, vals in b.items():
-                    bounds[f].update(vals)
-        parts = partition(cls, atoms, limit).classes
-        if len(parts) == 1 or len(done) + len(work) + len(parts) > limit:
-            complete = complete and len(parts) == 1
-            done.append((cls, pkt, outs))
-        else:
-            work.extend(reversed(parts))
+        classes, rest = explore(universe, make, walk, limit, prefer)
+        return classes, rest, space
+    classes, rest = [], universe
+    # the walk builds ports, ICMP types and TCP flags from the protocol: one class per kind
+    while not rest.is_empty() and len(classes) < limit:
+        p = rest.pick(prefer)["proto"]
+        part = rest & proto_class(space, p)
+        got, left = explore(part, make, walk, limit - len(classes), prefer)
+        classes += got
+        rest = (rest - part) | left
+        if not left.is_empty():
+            break
+    return classes, rest, space
+
+
+def explain_open_flow(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 20000):
+    """Returns (groups, complete): one group per distinct outcome signature; ``complete`` is False
+    when ``limit`` classes did not cover every packet (the rest is not explained)."""
+    classes, rest, space = explain_classes(ruleset, spec, ns, local, limit)
     groups: dict = {}
-    order = []
-    for cls, pkt, outs in done:
-        sig = tuple((o.disposition, tuple((s.where, s.verdict.split(" to ")[0]) for s in o.forward.steps))
-                    for o in outs)
-        desc = _describe(cls, spec.open, bounds)
-        if sig not in groups:
-            groups[sig] = Group("", pkt, outs, 1)
-            groups[sig]._descs = [desc]
-            order.append(sig)
+    for c in classes:
+        sig = signature(c.result)
+        g = groups.get(sig)
+        if g is None:
+            groups[sig] = Group("", _plain(witness(spec, c.witness, space)), c.result, 1, c.packets,
+                                list(c.lost))
         else:
-            groups[sig]._descs.append(desc)
-            groups[sig].classes += 1
-    result = []
-    for sig in order:
-        g = groups[sig]
-        g.description = _group_text(g._descs)
-        del g._descs
-        result.append(g)
-    return result, complete
+            g.classes += 1
+            g.packets = g.packets | c.packets
+            g.approximate += [r for r in c.lost if r not in g.approximate]
+    result = list(groups.values())
+    for g in result:
+        g.description = describe(g.packets, spec, space)
+    return result, rest.is_empty()
 
 
-def _witness(t: Packet, spec: FlowSpec, v: dict) -> Packet:
-    pkt = t
-    if "proto" in spec.open:
-        pkt = replace(pkt, proto=v["proto"], tcp_flags=0x02 if v["proto"] == 6 else 0,
-                      icmp_type=(8 if t.family == 4 else 128) if v["proto"] in (1, 58) else None,
-                      icmp_code=0 if v["proto"] in (1, 58) else None)
-    if pkt.proto in (6, 17, 132):
-        return replace(pkt, sport=v["sport"] if "sport" in spec.open else t.sport,
-                       dport=v["dport"] if "dport" in spec.open else t.dport)
-    return replace(pkt, sport=None, dport=None)
+def _plain(pkt: Packet) -> Packet:
+    """The witness without its concolic tags (for reports and JSON)."""
+    from dataclasses import replace
+
+    from analyzer.engine.concolic import plain
+
+    def addr(a):
+        return a if a is None or type(a) in (ipaddress.IPv4Address, ipaddress.IPv6Address) \
+            else ipaddress.ip_address(plain(a._ip)) if a.version == 4 else ipaddress.IPv6Address(plain(a._ip))
+    return replace(pkt, proto=plain(pkt.proto), src=addr(pkt.src), dst=addr(pkt.dst),
+                   sport=plain(pkt.sport), dport=plain(pkt.dport), iif=plain(pkt.iif))
+
+
+def _addr_text(lo: int, hi: int, family: int) -> str:
+    mk = ipaddress.IPv4Address if family == 4 else ipaddress.IPv6Address
+    a, b = mk(lo), mk(hi)
+    if a == b:
+        return str(a)
+    nets = list(ipaddress.summarize_address_range(a, b))
+    if len(nets) == 1:
+        return str(nets[0])
+    return f"{a}-{b}"
+
+
+def _iface_text(rs, space) -> str:
+    """Interface ids as names: ids no rule or address names are "other" interfaces."""
+    from analyzer.engine.packetset import IFACE_NONE, IFACE_OTHER
+
+    ids = {i for lo, hi in rs for i in range(lo, hi + 1)}
+    known = space._iface_by_id  # id -> (name or wildcard prefix, is wildcard)
+    if ids >= set(range(1, 256)):
+        return "any"
+    names = [("other " + n + "+") if wild else n for i, (n, wild) in sorted(known.items()) if i in ids
+             for n, wild in [(n, wild)]]
+    if IFACE_NONE in ids:
+        names.insert(0, "none")
+    if ids - set(known) - {IFACE_NONE}:
+        names.append("any other" if IFACE_OTHER in ids else "other")
+    return ", ".join(names)
+
+
+def describe(packets, spec: FlowSpec, space) -> str:
+    """The open fields of ``packets`` as ranges and prefixes (``src 10.0.0.0/8; dport 80``).
+    Each field is listed on its own: a group is not always every combination of them."""
+    t = spec.template
+    parts = []
+    for f in ("proto", "src", "sport", "dst", "dport", "iif"):
+        if f not in spec.open:
+            continue
+        rs, complete = intervals(packets, f, SHOWN_RANGES)
+        if f == "proto":
+            if rs == [(0, 255)]:
+                continue
+            text = ", ".join(PROTO_NAME.get(lo, str(lo)) if lo == hi else f"{lo}-{hi}" for lo, hi in rs)
+        elif f in ("src", "dst"):
+            full = (0, (1 << (32 if t.family == 4 else 128)) - 1)
+            text = ", ".join(_addr_text(lo, hi, t.family) for lo, hi in rs)
+            if rs == [full]:
+                text = "any"
+        elif f == "iif":
+            text = _iface_text(rs, space)
+        else:
+            if rs == [(0, 65535)]:
+                continue
+            text = ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in rs)
+        if not complete:
+            text += ", ... (more)"
+        parts.append(f"{f} {text}")
+    return "; ".join(parts) or "every packet of the flow"
 
 
 def render_groups(spec: FlowSpec, groups, complete: bool, where: str) -> str:
     from analyzer.explain import render_text
 
-    t = spec.template
-    shown = f"{'any protocol' if 'proto' in spec.open else PROTO_NAME.get(t.proto, t.proto)} " \
-            f"{t.src}{'' if 'sport' in spec.open else f':{t.sport}'} -> " \
-            f"{t.dst}{'' if 'dport' in spec.open else f':{t.dport}'}"
-    out = [f"flow: {shown} ({where}); open: {', '.join(sorted(spec.open))}",
-           f"{len(groups)} distinct outcome group(s)" + ("" if complete else
-           " (APPROXIMATE: too many classes, the partition stopped early)"), ""]
+    n = sum(g.classes for g in groups)
+    out = [f"flow: {spec.text()} ({where}); open: {', '.join(sorted(spec.open))}",
+           f"{len(groups)} distinct outcome group(s) over {n} class(es) of packets" + ("" if complete else
+           " (APPROXIMATE: the class limit was reached; the remaining packets are not explained)"), ""]
     for k, g in enumerate(groups, 1):
-        out.append(f"=== group {k}: {g.description}  (witness {g.witness.tuple_str()})")
+        out.append(f"=== group {k}: {g.description}  (witness {g.witness.tuple_str()}"
+                   + (f" iif {g.witness.iif}" if "iif" in spec.open and g.witness.iif else "") + ")")
+        for r in g.approximate:
+            out.append(f"APPROXIMATE: the classes of this group may be too wide: {r}")
         out.append(render_text(g.witness, g.outcomes, where).rstrip())
         out.append("")
     return "\n".join(out).rstrip() + "\n"

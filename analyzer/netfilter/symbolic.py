@@ -1,33 +1,201 @@
-"""Netfilter layer: the matches of a ruleset as packet sets (BDD atoms) over the header fields a
-flow leaves open, so that the engine can split those fields into classes the rules treat alike.
+"""Netfilter layer: a flow with open fields as an engine packet set, and the concolic witness
+packets whose walks tell the engine which packets they stand for.
+
+Every match the walk evaluates is compiled by running it: the witness's open fields are
+concolic values (engine/concolic.py), so an address match, an ``iprange``, a port, protocol,
+interface (``+`` wildcards), addrtype (the namespace's addresses), ipset member, conntrack
+tuple or routing lookup notes exactly the packet set it tested. Targets are transformers of
+those values: DNAT/SNAT/MASQUERADE/REDIRECT put constants in, NETMAP keeps the host bits
+(`RecordingWalker`), MARK/CONNMARK work on constants (marks are not open). A match the walk
+cannot evaluate forks it (APPROXIMATE, rule named, as for one packet); an operation the
+recorder cannot express is reported as lost (APPROXIMATE, rule named).
 """
 from __future__ import annotations
 
-from analyzer.engine.packetset import PacketSpace
-from analyzer.model.rules import PortMatch, ProtoMatch
+import ipaddress
+import re
+from dataclasses import replace
 
-PROTO_OF_MODULE = {"tcp": 6, "udp": 17, "sctp": 132, "dccp": 33, "udplite": 136}
-OPEN_FIELDS = ("proto", "sport", "dport")
-WIDTH = {"proto": 8, "sport": 16, "dport": 16}
+from analyzer.engine.concolic import SymInt, SymStr, active, is_sym, sym_address
+from analyzer.engine.packetset import IFACE_NONE, PacketSet, PacketSpace
+from analyzer.model.packet import PORT_PROTOS, Packet
+from analyzer.model.rules import Netmap
+from analyzer.netfilter.env import Namespace
+from analyzer.netfilter.walk import Walker
+
+#: protocols whose packets the walk builds differently (ports, ICMP type, TCP flags); all other
+#: protocols look alike to it, so a class never mixes two of these or one of these and another
+DISTINCT_PROTOS = (1, 6, 17, 58, 132)
+
+_IFACE_WORDS = re.compile(r"(?:^|\s)(?:-i|-o|--in-interface|--out-interface|--physdev-in|--physdev-out)"
+                          r"\s+(\S+)")
 
 
-def match_atoms(space: PacketSpace, m, open_fields: set) -> tuple[list, dict]:
-    """Per-field separators for one match over the open fields: the protocol it implies, and its
-    port ranges. Negation does not change where a match separates packets, so it is ignored
-    here (the concrete walk evaluates it). One field per atom keeps every class a product of
-    per-field ranges, which is what makes classes describable ("tcp dport 80")."""
-    atoms, bounds = [], {}
-    if isinstance(m, ProtoMatch) and "proto" in open_fields and m.number != 0:
-        atoms.append(space.eq("proto", m.number))
-        bounds["proto"] = {m.number, m.number + 1}
-    if isinstance(m, PortMatch):
-        proto = PROTO_OF_MODULE.get(m.mod)
-        if proto is not None and "proto" in open_fields:
-            atoms.append(space.eq("proto", proto))
-            bounds["proto"] = {proto, proto + 1}
-        fields = ("sport",) if m.direction == "src" else ("dport",) if m.direction == "dst" else ("sport", "dport")
-        for f in fields:
-            if f in open_fields:
-                atoms.append(space.ports(f, list(m.ranges)))
-                bounds[f] = {b for lo, hi in m.ranges for b in (lo, hi + 1)}
-    return atoms, bounds
+def interface_names(ruleset, ns: Namespace, extra=()) -> list[str]:
+    """Every interface name and wildcard the rules or the namespace mention (read from the rule
+    text, so a lazily parsed dump is not decoded): the engine interns them up front."""
+    names = set(n for n in extra if n)
+    names.update(ns.addrs)
+    names.update(r.dev for r in ns.routes if r.dev)
+    names.update(ns.bridged)
+    names.update(ns.bridged.values())
+    for rule in ruleset.rules():
+        text = rule.text
+        if "-i" not in text and "-o" not in text and "interface" not in text and "physdev" not in text:
+            continue
+        for m in _IFACE_WORDS.finditer(text):
+            names.add(m.group(1).strip("'\""))
+    names.discard("+")
+    # names before wildcards; the engine has 254 ids: keep the namespace's own first
+    own = [n for n in names if not n.endswith("+")]
+    wild = sorted(n for n in names if n.endswith("+"))
+    return sorted(own)[:200] + wild[:50]
+
+
+def flow_space(ruleset, ns: Namespace, spec) -> PacketSpace:
+    space = PacketSpace()
+    for n in interface_names(ruleset, ns, [spec.template.iif, spec.iif]):
+        try:
+            space.declare_interfaces([n])
+        except ValueError:
+            break  # more names than ids: the rest fall under "other" (classes stay sound)
+    return space
+
+
+def flow_set(space: PacketSpace, spec, local: bool = False) -> PacketSet:
+    """The packets ``spec`` stands for, over the fields the walk reads from its input."""
+    t = spec.template
+    s = space.family(t.family)
+    c: dict = {}
+    if "proto" not in spec.open:
+        c["proto"] = t.proto
+    for f in ("src", "dst"):
+        if f not in spec.open:
+            c[f] = t.src if f == "src" else t.dst
+    if c:
+        s &= space.where(**c)
+    for f in ("src", "dst"):
+        if f in spec.open:
+            s &= space.union(space.range(f, lo, hi) for lo, hi in getattr(spec, f))
+    ports_given = False
+    for f in ("sport", "dport"):
+        rs = getattr(spec, f) if f in spec.open else ((getattr(t, f), getattr(t, f)),) \
+            if getattr(t, f) is not None and (t.proto in PORT_PROTOS or "proto" in spec.open) else ()
+        if rs:
+            ports_given = ports_given or f not in spec.open or bool(getattr(spec, f))
+            s &= space.ports(f, list(rs))
+    if "proto" in spec.open and ports_given:
+        s &= space.ports("proto", [(p, p) for p in PORT_PROTOS])  # ports given: port protocols
+    if "iif" in spec.open and not local:
+        s &= space.iface("iif", spec.iif or "+")
+    return s
+
+
+def proto_class(space: PacketSpace, proto: int) -> PacketSet:
+    """The protocols the walk treats like ``proto`` before any rule looks at it."""
+    if proto in DISTINCT_PROTOS:
+        return space.eq("proto", proto)
+    return space.universe() - space.ports("proto", [(p, p) for p in DISTINCT_PROTOS])
+
+
+def witness(spec, v: dict, space: PacketSpace) -> Packet:
+    """The concrete packet for picked values ``v``, its open fields concolic."""
+    t = spec.template
+    fam = t.family
+    pkt = t
+    if "proto" in spec.open:
+        p = v["proto"]
+        pkt = replace(pkt, proto=SymInt(p, "proto", 8), tcp_flags=0x02 if p == 6 else 0,
+                      icmp_type=(8 if fam == 4 else 128) if p in (1, 58) else None,
+                      icmp_code=0 if p in (1, 58) else None)
+    for f in ("src", "dst"):
+        if f in spec.open:
+            pkt = replace(pkt, **{f: sym_address(v[f], f, fam)})
+    if int(pkt.proto) in PORT_PROTOS:
+        pkt = replace(pkt, **{f: SymInt(v[f], f, 16) if f in spec.open else getattr(t, f)
+                              for f in ("sport", "dport")})
+    else:
+        pkt = replace(pkt, sport=None, dport=None)
+    if "iif" in spec.open and v["iif"] != IFACE_NONE:
+        pkt = replace(pkt, iif=SymStr(space.iface_name(v["iif"]), "iif"))
+    return pkt
+
+
+class _NotingDict(dict):
+    """A dict whose lookups by an open interface name compare it with every key, so that the
+    recorder notes which names would have been found (a hash lookup decides silently)."""
+
+    def _key(self, k):
+        if isinstance(k, SymStr) and active() is not None:
+            for key in self:
+                if k == key:
+                    return key, True
+            return None, False
+        return k, dict.__contains__(self, k)
+
+    def __contains__(self, k):
+        return self._key(k)[1]
+
+    def get(self, k, default=None):
+        key, hit = self._key(k)
+        return dict.__getitem__(self, key) if hit else default
+
+    def __getitem__(self, k):
+        key, hit = self._key(k)
+        if not hit:
+            raise KeyError(k)
+        return dict.__getitem__(self, key)
+
+
+def noting_namespace(ns: Namespace) -> Namespace:
+    """``ns`` whose per-interface tables note lookups by an open interface name."""
+    return replace(ns, addrs=_NotingDict(ns.addrs), bridged=_NotingDict(ns.bridged))
+
+
+class RecordingWalker(Walker):
+    """The walker under a recorder: names the rule in the recorder's lost reasons, and keeps
+    NETMAP a transformer (the new address keeps the open host bits of the old one)."""
+
+    def _match_rule(self, rule, br, hook):
+        rec = active()
+        if rec is not None:
+            rec.where = f"{rule.label} (line {rule.span.line})"
+        return super()._match_rule(rule, br, hook)
+
+    def _apply_target(self, rule, br, table, hook):
+        rec = active()
+        if rec is not None:
+            rec.where = f"{rule.label} (line {rule.span.line})"
+        return super()._apply_target(rule, br, table, hook)
+
+    def _nat(self, rule, br, table: str, hook: str) -> str:
+        t = rule.target
+        if not isinstance(t, Netmap):
+            return super()._nat(rule, br, table, hook)
+        dst_side = hook in ("PREROUTING", "OUTPUT")
+        p, ct = br.pkt, br.ct
+        old = p.dst if dst_side else p.src
+        new = _netmap(old, t.to)
+        if dst_side:
+            br.pkt = replace(p, dst=new)
+            ct.dnat = ct.dnat or old not in t.to  # the tuple changes unless already mapped
+            ct.reply_src, ct.reply_sport = new, br.pkt.dport
+            self._step(br, rule, f"NETMAP to {new}", packet=True)
+        else:
+            br.pkt = replace(p, src=new)
+            ct.snat = ct.snat or old not in t.to
+            ct.reply_dst, ct.reply_dport = new, p.sport
+            self._step(br, rule, f"NETMAP to {new}", packet=True,
+                       note="source port kept unless it clashes with another connection" if p.sport else None)
+        return "NAT"
+
+
+def _netmap(addr, to):
+    """NETMAP: the prefix of ``to``, the host bits of ``addr`` (concolic when ``addr`` is)."""
+    host, net = int(to.hostmask), int(to.network_address)
+    sym = is_sym(addr)
+    if sym is None:
+        return ipaddress.ip_address(net | (int(addr) & host)) if addr.version == 4 else \
+            ipaddress.IPv6Address(net | (int(addr) & host))
+    value = net | (int.__int__(sym) & host)
+    return sym_address(value, sym.field, addr.version, sym.keep & host, (sym.xor & host) | net)

@@ -20,6 +20,7 @@ from analyzer.model.rules import (
     PortMatch, ProtoMatch, Redirect, Reject, Rule, Ruleset, SetMark, SetMatch, StatisticMatch,
     TcpFlagsMatch, Tproxy, UnknownMatch, UnknownTarget, Verdict,
 )
+from analyzer.engine.concolic import active, is_sym, plain
 from analyzer.netfilter import stages as STAGES
 from analyzer.netfilter.env import Namespace
 from analyzer.netfilter.nat import pick_address, pick_port
@@ -89,27 +90,86 @@ class Branch:
 
 
 class ChainIndex:
-    """Rules of a big chain bucketed by a single positive ``-d ADDR/32``: explaining one flow
-    looks only at the rules that can match its destination (kube-proxy's KUBE-SERVICES has one
-    rule per service port)."""
+    """Rules of a big chain bucketed by a single positive ``-d ADDR/32``, else by a single
+    positive ``--dport N``: explaining one flow looks only at the rules that can match its
+    destination and port (kube-proxy's KUBE-SERVICES has one rule per service port,
+    KUBE-EXTERNAL-SERVICES and KUBE-NODEPORTS one per node port).
+
+    Sound for a set of packets too: when the walk runs under a concolic recorder and the
+    destination or port is open, the choice of bucket is itself a decision the recorder notes
+    ("the destination is K", or "it is none of the bucketed addresses"), so every packet of the
+    class explained shares the witness's buckets and no skipped rule could match any of them.
+    """
 
     def __init__(self, rules: tuple[Rule, ...]):
         self.always: list[int] = []
         self.by_dst: dict = {}
+        self.by_dport: dict = {}
+        self.size = len(rules)
+        self._keys_atoms: dict = {}
         for i, r in enumerate(rules):
-            key = None
+            key = port = None
             for m in r.matches:
                 if isinstance(m, AddrMatch) and m.direction == "dst" and not m.negated \
                         and len(m.networks) == 1 and m.networks[0].num_addresses == 1:
                     key = m.networks[0].network_address
-            if key is None:
-                self.always.append(i)
-            else:
+                elif isinstance(m, PortMatch) and m.direction == "dst" and not m.negated \
+                        and len(m.ranges) == 1 and m.ranges[0][0] == m.ranges[0][1]:
+                    port = m.ranges[0][0]
+            if key is not None:
                 self.by_dst.setdefault(key, []).append(i)
+            elif port is not None:
+                self.by_dport.setdefault(port, []).append(i)
+            else:
+                self.always.append(i)
 
-    def candidates(self, dst):
-        b = self.by_dst.get(dst)
-        return heapq.merge(self.always, b) if b else iter(self.always)
+    def candidates(self, dst, dport=None):
+        """Indices, in rule order, of the rules that can match a packet to ``dst``:``dport``."""
+        rec = active()
+        if rec is not None:
+            b = self._bucket(rec, self.by_dst, dst, "dst")
+            p = self._bucket(rec, self.by_dport, dport, "dport") if dport is not None else None
+        else:
+            b = self.by_dst.get(dst)
+            p = self.by_dport.get(dport) if dport is not None and self.by_dport else None
+        if b is True or p is True:
+            return iter(range(self.size))
+        if b and p:
+            return heapq.merge(self.always, b, p)
+        if b or p:
+            return heapq.merge(self.always, b or p)
+        return iter(self.always)
+
+    def _bucket(self, rec, buckets: dict, value, what: str):
+        """The bucket of ``value``; an open value notes which one (True: cannot say, take all)."""
+        sym = is_sym(value)
+        if sym is None:
+            return buckets.get(value)
+        if not buckets:
+            return None
+        if sym.keep != (1 << sym.width) - 1 or sym.xor:
+            return True  # a partly rewritten value: every rule
+        v = plain(sym)
+        key = v if what == "dport" else \
+            ipaddress.IPv4Address(v) if value.version == 4 else ipaddress.IPv6Address(v)
+        hit = buckets.get(key)
+        if hit:
+            rec.note(rec.eq_atom(sym, v), True)
+        else:
+            rec.note(self._keys_atom(rec, buckets, what, sym.field, getattr(value, "version", 0)), False)
+        return hit
+
+    def _keys_atom(self, rec, buckets: dict, what: str, field: str, version: int):
+        """The packets whose ``field`` is one of the bucket keys (built once per space)."""
+        k = (what, field, version)
+        hit = self._keys_atoms.get(k)
+        if hit is None or hit[0] is not rec.space:
+            sp = rec.space
+            keys = (a for a in buckets if what == "dport" or a.version == version)
+            atom = sp.union(sp.eq(field, a) for a in keys)
+            self._keys_atoms[k] = (sp, atom)
+            return atom
+        return hit[1]
 
 
 #: match modules whose rules make the kernel track connections (their checkentry takes conntrack)
@@ -223,7 +283,7 @@ class Walker:
         idx = self._index.get((table, chain))
         if idx is None:
             idx = self._index[(table, chain)] = ChainIndex(c.rules)
-        return c, idx.candidates(pkt.dst)
+        return c, idx.candidates(pkt.dst, pkt.dport)
 
     def run_table(self, br: Branch, table: str, hook: str) -> list[Branch]:
         """Traverse a table's builtin chain for this hook. Returned branches either go on to the

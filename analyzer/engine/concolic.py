@@ -1,0 +1,366 @@
+"""Symbolic engine: concolic packet fields, so that a concrete walk tells which packets it stands for.
+
+A witness packet's open fields are ints and strings that remember the input field they came
+from (`SymInt`: ``(input & keep) ^ xor``, which covers copies, constants, NETMAP-style prefix
+maps and mark arithmetic; `SymStr`: an interface name). While a `Recorder` is active, every
+decision the walk takes on them (``==``, ``<``, ``in network``, ``startswith``, truth) is noted
+as a packet set over the *input* fields, oriented the way the witness went. The conjunction of
+the notes (`Recorder.condition`) is then a set of packets every one of which takes the
+witness's path: the walk cannot tell them apart. An operation the recorder cannot express
+(arithmetic on an open field, comparing two open fields) is noted in `Recorder.lost`: the
+caller reports that class as APPROXIMATE. Knows no iptables names.
+
+>>> from analyzer.engine.packetset import PacketSpace
+>>> sp = PacketSpace()
+>>> port = SymInt(8080, "dport", 16)
+>>> with Recorder(sp) as rec:
+...     hit = 8000 <= port <= 8999 and port != 8443
+>>> hit, rec.condition == sp.range("dport", 8000, 8999) - sp.eq("dport", 8443)
+(True, True)
+"""
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from analyzer.engine.packetset import ADDRESS_FIELDS, IfaceOrderError, PacketSet, PacketSpace
+
+__all__ = ["SymInt", "SymStr", "Recorder", "active", "plain", "sym_address", "is_sym"]
+
+_ACTIVE: "Recorder | None" = None
+
+
+def active() -> "Recorder | None":
+    """The recorder notes go to, or None (then symbolic values behave exactly as plain ones)."""
+    return _ACTIVE
+
+
+def plain(v: Any) -> Any:
+    """``v`` without its input tag (a plain int or str; other values unchanged)."""
+    if isinstance(v, SymInt):
+        return int.__int__(v)
+    if isinstance(v, SymStr):
+        return str.__str__(v)
+    return v
+
+
+class Recorder:
+    """Collects the decisions of one walk. Use as a context manager around the walk.
+
+    ``condition``: the packets (over input fields) that decide every noted question the way the
+    witness did. ``lost``: reasons the condition may be too wide (then the class is APPROXIMATE).
+    ``where`` is the caller's label of what is being evaluated, used in those reasons.
+    """
+
+    def __init__(self, space: PacketSpace, family: int = 4, cache: dict | None = None):
+        self.space = space
+        self.family = family
+        self._cond = space.universe()
+        self.lost: list[str] = []
+        self.where: str | None = None
+        self.notes = 0
+        self._prev: Recorder | None = None
+        self._seen: set = set()
+        # atoms by question, shared between the recorders of one exploration: a walk asks the
+        # same few questions (is this address local?) many times
+        self._cache: dict = {} if cache is None else cache
+
+    def __enter__(self) -> "Recorder":
+        global _ACTIVE
+        self._prev, _ACTIVE = _ACTIVE, self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _ACTIVE
+        _ACTIVE = self._prev
+
+    @property
+    def condition(self) -> PacketSet:
+        return self._cond
+
+    def note(self, atom: PacketSet | None, result: bool) -> None:
+        """The walk asked "is the packet in ``atom``?" and the witness answered ``result``."""
+        if atom is None or (atom, result) in self._seen:
+            return
+        self._seen.add((atom, result))
+        self.notes += 1
+        self._cond = self._cond & atom if result else self._cond - atom
+
+    def lose(self, reason: str) -> None:
+        text = f"{self.where}: {reason}" if self.where else reason
+        if text not in self.lost:
+            self.lost.append(text)
+
+    # ---- atoms over input fields -------------------------------------------------------------
+    def eq_atom(self, v: "SymInt", value: int) -> PacketSet | None:
+        """Input packets for which ``v`` equals ``value`` (None: the same for all of them)."""
+        key = ("eq", v.field, v.width, v.keep, v.xor, value)
+        try:
+            return self._cache[key]
+        except KeyError:
+            atom = self._cache[key] = self._eq_atom(v, value)
+            return atom
+
+    def _eq_atom(self, v: "SymInt", value: int) -> PacketSet | None:
+        full = (1 << v.width) - 1
+        if not 0 <= value <= full:
+            return None
+        if (value ^ v.xor) & ~v.keep & full:  # a constant bit differs: never equal
+            return None
+        if v.keep == 0:
+            return None
+        return self.space.masked(v.field, self._value(v, (value ^ v.xor) & v.keep), self._value(v, v.keep))
+
+    def range_atom(self, v: "SymInt", lo: int, hi: int) -> PacketSet | None:
+        key = ("range", v.field, v.width, lo, hi)
+        try:
+            return self._cache[key]
+        except KeyError:
+            atom = self._cache[key] = self._range_atom(v, lo, hi)
+            return atom
+
+    def _range_atom(self, v: "SymInt", lo: int, hi: int) -> PacketSet | None:
+        full = (1 << v.width) - 1
+        lo, hi = max(lo, 0), min(hi, full)
+        if lo > hi or (lo == 0 and hi == full):
+            return None
+        return self.space.range(v.field, self._value(v, lo), self._value(v, hi))
+
+    def _value(self, v: "SymInt", x: int):
+        # an address field takes address objects: they select the family's width
+        if v.field in ADDRESS_FIELDS:
+            return ipaddress.IPv4Address(x) if v.width == 32 else ipaddress.IPv6Address(x)
+        return x
+
+    def iface_atom(self, field: str, pattern: str) -> PacketSet | None:
+        key = ("iface", field, pattern)
+        if key in self._cache:
+            return self._cache[key]
+        try:
+            atom = self._cache[key] = self.space.iface(field, pattern)
+            return atom
+        except IfaceOrderError as e:
+            self.lose(f"interface {pattern} not declared before a wildcard: {e}")
+            return None
+
+
+def _lose(what: str) -> None:
+    if _ACTIVE is not None:
+        _ACTIVE.lose(what)
+
+
+class SymInt(int):
+    """An int taken from input field ``field`` (``width`` bits), as ``(input & keep) ^ xor``.
+
+    Bitwise AND/OR/XOR with plain ints stay symbolic (address-in-network tests and mark
+    arithmetic are made of them); comparisons are noted; other arithmetic is noted as lost.
+    """
+
+    def __new__(cls, value: int, field: str, width: int, keep: int | None = None, xor: int = 0):
+        self = int.__new__(cls, value)
+        self.field = field
+        self.width = width
+        self.keep = (1 << width) - 1 if keep is None else keep
+        self.xor = xor
+        return self
+
+    def _derive(self, value: int, keep: int, xor: int) -> "SymInt":
+        full = (1 << self.width) - 1
+        return SymInt(value, self.field, self.width, keep & full, xor & full)
+
+    def _same(self, o: Any) -> bool:
+        return isinstance(o, SymInt) and (o.field, o.keep, o.xor) == (self.field, self.keep, self.xor)
+
+    # -- bitwise: stays symbolic
+    def __and__(self, o):
+        if isinstance(o, SymInt) or not isinstance(o, int):
+            if isinstance(o, SymInt):
+                _lose(f"{self.field} combined with {o.field}")
+            return int.__and__(int(self), int(o)) if isinstance(o, int) else NotImplemented
+        return self._derive(int.__and__(int(self), o), self.keep & o, self.xor & o)
+
+    __rand__ = __and__
+
+    def __or__(self, o):
+        if isinstance(o, SymInt) or not isinstance(o, int):
+            if isinstance(o, SymInt):
+                _lose(f"{self.field} combined with {o.field}")
+            return int.__or__(int(self), int(o)) if isinstance(o, int) else NotImplemented
+        return self._derive(int.__or__(int(self), o), self.keep & ~o, (self.xor & ~o) | o)
+
+    __ror__ = __or__
+
+    def __xor__(self, o):
+        if isinstance(o, SymInt) or not isinstance(o, int):
+            if isinstance(o, SymInt):
+                _lose(f"{self.field} combined with {o.field}")
+            return int.__xor__(int(self), int(o)) if isinstance(o, int) else NotImplemented
+        return self._derive(int.__xor__(int(self), o), self.keep, self.xor ^ o)
+
+    __rxor__ = __xor__
+
+    # -- decisions: noted
+    def __eq__(self, o):
+        if not isinstance(o, int):
+            return NotImplemented if not isinstance(o, (str, type(None))) else False
+        r = int.__eq__(int(self), int(o))
+        rec = _ACTIVE
+        if rec is not None:
+            if isinstance(o, SymInt):
+                if not self._same(o):
+                    rec.lose(f"compares {self.field} with {o.field}")
+            else:
+                rec.note(rec.eq_atom(self, int(o)), r)
+        return r
+
+    def __ne__(self, o):
+        r = self.__eq__(o)
+        return r if r is NotImplemented else not r
+
+    __hash__ = int.__hash__
+
+    def _order(self, lo: int, hi: int, r: bool, o) -> bool:
+        rec = _ACTIVE
+        if rec is not None:
+            if isinstance(o, SymInt):
+                if not self._same(o):
+                    rec.lose(f"orders {self.field} against {o.field}")
+            elif self.keep != (1 << self.width) - 1 or self.xor:
+                rec.lose(f"orders a rewritten {self.field}")
+            else:
+                rec.note(rec.range_atom(self, lo, hi), r)
+        return r
+
+    def __lt__(self, o):
+        if not isinstance(o, int):
+            return NotImplemented
+        return self._order(0, int(o) - 1, int(self) < int(o), o)
+
+    def __le__(self, o):
+        if not isinstance(o, int):
+            return NotImplemented
+        return self._order(0, int(o), int(self) <= int(o), o)
+
+    def __gt__(self, o):
+        if not isinstance(o, int):
+            return NotImplemented
+        return self._order(int(o) + 1, 1 << self.width, int(self) > int(o), o)
+
+    def __ge__(self, o):
+        if not isinstance(o, int):
+            return NotImplemented
+        return self._order(int(o), 1 << self.width, int(self) >= int(o), o)
+
+    def __bool__(self):
+        r = int(self) != 0
+        rec = _ACTIVE
+        if rec is not None:
+            rec.note(rec.eq_atom(self, 0), not r)
+        return r
+
+    def __int__(self):
+        return int.__int__(self)
+
+    def __repr__(self):
+        return int.__repr__(self)
+
+    # -- arithmetic: the result is plain, the dependency is lost
+    def _arith(name):  # noqa: N805
+        op = getattr(int, name)
+
+        def f(self, *a):
+            _lose(f"arithmetic ({name.strip('_')}) on {self.field}")
+            return op(int(self), *(int(x) if isinstance(x, SymInt) else x for x in a))
+        f.__name__ = name
+        return f
+
+    for _n in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__floordiv__",
+               "__rfloordiv__", "__mod__", "__rmod__", "__lshift__", "__rlshift__", "__rshift__",
+               "__rrshift__", "__neg__", "__invert__", "__pow__", "__truediv__", "__divmod__"):
+        locals()[_n] = _arith(_n)
+    del _n, _arith
+
+
+class _SymV4(ipaddress.IPv4Address):
+    __slots__ = ()
+
+    def __int__(self):
+        _lose("an open address used as a number")
+        return int.__int__(self._ip)
+
+
+class _SymV6(ipaddress.IPv6Address):
+    __slots__ = ()
+
+    def __int__(self):
+        _lose("an open address used as a number")
+        return int.__int__(self._ip)
+
+
+def sym_address(value: int, field: str, family: int, keep: int | None = None, xor: int = 0):
+    """An address from input field ``field`` (its bits ``keep``, XOR ``xor``)."""
+    width = 32 if family == 4 else 128
+    addr = (_SymV4 if family == 4 else _SymV6)(int(value))  # checked as a plain int: nothing noted
+    addr._ip = SymInt(value, field, width, keep, xor)
+    return addr
+
+
+def is_sym(v: Any) -> SymInt | SymStr | None:
+    """The symbolic value behind ``v`` (an int, str or address), or None when it is constant."""
+    if isinstance(v, (SymInt, SymStr)):
+        return v
+    ip = getattr(v, "_ip", None)
+    return ip if isinstance(ip, SymInt) else None
+
+
+class SymStr(str):
+    """An interface name taken from input field ``field``; equality and prefix tests are noted."""
+
+    def __new__(cls, value: str, field: str):
+        self = str.__new__(cls, value)
+        self.field = field
+        return self
+
+    def __eq__(self, o):
+        r = str.__eq__(str(self), o)
+        rec = _ACTIVE
+        if rec is not None and isinstance(o, str) and r is not NotImplemented:
+            if isinstance(o, SymStr):
+                if o.field != self.field:
+                    rec.lose(f"compares {self.field} with {o.field}")
+            else:
+                rec.note(rec.iface_atom(self.field, str(o)), r)
+        return r
+
+    def __ne__(self, o):
+        r = self.__eq__(o)
+        return r if r is NotImplemented else not r
+
+    __hash__ = str.__hash__
+
+    def startswith(self, prefix, *a):
+        r = str.startswith(str(self), prefix, *a)
+        rec = _ACTIVE
+        if rec is not None:
+            if a or not isinstance(prefix, str):
+                rec.lose(f"unusual prefix test on {self.field}")
+            else:
+                rec.note(rec.iface_atom(self.field, prefix + "+") if prefix else None, r)
+        return r
+
+    def __str__(self):
+        return str.__str__(self)
+
+    def _opaque(name):  # noqa: N805
+        op = getattr(str, name)
+
+        def f(self, *a):
+            _lose(f"string operation {name.strip('_')} on {self.field}")
+            return op(str(self), *a)
+        f.__name__ = name
+        return f
+
+    for _n in ("endswith", "__contains__", "__getitem__", "__lt__", "__le__", "__gt__", "__ge__",
+               "find", "index", "split", "partition", "rstrip", "lstrip", "strip"):
+        locals()[_n] = _opaque(_n)
+    del _n, _opaque

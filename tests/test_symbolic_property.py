@@ -1,0 +1,203 @@
+"""Property: every class of an open-flow explain behaves like a concrete walk of any packet in it.
+
+Random small rulesets using every match kind the walk compiles (addresses with prefixes and
+negation, iprange, ports and multiport, protocol, interfaces with wildcards, mark and connmark
+with masks, conntrack state, addrtype, ipsets, tcp flags, icmp type) and every transformer
+(DNAT/SNAT/MASQUERADE/REDIRECT/NETMAP, MARK/CONNMARK) are explained over an open flow; random
+packets drawn from each class are walked concretely and must take the witness's path, with the
+witness's translations applied to their own fields.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+from analyzer.engine.concolic import is_sym, plain  # noqa: E402
+from analyzer.explain import explain_flow  # noqa: E402
+from analyzer.netfilter.env import Namespace  # noqa: E402
+from analyzer.netfilter.symbolic import witness  # noqa: E402
+from analyzer.parse import load_ruleset  # noqa: E402
+from analyzer.parse.flow import parse_flow_spec  # noqa: E402
+from analyzer.parse.ipset import load_ipsets  # noqa: E402
+from analyzer.symbolic import _plain, explain_classes, signature  # noqa: E402
+
+IPSETS = """create near hash:net family inet
+add near 10.0.0.0/25
+add near 10.0.2.8/29
+create svc hash:ip,port family inet
+add svc 10.0.1.5,tcp:80
+add svc 10.0.2.9,udp:53
+"""
+
+ADDRS = ["10.0.0.0/24", "10.0.0.0/25", "10.0.0.128/26", "10.0.1.0/24", "10.0.1.5", "10.0.2.0/23",
+         "10.0.0.1", "10.0.1.1", "10.0.3.7", "10.0.2.9"]
+PORTS = ["22", "53", "80", "1000:2000", "8080", "0:1023", "443"]
+IFACES = ["eth0", "eth1", "eth+", "wlan0", "lo", "+"]
+
+neg = st.sampled_from(["", "! "])
+
+
+def _match(kind: str, d: st.DataObject) -> str:
+    pick = d.draw
+    if kind == "addr":
+        return f"{pick(neg)}-{pick(st.sampled_from('sd'))} {pick(st.sampled_from(ADDRS))}"
+    if kind == "iprange":
+        lo = pick(st.integers(0, 767))
+        hi = pick(st.integers(lo, 767))
+        a = lambda n: f"10.0.{n // 256}.{n % 256}"  # noqa: E731
+        return f"-m iprange {pick(neg)}--{pick(st.sampled_from(['src', 'dst']))}-range {a(lo)}-{a(hi)}"
+    if kind == "proto":
+        return f"{pick(neg)}-p {pick(st.sampled_from(['tcp', 'udp', 'icmp', 'gre']))}"
+    if kind == "port":
+        p = pick(st.sampled_from(["tcp", "udp"]))
+        return f"-p {p} -m {p} {pick(neg)}--{pick(st.sampled_from(['sport', 'dport']))} {pick(st.sampled_from(PORTS))}"
+    if kind == "multiport":
+        ports = ",".join(pick(st.lists(st.sampled_from(["22", "80", "443", "8000:8100", "53"]), min_size=1, max_size=3)))
+        return f"-p tcp -m multiport {pick(neg)}--{pick(st.sampled_from(['dports', 'sports', 'ports']))} {ports}"
+    if kind == "iface":
+        return f"{pick(neg)}-{pick(st.sampled_from('io'))} {pick(st.sampled_from(IFACES))}"
+    if kind == "mark":
+        return f"-m mark {pick(neg)}--mark {pick(st.sampled_from(['0x1', '0x1/0x1', '0x2/0x3', '0x0/0xf']))}"
+    if kind == "connmark":
+        return f"-m connmark {pick(neg)}--mark {pick(st.sampled_from(['0x1', '0x4/0x4', '0x0']))}"
+    if kind == "ctstate":
+        states = pick(st.sampled_from(["NEW", "ESTABLISHED", "DNAT", "SNAT", "NEW,ESTABLISHED", "INVALID"]))
+        return f"-m conntrack {pick(neg)}--ctstate {states}"
+    if kind == "addrtype":
+        return f"-m addrtype {pick(neg)}--{pick(st.sampled_from(['src', 'dst']))}-type " \
+               f"{pick(st.sampled_from(['LOCAL', 'UNICAST', 'BROADCAST', 'MULTICAST']))}"
+    if kind == "set":
+        name, flags = pick(st.sampled_from([("near", "src"), ("near", "dst"), ("svc", "dst,dst")]))
+        return f"-m set {pick(neg)}--match-set {name} {flags}"
+    if kind == "tcpflags":
+        return f"-p tcp -m tcp {pick(neg)}--tcp-flags {pick(st.sampled_from(['SYN,ACK SYN', 'SYN,RST,ACK ACK', 'ALL SYN']))}"
+    if kind == "icmp":
+        return f"-p icmp -m icmp {pick(neg)}--icmp-type {pick(st.sampled_from(['echo-request', 'echo-reply', '3']))}"
+    raise AssertionError(kind)
+
+
+MATCH_KINDS = ["addr", "iprange", "proto", "port", "multiport", "iface", "mark", "connmark", "ctstate",
+               "addrtype", "set", "tcpflags", "icmp"]
+
+
+def _target(table: str, chain: str, d: st.DataObject, user: list[str]) -> str:
+    pick = d.draw
+    base = ["ACCEPT", "DROP", "RETURN", "LOG", "MARK --set-xmark 0x1/0xffffffff",
+            "MARK --set-xmark 0x2/0x3", "CONNMARK --set-xmark 0x4/0x4", "CONNMARK --save-mark",
+            "CONNMARK --restore-mark"]
+    if table != "mangle" and chain != "PREROUTING":
+        base.append("REJECT")
+    if user and chain not in user:
+        base += [f"{'goto' if pick(st.booleans()) else 'jump'} {user[0]}"]
+    if table == "nat":
+        if chain == "PREROUTING" or chain == "OUTPUT":
+            base += ["DNAT --to-destination 10.0.1.5", "DNAT --to-destination 10.0.1.5:8080",
+                     "REDIRECT --to-ports 3128", "REDIRECT", "NETMAP --to 10.0.1.0/24"]
+        else:
+            base += ["SNAT --to-source 10.0.1.1", "MASQUERADE", "NETMAP --to 192.168.7.0/24"]
+    t = pick(st.sampled_from(base))
+    if t.startswith("jump "):
+        return f"-j {t[5:]}"
+    if t.startswith("goto "):
+        return f"-g {t[5:]}"
+    return f"-j {t}"
+
+
+@st.composite
+def rulesets(draw):
+    d = draw(st.data())
+    lines = []
+    for table, chains in (("mangle", ["PREROUTING", "FORWARD"]), ("nat", ["PREROUTING", "POSTROUTING"]),
+                          ("filter", ["INPUT", "FORWARD"])):
+        user = ["U"] if draw(st.booleans()) else []
+        lines.append(f"*{table}")
+        for c in chains:
+            lines.append(f":{c} {draw(st.sampled_from(['ACCEPT', 'DROP'])) if table == 'filter' else 'ACCEPT'} [0:0]")
+        for c in user:
+            lines.append(f":{c} - [0:0]")
+        for c in chains + user:
+            for _ in range(draw(st.integers(0, 4))):
+                kinds = draw(st.lists(st.sampled_from(MATCH_KINDS), max_size=2))
+                matches = []
+                for k in kinds:
+                    m = _match(k, d)
+                    if "-p " in m and any("-p " in x for x in matches):
+                        continue  # one protocol per rule
+                    matches.append(m)
+                tgt = _target(table, c if c not in user else chains[0], d, user)
+                if tgt.startswith("-j REJECT") and "INPUT" not in c and "FORWARD" not in c:
+                    tgt = "-j DROP"
+                lines.append(" ".join(["-A", c, *matches, tgt]))
+        lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def _namespace() -> Namespace:
+    ns = Namespace()
+    ns.add_addr("10.0.0.1/24", "eth0")
+    ns.add_addr("10.0.1.1/24", "eth1")
+    ns.add_addr("192.168.7.1/24", "wlan0")
+    ns.add_route("default via 10.0.1.254 dev eth1")
+    sets, diags = load_ipsets(IPSETS, "sets.save")
+    assert not diags
+    ns.ipsets.update(sets)
+    return ns
+
+
+def _expected(wit_value, packet_value, values: dict):
+    """The value a random packet should have where the witness has ``wit_value``: the same
+    transformation of its own input field, or the witness's constant."""
+    sym = is_sym(wit_value)
+    if sym is None:
+        return plain(wit_value) if not hasattr(wit_value, "version") else wit_value
+    return (values[sym.field] & sym.keep) ^ sym.xor if sym.field != "iif" else packet_value
+
+
+def _fields(p):
+    def a(x):
+        s = is_sym(x)
+        return plain(s) if s is not None and hasattr(x, "version") else (int(x) if x is not None and hasattr(x, "version") else plain(x))
+    return (a(p.src), a(p.dst), plain(p.sport), plain(p.dport))
+
+
+@settings(max_examples=int(__import__("os").environ.get("SYNACK_PROPERTY_EXAMPLES", "40")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(text=rulesets(), flow=st.sampled_from(["10.0.0.0/22 -> 10.0.0.0/22", "tcp 10.0.0.0/23 -> 10.0.1.0/24",
+                                             "10.0.0.0/24 -> 10.0.0.0/22:1-2000"]),
+       iif=st.sampled_from([None, "eth+", "eth0"]), seed=st.integers(0, 2**32 - 1))
+def test_every_class_walks_like_its_random_packets(text, flow, iif, seed):
+    res = load_ruleset((text, "gen.rules"))
+    hypothesis.assume(not res.errors)
+    ns = _namespace()
+    spec = parse_flow_spec(flow, iif=iif)
+    if iif is None:
+        spec = type(spec)(spec.template, spec.open | {"iif"}, spec.src, spec.dst, spec.sport, spec.dport, None)
+    classes, rest, space = explain_classes(res.ruleset, spec, ns, limit=300)
+    hypothesis.assume(rest.is_empty())
+    rnd = random.Random(seed)
+    for c in classes:
+        assert not c.lost, c.lost
+        for _ in range(3):
+            prefer = {f: rnd.getrandbits(space.widths[f]) for f in ("proto", "src", "dst", "sport", "dport", "iif")}
+            v = c.packets.pick(prefer)
+            pkt = _plain(witness(spec, v, space))
+            got = explain_flow(res.ruleset, pkt, ns)
+            want = c.result
+            assert signature(got) == signature(want), (str(pkt.tuple_str()), pkt.iif)
+            for g, w in zip(got, want):
+                assert g.forward.prob == w.forward.prob
+                assert g.confidence == w.confidence
+                vals = {"src": int(pkt.src), "dst": int(pkt.dst), "sport": pkt.sport, "dport": pkt.dport,
+                        "proto": pkt.proto}
+                want_fields = tuple(
+                    _expected(wv, gv, vals) if is_sym(wv) is not None else _fields(w.forward.pkt)[i]
+                    for i, (wv, gv) in enumerate(zip((w.forward.pkt.src, w.forward.pkt.dst,
+                                                      w.forward.pkt.sport, w.forward.pkt.dport),
+                                                     _fields(g.forward.pkt))))
+                assert _fields(g.forward.pkt) == want_fields, (pkt.tuple_str(), g.forward.pkt.tuple_str())
+                if w.client_sees is not None:
+                    assert g.reply_ok == w.reply_ok
