@@ -288,6 +288,11 @@ class _SymV4(ipaddress.IPv4Address):
         _lose("an open address used as a number")
         return int.__int__(self._ip)
 
+    @property
+    def packed(self):
+        _lose("an open address hashed or packed (e.g. NAT to a range)")
+        return int.__int__(self._ip).to_bytes(self.max_prefixlen // 8, "big")
+
 
 class _SymV6(ipaddress.IPv6Address):
     __slots__ = ()
@@ -295,6 +300,11 @@ class _SymV6(ipaddress.IPv6Address):
     def __int__(self):
         _lose("an open address used as a number")
         return int.__int__(self._ip)
+
+    @property
+    def packed(self):
+        _lose("an open address hashed or packed (e.g. NAT to a range)")
+        return int.__int__(self._ip).to_bytes(self.max_prefixlen // 8, "big")
 
 
 def sym_address(value: int, field: str, family: int, keep: int | None = None, xor: int = 0):
