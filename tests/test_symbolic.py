@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from analyzer.netfilter.env import Namespace
 from analyzer.parse import load_path
 from analyzer.symbolic import explain_open_flow, parse_flow_spec
@@ -52,3 +54,65 @@ def test_a_flow_without_ports_has_none():
     assert (p.proto, p.sport, p.dport, p.icmp_type) == (1, None, None, 8)
     assert parse_flow("tcp 10.0.0.1 -> 10.0.0.2:80").sport == 40000
     assert parse_flow("tcp 10.0.0.1:5 -> 10.0.0.2").dport is None
+
+
+def test_open_source_and_service_cidr_on_a_generated_kube_proxy_dump():
+    """Every ClusterIP:port of a generated kube-proxy dump is its own class, translated to one of
+    its endpoints; everything else in the service CIDR falls through (one witness each)."""
+    import re
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gen_kubeproxy import generate
+
+    from analyzer.parse import load_ruleset
+    from analyzer.symbolic import _plain, explain_classes
+
+    text = generate(services=40, seed=3)
+    rs = load_ruleset((text, "kp.rules"), lazy=True).ruleset
+    ns = Namespace()
+    ns.add_addr("192.168.0.2/24", "eth0")
+    ns.add_route("default via 192.168.0.1 dev eth0")
+    spec = parse_flow_spec("10.0.0.0/8 -> 10.96.0.0/12", iif="eth0")
+    classes, rest, _ = explain_classes(rs, spec, ns)
+    assert rest.is_empty()
+    rule = r"^-A KUBE-SERVICES -d (10\.\S+)/32 -p (tcp|udp) (.*?)--dport (\d+)"
+    found = re.findall(rule, text, re.M)
+    want = {(d, p, port) for d, p, rest, port in found if "has no endpoints" not in rest}
+    refused = {(d, p, port) for d, p, rest, port in found if "has no endpoints" in rest}
+    assert want and refused
+    translated, rejected = set(), set()
+    for c in classes:
+        w = _plain(witness_of(c, spec))
+        key = (str(w.dst), {6: "tcp", 17: "udp"}.get(w.proto), str(w.dport))
+        for o in c.result:
+            if any(s.verdict.startswith("DNAT") for s in o.forward.steps):
+                translated.add(key)
+            if o.disposition == "rejected":
+                rejected.add(key)
+    assert want <= translated and refused <= rejected
+
+
+def witness_of(c, spec):
+    from analyzer.netfilter.symbolic import witness
+    return witness(spec, c.witness, c.packets.space)
+
+
+def test_open_destination_on_the_tum_firewall():
+    """The largest firewall of the iptables-semantics corpus (TUM, thousands of rules): an open
+    source and destination explain through FORWARD, each class with a concrete witness inside it."""
+    import os
+
+    corpus = Path(os.environ.get("SYNACK_CORPUS", ROOT.parent / "shared" / "corpus"))
+    path = corpus / "iptables" / "iptables-semantics" / "IPPartEval__TUM_Net__iptables-save-2015-09-03_15-56-50"
+    if not path.exists():
+        pytest.skip("corpus not present")
+    from analyzer.symbolic import explain_classes
+
+    rs = load_path(str(path)).ruleset
+    spec = parse_flow_spec("tcp 0.0.0.0/0 -> 131.159.0.0/16:22", iif="eth0")
+    classes, rest, space = explain_classes(rs, spec, Namespace(), limit=60)
+    assert len(classes) == 60 and not rest.is_empty()
+    for c in classes:
+        assert c.witness["dport"] == 22 and not (c.packets & space.eq("dport", 22)).is_empty()
+        assert any(o.disposition in ("dropped", "rejected", "forwarded") for o in c.result)

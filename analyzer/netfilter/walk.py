@@ -8,6 +8,7 @@ evaluate fork the walk into several outcomes (the latter marked APPROXIMATE).
 from __future__ import annotations
 
 import heapq
+import types
 from collections import OrderedDict
 import re
 import ipaddress
@@ -101,12 +102,14 @@ class ChainIndex:
     class explained shares the witness's buckets and no skipped rule could match any of them.
     """
 
+    # defaults for indexes built field by field (policy/adapter.py builds one from rule text)
+    by_dport: dict = types.MappingProxyType({})
+
     def __init__(self, rules: tuple[Rule, ...]):
         self.always: list[int] = []
         self.by_dst: dict = {}
         self.by_dport: dict = {}
         self.size = len(rules)
-        self._keys_atoms: dict = {}
         for i, r in enumerate(rules):
             key = port = None
             for m in r.matches:
@@ -133,7 +136,11 @@ class ChainIndex:
             b = self.by_dst.get(dst)
             p = self.by_dport.get(dport) if dport is not None and self.by_dport else None
         if b is True or p is True:
-            return iter(range(self.size))
+            size = getattr(self, "size", None)
+            if size is None:
+                size = 1 + max([*self.always, *(i for d in (self.by_dst, self.by_dport) for v in d.values() for i in v)],
+                               default=-1)
+            return iter(range(size))
         if b and p:
             return heapq.merge(self.always, b, p)
         if b or p:
@@ -162,12 +169,13 @@ class ChainIndex:
     def _keys_atom(self, rec, buckets: dict, what: str, field: str, version: int):
         """The packets whose ``field`` is one of the bucket keys (built once per space)."""
         k = (what, field, version)
-        hit = self._keys_atoms.get(k)
+        cache = self.__dict__.setdefault("_keys_atoms", {})
+        hit = cache.get(k)
         if hit is None or hit[0] is not rec.space:
             sp = rec.space
             keys = (a for a in buckets if what == "dport" or a.version == version)
             atom = sp.union(sp.eq(field, a) for a in keys)
-            self._keys_atoms[k] = (sp, atom)
+            cache[k] = (sp, atom)
             return atom
         return hit[1]
 
