@@ -10,6 +10,7 @@ meets, not all of them. Classes with the same outcome are reported together.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 
 from analyzer.engine.partition import explore, intervals
@@ -36,9 +37,15 @@ class Group:
 def signature(outcomes) -> tuple:
     """What tells two classes' outcomes apart: dispositions, the rules crossed and their verdicts
     (without the addresses they translate to), the reply's fate."""
-    return tuple((o.disposition, tuple((s.where, s.verdict.split(" to ")[0]) for s in o.forward.steps),
+    return tuple((o.disposition, tuple((s.where, _verdict_kind(s.verdict)) for s in o.forward.steps),
                   o.reply.disposition if o.reply is not None else None, o.reply_ok)
                  for o in outcomes)
+
+
+def _verdict_kind(verdict: str) -> str:
+    """A step's verdict without the packet's own values (``DNAT to A``, ``no route to D``,
+    ``martian source: S ... on IF``, ``local delivery (D is ...)``)."""
+    return re.sub(r"\s*\(.*?\)", "", verdict.split(" to ")[0]).split(":")[0]
 
 
 def explain_classes(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 20000):

@@ -147,9 +147,26 @@ class _NotingDict(dict):
         return dict.__getitem__(self, key)
 
 
+class _PlainOnlyCache(dict):
+    """A memo that never answers for an open value: a hit would skip the decisions that made
+    the answer, so the recorder would not note them."""
+
+    def get(self, k, default=None):
+        return default if is_sym(k) is not None else dict.get(self, k, default)
+
+    def __contains__(self, k):
+        return is_sym(k) is None and dict.__contains__(self, k)
+
+    def __setitem__(self, k, v):
+        if is_sym(k) is None:
+            dict.__setitem__(self, k, v)
+
+
 def noting_namespace(ns: Namespace) -> Namespace:
-    """``ns`` whose per-interface tables note lookups by an open interface name."""
-    return replace(ns, addrs=_NotingDict(ns.addrs), bridged=_NotingDict(ns.bridged))
+    """``ns`` whose per-interface tables note lookups by an open interface name, and whose route
+    memo does not answer for open addresses."""
+    return replace(ns, addrs=_NotingDict(ns.addrs), bridged=_NotingDict(ns.bridged),
+                   _routes_by_dst=_PlainOnlyCache())
 
 
 class RecordingWalker(Walker):
