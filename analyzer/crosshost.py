@@ -404,6 +404,12 @@ def walk_namespace(world: World, tracker: Tracker, ns: str, pkt: Packet, iif: st
     return brs
 
 
+def _ifaces(p: Packet, iif, oif) -> Packet:
+    """``p`` with these interfaces (the same object when it has them: packets are frozen, and
+    dataclasses.replace is a hot spot of a 10k-service environment walk)."""
+    return p if p.iif == iif and p.oif == oif else replace(p, iif=iif, oif=oif)
+
+
 def _ct_key(ct: Conntrack | None):
     if ct is None:
         return None
@@ -421,10 +427,11 @@ def _walk_namespace(world: World, ns: str, pkt: Packet, iif: str | None, reply_m
     if ct is not None:
         ct = replace(ct)  # a reply may change the entry's mark: not the caller's copy
     if ct is None:
-        ct = Conntrack(replace(pkt, iif=iif), pkt.dst, pkt.dport, pkt.src, pkt.sport)
+        arrived = _ifaces(pkt, iif, None)
+        ct = Conntrack(arrived if pkt.oif is None else replace(pkt, iif=iif), pkt.dst, pkt.dport, pkt.src, pkt.sport)
         if hasattr(w, "ct_in_use"):
             ct.in_use = w.ct_in_use
-    br = Branch(replace(pkt, iif=iif, oif=None), ct, [], 1.0, [], reply=is_reply)
+    br = Branch(_ifaces(pkt, iif, None), ct, [], 1.0, [], reply=is_reply)
     if reply_mode and not is_reply:
         br.steps.append(Step("conntrack", "no entry for this packet here: treated as a new connection"))
     if bridged_via is not None:
@@ -614,7 +621,7 @@ def _advance(world: World, j: Journey, tr: Tracker, ns: str, pkt: Packet, arrive
             j.end, j.end_ns, j.detail = "no-neighbour", ns, f"nobody answers for {next_hop}"
             return None
         nns, niface, _ = nxt
-        return nns, replace(b.pkt, iif=None, oif=None), niface, None, None, None
+        return nns, _ifaces(b.pkt, None, None), niface, None, None, None
     if b.disposition not in ("sent", "forwarded"):
         j.end, j.end_ns, j.end_packet, j.detail = b.disposition, ns, b.pkt, b.detail
         return None
@@ -624,7 +631,7 @@ def _advance(world: World, j: Journey, tr: Tracker, ns: str, pkt: Packet, arrive
         j.detail = f"leaves the environment from {ns} via {b.pkt.oif} (to {b.next_hop})"
         return None
     nns, niface, crossed = nxt
-    out = replace(b.pkt, iif=None, oif=None)
+    out = _ifaces(b.pkt, None, None)
     if crossed is not None and world.bridge_nf(crossed, out.family):
         # the frame crosses the bridge's netfilter first
         return (crossed.bridge_ns, out, crossed.bridge_iface, crossed.bridge_iface, None,
