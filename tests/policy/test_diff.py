@@ -137,3 +137,22 @@ def test_both_families_of_one_dump_are_compared(tmp_path, capsys):
     assert rc == 1
     (ch,) = doc["changes"]
     assert ch["kind"] == "newly-blocked" and ch["packets"] == "tcp any -> fd00::5:80"
+
+
+CORPUS = next((p for p in (REPO.parent / "shared" / "corpus", Path("/work/shared/corpus")) if p.is_dir()), None)
+
+
+@pytest.mark.skipif(CORPUS is None, reason="corpus absent")
+def test_every_corpus_dump_diffs_empty_against_itself(capsys):
+    """A dump compared with itself changes nothing (exit 0; 2 only for input with no rule): every
+    25th corpus file here, all 582 in docs/policy.md's run."""
+    import os
+    files = sorted(p for p in (CORPUS / "iptables").rglob("*") if p.is_file()
+                   and not p.name.endswith((".md", ".json", ".jsonl", ".gitattributes")))
+    for f in files[::25]:
+        rc = main(["diff", str(f), str(f), "-o", "json"])
+        out = capsys.readouterr().out
+        assert rc in (0, 2), f
+        if rc == 0:
+            assert json.loads(out)["changes"] == [], f
+    assert os.path.isdir(CORPUS)
