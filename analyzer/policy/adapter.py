@@ -129,37 +129,52 @@ class _Recorder(Walker):
         return c, cand
 
 
-def _index_shape_known() -> bool:
-    """Whether the walker's chain index is the destination-only one `_text_index` imitates (a
-    walker whose index also buckets other fields builds its own)."""
+_OLD_SHAPE, _NEW_SHAPE = {"always", "by_dst"}, {"always", "by_dst", "by_dport", "size"}
+
+
+def _index_shape_known() -> str | bool:
+    """Whether the walker's chain index is one `_text_index` can build (destination buckets,
+    and destination-port buckets for rules without one); another shape: the walker builds its own."""
     from analyzer.netfilter import walk
     try:
         probe = walk.ChainIndex(())
     except Exception:  # noqa: BLE001 - another constructor: leave indexing to the walker
         return False
-    return set(getattr(probe, "__dict__", {})) == {"always", "by_dst"}
+    shape = set(getattr(probe, "__dict__", {}))
+    return "dst" if shape == _OLD_SHAPE else "dst+dport" if shape == _NEW_SHAPE else False
 
 
 _INDEX_SHAPE: list = []
 
 
 def _text_index(rules):
-    """A walker's destination index of a big chain, built from the rules' text: the walker's own
-    builder decodes every rule of the chain, about a second per chain of a 10,000-service dump
-    (a diff walks several chains of two dumps)."""
+    """A walker's index of a big chain, built from the rules' text: the walker's own builder
+    decodes every rule of the chain, about a second per chain of a 10,000-service dump (a diff
+    walks several chains of two dumps). Comments are dropped first: a '--dport 80' inside a
+    comment must not bucket the rule."""
     from analyzer.netfilter import walk
-    from analyzer.policy.diff import _KEY_DST
+    from analyzer.policy.diff import _COMMENT, _KEY_DPORT, _KEY_DST
 
+    shape = set(getattr(walk.ChainIndex(()), "__dict__", {}))
     idx = walk.ChainIndex.__new__(walk.ChainIndex)
     idx.always, idx.by_dst = [], {}
+    ports = shape == _NEW_SHAPE
+    if ports:
+        idx.by_dport, idx.size = {}, len(rules)
     for i, r in enumerate(rules):
-        found = _KEY_DST.findall(r.text) if " -d " in r.text else ()
+        text = _COMMENT.sub("", r.text) if "--comment" in r.text else r.text
+        found = _KEY_DST.findall(text) if " -d " in text else ()
         if len(found) == 1:
             try:
                 idx.by_dst.setdefault(ipaddress.ip_address(found[0]), []).append(i)
                 continue
             except ValueError:
                 pass
+        if ports and "--dport " in text:
+            p = _KEY_DPORT.findall(text)
+            if len(p) == 1:
+                idx.by_dport.setdefault(int(p[0]), []).append(i)
+                continue
         idx.always.append(i)
     return idx
 
@@ -474,7 +489,7 @@ def _net_atoms(space, namespaces, bounds) -> list[PacketSet]:
     return atoms
 
 
-_INDEXED: dict = {}     # id(chain) -> (chain, destinations, per-rule constraints); a few chains
+_INDEXED: dict = {}     # id(chain) -> (chain, destinations, dst-bucket parts, port-bucket parts)
 
 
 def _indexed_dsts(chain) -> set:
@@ -486,10 +501,12 @@ def _indexed_parts(chain):
 
     hit = _INDEXED.get(id(chain))
     if hit is None or hit[0] is not chain:
-        dsts, parts = set(), []
+        dsts, by_dst, by_port = set(), [], []
         for r in chain.rules:
             d, p, port = _key(r.text)
             if d is None:
+                if port is not None and p in _MOD_PROTO:  # bucketed by destination port
+                    by_port.append({"proto": _MOD_PROTO[p], "dport": (int(port), int(port))})
                 continue
             a = ipaddress.ip_address(d)
             dsts.add(a)
@@ -498,20 +515,21 @@ def _indexed_parts(chain):
                 c["proto"] = {"icmp": 1}.get(p, _MOD_PROTO.get(p))
                 if port is not None and p in _MOD_PROTO:
                     c["dport"] = (int(port), int(port))
-            parts.append(c)
-        hit = _INDEXED[id(chain)] = (chain, dsts, parts)
+            by_dst.append(c)
+        hit = _INDEXED[id(chain)] = (chain, dsts, by_dst, by_port)
         while len(_INDEXED) > 16:
             _INDEXED.pop(next(iter(_INDEXED)))
     return hit
 
 
-def _indexed_space(space: PacketSpace, chain, cache: dict) -> PacketSet:
-    """An over-approximation of the packets any rule of a destination-indexed chain can match:
-    each rule's (destination, protocol, destination port) as far as its text pins them down.
-    ``cache``: per exploration (sets belong to one packet space)."""
-    hit = cache.get(id(chain))
+def _indexed_space(space: PacketSpace, chain, cache: dict, field: str) -> PacketSet:
+    """An over-approximation of the packets the destination-bucketed (``field`` dst) or the
+    port-bucketed (dport) rules of an indexed chain can match (each rule's destination, protocol and port as far as its text
+    pins them). ``cache``: per exploration (sets belong to one packet space)."""
+    hit = cache.get((id(chain), field))
     if hit is None or hit[0] is not chain:
-        hit = cache[id(chain)] = (chain, space.union(space.where(**c) for c in _indexed_parts(chain)[2]))
+        parts = _indexed_parts(chain)[2 if field == "dst" else 3]
+        hit = cache[(id(chain), field)] = (chain, space.union(space.where(**c) for c in parts))
     return hit[1]
 
 
@@ -582,6 +600,29 @@ class Exploration:
         return list(out.values())
 
 
+def _index_atoms(space, cls, pkt, indexes, u_cache) -> list:
+    by_port_too = not (_INDEX_SHAPE and _INDEX_SHAPE[0] == "dst")   # unknown shape: assume ports too
+    out = []
+    multi = {}
+    for fld, value in (("dst", pkt.dst), ("dport", pkt.dport)):
+        if fld == "dport" and (not by_port_too or value is None):
+            continue
+        if not (cls - space.eq(fld, value)).is_empty():
+            multi[fld] = value      # the class has other values: buckets may differ inside it
+    if not multi:
+        return []
+    for chain in {id(c): c for c in indexes}.values():
+        for fld, value in multi.items():
+            u = _indexed_space(space, chain, u_cache, fld)
+            if (cls & u).is_empty():
+                continue  # no skipped rule can match any packet of the class
+            if not (cls - u).is_empty():
+                out.append(u)  # first split off what no bucketed rule can match
+            else:
+                out.append(space.eq(fld, value))
+    return out
+
+
 def explore(targets: list, sel, universe: PacketSet | None = None, space: PacketSpace | None = None,
             limit: int = 256, family: int | None = None, seeds=()) -> Exploration:
     """Split the flows into classes no rule met on the way tells apart; walk one witness per
@@ -638,23 +679,11 @@ def explore(targets: list, sel, universe: PacketSet | None = None, space: Packet
                 if a is None:
                     a = atom_cache[id(rule)] = (rule, rule_atoms(space, rule, bounds))
                 atoms += a[1]
-            single_dst = (cls - space.eq("dst", pkt.dst)).is_empty()
-            # a walker index of another shape may also skip rules by port: peel (dst, dport)
-            key = space.eq("dst", pkt.dst) if not single_dst or pkt.dport is None else \
-                space.where(dst=pkt.dst, dport=(pkt.dport, pkt.dport))
-            if indexes and (not single_dst or not (_INDEX_SHAPE and _INDEX_SHAPE[0])) \
-                    and not (cls - key).is_empty():
-                # a big chain was looked up by this witness's destination only: the rules of
-                # other destinations were skipped. Packets no such rule can match walk like the
-                # witness; the others are peeled off one destination at a time
-                for chain in {id(c): c for c in indexes}.values():
-                    u = _indexed_space(space, chain, u_cache)
-                    if (cls & u).is_empty():
-                        continue
-                    if not (cls - u).is_empty():
-                        atoms.append(u)  # first split off what no indexed rule can match
-                    else:
-                        atoms.append(key)
+            if indexes:
+                # a big chain was looked up by this witness's destination (and port): rules of
+                # other buckets were skipped. Packets none of those rules can match walk like the
+                # witness; the others are peeled off one destination (port) at a time
+                atoms += _index_atoms(space, cls, pkt, indexes, u_cache)
         parts = partition(cls, atoms, limit).classes
         if len(parts) == 1 or len(done) + len(work) + len(parts) > limit:
             complete = complete and len(parts) == 1

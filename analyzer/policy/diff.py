@@ -127,8 +127,12 @@ def _key(text: str) -> tuple:
     ('10.96.0.10', 'tcp', '53')
     >>> _key("-A X ! -d 10.0.0.1/32 -j DROP")
     (None, None, None)
+    >>> _key('-A X -m comment --comment "was -d 10.0.0.9 --dport 22" -p udp -j DROP')
+    (None, 'udp', None)
     """
     out = []
+    if "--comment" in text:  # a '-d' or '--dport' inside a comment pins nothing
+        text = _COMMENT.sub("", text)
     for rx in (_KEY_DST, _KEY_PROTO, _KEY_DPORT):
         m = rx.search(text)
         out.append(m.group(1) if m else None)

@@ -19,6 +19,8 @@ def _dump(seed: int) -> str:
         verdict = rng.choice(["DROP", "ACCEPT", "RETURN"])
         rules.append(f"-A BIG -d 10.0.0.{i * 3 + 1}/32 -p tcp -m tcp --dport {port} -j {verdict}")
     rules.append("-A BIG -s 10.1.0.0/16 -p tcp -m tcp --dport 1000:2000 -j DROP")
+    for port in rng.sample(range(2000, 3000), 4):  # no destination: bucketed by port (walk.ChainIndex)
+        rules.append(f'-A BIG -p tcp -m comment --comment "was --dport {port + 1}" -m tcp --dport {port} -j DROP')
     return "\n".join(["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]",
                       ":BIG - [0:0]", "-A FORWARD -d 10.0.0.0/24 -j BIG",
                       "-A FORWARD -d 10.0.0.64/26 -p udp -j REJECT", *rules, "COMMIT", ""])
