@@ -51,6 +51,19 @@ _new_ProtoMatch = O.fast_constructor(ProtoMatch)
 _new_Jump = O.fast_constructor(Jump)
 _new_OpaqueMatch = O.fast_constructor(OpaqueMatch)
 _new_Verdict = O.fast_constructor(Verdict)
+_new_FragmentMatch = O.fast_constructor(FragmentMatch)
+
+# Per-shape decode plans (docs/benchmarks.md). A rule's *shape* is its words with every value
+# abstracted: words that start with '-', '!' and the word after -m/-p stay, the others become
+# None. Two rules of one shape take the same path through _decode: which option each word is,
+# which module or target owns it, arity, negation. The first clean decode of a shape records that
+# path as steps; the other rules of the shape replay it, calling the same handlers on their own
+# values and reporting value errors exactly as _decode does. The jump target is a value (chain
+# names differ per service) whose kind is checked before a replay: a chain, a known target, or
+# neither.
+_LITERAL_NEXT = frozenset({"-m", "--match", "-p", "--protocol"})
+_P_MOD, _P_TOPT, _P_J, _P_FRAG, _P_GEN = range(5)
+_P_M = (5,)  # '-m': the statistic options read so far become one match
 
 GENERIC = {
     "-s": "src", "--source": "src", "--src": "src",
@@ -142,6 +155,19 @@ DEFAULT_HINTS = {
     "PRS017": "declare the chain with ':NAME - [0:0]' in its table",
     "PRS018": "check the rule number (or the rule) against the chain",
 }
+_NO_PLAN = object()
+
+
+def _shape(w: list, tname: str) -> tuple:
+    """The shape of an '-A CHAIN ...' rule's words: values abstracted (see _LITERAL_NEXT).
+
+    >>> _shape(["-A", "X", "-p", "tcp", "-d", "10.0.0.1/32", "!", "--dport", "80", "-j", "KUBE-SVC-A"], "nat")
+    ('nat', '-p', 'tcp', '-d', None, '!', '--dport', None, '-j', None)
+    """
+    # a word that starts with '-' or '!' stays (and '' too: '"' + '"'); so does a word after -m/-p
+    return (tname, *[y if y[:1] in "-!" or x in _LITERAL_NEXT else None for x, y in zip(w[1:], w[2:])])
+
+
 _COUNTERS_FULL = re.compile(r"\[(\d+):(\d+)\]$")
 _COUNTERS = re.compile(r"\[(\d+):(\d+)\][ \t]*")
 
@@ -439,6 +465,10 @@ class Builder:
         self._values: dict[tuple, list] = {}  # machine-dependent value -> [diagnostic index, repeats]
         self.known_sets: frozenset = frozenset()  # ipsets given with --ipset: no PRS103
         self.truncated = False  # an input ended inside a table (PRS010 at its end)
+        self._plans: dict[tuple, tuple] = {}  # rule shape -> decode steps (see _replay)
+        self._rec: list | None = None  # the steps the next _decode records, when it may
+        self._key: tuple | None = None
+        self._clean = True  # the rule being decoded has reported nothing
 
     # -- diagnostics
     def diag(self, sf: SourceFile, line: int, col: int, end: int, code: str, msg: str,
@@ -886,6 +916,8 @@ class Builder:
         tname = tb.name
         plain = not self._cmd_offset  # command lists need their 'iptables -t nat' prefix cut
         lazy = self.lazy
+        plans_get = self._plans.get
+        replay = self._replay
         for n in run:
             line = lines[n - 1]
             if plain and line[:3] == "-A " and line[-1] != " " and line[-1] != "\t":
@@ -900,7 +932,12 @@ class Builder:
                 if len(w) > 2:
                     chain = chains.get(w[1])
                     if chain is not None:
-                        decoded = decode(sf, n, w, cs, es, 2, None, line, tname)
+                        key = _shape(w, tname)
+                        plan = plans_get(key)
+                        decoded = _NO_PLAN if plan is None else replay(plan, sf, n, w, cs, es, line, tname)
+                        if decoded is _NO_PLAN:
+                            self._rec, self._key = [], key
+                            decoded = decode(sf, n, w, cs, es, 2, None, line, tname)
                         if decoded is not None:
                             chain.rules.append(decoded)
                         continue
@@ -1063,6 +1100,7 @@ class Builder:
     # -- one rule
     def _err(self, sf, n, cs, es, code, msg, a, b=None, hint=None, warning=False, value=None):
         """A diagnostic on words a..b of rule line n; an error marks the rule as not clean."""
+        self._clean = False
         last = len(cs) - 1
         a = a if a < last else last
         b = a if b is None else (b if b < last else last)
@@ -1122,8 +1160,12 @@ class Builder:
         addrtype_blocks: list[int] = []
         neg = False
         neg_col = 0
+        neg_at = 0
         ntok = len(w)
         self._ok = True
+        self._clean = True
+        rec = self._rec    # the steps of this rule's decode plan (see _replay), or None
+        self._rec = None
         i = start
         while i < ntok:
             t = w[i]
@@ -1133,7 +1175,7 @@ class Builder:
                     if neg:
                         err(sf, n, cs, es, "PRS003", "double negation '! !'", i,
                             hint="iptables allows one '!' per option")
-                    neg, neg_col = True, cs[i]
+                    neg, neg_col, neg_at = True, cs[i], i
                     i += 1
                     continue
                 # iptables merges the options of every extension loaded so far, the latest first,
@@ -1185,6 +1227,11 @@ class Builder:
                         if ctx.host_names:
                             self._host_names(sf, n, cs, es)
                             m = _new_OpaqueMatch(col0, end, neg, use_mod, t, tuple(args))
+                        if rec is not None:
+                            rec.append((_P_MOD, handler, use_mod, t, j - nargs, j, neg,
+                                        neg_at if neg and not old else i, use_mod == "statistic"))
+                            if use_mod in _SPECIAL_MODULES and use_mod != "statistic" and use_mod != "multiport":
+                                rec = None
                         if m is not None:
                             if use_mod not in _SPECIAL_MODULES:
                                 append(m)
@@ -1233,9 +1280,14 @@ class Builder:
                                     "argument(s)", i, hint=f"write '{t} VALUE'")
                                 break
                         tgt_opts.append((t, args, i))
+                        if rec is not None:
+                            rec.append((_P_TOPT, t, j - nargs, j, i) if owner == 1 else None)
+                            if owner != 1:
+                                rec = None
                         i = j
                         neg = False
                         continue
+                    rec = None
                     if owner == 4:
                         nargs = 0  # unknown module: options run until the next option
                         while i + 1 + nargs < ntok and w[i + 1 + nargs][:1] != "-" and w[i + 1 + nargs] != "!":
@@ -1246,6 +1298,7 @@ class Builder:
                         neg = False
                         i = j
                         continue
+                    rec = None
                     i = self._stray(sf, n, w, cs, es, i, start, mod, proto_mod, tgt_name, tspec)
                     neg = False
                     if i < 0:
@@ -1264,9 +1317,15 @@ class Builder:
                 if stat:
                     append(self._merge_stat(stat, sf, n, cs, es, stat_at))
                     stat = []
+                if rec is not None:
+                    if t not in _LITERAL_NEXT:
+                        rec = None
+                    else:
+                        rec.append(_P_M)
                 mod = w[i + 1]
                 mod = _MODULE_ALIASES.get(mod, mod)
                 if mod == "addrtype":
+                    rec = None
                     addrtype_blocks.append(len(matches))  # where this -m addrtype's matches start
                 spec = _MATCH_MODULES_GET(mod)
                 mod_seen = set()
@@ -1301,9 +1360,12 @@ class Builder:
                 tgt_opts, tgt_seen = [], set()
                 target_first = True
                 goto = g == "goto"
+                if rec is not None:
+                    rec.append((_P_J, i, tspec, goto))
                 i += 2
                 continue
             if g == "v4" or g == "v6":
+                rec = None
                 if (g == "v4") != (family == 4):
                     return None  # rule for the other family: iptables-restore skips it too
                 i += 1
@@ -1313,6 +1375,8 @@ class Builder:
                     "flags not allowed\")", i, hint="one rule matches one value per option; write two rules")
             generic_seen.add(g)
             if g == "frag":
+                if rec is not None:
+                    rec.append((_P_FRAG, neg_at if neg else i, i, neg))
                 append(FragmentMatch(neg_col if neg else cs[i], es[i], neg))
                 neg = False
                 i += 1
@@ -1331,6 +1395,11 @@ class Builder:
                 neg = neg or old
             col0 = neg_col if neg and not old else cs[i]
             end = es[j - 1]
+            if rec is not None:
+                if g == "proto" and t not in _LITERAL_NEXT:
+                    rec = None
+                else:
+                    rec.append((_P_GEN, g, t, neg_at if neg and not old else i, j, neg))
             if g == "proto":
                 p = a0.lower()
                 num = _PROTOCOLS_GET(p)
@@ -1382,6 +1451,7 @@ class Builder:
                 # '-m socket' alone (and an unknown module without options) still decides: keep
                 # it as a match, or the rule would match every packet
                 append(_new_OpaqueMatch(cs[at], es[min(at + 1, ntok - 1)], False, mname, "", ()))
+                rec = None
             if not mseen and mname in O.NEEDS_AN_OPTION and self._ok:  # not after a misspelt option
                 err(sf, n, cs, es, "PRS023", f"'-m {mname}' without any of its options: iptables refuses "
                     "the rule", at, at + 1, hint=f"`iptables -m {mname} --help` lists its options")
@@ -1422,10 +1492,133 @@ class Builder:
                 except O.DecodeError as ex:
                     err(sf, n, cs, es, ex.code, ex.message, ex.index, hint=ex.hint, warning=ex.warning)
                     target = None
+                if tgt_name == "SET" or tgt_name in self._foreign_targets:
+                    rec = None
                 if tgt_name == "SET":
                     for opt, args, k in tgt_opts:
                         if opt in ("--add-set", "--del-set", "--map-set"):
                             self._external_object(sf, n, "set", args[0], cs[k + 1], es[k + 1])
+        if rec is not None and self._clean:
+            self._plans[self._key] = tuple(rec)
+        if not self._ok and target is None and not matches:
+            return None
+        return (tuple(matches), target, _new_Span(sf.path, n, cs[0], es[-1]), text, counters)
+
+    def _replay(self, plan, sf, n, w, cs, es, text, tname):
+        """_decode of a rule whose shape has a plan: the recorded steps on this rule's words, with
+        the value checks and diagnostics _decode makes; _NO_PLAN when a jump target is of
+        another kind than the recorded one (nothing is reported then)."""
+        chains = None
+        for st in plan:
+            if st[0] == _P_J:
+                name = w[st[1] + 1]
+                ts = _TARGETS_GET(name, _NO_SPEC)[0]
+                if ts is None:
+                    if chains is None:
+                        chains = self.tables[tname].chains
+                    if name in chains:
+                        ts = _CHAIN_SPEC
+                if ts is not st[2] or name == "SET" or name in self._foreign_targets:
+                    return _NO_PLAN
+        ctx = self._ctx
+        family = self.family
+        err = self._err
+        self._ok = True
+        matches: list = []
+        append = matches.append
+        stat: list = []
+        stat_at = 0
+        tgt_name = None
+        tgt_col = tgt_end = 0
+        tgt_opts: list = []
+        tspec = None
+        goto = False
+        counters = None
+        for st in plan:
+            op = st[0]
+            if op == _P_MOD:
+                _, handler, use_mod, t, a, j, neg, c, is_stat = st
+                col0, end = cs[c], es[j - 1]
+                args = w[a:j]
+                ctx.index = j - 1
+                try:
+                    m = handler(use_mod, t, args, neg, col0, end, ctx)
+                except O.DecodeError as ex:
+                    err(sf, n, cs, es, ex.code, ex.message, ex.index if ex.index > a - 1 else j - 1,
+                        hint=ex.hint, warning=ex.warning, value=ex.value)
+                    m = _new_OpaqueMatch(col0, end, neg, use_mod, t, tuple(args)) if ex.warning else None
+                if ctx.host_names:
+                    self._host_names(sf, n, cs, es)
+                    m = _new_OpaqueMatch(col0, end, neg, use_mod, t, tuple(args))
+                if m is not None:
+                    if is_stat:
+                        stat.append(m)
+                        stat_at = j - 1
+                    else:
+                        append(m)
+            elif op == _P_GEN:
+                _, g, t, c, j, neg = st
+                col0, end = cs[c], es[j - 1]
+                a0 = w[j - 1]
+                if g == "src" or g == "dst":
+                    net = _NETWORKS_GET(a0)
+                    if net is not None and net.version == family:
+                        append(_new_AddrMatch(col0, end, neg, g, (net,)))
+                    else:
+                        self._addresses(sf, n, w, cs, es, j - 1, t, a0, g, neg, col0, end, matches)
+                elif g == "proto":
+                    p = a0.lower()
+                    num = _PROTOCOLS_GET(p)
+                    if num is None:
+                        if p.isdigit() and int(p) < 256:
+                            num = int(p)
+                        else:
+                            err(sf, n, cs, es, "PRS004", f"unknown protocol '{a0}'", j - 1,
+                                hint=O._suggest(p, O.PROTOCOLS, "protocol"))
+                            continue
+                    append(_new_ProtoMatch(col0, end, neg, num, O.PROTO_NAMES.get(num, p)))
+                elif g == "counters":
+                    a1 = w[j - 1]
+                    a0 = w[j - 2]
+                    counters = (int(a0), int(a1)) if a0.isdigit() and a1.isdigit() else counters
+                else:
+                    if len(a0) > 15:
+                        err(sf, n, cs, es, "PRS004", f"interface name '{a0}' longer than 15 characters",
+                            j - 1, hint="Linux interface names have at most 15 characters")
+                    append(_new_IfaceMatch(col0, end, neg, g, a0))
+            elif op == _P_TOPT:
+                _, t, a, j, i = st
+                tgt_opts.append((t, w[a:j], i))
+            elif op == _P_J:
+                i = st[1]
+                tgt_name, tgt_col, tgt_end = w[i + 1], cs[i], es[i + 1]
+                tspec = st[2]
+                goto = st[3]
+                tgt_opts = []
+            elif op == 5:
+                if stat:
+                    append(self._merge_stat(stat, sf, n, cs, es, stat_at))
+                    stat = []
+            else:  # _P_FRAG
+                append(_new_FragmentMatch(cs[st[1]], es[st[2]], st[3]))
+        if stat:
+            append(self._merge_stat(stat, sf, n, cs, es, stat_at))
+        target = None
+        if tgt_name is not None:
+            if not tgt_opts and (goto or tspec is None or tspec is _CHAIN_SPEC):
+                target = _new_Jump(tgt_col, tgt_end, tgt_name, goto)
+            elif not tgt_opts and tgt_name in _VERDICTS:
+                key = (tgt_name, tgt_col, tgt_end)
+                target = _VERDICT_CACHE.get(key)
+                if target is None:
+                    target = _VERDICT_CACHE[key] = _new_Verdict(tgt_col, tgt_end, tgt_name)
+            else:
+                try:
+                    target = O.make_target(tgt_name, tgt_opts, ctx, tgt_col,
+                                           es[-1] if tgt_opts else tgt_end, goto)
+                except O.DecodeError as ex:
+                    err(sf, n, cs, es, ex.code, ex.message, ex.index, hint=ex.hint, warning=ex.warning)
+                    target = None
         if not self._ok and target is None and not matches:
             return None
         return (tuple(matches), target, _new_Span(sf.path, n, cs[0], es[-1]), text, counters)
