@@ -485,3 +485,42 @@ def test_port_names_never_ask_the_analysing_machine(monkeypatch):
     ports = [m.ranges for r in res.ruleset.rules() for m in r.matches if hasattr(m, "ranges")]
     assert ports[:2] == [((4190, 4190),), ((53, 53),)]
     assert [(d.code, d.span.line) for d in res.diagnostics] == [("PRS004", 4)]
+
+
+def _rules_and_diagnostics(text: str, plans: bool, monkeypatch):
+    from analyzer.parse import iptables as I
+    with monkeypatch.context() as m:
+        if not plans:
+            m.setattr(I.Builder, "_replay", lambda self, *a: I._NO_PLAN)
+        r = load_ruleset((text, "shapes.rules"))
+    return ([(x.chain, x.matches, x.target, x.span, x.counters) for x in r.ruleset.rules()],
+            [(d.code, d.severity, d.message, d.span, d.hint) for d in r.diagnostics])
+
+
+def test_rules_of_one_shape_decode_as_if_each_were_decoded_alone(monkeypatch):
+    # the first clean rule of a shape records a decode plan; the others replay it with their own
+    # values, which must give the same matches, spans and diagnostics as a full decode
+    good = ('-A KUBE-SEP-{k} -s 10.244.{k}.5/32 -m comment --comment "ns/svc-{k}:http" -j KUBE-MARK-MASQ\n'
+            '-A KUBE-SEP-{k} -p tcp -m comment --comment "ns/svc-{k}:http" -m tcp -j DNAT '
+            '--to-destination 10.244.{k}.5:80{k}\n'
+            '-A KUBE-SVC-{k} -m comment --comment "ns/svc-{k}:http" -m statistic --mode random '
+            '--probability 0.{k} -j KUBE-SEP-{k}\n'
+            '-A KUBE-SVC-{k} ! -i eth{k} -p udp -m udp --dport 53{k} -j ACCEPT\n')
+    values = ["300.1.1.1", "db.example", "10.0.0.0/33", "eth000000000000000", "99999", "1.5", "x",
+              "10.0.0.1,10.0.0.2", "fe80::1", "10.244.1.5:70000", "0x10"]
+    rng = random.Random(7)
+    lines = []
+    for k in range(1, 40):
+        for line in good.format(k=k).splitlines():
+            if k > 2 and rng.random() < 0.4:
+                words = line.split(" ")
+                spots = [i for i, x in enumerate(words) if i > 1 and x[:1] not in "-!\"" and
+                         words[i - 1] not in ("-m", "-p") and '"' not in x]
+                words[rng.choice(spots)] = rng.choice(values)
+                line = " ".join(words)
+            lines.append(line)
+    decl = "".join(f":KUBE-SEP-{k} - [0:0]\n:KUBE-SVC-{k} - [0:0]\n" for k in range(1, 40))
+    text = "*nat\n" + decl + ":KUBE-MARK-MASQ - [0:0]\n" + "\n".join(lines) + "\nCOMMIT\n"
+    full = _rules_and_diagnostics(text, False, monkeypatch)
+    assert len(full[1]) > 10  # the mutated values are reported
+    assert _rules_and_diagnostics(text, True, monkeypatch) == full
