@@ -73,9 +73,47 @@ class TableGraph:
     table: Table
     callees: dict[str, list[Rule]] = field(default_factory=dict)  # chain -> its jump/goto rules
     hooks: dict[str, set[str]] = field(default_factory=dict)  # chain -> builtin chains reaching it
-    via: dict[tuple[str, str], Rule] = field(default_factory=dict)  # (hook, chain) -> first jump in
-    order: dict[str, int] = field(default_factory=dict)  # chain -> BFS order from the builtins
     _topo: tuple | None = None
+    _via: dict | None = None
+    _order: dict | None = None
+
+    @property
+    def via(self) -> dict[tuple[str, str], Rule]:
+        """(hook, chain) -> the first jump by which the hook's BFS enters the chain."""
+        if self._via is None:
+            self._bfs()
+        return self._via
+
+    @property
+    def order(self) -> dict[str, int]:
+        """chain -> BFS order from the builtins (each builtin's BFS in turn)."""
+        if self._order is None:
+            self._bfs()
+        return self._order
+
+    def _bfs(self):
+        # only findings need the paths: built on first use, not for every parse
+        via: dict = {}
+        order: dict = {}
+        reached: dict[str, set[str]] = {}
+        for c in self.table.chains.values():
+            if not c.builtin:
+                continue
+            hook = c.name
+            order.setdefault(hook, len(order))
+            queue = deque([hook])
+            while queue:
+                name = queue.popleft()
+                for r in self.callees.get(name, ()):
+                    dst = r.target.chain
+                    seen = reached.setdefault(dst, set())
+                    if hook in seen:
+                        continue
+                    seen.add(hook)
+                    via[(hook, dst)] = r
+                    order.setdefault(dst, len(order))
+                    queue.append(dst)
+        self._via, self._order = via, order
 
     def acyclic(self) -> tuple[list[str], set[str]]:
         """(a topological order of the chains no cycle feeds, the chains on or below a cycle).
@@ -101,36 +139,53 @@ class TableGraph:
                     indeg[m] -= 1
                     if indeg[m] == 0:
                         queue.append(m)
-            self._topo = (order, set(indeg) - set(order))
-        return self._topo
+            self._topo = (order, set(indeg) - set(order), succ)
+        return self._topo[:2]
 
     @classmethod
     def build(cls, table: Table) -> "TableGraph":
         g = cls(table)
-        for c in table.chains.values():
+        chains = table.chains
+        for c in chains.values():
             for r in c.rules:
                 t = r.target
                 if isinstance(t, Jump):
-                    dst = table.chains.get(t.chain)
+                    dst = chains.get(t.chain)
                     if dst is not None and not dst.builtin:
                         g.callees.setdefault(c.name, []).append(r)
-        for c in table.chains.values():
+        hooks = g.hooks
+        for c in chains.values():
+            if c.builtin:
+                hooks[c.name] = {c.name}
+        order, cyclic = g.acyclic()
+        if not cyclic:
+            # no cycle: the hooks reaching a chain flow along a topological order, one pass over
+            # the jumps instead of one BFS per hook (kube-proxy's PREROUTING and OUTPUT share
+            # KUBE-SERVICES and its 40k chains)
+            succ = g._topo[2]
+            for n in order:
+                hs = hooks.get(n)
+                if hs:
+                    for m in succ.get(n, ()):
+                        have = hooks.get(m)
+                        if have is None:
+                            hooks[m] = set(hs)
+                        else:
+                            have |= hs
+            return g
+        for c in chains.values():
             if not c.builtin:
                 continue
             hook = c.name
-            g.hooks.setdefault(hook, set()).add(hook)
-            g.order.setdefault(hook, len(g.order))
             queue = deque([hook])
             while queue:
                 name = queue.popleft()
                 for r in g.callees.get(name, ()):
                     dst = r.target.chain
-                    seen = g.hooks.setdefault(dst, set())
+                    seen = hooks.setdefault(dst, set())
                     if hook in seen:
                         continue
                     seen.add(hook)
-                    g.via[(hook, dst)] = r
-                    g.order.setdefault(dst, len(g.order))
                     queue.append(dst)
         return g
 
@@ -313,13 +368,13 @@ def chain_loop(ctx: CheckContext) -> Iterator[Diagnostic]:
     conditions; an unreachable loop loads, but the first jump into it will be refused.
     Fix: break the cycle, usually by replacing one jump with RETURN.
     """
-    import networkx as nx
-
     for table in tables(ctx):
         g = table_graph(ctx, table)
         _, tangled = g.acyclic()
         if not tangled:
             continue  # no cycle anywhere in this table
+        import networkx as nx  # ~0.3 s to import: only for a table with a cycle
+
         dg = nx.DiGraph()
         first_edge: dict[tuple[str, str], Rule] = {}
         for src, rules in g.callees.items():
@@ -678,14 +733,14 @@ def chain_nesting_too_deep(ctx: CheckContext) -> Iterator[Diagnostic]:
     refuses the table with EMLINK ("Too many links"); iptables-legacy accepts it.
     Fix: flatten the chain hierarchy (goto counts as a level too).
     """
-    import networkx as nx
-
     for table in tables(ctx):
         g = table_graph(ctx, table)
         order, tangled = g.acyclic()
         if not tangled:
             yield from _nesting_acyclic(ctx, table, g, order)
             continue
+        import networkx as nx  # ~0.3 s to import: only for a table with a cycle
+
         dg = nx.DiGraph()
         edge: dict[tuple[str, str], Rule] = {}
         for src, rules in g.callees.items():
