@@ -152,6 +152,7 @@ class RunResult:
     returncode: int
     stdout: str
     stderr: str
+    cpu_seconds: float = float("nan")  # user + sys of the child (and its reaped children)
 
     @property
     def ok(self) -> bool:
@@ -179,11 +180,12 @@ try:
     pid = os.posix_spawnp(argv[0], argv, os.environ)
 except OSError as e:
     os.write(2, ("run_timed: cannot execute %r: %s\n" % (argv[0], e)).encode())
-    os.write(fd, b"127 0 0")
+    os.write(fd, b"127 0 0 0")
     sys.exit(0)
 _, status, ru = os.wait4(pid, 0)
 dt = time.perf_counter() - t0
-os.write(fd, ("%d %.9f %d" % (os.waitstatus_to_exitcode(status), dt, ru.ru_maxrss)).encode())
+os.write(fd, ("%d %.9f %d %.6f" % (os.waitstatus_to_exitcode(status), dt, ru.ru_maxrss,
+                                   ru.ru_utime + ru.ru_stime)).encode())
 """
 
 
@@ -220,12 +222,12 @@ def run_timed(cmd: Sequence[str], *, stdin_path: str | os.PathLike | None = None
         stdout = out.read().decode(errors="replace")
         stderr = err.read().decode(errors="replace")
     try:
-        rc_s, secs_s, rss_s = result.split()
-        rc, seconds, rss = int(rc_s), float(secs_s), int(rss_s)
+        rc_s, secs_s, rss_s, cpu_s = result.split()
+        rc, seconds, rss, cpu = int(rc_s), float(secs_s), int(rss_s), float(cpu_s)
     except ValueError:
-        rc, seconds, rss = (tramp.returncode or 1), float("nan"), 0
+        rc, seconds, rss, cpu = (tramp.returncode or 1), float("nan"), 0, float("nan")
         stderr += f"\nrun_timed: trampoline failed (exit {tramp.returncode})"
-    return RunResult(list(cmd), seconds, rss, rc, stdout, stderr)
+    return RunResult(list(cmd), seconds, rss, rc, stdout, stderr, cpu)
 
 
 def best_of(n: int, fn: Callable[[], RunResult]) -> tuple[RunResult, list[RunResult]]:
