@@ -142,6 +142,9 @@ class Recorder:
         except IfaceOrderError as e:
             self.lose(f"interface {pattern} not declared before a wildcard: {e}")
             return None
+        except ValueError as e:  # more names than interface ids
+            self.lose(f"interface {pattern}: {e}")
+            return None
 
 
 def _lose(what: str) -> None:
