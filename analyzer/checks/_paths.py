@@ -5,7 +5,6 @@ No check lives here; findings read steps, never text.
 """
 from __future__ import annotations
 
-import heapq
 import ipaddress
 
 from analyzer.diagnostics import APPROXIMATE, EXACT, Related
@@ -106,57 +105,11 @@ def host_of(networks) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 
 
 # --------------------------------------------------------------------------- scale
-class _PortIndex:
-    """A long chain's rules bucketed by one positive ``-d ADDR/32`` or, failing that, one
-    positive ``--dport N``: a walk looks only at the rules that can match its packet."""
-
-    def __init__(self, rules):
-        self.always, self.by_dst, self.by_port = [], {}, {}
-        for i, r in enumerate(rules):
-            dst = port = None
-            for m in r.matches:
-                if m.negated:
-                    continue
-                if isinstance(m, AddrMatch) and m.direction == "dst" and len(m.networks) == 1 \
-                        and m.networks[0].num_addresses == 1:
-                    dst = m.networks[0].network_address
-                elif isinstance(m, PortMatch) and m.direction == "dst" and len(m.ranges) == 1 \
-                        and m.ranges[0][0] == m.ranges[0][1]:
-                    port = m.ranges[0][0]
-            if dst is not None:
-                self.by_dst.setdefault(dst, []).append(i)
-            elif port is not None:
-                self.by_port.setdefault(port, []).append(i)
-            else:
-                self.always.append(i)
-
-    def candidates(self, pkt):
-        return heapq.merge(self.always, self.by_dst.get(pkt.dst, ()), self.by_port.get(pkt.dport, ()))
-
-
-class IndexedWalker(Walker):
-    """The walker with long chains indexed by destination address and port, so that a check
-    walking one packet per service of a 10,000-service dump costs the rules on each path,
-    not every NodePort rule each time. Verdicts are those of :class:`Walker`."""
-
-    def __init__(self, ruleset, ns, cache: dict):
-        super().__init__(ruleset, ns)
-        self._ports = cache
-
-    def _rules_for(self, table, chain, pkt):
-        c = self.rs.chain(table, chain)
-        if c is None:
-            return None, ()
-        if len(c.rules) < 32:
-            return c, range(len(c.rules))
-        idx = self._ports.get((table, chain))
-        if idx is None:
-            idx = self._ports[(table, chain)] = _PortIndex(c.rules)
-        return c, idx.candidates(pkt)
-
-
-def walker(ctx, ruleset, ns) -> IndexedWalker:
-    return IndexedWalker(ruleset, ns, ctx.extra.setdefault(("paths.index", id(ruleset)), {}))
+def walker(ctx, ruleset, ns) -> Walker:
+    """The walker the path checks use: its big-chain index (by destination address, then port)
+    is built once per ruleset and shared, so a check walking one packet per service of a
+    10,000-service dump costs the rules on each path, not every NodePort rule each time."""
+    return Walker(ruleset, ns)
 
 
 class LossIndex:

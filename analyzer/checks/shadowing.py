@@ -18,9 +18,10 @@ from analyzer.checks import CheckContext, check
 from analyzer.checks.chains import STATEFUL_MODULES, unconditional
 from analyzer.diagnostics import APPROXIMATE, Diagnostic, EXACT, Related, Severity
 from analyzer.model.rules import (
-    AddrMatch, ConnmarkCopy, Jump, Notrack, OtherTarget, PortMatch, Reject, Rule, SetMark,
+    ConnmarkCopy, Jump, Notrack, OtherTarget, Reject, Rule, SetMark,
     UnknownTarget, Verdict,
 )
+from analyzer.netfilter.walk import index_key
 
 WARNING, INFO = Severity.WARNING, Severity.INFO
 BIG_CHAIN = 48  # chains with more rules are indexed by destination address / port
@@ -114,21 +115,6 @@ def _tables(ctx: CheckContext) -> list[_Table]:
     return cache
 
 
-def _key(rule: Rule):
-    """(dst address, dst port) a rule is limited to, for the big-chain index."""
-    dst = port = None
-    for m in rule.matches:
-        if m.negated:
-            continue
-        if isinstance(m, AddrMatch) and m.direction == "dst" and len(m.networks) == 1 \
-                and m.networks[0].num_addresses == 1:
-            dst = m.networks[0].network_address
-        elif isinstance(m, PortMatch) and m.direction == "dst" and len(m.ranges) == 1 \
-                and m.ranges[0][0] == m.ranges[0][1]:
-            port = m.ranges[0][0]
-    return dst, port
-
-
 @dataclass
 class Finding:
     rule: Rule
@@ -191,7 +177,7 @@ def shadowed_in_chain(tt: _Table, chain) -> Iterator[Finding]:
         b = comp.rule(r) if seg and not dup and not _stateful(r) else None
         if b is not None and not b.over.is_empty():
             if big:
-                dst, port = _key(r)
+                dst, port = index_key(r)
                 cand = list(always)
                 if dst is not None:
                     cand += by_dst.get(dst, [])
@@ -226,7 +212,7 @@ def shadowed_in_chain(tt: _Table, chain) -> Iterator[Finding]:
         e = (i, r, c)
         seg.append(e)
         if big:
-            dst, port = _key(r)
+            dst, port = index_key(r)
             if dst is not None:
                 by_dst.setdefault(dst, []).append(e)
             elif port is not None:

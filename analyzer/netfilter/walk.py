@@ -90,6 +90,23 @@ class Branch:
                       self.disposition, self.detail, self.next_hop, self.reply)
 
 
+def index_key(rule: Rule) -> tuple:
+    """(destination address, destination port) the rule is limited to by a single positive
+    ``-d ADDR/32`` and a single positive ``--dport N`` (None where it is not): the keys of the
+    big-chain index, for the walk and for the checks that bucket rules the same way."""
+    dst = port = None
+    for m in rule.matches:
+        if m.negated:
+            continue
+        if isinstance(m, AddrMatch) and m.direction == "dst" and len(m.networks) == 1 \
+                and m.networks[0].num_addresses == 1:
+            dst = m.networks[0].network_address
+        elif isinstance(m, PortMatch) and m.direction == "dst" and len(m.ranges) == 1 \
+                and m.ranges[0][0] == m.ranges[0][1]:
+            port = m.ranges[0][0]
+    return dst, port
+
+
 class ChainIndex:
     """Rules of a big chain bucketed by a single positive ``-d ADDR/32``, else by a single
     positive ``--dport N``: explaining one flow looks only at the rules that can match its
@@ -111,14 +128,7 @@ class ChainIndex:
         self.by_dport: dict = {}
         self.size = len(rules)
         for i, r in enumerate(rules):
-            key = port = None
-            for m in r.matches:
-                if isinstance(m, AddrMatch) and m.direction == "dst" and not m.negated \
-                        and len(m.networks) == 1 and m.networks[0].num_addresses == 1:
-                    key = m.networks[0].network_address
-                elif isinstance(m, PortMatch) and m.direction == "dst" and not m.negated \
-                        and len(m.ranges) == 1 and m.ranges[0][0] == m.ranges[0][1]:
-                    port = m.ranges[0][0]
+            key, port = index_key(r)
             if key is not None:
                 self.by_dst.setdefault(key, []).append(i)
             elif port is not None:
