@@ -284,7 +284,9 @@ class SymInt(int):
     del _n, _arith
 
 
-class _SymV4(ipaddress.IPv4Address):
+class _SymAddress:
+    """What an open address refuses to be without losing its class: a number or packed bytes."""
+
     __slots__ = ()
 
     def __int__(self):
@@ -297,17 +299,12 @@ class _SymV4(ipaddress.IPv4Address):
         return int.__int__(self._ip).to_bytes(self.max_prefixlen // 8, "big")
 
 
-class _SymV6(ipaddress.IPv6Address):
+class _SymV4(_SymAddress, ipaddress.IPv4Address):
     __slots__ = ()
 
-    def __int__(self):
-        _lose("an open address used as a number")
-        return int.__int__(self._ip)
 
-    @property
-    def packed(self):
-        _lose("an open address hashed or packed (e.g. NAT to a range)")
-        return int.__int__(self._ip).to_bytes(self.max_prefixlen // 8, "big")
+class _SymV6(_SymAddress, ipaddress.IPv6Address):
+    __slots__ = ()
 
 
 def sym_address(value: int, field: str, family: int, keep: int | None = None, xor: int = 0):

@@ -172,6 +172,22 @@ _COUNTERS_FULL = re.compile(r"\[(\d+):(\d+)\]$")
 _COUNTERS = re.compile(r"\[(\d+):(\d+)\][ \t]*")
 
 
+def _plain_target(name, opts, goto, spec, col, end):
+    """A jump to a chain or a bare verdict (shared, one object per text and place); None for a
+    target with options, which the decoder builds."""
+    if opts:
+        return None
+    if goto or spec is None or spec is _CHAIN_SPEC:
+        return _new_Jump(col, end, name, goto)
+    if name in _VERDICTS:
+        key = (name, col, end)
+        target = _VERDICT_CACHE.get(key)
+        if target is None:
+            target = _VERDICT_CACHE[key] = _new_Verdict(col, end, name)
+        return target
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class ParseResult:
     ruleset: Ruleset
@@ -1473,14 +1489,8 @@ class Builder:
                 f"match: only valid for protocol {need[0]})", at, at + 1, hint=f"add '-p {pname}' to the rule")
         target = None
         if tgt_name is not None:
-            if not tgt_opts and (goto or tspec is None or tspec is _CHAIN_SPEC):
-                target = _new_Jump(tgt_col, tgt_end, tgt_name, goto)
-            elif not tgt_opts and tgt_name in _VERDICTS:
-                key = (tgt_name, tgt_col, tgt_end)
-                target = _VERDICT_CACHE.get(key)
-                if target is None:
-                    target = _VERDICT_CACHE[key] = _new_Verdict(tgt_col, tgt_end, tgt_name)
-            else:
+            target = _plain_target(tgt_name, tgt_opts, goto, tspec, tgt_col, tgt_end)
+            if target is None:
                 if tgt_name in self._foreign_targets:
                     k = next((k for k in range(start, ntok) if cs[k] == tgt_col), start)
                     err(sf, n, cs, es, "PRS021", f"target {tgt_name} exists only for IPv{10 - family}: "
@@ -1605,14 +1615,8 @@ class Builder:
             append(self._merge_stat(stat, sf, n, cs, es, stat_at))
         target = None
         if tgt_name is not None:
-            if not tgt_opts and (goto or tspec is None or tspec is _CHAIN_SPEC):
-                target = _new_Jump(tgt_col, tgt_end, tgt_name, goto)
-            elif not tgt_opts and tgt_name in _VERDICTS:
-                key = (tgt_name, tgt_col, tgt_end)
-                target = _VERDICT_CACHE.get(key)
-                if target is None:
-                    target = _VERDICT_CACHE[key] = _new_Verdict(tgt_col, tgt_end, tgt_name)
-            else:
+            target = _plain_target(tgt_name, tgt_opts, goto, tspec, tgt_col, tgt_end)
+            if target is None:
                 try:
                     target = O.make_target(tgt_name, tgt_opts, ctx, tgt_col,
                                            es[-1] if tgt_opts else tgt_end, goto)
