@@ -5,6 +5,7 @@ Exit codes (as ruff): 0 clean, 1 findings at or above --fail-on, 2 unusable inpu
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from analyzer import __version__
@@ -139,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "service both ways and report replies that bypass translation (NAT checks)")
     p.add_argument("--node", metavar="NAME",
                    help="Cilium dumps: the node they were taken on (CIL004 compares the backends' nodes with it)")
+    p.add_argument("--quiet", "-q", action="store_true",
+                   help="no progress bar (otherwise shown on stderr when stdout and stderr are a terminal)")
 
     p = sub.add_parser("explain", help="trace one flow through the rules, both directions")
     _input_args(p)
@@ -317,9 +320,10 @@ def _ipset_names(args) -> frozenset | None:
     return frozenset(names)
 
 
-def _load(args, lazy: bool = False):
+def _load(args, lazy: bool = False, on_unit=None):
     """The parse results to check: one per DUMP file (each a dump of its own), or one for all of
-    them with --apply-in-order / --noflush; None after an error message."""
+    them with --apply-in-order / --noflush; None after an error message. ``on_unit(i, n, names)``
+    is called before each of the ``n`` parses (progress)."""
     from analyzer.parse import StrictError, load_ruleset
 
     inputs = _read_inputs(args)
@@ -331,7 +335,9 @@ def _load(args, lazy: bool = False):
     together = args.apply_in_order or (args.noflush and len(inputs) > 1)
     units = [inputs] if together else [[i] for i in inputs]
     results = []
-    for unit in units:
+    for i, unit in enumerate(units):
+        if on_unit is not None:
+            on_unit(i, len(units), ", ".join(os.path.basename(p) for _, p in unit))
         try:
             res = load_ruleset(unit, fmt=None if args.fmt == "auto" else args.fmt, family=args.family,
                                noflush=args.noflush or together, strict=args.strict, table=args.table,
@@ -457,14 +463,14 @@ def _summary(res) -> dict:
             "families": fams, "truncated": res.truncated}
 
 
-def _load_env(path, warn: bool = True):
+def _load_env(path, warn: bool = True, on_namespace=None):
     """The environment, or None after saying why on stderr. ``warn``: also print its ENV
-    warnings there (lint reports them as findings instead)."""
+    warnings there (lint reports them as findings instead). ``on_namespace(i, n, name)``: progress."""
     from analyzer.netfilter.env import EnvError
     from analyzer.parse.envfile import ENV_CODES, load_environment
 
     try:
-        env = load_environment(path)
+        env = load_environment(path, on_namespace=on_namespace)
     except (EnvError, ValueError) as e:
         sys.stderr.write("".join(f"synack: error: {line}\n" for line in str(e).splitlines()))
         return None
@@ -537,21 +543,41 @@ def cmd_lint(args) -> int:
     diags = []
     coverage = None
     results = []
+    env = None
     from analyzer.checks import REGISTRY
     from analyzer.report.terminal import progress
-    n_checks = sum(1 for c, i in REGISTRY.items() if selected(c, i.name, select, ignore))
-    if args.env:
-        env = _load_env(args.env, warn=False)
-        if env is None:
-            return EXIT_UNUSABLE
-        diags += [d for d in env.diagnostics if selected(d.code, None, select, ignore)]
-        rulesets = [rs for spec in env.namespaces.values() for rs in (spec.ruleset, spec.ruleset6) if rs is not None]
-        with progress(len(rulesets) * n_checks + 1, "checking") as tick:  # stderr, terminal only
-            for rs in rulesets:
-                diags += [d for d in run_checks(CheckContext(rs, ()), select, ignore, on_check=tick)
+    n_checks = max(1, sum(1 for c, i in REGISTRY.items() if selected(c, i.name, select, ignore)))
+    # a bar on stderr while a person watches a text lint (terminal.progress says when): the
+    # parse, then each check, in shares of 1,000 (a parse costs about what all checks together
+    # cost on a kube-proxy dump; following an environment's flows is most of an --env lint)
+    bar_on = args.output_format == "text" and not args.quiet
+    from analyzer import cli_cilium
+    cilium = bool(args.dumps) and cli_cilium.is_cilium(args)
+    with progress(1000, "lint", enabled=bar_on and not cilium) as bar:
+        if args.env:
+            env = _load_env(args.env, warn=False, on_namespace=lambda i, n, name: (
+                bar.now(f"reading {name}"), bar.part(i / n, 150)))
+            if env is None:
+                return EXIT_UNUSABLE
+            bar("", 150)
+            diags += [d for d in env.diagnostics if selected(d.code, None, select, ignore)]
+            named = [(n, rs) for n, spec in env.namespaces.items() for rs in (spec.ruleset, spec.ruleset6)
+                     if rs is not None]
+            share = 250 / max(1, len(named)) / n_checks
+            for name, rs in named:
+                diags += [d for d in run_checks(CheckContext(rs, ()), select, ignore,
+                                                before=lambda code, name=name: bar.now(f"checking {name}: {code}"),
+                                                on_check=lambda code: bar("", share))
                           if not d.code.startswith("NAT")]
-            env_ctx = CheckContext(None, (), extra={"env": env})
-            diags += run_checks(env_ctx, select or ["NAT", "CIL006"], ignore, on_check=tick)
+            # the first environment check follows every flow (the others read its cached trips)
+            env_ctx = CheckContext(None, (), extra={"env": env, "progress": lambda i, n: (
+                bar.now(f"following services {i:,}/{n:,}", refresh=not i), bar.part(i / n, 600))})
+            flows = [600]  # the bar's share of following the flows, taken once they are followed
+
+            def env_check_done(code):
+                bar("", flows.pop() if flows and "trips" in env_ctx.extra else 0)
+            diags += run_checks(env_ctx, select or ["NAT", "CIL006"], ignore,
+                                before=lambda code: bar.now(f"checking {code}"), on_check=env_check_done)
             from analyzer.checks.cilium import run_cilium_checks
             for spec in env.namespaces.values():  # a Cilium node's own dumps: the CIL dump checks
                 node = spec.cilium
@@ -559,25 +585,33 @@ def cmd_lint(args) -> int:
                     diags += [d for d in run_cilium_checks(CheckContext(
                         None, node.files, extra={"cilium": node.parsed, "node": node.node}), select, ignore)
                         if d.code != "CIL006"]
-        coverage = env_ctx.extra.get("coverage")
-    empty = []
-    from analyzer import cli_cilium
-    cilium = bool(args.dumps) and cli_cilium.is_cilium(args)
-    if cilium:
-        found = cli_cilium.cmd_lint(args, select, ignore)
-        if found is None:
-            return EXIT_UNUSABLE
-        diags += found
-    elif args.dumps or args.live:
-        results = _load(args)
-        if results is None:
-            return EXIT_UNUSABLE
-        with progress(sum(len(list(res.families())) for res in results) * n_checks, "checking") as tick:
+            coverage = env_ctx.extra.get("coverage")
+        empty = []
+        if cilium:
+            found = cli_cilium.cmd_lint(args, select, ignore)
+            if found is None:
+                return EXIT_UNUSABLE
+            diags += found
+        elif args.dumps or args.live:
+            def parsing(i, n, names):  # each input's parse: half of its share
+                if i:
+                    bar("", 500 / n)
+                bar.now(f"parsing {names}")
+            results = _load(args, on_unit=parsing)
+            if results is None:
+                return EXIT_UNUSABLE
+            bar("", 500 / max(1, len(results)))
             for res in results:
                 diags += [d for d in res.all_diagnostics if selected(d.code, None, select, ignore)]
-                for r in res.families():
+                fams = list(res.families())
+                for r in fams:
+                    where = ([", ".join(os.path.basename(f.path) for f in r.files)] if len(results) > 1 else []) + \
+                        ([f"IPv{r.ruleset.family}"] if len(fams) > 1 else [])
+                    step = 500 / len(results) / len(fams) / n_checks
                     diags += run_checks(CheckContext(r.ruleset, r.files, partial=_partial(res, args)),
-                                        select, ignore, on_check=tick)
+                                        select, ignore,
+                                        before=lambda code, w=where: bar.now(" ".join(["checking", *w, code])),
+                                        on_check=lambda code, step=step: bar("", step))
                 why = _nothing_read(res, args.allow_empty)
                 if why:
                     empty.append(why)

@@ -72,6 +72,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bridge-nf", type=int, default=1, choices=(0, 1),
                     help="bridge-nf-call-iptables on the nodes (0: every same-node endpoint is NAT001)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--save", metavar="FILE",
+                    help="write synack's JSON output there (to compare findings before/after a change)")
     args = ap.parse_args(argv)
     env = build_env(args.services, args.seed, args.bridge_nf)
     cmd = C.synack_cmd("lint", "--env", env, "-o", "json", "--select", "NAT")
@@ -82,6 +84,9 @@ def main(argv=None) -> int:
     import json
 
     doc = json.loads(best.stdout)
+    if args.save:
+        with open(args.save, "w") as f:
+            f.write(best.stdout)
     cov = doc.get("coverage", {})
     codes: dict[str, int] = {}
     for d in doc["diagnostics"]:
@@ -93,9 +98,11 @@ def main(argv=None) -> int:
             ("outcomes (endpoint branches)", str(cov.get("outcomes")), "", ""),
             ("replies followed", str(cov.get("replies_followed")), "", ""),
             ("findings", ", ".join(f"{k} {v}" for k, v in sorted(codes.items())) or "none", "", ""),
-            ("synack lint --env", f"{best.seconds:.1f} s", "<= 30 s", t.verdict),
+            ("synack lint --env, wall", f"{best.seconds:.1f} s", "<= 30 s", t.verdict),
+            ("CPU (user+sys)", f"{best.cpu_seconds:.1f} s", "", ""),
             ("peak RSS", f"{best.maxrss_mb:.0f} MB", "<= 2048 MB", m.verdict)]
-    C.emit({"env": env, "coverage": cov, "findings": codes, "time": t.as_dict(), "rss": m.as_dict()},
+    C.emit({"env": env, "coverage": cov, "findings": codes, "time": t.as_dict(), "cpu_seconds": best.cpu_seconds,
+            "rss": m.as_dict()},
            C.render_table(rows), args.json)
     return 0
 

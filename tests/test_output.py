@@ -218,17 +218,108 @@ def test_colour_on_a_terminal_only(monkeypatch):
     assert "\x1b[" not in out and json.loads(out)  # never in JSON/SARIF
 
 
-def test_progress_bar_goes_to_a_terminal_stderr_only():
+def test_progress_bar_goes_to_a_terminal_stderr_only(monkeypatch):
+    from analyzer.report.terminal import progress
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm-256color")
+    err = _Tty()
+    with progress(3, "checking", stream=err, stdout=_Tty(), delay=0) as tick:
+        for code in ("CHN001", "CHN002", "CHN003"):
+            tick.now(code)
+            tick()
+    assert "checking CHN003" in err.getvalue()
+    for err, out in ((io.StringIO(), _Tty()), (_Tty(), io.StringIO())):  # stderr or stdout piped
+        with progress(3, "checking", stream=err, stdout=out, delay=0) as tick:
+            tick("CHN001")
+        assert err.getvalue() == "" and out.getvalue() == ""
+    monkeypatch.setenv("NO_COLOR", "1")
+    err = _Tty()
+    with progress(3, "checking", stream=err, stdout=_Tty(), delay=0) as tick:
+        tick("CHN001")
+    assert err.getvalue() == ""
+
+
+def test_a_quick_run_never_shows_the_bar():
     from analyzer.report.terminal import progress
     err = _Tty()
-    with progress(3, "checking", stream=err, delay=0) as tick:
-        for code in ("CHN001", "CHN002", "CHN003"):
-            tick(code)
-    assert "checking" in err.getvalue()
-    quiet = io.StringIO()
-    with progress(3, "checking", stream=quiet, delay=0) as tick:
+    with progress(3, "checking", stream=err, stdout=_Tty(), delay=30) as tick:
         tick("CHN001")
-    assert quiet.getvalue() == ""
+    assert err.getvalue() == ""
+
+
+@pytest.mark.parametrize("extra", [[], ["-q"], ["--quiet"], ["-o", "json"], ["-o", "sarif"]],
+                         ids=["text", "q", "quiet", "json", "sarif"])
+def test_lint_progress_bar_only_for_text_without_quiet(extra, monkeypatch):
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm-256color")
+    monkeypatch.setenv("SYNACK_PROGRESS_DELAY", "0")  # show it at once: the sample is quick
+    rc, out, err = _run_tty(["lint", "samples/checks/KUB001/bad.rules", *extra], monkeypatch,
+                            stdout_tty=True, stderr_tty=True)
+    assert rc == 1 and "KUB001" in out
+    if extra:
+        assert err == ""
+    else:
+        assert "lint parsing bad.rules" in err and "lint checking KUB001" in err and "100%" in err
+        assert "━" not in out  # the bar is on stderr only
+
+
+def _lint_on_a_pty(argv, env):
+    """Run synack as a person at a terminal does: stdout and stderr on one pseudo-terminal; what
+    the terminal received."""
+    import pty
+    import select
+    import subprocess
+    import time
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "analyzer", *argv], stdin=slave, stdout=slave,
+                            stderr=slave, cwd=ROOT, env=env)
+    os.close(slave)
+    got, deadline = b"", time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # the child closed the terminal (Linux: EIO)
+                    break
+                if not chunk:
+                    break
+                got += chunk
+            elif proc.poll() is not None:
+                break
+        rc = proc.wait(timeout=max(1, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    return rc, got.decode("utf-8", "replace")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pseudo-terminals as on Linux")
+def test_lint_on_a_terminal_shows_a_progress_bar_then_erases_it():
+    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    env.update(TERM="xterm-256color", SYNACK_PROGRESS_DELAY="0", PYTHONPATH=str(ROOT))
+    rc, screen = _lint_on_a_pty(["lint", "samples/checks/KUB001/bad.rules"], env)
+    assert rc == 1
+    assert "lint parsing bad.rules" in screen and "lint checking KUB001" in screen and "100%" in screen
+    bar_end = screen.rindex("100%")
+    assert "KUB001" in screen[bar_end:]  # the findings come after the bar, which is erased
+    rc, screen = _lint_on_a_pty(["lint", "--env", "samples/env/seed1-broken.yaml"], env)
+    assert rc == 1 and "lint reading" in screen and "following services" in screen
+    assert "NAT001" in screen[screen.rindex("100%"):]
+
+
+def test_lint_piped_shows_no_progress_bar():
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    env.update(TERM="xterm-256color", SYNACK_PROGRESS_DELAY="0", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "analyzer", "lint", "samples/checks/KUB001/bad.rules"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "KUB001" in proc.stdout
+    assert proc.stderr == "" and "\x1b[" not in proc.stdout
 
 
 def test_lint_json_is_clean_with_a_terminal_stderr(monkeypatch):

@@ -83,14 +83,17 @@ def load_all() -> dict[str, CheckInfo]:
 
 
 def run_checks(ctx: CheckContext, select=None, ignore=None, restore_only: bool = False,
-               on_check=None) -> list[Diagnostic]:
-    """Every selected check on ``ctx``; ``on_check(code)`` is called after each (progress)."""
+               on_check=None, before=None) -> list[Diagnostic]:
+    """Every selected check on ``ctx``; ``before(code)`` and ``on_check(code)`` are called before
+    and after each (progress)."""
     out: list[Diagnostic] = []
     for code, info in sorted(load_all().items()):
         if restore_only and not info.restore:
             continue
         if not selected(code, info.name, select, ignore):
             continue
+        if before is not None:
+            before(code)
         out.extend(info.func(ctx))
         if on_check is not None:
             on_check(code)

@@ -169,7 +169,10 @@ def environment_trips(ctx: CheckContext):
            "replies_followed": 0, "never_arrived": 0, "left_environment": 0, "unreachable_listeners": 0,
            "branches_not_followed": 0, "max_outcomes": world.max_outcomes}
     services, used_clients, seen = set(), set(), set()
-    for name, (addr, proto, port), who, translated in targets:
+    progress = ctx.extra.get("progress")  # progress(i, n): the lint's bar, on a terminal
+    for i, (name, (addr, proto, port), who, translated) in enumerate(targets):
+        if progress is not None and not i % 16:
+            progress(i, len(targets))
         for cname in [c for c in clients if c in who]:
             src = next((a.ip for _, a in env.namespaces[cname].net.local_addresses()
                         if a.version == addr.version and not a.ip.is_loopback), None)

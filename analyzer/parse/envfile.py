@@ -599,7 +599,9 @@ def _cross_checks(ld: _Loader) -> None:
             owners.setdefault(a.ip, (name, iface))
 
 
-def load_environment(path: str) -> Environment:
+def load_environment(path: str, on_namespace: Callable | None = None) -> Environment:
+    """The environment file at ``path``; ``on_namespace(i, n, name)`` is called before the keys
+    of each of the ``n`` namespaces are read (their dumps parsed): progress."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -635,7 +637,9 @@ def load_environment(path: str) -> Environment:
         ld.ifaces[str(name)] = {"lo"}
         specs.append((ns, spec, loc))
     _links(ld, doc.get("links"))  # links name interfaces: read them before the keys that use them
-    for ns, spec, loc in specs:
+    for i, (ns, spec, loc) in enumerate(specs):
+        if on_namespace is not None:
+            on_namespace(i, len(specs), ns.name)
         for key, read in NAMESPACE_KEYS.items():
             if key in spec:
                 read(ld, ns, spec[key], loc + (key,))
