@@ -813,8 +813,6 @@ def cmd_explain_env(args) -> int:
 
 
 def cmd_check(args) -> int:
-    import os
-
     from analyzer.netfilter.env import EnvError
     from analyzer.policy.adapter import DumpTarget, EnvTarget, make_namespace
     from analyzer.policy.evaluate import evaluate
