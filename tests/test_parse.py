@@ -492,6 +492,7 @@ def _rules_and_diagnostics(text: str, plans: bool, monkeypatch):
     with monkeypatch.context() as m:
         if not plans:
             m.setattr(I.Builder, "_replay", lambda self, *a: I._NO_PLAN)
+            m.setattr(I.Builder, "compile_shapes", False)
         r = load_ruleset((text, "shapes.rules"))
     return ([(x.chain, x.matches, x.target, x.span, x.counters) for x in r.ruleset.rules()],
             [(d.code, d.severity, d.message, d.span, d.hint) for d in r.diagnostics])

@@ -72,13 +72,20 @@ class CheckContext:
                           name=info.name, **kw)
 
 
-def load_all() -> dict[str, CheckInfo]:
-    # importing the family modules (every module in this package) registers their checks
+# the family modules that hold the ``restore=True`` checks: ``synack parse`` imports only these
+# (the others pull in the symbolic engine: 0.3 s of a parse); tests/test_parse_fastpath.py keeps it true
+RESTORE_MODULES = ("chains", "targets")
+
+
+def load_all(restore_only: bool = False) -> dict[str, CheckInfo]:
+    """The registry after importing the family modules (every module in this package, or only
+    RESTORE_MODULES), which registers their checks."""
     import importlib
     import pkgutil
 
-    for m in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{m.name}")
+    names = RESTORE_MODULES if restore_only else [m.name for m in pkgutil.iter_modules(__path__)]
+    for name in names:
+        importlib.import_module(f"{__name__}.{name}")
     return REGISTRY
 
 
@@ -87,7 +94,7 @@ def run_checks(ctx: CheckContext, select=None, ignore=None, restore_only: bool =
     """Every selected check on ``ctx``; ``before(code)`` and ``on_check(code)`` are called before
     and after each (progress)."""
     out: list[Diagnostic] = []
-    for code, info in sorted(load_all().items()):
+    for code, info in sorted(load_all(restore_only).items()):
         if restore_only and not info.restore:
             continue
         if not selected(code, info.name, select, ignore):

@@ -461,6 +461,8 @@ class _TableB:
 class Builder:
     """Applies iptables-restore input in order; several files apply as successive transactions."""
 
+    compile_shapes = True  # compile decode plans into straight-line code (see _compile_shape)
+
     def __init__(self, family: int = 4, noflush: bool = False, strict: bool = False, lazy: bool = False):
         self.lazy = lazy
         self.family = family
@@ -485,6 +487,8 @@ class Builder:
         self._rec: list | None = None  # the steps the next _decode records, when it may
         self._key: tuple | None = None
         self._clean = True  # the rule being decoded has reported nothing
+        self._fast: dict[str, dict[int, list]] = {}  # table -> count of ' -' -> compiled shapes
+        self._compiled: dict[tuple, tuple] = {}  # (shape, quoting, plan id) -> (plan, compiled)
 
     # -- diagnostics
     def diag(self, sf: SourceFile, line: int, col: int, end: int, code: str, msg: str,
@@ -934,6 +938,10 @@ class Builder:
         lazy = self.lazy
         plans_get = self._plans.get
         replay = self._replay
+        fast = self._fast.setdefault(tname, {}) if plain and not lazy and self.compile_shapes else None
+        fast_get = fast.get if fast is not None else None
+        ctx = self._ctx
+        path = sf.path
         for n in run:
             line = lines[n - 1]
             if plain and line[:3] == "-A " and line[-1] != " " and line[-1] != "\t":
@@ -944,22 +952,75 @@ class Builder:
                         chain.rules.append((_PENDING, (sf, n, line, tname), _new_Span(sf.path, n, 1, len(line) + 1),
                                             line, None))
                         continue
+                if fast_get is not None:
+                    cands = fast_get(line.count(" -"))
+                    if cands is not None:
+                        decoded = _NO_PLAN
+                        k = 0
+                        for cp in cands:
+                            m = cp.match(line)
+                            if m is not None:
+                                chain = chains.get(m[1])
+                                if chain is None:
+                                    break
+                                decoded = cp.decode(m, chains, path, n, line, ctx)
+                                if decoded is not _NO_PLAN:
+                                    break
+                            k += 1
+                        if decoded is not _NO_PLAN:
+                            chain.rules.append(decoded)
+                            if k:  # the shapes seen most often come first
+                                cands[k - 1], cands[k] = cands[k], cands[k - 1]
+                            continue
+                        ctx.host_names.clear()
                 w, cs, es = split(line, 1)
                 if len(w) > 2:
                     chain = chains.get(w[1])
                     if chain is not None:
                         key = _shape(w, tname)
                         plan = plans_get(key)
+                        before = len(self.diags)
                         decoded = _NO_PLAN if plan is None else replay(plan, sf, n, w, cs, es, line, tname)
                         if decoded is _NO_PLAN:
                             self._rec, self._key = [], key
                             decoded = decode(sf, n, w, cs, es, 2, None, line, tname)
                         if decoded is not None:
                             chain.rules.append(decoded)
+                            if fast is not None and len(self.diags) == before:
+                                self._learn(fast, key, w, cs, line, n, chains, path, decoded)
                         continue
             command(sf, tb, n)
             if self._stop:
                 break
+
+    def _learn(self, fast: dict, key: tuple, w, cs, line: str, n: int, chains, path, decoded):
+        """After a clean decode of a shape with a plan: compile the plan for lines quoted as this
+        one (once), and try the compiled form first for lines with as many ' -' as this one. The
+        compiled form must give this line's rule as the decode did, or it is not used."""
+        plan = self._plans.get(key)
+        if plan is None:
+            return
+        quoting = tuple(line[cs[k] - 1] == '"' for k in range(2, len(w)) if key[k - 1] is None)
+        # a shape has a plan per kind of jump target (chain, verdict, extension): the value keeps
+        # the plan alive, so that its id names it
+        ck = (key, quoting, id(plan))
+        known = self._compiled.get(ck)
+        if known is None:
+            if len(self._compiled) >= _MAX_COMPILED:
+                return
+            cp = _compile_shape(key, plan, w, cs, line, self.family, self._foreign_targets)
+            m = cp.match(line) if cp is not None else None
+            if m is None or cp.decode(m, chains, path, n, line, self._ctx) != decoded:
+                self._ctx.host_names.clear()
+                cp = None
+            self._compiled[ck] = (plan, cp)
+        else:
+            cp = known[1]
+        if cp is None:
+            return
+        cands = fast.setdefault(line.count(" -"), [])
+        if cp not in cands and len(cands) < _MAX_CANDIDATES:
+            cands.append(cp)
 
     def _command(self, sf, tb: _TableB, n: int):
         raw = sf.line(n)
@@ -1794,6 +1855,200 @@ class Builder:
         w, cs, es = O.split_args(line, 1)
         d = self._decode(sf, n, w, cs, es, 2, None, line, tname)
         return ((), None) if d is None else (d[0], d[1])
+
+
+# ---------------------------------------------------------------------------- compiled shapes
+# A shape with a decode plan (see Builder._replay) is compiled, per way of quoting its values, into
+# a regular expression that only the lines of that shape match (values abstracted as in _shape:
+# a value word does not start with '-' or '!', words are separated by single blanks, a quoted
+# value stands alone and holds no '"' or '\'), and a function generated from the plan's steps:
+# straight-line code that reads the words and their columns from the match and calls the plan's
+# value handlers. It returns what _replay returns for a clean rule, and _NO_PLAN for anything
+# else (a value a handler refuses, a host name, a jump target of another kind), after which the
+# line takes _replay's way, which reports it. A line no compiled shape matches takes that way too.
+_UNQUOTED = r'([^-! "\\\t][^ "\\\t]*)'
+_QUOTED = r'"([^-!"\\\t][^"\\\t]*)"'
+_MAX_COMPILED = 256  # compiled variants per Builder (a hand-written dump has few rules per shape)
+_MAX_CANDIDATES = 8  # compiled variants tried per count of ' -' in a line
+
+
+class _Compiled:
+    __slots__ = ("match", "decode", "key")
+
+    def __init__(self, match, decode, key):
+        self.match, self.decode, self.key = match, decode, key
+
+
+def _fast_network(a, ctx, family):
+    """One address of -s/-d in a compiled shape: None when _replay's slow way must decide."""
+    if "," in a:
+        return None
+    net = O.network(a, ctx)  # DecodeError: _replay reports it
+    if net is None or net.version != family:
+        return None
+    if len(_NETWORKS) < 65536:
+        _NETWORKS[a] = net
+    return net
+
+
+def _compile_shape(key: tuple, plan: tuple, w: list, cs: list, line: str, family: int,
+                   foreign_targets) -> _Compiled | None:
+    """The compiled form of ``plan`` for the lines of shape ``key`` quoted as ``line`` (words
+    ``w`` at columns ``cs``); None for a shape this does not handle (the plan replays it)."""
+    shape = key[1:]
+    for lit in shape:
+        if lit is not None and (not lit or not lit.isprintable() or any(c in lit for c in ' "\\\t')):
+            return None
+    if len(shape) != len(w) - 2 or not w[1] or w[1][0] in "-!":
+        return None
+    pattern = [r"-A ([^-! \"\\\t][^ \"\\\t]*)"]
+    val = ["'-A'", "v1"]           # per word: the expression of its text,
+    col = ["1", "s1 + 1"]          # of its column and of its end column (1-based, exclusive)
+    end = ["3", "e1 + 1"]
+    anchor, off = "e1", 0          # the 0-based end of the last value, and the literal text since
+    groups = 1
+    for k in range(2, len(w)):
+        lit = shape[k - 2]
+        pattern.append(" ")
+        off += 1
+        if lit is not None:
+            val.append(repr(lit))
+            col.append(f"{anchor} + {off + 1}")
+            end.append(f"{anchor} + {off + 1 + len(lit)}")
+            pattern.append(re.escape(lit))
+            off += len(lit)
+            continue
+        groups += 1
+        val.append(f"v{groups}")
+        if line[cs[k] - 1] == '"':
+            pattern.append(_QUOTED)
+            col.append(f"s{groups}")
+            end.append(f"e{groups} + 2")
+            anchor, off = f"e{groups}", 1
+        else:
+            pattern.append(_UNQUOTED)
+            col.append(f"s{groups} + 1")
+            end.append(f"e{groups} + 1")
+            anchor, off = f"e{groups}", 0
+    ns = {"NO_PLAN": _NO_PLAN, "DecodeError": O.DecodeError, "TGET": _TARGETS_GET, "NO_SPEC": _NO_SPEC,
+          "CHAIN_SPEC": _CHAIN_SPEC, "FOREIGN": foreign_targets, "PLAIN": _plain_target,
+          "MAKE_TARGET": O.make_target, "SPAN": _new_Span, "NETS_GET": _NETWORKS_GET,
+          "NETWORK": _fast_network, "ADDR": _new_AddrMatch, "PROTO": _new_ProtoMatch,
+          "IFACE": _new_IfaceMatch, "FRAG": _new_FragmentMatch, "COMMENT": O.new_CommentMatch,
+          "PORT": O.new_PortMatch, "PORT_RANGE": O.port_range, "OPAQUE": _new_OpaqueMatch,
+          "MERGE_STAT": O.merge_statistic}
+    body: list[str] = []
+    consts: list = []
+
+    def const(x):
+        consts.append(x)
+        name = f"C{len(consts) - 1}"
+        ns[name] = x
+        return name
+
+    # the kind of each jump target must be the recorded one (as _replay checks first)
+    for st in plan:
+        if st[0] == _P_J:
+            name = val[st[1] + 1]
+            body += [f"t = TGET({name}, NO_SPEC)[0]",
+                     f"if t is None and {name} in chains: t = CHAIN_SPEC",
+                     f"if t is not {const(st[2])} or {name} == 'SET' or {name} in FOREIGN: return NO_PLAN"]
+    matches: list[str] = []
+    stat: list[str] = []
+    tgt = None
+    opts: list[str] = []
+    counters = "None"
+    nm = 0
+
+    def new_match(expr, check_none=False):
+        nonlocal nm
+        nm += 1
+        body.append(f"m{nm} = {expr}")
+        if check_none:
+            body.append(f"if m{nm} is None: return NO_PLAN")
+        return f"m{nm}"
+
+    for st in plan:
+        op = st[0]
+        if op == _P_MOD:
+            _, handler, use_mod, t, a, j, neg, c, is_stat = st
+            args = [val[x] for x in range(a, j)]
+            c0, e0 = col[c], end[j - 1]
+            if handler is O._h_comment:
+                expr = f"COMMENT({c0}, {e0}, {neg}, {args[0]})"
+            elif handler is O._h_ports and use_mod != "multiport":
+                m0 = O._h_ports(use_mod, t, ["0"], neg, 0, 0, O.Ctx(family))
+                expr = (f"PORT({c0}, {e0}, {neg}, {use_mod!r}, {m0.direction!r}, "
+                        f"(PORT_RANGE({args[0]}, ctx, {use_mod == 'tcp' or use_mod == 'sctp'}),))")
+            elif handler is O._h_statistic:
+                expr = f"OPAQUE({c0}, {e0}, {neg}, {use_mod!r}, {t!r}, ({''.join(x + ', ' for x in args)}))"
+            else:
+                expr = f"{const(handler)}({use_mod!r}, {t!r}, [{', '.join(args)}], {neg}, {c0}, {e0}, ctx)"
+            m = new_match(expr, check_none=handler not in (O._h_comment, O._h_ports, O._h_statistic))
+            (stat if is_stat else matches).append(m)
+        elif op == _P_GEN:
+            _, g, t, c, j, neg = st
+            c0, e0, a0 = col[c], end[j - 1], val[j - 1]
+            if g == "src" or g == "dst":
+                body += [f"net = NETS_GET({a0})",
+                         f"if net is None or net.version != {family}:",
+                         f"    net = NETWORK({a0}, ctx, {family})",
+                         "    if net is None: return NO_PLAN"]
+                matches.append(new_match(f"ADDR({c0}, {e0}, {neg}, {g!r}, (net,))"))
+            elif g == "proto":
+                if shape[j - 3] is None:
+                    return None
+                p = shape[j - 3].lower()
+                num = _PROTOCOLS_GET(p)
+                if num is None:
+                    if not (p.isdigit() and int(p) < 256):
+                        return None
+                    num = int(p)
+                matches.append(new_match(f"PROTO({c0}, {e0}, {neg}, {num}, {O.PROTO_NAMES.get(num, p)!r})"))
+            elif g == "counters":
+                body.append(f"counters = (int({val[j - 2]}), int({a0})) if {val[j - 2]}.isdigit() and "
+                            f"{a0}.isdigit() else None")
+                counters = "counters"
+            else:  # in/out interface
+                body.append(f"if len({a0}) > 15: return NO_PLAN")
+                matches.append(new_match(f"IFACE({c0}, {e0}, {neg}, {g!r}, {a0})"))
+        elif op == _P_TOPT:
+            _, t, a, j, i = st
+            opts.append(f"({t!r}, [{', '.join(val[x] for x in range(a, j))}], {i})")
+        elif op == _P_J:
+            i = st[1]
+            tgt = (val[i + 1], col[i], end[i + 1], st[2], st[3])
+            opts = []
+        elif op == 5:
+            if stat:
+                matches.append(new_match(f"MERGE_STAT([{', '.join(stat)}], ctx)"))
+                stat = []
+        else:  # _P_FRAG
+            matches.append(new_match(f"FRAG({col[st[1]]}, {end[st[2]]}, {st[3]})"))
+    if stat:
+        matches.append(new_match(f"MERGE_STAT([{', '.join(stat)}], ctx)"))
+    if tgt is None:
+        body.append("target = None")
+    else:
+        name, tc, te, tspec, goto = tgt
+        body += [f"opts = [{', '.join(opts)}]",
+                 f"target = PLAIN({name}, opts, {goto}, {const(tspec)}, {tc}, {te})",
+                 "if target is None:",
+                 f"    target = MAKE_TARGET({name}, opts, ctx, {tc}, {'len(line) + 1' if opts else te}, {goto})"]
+    body += ["if ctx.host_names: return NO_PLAN",
+             f"return ({''.join(x + ', ' for x in matches)}), target, SPAN(path, n, 1, len(line) + 1), "
+             f"line, {counters}"]
+    vs = ", ".join(f"v{g}" for g in range(1, groups + 1))
+    spans = ", ".join(f"(s{g}, e{g})" for g in range(1, groups + 1))
+    src = (f"def decode(m, chains, path, n, line, ctx):\n"
+           f"    {vs}, = m.groups()\n"
+           f"    _, {spans}, = m.regs\n"
+           "    try:\n" + "".join(f"        {x}\n" for x in body) +
+           "    except DecodeError:\n        return NO_PLAN\n")
+    exec(src, ns)  # noqa: S102 - code generated from the plan above, as dataclasses builds __init__
+    decode = ns["decode"]
+    decode.__qualname__ = f"decode_shape_{len(plan)}"
+    return _Compiled(re.compile("".join(pattern)).fullmatch, decode, key)
 
 
 def _rule_key(r):

@@ -1,0 +1,130 @@
+"""The parse's fast paths give what the plain decode gives: compiled rule shapes (see
+analyzer/parse/iptables.py, _compile_shape) and the restore-only check modules of `synack parse`."""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from analyzer.parse import iptables as I
+from analyzer.parse import load_ruleset
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = Path(os.environ.get("SYNACK_CORPUS", ROOT.parent / "shared" / "corpus"))
+
+
+def _parse(text: str, mode: str, monkeypatch, path: str = "shapes.rules"):
+    """Rules and diagnostics of ``text`` decoded rule by rule ('plain'), with decode plans
+    ('plans') or with plans compiled to code ('compiled', the default)."""
+    with monkeypatch.context() as m:
+        if mode != "compiled":
+            m.setattr(I.Builder, "compile_shapes", False)
+        if mode == "plain":
+            m.setattr(I.Builder, "_replay", lambda self, *a: I._NO_PLAN)
+        res = load_ruleset((text, path))
+    return [([(x.table, x.chain, x.index, x.matches, x.target, x.span, x.text, x.counters)
+              for x in r.ruleset.rules()],
+             [(d.code, d.severity, d.message, d.span, d.hint, d.source_line) for d in r.diagnostics])
+            for r in res.families()]
+
+
+def _count_compiled(monkeypatch) -> list[int]:
+    """[rules the compiled shapes decoded, rules they handed back to the plan's replay]."""
+    hits = [0, 0]
+    compile_shape = I._compile_shape
+
+    def counting(*a):
+        cp = compile_shape(*a)
+        if cp is not None:
+            decode = cp.decode
+
+            def counted(*x):
+                r = decode(*x)
+                hits[r is I._NO_PLAN] += 1
+                return r
+            cp.decode = counted
+        return cp
+    monkeypatch.setattr(I, "_compile_shape", counting)
+    return hits
+
+
+KUBE = ('-A KUBE-SEP-{k} -s 10.244.{k}.5/32 -m comment --comment "ns/svc-{k}:http" -j KUBE-MARK-MASQ\n'
+        '-A KUBE-SEP-{k} -p tcp -m comment --comment "ns/svc-{k}:http" -m tcp -j DNAT '
+        '--to-destination 10.244.{k}.5:80{k}\n'
+        '-A KUBE-SVC-{k} -m comment --comment "ns/svc-{k} -> 10.244.{k}.5:80" -m statistic --mode random '
+        '--probability 0.{k} -j KUBE-SEP-{k}\n'
+        '-A KUBE-SVC-{k} ! -i eth{k} -p udp -m udp --dport 53{k} -j ACCEPT\n'
+        '-A KUBE-SVC-{k} -s 10.{k}.0.0/16 -j DROP\n'
+        '-A KUBE-SVC-{k} -f -o veth{k} -c {k} 2{k} -m comment --comment svc{k} -j RETURN\n'
+        '-A KUBE-SVC-{k} ! -d 10.{k}.0.1 -p tcp -m tcp ! --sport 1:{k} -m addrtype --dst-type LOCAL '
+        '-j REJECT --reject-with tcp-reset\n')
+BAD = ["300.1.1.1", "db.example", "10.0.0.0/33", "eth000000000000000", "99999", "1.5", "x", "2:1",
+       "10.0.0.1,10.0.0.2", "fe80::1", "10.244.1.5:70000", "0x10", "X.X.X.X", "KUBE-SVC-1", "DROP",
+       "ACCEPT", "NOPE", "LOCALE", '"a b"', '""', "-x", "!", "http", "KUBE-MARK-MASQ"]
+
+
+def _kube_text(seed: int, share: float) -> str:
+    rng = random.Random(seed)
+    lines = []
+    for k in range(1, 60):
+        for line in KUBE.format(k=k).splitlines():
+            if k > 2 and rng.random() < share:
+                words = line.split(" ")
+                words[rng.randrange(2, len(words))] = rng.choice(BAD)
+                line = " ".join(words)
+            lines.append(line)
+    decl = "".join(f":KUBE-SEP-{k} - [0:0]\n:KUBE-SVC-{k} - [0:0]\n" for k in range(1, 60))
+    return "*nat\n" + decl + ":KUBE-MARK-MASQ - [0:0]\n" + "\n".join(lines) + "\nCOMMIT\n"
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_compiled_shapes_decode_as_each_rule_alone(seed, monkeypatch):
+    # compiled code reads a rule's words and columns from one regular expression match; any value
+    # it does not take as the plan does (a refused port, a host name, a list of addresses, a
+    # jump target of another kind) goes back to the replay, which reports it
+    text = _kube_text(seed, 0.3)
+    hits = _count_compiled(monkeypatch)
+    compiled = _parse(text, "compiled", monkeypatch)
+    assert hits[0] > 150 and hits[1] > 0  # the compiled code ran, and handed some rules back
+    assert len(compiled[0][1]) > 30  # the mutated values are reported
+    assert compiled == _parse(text, "plans", monkeypatch) == _parse(text, "plain", monkeypatch)
+
+
+def test_compiled_shapes_keep_columns_of_quoted_and_bare_values(monkeypatch):
+    text = ("*filter\n:X - [0:0]\n"
+            '-A X -s 10.0.0.1/32 -m comment --comment "a b" -j ACCEPT\n'
+            '-A X -s 10.0.0.22/32 -m comment --comment ab -j ACCEPT\n'
+            '-A X -s 10.0.0.3/32 -m comment --comment "c d e" -j ACCEPT\n'
+            '-A X -s 10.0.0.4/32 -m comment --comment cd -j ACCEPT\n'
+            '-A X -s 10.0.0.5/32 -m comment --comment "x -y" -j DROP\n'
+            '-A X -s 10.0.0.6/32 -m comment --comment "x -y" -j X\n'
+            "COMMIT\n")
+    hits = _count_compiled(monkeypatch)
+    compiled = _parse(text, "compiled", monkeypatch)
+    assert hits[0] >= 1
+    assert compiled == _parse(text, "plain", monkeypatch)
+    rules = compiled[0][0]
+    assert [(m.col, m.end_col) for m in rules[2][3]] == [(6, 20), (32, 49)]
+    assert rules[2][3][1].text == "c d e"
+
+
+def test_restore_checks_live_in_the_modules_parse_imports():
+    from analyzer.checks import RESTORE_MODULES, load_all
+
+    restore = {code: info.func.__module__ for code, info in load_all().items() if info.restore}
+    assert restore and all(mod.rsplit(".", 1)[1] in RESTORE_MODULES for mod in restore.values()), restore
+
+
+@pytest.mark.skipif(not CORPUS.is_dir(), reason=f"corpus not found at {CORPUS}")
+def test_compiled_shapes_agree_on_the_corpus(monkeypatch):
+    hits = _count_compiled(monkeypatch)
+    files = [p for folder in ("iptables", "k8s", "nft") for p in sorted((CORPUS / folder).rglob("*"))
+             if p.is_file() and not p.name.startswith(".") and p.suffix != ".json"]
+    assert len(files) > 100
+    for p in files:
+        with open(p, encoding="utf-8", errors="surrogateescape", newline="") as f:
+            text = f.read()
+        assert _parse(text, "compiled", monkeypatch, str(p)) == _parse(text, "plans", monkeypatch, str(p)), p
+    assert hits[0] > 20000
