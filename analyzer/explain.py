@@ -373,9 +373,27 @@ def outcome_findings(flow: Packet, outcomes: list[Outcome], files=()) -> list:
     return out
 
 
+def flag_values(args, text: str) -> dict:
+    """What ``--mark``, ``--uid`` and ``--gid`` say, checked against the flow's own ``mark``,
+    ``uid``, ``gid`` words (each may be given once)."""
+    from analyzer.parse.flow import _split_words
+
+    _, words = _split_words(text)
+    out = {}
+    for key in ("mark", "uid", "gid"):
+        v = getattr(args, key, None)
+        if v is None:
+            continue
+        if key in words:
+            raise ValueError(f"the {key} is given twice: --{key} and '{key} ...' in the flow (keep one)")
+        out[key] = v
+    return out
+
+
 def run_explain(args, res) -> int:
     try:
-        flow = parse_flow(args.flow)
+        flow = parse_flow(args.flow, local=args.local)
+        flow = replace(flow, **flag_values(args, args.flow))
         ns = build_namespace(args)
     except (ValueError, EnvError, OSError) as e:
         sys.stderr.write(f"synack: error: {e}\n")
@@ -385,10 +403,9 @@ def run_explain(args, res) -> int:
         sys.stderr.write(render_text_all([d for d in res.diagnostics if d.severity.name == "ERROR"]) + "\n")
         sys.stderr.write("synack: warning: the dump has errors; explaining what could be parsed\n")
     if args.local:
-        flow = replace(flow, uid=args.uid, gid=args.gid, mark=args.mark)
-        where = "generated locally" + (f" by uid {args.uid}" if args.uid is not None else "")
+        where = "generated locally" + (f" by uid {flow.uid}" if flow.uid is not None else "")
     else:
-        flow = replace(flow, iif=args.from_iface, mark=args.mark)
+        flow = replace(flow, iif=args.from_iface)
         where = f"arrives on {args.from_iface}" if args.from_iface else "arrives on an unnamed interface"
     backend = getattr(args, "backend", None)
     walker = Walker(res.ruleset, ns, backend=backend if backend in ("nft", "legacy") else None)

@@ -13,10 +13,12 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
-from analyzer.engine.partition import explore, intervals
+from analyzer.engine.partition import explore, intervals, masks
+from analyzer.model.packet import CT_INPUT
 from analyzer.model.packet import PROTO_NAME, Packet  # noqa: F401 (re-exported)
 from analyzer.netfilter.symbolic import (
-    RecordingWalker, flow_set, flow_space, noting_namespace, proto_class, witness,
+    OPEN_INTS, RecordingWalker, flow_flags_follow, flow_set, flow_space, noting_namespace, proto_class,
+    witness,
 )
 from analyzer.parse.flow import FlowSpec, parse_flow_spec  # noqa: F401 (re-exported)
 
@@ -45,6 +47,7 @@ def signature(outcomes) -> tuple:
 def _verdict_kind(verdict: str) -> str:
     """A step's verdict without the packet's own values (``DNAT to A``, ``no route to D``,
     ``martian source: S ... on IF``, ``local delivery (D is ...)``)."""
+    verdict = re.sub(r" 0x[0-9a-f]+", "", verdict)  # a mark written (an open mark's own bits)
     return re.sub(r"\s*\(.*?\)", "", verdict.split(" to ")[0]).split(":")[0]
 
 
@@ -60,6 +63,9 @@ def explain_classes(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int
     prefer = {"proto": 6, "sport": 40000, "dport": 80}
     for f in ("src", "dst"):
         prefer[f] = int(getattr(t, f))
+    for f in OPEN_INTS:
+        if f in spec.open:
+            prefer[f] = int(getattr(t, f) or 0)
     nsw = noting_namespace(ns)
     walker = RecordingWalker(ruleset, nsw)
 
@@ -67,6 +73,7 @@ def explain_classes(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int
         return witness(spec, v, space)
 
     def walk(pkt):
+        flow_flags_follow(spec, pkt)
         return explain_flow(ruleset, pkt, nsw, local=local, walker=walker)
 
     if "proto" not in spec.open:
@@ -116,7 +123,8 @@ def _plain(pkt: Packet) -> Packet:
         return a if a is None or type(a) in (ipaddress.IPv4Address, ipaddress.IPv6Address) \
             else ipaddress.ip_address(plain(a._ip)) if a.version == 4 else ipaddress.IPv6Address(plain(a._ip))
     return replace(pkt, proto=plain(pkt.proto), src=addr(pkt.src), dst=addr(pkt.dst),
-                   sport=plain(pkt.sport), dport=plain(pkt.dport), iif=plain(pkt.iif))
+                   sport=plain(pkt.sport), dport=plain(pkt.dport), iif=plain(pkt.iif),
+                   **{f: plain(getattr(pkt, f)) for f in OPEN_INTS})
 
 
 def _addr_text(lo: int, hi: int, family: int) -> str:
@@ -152,8 +160,13 @@ def describe(packets, spec: FlowSpec, space) -> str:
     Each field is listed on its own: a group is not always every combination of them."""
     t = spec.template
     parts = []
-    for f in ("proto", "src", "sport", "dst", "dport", "iif"):
+    for f in ("proto", "src", "sport", "dst", "dport", "iif", *OPEN_INTS):
         if f not in spec.open:
+            continue
+        if f in ("mark", "connmark", "tcp_flags", "ctstate"):
+            text = _masks_text(packets, f, spec)
+            if text:
+                parts.append(f"{f} {text}")
             continue
         rs, complete = intervals(packets, f, SHOWN_RANGES)
         if f == "proto":
@@ -177,6 +190,54 @@ def describe(packets, spec: FlowSpec, space) -> str:
     return "; ".join(parts) or "every packet of the flow"
 
 
+def _masks_text(packets, f: str, spec) -> str:
+    """A mark, TCP flags or conntrack state field of ``packets`` as value/mask pairs (what
+    ``-m mark --mark V/M`` and ``--tcp-flags`` test), or state names; '' when any value."""
+    from analyzer.engine.packetset import TCP_FLAG_BITS
+
+    if f == "ctstate":
+        names = [n for n in spec.ctstate if not (packets & packets.space.eq("ctstate", CT_INPUT[n])).is_empty()]
+        return "" if len(names) == len(spec.ctstate) else ",".join(n for n in names)
+    cubes, complete = masks(packets, f, SHOWN_RANGES)
+    if cubes == [(0, 0)]:
+        return "any" if f != "tcp_flags" else ""
+    # the complement within the values the flow allows, when it says it in fewer words
+    allowed = flow_set(packets.space, spec).exists([g for g in packets.space.fields if g != f])
+    other, other_complete = masks(allowed - packets.exists([g for g in packets.space.fields if g != f]),
+                                  f, SHOWN_RANGES)
+    neg = other_complete and (not complete or len(other) < len(cubes))
+    if neg:
+        cubes, complete = other, other_complete
+    if f == "tcp_flags":
+        def names(bits):
+            return ",".join(n for n, b in TCP_FLAG_BITS.items() if bits & b) or "NONE"
+        text = ", ".join(names(v) if m == 0xFF else f"{names(v)} of {names(m)}" for v, m in cubes)
+    else:
+        text = ", ".join(f"{v:#x}" if m == 0xFFFFFFFF else f"{v:#x}/{m:#x}" for v, m in cubes)
+    text += "" if complete else ", ... (more)"
+    return f"any but {text}" if neg else text
+
+
+def witness_extras(w: Packet, spec) -> str:
+    """The witness's values of the open fields beyond the tuple (`` mark 0x4000 ctstate NEW``)."""
+    from analyzer.model.packet import tcp_flag_names
+
+    out = ""
+    for f in OPEN_INTS:
+        if f not in spec.open:
+            continue
+        v = getattr(w, f)
+        if f == "ctstate":
+            out += " ctstate " + next((n for n, b in CT_INPUT.items() if b == v), str(v))
+        elif f == "tcp_flags":
+            out += f" flags {tcp_flag_names(v)}"
+        elif f in ("mark", "connmark"):
+            out += f" {f} {v:#x}"
+        else:
+            out += f" {f} {v}"
+    return out
+
+
 def render_groups(spec: FlowSpec, groups, complete: bool, where: str) -> str:
     from analyzer.explain import render_text
 
@@ -186,7 +247,8 @@ def render_groups(spec: FlowSpec, groups, complete: bool, where: str) -> str:
            " (APPROXIMATE: the class limit was reached; the remaining packets are not explained)"), ""]
     for k, g in enumerate(groups, 1):
         out.append(f"=== group {k}: {g.description}  (witness {g.witness.tuple_str()}"
-                   + (f" iif {g.witness.iif}" if "iif" in spec.open and g.witness.iif else "") + ")")
+                   + (f" iif {g.witness.iif}" if "iif" in spec.open and g.witness.iif else "")
+                   + witness_extras(g.witness, spec) + ")")
         for r in g.approximate:
             out.append(f"APPROXIMATE: the classes of this group may be too wide: {r}")
         out.append(render_text(g.witness, g.outcomes, where).rstrip())

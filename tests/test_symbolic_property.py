@@ -2,24 +2,27 @@
 
 Random small rulesets using every match kind the walk compiles (addresses with prefixes and
 negation, iprange, ports and multiport, protocol, interfaces with wildcards, mark and connmark
-with masks, conntrack state, addrtype, ipsets, tcp flags, icmp type) and every transformer
-(DNAT/SNAT/MASQUERADE/REDIRECT/NETMAP, MARK/CONNMARK) are explained over an open flow; random
-packets drawn from each class are walked concretely and must take the witness's path, with the
-witness's translations applied to their own fields.
+with masks, conntrack state and status, addrtype, ipsets, tcp flags, icmp type, owner uid/gid)
+and every transformer (DNAT/SNAT/MASQUERADE/REDIRECT/NETMAP, MARK/CONNMARK set, save and restore
+with masks) are explained over an open flow (addresses, ports, protocol, input interface, and
+the packet mark, the connection's mark and state, TCP flags, the local process's uid/gid);
+random packets drawn from each class are walked concretely and must take the witness's path,
+with the witness's translations and mark writes applied to their own fields.
 """
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
-from analyzer.engine.concolic import is_sym, plain  # noqa: E402
+from analyzer.engine.concolic import SymMix, is_sym, plain  # noqa: E402
 from analyzer.explain import explain_flow  # noqa: E402
 from analyzer.netfilter.env import Namespace  # noqa: E402
-from analyzer.netfilter.symbolic import witness  # noqa: E402
+from analyzer.netfilter.symbolic import OPEN_INTS, witness  # noqa: E402
 from analyzer.parse import load_ruleset  # noqa: E402
 from analyzer.parse.flow import parse_flow_spec  # noqa: E402
 from analyzer.parse.ipset import load_ipsets  # noqa: E402
@@ -63,12 +66,17 @@ def _match(kind: str, d: st.DataObject) -> str:
     if kind == "iface":
         return f"{pick(neg)}-{pick(st.sampled_from('io'))} {pick(st.sampled_from(IFACES))}"
     if kind == "mark":
-        return f"-m mark {pick(neg)}--mark {pick(st.sampled_from(['0x1', '0x1/0x1', '0x2/0x3', '0x0/0xf']))}"
+        return f"-m mark {pick(neg)}--mark {pick(st.sampled_from(MARKS))}"
     if kind == "connmark":
-        return f"-m connmark {pick(neg)}--mark {pick(st.sampled_from(['0x1', '0x4/0x4', '0x0']))}"
+        return f"-m connmark {pick(neg)}--mark {pick(st.sampled_from(MARKS))}"
     if kind == "ctstate":
-        states = pick(st.sampled_from(["NEW", "ESTABLISHED", "DNAT", "SNAT", "NEW,ESTABLISHED", "INVALID"]))
+        states = pick(st.sampled_from(["NEW", "ESTABLISHED", "DNAT", "SNAT", "NEW,ESTABLISHED", "INVALID",
+                                       "RELATED,ESTABLISHED", "UNTRACKED"]))
         return f"-m conntrack {pick(neg)}--ctstate {states}"
+    if kind == "ctstatus":
+        return f"-m conntrack {pick(neg)}--ctstatus {pick(st.sampled_from(['SEEN_REPLY', 'CONFIRMED', 'ASSURED', 'EXPECTED']))}"
+    if kind == "owner":
+        return f"-m owner {pick(neg)}--{pick(st.sampled_from(['uid', 'gid']))}-owner {pick(st.sampled_from(['0', '1337', '1000-2000']))}"
     if kind == "addrtype":
         return f"-m addrtype {pick(neg)}--{pick(st.sampled_from(['src', 'dst']))}-type " \
                f"{pick(st.sampled_from(['LOCAL', 'UNICAST', 'BROADCAST', 'MULTICAST']))}"
@@ -83,20 +91,23 @@ def _match(kind: str, d: st.DataObject) -> str:
 
 
 MATCH_KINDS = ["addr", "iprange", "proto", "port", "multiport", "iface", "mark", "connmark", "ctstate",
-               "addrtype", "set", "tcpflags", "icmp"]
+               "ctstatus", "addrtype", "set", "tcpflags", "icmp", "owner"]
+MARKS = ["0x1", "0x1/0x1", "0x2/0x3", "0x0/0xf", "0x10/0x10", "0x0/0xf0", "0x11/0xff"]
 
 
 def _target(table: str, chain: str, d: st.DataObject, user: list[str]) -> str:
     pick = d.draw
     base = ["ACCEPT", "DROP", "RETURN", "LOG", "MARK --set-xmark 0x1/0xffffffff",
-            "MARK --set-xmark 0x2/0x3", "CONNMARK --set-xmark 0x4/0x4", "CONNMARK --save-mark",
-            "CONNMARK --restore-mark"]
+            "MARK --set-xmark 0x2/0x3", "MARK --set-xmark 0x10/0x30", "MARK --xor-mark 0x11",
+            "CONNMARK --set-xmark 0x4/0x4", "CONNMARK --save-mark", "CONNMARK --restore-mark",
+            "CONNMARK --save-mark --nfmask 0xff --ctmask 0xf0", "CONNMARK --restore-mark --nfmask 0xf --ctmask 0xff",
+            "CONNMARK --set-xmark 0x3/0xf"]
     if table != "mangle" and chain != "PREROUTING":
         base.append("REJECT")
     if user and chain not in user:
         base += [f"{'goto' if pick(st.booleans()) else 'jump'} {user[0]}"]
     if table == "nat":
-        if chain == "PREROUTING" or chain == "OUTPUT":
+        if chain in ("PREROUTING", "OUTPUT"):
             base += ["DNAT --to-destination 10.0.1.5", "DNAT --to-destination 10.0.1.5:8080",
                      "REDIRECT --to-ports 3128", "REDIRECT", "NETMAP --to 10.0.1.0/24",
                      "DNAT --to-destination 10.0.1.5-10.0.1.7", "DNAT --to-destination 10.0.1.5:1000-1100"]
@@ -116,8 +127,9 @@ def _target(table: str, chain: str, d: st.DataObject, user: list[str]) -> str:
 def rulesets(draw):
     d = draw(st.data())
     lines = []
-    for table, chains in (("mangle", ["PREROUTING", "FORWARD"]), ("nat", ["PREROUTING", "POSTROUTING"]),
-                          ("filter", ["INPUT", "FORWARD"])):
+    for table, chains in (("mangle", ["PREROUTING", "FORWARD", "OUTPUT"]),
+                          ("nat", ["PREROUTING", "POSTROUTING", "OUTPUT"]),
+                          ("filter", ["INPUT", "FORWARD", "OUTPUT"])):
         user = ["U"] if draw(st.booleans()) else []
         lines.append(f"*{table}")
         for c in chains:
@@ -134,7 +146,7 @@ def rulesets(draw):
                         continue  # one protocol per rule
                     matches.append(m)
                 tgt = _target(table, c if c not in user else chains[0], d, user)
-                if tgt.startswith("-j REJECT") and "INPUT" not in c and "FORWARD" not in c:
+                if tgt.startswith("-j REJECT") and not any(h in c for h in ("INPUT", "FORWARD", "OUTPUT")):
                     tgt = "-j DROP"
                 lines.append(" ".join(["-A", c, *matches, tgt]))
         lines.append("COMMIT")
@@ -155,10 +167,15 @@ def _namespace() -> Namespace:
 
 def _expected(wit_value, packet_value, values: dict):
     """The value a random packet should have where the witness has ``wit_value``: the same
-    transformation of its own input field, or the witness's constant."""
+    transformation of its own input fields, or the witness's constant."""
     sym = is_sym(wit_value)
     if sym is None:
         return plain(wit_value) if not hasattr(wit_value, "version") else wit_value
+    if isinstance(sym, SymMix):  # bits of several fields (a mark restored from the connmark)
+        out = sym.xor
+        for f, m in sym.terms:
+            out ^= values[f] & m
+        return out
     return (values[sym.field] & sym.keep) ^ sym.xor if sym.field != "iif" else packet_value
 
 
@@ -172,10 +189,21 @@ def _fields(p):
 @settings(max_examples=int(__import__("os").environ.get("SYNACK_PROPERTY_EXAMPLES", "40")), deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(text=rulesets(), flow=st.sampled_from(["10.0.0.0/22 -> 10.0.0.0/22", "tcp 10.0.0.0/23 -> 10.0.1.0/24",
-                                             "10.0.0.0/24 -> 10.0.0.0/22:1-2000"]),
+                                             "10.0.0.0/24 -> 10.0.0.0/22:1-2000",
+                                             "10.0.0.0/25 -> 10.0.1.0/28 mark any ctstate any connmark any",
+                                             "tcp 10.0.0.0/26 -> 10.0.1.0/28:80 mark 0x0/0xf0 flags any"]),
        iif=st.sampled_from([None, "eth+", "eth0"]), seed=st.integers(0, 2**32 - 1))
 def test_every_class_walks_like_its_random_packets(text, flow, iif, seed):
     check_classes(text, flow, iif, seed)
+
+
+@settings(max_examples=int(__import__("os").environ.get("SYNACK_PROPERTY_EXAMPLES", "25")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(text=rulesets(), flow=st.sampled_from(["10.0.1.1 -> 10.0.0.0/26 uid any gid any mark any",
+                                             "tcp 10.0.1.1 -> 10.0.0.0/28 uid 1000-1400 ctstate any"]),
+       seed=st.integers(0, 2**32 - 1))
+def test_every_local_class_walks_like_its_random_packets(text, flow, seed):
+    check_classes(text, flow, None, seed, local=True)
 
 
 #: one rule per match kind (and per target kind), so each is exercised on every run
@@ -187,7 +215,12 @@ SINGLE = [
     "-m conntrack --ctstate NEW", "-m conntrack --ctstate DNAT", "-m addrtype --dst-type LOCAL",
     "-m addrtype --src-type UNICAST", "-m set --match-set near src", "-m set --match-set svc dst,dst",
     "-p tcp -m tcp --tcp-flags SYN,ACK SYN", "-p icmp -m icmp --icmp-type echo-request",
+    "-m conntrack --ctstate RELATED,ESTABLISHED", "-m conntrack ! --ctstate INVALID",
+    "-m conntrack --ctstatus SEEN_REPLY", "-m conntrack ! --ctstatus CONFIRMED", "-m mark --mark 0x10/0x10",
+    "-m connmark --mark 0x1/0xff",
 ]
+#: the same, for a flow that leaves marks, the connection's state and mark, and TCP flags open
+OPEN_MARKS = "tcp 10.0.0.0/26 -> 10.0.1.4/30 mark any ctstate any connmark any flags any"
 NAT = ["-d 10.0.0.0/30 -j DNAT --to-destination 10.0.1.5:8080", "-p tcp -j REDIRECT --to-ports 3128",
        "-d 10.0.0.0/24 -j NETMAP --to 10.0.1.0/24", "-s 10.0.1.0/24 -j DNAT --to-destination 10.0.0.9"]
 
@@ -199,6 +232,19 @@ def test_each_match_kind_splits_exactly(match):
             f"-A FORWARD {match} -j DROP\n-A INPUT {match} -j REJECT\nCOMMIT\n")
     for iif in (None, "eth+"):
         check_classes(text, "10.0.0.0/23 -> 10.0.1.0/24", iif, 7, strict=True)
+    check_classes(text.replace("-j MARK --set-xmark 0x1/0x1", "-j CONNMARK --restore-mark --nfmask 0xf --ctmask 0xff"),
+                  OPEN_MARKS, "eth0", 7, strict=True)
+
+
+@pytest.mark.parametrize("match", ["-m owner --uid-owner 1000-2000", "-m owner ! --gid-owner 1337",
+                                   "-m owner --socket-exists", "-m mark --mark 0x0/0xf0",
+                                   "-m conntrack --ctstate ESTABLISHED"])
+def test_each_local_match_kind_splits_exactly(match):
+    text = ("*mangle\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -m owner --uid-owner 1337 -j MARK --set-xmark 0x10/0x30\n"
+            "COMMIT\n*filter\n:OUTPUT ACCEPT [0:0]\n"
+            f"-A OUTPUT {match} -j DROP\nCOMMIT\n")
+    check_classes(text, "tcp 10.0.1.1 -> 10.0.0.0/28:80 uid any gid 0-2000 mark any ctstate new,established",
+                  None, 5, strict=True, local=True)
 
 
 @pytest.mark.parametrize("nat", NAT)
@@ -211,16 +257,16 @@ def test_each_translation_is_a_transformer(nat):
     check_classes(text, "10.0.0.0/23 -> 10.0.0.0/23", None, 11, strict=True)
 
 
-def check_classes(text, flow, iif, seed, strict=False):
+def check_classes(text, flow, iif, seed, strict=False, local=False):
     res = load_ruleset((text, "gen.rules"))
     assert not (strict and res.errors), res.errors
     if not strict:
         hypothesis.assume(not res.errors)
     ns = _namespace()
-    spec = parse_flow_spec(flow, iif=iif)
-    if iif is None:
-        spec = type(spec)(spec.template, spec.open | {"iif"}, spec.src, spec.dst, spec.sport, spec.dport, None)
-    classes, rest, space = explain_classes(res.ruleset, spec, ns, limit=2000 if strict else 300)
+    spec = parse_flow_spec(flow, iif=iif, local=local)
+    if iif is None and not local:
+        spec = replace(spec, open=spec.open | {"iif"}, iif=None)
+    classes, rest, space = explain_classes(res.ruleset, spec, ns, local=local, limit=2000 if strict else 300)
     if strict:
         assert rest.is_empty()
     if not strict:
@@ -232,23 +278,27 @@ def check_classes(text, flow, iif, seed, strict=False):
             assert all(":rule:" in r for r in c.lost), c.lost
             continue
         for _ in range(SAMPLES):
-            prefer = {f: rnd.getrandbits(space.widths[f]) for f in ("proto", "src", "dst", "sport", "dport", "iif")}
+            prefer = {f: rnd.getrandbits(space.widths[f]) for f in ("proto", "src", "dst", "sport", "dport", "iif",
+                                                                     *OPEN_INTS)}
             v = c.packets.pick(prefer)
             pkt = _plain(witness(spec, v, space))
-            got = explain_flow(res.ruleset, pkt, ns)
+            got = explain_flow(res.ruleset, pkt, ns, local=local)
             want = c.result
             assert signature(got) == signature(want), (str(pkt.tuple_str()), pkt.iif)
             for g, w in zip(got, want):
                 assert g.forward.prob == w.forward.prob
                 assert g.confidence == w.confidence
                 vals = {"src": int(pkt.src), "dst": int(pkt.dst), "sport": pkt.sport, "dport": pkt.dport,
-                        "proto": pkt.proto}
+                        "proto": pkt.proto, **{f: v[f] for f in OPEN_INTS}}
                 want_fields = tuple(
                     _expected(wv, gv, vals) if is_sym(wv) is not None else _fields(w.forward.pkt)[i]
                     for i, (wv, gv) in enumerate(zip((w.forward.pkt.src, w.forward.pkt.dst,
                                                       w.forward.pkt.sport, w.forward.pkt.dport),
                                                      _fields(g.forward.pkt))))
                 assert _fields(g.forward.pkt) == want_fields, (pkt.tuple_str(), g.forward.pkt.tuple_str())
+                # the marks written on the way: the witness's writes applied to this packet's marks
+                assert g.forward.pkt.mark == _expected(w.forward.pkt.mark, None, vals), (pkt, g.forward.steps)
+                assert g.forward.ct.mark == _expected(w.forward.ct.mark, None, vals), (pkt, g.forward.steps)
                 if w.client_sees is not None:
                     assert g.reply_ok == w.reply_ok
 

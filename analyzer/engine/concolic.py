@@ -25,7 +25,7 @@ from typing import Any
 
 from analyzer.engine.packetset import ADDRESS_FIELDS, IfaceOrderError, PacketSet, PacketSpace
 
-__all__ = ["SymInt", "SymStr", "Recorder", "active", "plain", "sym_address", "is_sym"]
+__all__ = ["SymInt", "SymMix", "SymStr", "Recorder", "active", "plain", "sym_address", "is_sym", "one_of"]
 
 _ACTIVE: "Recorder | None" = None
 
@@ -37,7 +37,7 @@ def active() -> "Recorder | None":
 
 def plain(v: Any) -> Any:
     """``v`` without its input tag (a plain int or str; other values unchanged)."""
-    if isinstance(v, SymInt):
+    if isinstance(v, (SymInt, SymMix)):
         return int.__int__(v)
     if isinstance(v, SymStr):
         return str.__str__(v)
@@ -111,6 +111,17 @@ class Recorder:
             return None
         return self.space.masked(v.field, self._value(v, (value ^ v.xor) & v.keep), self._value(v, v.keep))
 
+    def mix_atom(self, v: "SymMix", value: int) -> PacketSet | None:
+        """Input packets for which the several-field value ``v`` equals ``value``."""
+        key = ("mix", v.terms, v.xor, value)
+        try:
+            return self._cache[key]
+        except KeyError:
+            full = (1 << v.width) - 1
+            atom = None if not 0 <= value <= full else self.space.linear(dict(v.terms), value ^ v.xor)
+            self._cache[key] = atom
+            return atom
+
     def range_atom(self, v: "SymInt", lo: int, hi: int) -> PacketSet | None:
         key = ("range", v.field, v.width, lo, hi)
         try:
@@ -147,6 +158,29 @@ class Recorder:
             return None
 
 
+def one_of(v: Any, values) -> bool:
+    """``v in values``, noted as one decision ("the value is one of these") rather than one per
+    value, so the packets answering yes stay one class.
+
+    >>> from analyzer.engine.packetset import PacketSpace
+    >>> sp = PacketSpace()
+    >>> with Recorder(sp) as rec:
+    ...     hit = one_of(SymInt(0x12, "tcp_flags", 8), (0x02, 0x12))
+    >>> hit, rec.condition == sp.ports("tcp_flags", [0x02, 0x12]), rec.notes
+    (True, True, 1)
+    """
+    r = any(int(v) == int(x) for x in values) if isinstance(v, (SymInt, SymMix)) else v in values
+    rec = _ACTIVE
+    if rec is not None and isinstance(v, (SymInt, SymMix)):
+        atoms = [rec.eq_atom(v, int(x)) if isinstance(v, SymInt) else rec.mix_atom(v, int(x)) for x in values]
+        atom = rec.space.empty()
+        for a in atoms:
+            if a is not None:
+                atom = atom | a
+        rec.note(atom, r)
+    return r
+
+
 def _lose(what: str) -> None:
     if _ACTIVE is not None:
         _ACTIVE.lose(what)
@@ -176,28 +210,28 @@ class SymInt(int):
 
     # -- bitwise: stays symbolic
     def __and__(self, o):
-        if isinstance(o, SymInt) or not isinstance(o, int):
-            if isinstance(o, SymInt):
-                _lose(f"{self.field} combined with {o.field}")
+        if isinstance(o, (SymInt, SymMix)) or not isinstance(o, int):
+            if isinstance(o, (SymInt, SymMix)):
+                _lose(f"{self.field} combined with {_fields_of(o)}")
             return int.__and__(int(self), int(o)) if isinstance(o, int) else NotImplemented
         return self._derive(int.__and__(int(self), o), self.keep & o, self.xor & o)
 
     __rand__ = __and__
 
     def __or__(self, o):
-        if isinstance(o, SymInt) or not isinstance(o, int):
-            if isinstance(o, SymInt):
-                _lose(f"{self.field} combined with {o.field}")
-            return int.__or__(int(self), int(o)) if isinstance(o, int) else NotImplemented
+        if isinstance(o, (SymInt, SymMix)):
+            return _combine("or", self, o)
+        if not isinstance(o, int):
+            return NotImplemented
         return self._derive(int.__or__(int(self), o), self.keep & ~o, (self.xor & ~o) | o)
 
     __ror__ = __or__
 
     def __xor__(self, o):
-        if isinstance(o, SymInt) or not isinstance(o, int):
-            if isinstance(o, SymInt):
-                _lose(f"{self.field} combined with {o.field}")
-            return int.__xor__(int(self), int(o)) if isinstance(o, int) else NotImplemented
+        if isinstance(o, (SymInt, SymMix)):
+            return _combine("xor", self, o)
+        if not isinstance(o, int):
+            return NotImplemented
         return self._derive(int.__xor__(int(self), o), self.keep, self.xor ^ o)
 
     __rxor__ = __xor__
@@ -206,6 +240,9 @@ class SymInt(int):
     def __eq__(self, o):
         if not isinstance(o, int):
             return NotImplemented if not isinstance(o, (str, type(None))) else False
+        if isinstance(o, (SymInt, SymMix)) and not self._same(o) and _linear_ok(self, o):
+            d = self ^ o  # two open values are equal where their XOR is zero
+            return d.__eq__(0) if isinstance(d, (SymInt, SymMix)) else d == 0
         r = int.__eq__(int(self), int(o))
         rec = _ACTIVE
         if rec is not None:
@@ -225,7 +262,9 @@ class SymInt(int):
     def _order(self, lo: int, hi: int, r: bool, o) -> bool:
         rec = _ACTIVE
         if rec is not None:
-            if isinstance(o, SymInt):
+            if isinstance(o, SymMix):
+                rec.lose(f"orders {self.field} against {_fields_of(o)}")
+            elif isinstance(o, SymInt):
                 if not self._same(o):
                     rec.lose(f"orders {self.field} against {o.field}")
             elif self.keep != (1 << self.width) - 1 or self.xor:
@@ -284,6 +323,147 @@ class SymInt(int):
     del _n, _arith
 
 
+def _fields_of(v) -> str:
+    return "+".join(f for f, _ in v.terms) if isinstance(v, SymMix) else v.field
+
+
+def _terms(v) -> tuple[dict, int]:
+    """``v`` as ``XOR over fields of (input & mask)``, XOR a constant: ({field: mask}, constant)."""
+    if isinstance(v, SymMix):
+        return dict(v.terms), v.xor
+    if isinstance(v, SymInt):
+        return {v.field: v.keep}, v.xor
+    return {}, int(v)
+
+
+def _linear_ok(a, b) -> bool:
+    """Whether two open values combine into one linear value (same width, no address field)."""
+    return a.width == b.width and not any(f in ADDRESS_FIELDS for x in (a, b) for f in _terms(x)[0])
+
+
+def _make(value: int, terms: dict, xor: int, width: int):
+    """The simplest form of a linear value: a plain int, a `SymInt` (one field) or a `SymMix`."""
+    full = (1 << width) - 1
+    terms = {f: m & full for f, m in terms.items() if m & full}
+    if not terms:
+        return value
+    if len(terms) == 1:
+        (f, m), = terms.items()
+        return SymInt(value, f, width, m, xor & full)
+    return SymMix(value, tuple(sorted(terms.items())), xor & full, width)
+
+
+def _combine(op: str, a, b):
+    """``a | b`` or ``a ^ b`` of two open values (or one open value and a constant): a value
+    copied between fields with masks (CONNMARK --save-mark, --restore-mark) stays symbolic
+    while every bit comes from at most one field under OR, from any under XOR."""
+    value = int.__or__(int(a), int(b)) if op == "or" else int.__xor__(int(a), int(b))
+    width = a.width if isinstance(a, (SymInt, SymMix)) else b.width
+    if isinstance(a, (SymInt, SymMix)) and isinstance(b, (SymInt, SymMix)) and not _linear_ok(a, b):
+        _lose(f"{_fields_of(a)} combined with {_fields_of(b)}")
+        return value
+    ta, xa = _terms(a)
+    tb, xb = _terms(b)
+    if op == "xor":
+        terms = dict(ta)
+        for f, m in tb.items():
+            terms[f] = terms.get(f, 0) ^ m
+        return _make(value, terms, xa ^ xb, width)
+    var_a = var_b = 0
+    for m in ta.values():
+        var_a |= m
+    for m in tb.values():
+        var_b |= m
+    if var_a & var_b:  # a bit open in both: OR is not linear there
+        _lose(f"{_fields_of(a)} ORed with {_fields_of(b)} on the same bits")
+        return value
+    ones = (~var_a & xa) | (~var_b & xb)  # bits a constant 1 forces
+    terms = {}
+    for t in (ta, tb):
+        for f, m in t.items():
+            terms[f] = terms.get(f, 0) | (m & ~ones)
+    return _make(value, terms, ones | (((xa & var_a) | (xb & var_b)) & ~ones), width)
+
+
+class SymMix(int):
+    """An int made of several input fields of one width: ``XOR over (field & mask) ^ xor``
+    (a packet mark into which a connection mark was restored under masks). Bitwise operations
+    with constants and other open values stay symbolic; ``==`` and truth are noted over all
+    the fields at once; anything else is lost."""
+
+    def __new__(cls, value: int, terms: tuple, xor: int, width: int):
+        self = int.__new__(cls, value)
+        self.terms = terms
+        self.xor = xor
+        self.width = width
+        return self
+
+    def __and__(self, o):
+        if isinstance(o, (SymInt, SymMix)) or not isinstance(o, int):
+            if isinstance(o, (SymInt, SymMix)):
+                _lose(f"{_fields_of(self)} combined with {_fields_of(o)}")
+            return int.__and__(int(self), int(o)) if isinstance(o, int) else NotImplemented
+        return _make(int.__and__(int(self), o), {f: m & o for f, m in self.terms}, self.xor & o, self.width)
+
+    __rand__ = __and__
+
+    def __or__(self, o):
+        return _combine("or", self, o) if isinstance(o, int) else NotImplemented
+
+    __ror__ = __or__
+
+    def __xor__(self, o):
+        return _combine("xor", self, o) if isinstance(o, int) else NotImplemented
+
+    __rxor__ = __xor__
+
+    def __eq__(self, o):
+        if not isinstance(o, int):
+            return NotImplemented if not isinstance(o, (str, type(None))) else False
+        if isinstance(o, (SymInt, SymMix)):
+            if not _linear_ok(self, o):
+                _lose(f"compares {_fields_of(self)} with {_fields_of(o)}")
+                return int.__eq__(int(self), int(o))
+            d = self ^ o
+            return d.__eq__(0) if isinstance(d, (SymInt, SymMix)) else d == 0
+        r = int.__eq__(int(self), int(o))
+        rec = _ACTIVE
+        if rec is not None:
+            rec.note(rec.mix_atom(self, int(o)), r)
+        return r
+
+    def __ne__(self, o):
+        r = self.__eq__(o)
+        return r if r is NotImplemented else not r
+
+    __hash__ = int.__hash__
+
+    def __bool__(self):
+        return not self.__eq__(0)
+
+    def __int__(self):
+        return int.__int__(self)
+
+    def __repr__(self):
+        return int.__repr__(self)
+
+    def _opaque(name):  # noqa: N805
+        op = getattr(int, name)
+
+        def f(self, *a):
+            _lose(f"{name.strip('_')} on {_fields_of(self)}")
+            return op(int(self), *(int(x) if isinstance(x, (SymInt, SymMix)) else x for x in a))
+        f.__name__ = name
+        return f
+
+    for _n in ("__lt__", "__le__", "__gt__", "__ge__", "__add__", "__radd__", "__sub__", "__rsub__",
+               "__mul__", "__rmul__", "__floordiv__", "__rfloordiv__", "__mod__", "__rmod__",
+               "__lshift__", "__rlshift__", "__rshift__", "__rrshift__", "__neg__", "__invert__",
+               "__pow__", "__truediv__", "__divmod__"):
+        locals()[_n] = _opaque(_n)
+    del _n, _opaque
+
+
 class _SymAddress:
     """What an open address refuses to be without losing its class: a number or packed bytes."""
 
@@ -315,9 +495,9 @@ def sym_address(value: int, field: str, family: int, keep: int | None = None, xo
     return addr
 
 
-def is_sym(v: Any) -> SymInt | SymStr | None:
+def is_sym(v: Any) -> "SymInt | SymMix | SymStr | None":
     """The symbolic value behind ``v`` (an int, str or address), or None when it is constant."""
-    if isinstance(v, (SymInt, SymStr)):
+    if isinstance(v, (SymInt, SymMix, SymStr)):
         return v
     ip = getattr(v, "_ip", None)
     return ip if isinstance(ip, SymInt) else None

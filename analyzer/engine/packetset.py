@@ -333,6 +333,38 @@ class PacketSpace:
         address field, address objects select that family's width (non-contiguous netmasks)."""
         return self._set(self._build([self._spec_masked(field, value, mask)]))
 
+    def linear(self, terms: Mapping[str, int], value: int) -> PacketSet:
+        """Packets where the XOR over fields of ``field & mask`` equals ``value``, bit by bit:
+        what a value copied between fields with masks is compared with (``terms`` maps each
+        field, of one width and not an address, to the bits of it that reach the value).
+
+        >>> s = PacketSpace()
+        >>> s.linear({"mark": 0xf0}, 0x10) == s.masked("mark", 0x10, 0xf0)
+        True
+        >>> both = s.linear({"mark": 0xff, "connmark": 0x0f}, 0x0)   # mark ^ (connmark & 0xf) == 0
+        >>> (both & s.eq("mark", 0x3) & s.eq("connmark", 0x13)).is_empty(), (both & s.eq("mark", 0x4) & s.eq("connmark", 0x3)).is_empty()
+        (False, True)
+        """
+        widths = {self.widths[f] for f in terms}
+        if len(widths) != 1 or any(f in ADDRESS_FIELDS for f in terms):
+            raise ValueError(f"linear needs non-address fields of one width, got {sorted(terms)}")
+        (width,) = widths
+        self._check_value(next(iter(terms)), value)
+        node = self._true
+        for k in range(width):
+            bit = self._false if not value >> k & 1 else self._true
+            lit = None
+            for f, mask in terms.items():
+                if mask >> k & 1:
+                    v = self._pos[f][width - 1 - k]
+                    lit = v if lit is None else self.bdd.apply("xor", lit, v)
+            if lit is None:
+                if value >> k & 1:
+                    return self.empty()
+                continue
+            node = (lit if bit == self._true else ~lit) & node
+        return self._set(node & self._u)
+
     def flag_value(self, field: str, names: Iterable[str] | str) -> int:
         """The bits of named flags of `ctstate` or `tcp_flags` (``"SYN,ACK"`` or a list)."""
         table = _FLAG_FIELDS[field]

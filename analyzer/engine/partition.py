@@ -191,3 +191,42 @@ def _go(n, i: int, value: int, ctx) -> None:
         low, high = ~low, ~high
     _go(low, i + 1, value << 1, ctx)
     _go(high, i + 1, value << 1 | 1, ctx)
+
+
+def masks(s: PacketSet, field: str, limit: int = 64) -> tuple[list[tuple[int, int]], bool]:
+    """The values ``field`` takes in ``s`` as disjoint ``(value, mask)`` cubes (every x with
+    ``x & mask == value``: how marks and flags are tested), one per path of the field's BDD,
+    and whether the list is complete (False: more than ``limit``).
+
+    >>> from analyzer.engine.packetset import PacketSpace
+    >>> sp = PacketSpace()
+    >>> masks(sp.masked("mark", 0, 0x10000), "mark")
+    ([(0, 65536)], True)
+    >>> masks(sp.universe(), "mark")
+    ([(0, 0)], True)
+    """
+    sp = s.space
+    node = sp._to_rep(s.node)
+    others = [n for f in sp.fields if f != field for n in sp._vars[f]]
+    node = sp.bdd.exist(others, node)
+    names = sp._vars[field]
+    pos = {n: i for i, n in enumerate(names)}
+    w = len(names)
+    out: list[tuple[int, int]] = []
+    stack = [(node, 0, 0)]
+    while stack:
+        n, value, mask = stack.pop()
+        if n == sp._false:
+            continue
+        if n == sp._true:
+            if len(out) >= limit:
+                return sorted(out), False
+            out.append((value, mask))
+            continue
+        bit = 1 << (w - 1 - pos[n.var])
+        low, high = n.low, n.high
+        if n.negated:
+            low, high = ~low, ~high
+        stack.append((high, value | bit, mask | bit))
+        stack.append((low, value, mask | bit))
+    return sorted(out), True

@@ -11,6 +11,11 @@ PORT_PROTOS = (6, 17, 132)
 #: TCP header flag bits, in header order
 TCP_FLAGS = {"FIN": 0x01, "SYN": 0x02, "RST": 0x04, "PSH": 0x08, "ACK": 0x10, "URG": 0x20,
              "ECE": 0x40, "CWR": 0x80}
+#: the connection a packet belongs to as it arrives (``Packet.ctstate``), as bits of the engine's
+#: ``ctstate`` field: NEW opens one (the walk decides NEW, INVALID or UNTRACKED); ESTABLISHED and
+#: RELATED belong to an entry that already exists; INVALID is refused by conntrack for a reason
+#: the header does not show (a TCP segment out of window)
+CT_INPUT = {"NEW": 0x01, "ESTABLISHED": 0x02, "RELATED": 0x04, "INVALID": 0x08}
 
 
 def tcp_flag_names(bits: int) -> str:
@@ -38,6 +43,8 @@ class Packet:
     icmp_code: int | None = None
     uid: int | None = None
     gid: int | None = None
+    connmark: int = 0       # the mark of the conntrack entry it belongs to (ESTABLISHED/RELATED)
+    ctstate: int = 0x01     # CT_INPUT: the connection it belongs to as it arrives
 
     def tuple_str(self) -> str:
         p = PROTO_NAME.get(self.proto, str(self.proto))

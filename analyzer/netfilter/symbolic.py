@@ -18,7 +18,7 @@ from dataclasses import replace
 
 from analyzer.engine.concolic import SymInt, SymStr, active, is_sym, sym_address
 from analyzer.engine.packetset import IFACE_NONE, PacketSet, PacketSpace
-from analyzer.model.packet import PORT_PROTOS, Packet
+from analyzer.model.packet import CT_INPUT, PORT_PROTOS, Packet
 from analyzer.model.rules import Netmap
 from analyzer.netfilter.env import Namespace
 from analyzer.netfilter.walk import Walker
@@ -88,6 +88,19 @@ def flow_set(space: PacketSpace, spec, local: bool = False) -> PacketSet:
         s &= space.ports("proto", [(p, p) for p in PORT_PROTOS])  # ports given: port protocols
     if "iif" in spec.open and not local:
         s &= space.iface("iif", spec.iif or "+")
+    for f in ("mark", "connmark"):
+        if f in spec.open:
+            (v, m), = getattr(spec, f)
+            given = space.masked(f, v, m)
+            if f == "connmark":  # only an existing entry has a mark of its own: a new one's is 0
+                given = (given & space.any_flag("ctstate", "ESTABLISHED,RELATED")) | \
+                    (space.eq("connmark", 0) - space.any_flag("ctstate", "ESTABLISHED,RELATED"))
+            s &= given
+    if "ctstate" in spec.open:
+        s &= space.union(space.eq("ctstate", CT_INPUT[n]) for n in spec.ctstate)
+    for f in ("uid", "gid", "tcp_flags"):
+        if f in spec.open:
+            s &= space.ports(f, list(getattr(spec, f)))
     return s
 
 
@@ -105,7 +118,7 @@ def witness(spec, v: dict, space: PacketSpace) -> Packet:
     pkt = t
     if "proto" in spec.open:
         p = v["proto"]
-        pkt = replace(pkt, proto=SymInt(p, "proto", 8), tcp_flags=0x02 if p == 6 else 0,
+        pkt = replace(pkt, proto=SymInt(p, "proto", 8), tcp_flags=t.tcp_flags if p == 6 else 0,
                       icmp_type=(8 if fam == 4 else 128) if p in (1, 58) else None,
                       icmp_code=0 if p in (1, 58) else None)
     for f in ("src", "dst"):
@@ -118,7 +131,26 @@ def witness(spec, v: dict, space: PacketSpace) -> Packet:
         pkt = replace(pkt, sport=None, dport=None)
     if "iif" in spec.open and v["iif"] != IFACE_NONE:
         pkt = replace(pkt, iif=SymStr(space.iface_name(v["iif"]), "iif"))
-    return pkt
+    sym = {f: SymInt(v[f], f, space.widths[f]) for f in OPEN_INTS if f in spec.open}
+    if int(pkt.proto) != 6:
+        sym.pop("tcp_flags", None)
+    elif "tcp_flags" not in sym and "ctstate" in spec.open and not spec.tcp_flags:
+        # flags not said: a connection's first SYN, or an ACK of an existing one (flow_flags_follow)
+        sym["tcp_flags"] = 0x02 if v["ctstate"] == CT_INPUT["NEW"] else 0x10
+    return replace(pkt, **sym) if sym else pkt
+
+
+#: the integer fields a flow may leave open besides addresses and ports (engine field names,
+#: which are also the Packet's)
+OPEN_INTS = ("mark", "connmark", "ctstate", "uid", "gid", "tcp_flags")
+
+
+def flow_flags_follow(spec, pkt) -> None:
+    """When the flow leaves the conntrack state open and says no TCP flags, a witness's flags
+    follow its state (SYN when it opens a connection, else ACK): note that decision, under
+    the walk's recorder, so a class never mixes the two."""
+    if "ctstate" in spec.open and not spec.tcp_flags and "tcp_flags" not in spec.open:
+        _ = pkt.ctstate == CT_INPUT["NEW"]
 
 
 class _NotingDict(dict):

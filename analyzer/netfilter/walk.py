@@ -21,12 +21,12 @@ from analyzer.model.rules import (
     PortMatch, ProtoMatch, Redirect, Reject, Rule, Ruleset, SetMark, SetMatch, StatisticMatch,
     TcpFlagsMatch, Tproxy, UnknownMatch, UnknownTarget, Verdict,
 )
-from analyzer.engine.concolic import active, is_sym, plain
+from analyzer.engine.concolic import active, is_sym, one_of, plain
 from analyzer.netfilter import stages as STAGES
 from analyzer.netfilter.env import Namespace
 from analyzer.netfilter.nat import pick_address, pick_port
 
-from analyzer.model.packet import PROTO, PROTO_NAME, Packet, tcp_flag_names  # noqa: F401 (re-exported)
+from analyzer.model.packet import CT_INPUT, PROTO, PROTO_NAME, Packet, tcp_flag_names  # noqa: F401 (re-exported)
 from analyzer.parse.flow import FlowSpec, parse_flow, parse_flow_spec  # noqa: F401 (re-exported)
 MAX_OUTCOMES = 64
 
@@ -66,6 +66,9 @@ class Conntrack:
     in_use: bool = True  # False: no rule needs conntrack, so the namespace tracks nothing
     confirmed: bool = False  # the entry left this namespace once (looped back on lo): nat is done
     invalid: bool = False  # conntrack refused the packet (ctstate INVALID): no entry, nat skipped
+    # the packet belongs to an entry that existed before it (ESTABLISHED or RELATED, from the
+    # flow's ctstate): nat is not consulted, and the entry is taken to translate nothing
+    existing: str | None = None
 
     def reply_tuple(self) -> str:
         o = self.original
@@ -234,6 +237,13 @@ _VALID_TCP_FLAGS = frozenset({_SYN, _SYN | _URG, _SYN | _ACK, _RST, _RST | _ACK,
                               _FIN | _ACK | _URG, _ACK, _ACK | _URG})
 
 
+def tcp_flags_valid(pkt: Packet) -> bool:
+    """Whether conntrack accepts the TCP flag combination at all (tcp_error: for any packet,
+    of a connection or not)."""
+    f = pkt.tcp_flags & ~(_PSH | _ECE | _CWR)
+    return one_of(f, _VALID_TCP_FLAGS)  # an open value notes the whole set at once
+
+
 def first_packet_state(pkt: Packet, tcp_loose: int = 1) -> tuple[str, str | None]:
     """What conntrack makes of a packet that belongs to no entry: ("NEW", note) or ("INVALID",
     reason). TCP only opens an entry on a SYN, or, with ``nf_conntrack_tcp_loose=1`` (the
@@ -249,8 +259,8 @@ def first_packet_state(pkt: Packet, tcp_loose: int = 1) -> tuple[str, str | None
     if pkt.proto != 6:
         return "NEW", None
     f = pkt.tcp_flags & ~(_PSH | _ECE | _CWR)
-    if f not in _VALID_TCP_FLAGS:
-        return "INVALID", f"TCP flags {tcp_flag_names(pkt.tcp_flags)} are not a valid combination"
+    if not tcp_flags_valid(pkt):
+        return "INVALID", f"TCP flags {tcp_flag_names(plain(pkt.tcp_flags))} are not a valid combination"
     if f & _RST:
         return "INVALID", "an RST that belongs to no connection opens none"
     if f & _SYN:
@@ -458,6 +468,8 @@ class Walker:
             if m.option == "ctdir":
                 d = "REPLY" if br.reply else "ORIGINAL"
                 return (d in m.values) != neg
+            if m.option == "ctstatus":
+                return self._ctstatus(br, m, neg)
             return (None, f"--{m.option} not modelled", False)
         if isinstance(m, CtTupleMatch):
             ct = br.ct
@@ -493,6 +505,9 @@ class Walker:
         if isinstance(m, OwnerMatch):
             if hook not in ("OUTPUT", "POSTROUTING"):
                 return False
+            if p.iif is not None:
+                # a forwarded packet has no socket: xt_owner answers (match ^ invert) == 0
+                return neg
             if m.option == "socket-exists":
                 return (p.uid is not None) != neg
             v = p.uid if m.option == "uid" else p.gid if m.option == "gid" else None
@@ -536,12 +551,39 @@ class Walker:
             return {"UNTRACKED"}
         if ct.invalid:
             return {"INVALID"}
+        if ct.existing and not br.reply:
+            return {ct.existing}
         s = {"ESTABLISHED"} if br.reply else {"NEW"}
         if ct.dnat:
             s.add("DNAT")
         if ct.snat:
             s.add("SNAT")
         return s
+
+    def _ctstatus(self, br: Branch, m, neg: bool):
+        """``--ctstatus``: the entry's status bits as the rules see them. A connection's first
+        packet has none of them (CONFIRMED only once it left this namespace and came back on lo);
+        its first reply has SEEN_REPLY and CONFIRMED, and for TCP (a SYN+ACK) not ASSURED. What
+        the walk cannot know (ASSURED of other replies, the bits of an existing entry the flow
+        names) forks APPROXIMATE. Without an entry (INVALID, UNTRACKED) the match fails, negated
+        or not: conntrack_mt returns before testing the status."""
+        ct = br.ct
+        if ct.untracked or ct.invalid or not ct.in_use:
+            return False
+        if br.reply:
+            sure = {"SEEN_REPLY", "CONFIRMED"}
+            unknown = {"ASSURED"} if ct.existing or br.pkt.proto != 6 else set()
+        elif ct.existing == "ESTABLISHED":
+            sure, unknown = {"SEEN_REPLY", "CONFIRMED"}, {"ASSURED", "EXPECTED"}
+        elif ct.existing:
+            sure, unknown = set(), {"SEEN_REPLY", "CONFIRMED", "ASSURED", "EXPECTED"}
+        else:
+            sure, unknown = ({"CONFIRMED"} if ct.confirmed else set()), set()
+        if m.values & sure:
+            return not neg
+        if m.values & unknown:
+            return (None, f"--ctstatus {','.join(sorted(m.values & unknown))} of this entry is not known", False)
+        return neg
 
     def _addrtype(self, a):
         if a.is_multicast:
@@ -586,10 +628,13 @@ class Walker:
             return "continue"
         if isinstance(t, ConnmarkCopy):
             if t.direction == "save":
-                br.ct.mark = (br.ct.mark & ~t.ctmask & 0xFFFFFFFF) | (br.pkt.mark & t.nfmask)
+                # xt_connmark: ct = (ct & ~ctmask) ^ (mark & nfmask); XOR, not OR, where the masks
+                # overlap (tests/kernel: connmark-save-masks-xor)
+                br.ct.mark = (br.ct.mark & ~t.ctmask & 0xFFFFFFFF) ^ (br.pkt.mark & t.nfmask)
                 self._step(br, rule, f"CONNMARK save 0x{br.ct.mark:x}")
             else:
-                br.pkt = replace(br.pkt, mark=(br.pkt.mark & ~t.nfmask & 0xFFFFFFFF) | (br.ct.mark & t.ctmask))
+                # mark = (mark & ~nfmask) ^ (ct & ctmask)
+                br.pkt = replace(br.pkt, mark=(br.pkt.mark & ~t.nfmask & 0xFFFFFFFF) ^ (br.ct.mark & t.ctmask))
                 self._step(br, rule, f"CONNMARK restore 0x{br.pkt.mark:x}")
             return "continue"
         if isinstance(t, Notrack):
@@ -726,7 +771,7 @@ class Walker:
                 if br.disposition is not None:
                     nxt.append(br)
                 elif table == "nat" and (reply or br.ct.untracked or not br.ct.in_use or br.ct.confirmed
-                                         or br.ct.invalid):
+                                         or br.ct.invalid or br.ct.existing):
                     # nat chains see only the first packet of a tracked connection; replies are
                     # reverse-translated by conntrack itself; a packet without a conntrack entry
                     # (untracked, or no rule needs conntrack) passes the nat hooks untouched
@@ -751,6 +796,27 @@ class Walker:
         if br.ct.untracked:
             br.steps.append(Step("conntrack", "UNTRACKED"))
             return
+        given = br.pkt.ctstate
+        if given != CT_INPUT["NEW"]:
+            for name in ("ESTABLISHED", "RELATED", "INVALID"):
+                if given == CT_INPUT[name]:
+                    break
+            else:
+                name = "NEW"
+            if name == "INVALID" or (br.pkt.proto == 6 and not tcp_flags_valid(br.pkt)):
+                br.ct.invalid = True
+                why = "the flow says conntrack refuses it (e.g. a TCP segment out of window)" \
+                    if name == "INVALID" else \
+                    f"TCP flags {tcp_flag_names(plain(br.pkt.tcp_flags))} are not a valid combination"
+                br.steps.append(Step("conntrack", "INVALID", note=f"{why}: no entry; the nat table is skipped"))
+                return
+            if name != "NEW":
+                br.ct.existing = name
+                br.ct.mark = br.pkt.connmark
+                br.steps.append(Step("conntrack", name, note=(
+                    "a packet of an existing connection (original direction): the nat table is not "
+                    "consulted, and the entry is taken to translate nothing")))
+                return
         state, why = first_packet_state(br.pkt, self.ns.sysctl(TCP_LOOSE, 1))
         if state == "INVALID":
             br.ct.invalid = True

@@ -122,6 +122,15 @@ CASES = [
     Case("mark-then-accept", "marks", "10.0.2.2", 8080, "forwarded"),
     Case("connmark-restores-reply-mark", "connmark", "10.0.2.2", 8080, "forwarded",
          backends=("nft", "legacy")),
+    # CONNMARK --save-mark with --nfmask 0xff --ctmask 0xf0 XORs the masked marks (ct 0xf0, not 0xff)
+    Case("connmark-save-masks-xor", "connmark-masks", "10.0.2.2", 8080, "forwarded",
+         backends=("nft", "legacy")),
+    # --ctstatus: none on the first packet in FORWARD; SEEN_REPLY (not ASSURED) on its SYN+ACK
+    Case("ctstatus-seen-reply-drops-reply", "ctstatus", "10.0.2.2", 8080, "forwarded",
+         kernel_outcome="timeout", backends=("nft", "legacy")),
+    # -m owner on forwarded packets (no socket): '! --uid-owner' matches, '--uid-owner' does not
+    Case("owner-negated-matches-forwarded", "owner-forwarded", "10.0.2.2", 8080, "forwarded",
+         router_addrs=(("10.0.2.100/24", "sk2b"),), backends=("nft", "legacy")),
     Case("netmap-prefix", "netmap", "10.99.0.2", 8080, "forwarded"),
     Case("notrack-skips-nat", "notrack", "10.0.2.2", 80, "forwarded",
          listen=(("server", 80), ("server", 8080))),
