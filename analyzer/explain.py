@@ -261,6 +261,12 @@ def render_json(flow: Packet, outcomes: list[Outcome], assumed: list[str] | None
     doc = {"schema_version": SCHEMA_VERSION, "flow": _tuple_json(flow), "outcomes": []}
     if flow.proto == 6 and flow.tcp_flags != 0x02:  # not a connection's first SYN
         doc["flow"]["tcp_flags"] = tcp_flag_names(flow.tcp_flags)
+    from analyzer.model.packet import CT_INPUT
+    if flow.mark:
+        doc["flow"]["mark"] = flow.mark
+    if flow.ctstate != CT_INPUT["NEW"]:  # a packet of an existing connection (or refused)
+        doc["flow"]["ctstate"] = next((n for n, b in CT_INPUT.items() if b == flow.ctstate), flow.ctstate)
+        doc["flow"]["connmark"] = flow.connmark
     if assumed is not None:
         doc["assumptions"] = assumed
     for oc in outcomes:

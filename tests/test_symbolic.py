@@ -116,3 +116,102 @@ def test_open_destination_on_the_tum_firewall():
     for c in classes:
         assert c.witness["dport"] == 22 and not (c.packets & space.eq("dport", 22)).is_empty()
         assert any(o.disposition in ("dropped", "rejected", "forwarded") for o in c.result)
+
+
+def test_open_mark_on_a_calico_node():
+    """A Calico node from the corpus (AKS, kubenet, 194 filter rules) reads and writes the mark
+    all the way (Calico's 0x10000 policy-accept bit, kube-proxy's 0x4000 masquerade bit): with
+    the mark open, the classes split on exactly those bits; a packet arriving with 0x4000 is
+    accepted by KUBE-FORWARD before Calico's own accept rule; random packets of every class walk
+    as its witness does."""
+    import os
+    import random
+
+    from analyzer.explain import explain_flow
+    from analyzer.netfilter.symbolic import witness
+    from analyzer.symbolic import _plain, explain_classes, signature
+
+    corpus = Path(os.environ.get("SYNACK_CORPUS", ROOT.parent / "shared" / "corpus"))
+    path = corpus / "iptables" / "calico" / "aks-kubenet-calico__filter-list-rules.txt"
+    if not path.exists():
+        pytest.skip("corpus not present")
+    rs = load_path(str(path)).ruleset
+    ns = Namespace()
+    ns.add_addr("10.240.0.4/16", "eth0")
+    ns.add_addr("10.244.0.1/24", "cbr0")
+    spec = parse_flow_spec("tcp 10.244.1.5 -> 10.244.0.5:80 mark any ctstate new,established",
+                           iif="cali112d888c0c2")
+    groups, complete = explain_open_flow(rs, spec, ns)
+    assert complete
+    by = {g.description: g for g in groups}
+    accepted_at = {d: [s.where for s in g.outcomes[0].forward.steps if s.verdict == "ACCEPT"] for d, g in by.items()}
+    assert accepted_at["mark 0x4000/0x14000; ctstate NEW"] == ["filter:KUBE-FORWARD:rule:2"]
+    assert accepted_at["mark 0x0/0x14000; ctstate NEW"] == ["filter:FORWARD:rule:7"]  # Calico: policy accepted
+    assert any(d.endswith("ctstate ESTABLISHED") for d in by)
+    classes, rest, space = explain_classes(rs, spec, ns)
+    rnd = random.Random(5)
+    for c in classes:
+        for _ in range(3):
+            v = c.packets.pick({"mark": rnd.getrandbits(32), "sport": rnd.getrandbits(16)})
+            got = explain_flow(rs, _plain(witness(spec, v, space)), ns)
+            assert signature(got) == signature(c.result)
+
+
+MARKS = """*mangle
+:PREROUTING ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+-A PREROUTING -j CONNMARK --restore-mark --nfmask 0xff --ctmask 0xff
+-A PREROUTING -m mark --mark 0x0/0xff -p tcp --dport 8080 -j MARK --set-xmark 0x7/0xff
+-A PREROUTING -j CONNMARK --save-mark --nfmask 0xff --ctmask 0xff
+COMMIT
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD DROP [0:0]
+-A FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A FORWARD -m conntrack --ctstate INVALID -j DROP
+-A FORWARD -m mark --mark 0x7/0xff -j ACCEPT
+COMMIT
+"""
+
+
+def test_open_mark_and_state_from_the_command_line(tmp_path):
+    """`mark any ctstate any connmark any` after the flow: one group per way the rules and
+    conntrack tell them apart, named by mark cubes and states; JSON lists the open fields."""
+    from _golden import run
+
+    dump = tmp_path / "marks.rules"
+    dump.write_text(MARKS)
+    args = ["explain", str(dump), "--flow", "tcp 10.0.1.2 -> 10.0.2.2:8080 mark any ctstate any connmark any",
+            "--from-iface", "sk1b", "--addr", "10.0.1.1/24@sk1b", "--addr", "10.0.2.1/24@sk2b"]
+    rc, out, err = run(args)
+    assert err == "" and rc == 0, err
+    assert "open: connmark, ctstate, mark, sport" in out
+    heads = [line for line in out.splitlines() if line.startswith("=== group")]
+    assert any("ctstate INVALID" in h for h in heads) and any("ctstate RELATED" in h for h in heads)
+    assert any("connmark 0x0/0xff; ctstate ESTABLISHED" in h for h in heads)
+    rc, out, _ = run(args + ["-o", "json"])
+    doc = __import__("json").loads(out)
+    assert doc["open_fields"] == ["connmark", "ctstate", "mark", "sport"] and doc["complete"]
+    invalid = [g for g in doc["groups"] if "INVALID" in g["packets"]]
+    assert invalid and invalid[0]["explain"]["outcomes"][0]["disposition"] == "dropped"
+
+
+@pytest.mark.parametrize("flow, extra, message, caret", [
+    ("tcp 10.0.0.1 -> 10.0.0.2:80 mrk 0x1", [], "did you mean 'mark'?", "^^^"),
+    ("tcp 10.0.0.1 -> 10.0.0.2:80 mark 0x3/0x1", [], "has bits outside its mask", "^^^^^^^"),
+    ("tcp 10.0.0.1 -> 10.0.0.2:80 uid 1337", [], "add --local", "^^^"),
+    ("tcp 10.0.0.1 -> 10.0.0.2:80 ctstate untracked", [], "NOTRACK", "^^^^^^^^^"),
+    ("tcp 10.0.0.1 -> 10.0.0.2:80 connmark 0x5", [], "add 'ctstate established'", "^^^"),
+    ("tcp 10.0.0.1 -> 10.0.0.2:80 mark 0x1", ["--mark", "0x2"], "given twice", None),
+])
+def test_flow_words_errors_point_at_the_word(tmp_path, flow, extra, message, caret):
+    from _golden import run
+
+    dump = tmp_path / "marks.rules"
+    dump.write_text(MARKS)
+    rc, out, err = run(["explain", str(dump), "--flow", flow, "--from-iface", "eth0", *extra])
+    assert rc == 2 and out == "" and message in err and "Traceback" not in err
+    if caret:
+        lines = err.splitlines()
+        text_line = next(i for i, line in enumerate(lines) if line.strip() == flow)
+        assert lines[text_line + 1].strip() == caret

@@ -6,7 +6,10 @@ concolic values (engine/concolic.py), so an address match, an ``iprange``, a por
 interface (``+`` wildcards), addrtype (the namespace's addresses), ipset member, conntrack
 tuple or routing lookup notes exactly the packet set it tested. Targets are transformers of
 those values: DNAT/SNAT/MASQUERADE/REDIRECT put constants in, NETMAP keeps the host bits
-(`RecordingWalker`), MARK/CONNMARK work on constants (marks are not open). A match the walk
+(`RecordingWalker`), MARK/CONNMARK keep an open mark's untouched bits open (a mark copied to or
+from the connection's mark under masks is a several-field value, concolic.SymMix). The
+packet's mark, its connection's mark and state, TCP flags and a local process's uid/gid may be
+open too (`OPEN_INTS`). A match the walk
 cannot evaluate forks it (APPROXIMATE, rule named, as for one packet); an operation the
 recorder cannot express is reported as lost (APPROXIMATE, rule named).
 """

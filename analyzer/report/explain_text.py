@@ -68,9 +68,22 @@ def summary_line(k: int, oc) -> str:
     return _fix(f"{head}; {_sees(oc)}{conf}", unk)
 
 
+def packet_extras(flow) -> str:
+    """What the flow says beyond the tuple and flags, when not the default: `` mark 0x4000
+    ctstate ESTABLISHED connmark 0x1``."""
+    from analyzer.model.packet import CT_INPUT
+
+    out = f" mark {flow.mark:#x}" if flow.mark else ""
+    if flow.ctstate != CT_INPUT["NEW"]:
+        out += " ctstate " + next((n for n, b in CT_INPUT.items() if b == flow.ctstate), str(flow.ctstate))
+    if flow.connmark:
+        out += f" connmark {flow.connmark:#x}"
+    return out
+
+
 def render(flow, outcomes, where: str) -> str:
     flags = f" flags {tcp_flag_names(flow.tcp_flags)}" if flow.proto == 6 and flow.tcp_flags != 0x02 else ""
-    out = [f"flow: {flow.tuple_str()}{flags} ({where})", ""]
+    out = [f"flow: {flow.tuple_str()}{flags}{packet_extras(flow)} ({where})", ""]
     n = len(outcomes)
     out.append(f"{n} outcome{'s' if n != 1 else ''}:")
     out += [summary_line(k, oc) for k, oc in enumerate(outcomes, 1)]

@@ -128,6 +128,11 @@ CASES = [
     # --ctstatus: none on the first packet in FORWARD; SEEN_REPLY (not ASSURED) on its SYN+ACK
     Case("ctstatus-seen-reply-drops-reply", "ctstatus", "10.0.2.2", 8080, "forwarded",
          kernel_outcome="timeout", backends=("nft", "legacy")),
+    # no conntrack entry (NOTRACK): '! --ctstatus SEEN_REPLY' does not match, negated as it is
+    Case("ctstatus-without-entry-never-matches", "ctstatus-untracked", "10.0.2.2", 80, "forwarded",
+         listen=(("server", 80),), backends=("nft", "legacy")),
+    Case("ctstatus-negated-first-packet-dropped", "ctstatus-untracked", "10.0.2.2", 8080, "dropped",
+         kernel_outcome="timeout", backends=("nft", "legacy")),
     # -m owner on forwarded packets (no socket): '! --uid-owner' matches, '--uid-owner' does not
     Case("owner-negated-matches-forwarded", "owner-forwarded", "10.0.2.2", 8080, "forwarded",
          router_addrs=(("10.0.2.100/24", "sk2b"),), backends=("nft", "legacy")),
