@@ -205,6 +205,8 @@ def _masks_text(packets, f: str, spec) -> str:
     allowed = flow_set(packets.space, spec).exists([g for g in packets.space.fields if g != f])
     other, other_complete = masks(allowed - packets.exists([g for g in packets.space.fields if g != f]),
                                   f, SHOWN_RANGES)
+    if other_complete and not other:
+        return ""  # every value the flow allows
     neg = other_complete and (not complete or len(other) < len(cubes))
     if neg:
         cubes, complete = other, other_complete

@@ -215,3 +215,18 @@ def test_flow_words_errors_point_at_the_word(tmp_path, flow, extra, message, car
         lines = err.splitlines()
         text_line = next(i for i, line in enumerate(lines) if line.strip() == flow)
         assert lines[text_line + 1].strip() == caret
+
+
+def test_ipset_and_mark_open_together(tmp_path):
+    """`-m set` with `--ipset` and `-m mark` on an open source and mark: the group that takes
+    every mark the flow allows says nothing about the mark."""
+    from _golden import run
+
+    (tmp_path / "sets.save").write_text("create allow hash:net family inet\nadd allow 10.0.0.0/25\n")
+    (tmp_path / "set.rules").write_text("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD DROP [0:0]\n"
+                                       "-A FORWARD -m set --match-set allow src -m mark ! --mark 0x1/0x1 -j ACCEPT\n"
+                                       "COMMIT\n")
+    rc, out, err = run(["explain", str(tmp_path / "set.rules"), "--ipset", str(tmp_path / "sets.save"),
+                        "--flow", "tcp 10.0.0.0/24 -> 10.1.0.1:80 mark 0x0/0xfffffffe", "--from-iface", "eth0"])
+    heads = [line.split("  (")[0] for line in out.splitlines() if line.startswith("=== group")]
+    assert heads == ["=== group 1: src 10.0.0.0/25; mark 0x0", "=== group 2: src 10.0.0.0/24"], out
