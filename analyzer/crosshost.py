@@ -11,7 +11,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
 from analyzer.diagnostics import APPROXIMATE, EXACT, Diagnostic, Related, Severity
-from analyzer.netfilter.walk import Branch, Conntrack, Packet, Step, Walker, route_decision
+from analyzer.netfilter import pipeline
+from analyzer.netfilter.pipeline import _ifaces
+from analyzer.netfilter.walk import Branch, Conntrack, Packet, Step, Walker
 from analyzer.parse.envfile import Environment
 from analyzer.source import Span
 
@@ -151,7 +153,8 @@ class World:
         hit = self._memo.get(key)
         if hit is None:
             self.memo_misses += 1
-            hit = _walk_namespace(self, ns, pkt, iif, reply_mode, ct, bridged_via, from_port, local_origin)
+            hit = pipeline.run(self.walker(ns, pkt.family), self, ns, pkt, iif, ct, reply_mode, bridged_via,
+                               from_port, local_origin)
             self._memo[key] = hit
             if len(self._memo) > MEMO_SIZE:
                 self._memo.popitem(last=False)
@@ -173,9 +176,7 @@ class World:
     def next_namespace(self, ns: str, oif: str | None, next_hop) -> tuple[str, str, object] | None:
         """Who receives a packet sent by ``ns`` out of ``oif`` to ``next_hop``:
         (namespace, its interface, the bridge segment crossed or None)."""
-        seg = self._segment_of.get((ns, oif), False)
-        if seg is False:
-            seg = self._segment_of[(ns, oif)] = self.env.segment_of(ns, oif)
+        seg = self.segment_of(ns, oif)
         if seg is None:
             return None
         owners = self._owners.get(seg.name)
@@ -195,6 +196,12 @@ class World:
                               and ns != seg.bridge_ns) else None
             return other_ns, iface, crossed
         return None
+
+    def segment_of(self, ns: str, iface: str | None):
+        seg = self._segment_of.get((ns, iface), False)
+        if seg is False:
+            seg = self._segment_of[(ns, iface)] = self.env.segment_of(ns, iface)
+        return seg
 
     def bridge_nf(self, seg, family: int) -> bool:
         key = "net.bridge.bridge-nf-call-iptables" if family == 4 else "net.bridge.bridge-nf-call-ip6tables"
@@ -341,52 +348,6 @@ class Tracker:
         return None
 
 
-def _martian_source(w: Walker, b: Branch, iif: str) -> bool:
-    """The kernel's input route check (fib_validate_source): a packet that arrives from a link
-    with a source address of this very namespace is a martian and dropped, unless accept_local."""
-    if iif == "lo" or b.pkt.family != 4 or not w.ns.is_local(b.pkt.src):
-        return False
-    if w.ns.sysctl("net.ipv4.conf.all.accept_local", 0) or w.ns.sysctl(f"net.ipv4.conf.{iif}.accept_local", 0):
-        return False
-    b.disposition = "dropped"
-    b.detail = (f"martian source: {b.pkt.src} is an address of this namespace, but the packet arrives "
-                f"on {iif}; the kernel drops it (accept_local=0)")
-    b.steps.append(Step("route", b.detail))
-    return True
-
-
-def _conf(w: Walker, key: str, iif: str) -> int:
-    """A per-interface IPv4 sysctl as the kernel combines it: max(all, interface)."""
-    return max(w.ns.sysctl(f"net.ipv4.conf.all.{key}", 0), w.ns.sysctl(f"net.ipv4.conf.{iif}.{key}", 0))
-
-
-def _input_route_refuses(w: Walker, b: Branch, iif: str) -> bool:
-    """The input route lookup's other refusals (ip_route_input_slow): a loopback destination
-    from a real interface without route_localnet, and reverse-path filtering (rp_filter 1 strict:
-    the route back to the source must leave by the interface the packet came in on; 2 loose:
-    some route back must exist)."""
-    if iif == "lo" or b.pkt.family != 4:
-        return False
-    if b.pkt.dst.is_loopback and not _conf(w, "route_localnet", iif):
-        b.disposition = "dropped"
-        b.detail = (f"martian destination: {b.pkt.dst} arrives on {iif}; loopback addresses are "
-                    f"routed only with net.ipv4.conf.{iif}.route_localnet=1")
-        b.steps.append(Step("route", b.detail))
-        return True
-    mode = _conf(w, "rp_filter", iif)
-    if mode == 0:
-        return False
-    back = w.ns.route(b.pkt.src)
-    if back.kind == "local" or (back.kind == "unicast" and (mode == 2 or back.oif == iif)):
-        return False
-    where = f"leaves by {back.oif}" if back.kind == "unicast" else "does not exist"
-    b.disposition = "dropped"
-    b.detail = (f"rp_filter={mode} ({'strict' if mode == 1 else 'loose'}): the packet from {b.pkt.src} "
-                f"arrives on {iif} but the route back to {b.pkt.src} {where}")
-    b.steps.append(Step("route", b.detail))
-    return True
-
-
 def walk_namespace(world: World, tracker: Tracker, ns: str, pkt: Packet, iif: str | None,
                    reply_mode: bool, bridged_via: str | None = None,
                    from_port: tuple | None = None) -> list[Branch]:
@@ -404,142 +365,11 @@ def walk_namespace(world: World, tracker: Tracker, ns: str, pkt: Packet, iif: st
     return brs
 
 
-def _ifaces(p: Packet, iif, oif) -> Packet:
-    """``p`` with these interfaces (the same object when it has them: packets are frozen, and
-    dataclasses.replace is a hot spot of a 10k-service environment walk)."""
-    return p if p.iif == iif and p.oif == oif else replace(p, iif=iif, oif=oif)
-
-
 def _ct_key(ct: Conntrack | None):
     if ct is None:
         return None
     return (ct.original, ct.reply_src, ct.reply_sport, ct.reply_dst, ct.reply_dport, ct.dnat, ct.snat,
             ct.untracked, ct.mark, ct.in_use)
-
-
-def _walk_namespace(world: World, ns: str, pkt: Packet, iif: str | None, reply_mode: bool,
-                    ct: Conntrack | None, bridged_via: str | None = None,
-                    from_port: tuple | None = None, local_origin: bool | None = None) -> list[Branch]:
-    """:func:`walk_namespace` without conntrack bookkeeping: ``ct`` is the entry the packet
-    belongs to (None: a new connection). A pure function of its arguments (memoized by World)."""
-    w = world.walker(ns, pkt.family)
-    is_reply = ct is not None
-    if ct is not None:
-        ct = replace(ct)  # a reply may change the entry's mark: not the caller's copy
-    if ct is None:
-        arrived = _ifaces(pkt, iif, None)
-        ct = Conntrack(arrived if pkt.oif is None else replace(pkt, iif=iif), pkt.dst, pkt.dport, pkt.src, pkt.sport)
-        if hasattr(w, "ct_in_use"):
-            ct.in_use = w.ct_in_use
-    br = Branch(_ifaces(pkt, iif, None), ct, [], 1.0, [], reply=is_reply)
-    if reply_mode and not is_reply:
-        br.steps.append(Step("conntrack", "no entry for this packet here: treated as a new connection"))
-    if bridged_via is not None:
-        # br_netfilter: a bridged IP packet crosses PREROUTING, FORWARD, POSTROUTING of the bridge's
-        # namespace, with conntrack, but is switched, not routed
-        br.pkt = replace(br.pkt, oif=bridged_via)
-        brs = w.hook([br], "PREROUTING", reply=is_reply)
-        brs = w.hook(brs, "FORWARD", reply=is_reply)
-        brs = w.hook(brs, "POSTROUTING", reply=is_reply)
-        for b in brs:
-            if b.disposition is None:
-                b.disposition, b.detail = "bridged", f"switched on {bridged_via}"
-        return brs
-    if local_origin is None:
-        local_origin = iif is None
-    if local_origin:  # generated by a local process
-        r = w.ns.route(br.pkt.dst)
-        if r.kind == "unicast":
-            br.pkt = replace(br.pkt, oif=r.oif)
-            br.next_hop = r.via or br.pkt.dst
-        elif r.kind == "local":  # local traffic leaves through the loopback device
-            br.pkt = replace(br.pkt, oif="lo")
-        brs = w.hook([br], "OUTPUT", reply=is_reply)
-        out = []
-        for b in brs:
-            if b.disposition is None:
-                kind = route_decision(w, b, local_origin=True)
-                if kind == "local":
-                    b.pkt = replace(b.pkt, oif="lo")
-            out.append(b)
-        brs = w.hook(out, "POSTROUTING", reply=is_reply)
-        looped = []
-        for b in brs:
-            if b.disposition is None and b.pkt.oif == "lo":
-                # a packet to a local address leaves on lo and comes back in: PREROUTING and
-                # INPUT see it with -i lo; its conntrack entry was confirmed on the way out, so
-                # the nat chains do not run again
-                b.ct.confirmed = True
-                b.pkt = replace(b.pkt, iif="lo", oif=None)
-                b.steps.append(Step("route", "loopback: back in on lo"))
-                looped.extend(w.hook(w.hook([b], "PREROUTING", reply=is_reply), "INPUT", reply=is_reply))
-            else:
-                looped.append(b)
-        brs = looped
-        for b in brs:
-            if b.disposition is None:
-                if b.pkt.iif == "lo":
-                    b.disposition, b.detail = "delivered", f"delivered locally to port {b.pkt.dport}"
-                else:
-                    b.disposition, b.detail = "sent", f"sent out {b.pkt.oif} to {b.next_hop}"
-    else:
-        brs = w.hook([br], "PREROUTING", reply=is_reply)
-        out = []
-        for b in brs:
-            if b.disposition is not None:
-                out.append(b)
-                continue
-            if w.ns.route(b.pkt.dst).kind in ("local", "unicast") and _martian_source(w, b, iif):
-                out.append(b)
-                continue
-            if _input_route_refuses(w, b, iif):
-                out.append(b)
-                continue
-            kind = route_decision(w, b, local_origin=False)
-            bridged_dnat = False
-            if kind == "forward" and from_port is not None and b.pkt.oif == iif and b.pkt.dst != pkt.dst:
-                seg = world.env.segment_of(ns, iif)
-                if seg is not None and seg.bridge_ns == ns and world.bridge_nf(seg, b.pkt.family):
-                    # br_netfilter: the frame's destination was rewritten in PREROUTING and the new
-                    # one is on the same bridge, so the frame is switched to it, not routed
-                    # (br_nf_pre_routing_finish: "bridged DNAT", no ip_forward needed); the bridge
-                    # never sends a frame back out of the port it came in on unless that port is
-                    # in hairpin mode
-                    bridged_dnat = True
-                    dest = world.next_namespace(ns, iif, b.next_hop)
-                    if dest is not None and (dest[0], dest[1]) == tuple(from_port) \
-                            and not world.hairpin(seg, tuple(from_port)):
-                        b.disposition = "dropped"
-                        b.detail = (f"bridged DNAT back to the port it came in on ({from_port[0]}:{from_port[1]}): "
-                                    f"{iif} drops it, hairpin mode is off on that port")
-                        b.steps.append(Step("bridge", b.detail))
-                        out.append(b)
-                        continue
-                    b.steps.append(Step("bridge", f"bridged DNAT: {b.pkt.dst} is on {iif}, so br_netfilter "
-                                                  f"switches the frame to it (not routed)"))
-            if kind == "local":
-                for x in w.hook([b], "INPUT", reply=is_reply):
-                    if x.disposition is None:
-                        x.disposition, x.detail = "delivered", f"delivered locally to port {x.pkt.dport}"
-                    out.append(x)
-            elif kind == "forward":
-                fwd_key = "net.ipv4.ip_forward" if b.pkt.family == 4 else "net.ipv6.conf.all.forwarding"
-                if not bridged_dnat and w.ns.sysctl(fwd_key, 1) == 0:
-                    b.disposition, b.detail = "dropped", f"{fwd_key}=0: not forwarded"
-                    b.steps.append(Step("route", b.detail))
-                    out.append(b)
-                    continue
-                for x in w.hook(w.hook([b], "FORWARD", reply=is_reply), "POSTROUTING", reply=is_reply):
-                    if x.disposition is None:
-                        x.disposition, x.detail = "forwarded", f"forwarded out {x.pkt.oif} to {x.next_hop}"
-                    out.append(x)
-            else:
-                out.append(b)
-        brs = out
-    for b in brs:
-        if b.disposition == "tproxy":
-            b.disposition = "delivered"
-    return brs
 
 
 def travel_all(world: World, tracker: Tracker, start_ns: str, pkt: Packet, iif: str | None,

@@ -2,7 +2,7 @@
 mark, TCP flags, ICMP type, the local socket's owner)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 PROTO = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58, "sctp": 132}
 PROTO_NAME = {v: k for k, v in PROTO.items()}
@@ -56,3 +56,17 @@ class Packet:
     def reply(self) -> "Packet":
         return Packet(self.family, self.proto, self.dst, self.src, self.dport, self.sport,
                       tcp_flags=0x12 if self.proto == 6 else 0)
+
+
+def _make_with_ifaces():
+    # dataclasses.replace inspects the fields on every call and is a hot spot of a 10k-service
+    # environment walk: the same copy written out once, from Packet's own field list
+    args = ", ".join(f.name if f.name in ("iif", "oif") else f"p.{f.name}" for f in fields(Packet))
+    scope = {"Packet": Packet}
+    exec(f"def with_ifaces(p, iif, oif):\n    return Packet({args})\n", scope)
+    fn = scope["with_ifaces"]
+    fn.__doc__ = "``dataclasses.replace(p, iif=iif, oif=oif)``, faster (tests/test_pipeline.py)."
+    return fn
+
+
+with_ifaces = _make_with_ifaces()

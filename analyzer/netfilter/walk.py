@@ -26,7 +26,7 @@ from analyzer.netfilter import stages as STAGES
 from analyzer.netfilter.env import Namespace
 from analyzer.netfilter.nat import pick_address, pick_port
 
-from analyzer.model.packet import CT_INPUT, PROTO, PROTO_NAME, Packet, tcp_flag_names  # noqa: F401 (re-exported)
+from analyzer.model.packet import CT_INPUT, PROTO, PROTO_NAME, Packet, tcp_flag_names, with_ifaces  # noqa: F401 (re-exported)
 from analyzer.parse.flow import FlowSpec, parse_flow, parse_flow_spec  # noqa: F401 (re-exported)
 MAX_OUTCOMES = 64
 
@@ -859,7 +859,7 @@ def route_decision(w: "Walker", br: Branch, local_origin: bool = False) -> str:
         br.disposition, br.detail = r.kind, f"{r.kind} route {r.route.render()}"
         br.steps.append(Step("route", br.detail))
         return "end"
-    br.pkt = replace(br.pkt, oif=r.oif)
+    br.pkt = with_ifaces(br.pkt, br.pkt.iif, r.oif)
     br.next_hop = r.via or br.pkt.dst
     br.steps.append(Step("route", f"{'output' if local_origin else 'forward'} via {r.route.render()}"))
     return "forward"
