@@ -202,13 +202,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-format", "-o", choices=["text", "json", "sarif"], default="text",
                    help="text (default), JSON or SARIF 2.1.0")
 
-    p = sub.add_parser("matrix", help="service matrix of a filter chain: which address ranges reach which on a port")
+    p = sub.add_parser("matrix", help="service matrix of a filter chain: which address ranges reach which "
+                                      "on a port; with an IP assignment, which interfaces accept spoofed sources")
     _input_args(p)
     p.add_argument("--chain", default="FORWARD", help="filter chain to evaluate (default FORWARD; INPUT, OUTPUT, ...)")
-    p.add_argument("--dport", type=int, default=22, help="TCP destination port (default 22; source port 10000)")
+    p.add_argument("--dport", type=int, action="append", metavar="N",
+                   help="TCP destination port (default 22; repeat for several matrices, as fffuu's "
+                        "--service_matrix_dport)")
+    p.add_argument("--sport", type=int, default=10000, help="TCP source port (default 10000, as fffuu)")
     p.add_argument("--closure", choices=["upper", "lower"], default="upper",
                    help="matches synack only bounds: count packets that may be accepted (upper, default) "
                         "or only those certainly accepted (lower)")
+    p.add_argument("--ipassmt", metavar="FILE",
+                   help="IP assignment in fffuu's format ('eth0 = [10.0.0.0/8]', 'eth1 = all_but_those_ips "
+                        "[...]'): the sources each input interface carries; turns on the spoofing check")
+    p.add_argument("--addr", action="append", default=[], metavar="CIDR@IFACE",
+                   help="an address of the host (its connected route counts for the assignment)")
+    p.add_argument("--route", action="append", default=[], metavar="'DEST [via GW] dev IFACE'",
+                   help="a route of the host")
+    p.add_argument("--iproute", nargs=2, metavar=("ADDR", "ROUTE"),
+                   help="`ip addr` and `ip route` output of the host: without --ipassmt, each interface is "
+                        "assigned the addresses routed out of it (as fffuu's --routingtbl)")
+    p.add_argument("--fffuu", action="store_true",
+                   help="reproduce fffuu's answer: interfaces abstracted (-i rewritten to its assigned "
+                        "sources), unknown matches closed over the unfolded chain, matches fffuu's parser "
+                        "does not know (sctp, comment, ...) unknown; coarser than the default")
     p.add_argument("--output-format", "-o", choices=["text", "json", "dot"], default="text",
                    help="text (fffuu's layout, default), JSON, or a Graphviz DOT picture")
 
@@ -979,26 +997,63 @@ def cmd_diff(args) -> int:
 
 
 def cmd_matrix(args) -> int:
-    from analyzer.matrix import service_matrix
+    from analyzer.matrix import assignment_from_routes, compiler, service_matrix, spoofing_check
+    from analyzer.parse.ipassmt import IpassmtError, parse_ipassmt
     from analyzer.report import matrix as rm
 
     if not _need_dumps(args):
         return EXIT_UNUSABLE
-    if not 0 <= args.dport <= 65535:
-        return _error(f"--dport {args.dport} is not a port")
+    ports = args.dport or [22]
+    for p in ports + [args.sport]:
+        if not 0 <= p <= 65535:
+            return _error(f"{p} is not a port")
+    ipassmt = ns = None
+    if args.ipassmt:
+        try:
+            with open(args.ipassmt, encoding="utf-8") as f:
+                ipassmt = parse_ipassmt(f.read(), args.ipassmt)
+        except OSError as e:
+            return _error(f"--ipassmt {args.ipassmt}: cannot read it: {e.strerror}")
+        except IpassmtError as e:
+            return _error(str(e))
+    if args.addr or args.route or args.iproute:
+        from analyzer.explain import build_namespace
+        from analyzer.netfilter.env import EnvError
+        try:
+            ns = build_namespace(args)
+        except EnvError as e:
+            return _error(str(e))
     results = _load(args)
     if results is None:
         return EXIT_UNUSABLE
-    out = []
+    render = {"json": rm.render_json, "dot": rm.render_dot}.get(args.output_format, rm.render_text)
+    out, docs = [], []
     for res in results:
         for r in res.families():
             if r.ruleset.chain("filter", args.chain) is None:
                 continue
-            m = service_matrix(r.ruleset, args.chain, args.dport, args.closure)
-            out.append({"json": rm.render_json, "dot": rm.render_dot}.get(args.output_format, rm.render_text)(m))
-    if not out:
+            fam = r.ruleset.family
+            assmt = ipassmt if ipassmt is not None and ipassmt.family == fam else (
+                assignment_from_routes(ns, fam) if ns is not None else None)
+            comp = compiler(r.ruleset, assmt)
+            ms = [service_matrix(r.ruleset, args.chain, p, args.closure, ipassmt=assmt, sport=args.sport,
+                                 ifaces="abstract" if args.fffuu else "exact", comp=comp) for p in ports]
+            spoof = (spoofing_check(r.ruleset, args.chain, assmt, args.closure, comp=comp)
+                     if assmt is not None else None)
+            if args.output_format == "json":
+                docs.append(rm.to_json(ms, spoof))
+            else:
+                out.append(render(ms, spoof))
+            del comp, ms, spoof
+    import gc
+    gc.collect()  # BDD nodes held in reference cycles go before the BDD manager does at exit
+    if not out and not docs:
         return _error(f"no filter chain {args.chain} in {', '.join(args.dumps) or 'the input'}")
-    sys.stdout.write("\n".join(out))
+    if docs:
+        import json
+        sys.stdout.write(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2) + "\n")
+    else:
+        sys.stdout.write("\n".join(out))
     return EXIT_OK
 
 

@@ -84,10 +84,12 @@ def test_matrix_command_outputs(capsys):
     dump = str(ROOT / "samples" / "checks" / "FLT001" / "bad.rules")
     assert main(["matrix", dump, "--chain", "INPUT", "--dport", "22"]) == 0
     text = capsys.readouterr().out
-    assert "b |-> {192.0.2.10/32}" in text and "(b,a)" in text
+    # loopback (fffuu's default assignment lo = [127.0.0.0/8]) and the bastion reach everything
+    assert "b |-> {127.0.0.0/8 u 192.0.2.10/32}" in text and "(b,a)" in text
     assert main(["matrix", dump, "--chain", "INPUT", "-o", "json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["schema_version"] == "1.0" and ["b", "a"] in doc["edges"]
+    assert doc["schema_version"] == "1.1" and ["b", "a"] in doc["matrices"][0]["edges"]
+    assert doc["spoofing"] is None
     assert main(["matrix", dump, "--chain", "INPUT", "-o", "dot"]) == 0
     assert capsys.readouterr().out.startswith('digraph "service matrix tcp/22"')
     assert main(["matrix", dump, "--chain", "NOPE"]) == 2

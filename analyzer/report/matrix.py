@@ -1,14 +1,25 @@
-"""Report layer: the service matrix (analyzer/matrix.py) as text (fffuu's layout), JSON or DOT."""
+"""Report layer: service matrices and the spoofing check (analyzer/matrix.py) as text (fffuu's
+layout), JSON or DOT."""
 from __future__ import annotations
 
+import ipaddress
 import json
 
-from analyzer.matrix import SPORT, Matrix
+from analyzer.matrix import Matrix, Spoofing
+from analyzer.parse.ipassmt import render_ranges
+
+SCHEMA_VERSION = "1.1"
 
 
-def render_text(m: Matrix) -> str:
-    out = [f"=========== TCP port {SPORT}->{m.dport} (filter {m.chain}, {m.closure} closure, "
-           f"IPv{m.family}) ==========="]
+def _mode(m: Matrix) -> str:
+    if m.ifaces == "abstract":
+        return f"fffuu's abstraction, -i {m.iface_rewrite}d to assigned sources"
+    return "interfaces exact"
+
+
+def _one_text(m: Matrix) -> list[str]:
+    out = [f"=========== TCP port {m.sport}->{m.dport} ({m.table} {m.chain}, {m.closure} closure, "
+           f"{_mode(m)}, IPv{m.family}) ==========="]
     for c in m.sources:
         out.append(f"{c.name} |-> {c.render()}")
     out.append("")
@@ -17,26 +28,90 @@ def render_text(m: Matrix) -> str:
         out.append("")
         out.append(f"APPROXIMATE: {len(m.approximate)} rule(s) have matches synack only bounds "
                    f"({', '.join(m.approximate[:5])}{', ...' if len(m.approximate) > 5 else ''})")
-    return "\n".join(out) + "\n"
+    return out
 
 
-def render_json(m: Matrix) -> str:
-    return json.dumps({
-        "schema_version": "1.0", "chain": m.chain, "sport": SPORT, "dport": m.dport, "proto": "tcp",
+def _spoof_text(s: Spoofing) -> list[str]:
+    out = [f"=========== spoofing check ({s.chain}, {s.closure} closure, IPv{s.family}; "
+           f"assignment: {s.ipassmt}) ==========="]
+    out += [f"warning: {w}" for w in s.warnings]
+    for i in s.ifaces:
+        if not i.spoofed:
+            out.append(f"{i.name}: certified (accepts only {render_ranges(i.assigned, s.family)})")
+            continue
+        how = "" if i.exact else " (may: a bounded match decides; APPROXIMATE)"
+        out.append(f"{i.name}: FLT003 accepts spoofed sources {render_ranges(i.spoofed, s.family)}{how}")
+        out.append(f"  assigned: {render_ranges(i.assigned, s.family)}")
+        out.append(f"  witness: {i.witness}")
+    if s.approximate:
+        out.append(f"APPROXIMATE: {len(s.approximate)} rule(s) have matches synack only bounds")
+    return out
+
+
+def render_text(ms, spoof: Spoofing | None = None) -> str:
+    ms = [ms] if isinstance(ms, Matrix) else ms
+    out: list[str] = []
+    for m in ms:
+        out += _one_text(m) + [""]
+    if spoof is not None:
+        out += _spoof_text(spoof) + [""]
+    return "\n".join(out)
+
+
+def _ranges(rs, family):
+    addr = ipaddress.IPv4Address if family == 4 else ipaddress.IPv6Address
+    return [[str(addr(lo)), str(addr(hi))] for lo, hi in rs]
+
+
+def matrix_json(m: Matrix) -> dict:
+    return {
+        "chain": m.chain, "table": m.table, "sport": m.sport, "dport": m.dport, "proto": "tcp",
         "closure": m.closure, "family": m.family,
+        "interfaces": m.ifaces, "ipassmt": m.ipassmt,
+        **({"iface_rewrite": m.iface_rewrite} if m.iface_rewrite else {}),
         "classes": [{"name": c.name, "ranges": [[str(lo), str(hi)] for lo, hi in c.ranges],
                      "cidrs": c.cidrs()} for c in m.sources],
         "edges": [list(e) for e in m.edges],
         "approximate_rules": m.approximate,
-    }, indent=2) + "\n"
+    }
 
 
-def render_dot(m: Matrix) -> str:
-    out = [f'digraph "service matrix tcp/{m.dport}" {{', "  rankdir=LR;", "  node [shape=box];"]
-    for c in m.sources:
-        label = c.render(limit=4).replace('"', "'")
-        out.append(f'  "{c.name}" [label="{c.name}: {label}"];')
-    for a, b in m.edges:
-        out.append(f'  "{a}" -> "{b}";')
-    out.append("}")
+def spoofing_json(s: Spoofing) -> dict:
+    return {
+        "chain": s.chain, "family": s.family, "ipassmt": s.ipassmt, "closure": s.closure,
+        "warnings": s.warnings, "approximate_rules": s.approximate,
+        "interfaces": [{
+            "name": i.name, "assigned": _ranges(i.assigned, s.family),
+            "certified": not i.spoofed, "spoofed": _ranges(i.spoofed, s.family),
+            **({"code": "FLT003", "witness": str(i.witness),
+                "confidence": "EXACT" if i.exact else "APPROXIMATE"} if i.spoofed else {}),
+        } for i in s.ifaces],
+    }
+
+
+def to_json(ms, spoof: Spoofing | None = None) -> dict:
+    """One object per dump and family: ``matrices`` (one per port) and ``spoofing`` (null
+    without an IP assignment). Schema 1.1; 1.0 was one matrix's fields at the top level."""
+    ms = [ms] if isinstance(ms, Matrix) else ms
+    return {"schema_version": SCHEMA_VERSION, "matrices": [matrix_json(m) for m in ms],
+            "spoofing": spoofing_json(spoof) if spoof is not None else None}
+
+
+def render_json(ms, spoof: Spoofing | None = None) -> str:
+    return json.dumps(to_json(ms, spoof), indent=2) + "\n"
+
+
+def render_dot(ms, spoof: Spoofing | None = None) -> str:
+    """One digraph per matrix (``dot -Tsvg`` draws the first; ``gvpack`` or ``csplit`` the rest).
+    The spoofing check is not drawn."""
+    ms = [ms] if isinstance(ms, Matrix) else ms
+    out = []
+    for m in ms:
+        out += [f'digraph "service matrix tcp/{m.dport}" {{', "  rankdir=LR;", "  node [shape=box];"]
+        for c in m.sources:
+            label = c.render(limit=4).replace('"', "'")
+            out.append(f'  "{c.name}" [label="{c.name}: {label}"];')
+        for a, b in m.edges:
+            out.append(f'  "{a}" -> "{b}";')
+        out.append("}")
     return "\n".join(out) + "\n"
