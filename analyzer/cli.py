@@ -227,8 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reproduce fffuu's answer: interfaces abstracted (-i rewritten to its assigned "
                         "sources), unknown matches closed over the unfolded chain, matches fffuu's parser "
                         "does not know (sctp, comment, ...) unknown; coarser than the default")
-    p.add_argument("--output-format", "-o", choices=["text", "json", "dot"], default="text",
-                   help="text (fffuu's layout, default), JSON, or a Graphviz DOT picture")
+    p.add_argument("--output-format", "-o", choices=["text", "json", "dot", "svg"], default="text",
+                   help="text (fffuu's layout, default), JSON, a Graphviz DOT picture, or that picture "
+                        "as SVG (runs Graphviz's `dot`, which must be installed)")
 
     p = sub.add_parser("checks", help="list every diagnostic code synack can report")
     p.add_argument("--output-format", "-o", choices=["text", "json"], default="text",
@@ -595,7 +596,7 @@ def cmd_lint(args) -> int:
 
             def env_check_done(code):
                 bar("", flows.pop() if flows and "trips" in env_ctx.extra else 0)
-            diags += run_checks(env_ctx, select or ["NAT", "CIL006"], ignore,
+            diags += run_checks(env_ctx, select or ["NAT", "CIL006", "FLT003"], ignore,
                                 before=lambda code: bar.now(f"checking {code}"), on_check=env_check_done)
             from analyzer.checks.cilium import run_cilium_checks
             for spec in env.namespaces.values():  # a Cilium node's own dumps: the CIL dump checks
@@ -1026,7 +1027,8 @@ def cmd_matrix(args) -> int:
     results = _load(args)
     if results is None:
         return EXIT_UNUSABLE
-    render = {"json": rm.render_json, "dot": rm.render_dot}.get(args.output_format, rm.render_text)
+    render = {"json": rm.render_json, "dot": rm.render_dot, "svg": rm.render_dot}.get(
+        args.output_format, rm.render_text)
     out, docs = [], []
     for res in results:
         for r in res.families():
@@ -1052,6 +1054,11 @@ def cmd_matrix(args) -> int:
     if docs:
         import json
         sys.stdout.write(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2) + "\n")
+    elif args.output_format == "svg":
+        try:
+            sys.stdout.write(rm.to_svg("\n".join(out)))
+        except RuntimeError as e:
+            return _error(str(e))
     else:
         sys.stdout.write("\n".join(out))
     return EXIT_OK

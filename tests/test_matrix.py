@@ -93,3 +93,15 @@ def test_matrix_command_outputs(capsys):
     assert main(["matrix", dump, "--chain", "INPUT", "-o", "dot"]) == 0
     assert capsys.readouterr().out.startswith('digraph "service matrix tcp/22"')
     assert main(["matrix", dump, "--chain", "NOPE"]) == 2
+
+
+def test_matrix_dot_is_the_matrix_as_a_table_and_svg_draws_it(capsys):
+    import shutil
+    dump = str(ROOT / "samples" / "checks" / "FLT001" / "bad.rules")
+    assert main(["matrix", dump, "--chain", "INPUT", "--dport", "22", "--dport", "443", "-o", "dot"]) == 0
+    dot = capsys.readouterr().out
+    assert dot.count("digraph") == 2 and 'TOOLTIP="b -&gt; a"' in dot and "192.0.2.10/32" in dot
+    if shutil.which("dot") is None:
+        pytest.skip("Graphviz's dot is not installed")
+    assert main(["matrix", dump, "--chain", "INPUT", "-o", "svg"]) == 0
+    assert "<svg" in capsys.readouterr().out

@@ -101,17 +101,55 @@ def render_json(ms, spoof: Spoofing | None = None) -> str:
     return json.dumps(to_json(ms, spoof), indent=2) + "\n"
 
 
+def _esc(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
 def render_dot(ms, spoof: Spoofing | None = None) -> str:
-    """One digraph per matrix (``dot -Tsvg`` draws the first; ``gvpack`` or ``csplit`` the rest).
-    The spoofing check is not drawn."""
+    """Each matrix as a Graphviz picture of the matrix itself: a table whose row X, column Y
+    cell is filled when class X reaches class Y, and a legend naming each class by its ranges
+    (the first 6; the text output has them all). One digraph per matrix (``dot -Tsvg`` draws
+    them all). The spoofing check is not drawn."""
     ms = [ms] if isinstance(ms, Matrix) else ms
     out = []
     for m in ms:
-        out += [f'digraph "service matrix tcp/{m.dport}" {{', "  rankdir=LR;", "  node [shape=box];"]
-        for c in m.sources:
-            label = c.render(limit=4).replace('"', "'")
-            out.append(f'  "{c.name}" [label="{c.name}: {label}"];')
-        for a, b in m.edges:
-            out.append(f'  "{a}" -> "{b}";')
-        out.append("}")
+        names = [c.name for c in m.sources]
+        edges = set(m.edges)
+        head = "".join(f'<TD BGCOLOR="#eeeeee"><B>{n}</B></TD>' for n in names)
+        rows = [f'<TR><TD BGCOLOR="#eeeeee">src \\ dst</TD>{head}</TR>']
+        for a in names:
+            cells = "".join(
+                f'<TD BGCOLOR="#2e7d32" TOOLTIP="{a} -&gt; {b}"> </TD>' if (a, b) in edges
+                else "<TD> </TD>" for b in names)
+            rows.append(f'<TR><TD BGCOLOR="#eeeeee"><B>{a}</B></TD>{cells}</TR>')
+        legend = "".join(
+            f'<TR><TD ALIGN="LEFT"><B>{c.name}</B></TD><TD ALIGN="LEFT">'
+            + "<BR ALIGN=\"LEFT\"/>".join(_esc(r) for r in c.render(limit=6).strip("{}").split(" u "))
+            + '<BR ALIGN="LEFT"/></TD></TR>' for c in m.sources)
+        title = (f"TCP {m.sport} -&gt; {m.dport}, {m.table} {m.chain}, {m.closure} closure, "
+                 f"{_esc(_mode(m))}, IPv{m.family}: {len(names)} classes, {len(edges)} edges"
+                 + (f", APPROXIMATE ({len(m.approximate)} rules bounded)" if m.approximate else ""))
+        out += [f'digraph "service matrix tcp/{m.dport}" {{',
+                "  rankdir=LR; node [shape=plaintext, fontname=Helvetica, fontsize=11];",
+                f'  label=<{title}>; labelloc=t;',
+                '  matrix [label=<<TABLE BORDER="0" CELLBORDER="1" CELLSPACING="0" CELLPADDING="6">'
+                + "".join(rows) + "</TABLE>>];",
+                '  classes [label=<<TABLE BORDER="0" CELLBORDER="1" CELLSPACING="0" CELLPADDING="4">'
+                + legend + "</TABLE>>];",
+                "}"]
     return "\n".join(out) + "\n"
+
+
+def to_svg(dot_text: str) -> str:
+    """The DOT text drawn by Graphviz (``dot -Tsvg``); several graphs become one SVG each,
+    concatenated. RuntimeError when ``dot`` is missing or fails."""
+    import shutil
+    import subprocess
+    exe = shutil.which("dot")
+    if exe is None:
+        raise RuntimeError("-o svg needs Graphviz's `dot` (apt-get install graphviz); "
+                           "-o dot prints the graph for any Graphviz")
+    p = subprocess.run([exe, "-Tsvg"], input=dot_text, capture_output=True, text=True, timeout=120)
+    if p.returncode != 0:
+        raise RuntimeError(f"dot -Tsvg failed: {p.stderr.strip()[:300]}")
+    return p.stdout
