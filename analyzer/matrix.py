@@ -442,6 +442,9 @@ def spoofing_check(ruleset, chain: str, ipassmt, closure: str = "upper",
     sp = comp.space
     syn = sp.where(tcp_flags=sp.flag_value("tcp_flags", "SYN"))
     pkts = comp.universe & sp.any_flag("ctstate", "NEW") & ((comp.universe - sp.eq("proto", 6)) | syn)
+    if table == "filter" and chain == "FORWARD":
+        # what arrives on loopback is local traffic: it is delivered (INPUT), never forwarded
+        pkts = pkts - sp.iface("iif", "lo")
     ev = _Eval(ruleset, comp, closure, table=table)
     ev.base = pkts
     acc, _ = ev.chain(chain, pkts)
