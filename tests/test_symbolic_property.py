@@ -104,6 +104,8 @@ def _target(table: str, chain: str, d: st.DataObject, user: list[str]) -> str:
             "CONNMARK --set-xmark 0x3/0xf"]
     if table != "mangle" and chain != "PREROUTING":
         base.append("REJECT")
+    if table == "raw":
+        base += ["NOTRACK", "NOTRACK"]
     if user and chain not in user:
         base += [f"{'goto' if pick(st.booleans()) else 'jump'} {user[0]}"]
     if table == "nat":
@@ -127,7 +129,7 @@ def _target(table: str, chain: str, d: st.DataObject, user: list[str]) -> str:
 def rulesets(draw):
     d = draw(st.data())
     lines = []
-    for table, chains in (("mangle", ["PREROUTING", "FORWARD", "OUTPUT"]),
+    for table, chains in (("raw", ["PREROUTING"]), ("mangle", ["PREROUTING", "FORWARD", "OUTPUT"]),
                           ("nat", ["PREROUTING", "POSTROUTING", "OUTPUT"]),
                           ("filter", ["INPUT", "FORWARD", "OUTPUT"])):
         user = ["U"] if draw(st.booleans()) else []
@@ -312,3 +314,17 @@ def test_big_chain_index_is_sound_for_open_destinations():
     text = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n" + "\n".join(rules) + "\nCOMMIT\n"
     check_classes(text, "tcp 10.0.0.0/24:40000 -> 10.0.1.0/26", "eth0", 3, strict=True)
     check_classes(text, "udp 10.0.0.200:9 -> 10.0.1.0/28:40-70", "eth0", 5, strict=True)
+
+
+@pytest.mark.parametrize("match", ["-m conntrack --ctstate INVALID", "-m conntrack ! --ctstate NEW",
+                                   "-m connmark ! --mark 0x1/0x1", "-m mark --mark 0x10/0x10"])
+def test_raw_table_matches_split_exactly(match):
+    """In raw (before the conntrack lookup) a packet has no entry; after NOTRACK it has none
+    either: the classes follow what the kernel sees there, for open marks and states."""
+    text = ("*raw\n:PREROUTING ACCEPT [0:0]\n"
+            f"-A PREROUTING -p tcp {match} -j NOTRACK\nCOMMIT\n"
+            "*mangle\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j CONNMARK --set-xmark 0x1/0x1\nCOMMIT\n"
+            "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n"
+            "-A FORWARD -m connmark ! --mark 0x1/0x1 -j DROP\n-A FORWARD -m conntrack --ctstate UNTRACKED -j REJECT\n"
+            "COMMIT\n")
+    check_classes(text, OPEN_MARKS, "eth0", 9, strict=True)

@@ -87,10 +87,11 @@ class Branch:
     detail: str = ""
     next_hop: object = None
     reply: bool = False
+    notracked: bool = False  # a NOTRACK matched this packet in this namespace's raw table
 
     def fork(self) -> "Branch":
         return Branch(self.pkt, replace(self.ct), list(self.steps), self.prob, list(self.approx),
-                      self.disposition, self.detail, self.next_hop, self.reply)
+                      self.disposition, self.detail, self.next_hop, self.reply, self.notracked)
 
 
 def index_key(rule: Rule) -> tuple:
@@ -324,8 +325,12 @@ class Walker:
         _, cand = self._rules_for(table, chain_name, br.pkt)
         return [chain_name, list(cand), 0]
 
+    #: the table being evaluated (the raw table runs before the conntrack lookup)
+    _table: str | None = None
+
     def _eval(self, br: Branch, table: str, hook: str, frames: list) -> list[Branch]:
         """frames: [chain, candidate rule indices, position] per call level (jump pushes)."""
+        self._table = table
         out: list[Branch] = []
         while frames:
             frame = frames[-1]
@@ -460,6 +465,8 @@ class Walker:
             hit = m.type is None or (p.icmp_type == m.type and (m.code is None or p.icmp_code == m.code))
             return hit != neg
         if isinstance(m, MarkMatch):
+            if m.kind != "mark" and not self._has_entry(br):
+                return False  # connmark_mt: no entry, no match (negated or not)
             v = p.mark if m.kind == "mark" else br.ct.mark
             return ((v & m.mask) == m.value) != neg
         if isinstance(m, CtStateMatch):
@@ -545,8 +552,21 @@ class Walker:
             return (None, f"'-m {m.module} {m.option}' not evaluated", False)
         return (None, f"{type(m).__name__} not evaluated", False)
 
+    def _has_entry(self, br: Branch) -> bool:
+        """Whether the packet has a conntrack entry where the rules run: not in the raw table
+        (it runs before the conntrack lookup; a packet looped back on lo keeps its entry), not
+        untracked, not refused (INVALID), and only where conntrack is in use."""
+        ct = br.ct
+        if self._table == "raw" and not ct.confirmed:
+            return False
+        return ct.in_use and not ct.untracked and not ct.invalid
+
     def _ctstates(self, br: Branch) -> set:
         ct = br.ct
+        if self._table == "raw" and not ct.confirmed:
+            # no entry yet: conntrack_mt and state_mt see INVALID, UNTRACKED after a NOTRACK of
+            # this packet (a reply is a packet of its own: its raw pass has no entry either)
+            return {"UNTRACKED"} if br.notracked else {"INVALID"}
         if ct.untracked:
             return {"UNTRACKED"}
         if ct.invalid:
@@ -568,7 +588,7 @@ class Walker:
         names) forks APPROXIMATE. Without an entry (INVALID, UNTRACKED) the match fails, negated
         or not: conntrack_mt returns before testing the status."""
         ct = br.ct
-        if ct.untracked or ct.invalid or not ct.in_use:
+        if not self._has_entry(br):
             return False
         if br.reply:
             sure = {"SEEN_REPLY", "CONFIRMED"}
@@ -622,9 +642,14 @@ class Walker:
             if t.kind == "MARK":
                 br.pkt = replace(br.pkt, mark=(br.pkt.mark & ~t.mask & 0xFFFFFFFF) ^ t.value)
                 self._step(br, rule, f"MARK set 0x{br.pkt.mark:x}")
+            elif not self._has_entry(br):
+                self._step(br, rule, "CONNMARK", note="no conntrack entry here: the target does nothing")
             else:
                 br.ct.mark = (br.ct.mark & ~t.mask & 0xFFFFFFFF) ^ t.value
                 self._step(br, rule, f"CONNMARK set 0x{br.ct.mark:x}")
+            return "continue"
+        if isinstance(t, ConnmarkCopy) and not self._has_entry(br):
+            self._step(br, rule, "CONNMARK", note="no conntrack entry here: the target does nothing")
             return "continue"
         if isinstance(t, ConnmarkCopy):
             if t.direction == "save":
@@ -638,7 +663,7 @@ class Walker:
                 self._step(br, rule, f"CONNMARK restore 0x{br.pkt.mark:x}")
             return "continue"
         if isinstance(t, Notrack):
-            br.ct.untracked = True
+            br.ct.untracked = br.notracked = True
             self._step(br, rule, "NOTRACK", note="untracked: nat table skipped, no reverse translation")
             return "continue"
         if isinstance(t, Tproxy):

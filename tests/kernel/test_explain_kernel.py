@@ -133,6 +133,10 @@ CASES = [
          listen=(("server", 80),), backends=("nft", "legacy")),
     Case("ctstatus-negated-first-packet-dropped", "ctstatus-untracked", "10.0.2.2", 8080, "dropped",
          kernel_outcome="timeout", backends=("nft", "legacy")),
+    # raw runs before the conntrack lookup: --ctstate INVALID there; no entry after NOTRACK: CONNMARK
+    # does nothing, -m connmark never matches (negated or not)
+    Case("raw-conntrack-sees-invalid", "raw-before-conntrack", "10.0.2.2", 8080, "forwarded",
+         backends=("nft", "legacy")),
     # -m owner on forwarded packets (no socket): '! --uid-owner' matches, '--uid-owner' does not
     Case("owner-negated-matches-forwarded", "owner-forwarded", "10.0.2.2", 8080, "forwarded",
          router_addrs=(("10.0.2.100/24", "sk2b"),), backends=("nft", "legacy")),
