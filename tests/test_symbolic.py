@@ -230,3 +230,17 @@ def test_ipset_and_mark_open_together(tmp_path):
                         "--flow", "tcp 10.0.0.0/24 -> 10.1.0.1:80 mark 0x0/0xfffffffe", "--from-iface", "eth0"])
     heads = [line.split("  (")[0] for line in out.splitlines() if line.startswith("=== group")]
     assert heads == ["=== group 1: src 10.0.0.0/25; mark 0x0", "=== group 2: src 10.0.0.0/24"], out
+
+
+def test_open_connmark_of_an_established_connection(tmp_path):
+    """`connmark any ctstate established`: the classes are over the connmark of established
+    packets only (a new connection's entry has mark 0, and none is mixed in)."""
+    from _golden import run
+
+    dump = tmp_path / "marks.rules"
+    dump.write_text(MARKS)
+    rc, out, err = run(["explain", str(dump), "--flow", "tcp 10.0.1.2 -> 10.0.2.2:8080 connmark any ctstate established",
+                        "--from-iface", "sk1b", "--addr", "10.0.1.1/24@sk1b", "--addr", "10.0.2.1/24@sk2b"])
+    heads = [line.split("  (")[0] for line in out.splitlines() if line.startswith("=== group")]
+    assert heads == ["=== group 1: connmark 0x0/0xff", "=== group 2: connmark any but 0x0/0xff"], out
+    assert "conntrack:ESTABLISHED" in out and "conntrack:NEW" not in out

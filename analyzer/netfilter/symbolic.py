@@ -99,8 +99,8 @@ def flow_set(space: PacketSpace, spec, local: bool = False) -> PacketSet:
                 given = (given & space.any_flag("ctstate", "ESTABLISHED,RELATED")) | \
                     (space.eq("connmark", 0) - space.any_flag("ctstate", "ESTABLISHED,RELATED"))
             s &= given
-    if "ctstate" in spec.open:
-        s &= space.union(space.eq("ctstate", CT_INPUT[n]) for n in spec.ctstate)
+    if spec.ctstate or "connmark" in spec.open:  # the states the connmark constraint above met
+        s &= space.union(space.eq("ctstate", CT_INPUT[n]) for n in spec.ctstate or ("NEW",))
     for f in ("uid", "gid", "tcp_flags"):
         if f in spec.open:
             s &= space.ports(f, list(getattr(spec, f)))
