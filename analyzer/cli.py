@@ -1037,16 +1037,18 @@ def cmd_matrix(args) -> int:
             fam = r.ruleset.family
             assmt = ipassmt if ipassmt is not None and ipassmt.family == fam else (
                 assignment_from_routes(ns, fam) if ns is not None else None)
-            comp = compiler(r.ruleset, assmt)
+            routes = assignment_from_routes(ns, fam) if ns is not None else None
+            comp = compiler(r.ruleset, assmt, routes)
             ms = [service_matrix(r.ruleset, args.chain, p, args.closure, ipassmt=assmt, sport=args.sport,
-                                 ifaces="abstract" if args.fffuu else "exact", comp=comp) for p in ports]
-            spoof = (spoofing_check(r.ruleset, args.chain, assmt, args.closure, comp=comp)
+                                 ifaces="abstract" if args.fffuu else "exact", comp=comp, routes=routes)
+                  for p in ports]
+            spoof = (spoofing_check(r.ruleset, args.chain, assmt, args.closure, comp=comp, routes=routes)
                      if assmt is not None else None)
             if args.output_format == "json":
                 docs.append(rm.to_json(ms, spoof))
             else:
                 out.append(render(ms, spoof))
-            del comp, ms, spoof
+            del comp, ms, spoof, routes
     import gc
     gc.collect()  # BDD nodes held in reference cycles go before the BDD manager does at exit
     if not out and not docs:

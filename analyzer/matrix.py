@@ -62,6 +62,7 @@ class Matrix:
     ipassmt: str = ""               # where the IP assignment came from
     iface_rewrite: str = ""         # abstract: "rewrite" or "constrain" (fffuu's two modes)
     table: str = "filter"
+    routed: bool = False            # output interfaces follow the routes (-o tied to destinations)
     sources: list = field(default_factory=list)       # AddrClass
     destinations: list = field(default_factory=list)  # AddrClass
     edges: list = field(default_factory=list)          # (src class name, dst class name)
@@ -226,6 +227,24 @@ def assume_ipassmt(comp: MatchCompiler, pkts, ipassmt):
     return pkts
 
 
+def assume_routes(comp: MatchCompiler, pkts, routes):
+    """``pkts`` whose output interface is the one the routes send their destination to: a
+    forwarded packet leaves where the routing decision sends it (what fffuu's --routingtbl
+    rewrites ``-o IFACE`` with). ``routes`` is an assignment of destinations to interfaces."""
+    sp = comp.space
+    routed = sp.empty()
+    for name, ranges in routes.ifaces:
+        dsts = sp.union(sp.range("dst", _addr(routes.family, lo), _addr(routes.family, hi))
+                        for lo, hi in ranges)
+        routed = routed | (sp.iface("oif", name) & dsts)
+    return pkts & routed
+
+
+def _routed_chain(table: str, chain: str) -> bool:
+    """Chains whose packets have been through the routing decision (an output interface)."""
+    return chain in ("FORWARD", "OUTPUT", "POSTROUTING")
+
+
 def _addr(family, v):
     return ipaddress.IPv4Address(v) if family == 4 else ipaddress.IPv6Address(v)
 
@@ -243,12 +262,13 @@ def _layout():
         (f, w) for f, w in LAYOUT if f not in head)
 
 
-def compiler(ruleset, ipassmt=None) -> MatchCompiler:
-    """A MatchCompiler whose space also knows the assignment's interfaces."""
+def compiler(ruleset, ipassmt=None, routes=None) -> MatchCompiler:
+    """A MatchCompiler whose space also knows the assignment's (and the routes') interfaces."""
     from analyzer.engine.packetset import PacketSpace
     sp = PacketSpace(layout=_layout())
-    if ipassmt is not None:
-        sp.declare_interfaces(n for n in ipassmt.names() if not n.endswith("+"))
+    for a in (ipassmt, routes):
+        if a is not None:
+            sp.declare_interfaces(n for n in a.names() if not n.endswith("+"))
     return MatchCompiler(ruleset, sp)
 
 
@@ -273,16 +293,22 @@ def tcp_excluded(rule, sport: int, dport: int, fffuu: bool = False) -> bool:
 
 def service_matrix(ruleset, chain: str = "FORWARD", dport: int = 22, closure: str = "upper",
                    ipassmt=None, sport: int = SPORT, ifaces: str = "exact",
-                   table: str = "filter", comp: MatchCompiler | None = None) -> Matrix:
+                   table: str = "filter", comp: MatchCompiler | None = None,
+                   routes=None) -> Matrix:
     """The service matrix of ``chain`` for TCP ``sport`` -> ``dport``. Pass the same ``comp``
-    (`compiler(ruleset, ipassmt)`) to several calls to compile each rule once."""
+    (`compiler(ruleset, ipassmt, routes)`) to several calls to compile each rule once.
+    ``routes`` (`assignment_from_routes`): each output interface's destinations; a routed
+    chain's packets then leave by the interface their destination is routed to (fffuu's
+    --routingtbl: ``-o IFACE`` rewritten to those destinations under ``ifaces="abstract"``)."""
     from analyzer.parse.ipassmt import generic
     fam = ruleset.family
     if ipassmt is None or ipassmt.family != fam:
         ipassmt = generic(fam)
     rules = reachable_rules(ruleset, chain, table)
-    comp = comp or compiler(ruleset, ipassmt)
+    comp = comp or compiler(ruleset, ipassmt, routes)
     fffuu = ifaces == "abstract"
+    if routes is not None and (routes.family != fam or not _routed_chain(table, chain)):
+        routes = None
     skip = _memo(lambda r: tcp_excluded(r, sport, dport, fffuu))
     sp = comp.space
     # the first packet of a new TCP connection: ctstate NEW and the flags exactly SYN, as
@@ -292,13 +318,15 @@ def service_matrix(ruleset, chain: str = "FORWARD", dport: int = 22, closure: st
                                             tcp_flags=sp.flag_value("tcp_flags", "SYN"))
                    & sp.any_flag("ctstate", "NEW"))
     m = Matrix(chain, dport, closure, fam, sport=sport, ifaces=ifaces, ipassmt=ipassmt.origin,
-               table=table)
+               table=table, routed=routes is not None)
     if ifaces == "abstract":
         m.iface_rewrite = "rewrite" if rewrite_applies(ipassmt, rules) else "constrain"
-        ev = _Unfolded(ruleset, comp, closure, _abstract(comp, ipassmt, m.iface_rewrite).rule,
+        ev = _Unfolded(ruleset, comp, closure, _abstract(comp, ipassmt, m.iface_rewrite, routes).rule,
                        table, skip)
     else:
         pkts = assume_ipassmt(comp, pkts, ipassmt)
+        if routes is not None:  # kept out of ``base``: the chains' answers stay small
+            pkts = assume_routes(comp, pkts, routes)
         ev = _Eval(ruleset, comp, closure, table=table, skip=skip)
         ev.base = base
     acc, _ = ev.chain(chain, pkts)
@@ -323,12 +351,13 @@ def _memo(f):
     return g
 
 
-def _abstract(comp, ipassmt, mode):
-    """One `_AbstractIfaces` per compiler and mode (its rule bounds do not depend on the port)."""
-    key = ("abstract", id(ipassmt), mode)
+def _abstract(comp, ipassmt, mode, routes=None):
+    """One `_AbstractIfaces` per compiler, mode and routes (its rule bounds do not depend on
+    the port)."""
+    key = ("abstract", id(ipassmt), mode, id(routes))
     a = comp._cache.get(key)
     if a is None:
-        a = comp._cache[key] = _AbstractIfaces(comp, ipassmt, mode)
+        a = comp._cache[key] = _AbstractIfaces(comp, ipassmt, mode, routes)
     return a
 
 
@@ -365,8 +394,8 @@ class _AbstractIfaces:
     ``-s <X's addresses>`` (rewrite: exactly; constrain: as an upper bound, the interface
     itself unknown), every other interface match is unknown (under = {}, over = all)."""
 
-    def __init__(self, comp: MatchCompiler, ipassmt, mode: str):
-        self.comp, self.ipassmt, self.mode = comp, ipassmt, mode
+    def __init__(self, comp: MatchCompiler, ipassmt, mode: str, routes=None):
+        self.comp, self.ipassmt, self.mode, self.routes = comp, ipassmt, mode, routes
         self._cache: dict = {}
 
     def _srcs(self, name):
@@ -383,6 +412,12 @@ class _AbstractIfaces:
                 return Bounds(s, s, True)
             # constrain: -i X && src in X;  ! (-i X && src in X) = ! -i X || src not in X
             return Bounds(u - s, u, False) if m.negated else Bounds(empty, s, False)
+        if m.direction == "out" and self.routes is not None and self.routes.get(m.name) is not None:
+            sp, fam = self.comp.space, self.routes.family  # fffuu's oiface_rewrite
+            s = sp.union(sp.range("dst", _addr(fam, lo), _addr(fam, hi))
+                         for lo, hi in self.routes.get(m.name)) & u
+            s = u - s if m.negated else s
+            return Bounds(s, s, True)
         return Bounds(empty, u, False)
 
     def rule(self, rule) -> Bounds:
@@ -432,21 +467,24 @@ class Spoofing:
 
 
 def spoofing_check(ruleset, chain: str, ipassmt, closure: str = "upper",
-                   table: str = "filter", comp: MatchCompiler | None = None) -> Spoofing:
+                   table: str = "filter", comp: MatchCompiler | None = None,
+                   routes=None) -> Spoofing:
     """fffuu's spoofing check, exact over interfaces: for each interface of the assignment,
     the source addresses outside its assignment that the chain accepts on a new connection
     arriving there (any destination, protocol, output interface; a TCP packet is a SYN).
     ``closure="upper"`` counts a packet as accepted if a bounded match may let it through."""
     fam = ruleset.family
-    comp = comp or compiler(ruleset, ipassmt)
+    comp = comp or compiler(ruleset, ipassmt, routes)
     sp = comp.space
     syn = sp.where(tcp_flags=sp.flag_value("tcp_flags", "SYN"))
-    pkts = comp.universe & sp.any_flag("ctstate", "NEW") & ((comp.universe - sp.eq("proto", 6)) | syn)
+    pkts = base = comp.universe & sp.any_flag("ctstate", "NEW") & ((comp.universe - sp.eq("proto", 6)) | syn)
     if table == "filter" and chain == "FORWARD":
         # what arrives on loopback is local traffic: it is delivered (INPUT), never forwarded
         pkts = pkts - sp.iface("iif", "lo")
+    if routes is not None and routes.family == fam and _routed_chain(table, chain):
+        pkts = assume_routes(comp, pkts, routes)
     ev = _Eval(ruleset, comp, closure, table=table)
-    ev.base = pkts
+    ev.base = base
     acc, _ = ev.chain(chain, pkts)
     rules = reachable_rules(ruleset, chain, table)
     out = Spoofing(chain, fam, ipassmt.origin, closure, approximate=sorted(ev.approx))

@@ -105,3 +105,61 @@ def test_matrix_dot_is_the_matrix_as_a_table_and_svg_draws_it(capsys):
         pytest.skip("Graphviz's dot is not installed")
     assert main(["matrix", dump, "--chain", "INPUT", "-o", "svg"]) == 0
     assert "<svg" in capsys.readouterr().out
+
+
+# ----------------------------------------------------- interfaces tied to addresses by routes
+ROUTES = ["10.0.0.0/8 dev lan0", "192.168.0.0/16 dev dmz0", "default via 203.0.113.1 dev wan0"]
+ROUTED = {"10": "lan0", "192": "dmz0"}
+IF_NETS = [None, "10.0.0.0/8", "10.1.0.0/16", "192.168.0.0/16", "8.0.0.0/8"]
+
+
+def _route_of(addr):
+    return ROUTED.get(addr.split(".")[0], "wan0")
+
+
+def _iface_cond(rnd):
+    parts = []
+    for opt in ("-i", "-o"):
+        if rnd.random() < 0.5:
+            parts.append(("! " if rnd.random() < 0.2 else "") + f"{opt} {rnd.choice(['lan0', 'dmz0', 'wan0'])}")
+    for opt in ("-s", "-d"):
+        n = rnd.choice(IF_NETS)
+        if n:
+            parts.append(f"{opt} {n}")
+    return " ".join(parts)
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_matrix_with_routes_agrees_with_walks_on_the_routed_interfaces(seed):
+    """With the host's routes, a packet arrives on an interface whose routes hold its source
+    (or one no route names) and leaves by the one its destination is routed to: an edge exists
+    exactly when some such walk accepts."""
+    from analyzer.matrix import assignment_from_routes
+    rnd = random.Random(1000 + seed)
+    lines = ["*filter", ":INPUT ACCEPT [0:0]", f":FORWARD {rnd.choice(['ACCEPT', 'DROP'])} [0:0]",
+             ":OUTPUT ACCEPT [0:0]", ":USER - [0:0]"]
+    for _ in range(rnd.randint(2, 7)):
+        lines.append(f"-A FORWARD {_iface_cond(rnd)} -j {rnd.choice(['ACCEPT', 'DROP', 'USER'])}")
+    for _ in range(rnd.randint(1, 3)):
+        lines.append(f"-A USER {_iface_cond(rnd)} -j {rnd.choice(['ACCEPT', 'DROP', 'RETURN'])}")
+    text = "\n".join(lines + ["COMMIT", ""])
+    rs = load_ruleset((text, "r.rules")).ruleset
+    ns = Namespace()
+    ns.add_addr("203.0.113.2/30", "wan0")
+    for r in ROUTES:
+        ns.add_route(r)
+    routes = assignment_from_routes(ns, 4)
+    m = service_matrix(rs, "FORWARD", 22, ipassmt=routes, routes=routes)
+    assert m.routed and not m.approximate
+    edges = set(m.edges)
+    hosts = ["10.1.2.3", "10.9.9.9", "192.168.1.1", "8.8.8.8", "9.9.9.9"]
+    for src in hosts:
+        for dst in hosts:
+            walked = False
+            for iif in (_route_of(src), "other0"):
+                pkt = Packet(4, 6, ipaddress.ip_address(src), ipaddress.ip_address(dst), SPORT, 22,
+                             iif=iif, oif=_route_of(dst))
+                br = Branch(pkt, Conntrack(pkt, pkt.dst, pkt.dport, pkt.src, pkt.sport))
+                [out] = Walker(rs, Namespace()).run_table(br, "filter", "FORWARD")
+                walked = walked or out.disposition is None
+            assert ((class_of(m, src), class_of(m, dst)) in edges) == walked, (text, src, dst)

@@ -52,7 +52,7 @@ def accepts_spoofed_source(ctx: CheckContext) -> Iterator[Diagnostic]:
             assmt = assignment_from_routes(spec.net, rs.family)
             if not assmt.ifaces:
                 continue
-            result = spoofing_check(rs, CHAIN, assmt)
+            result = spoofing_check(rs, CHAIN, assmt, routes=assmt)
             chain = rs.chain("filter", CHAIN)
             span = chain.span or (chain.rules[0].span if chain.rules else None)
             for i in result.ifaces:

@@ -12,9 +12,10 @@ SCHEMA_VERSION = "1.1"
 
 
 def _mode(m: Matrix) -> str:
+    routed = ", -o by routes" if m.routed else ""
     if m.ifaces == "abstract":
-        return f"fffuu's abstraction, -i {m.iface_rewrite}d to assigned sources"
-    return "interfaces exact"
+        return f"fffuu's abstraction, -i {m.iface_rewrite}d to assigned sources{routed}"
+    return f"interfaces exact{routed}"
 
 
 def _one_text(m: Matrix) -> list[str]:
@@ -67,7 +68,7 @@ def matrix_json(m: Matrix) -> dict:
     return {
         "chain": m.chain, "table": m.table, "sport": m.sport, "dport": m.dport, "proto": "tcp",
         "closure": m.closure, "family": m.family,
-        "interfaces": m.ifaces, "ipassmt": m.ipassmt,
+        "interfaces": m.ifaces, "ipassmt": m.ipassmt, "outputs_routed": m.routed,
         **({"iface_rewrite": m.iface_rewrite} if m.iface_rewrite else {}),
         "classes": [{"name": c.name, "ranges": [[str(lo), str(hi)] for lo, hi in c.ranges],
                      "cidrs": c.cidrs()} for c in m.sources],
