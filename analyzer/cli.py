@@ -788,6 +788,7 @@ def cmd_explain_open(args, res, spec) -> int:
     found = [outcome_findings(g.witness, g.outcomes, res.files) for g in groups]  # as lint would
     if args.output_format == "json":
         doc = {"schema_version": "1.0", "open_fields": sorted(spec.open), "complete": complete,
+               **({"assumptions": groups[0].assumes} if groups and groups[0].assumes else {}),
                "groups": [{"packets": g.description, "classes": g.classes,
                            "explain": json.loads(render_json(g.witness, g.outcomes)),
                            "diagnostics": [to_dict(d) for d in ds]} for g, ds in zip(groups, found)]}

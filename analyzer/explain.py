@@ -417,6 +417,9 @@ def run_explain(args, res) -> int:
     walker = Walker(res.ruleset, ns, backend=backend if backend in ("nft", "legacy") else None)
     outcomes = explain_flow(res.ruleset, flow, ns, local=args.local, walker=walker)
     assumed = assumptions(ns, flow.family, args.local)
+    if walker.recent_assumed:
+        from analyzer.netfilter.walk import RECENT_ASSUMPTION
+        assumed.append(RECENT_ASSUMPTION)
     extra = client_route_assumption(ns, flow, args.local)
     if extra:
         assumed.append(extra)

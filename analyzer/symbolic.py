@@ -34,6 +34,7 @@ class Group:
     classes: int
     packets: object = None  # the engine PacketSet of every packet in the group
     approximate: list = field(default_factory=list)  # why the classes may be too wide
+    assumes: list = field(default_factory=list)  # what the walks assumed (e.g. -m recent)
 
 
 def signature(outcomes) -> tuple:
@@ -51,7 +52,8 @@ def _verdict_kind(verdict: str) -> str:
     return re.sub(r"\s*\(.*?\)", "", verdict.split(" to ")[0]).split(":")[0]
 
 
-def explain_classes(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 20000):
+def explain_classes(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 20000,
+                    assumed: list | None = None):
     """The packets of ``spec`` in classes the walk cannot tell apart: ``([Explored], rest)``,
     each class with its witness's values and outcomes; ``rest`` the packets left when ``limit``
     classes were reached (empty when every packet is explained). Also returns the space."""
@@ -78,6 +80,7 @@ def explain_classes(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int
 
     if "proto" not in spec.open:
         classes, rest = explore(universe, make, walk, limit, prefer)
+        _assumed(walker, assumed)
         return classes, rest, space
     classes, rest = [], universe
     # the walk builds ports, ICMP types and TCP flags from the protocol: one class per kind
@@ -89,13 +92,22 @@ def explain_classes(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int
         rest = (rest - part) | left
         if not left.is_empty():
             break
+    _assumed(walker, assumed)
     return classes, rest, space
+
+
+def _assumed(walker, out: list | None) -> None:
+    """What the walks assumed, for the caller to print (``-m recent``)."""
+    if out is not None and walker.recent_assumed:
+        from analyzer.netfilter.walk import RECENT_ASSUMPTION
+        out.append(RECENT_ASSUMPTION)
 
 
 def explain_open_flow(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 20000):
     """Returns (groups, complete): one group per distinct outcome signature; ``complete`` is False
     when ``limit`` classes did not cover every packet (the rest is not explained)."""
-    classes, rest, space = explain_classes(ruleset, spec, ns, local, limit)
+    assumed: list = []
+    classes, rest, space = explain_classes(ruleset, spec, ns, local, limit, assumed)
     groups: dict = {}
     for c in classes:
         sig = signature(c.result)
@@ -110,6 +122,7 @@ def explain_open_flow(ruleset, spec: FlowSpec, ns, local: bool = False, limit: i
     result = list(groups.values())
     for g in result:
         g.description = describe(g.packets, spec, space)
+        g.assumes = list(assumed)
     return result, rest.is_empty()
 
 
@@ -246,7 +259,8 @@ def render_groups(spec: FlowSpec, groups, complete: bool, where: str) -> str:
     n = sum(g.classes for g in groups)
     out = [f"flow: {spec.text()} ({where}); open: {', '.join(sorted(spec.open))}",
            f"{len(groups)} distinct outcome group(s) over {n} class(es) of packets" + ("" if complete else
-           " (APPROXIMATE: the class limit was reached; the remaining packets are not explained)"), ""]
+           " (APPROXIMATE: the class limit was reached; the remaining packets are not explained)")]
+    out += [f"assumes: {a}" for a in (groups[0].assumes if groups else [])] + [""]
     for k, g in enumerate(groups, 1):
         out.append(f"=== group {k}: {g.description}  (witness {g.witness.tuple_str()}"
                    + (f" iif {g.witness.iif}" if "iif" in spec.open and g.witness.iif else "")

@@ -244,3 +244,31 @@ def test_open_connmark_of_an_established_connection(tmp_path):
     heads = [line.split("  (")[0] for line in out.splitlines() if line.startswith("=== group")]
     assert heads == ["=== group 1: connmark 0x0/0xff", "=== group 2: connmark any but 0x0/0xff"], out
     assert "conntrack:ESTABLISHED" in out and "conntrack:NEW" not in out
+
+
+RECENT = """*nat
+:PREROUTING ACCEPT [0:0]
+:KUBE-SVC - [0:0]
+-A PREROUTING -d 10.96.0.1/32 -p tcp --dport 80 -j KUBE-SVC
+-A KUBE-SVC -m recent --name A --rcheck --seconds 10800 --reap -j DNAT --to-destination 10.0.2.2:8080
+-A KUBE-SVC -j DNAT --to-destination 10.0.2.3:8080
+COMMIT
+"""
+
+
+@pytest.mark.parametrize("flow", ["tcp 10.0.1.2:4000 -> 10.96.0.1:80", "tcp 10.0.1.0/24 -> 10.96.0.1:80"])
+def test_recent_is_a_printed_assumption(tmp_path, flow):
+    """`-m recent` is evaluated as the client's first connection: explain says so, for one
+    flow and for a set of them, in text and JSON."""
+    import json
+
+    from _golden import run
+
+    dump = tmp_path / "recent.rules"
+    dump.write_text(RECENT)
+    rc, out, err = run(["explain", str(dump), "--flow", flow, "--from-iface", "eth0"])
+    assert "assumes: -m recent: the flow is the client's first connection" in out, out
+    rc, out, err = run(["explain", str(dump), "--flow", flow, "--from-iface", "eth0", "-o", "json"])
+    assert any(a.startswith("-m recent") for a in json.loads(out)["assumptions"])
+    rc, out, err = run(["explain", str(dump), "--flow", flow.replace("10.96.0.1", "10.96.0.2"), "--from-iface", "eth0"])
+    assert "-m recent" not in out  # only when a walk met such a rule

@@ -292,7 +292,16 @@ def _shared(ruleset: Ruleset) -> dict:
     return data
 
 
+#: what the walk assumes when it meets ``-m recent`` (explain prints it with its assumptions)
+RECENT_ASSUMPTION = ("-m recent: the flow is the client's first connection (--rcheck/--update/--remove "
+                     "find no entry, --set matches), as when kube-proxy's ClientIP affinity first picks "
+                     "an endpoint; a later connection may stick to another one")
+
+
 class Walker:
+    #: set once the walk met a ``-m recent`` match (evaluated under RECENT_ASSUMPTION)
+    recent_assumed = False
+
     def __init__(self, ruleset: Ruleset, ns: Namespace, backend: str | None = None):
         self.rs = ruleset
         self.ns = ns
@@ -543,6 +552,7 @@ class Walker:
                 return (None, f"ipset '{m.name}' of type {s.type} not evaluated", False)
             return hit != neg
         if isinstance(m, OpaqueMatch) and m.module == "recent":
+            self.recent_assumed = True  # explain says so (RECENT_ASSUMPTION)
             # the walk is a connection's first packet from a client the list has not seen (kube-proxy's
             # session affinity: the first connection picks an endpoint by statistic, later ones stick
             # to it): --set matches and records, --rcheck/--update/--remove find no entry; the
