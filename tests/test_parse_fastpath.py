@@ -128,3 +128,42 @@ def test_compiled_shapes_agree_on_the_corpus(monkeypatch):
             text = f.read()
         assert _parse(text, "compiled", monkeypatch, str(p)) == _parse(text, "plans", monkeypatch, str(p)), p
     assert hits[0] > 20000
+
+
+def test_ipv4_networks_built_from_integers_equal_the_ipaddress_ones():
+    import ipaddress
+    import pickle
+
+    from analyzer.parse import options as O
+
+    rng = random.Random(11)
+    for _ in range(2000):
+        ip, plen = rng.getrandbits(32), rng.randrange(33)
+        fast, slow = O._v4_network(ip, plen), ipaddress.IPv4Network((ip, plen), strict=False)
+        assert (fast, hash(fast), str(fast), fast.hostmask, fast.broadcast_address) == \
+            (slow, hash(slow), str(slow), slow.hostmask, slow.broadcast_address)
+        assert vars(fast).keys() == vars(slow).keys() and pickle.loads(pickle.dumps(fast)) == slow
+        assert fast.subnet_of(slow) and slow.subnet_of(fast)
+        a = O._v4_address(ip)
+        assert (a, hash(a), str(a)) == (slow := ipaddress.IPv4Address(ip), hash(slow), str(slow))
+    assert list(O._v4_network(0x0A000001, 32).hosts()) == [ipaddress.IPv4Address("10.0.0.1")]
+    assert len(list(O._v4_network(0x0A000000, 31).hosts())) == 2
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("10.0.0.1", ("10.0.0.1", "10.0.0.1", None, None)),
+    ("10.0.0.1:80", ("10.0.0.1", "10.0.0.1", 80, 80)),
+    ("10.0.0.1:80-90", ("10.0.0.1", "10.0.0.1", 80, 90)),
+    ("10.0.0.1-10.0.0.5", ("10.0.0.1", "10.0.0.5", None, None)),
+    ("10.0.0.1:90-80", "PRS006"), ("10.0.0.1:70000", "PRS006"), ("10.0.0.1:", "PRS006"),
+    ("010.0.0.1:80", "PRS006"), ("10.0.0.256:80", "PRS006"),
+])
+def test_nat_ranges_of_the_usual_form_decode_as_the_general_way(text, expected):
+    from analyzer.parse import options as O
+
+    try:
+        r = O._nat_range(text, O.Ctx(4))
+        got = (str(r.addr_lo), str(r.addr_hi), r.port_lo, r.port_hi)
+    except O.DecodeError as e:
+        got = e.code
+    assert got == expected

@@ -7,7 +7,7 @@ from __future__ import annotations
 import difflib
 from collections import Counter, deque
 from dataclasses import dataclass, field, fields
-from typing import Iterator
+from typing import AbstractSet as Set, Iterator
 
 from analyzer.checks import CheckContext, check
 from analyzer.diagnostics import Diagnostic, Related, Severity
@@ -72,7 +72,7 @@ class TableGraph:
 
     table: Table
     callees: dict[str, list[Rule]] = field(default_factory=dict)  # chain -> its jump/goto rules
-    hooks: dict[str, set[str]] = field(default_factory=dict)  # chain -> builtin chains reaching it
+    hooks: dict[str, Set[str]] = field(default_factory=dict)  # chain -> builtin chains reaching it
     _topo: tuple | None = None
     _via: dict | None = None
     _order: dict | None = None
@@ -123,13 +123,11 @@ class TableGraph:
             succ: dict[str, list[str]] = {}
             indeg: dict[str, int] = dict.fromkeys(self.table.chains, 0)
             for src, rules in self.callees.items():
-                seen = set()
-                for r in rules:
-                    d = r.target.chain
-                    if d not in seen:
-                        seen.add(d)
-                        succ.setdefault(src, []).append(d)
-                        indeg[d] = indeg.get(d, 0) + 1
+                # each callee once, in the order of the first jump to it
+                ds = succ[src] = ([rules[0].target.chain] if len(rules) == 1 else
+                                  list(dict.fromkeys([r.target.chain for r in rules])))
+                for d in ds:
+                    indeg[d] = indeg.get(d, 0) + 1
             queue = deque(n for n, k in indeg.items() if k == 0)
             order = []
             while queue:
@@ -146,22 +144,22 @@ class TableGraph:
     def build(cls, table: Table) -> "TableGraph":
         g = cls(table)
         chains = table.chains
+        user = {name for name, c in chains.items() if not c.builtin}
+        callees = g.callees
         for c in chains.values():
-            for r in c.rules:
-                t = r.target
-                if isinstance(t, Jump):
-                    dst = chains.get(t.chain)
-                    if dst is not None and not dst.builtin:
-                        g.callees.setdefault(c.name, []).append(r)
+            jumps = [r for r in c.rules if isinstance(t := r.target, Jump) and t.chain in user]
+            if jumps:
+                callees[c.name] = jumps
         hooks = g.hooks
-        for c in chains.values():
-            if c.builtin:
-                hooks[c.name] = {c.name}
         order, cyclic = g.acyclic()
         if not cyclic:
             # no cycle: the hooks reaching a chain flow along a topological order, one pass over
             # the jumps instead of one BFS per hook (kube-proxy's PREROUTING and OUTPUT share
-            # KUBE-SERVICES and its 40k chains)
+            # KUBE-SERVICES and its 40k chains); chains reached from the same hooks share one
+            # frozenset
+            for c in chains.values():
+                if c.builtin:
+                    hooks[c.name] = frozenset((c.name,))
             succ = g._topo[2]
             for n in order:
                 hs = hooks.get(n)
@@ -169,10 +167,13 @@ class TableGraph:
                     for m in succ.get(n, ()):
                         have = hooks.get(m)
                         if have is None:
-                            hooks[m] = set(hs)
-                        else:
-                            have |= hs
+                            hooks[m] = hs
+                        elif not hs <= have:
+                            hooks[m] = have | hs
             return g
+        for c in chains.values():
+            if c.builtin:
+                hooks[c.name] = {c.name}
         for c in chains.values():
             if not c.builtin:
                 continue
@@ -777,20 +778,33 @@ def _nesting_acyclic(ctx, table, g, order):
     topological order, over the jumps of reachable chains (as the networkx path does)."""
     level: dict[str, int] = {}
     parent: dict[str, str] = {}
-    edge: dict[tuple[str, str], Rule] = {}
+    chains = table.chains
+    hooks = g.hooks
+    succ = g._topo[2]  # each chain's callees, once each, in the order of the first jump
     for n in order:
-        c = table.chains.get(n)
+        c = chains.get(n)
         if c is not None and c.builtin:
             level[n] = 0
-        if n not in level or not g.reachable(n):
+        lv = level.get(n)
+        if lv is None or not hooks.get(n):
             continue
-        for r in g.callees.get(n, ()):
-            m = r.target.chain
-            edge.setdefault((n, m), r)
-            if level[n] + 1 > level.get(m, -1):
-                level[m] = level[n] + 1
+        lv += 1
+        for m in succ.get(n, ()):
+            if lv > level.get(m, -1):
+                level[m] = lv
                 parent[m] = n
-    yield from _report_depth(ctx, table, level, parent, edge)
+    yield from _report_depth(ctx, table, level, parent, _FirstJump(g))
+
+
+class _FirstJump:
+    """(caller, callee) -> the caller's first rule that jumps (or goes) to the callee."""
+
+    def __init__(self, g: TableGraph):
+        self.g = g
+
+    def __getitem__(self, edge: tuple[str, str]) -> Rule:
+        src, dst = edge
+        return next(r for r in self.g.callees[src] if r.target.chain == dst)
 
 
 def _report_depth(ctx, table, level, parent, edge):

@@ -11,7 +11,7 @@ import ipaddress
 import re
 import socket
 from functools import lru_cache
-from itertools import accumulate, repeat
+from itertools import accumulate, islice, repeat
 from operator import add
 
 from analyzer.model.rules import (
@@ -384,19 +384,65 @@ _V4 = re.compile(r"((?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4
 _V4_MATCH = _V4.fullmatch
 
 
+_V4_MASKS = [ipaddress.IPv4Network._make_netmask(p) for p in range(33)]  # (netmask, prefix length)
+_new_object = object.__new__
+
+
+def _v4_address(ip: int) -> ipaddress.IPv4Address:
+    """``IPv4Address(ip)`` for an int already known to be in range: the constructor's
+    type dispatch and range check skipped (a large dump builds tens of thousands)."""
+    a = _new_object(ipaddress.IPv4Address)
+    a._ip = ip
+    return a
+
+
+def _v4_network(ip: int, prefixlen: int) -> ipaddress.IPv4Network:
+    """``IPv4Network((ip, prefixlen), strict=False)`` for an address and prefix length already
+    known to be valid: the same attributes, set without the constructor's parsing and checks.
+
+    >>> _v4_network(0x0A000105, 24) == ipaddress.IPv4Network("10.0.1.0/24")
+    True
+    """
+    netmask, prefixlen = _V4_MASKS[prefixlen]
+    net = _new_object(ipaddress.IPv4Network)
+    d = net.__dict__
+    d["network_address"] = _v4_address(ip & netmask._ip)
+    d["netmask"] = netmask
+    d["_prefixlen"] = prefixlen
+    if prefixlen == 31:
+        d["hosts"] = net.__iter__
+    elif prefixlen == 32:
+        d["hosts"] = lambda: [_v4_address(ip)]
+    return net
+
+
+def _v4_same(ip: int, prefixlen: int) -> bool:
+    a, b = _v4_network(ip, prefixlen), ipaddress.IPv4Network((ip, prefixlen), strict=False)
+    return (vars(a).keys() == vars(b).keys() and a == b and hash(a) == hash(b) and str(a) == str(b)
+            and list(islice(a.hosts(), 3)) == list(islice(b.hosts(), 3)) and a.broadcast_address == b.broadcast_address)
+
+
+# the shortcut copies what this Python's ipaddress constructor sets: checked once, else not used
+if not all(_v4_same(ip, p) for ip in (0, 0x0A0A0A0A, 0xFFFFFFFF, 0xC0A80101) for p in (0, 8, 24, 30, 31, 32)):
+    def _v4_network(ip: int, prefixlen: int) -> ipaddress.IPv4Network:  # noqa: F811
+        return ipaddress.IPv4Network((ip, prefixlen), strict=False)
+
+    def _v4_address(ip: int) -> ipaddress.IPv4Address:  # noqa: F811
+        return ipaddress.IPv4Address(ip)
+
+
 @lru_cache(maxsize=65536)
 def _net_cached(s: str):
     m = _V4_MATCH(s)
     if m is not None:  # the common case, without ipaddress's string parser
         p = m.group(2)
-        return ipaddress.IPv4Network((int.from_bytes(socket.inet_aton(m.group(1)), "big"),
-                                      int(p) if p else 32), strict=False)
+        return _v4_network(int.from_bytes(socket.inet_aton(m.group(1)), "big"), int(p) if p else 32)
     return ipaddress.ip_network(s, strict=False)
 
 
 def _ip(s: str):
     if _V4_MATCH(s) is not None and "/" not in s:
-        return ipaddress.IPv4Address(int.from_bytes(socket.inet_aton(s), "big"))
+        return _v4_address(int.from_bytes(socket.inet_aton(s), "big"))
     return ipaddress.ip_address(s)
 
 
@@ -464,7 +510,22 @@ def nat_range(s: str, ctx: Ctx, need_addr: bool = True) -> NatRange:
     return r
 
 
+# ADDR or ADDR:PORT[-PORT] of IPv4 (kube-proxy's DNAT --to-destination): no string splitting
+_NAT_V4_MATCH = re.compile(_V4.pattern.split("(?:/")[0] + r"(?::([0-9]+)(?:-([0-9]+))?)?").fullmatch
+
+
 def _nat_range(s: str, ctx: Ctx) -> NatRange:
+    m = _NAT_V4_MATCH(s) if ctx.family == 4 else None
+    if m is not None:
+        lo = _v4_address(int.from_bytes(socket.inet_aton(m[1]), "big"))
+        p, q = m[2], m[3]
+        if p is None:
+            return new_NatRange(lo, lo, None, None)
+        pl = int(p)
+        ph = int(q) if q is not None else pl
+        if ph <= 65535 and pl <= ph:
+            return new_NatRange(lo, lo, pl, ph)
+        # out of range: the general way below says so
     addr, ports = s, None
     if not s:
         raise DecodeError("PRS006", "empty NAT range: iptables refuses it (\"Bad IP address \"\"\")",
