@@ -100,8 +100,9 @@ def target_invalid_here(ctx: CheckContext) -> Iterator[Diagnostic]:
         for chain in table.chains.values():
             for r in chain.rules:
                 t = r.target
-                if t is None or t.name not in _CHN007_NAMES:
-                    continue  # most rules jump to a chain: no table or hook rule names it
+                # most rules jump to a chain: no table or hook rule names it (Jump.name is its chain)
+                if t is None or (t.chain if type(t) is Jump else t.name) not in _CHN007_NAMES:
+                    continue
                 key = _target_key(r)
                 name = key.split()[0]
                 if name == "DROP" and isinstance(r.target, Verdict) and table.name == "nat":
@@ -158,6 +159,9 @@ NO_IN_IFACE = ("OUTPUT", "POSTROUTING")
 NO_OUT_IFACE = ("PREROUTING", "INPUT")
 
 
+_CHN009_MATCHES = (IfaceMatch, OwnerMatch, AddrTypeMatch, PhysdevMatch)
+
+
 @check(code="CHN009", name="match-invalid-here", severity=ERROR, restore=True)
 def match_invalid_here(ctx: CheckContext) -> Iterator[Diagnostic]:
     """A match is used in a builtin chain, or reached from a hook, where iptables or the kernel
@@ -175,6 +179,8 @@ def match_invalid_here(ctx: CheckContext) -> Iterator[Diagnostic]:
         for chain in table.chains.values():
             for r in chain.rules:
                 for m in r.matches:
+                    if not isinstance(m, _CHN009_MATCHES):
+                        continue  # one test for the usual match (addresses, ports, comments)
                     if isinstance(m, IfaceMatch) and chain.builtin:
                         banned = NO_IN_IFACE if m.direction == "in" else NO_OUT_IFACE
                         if chain.name in banned:

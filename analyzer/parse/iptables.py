@@ -52,6 +52,7 @@ _new_Jump = O.fast_constructor(Jump)
 _new_OpaqueMatch = O.fast_constructor(OpaqueMatch)
 _new_Verdict = O.fast_constructor(Verdict)
 _new_FragmentMatch = O.fast_constructor(FragmentMatch)
+_new_Chain = O.fast_constructor(Chain)
 
 # Per-shape decode plans (docs/benchmarks.md). A rule's *shape* is its words with every value
 # abstracted: words that start with '-', '!' and the word after -m/-p stay, the others become
@@ -1842,8 +1843,8 @@ class Builder:
                             object.__setattr__(r, "pending", partial(self._decode_later, *r.target))
                             object.__delattr__(r, "matches")
                             object.__delattr__(r, "target")
-                chains[cname] = Chain(tname, cname, cb.builtin, cb.policy if cb.builtin else None,
-                                      rules, cb.span, cb.counters)
+                chains[cname] = _new_Chain(tname, cname, cb.builtin, cb.policy if cb.builtin else None,
+                                           rules, cb.span, cb.counters)
             tables[tname] = Table(tname, freeze_mapping(chains), tb.span)
         rs = Ruleset(self.family, freeze_mapping(tables), tuple(f.path for f in self.files), self.backend)
         diags = tuple(sorted(self.diags, key=Diagnostic.sort_key))
