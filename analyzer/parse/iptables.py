@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import gc
+import ipaddress
 import re
 from dataclasses import dataclass, field, replace
 from functools import lru_cache, partial
@@ -1937,7 +1938,8 @@ def _compile_shape(key: tuple, plan: tuple, w: list, cs: list, line: str, family
           "NETWORK": _fast_network, "ADDR": _new_AddrMatch, "PROTO": _new_ProtoMatch,
           "IFACE": _new_IfaceMatch, "FRAG": _new_FragmentMatch, "COMMENT": O.new_CommentMatch,
           "PORT": O.new_PortMatch, "PORT_RANGE": O.port_range, "OPAQUE": _new_OpaqueMatch,
-          "MERGE_STAT": O.merge_statistic}
+          "MERGE_STAT": O.merge_statistic, "TARGETS": O.TARGETS, "JUMP": _new_Jump,
+          "NET_CLASS": ipaddress.IPv4Network if family == 4 else ipaddress.IPv6Network}
     body: list[str] = []
     consts: list = []
 
@@ -1951,9 +1953,15 @@ def _compile_shape(key: tuple, plan: tuple, w: list, cs: list, line: str, family
     for st in plan:
         if st[0] == _P_J:
             name = val[st[1] + 1]
-            body += [f"t = TGET({name}, NO_SPEC)[0]",
-                     f"if t is None and {name} in chains: t = CHAIN_SPEC",
-                     f"if t is not {const(st[2])} or {name} == 'SET' or {name} in FOREIGN: return NO_PLAN"]
+            if st[2] is _CHAIN_SPEC:  # a chain of this table (TARGETS holds SET and FOREIGN)
+                body.append(f"if {name} not in chains or {name} in TARGETS: return NO_PLAN")
+            elif st[2] is not None:  # a known target: one spec per name, never SET or FOREIGN's
+                body.append(f"if TGET({name}, NO_SPEC)[0] is not {const(st[2])}: return NO_PLAN")
+            else:
+                body += [f"t = TGET({name}, NO_SPEC)[0]",
+                         f"if t is None and {name} in chains: t = CHAIN_SPEC",
+                         f"if t is not None or {name} == 'SET' or {name} in FOREIGN: return NO_PLAN"]
+    generic = False  # a handler that may note a host name in ctx
     matches: list[str] = []
     stat: list[str] = []
     tgt = None
@@ -1985,6 +1993,7 @@ def _compile_shape(key: tuple, plan: tuple, w: list, cs: list, line: str, family
                 expr = f"OPAQUE({c0}, {e0}, {neg}, {use_mod!r}, {t!r}, ({''.join(x + ', ' for x in args)}))"
             else:
                 expr = f"{const(handler)}({use_mod!r}, {t!r}, [{', '.join(args)}], {neg}, {c0}, {e0}, ctx)"
+                generic = True
             m = new_match(expr, check_none=handler not in (O._h_comment, O._h_ports, O._h_statistic))
             (stat if is_stat else matches).append(m)
         elif op == _P_GEN:
@@ -1992,7 +2001,7 @@ def _compile_shape(key: tuple, plan: tuple, w: list, cs: list, line: str, family
             c0, e0, a0 = col[c], end[j - 1], val[j - 1]
             if g == "src" or g == "dst":
                 body += [f"net = NETS_GET({a0})",
-                         f"if net is None or net.version != {family}:",
+                         "if net is None or net.__class__ is not NET_CLASS:",
                          f"    net = NETWORK({a0}, ctx, {family})",
                          "    if net is None: return NO_PLAN"]
                 matches.append(new_match(f"ADDR({c0}, {e0}, {neg}, {g!r}, (net,))"))
@@ -2032,11 +2041,17 @@ def _compile_shape(key: tuple, plan: tuple, w: list, cs: list, line: str, family
         body.append("target = None")
     else:
         name, tc, te, tspec, goto = tgt
-        body += [f"opts = [{', '.join(opts)}]",
-                 f"target = PLAIN({name}, opts, {goto}, {const(tspec)}, {tc}, {te})",
-                 "if target is None:",
-                 f"    target = MAKE_TARGET({name}, opts, ctx, {tc}, {'len(line) + 1' if opts else te}, {goto})"]
-    body += ["if ctx.host_names: return NO_PLAN",
+        if opts:  # a target with options: built by its maker (as _plain_target leaves it)
+            body.append(f"target = MAKE_TARGET({name}, [{', '.join(opts)}], ctx, {tc}, len(line) + 1, {goto})")
+        elif goto or tspec is None or tspec is _CHAIN_SPEC:
+            body.append(f"target = JUMP({tc}, {te}, {name}, {goto})")
+        else:
+            body += [f"target = PLAIN({name}, (), {goto}, {const(tspec)}, {tc}, {te})",
+                     "if target is None:",
+                     f"    target = MAKE_TARGET({name}, [], ctx, {tc}, {te}, {goto})"]
+    if generic:
+        body.append("if ctx.host_names: return NO_PLAN")
+    body += [
              f"return ({''.join(x + ', ' for x in matches)}), target, SPAN(path, n, 1, len(line) + 1), "
              f"line, {counters}"]
     vs = ", ".join(f"v{g}" for g in range(1, groups + 1))
