@@ -120,24 +120,27 @@ class TableGraph:
         Kahn's algorithm on plain dicts: a 10,000-service kube-proxy table has 40k chains, and
         usually no cycle at all, so the loop and depth checks can skip networkx entirely."""
         if self._topo is None:
-            succ: dict[str, list[str]] = {}
+            succ: dict[str, tuple[str, ...]] = {}
             indeg: dict[str, int] = dict.fromkeys(self.table.chains, 0)
             for src, rules in self.callees.items():
                 # each callee once, in the order of the first jump to it
-                ds = succ[src] = ([rules[0].target.chain] if len(rules) == 1 else
-                                  list(dict.fromkeys([r.target.chain for r in rules])))
-                for d in ds:
+                if len(rules) == 1:
+                    d = rules[0].target.chain
+                    succ[src] = (d,)
                     indeg[d] = indeg.get(d, 0) + 1
-            queue = deque(n for n, k in indeg.items() if k == 0)
-            order = []
-            while queue:
-                n = queue.popleft()
-                order.append(n)
+                else:
+                    ds = succ[src] = tuple(dict.fromkeys([r.target.chain for r in rules]))
+                    for d in ds:
+                        indeg[d] = indeg.get(d, 0) + 1
+            # the order is its own FIFO queue: a chain is appended when its last caller is
+            order = [n for n, k in indeg.items() if k == 0]
+            for n in order:
                 for m in succ.get(n, ()):
-                    indeg[m] -= 1
-                    if indeg[m] == 0:
-                        queue.append(m)
-            self._topo = (order, set(indeg) - set(order), succ)
+                    k = indeg[m] - 1
+                    indeg[m] = k
+                    if not k:
+                        order.append(m)
+            self._topo = (order, set() if len(order) == len(indeg) else set(indeg) - set(order), succ)
         return self._topo[:2]
 
     @classmethod
