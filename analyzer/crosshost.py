@@ -141,6 +141,7 @@ class World:
         self._owners: dict = {}
         self._rule_index: dict = {}    # (namespace, family) -> {(path, line): Rule}
         self._source_lines: dict = {}  # path -> its lines, for findings' source lines
+        self._neighbour: dict = {}     # IPv6 neighbour exchanges between namespaces, by who and where
 
     def walk(self, ns: str, pkt: Packet, iif: str | None, reply_mode: bool, ct: Conntrack | None,
              bridged_via: str | None = None, from_port: tuple | None = None,
@@ -330,10 +331,12 @@ class Tracker:
 
     def __init__(self):
         self.entries: dict[str, list[Conntrack]] = {}
+        self.neigh: frozenset = frozenset()  # IPv6 neighbour entries learned: (namespace, iface, address)
 
     def copy(self) -> "Tracker":
         t = Tracker()
         t.entries = {ns: list(lst) for ns, lst in self.entries.items()}
+        t.neigh = self.neigh
         return t
 
     def add(self, ns: str, ct: Conntrack):
@@ -461,6 +464,10 @@ def _advance(world: World, j: Journey, tr: Tracker, ns: str, pkt: Packet, arrive
         j.detail = f"leaves the environment from {ns} via {b.pkt.oif} (to {b.next_hop})"
         return None
     nns, niface, crossed = nxt
+    if b.pkt.family == 6 and not getattr(b, "cilium_done", False) \
+            and not _neighbour_resolved(world, tr, hop, ns, b, nns, niface, crossed):
+        j.end, j.end_ns, j.end_packet, j.detail = "no-neighbour", ns, b.pkt, hop.detail
+        return None
     out = _ifaces(b.pkt, None, None)
     if crossed is not None and world.bridge_nf(crossed, out.family):
         # the frame crosses the bridge's netfilter first
@@ -474,6 +481,48 @@ def _advance(world: World, j: Journey, tr: Tracker, ns: str, pkt: Packet, arrive
     if seg is not None and seg.bridge_ns == nns and seg.bridge_iface == niface:
         from_port = (ns, b.pkt.oif)  # the bridge port the frame enters by
     return nns, out, niface, None, from_port, None
+
+
+def _neighbour_resolved(world: World, tr: Tracker, hop: Hop, ns: str, b: Branch, nns: str, niface: str,
+                        crossed) -> bool:
+    """IPv6: ``ns`` resolves the next hop before the packet leaves; the neighbour solicitation
+    and advertisement cross ip6tables in both namespaces (and the bridge's, with br_netfilter)
+    (netfilter.neighbour.exchange). The connection starts with empty neighbour caches; what an
+    exchange teaches both ends (the sender the target, the owner the solicitor: ndisc_recv_ns
+    creates a STALE entry, usable at once) is kept per branch in ``tr``, so a reply toward an
+    address that solicited needs no exchange. False: the exchange failed, ``hop`` says where."""
+    from analyzer.netfilter import neighbour as ND
+
+    oif, target = b.pkt.oif, b.next_hop
+    if (ns, oif, target) in tr.neigh:
+        return True
+    source, assumed = ND.solicitation_source(world.env.namespaces[ns].net, oif, b.pkt.src)
+    bridge = crossed if crossed is not None and world.bridge_nf(crossed, 6) else None
+    key = (ns, oif, target, source, nns, niface, bridge.name if bridge is not None else None)
+    ex = world._neighbour.get(key)
+    if ex is None:
+        ex = world._neighbour[key] = ND.exchange(
+            (ns, world.walker(ns, 6), oif), (nns, world.walker(nns, 6), niface), target, source,
+            (bridge.bridge_ns, world.walker(bridge.bridge_ns, 6), bridge.bridge_iface) if bridge is not None else None)
+    src = f"{source} (a link-local address: the environment lists none for {ns}:{oif})" if assumed else str(source)
+    steps = [Step("neighbour", f"{ns} solicits {target} on {oif} from {src}; {nns} holds it on {niface}")]
+    if not ex.ok or any(":rule:" in st.where for _, _, sts in ex.legs for st in sts):
+        for what, leg_ns, sts in ex.legs:  # an exchange that crossed rules is shown in full
+            sts = [st for st in sts if not (st.where == "conntrack" and st.verdict == "OFF")]
+            if sts:  # a namespace without ip6tables rules adds nothing to say
+                steps.append(Step("neighbour", what))
+                steps.extend(sts)
+    steps.append(Step("neighbour", ("ok: " if ex.ok else "FAILED: ") + ex.summary))
+    hop.steps = list(hop.steps) + steps
+    hop.approx = hop.approx + ex.approx
+    if not ex.ok:
+        hop.disposition = "no-neighbour"
+        hop.detail = (f"{ns} cannot resolve its next hop {target} on {oif}: {ex.summary}; the packet is "
+                      f"never sent (after 3 unanswered solicitations, 1 s apart, the kernel drops it and "
+                      f"reports 'address unreachable' to its sender)")
+        return False
+    tr.neigh |= {(ns, oif, target), (nns, niface, source)}
+    return True
 
 
 def travel(world: World, tracker: Tracker, start_ns: str, pkt: Packet, iif: str | None,

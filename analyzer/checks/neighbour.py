@@ -55,7 +55,9 @@ def _assumes_loopback(rs, br) -> bool:
 @check(code="CHN013", name="neighbour-discovery-dropped", severity=Severity.ERROR)
 def neighbour_discovery_dropped(ctx: CheckContext) -> Iterator[Diagnostic]:
     """ip6tables drops the host's neighbour discovery: INPUT drops neighbour solicitations, or
-    OUTPUT drops the advertisements that answer them.
+    OUTPUT drops the advertisements that answer them (neighbours cannot resolve the host); or
+    OUTPUT drops its own solicitations, or INPUT the advertisements that answer them (the host
+    cannot resolve its neighbours).
 
     Why it matters: IPv6 resolves link-layer addresses with ICMPv6 (types 135/136), which crosses
     ip6tables (ARP never crosses iptables), untracked, so a stateful INPUT that accepts only
@@ -69,11 +71,18 @@ def neighbour_discovery_dropped(ctx: CheckContext) -> Iterator[Diagnostic]:
     from analyzer.netfilter.walk import Walker
 
     w = Walker(rs, Namespace())
-    for pkt, hooks, what in (
+    others = "neighbours cannot resolve this host's addresses, so nothing is sent to it or through it"
+    own = "this host cannot resolve its neighbours (its router included), so it sends nothing to them"
+    for pkt, hooks, what, why in (
             (solicitation(TARGET, SOLICITOR, None), ("PREROUTING", "INPUT"),
-             "neighbour solicitations (ICMPv6 type 135) arriving"),
+             "neighbour solicitations (ICMPv6 type 135) arriving", others),
             (advertisement(TARGET, SOLICITOR, None), ("OUTPUT", "POSTROUTING"),
-             "the neighbour advertisements (ICMPv6 type 136) that answer them, leaving")):
+             "the neighbour advertisements (ICMPv6 type 136) that answer them, leaving", others),
+            (solicitation(SOLICITOR, TARGET, None), ("OUTPUT", "POSTROUTING"),
+             "its own neighbour solicitations (ICMPv6 type 135) leaving", own),
+            (advertisement(SOLICITOR, TARGET, None), ("PREROUTING", "INPUT"),
+             "the neighbour advertisements (ICMPv6 type 136) that answer its own solicitations, "
+             "arriving", own)):
         brs = [b for b in walk_nd(w, pkt, hooks) if not _assumes_loopback(rs, b)]
         if not brs or any(b.disposition is None for b in brs):
             continue  # some outcome gets through: not certain enough to report
@@ -82,8 +91,7 @@ def neighbour_discovery_dropped(ctx: CheckContext) -> Iterator[Diagnostic]:
             continue
         yield ctx.diag(
             "CHN013",
-            f"{label} drops {what} ({pkt.tuple_str()}): neighbours cannot resolve this host's "
-            "addresses, so nothing is sent to it or through it",
+            f"{label} drops {what} ({pkt.tuple_str()}): {why}",
             span,
             hint="accept them first: -A INPUT -p ipv6-icmp --icmpv6-type neighbour-solicitation -j ACCEPT "
                  "(and neighbour-advertisement; OUTPUT too if it filters)",

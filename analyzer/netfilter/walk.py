@@ -94,6 +94,10 @@ class Branch:
                       self.disposition, self.detail, self.next_hop, self.reply, self.notracked)
 
 
+#: ICMPv6 router solicitation/advertisement, neighbour solicitation/advertisement, redirect
+_ND_TYPES = (133, 134, 135, 136, 137)
+
+
 def index_key(rule: Rule) -> tuple:
     """(destination address, destination port) the rule is limited to by a single positive
     ``-d ADDR/32`` and a single positive ``--dport N`` (None where it is not): the keys of the
@@ -558,6 +562,13 @@ class Walker:
             # to it): --set matches and records, --rcheck/--update/--remove find no entry; the
             # other options only qualify the check
             return (m.option not in ("--rcheck", "--update", "--remove")) != neg
+        if isinstance(m, OpaqueMatch) and m.module == "hl" and p.proto == 58 and p.icmp_type in _ND_TYPES \
+                and m.args and m.args[0].isdigit():
+            # neighbour discovery is sent with hop limit 255 (RFC 4861 6.1.2/7.1.1: ndisc's
+            # socket), so '-m hl' is decided for it
+            v = int(m.args[0])
+            hit = 255 == v if m.option == "--hl-eq" else 255 > v if m.option == "--hl-gt" else 255 < v
+            return hit != neg
         if isinstance(m, (OpaqueMatch, UnknownMatch)):
             return (None, f"'-m {m.module} {m.option}' not evaluated", False)
         return (None, f"{type(m).__name__} not evaluated", False)

@@ -495,5 +495,13 @@ def build_env(lab: Lab, path: str, *, backend: str = "nft",
             mine = [p for p in ports if p.get("master") == bname]
             return bool(mine) and all(p.get("state") == "forwarding" for p in mine)
         wait_until(forwarding, timeout=3.0, interval=0.05, what=f"ports of {bname} to forward")
+    # IPv6: every link-local address is tentative for about a second after its link comes up
+    # (duplicate address detection), and a tentative address sends no neighbour solicitation
+    # (a router forwarding solicits from it). Wait, bounded, until none is.
+    if any(":" in str(a) for spec in specs.values() for a in spec.get("addresses") or []):
+        def settled() -> bool:
+            return all(not n.run(["ip", "-6", "addr", "show", "tentative"]).stdout.strip()
+                       for n in env.ns.values())
+        wait_until(settled, timeout=5.0, interval=0.1, what="IPv6 duplicate address detection")
     return env
 

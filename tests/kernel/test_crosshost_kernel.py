@@ -129,7 +129,7 @@ def _hairpin_copy(path: Path, tmp: Path, hairpin: bool) -> Path:
 
 @dataclass
 class Verdict:
-    shape: str        # bypass | martian | split | lost | dropped | refused | ok
+    shape: str        # bypass | martian | split | lost | dropped | refused | no-neighbour | ok
     codes: list[str]
     trip: object
     summary: str
@@ -149,6 +149,8 @@ def synack_verdict(env_path: Path, case: Case) -> Verdict:
         shape = "lost"
     elif req.end == "refused":
         shape = "refused"
+    elif req.end == "no-neighbour":
+        shape = "no-neighbour"
     elif req.end != "delivered":
         shape = "dropped"
     elif trip.client_sees is not None and (trip.client_sees.src, trip.client_sees.sport) == \
@@ -261,6 +263,15 @@ def test_kernel_agrees_with_synack(case: Case, lab: Lab, require, tmp_path: Path
 
     elif verdict.shape == "refused":
         assert res.outcome == "refused", why
+
+    elif verdict.shape == "no-neighbour":
+        # the next hop never resolves: the SYN waits in the neighbour queue and never leaves that
+        # namespace (after 3 solicitations the sender is told EHOSTUNREACH; CONNECT_TIMEOUT is
+        # shorter than that)
+        assert res.outcome in ("timeout", "unreachable"), why
+        assert not synacks, why
+        if trip.request.end_ns == case.start:
+            assert not any(p.is_syn for p in from_client), why
 
     elif verdict.shape == "split":
         assert res.connected and tuple(res.peer) == dialled, why
