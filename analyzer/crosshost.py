@@ -251,11 +251,10 @@ def _cilium_stage(world: "World", tr: "Tracker", ns: str, pkt: Packet, arrived, 
     connect() for a local process, bpf_lxc for a packet from a pod's veth (per-packet LB, rev-NAT,
     local delivery by BPF redirect that skips the host's netfilter). None: Cilium plays no part
     here, the namespace is walked as before."""
-    from analyzer.netfilter import cilium as C
-
     cover = world.cilium_cover.get(ns)
     if cover is None or bridged_via is not None:
         return None
+    from analyzer.netfilter import cilium as C
     node_ns, _ = cover
     node = world.env.namespaces[node_ns].cilium
     entries = tr.entries.get(node_ns + "#cilium", [])

@@ -12,7 +12,7 @@ import types
 from collections import OrderedDict
 import re
 import ipaddress
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from analyzer.model.rules import (
     AddrMatch, AddrTypeMatch, CommentMatch, ConnmarkCopy, CtStateMatch, CtStatusMatch,
@@ -26,7 +26,7 @@ from analyzer.netfilter import stages as STAGES
 from analyzer.netfilter.env import Namespace
 from analyzer.netfilter.nat import pick_address, pick_port
 
-from analyzer.model.packet import CT_INPUT, PROTO, PROTO_NAME, Packet, tcp_flag_names, with_ifaces  # noqa: F401 (re-exported)
+from analyzer.model.packet import CT_INPUT, PROTO, PROTO_NAME, Packet, evolve, tcp_flag_names, with_ifaces  # noqa: F401 (re-exported)
 from analyzer.parse.flow import FlowSpec, parse_flow, parse_flow_spec  # noqa: F401 (re-exported)
 MAX_OUTCOMES = 64
 
@@ -70,6 +70,13 @@ class Conntrack:
     # flow's ctstate): nat is not consulted, and the entry is taken to translate nothing
     existing: str | None = None
 
+    def copy(self) -> "Conntrack":
+        """A shallow copy of the same type (what ``dataclasses.replace(ct)`` gives, without its
+        per-field work: a 10k-service environment copies entries millions of times)."""
+        c = object.__new__(type(self))
+        c.__dict__.update(self.__dict__)
+        return c
+
     def reply_tuple(self) -> str:
         o = self.original
         p = Packet(o.family, o.proto, self.reply_src, self.reply_dst, self.reply_sport, self.reply_dport)
@@ -90,7 +97,7 @@ class Branch:
     notracked: bool = False  # a NOTRACK matched this packet in this namespace's raw table
 
     def fork(self) -> "Branch":
-        return Branch(self.pkt, replace(self.ct), list(self.steps), self.prob, list(self.approx),
+        return Branch(self.pkt, self.ct.copy(), list(self.steps), self.prob, list(self.approx),
                       self.disposition, self.detail, self.next_hop, self.reply, self.notracked)
 
 
@@ -314,6 +321,7 @@ class Walker:
         shared = _shared(ruleset)
         self._index: dict = shared["index"]
         self.ct_in_use = shared["ct_in_use"]
+        self._order_noted: dict = {}  # hook -> whether the stage order had to be assumed
 
     # -------------------------------------------------------------- chain evaluation
     def _rules_for(self, table: str, chain: str, pkt: Packet):
@@ -330,13 +338,14 @@ class Walker:
     def run_table(self, br: Branch, table: str, hook: str) -> list[Branch]:
         """Traverse a table's builtin chain for this hook. Returned branches either go on to the
         next table (``disposition`` None) or ended (dropped, rejected, ...)."""
-        if self.rs.chain(table, hook) is None:
+        frame = self._frame(table, hook, br)
+        if frame[0] is None:
             return [br]
-        return self._eval(br, table, hook, [self._frame(table, hook, br)])
+        return self._eval(br, table, hook, [frame])
 
     def _frame(self, table, chain_name, br):
-        _, cand = self._rules_for(table, chain_name, br.pkt)
-        return [chain_name, list(cand), 0]
+        c, cand = self._rules_for(table, chain_name, br.pkt)
+        return [c, cand if type(cand) is range else list(cand), 0]
 
     #: the table being evaluated (the raw table runs before the conntrack lookup)
     _table: str | None = None
@@ -347,11 +356,12 @@ class Walker:
         out: list[Branch] = []
         while frames:
             frame = frames[-1]
-            chain_name, cand, pos = frame
-            chain = self.rs.chain(table, chain_name)
+            chain, cand, pos = frame
+            chain_name = chain.name
+            rules = chain.rules
             pushed = False
             while pos < len(cand):
-                rule = chain.rules[cand[pos]]
+                rule = rules[cand[pos]]
                 pos += 1
                 frame[2] = pos
                 res = self._match_rule(rule, br, hook)
@@ -373,7 +383,7 @@ class Walker:
                 action = self._apply_target(rule, br, table, hook)
                 if action == "continue":
                     continue
-                if action in ("jump", "goto"):
+                if action == "jump" or action == "goto":
                     if action == "goto":
                         frames.pop()
                     frames.append(self._frame(table, rule.target.chain, br))
@@ -393,9 +403,8 @@ class Walker:
             if pushed:
                 continue
             frames.pop()
-            if not frames:
-                c = self.rs.chain(table, hook)
-                pol = c.policy or "ACCEPT"
+            if not frames:  # off the end of the hook's chain (or of a chain it went to by goto)
+                pol = self.rs.chain(table, hook).policy or "ACCEPT"
                 br.steps.append(Step(f"{table}:{hook}:policy", pol))
                 out.append(self._end(br, pol))
                 return out
@@ -661,7 +670,7 @@ class Walker:
             return f"REJECT {t.with_}"
         if isinstance(t, SetMark):
             if t.kind == "MARK":
-                br.pkt = replace(br.pkt, mark=(br.pkt.mark & ~t.mask & 0xFFFFFFFF) ^ t.value)
+                br.pkt = evolve(br.pkt, mark=(br.pkt.mark & ~t.mask & 0xFFFFFFFF) ^ t.value)
                 self._step(br, rule, f"MARK set 0x{br.pkt.mark:x}")
             elif not self._has_entry(br):
                 self._step(br, rule, "CONNMARK", note="no conntrack entry here: the target does nothing")
@@ -680,7 +689,7 @@ class Walker:
                 self._step(br, rule, f"CONNMARK save 0x{br.ct.mark:x}")
             else:
                 # mark = (mark & ~nfmask) ^ (ct & ctmask)
-                br.pkt = replace(br.pkt, mark=(br.pkt.mark & ~t.nfmask & 0xFFFFFFFF) ^ (br.ct.mark & t.ctmask))
+                br.pkt = evolve(br.pkt, mark=(br.pkt.mark & ~t.nfmask & 0xFFFFFFFF) ^ (br.ct.mark & t.ctmask))
                 self._step(br, rule, f"CONNMARK restore 0x{br.pkt.mark:x}")
             return "continue"
         if isinstance(t, Notrack):
@@ -688,7 +697,7 @@ class Walker:
             self._step(br, rule, "NOTRACK", note="untracked: nat table skipped, no reverse translation")
             return "continue"
         if isinstance(t, Tproxy):
-            br.pkt = replace(br.pkt, mark=(br.pkt.mark & ~t.mask & 0xFFFFFFFF) ^ t.mark)
+            br.pkt = evolve(br.pkt, mark=(br.pkt.mark & ~t.mask & 0xFFFFFFFF) ^ t.mark)
             ip = t.on_ip or self.ns.primary_address(br.pkt.iif, br.pkt.family) or br.pkt.dst
             self._step(br, rule, f"TPROXY on {ip}:{t.on_port} mark 0x{br.pkt.mark:x}",
                        note="delivered to the local proxy socket; the packet keeps its destination")
@@ -727,11 +736,11 @@ class Walker:
                                          "REDIRECT uses it as the new destination")
                 pc = pick_port(p.dport, *(t.ports or (None, None)), random=t.random, dnat=True)
                 port = self._port(br, rule, pc)
-                br.pkt = replace(p, dst=addr, dport=port)
+                br.pkt = evolve(p, dst=addr, dport=port)
                 verdict = f"REDIRECT to {addr}:{port}" if port is not None else f"REDIRECT to {addr}"
             elif isinstance(t, Netmap):
                 off = int(p.dst) & int(t.to.hostmask)
-                br.pkt = replace(p, dst=ipaddress.ip_address(int(t.to.network_address) | off))
+                br.pkt = evolve(p, dst=ipaddress.ip_address(int(t.to.network_address) | off))
                 verdict = f"NETMAP to {br.pkt.dst}"
             else:
                 r = t.ranges[0]
@@ -740,7 +749,7 @@ class Walker:
                     pick_address(r.addr_lo, r.addr_hi, p.src, p.dst, persistent=t.persistent, dnat=True)
                 pc = pick_port(p.dport, r.port_lo, r.port_hi, random=t.random or t.random_fully, dnat=True)
                 port = self._port(br, rule, pc)
-                br.pkt = replace(p, dst=addr, dport=port)
+                br.pkt = evolve(p, dst=addr, dport=port)
                 verdict = f"DNAT to {r.render()}"
                 if len(t.ranges) > 1:
                     br.approx.append(f"{rule.label}: DNAT with several --to-destination; the kernel "
@@ -781,7 +790,7 @@ class Walker:
                     pick_address(r.addr_lo, r.addr_hi, p.src, p.dst, persistent=t.persistent, dnat=False)
                 port = self._port(br, rule, pick_port(p.sport, r.port_lo, r.port_hi, random=random_all))
             verdict = f"SNAT to {r.render()}"
-        br.pkt = replace(p, src=addr, sport=port)
+        br.pkt = evolve(p, src=addr, sport=port)
         # IPS_SRC_NAT only if the tuple changed: MASQUERADE to the address already used is a no-op
         ct.snat = ct.snat or (addr, port) != (p.src, p.sport)
         ct.reply_dst, ct.reply_dport = addr, port
@@ -797,7 +806,7 @@ class Walker:
     # -------------------------------------------------------------- the whole path
     def hook(self, brs: list[Branch], hook: str, reply: bool = False) -> list[Branch]:
         """Run every stage registered at this hook, in the kernel's order (netfilter.stages)."""
-        if self.backend is None and not reply and self._order_assumed(hook):
+        if self.backend is None and not reply and self._order_assumed_at(hook):
             for br in brs:
                 if br.disposition is None:
                     br.steps.append(Step(f"stages:{hook}", f"iptables-{STAGES.DEFAULT_BACKEND} order",
@@ -828,6 +837,12 @@ class Walker:
                     nxt.extend(self.run_table(br, table, hook))
             brs = nxt
         return brs
+
+    def _order_assumed_at(self, hook: str) -> bool:
+        hit = self._order_noted.get(hook)
+        if hit is None:
+            hit = self._order_noted[hook] = self._order_assumed(hook)
+        return hit
 
     def _order_assumed(self, hook: str) -> bool:
         present = {t for t in STAGES.tables(hook) if (c := self.rs.chain(t, hook)) is not None
@@ -877,10 +892,10 @@ class Walker:
         o = ct.original
         p = br.pkt
         if hook in ("PREROUTING", "OUTPUT") and ct.snat and p.dst == ct.reply_dst:
-            br.pkt = replace(p, dst=o.src, dport=o.sport)
+            br.pkt = evolve(p, dst=o.src, dport=o.sport)
             br.steps.append(Step(f"nat:{hook}", "conntrack reverse SNAT", packet=br.pkt.tuple_str()))
         elif hook in ("POSTROUTING", "INPUT") and ct.dnat and p.src == ct.reply_src:
-            br.pkt = replace(br.pkt, src=o.dst, sport=o.dport)
+            br.pkt = evolve(br.pkt, src=o.dst, sport=o.dport)
             br.steps.append(Step(f"nat:{hook}", "conntrack reverse DNAT", packet=br.pkt.tuple_str()))
 
 
