@@ -172,6 +172,7 @@ def _shape(w: list, tname: str) -> tuple:
 
 _COUNTERS_FULL = re.compile(r"\[(\d+):(\d+)\]$")
 _COUNTERS = re.compile(r"\[(\d+):(\d+)\][ \t]*")
+_ZERO_COUNTERS = _COUNTERS_FULL.match("[0:0]")
 
 
 def _plain_target(name, opts, goto, spec, col, end):
@@ -837,7 +838,8 @@ class Builder:
             parts = raw.split(" ")
             if len(parts) == 3 and raw[0] == ":" and raw[-1] != " " and "\t" not in raw:
                 name = parts[0][1:]
-                m = _COUNTERS_FULL.match(parts[2])
+                # '[0:0]', what iptables-save prints for every chain without counters, is one tuple
+                m = _ZERO_COUNTERS if parts[2] == "[0:0]" else _COUNTERS_FULL.match(parts[2])
                 if m is not None and 0 < len(name) <= 28 and name not in declared and name[0] not in "-!" \
                         and name not in O.TARGETS:
                     policy = parts[1]
@@ -845,7 +847,7 @@ class Builder:
                     if policy == "-" and name not in builtins:
                         declared.add(name)
                         span = _new_Span(path, n, 1, len(raw) + 1)
-                        counters = (int(m.group(1)), int(m.group(2)))
+                        counters = (0, 0) if m is _ZERO_COUNTERS else (int(m.group(1)), int(m.group(2)))
                         if c is None:
                             chains[name] = _ChainB(name, False, None, span, counters)
                         else:  # restore --noflush: declaring an existing chain flushes it
@@ -855,7 +857,7 @@ class Builder:
                     if (policy == "ACCEPT" or policy == "DROP") and name in builtins:
                         declared.add(name)
                         c.policy, c.span = policy, _new_Span(path, n, 1, len(raw) + 1)
-                        c.counters = (int(m.group(1)), int(m.group(2)))
+                        c.counters = (0, 0) if m is _ZERO_COUNTERS else (int(m.group(1)), int(m.group(2)))
                         continue
             self._decl(sf, tb, n)
 
