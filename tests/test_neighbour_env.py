@@ -92,3 +92,17 @@ def test_chn013_flags_a_host_that_drops_the_answers_to_its_own_solicitations():
     diags = [d for d in run_checks(CheckContext(rs)) if d.code == "CHN013"]
     assert len(diags) == 1
     assert "neighbour advertisements (ICMPv6 type 136) that answer its own solicitations" in diags[0].message
+
+
+def test_owner_match_sees_the_kernel_socket_of_neighbour_discovery():
+    from analyzer.netfilter.neighbour import advertisement
+
+    def out(rule):
+        rs = _rules(f"*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT {rule}\nCOMMIT\n")
+        [b] = walk_nd(Walker(rs, Namespace()), advertisement(A("fd01::1"), A("fd01::2"), "eth0"),
+                      ("OUTPUT", "POSTROUTING"))
+        assert not b.approx
+        return b.disposition
+    assert out("-m owner --uid-owner 0 -j DROP") is None
+    assert out("-m owner ! --uid-owner 0 -j DROP") == "dropped"
+    assert out("-m owner --socket-exists -j DROP") == "dropped"

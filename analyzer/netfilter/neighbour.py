@@ -42,8 +42,10 @@ class NeighbourCheck:
 def walk_nd(w, pkt: Packet, hooks: tuple[str, ...]) -> list:
     """Every outcome (walk.Branch) of one ND packet through ``hooks``: untracked, as conntrack
     leaves ND."""
-    from analyzer.netfilter.walk import Branch, Conntrack
+    from analyzer.netfilter.walk import KERNEL_SOCKET, Branch, Conntrack
 
+    if "OUTPUT" in hooks:  # sent by the kernel's ndisc socket
+        pkt = replace(pkt, uid=KERNEL_SOCKET, gid=KERNEL_SOCKET)
     ct = Conntrack(pkt, untracked=True, in_use=w.ct_in_use)
     brs = [Branch(pkt, ct)]
     for hook in hooks:

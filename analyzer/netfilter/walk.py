@@ -103,6 +103,9 @@ class Branch:
 
 #: ICMPv6 router solicitation/advertisement, neighbour solicitation/advertisement, redirect
 _ND_TYPES = (133, 134, 135, 136, 137)
+#: the ``uid`` of a packet a kernel socket sends (neighbour discovery): '-m owner' sees a socket
+#: without a file (tests/kernel/test_neighbour_kernel.py, owner cases)
+KERNEL_SOCKET = -1
 
 
 def index_key(rule: Rule) -> tuple:
@@ -537,6 +540,10 @@ class Walker:
             if p.iif is not None:
                 # a forwarded packet has no socket: xt_owner answers (match ^ invert) == 0
                 return neg
+            if p.uid == KERNEL_SOCKET:
+                # sent by a kernel socket (neighbour discovery: ndisc_sk), which has no file:
+                # xt_owner answers ((match ^ invert) & (UID | GID)) == 0, and a socket exists
+                return (not neg) if m.option == "socket-exists" else neg
             if m.option == "socket-exists":
                 return (p.uid is not None) != neg
             v = p.uid if m.option == "uid" else p.gid if m.option == "gid" else None

@@ -95,3 +95,41 @@ def test_kernel_agrees_on_neighbour_discovery(name: str, lab, require, backend: 
         assert not syns, "synack says the SYN never leaves the client" + why
         neigh = client.run(["ip", "-6", "neigh", "show", gateway]).stdout
         assert "FAILED" in neigh or "INCOMPLETE" in neigh, neigh + why
+
+
+#: the client's OUTPUT rule -> whether its solicitation still leaves. Neighbour discovery is sent
+#: from the kernel's ndisc socket, which has no file: xt_owner matches it only through negated
+#: uid/gid options, and --socket-exists matches it.
+OWNER_RULES = {
+    "-p ipv6-icmp -m owner --uid-owner 0 -j DROP": "ok",
+    "-p ipv6-icmp -m owner ! --uid-owner 0 -j DROP": "no-neighbour",
+    "-p ipv6-icmp -m owner --socket-exists -j DROP": "no-neighbour",
+}
+
+
+@pytest.mark.parametrize("rule", OWNER_RULES)
+def test_owner_match_on_neighbour_discovery(rule: str, lab, require, backend: str, tmp_path: Path) -> None:
+    require("tcpdump")
+    doc = yaml.safe_load((ROOT / "samples" / "env" / "ipv6-router-nd-accepted.yaml").read_text())
+    doc["namespaces"]["router"]["ip6tables"] = str(ROOT / "samples" / "env" / "ipv6-router-nd-accepted.rules")
+    (tmp_path / "client.rules").write_text(
+        "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+        f"-A OUTPUT {rule}\nCOMMIT\n")
+    doc["namespaces"]["client"]["ip6tables"] = "client.rules"
+    path = tmp_path / "env.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    flow = parse_flow(doc["examples"][0]["flow"])
+    [trip] = follow_all(World(load_environment(str(path))), "client", flow)
+    predicted = "ok" if trip.client_sees is not None else trip.request.end
+    assert predicted == OWNER_RULES[rule], (trip.request.end, trip.request.detail)
+    assert not trip.request.approximate, trip.request.hops[0].approx
+
+    envlab = build_env(lab, str(path), backend=backend)
+    res = envlab["client"].connect_tcp(str(flow.dst), flow.dport, src=str(flow.src), src_port=flow.sport,
+                                       timeout=CONNECT_TIMEOUT)
+    if predicted == "ok":
+        assert res.ok, res
+    else:
+        # the "address unreachable" the kernel then sends the socket is ICMPv6 from a kernel
+        # socket too, and these rules drop it in OUTPUT as well: the connect times out instead
+        assert res.outcome in ("unreachable", "timeout") and not res.connected, res
