@@ -53,7 +53,7 @@ def _verdict_kind(verdict: str) -> str:
 
 
 def explain_classes(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 20000,
-                    assumed: list | None = None):
+                    assumed: list | None = None, progress=None):
     """The packets of ``spec`` in classes the walk cannot tell apart: ``([Explored], rest)``,
     each class with its witness's values and outcomes; ``rest`` the packets left when ``limit``
     classes were reached (empty when every packet is explained). Also returns the space."""
@@ -78,8 +78,10 @@ def explain_classes(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int
         flow_flags_follow(spec, pkt)
         return explain_flow(ruleset, pkt, nsw, local=local, walker=walker)
 
+    fixed = {f: (int(getattr(t, f)) if f in ("src", "dst") else getattr(t, f))
+             for f in ("src", "dst", "sport", "dport", "proto") if f not in spec.open and getattr(t, f) is not None}
     if "proto" not in spec.open:
-        classes, rest = explore(universe, make, walk, limit, prefer)
+        classes, rest = explore(universe, make, walk, limit, prefer, fixed, progress)
         _assumed(walker, assumed)
         return classes, rest, space
     classes, rest = [], universe
@@ -87,7 +89,9 @@ def explain_classes(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int
     while not rest.is_empty() and len(classes) < limit:
         p = rest.pick(prefer)["proto"]
         part = rest & proto_class(space, p)
-        got, left = explore(part, make, walk, limit - len(classes), prefer)
+        base = len(classes)
+        got, left = explore(part, make, walk, limit - len(classes), prefer, fixed,
+                            None if progress is None else (lambda n: progress(base + n)))
         classes += got
         rest = (rest - part) | left
         if not left.is_empty():

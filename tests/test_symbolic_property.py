@@ -328,3 +328,92 @@ def test_raw_table_matches_split_exactly(match):
             "-A FORWARD -m connmark ! --mark 0x1/0x1 -j DROP\n-A FORWARD -m conntrack --ctstate UNTRACKED -j REJECT\n"
             "COMMIT\n")
     check_classes(text, OPEN_MARKS, "eth0", 9, strict=True)
+
+
+def test_fan_out_chain_of_services_is_one_set_step():
+    """kube-proxy's KUBE-SERVICES: 40 `-d IP/32 -p P --dport N` rules jumping to service chains
+    that DNAT. Packets meeting none of them (another port, ICMP, another address) form one class
+    per outcome, not one per service address; each class walks like its random packets."""
+    lines = ["*nat", ":PREROUTING ACCEPT [0:0]", ":POSTROUTING ACCEPT [0:0]", ":SVCS - [0:0]", ":MASQ - [0:0]"]
+    lines += ["-A PREROUTING -j SVCS", "-A MASQ -j MARK --set-xmark 0x4000/0x4000",
+              "-A POSTROUTING -m mark --mark 0x4000/0x4000 -j MASQUERADE"]
+    for i in range(40):
+        proto = "udp" if i % 5 == 0 else "tcp"
+        lines.insert(5, f":S{i} - [0:0]")
+        lines += [f"-A SVCS -d 10.0.1.{i}/32 -p {proto} -m comment --comment \"svc {i}\" -m {proto} --dport {80 + i % 3} -j S{i}",
+                  f"-A S{i} ! -s 10.0.0.0/25 -j MASQ",
+                  f"-A S{i} -m statistic --mode random --probability 0.5 -j DNAT --to-destination 10.0.2.{i}:8080",
+                  f"-A S{i} -j DNAT --to-destination 10.0.2.{i + 100}:8080"]
+    lines += ["-A SVCS -d 10.0.1.0/24 -m addrtype --dst-type LOCAL -j DNAT --to-destination 10.0.2.250",
+              "COMMIT", "*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]",
+              "-A FORWARD -d 10.0.2.7/32 -p tcp --dport 8080 -j REJECT", "COMMIT"]
+    text = "\n".join(lines) + "\n"
+    res = load_ruleset((text, "fan.rules"))
+    assert not res.errors
+    spec = parse_flow_spec("10.0.0.0/24 -> 10.0.1.0/24", iif="eth0")
+    classes, rest, _ = explain_classes(res.ruleset, spec, _namespace())
+    assert rest.is_empty()
+    # the packets no service rule matches (any other port, protocol or address) take a handful
+    # of classes (protocol kinds, the namespace's own addresses), not one per service address
+    others = [c for c in classes if not any(s.where.startswith("nat:S") for o in c.result for s in o.forward.steps)]
+    assert len(others) <= 16, len(others)
+    check_classes(text, "10.0.0.0/24 -> 10.0.1.0/24", "eth0", 13, strict=True)
+    check_classes(text, "tcp 10.0.0.0/24 -> 10.0.1.0/26:80-81", "eth0", 17, strict=True)
+
+
+@st.composite
+def fan_out_rulesets(draw):
+    """A chain of 32-48 rules (indexed), most keyed by `-d ADDR/32` or `--dport N`, with other
+    matches mixed in (negations, source prefixes, marks, statistic), jumping to chains that
+    translate, and a few rules every packet is tested against."""
+    d = draw(st.data())
+    addrs = [f"10.0.1.{i}" for i in range(0, 24, 3)]
+    out = ["*nat", ":PREROUTING ACCEPT [0:0]", ":POSTROUTING ACCEPT [0:0]", ":BIG - [0:0]", ":T - [0:0]",
+           "-A PREROUTING -j BIG", "-A T -s 10.0.0.0/25 -j RETURN", "-A T -j DNAT --to-destination 10.0.2.1:8080",
+           "-A POSTROUTING -d 10.0.2.0/24 -j MASQUERADE"]
+    for _ in range(draw(st.integers(32, 48))):
+        parts = []
+        key = draw(st.sampled_from(["dst", "dst", "dport", "none"]))
+        if key == "dst":
+            parts.append(f"-d {draw(st.sampled_from(addrs))}/32")
+        proto = draw(st.sampled_from(["tcp", "udp", "", "icmp"]))
+        if proto:
+            parts.append(f"-p {proto}")
+        if proto in ("tcp", "udp") and (key == "dport" or draw(st.booleans())):
+            parts.append(f"-m {proto} --dport {draw(st.sampled_from(['80', '81', '443', '53']))}")
+        extra = draw(st.sampled_from(["", "", "", "-s 10.0.0.0/26", "-m mark --mark 0x1",
+                                      "-m statistic --mode random --probability 0.5", "-m addrtype --dst-type LOCAL",
+                                      "! -d 10.0.1.3/32", "-m iprange --src-range 10.0.0.5-10.0.0.9"]))
+        if extra and not (key == "dst" and " -d " in f" {extra}"):
+            parts.append(extra)
+        target = draw(st.sampled_from(["-j T", "-j RETURN", "-j DNAT --to-destination 10.0.2.9",
+                                       "-j MARK --set-xmark 0x1/0x1", "-j ACCEPT", "-j REDIRECT --to-ports 3128"]))
+        out.append(" ".join(["-A BIG", *parts, target]))
+    out += ["COMMIT", "*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]",
+            f"-A FORWARD -d 10.0.2.9/32 -j {d.draw(st.sampled_from(['DROP', 'ACCEPT']))}", "COMMIT"]
+    return "\n".join(out) + "\n"
+
+
+@settings(max_examples=int(__import__("os").environ.get("SYNACK_PROPERTY_EXAMPLES", "40")) // 4 or 1,
+          deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(text=fan_out_rulesets(), flow=st.sampled_from(["10.0.0.128/25 -> 10.0.1.0/27", "tcp 10.0.0.0/24 -> 10.0.1.0/26",
+                                                   "udp 10.0.0.0/25 -> 10.0.1.0/27:53-443"]),
+       seed=st.integers(0, 2**32 - 1))
+def test_fan_out_chains_walk_like_their_random_packets(text, flow, seed):
+    check_classes(text, flow, "eth0", seed)
+
+
+def test_a_chain_loop_ends_the_walk_instead_of_growing_forever():
+    """A random run once met `-A U ... -g U` (a loop the kernel refuses, ELOOP): the open-flow
+    walk passed 7 GB. The walk now stops such a traversal, says 'loop' and marks it APPROXIMATE."""
+    text = ("*mangle\n:PREROUTING ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:U - [0:0]\n"
+            "-A FORWARD -p tcp -j U\n-A U -j CONNMARK --restore-mark\n-A U -p tcp -m multiport --sports 53 -g U\n"
+            "COMMIT\n")
+    res = load_ruleset((text, "loop.rules"))
+    spec = parse_flow_spec("tcp 10.0.0.0/24 -> 10.0.1.0/24", iif="eth0")
+    classes, rest, _ = explain_classes(res.ruleset, spec, _namespace())
+    assert rest.is_empty()
+    looped = [o for c in classes for o in c.result if o.disposition == "loop"]
+    assert looped and all(o.confidence == "APPROXIMATE" for o in looped)
+    assert "CHN002" in looped[0].detail
+    assert all(o.disposition != "loop" for c in classes for o in c.result if plain(c.witness["sport"]) != 53)

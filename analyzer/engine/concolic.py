@@ -52,10 +52,17 @@ class Recorder:
     ``where`` is the caller's label of what is being evaluated, used in those reasons.
     """
 
-    def __init__(self, space: PacketSpace, family: int = 4, cache: dict | None = None):
+    def __init__(self, space: PacketSpace, family: int = 4, cache: dict | None = None,
+                 values: dict | None = None, fixed: dict | None = None):
         self.space = space
         self.family = family
+        # the witness's input values (as PacketSet.pick gives them) and the input fields every
+        # packet explored has one value of: a caller deciding a whole set at once (one note
+        # instead of one per rule) checks the witness against it and which fields are input
+        self.values = values
+        self.fixed = fixed or {}
         self._cond = space.universe()
+        self._big: list = []
         self.lost: list[str] = []
         self.where: str | None = None
         self.notes = 0
@@ -76,14 +83,31 @@ class Recorder:
 
     @property
     def condition(self) -> PacketSet:
+        if self._big:
+            # the large decisions last, and their conjunction shared by every walk that made
+            # the same ones: each AND with a large set costs its size
+            key = frozenset(self._big)
+            both = self._cache.get(("big", key))
+            if both is None:
+                both = self.space.universe()
+                for atom, result in self._big:
+                    both = both & atom if result else both - atom
+                self._cache[("big", key)] = both
+            self._cond = self._cond & both
+            self._big = []
         return self._cond
 
-    def note(self, atom: PacketSet | None, result: bool) -> None:
-        """The walk asked "is the packet in ``atom``?" and the witness answered ``result``."""
+    def note(self, atom: PacketSet | None, result: bool, large: bool = False) -> None:
+        """The walk asked "is the packet in ``atom``?" and the witness answered ``result``.
+        ``large``: the atom is a large set (a union over a big chain's rules), kept for the
+        end so that the many small decisions are not each ANDed with it."""
         if atom is None or (atom, result) in self._seen:
             return
         self._seen.add((atom, result))
         self.notes += 1
+        if large:
+            self._big.append((atom, result))
+            return
         self._cond = self._cond & atom if result else self._cond - atom
 
     def lose(self, reason: str) -> None:

@@ -1016,6 +1016,24 @@ class PacketSet:
                 values[f] &= 0xFFFFFFFF
         return values
 
+    def contains_values(self, values: Mapping[str, int]) -> bool:
+        """Whether the packet with these field values (as `pick` returns them: every field an
+        int, IPv4 addresses as 32-bit values) is in the set: one path from the root.
+
+        >>> sp = PacketSpace()
+        >>> web = sp.where(proto=6, dport=80)
+        >>> v = web.pick()
+        >>> web.contains_values(v), web.contains_values({**v, "dport": 81})
+        (True, False)
+        """
+        sp = self._space
+        node, false, var_bit = self._node, sp._false, sp._var_bit
+        while (var := node.var) is not None:
+            f, b = var_bit[var]
+            child = node.high if values.get(f, 0) >> b & 1 else node.low
+            node = ~child if node.negated else child
+        return node != false
+
     def pick_flow(self, prefer: Mapping[str, int] | Iterable[PacketSet] | None = None
                   ) -> Flow | None:
         """One member as a `Flow`, or None when empty."""

@@ -91,11 +91,14 @@ class Explored:
 
 
 def explore(universe: PacketSet, make, walk, limit: int = 4096,
-            prefer: dict | None = None) -> tuple[list[Explored], PacketSet]:
+            prefer: dict | None = None, fixed: dict | None = None,
+            progress=None) -> tuple[list[Explored], PacketSet]:
     """Path refinement by concolic walks: pick a witness of the packets not yet explained,
     ``make(values)`` builds its concolic form, ``walk(witness)`` runs it while a Recorder notes
     every decision; the packets deciding alike form its class. Repeats until every packet is in
     a class, or ``limit`` classes (then the second value, the packets left, is not empty).
+    ``fixed``: input fields every packet of ``universe`` has one value of (``{field: value}``),
+    told to the recorders; ``progress(n)`` is called after each class.
 
     A toy "graph": traffic to port 22 is dropped unless it comes from 10.0.0.0/8.
 
@@ -124,7 +127,7 @@ def explore(universe: PacketSet, make, walk, limit: int = 4096,
     while not work.is_empty() and len(out) < limit:
         v = work.pick(prefer)
         pkt = make(v)
-        rec = Recorder(sp, 4 if v["family"] == 0 else 6, cache)
+        rec = Recorder(sp, 4 if v["family"] == 0 else 6, cache, v, fixed)
         with rec:
             result = walk(pkt)
         cls = work & rec.condition
@@ -133,6 +136,8 @@ def explore(universe: PacketSet, make, walk, limit: int = 4096,
             cls, lost = work, lost + ("internal: the witness fell outside its own class",)
         out.append(Explored(cls, v, result, lost))
         work = work - cls
+        if progress is not None:
+            progress(len(out))
     return out, work
 
 

@@ -19,10 +19,10 @@ import ipaddress
 import re
 from dataclasses import replace
 
-from analyzer.engine.concolic import SymInt, SymStr, active, is_sym, sym_address
+from analyzer.engine.concolic import SymInt, SymStr, active, is_sym, plain, sym_address
 from analyzer.engine.packetset import IFACE_NONE, PacketSet, PacketSpace
-from analyzer.model.packet import CT_INPUT, PORT_PROTOS, Packet
-from analyzer.model.rules import Netmap
+from analyzer.model.packet import CT_INPUT, PORT_PROTOS, PROTO, Packet
+from analyzer.model.rules import AddrMatch, CommentMatch, IpRangeMatch, Netmap, PortMatch, ProtoMatch
 from analyzer.netfilter.env import Namespace
 from analyzer.netfilter.walk import Walker
 
@@ -238,7 +238,7 @@ class RecordingWalker(Walker):
             ct.snat = ct.snat or old not in t.to
             ct.reply_dst, ct.reply_dport = new, p.sport
             self._step(br, rule, f"NETMAP to {new}", packet=True,
-                       note="source port kept unless it clashes with another connection" if p.sport else None)
+                       note="source port kept unless it clashes with another connection" if plain(p.sport) else None)
         return "NAT"
 
 
@@ -251,3 +251,114 @@ def _netmap(addr, to):
             ipaddress.IPv6Address(net | (int(addr) & host))
     value = net | (int.__int__(sym) & host)
     return sym_address(value, sym.field, addr.version, sym.keep & host, (sym.xor & host) | net)
+
+
+# ------------------------------------------------------------------------------------------
+# a big chain's bucketed rules as one set (the fan-out of kube-proxy's KUBE-SERVICES)
+
+#: the header fields `header_set` reads; the walk never rewrites them inside one chain (a NAT
+#: target ends the table)
+HEADER_FIELDS = ("src", "dst", "sport", "dport", "proto")
+
+
+def header_set(rule, space: PacketSpace, family: int) -> tuple[PacketSet, frozenset]:
+    r"""The packets ``rule``'s header matches (addresses, iprange, protocol, ports, comments)
+    let through, as the walk's ``_match`` decides them for a packet of ``family``, and the
+    fields that set reads. Other matches are left out: the set is then a superset of the
+    packets the rule matches, which is all `none_of_bucketed` needs.
+
+    >>> from analyzer.parse import load_ruleset
+    >>> rs = load_ruleset(("*filter\n:FORWARD ACCEPT [0:0]\n-A FORWARD -d 10.96.0.1/32 -p tcp "
+    ...                    "-m tcp --dport 443 -m mark --mark 0x1 -j DROP\nCOMMIT\n", "x")).ruleset
+    >>> sp = PacketSpace()
+    >>> s, read = header_set(rs.chain("filter", "FORWARD").rules[0], sp, 4)
+    >>> s == sp.where(dst="10.96.0.1/32", proto=6, dport=443), sorted(read)
+    (True, ['dport', 'dst', 'proto'])
+    """
+    parts: list[PacketSet] = []
+    read: set = set()
+    has_ports = None
+    for m in rule.matches:
+        if isinstance(m, CommentMatch):
+            continue
+        neg = m.negated
+        if isinstance(m, AddrMatch):
+            nets = [n for n in m.networks if n.version == family]
+            hit = space.union(space.prefix(m.direction, n) for n in nets)
+            read.add(m.direction)
+        elif isinstance(m, IpRangeMatch):
+            field = "src" if m.direction == "src" else "dst"
+            hit = space.range(field, m.lo, m.hi) if m.lo.version == family else space.empty()
+            read.add(field)
+        elif isinstance(m, ProtoMatch):
+            hit = space.universe() if m.number == 0 else space.eq("proto", m.number)
+            read.add("proto")
+        elif isinstance(m, PortMatch):
+            # no ports (a protocol without them): never matches, negated or not; a module named
+            # after a protocol (-m tcp) tests it first, also under '!'
+            if has_ports is None:
+                has_ports = space.ports("proto", [(p, p) for p in PORT_PROTOS])
+            base = has_ports
+            if m.mod in ("tcp", "udp", "sctp") and m.mod in PROTO:
+                base = base & space.eq("proto", PROTO[m.mod])
+            if m.direction == "any":
+                inr = space.ports("sport", m.ranges) | space.ports("dport", m.ranges)
+                read.update(("sport", "dport"))
+            else:
+                f = "sport" if m.direction == "src" else "dport"
+                inr = space.ports(f, m.ranges)
+                read.add(f)
+            read.add("proto")
+            parts.append(base & (~inr if neg else inr))
+            continue
+        else:
+            continue  # not a header match: the set stays a superset
+        parts.append(~hit if neg else hit)
+    out = space.family(family)
+    for p in parts:
+        out = out & p
+    return out, frozenset(read)
+
+
+def none_of_bucketed(index, rec, pkt, rules) -> bool:
+    """Whether the walk may skip every bucketed rule of the big chain ``index`` (rules keyed
+    by ``-d ADDR/32`` or ``--dport N``) for the open packet ``pkt``: true when the witness
+    matches none of them, and then noted as one decision, "the packet is in none of the rules'
+    header sets", instead of "the destination is this bucket's address". A class then covers
+    every destination that meets no bucketed rule (ICMP to any ClusterIP, a port no service
+    has), not one class per address. False (nothing noted) when the witness is in one of the
+    sets or the fields the sets read are not the explored input fields (then the bucket is
+    noted as before)."""
+    values = rec.values
+    if values is None or not (index.by_dst or index.by_dport):
+        return False
+    cache = index.__dict__.setdefault("_open_sets", {})
+    key = rec.family
+    hit = cache.get(key)
+    if hit is None or hit[0] is not rec.space:
+        sp = rec.space
+        keyed = sorted({i for d in (index.by_dst, index.by_dport) for b in d.values() for i in b})
+        union = sp.empty()
+        read: set = set()
+        for i in keyed:
+            s, r = header_set(rules[i], sp, rec.family)
+            union = union | s
+            read |= r
+        hit = cache[key] = (sp, union, frozenset(read))
+    _, union, read = hit
+    for f in read:
+        v = getattr(pkt, f)
+        sym = is_sym(v)
+        if sym is not None:
+            if sym.field != f or sym.keep != (1 << sym.width) - 1 or sym.xor:
+                return False  # rewritten, or another input field: the sets are not over it
+        elif v is None:
+            if f == "proto" or values["proto"] in PORT_PROTOS:
+                return False
+            # a protocol without ports: every packet of the class has none (explored per protocol)
+        elif rec.fixed.get(f) != (int(v) if f in ("src", "dst") else v):
+            return False  # a constant the walk put in: the input field may differ
+    if union.contains_values(values):
+        return False
+    rec.note(union, False, large=True)
+    return True

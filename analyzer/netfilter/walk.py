@@ -29,6 +29,9 @@ from analyzer.netfilter.nat import pick_address, pick_port
 from analyzer.model.packet import CT_INPUT, PROTO, PROTO_NAME, Packet, evolve, tcp_flag_names, with_ifaces  # noqa: F401 (re-exported)
 from analyzer.parse.flow import FlowSpec, parse_flow, parse_flow_spec  # noqa: F401 (re-exported)
 MAX_OUTCOMES = 64
+#: rule evaluations of one table traversal after which the walk stops: only a chain loop gets
+#: there (the kernel refuses a table with a loop a builtin chain reaches, ELOOP; lint: CHN002)
+MAX_RULE_VISITS = 20_000
 
 @dataclass(frozen=True, slots=True)
 class Step:
@@ -154,10 +157,16 @@ class ChainIndex:
             else:
                 self.always.append(i)
 
-    def candidates(self, dst, dport=None):
-        """Indices, in rule order, of the rules that can match a packet to ``dst``:``dport``."""
+    def candidates(self, dst, dport=None, pkt=None, rules=None):
+        """Indices, in rule order, of the rules that can match a packet to ``dst``:``dport``.
+        Open (``pkt`` and the chain's ``rules`` given): when the witness meets no bucketed
+        rule, one decision covers them all (netfilter.symbolic.none_of_bucketed)."""
         rec = active()
         if rec is not None:
+            if pkt is not None and (is_sym(dst) is not None or is_sym(dport) is not None):
+                from analyzer.netfilter.symbolic import none_of_bucketed
+                if none_of_bucketed(self, rec, pkt, rules):
+                    return iter(self.always)
             b = self._bucket(rec, self.by_dst, dst, "dst")
             p = self._bucket(rec, self.by_dport, dport, "dport") if dport is not None else None
         else:
@@ -191,7 +200,8 @@ class ChainIndex:
         if hit:
             rec.note(rec.eq_atom(sym, v), True)
         else:
-            rec.note(self._keys_atom(rec, buckets, what, sym.field, getattr(value, "version", 0)), False)
+            rec.note(self._keys_atom(rec, buckets, what, sym.field, getattr(value, "version", 0)), False,
+                     large=True)
         return hit
 
     def _keys_atom(self, rec, buckets: dict, what: str, field: str, version: int):
@@ -336,7 +346,7 @@ class Walker:
         idx = self._index.get((table, chain))
         if idx is None:
             idx = self._index[(table, chain)] = ChainIndex(c.rules)
-        return c, idx.candidates(pkt.dst, pkt.dport)
+        return c, idx.candidates(pkt.dst, pkt.dport, pkt, c.rules)
 
     def run_table(self, br: Branch, table: str, hook: str) -> list[Branch]:
         """Traverse a table's builtin chain for this hook. Returned branches either go on to the
@@ -357,6 +367,7 @@ class Walker:
         """frames: [chain, candidate rule indices, position] per call level (jump pushes)."""
         self._table = table
         out: list[Branch] = []
+        visits = 0
         while frames:
             frame = frames[-1]
             chain, cand, pos = frame
@@ -367,6 +378,16 @@ class Walker:
                 rule = rules[cand[pos]]
                 pos += 1
                 frame[2] = pos
+                visits += 1
+                if visits > MAX_RULE_VISITS:
+                    br.steps.append(Step(f"{table}:{chain_name}", "LOOP"))
+                    br.disposition = "loop"
+                    br.detail = (f"{table}:{chain_name} was reached again and again ({MAX_RULE_VISITS} rule "
+                                 "evaluations): the chains jump in a loop, and the kernel refuses such a "
+                                 "table (ELOOP; lint reports CHN002)")
+                    br.approx.append(f"{table}: chain loop through {chain_name}; the walk stopped")
+                    out.append(br)
+                    return out
                 res = self._match_rule(rule, br, hook)
                 if res is False:
                     continue
@@ -802,7 +823,7 @@ class Walker:
         ct.snat = ct.snat or (addr, port) != (p.src, p.sport)
         ct.reply_dst, ct.reply_dport = addr, port
         self._step(br, rule, verdict, packet=True,
-                   note="source port kept unless it clashes with another connection" if port == p.sport and p.sport else None)
+                   note="source port kept unless it clashes with another connection" if port == p.sport and plain(p.sport) else None)
         return "NAT"
 
     def _port(self, br: Branch, rule: Rule, pc) -> int | None:
