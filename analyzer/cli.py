@@ -165,6 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bridge", action="append", default=[], metavar="IFACE[@BRIDGE]",
                    help="IFACE is a bridge port (or the bridge itself): peers on it are switched, and "
                         "with bridge-nf-call-iptables=1 their bridged replies cross this namespace's hooks")
+    p.add_argument("--max-classes", type=int, default=20000, metavar="N",
+                   help="open flows: explore at most N classes of packets (default 20000); the packets "
+                        "left are reported as not explained, in text and JSON")
+    p.add_argument("--show-groups", type=int, default=25, metavar="N",
+                   help="open flows, text: print the traces of the first N outcome groups (default 25; "
+                        "0: all); the summary counts every group, and says how many are not shown")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (otherwise shown on stderr for a long open flow on a terminal)")
     p.add_argument("--env", metavar="ENV.yaml", help="follow the flow across the namespaces of an environment")
     p.add_argument("--from", dest="start", metavar="NAMESPACE",
                    help="with --env: the namespace whose process opens the connection")
@@ -767,7 +775,8 @@ def cmd_explain_open(args, res, spec) -> int:
 
     from analyzer.explain import build_namespace, render_json
     from analyzer.netfilter.env import EnvError
-    from analyzer.symbolic import explain_open_flow, render_groups
+    from analyzer.report.terminal import progress
+    from analyzer.symbolic import describe, explain_open, render_groups
 
     try:
         ns = build_namespace(args)
@@ -778,7 +787,16 @@ def cmd_explain_open(args, res, spec) -> int:
         where = "generated locally"
     else:
         where = f"arrives on {args.from_iface}" if args.from_iface else "arrives on any interface"
-    groups, complete = explain_open_flow(res.ruleset, spec, ns, local=args.local)
+    if args.max_classes < 1 or args.show_groups < 0:
+        return _error("--max-classes must be at least 1 and --show-groups at least 0")
+    text = args.output_format != "json"
+    shown = None if not text or args.show_groups == 0 else args.show_groups
+    # a bar on stderr while a person watches (terminal.progress): classes explored, against the limit
+    with progress(args.max_classes, "explain: classes", enabled=text and not args.no_progress) as bar:
+        result = explain_open(res.ruleset, spec, ns, local=args.local, limit=args.max_classes,
+                              progress=lambda n: bar(f"{n:,}"), described=shown)
+    groups, complete = result.groups, result.complete
+    unexplained = result.unexplained_example(spec)
     from analyzer.explain import report_late_errors
     report_late_errors(res)
     from analyzer.explain import outcome_findings
@@ -787,17 +805,27 @@ def cmd_explain_open(args, res, spec) -> int:
 
     found = [outcome_findings(g.witness, g.outcomes, res.files) for g in groups]  # as lint would
     if args.output_format == "json":
+        for g in groups:
+            if not g.description:
+                g.description = describe(g.packets, spec, result.space)
         doc = {"schema_version": "1.0", "open_fields": sorted(spec.open), "complete": complete,
                **({"assumptions": groups[0].assumes} if groups and groups[0].assumes else {}),
+               "classes": result.classes, "max_classes": args.max_classes,
+               "unexplained_example": unexplained.tuple_str() if unexplained else None,
                "groups": [{"packets": g.description, "classes": g.classes,
                            "explain": json.loads(render_json(g.witness, g.outcomes)),
                            "diagnostics": [to_dict(d) for d in ds]} for g, ds in zip(groups, found)]}
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:
-        write(render_groups(spec, groups, complete, where))
-        for g, ds in zip(groups, found):
-            if ds:
-                write(f"\n{g.description}:\n" + render_text_all(ds) + "\n")
+        write(render_groups(spec, groups, complete, where, shown, args.max_classes, unexplained, found))
+        with_findings = [(g, ds) for g, ds in zip(groups, found) if ds]
+        for g, ds in with_findings[:shown]:
+            if not g.description:
+                g.description = describe(g.packets, spec, result.space)
+            write(f"\n{g.description}:\n" + render_text_all(ds) + "\n")
+        if shown is not None and len(with_findings) > shown:
+            write(f"\n... findings of {len(with_findings) - shown:,} more group(s) not shown "
+                  f"(--show-groups 0 or -o json)\n")
     return EXIT_FINDINGS if any(found) else EXIT_OK
 
 

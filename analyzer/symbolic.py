@@ -107,11 +107,43 @@ def _assumed(walker, out: list | None) -> None:
         out.append(RECENT_ASSUMPTION)
 
 
-def explain_open_flow(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 20000):
+def explain_open_flow(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 20000,
+                      progress=None, described: int | None = None):
     """Returns (groups, complete): one group per distinct outcome signature; ``complete`` is False
-    when ``limit`` classes did not cover every packet (the rest is not explained)."""
+    when ``limit`` classes did not cover every packet (the rest is not explained; `explain_open`
+    returns it too). ``progress(n)`` after each class; ``described``: describe only the first
+    so many groups (their packets as ranges cost a projection each; None: all)."""
+    res = explain_open(ruleset, spec, ns, local, limit, progress, described)
+    return res.groups, res.complete
+
+
+@dataclass
+class OpenResult:
+    """An open flow explained: its groups, how many classes, and the packets left unexplained
+    when the class limit stopped the exploration (``rest``, empty when ``complete``)."""
+
+    groups: list
+    classes: int
+    limit: int
+    rest: object
+    space: object
+
+    @property
+    def complete(self) -> bool:
+        return self.rest.is_empty()
+
+    def unexplained_example(self, spec: FlowSpec) -> Packet | None:
+        """One packet of the flow no class explains (None when complete)."""
+        if self.complete:
+            return None
+        return _plain(witness(spec, self.rest.pick(), self.space))
+
+
+def explain_open(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 20000,
+                 progress=None, described: int | None = None) -> OpenResult:
+    """`explain_open_flow` with the count of classes and the unexplained rest."""
     assumed: list = []
-    classes, rest, space = explain_classes(ruleset, spec, ns, local, limit, assumed)
+    classes, rest, space = explain_classes(ruleset, spec, ns, local, limit, assumed, progress)
     groups: dict = {}
     for c in classes:
         sig = signature(c.result)
@@ -124,10 +156,45 @@ def explain_open_flow(ruleset, spec: FlowSpec, ns, local: bool = False, limit: i
             g.packets = g.packets | c.packets
             g.approximate += [r for r in c.lost if r not in g.approximate]
     result = list(groups.values())
-    for g in result:
+    for g in result[:described]:
         g.description = describe(g.packets, spec, space)
+    for g in result:
         g.assumes = list(assumed)
-    return result, rest.is_empty()
+    return OpenResult(result, len(classes), limit, rest, space)
+
+
+def outcome_kind(g: Group) -> str:
+    """A group's outcomes in a few words, for the summary (``forwarded, reply as dialled``)."""
+    parts = []
+    for o in g.outcomes:
+        word = o.disposition or "?"
+        if o.reply_ok is True:
+            word += ", reply as dialled"
+        elif o.reply_ok is False:
+            word += ", reply NOT as dialled"
+        elif o.reply is not None and o.client_sees is None:
+            word += f", reply {o.reply.disposition}"
+        if word not in parts:
+            parts.append(word)
+    return " | ".join(parts)
+
+
+def summary_lines(groups, findings=None) -> list[str]:
+    """One line per kind of outcome: how many classes and groups end that way (most first)."""
+    tally: dict = {}
+    for k, g in enumerate(groups):
+        key = outcome_kind(g) + (" [APPROXIMATE]" if g.approximate or any(o.confidence == "APPROXIMATE"
+                                                                          for o in g.outcomes) else "")
+        t = tally.setdefault(key, [0, 0, 0])
+        t[0] += g.classes
+        t[1] += 1
+        if findings is not None and findings[k]:
+            t[2] += 1
+    out = []
+    for key, (nc, ng, nf) in sorted(tally.items(), key=lambda kv: (-kv[1][0], kv[0])):
+        out.append(f"  {nc:>7,} class(es) in {ng:,} group(s): {key}"
+                   + (f"  ({nf:,} group(s) with findings)" if nf else ""))
+    return out
 
 
 def _plain(pkt: Packet) -> Packet:
@@ -257,15 +324,23 @@ def witness_extras(w: Packet, spec) -> str:
     return out
 
 
-def render_groups(spec: FlowSpec, groups, complete: bool, where: str) -> str:
+def render_groups(spec: FlowSpec, groups, complete: bool, where: str, shown: int | None = None,
+                  limit: int | None = None, unexplained: Packet | None = None, findings=None) -> str:
+    """The groups as text: a summary by kind of outcome, then the first ``shown`` groups with
+    their traces (None: all), and what was left out, said plainly."""
     from analyzer.explain import render_text
 
     n = sum(g.classes for g in groups)
     out = [f"flow: {spec.text()} ({where}); open: {', '.join(sorted(spec.open))}",
-           f"{len(groups)} distinct outcome group(s) over {n} class(es) of packets" + ("" if complete else
-           " (APPROXIMATE: the class limit was reached; the remaining packets are not explained)")]
-    out += [f"assumes: {a}" for a in (groups[0].assumes if groups else [])] + [""]
-    for k, g in enumerate(groups, 1):
+           f"{len(groups):,} distinct outcome group(s) over {n:,} class(es) of packets" + ("" if complete else
+           f" (APPROXIMATE: stopped at the limit of {limit or n:,} classes (--max-classes); the remaining "
+           f"packets are not explained" + (f", e.g. {unexplained.tuple_str()}" if unexplained else "") + ")")]
+    out += [f"assumes: {a}" for a in (groups[0].assumes if groups else [])]
+    if len(groups) > 1:
+        out += ["by outcome:", *summary_lines(groups, findings)]
+    out.append("")
+    show = groups if shown is None else groups[:shown]
+    for k, g in enumerate(show, 1):
         out.append(f"=== group {k}: {g.description}  (witness {g.witness.tuple_str()}"
                    + (f" iif {g.witness.iif}" if "iif" in spec.open and g.witness.iif else "")
                    + witness_extras(g.witness, spec) + ")")
@@ -273,4 +348,8 @@ def render_groups(spec: FlowSpec, groups, complete: bool, where: str) -> str:
             out.append(f"APPROXIMATE: the classes of this group may be too wide: {r}")
         out.append(render_text(g.witness, g.outcomes, where).rstrip())
         out.append("")
+    if len(show) < len(groups):
+        rest = groups[len(show):]
+        out.append(f"... {len(rest):,} more group(s) ({sum(g.classes for g in rest):,} class(es)) not shown "
+                   f"(--show-groups N shows more, 0 all; -o json lists every group)")
     return "\n".join(out).rstrip() + "\n"

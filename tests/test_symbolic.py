@@ -272,3 +272,62 @@ def test_recent_is_a_printed_assumption(tmp_path, flow):
     assert any(a.startswith("-m recent") for a in json.loads(out)["assumptions"])
     rc, out, err = run(["explain", str(dump), "--flow", flow.replace("10.96.0.1", "10.96.0.2"), "--from-iface", "eth0"])
     assert "-m recent" not in out  # only when a walk met such a rule
+
+
+def test_open_flow_limits_are_said_in_text_and_json(tmp_path):
+    """`--max-classes` stops the exploration and says how much is left unexplained (with an
+    example packet); `--show-groups` prints the first traces and counts the groups not shown;
+    the summary counts every class by kind of outcome. JSON says the same, every group listed."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _golden import run
+    from gen_kubeproxy import generate
+
+    dump = tmp_path / "kp.rules"
+    dump.write_text(generate(services=40, seed=3))
+    base = ["explain", str(dump), "--flow", "10.0.0.0/8 -> 10.96.0.0/12", "--from-iface", "eth0",
+            "--addr", "192.168.0.2/24@eth0", "--route", "default via 192.168.0.1 dev eth0"]
+    rc, out, err = run(base + ["--max-classes", "10", "--show-groups", "3"])
+    assert rc in (0, 1), err
+    assert "over 10 class(es)" in out and "stopped at the limit of 10 classes (--max-classes)" in out
+    assert "the remaining packets are not explained, e.g. " in out
+    assert len([line for line in out.splitlines() if line.startswith("=== group")]) == 3
+    assert "more group(s)" in out and "not shown" in out
+    rc, out, err = run(base + ["--max-classes", "10", "-o", "json"])
+    doc = json.loads(out)
+    assert doc["complete"] is False and doc["classes"] == 10 and doc["max_classes"] == 10
+    assert doc["unexplained_example"] and sum(g["classes"] for g in doc["groups"]) == 10
+    assert all(g["packets"] for g in doc["groups"])
+    rc, out, err = run(base)
+    assert "APPROXIMATE" not in out.splitlines()[1] and "by outcome:" in out
+    total = int(out.splitlines()[1].split(" class(es)")[0].split()[-1].replace(",", ""))
+    tally = sum(int(line.split()[0].replace(",", "")) for line in out.splitlines() if " class(es) in " in line)
+    assert tally == total
+
+
+def test_open_flow_classes_are_per_service_port_not_per_address():
+    """Packets that meet no service rule (another port, another protocol, an address without a
+    service) are not split by ClusterIP: the classes are the service ports' (each split by the
+    sources its rules tell apart) plus a few."""
+    import re
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gen_kubeproxy import generate
+
+    from analyzer.parse import load_ruleset
+    from analyzer.symbolic import explain_classes
+
+    text = generate(services=40, seed=3)
+    rs = load_ruleset((text, "kp.rules"), lazy=True).ruleset
+    ns = Namespace()
+    ns.add_addr("192.168.0.2/24", "eth0")
+    ns.add_route("default via 192.168.0.1 dev eth0")
+    classes, rest, _ = explain_classes(rs, parse_flow_spec("10.0.0.0/8 -> 10.96.0.0/12", iif="eth0"), ns)
+    assert rest.is_empty()
+    ports = re.findall(r"^-A KUBE-SERVICES -d (10\.\S+)/32 .*?--dport (\d+) -j (KUBE-SVC-\S+)", text, re.M)
+    endpoints = {c: len(re.findall(rf"^-A {c} .*-j KUBE-SEP-", text, re.M)) for _, _, c in ports}
+    bound = sum(2 + endpoints[c] for _, _, c in ports) + 40
+    assert len(classes) <= bound, (len(classes), bound)
