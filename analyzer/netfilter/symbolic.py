@@ -22,7 +22,9 @@ from dataclasses import replace
 from analyzer.engine.concolic import SymInt, SymStr, active, is_sym, plain, sym_address
 from analyzer.engine.packetset import IFACE_NONE, PacketSet, PacketSpace
 from analyzer.model.packet import CT_INPUT, PORT_PROTOS, PROTO, Packet
-from analyzer.model.rules import AddrMatch, CommentMatch, IpRangeMatch, Netmap, PortMatch, ProtoMatch
+from analyzer.model.rules import (
+    AddrMatch, AddrTypeMatch, CommentMatch, IpRangeMatch, Netmap, PortMatch, ProtoMatch,
+)
 from analyzer.netfilter.env import Namespace
 from analyzer.netfilter.walk import Walker
 
@@ -261,11 +263,35 @@ def _netmap(addr, to):
 HEADER_FIELDS = ("src", "dst", "sport", "dport", "proto")
 
 
-def header_set(rule, space: PacketSpace, family: int) -> tuple[PacketSet, frozenset]:
+def _addrtype_sets(space: PacketSpace, family: int, local: frozenset) -> dict:
+    """The address types the walk's ``_addrtype`` gives, as sets of ``field``-less address
+    prefixes per type (checked in its order: multicast, broadcast, local, unicast)."""
+    mc = ipaddress.ip_network("224.0.0.0/4" if family == 4 else "ff00::/8")
+    lo = ipaddress.ip_network("127.0.0.0/8" if family == 4 else "::1/128")
+    bc = [ipaddress.ip_network("255.255.255.255/32")] if family == 4 else []
+    return {"MULTICAST": [mc], "BROADCAST": bc, "LOOPBACK": [lo],
+            "LOCAL": sorted(a for a in local if a.version == family)}
+
+
+def _addrtype_set(space: PacketSpace, field: str, family: int, types, local: frozenset) -> PacketSet:
+    nets = _addrtype_sets(space, family, local)
+
+    def one(kind):
+        return space.union(space.prefix(field, n) for n in nets[kind]) if kind != "LOCAL" else \
+            space.union(space.eq(field, a) for a in nets["LOCAL"])
+    mc, bc = one("MULTICAST"), one("BROADCAST")
+    loc = (one("LOOPBACK") | one("LOCAL")) - mc - bc
+    uni = space.family(family) - mc - bc - loc
+    by = {"MULTICAST": mc, "BROADCAST": bc, "LOCAL": loc, "UNICAST": uni | loc}
+    return space.union(by[t] for t in types if t in by)
+
+
+def header_set(rule, space: PacketSpace, family: int, ns: Namespace | None = None) -> tuple[PacketSet, frozenset]:
     r"""The packets ``rule``'s header matches (addresses, iprange, protocol, ports, comments)
     let through, as the walk's ``_match`` decides them for a packet of ``family``, and the
-    fields that set reads. Other matches are left out: the set is then a superset of the
-    packets the rule matches, which is all `none_of_bucketed` needs.
+    fields that set reads; with the namespace ``ns`` (addresses known) ``-m addrtype`` too.
+    Other matches are left out: the set is then a superset of the packets the rule matches,
+    which is all `none_of_bucketed` needs.
 
     >>> from analyzer.parse import load_ruleset
     >>> rs = load_ruleset(("*filter\n:FORWARD ACCEPT [0:0]\n-A FORWARD -d 10.96.0.1/32 -p tcp "
@@ -293,6 +319,11 @@ def header_set(rule, space: PacketSpace, family: int) -> tuple[PacketSet, frozen
         elif isinstance(m, ProtoMatch):
             hit = space.universe() if m.number == 0 else space.eq("proto", m.number)
             read.add("proto")
+        elif isinstance(m, AddrTypeMatch):
+            if ns is None or not ns.known:
+                continue  # an address of unknown type: the walk forks, the set stays a superset
+            hit = _addrtype_set(space, m.direction, family, m.types, _local_addresses(ns))
+            read.add(m.direction)
         elif isinstance(m, PortMatch):
             # no ports (a protocol without them): never matches, negated or not; a module named
             # after a protocol (-m tcp) tests it first, also under '!'
@@ -320,7 +351,11 @@ def header_set(rule, space: PacketSpace, family: int) -> tuple[PacketSet, frozen
     return out, frozenset(read)
 
 
-def none_of_bucketed(index, rec, pkt, rules) -> bool:
+def _local_addresses(ns: Namespace) -> frozenset:
+    return frozenset(a.ip for _, a in ns.local_addresses())
+
+
+def none_of_bucketed(index, rec, pkt, rules, ns: Namespace | None = None) -> bool:
     """Whether the walk may skip every bucketed rule of the big chain ``index`` (rules keyed
     by ``-d ADDR/32`` or ``--dport N``) for the open packet ``pkt``: true when the witness
     matches none of them, and then noted as one decision, "the packet is in none of the rules'
@@ -333,7 +368,7 @@ def none_of_bucketed(index, rec, pkt, rules) -> bool:
     if values is None or not (index.by_dst or index.by_dport):
         return False
     cache = index.__dict__.setdefault("_open_sets", {})
-    key = rec.family
+    key = (rec.family, None if ns is None or not ns.known else _local_addresses(ns))
     hit = cache.get(key)
     if hit is None or hit[0] is not rec.space:
         sp = rec.space
@@ -341,7 +376,7 @@ def none_of_bucketed(index, rec, pkt, rules) -> bool:
         union = sp.empty()
         read: set = set()
         for i in keyed:
-            s, r = header_set(rules[i], sp, rec.family)
+            s, r = header_set(rules[i], sp, rec.family, ns)
             union = union | s
             read |= r
         hit = cache[key] = (sp, union, frozenset(read))

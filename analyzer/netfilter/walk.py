@@ -157,7 +157,7 @@ class ChainIndex:
             else:
                 self.always.append(i)
 
-    def candidates(self, dst, dport=None, pkt=None, rules=None):
+    def candidates(self, dst, dport=None, pkt=None, rules=None, ns=None):
         """Indices, in rule order, of the rules that can match a packet to ``dst``:``dport``.
         Open (``pkt`` and the chain's ``rules`` given): when the witness meets no bucketed
         rule, one decision covers them all (netfilter.symbolic.none_of_bucketed)."""
@@ -165,7 +165,7 @@ class ChainIndex:
         if rec is not None:
             if pkt is not None and (is_sym(dst) is not None or is_sym(dport) is not None):
                 from analyzer.netfilter.symbolic import none_of_bucketed
-                if none_of_bucketed(self, rec, pkt, rules):
+                if none_of_bucketed(self, rec, pkt, rules, ns):
                     return iter(self.always)
             b = self._bucket(rec, self.by_dst, dst, "dst")
             p = self._bucket(rec, self.by_dport, dport, "dport") if dport is not None else None
@@ -346,7 +346,7 @@ class Walker:
         idx = self._index.get((table, chain))
         if idx is None:
             idx = self._index[(table, chain)] = ChainIndex(c.rules)
-        return c, idx.candidates(pkt.dst, pkt.dport, pkt, c.rules)
+        return c, idx.candidates(pkt.dst, pkt.dport, pkt, c.rules, self.ns)
 
     def run_table(self, br: Branch, table: str, hook: str) -> list[Branch]:
         """Traverse a table's builtin chain for this hook. Returned branches either go on to the
