@@ -301,6 +301,9 @@ def header_set(rule, space: PacketSpace, family: int, ns: Namespace | None = Non
     >>> s == sp.where(dst="10.96.0.1/32", proto=6, dport=443), sorted(read)
     (True, ['dport', 'dst', 'proto'])
     """
+    quick = _header_where(rule, space, family)
+    if quick is not None:
+        return quick
     parts: list[PacketSet] = []
     read: set = set()
     has_ports = None
@@ -349,6 +352,39 @@ def header_set(rule, space: PacketSpace, family: int, ns: Namespace | None = Non
     for p in parts:
         out = out & p
     return out, frozenset(read)
+
+
+def _header_where(rule, space: PacketSpace, family: int):
+    """`header_set` in one `PacketSpace.where` for the common shape (positive one-network
+    addresses, a protocol, one port range under -m tcp/udp/sctp, comments, nothing else):
+    kube-proxy's `-d IP/32 -p tcp -m tcp --dport N`. None for any other shape."""
+    c: dict = {}
+    for m in rule.matches:
+        if isinstance(m, CommentMatch):
+            continue
+        if m.negated:
+            return None
+        if isinstance(m, AddrMatch):
+            if len(m.networks) != 1 or m.networks[0].version != family or m.direction in c:
+                return None
+            c[m.direction] = m.networks[0]
+        elif isinstance(m, ProtoMatch):
+            if m.number == 0 or c.get("proto", m.number) != m.number:
+                return None
+            c["proto"] = m.number
+        elif isinstance(m, PortMatch):
+            f = {"src": "sport", "dst": "dport"}.get(m.direction)
+            if f is None or f in c or len(m.ranges) != 1 or m.mod not in ("tcp", "udp", "sctp") \
+                    or c.get("proto", PROTO[m.mod]) != PROTO[m.mod]:
+                return None
+            c["proto"] = PROTO[m.mod]  # a port protocol: the packet has ports
+            c[f] = tuple(m.ranges[0])
+        else:
+            return None
+    s = space.where(**c)
+    if "src" not in c and "dst" not in c:
+        s = s & space.family(family)
+    return s, frozenset(c)
 
 
 def _local_addresses(ns: Namespace) -> frozenset:
