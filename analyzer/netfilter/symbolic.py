@@ -210,16 +210,29 @@ class RecordingWalker(Walker):
     """The walker under a recorder: names the rule in the recorder's lost reasons, and keeps
     NETMAP a transformer (the new address keeps the open host bits of the old one)."""
 
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        # rule label by id(rule), for the recorder's reasons (the walker holds the ruleset, so
+        # its rules' ids stay theirs; hashing a frozen Rule costs ~10 us)
+        self._labels: dict = {}
+
+    def _where(self, rule) -> str:
+        try:
+            return self._labels[id(rule)][1]
+        except KeyError:
+            self._labels[id(rule)] = (rule, f"{rule.label} (line {rule.span.line})")
+            return self._labels[id(rule)][1]
+
     def _match_rule(self, rule, br, hook):
         rec = active()
         if rec is not None:
-            rec.where = f"{rule.label} (line {rule.span.line})"
+            rec.where = self._where(rule)
         return super()._match_rule(rule, br, hook)
 
     def _apply_target(self, rule, br, table, hook):
         rec = active()
         if rec is not None:
-            rec.where = f"{rule.label} (line {rule.span.line})"
+            rec.where = self._where(rule)
         return super()._apply_target(rule, br, table, hook)
 
     def _nat(self, rule, br, table: str, hook: str) -> str:
