@@ -773,7 +773,8 @@ def cmd_explain_open(args, res, spec) -> int:
     import json
     from dataclasses import replace
 
-    from analyzer.explain import build_namespace, render_json
+    from analyzer.explain import build_namespace
+    from analyzer.report.explain_json import explain_json
     from analyzer.netfilter.env import EnvError
     from analyzer.report.terminal import progress
     from analyzer.symbolic import describe, explain_open, render_groups
@@ -799,11 +800,11 @@ def cmd_explain_open(args, res, spec) -> int:
     unexplained = result.unexplained_example(spec)
     from analyzer.explain import report_late_errors
     report_late_errors(res)
-    from analyzer.explain import outcome_findings
+    from analyzer.checks.nat import explain_findings
     from analyzer.report.diagnostics import render_text_all, to_dict
     from analyzer.report.terminal import write
 
-    found = [outcome_findings(g.witness, g.outcomes, res.files) for g in groups]  # as lint would
+    found = [explain_findings(g.witness, g.outcomes, res.files) for g in groups]  # as lint would
     if args.output_format == "json":
         for g in groups:
             if not g.description:
@@ -813,7 +814,7 @@ def cmd_explain_open(args, res, spec) -> int:
                "classes": result.classes, "max_classes": args.max_classes,
                "unexplained_example": unexplained.tuple_str() if unexplained else None,
                "groups": [{"packets": g.description, "classes": g.classes,
-                           "explain": json.loads(render_json(g.witness, g.outcomes)),
+                           "explain": explain_json(g.witness, g.outcomes, local=args.local),
                            "diagnostics": [to_dict(d) for d in ds]} for g, ds in zip(groups, found)]}
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:
@@ -833,7 +834,10 @@ def cmd_explain_env(args) -> int:
     import json
     from dataclasses import replace
 
-    from analyzer.crosshost import World, follow_all, outcome_findings, render_trips, trips_json
+    from analyzer.checks.nat import outcome_findings
+    from analyzer.crosshost import World, follow_all
+    from analyzer.report.explain_json import trips_json
+    from analyzer.report.trip_text import render_trips
     from analyzer.netfilter.walk import parse_flow
 
     env = _load_env(args.env)

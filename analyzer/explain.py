@@ -9,11 +9,10 @@ import json
 import sys
 from dataclasses import dataclass, replace
 
-from analyzer.model.packet import tcp_flag_names
 from analyzer.netfilter.env import EnvError, Namespace
 from analyzer.netfilter.neighbour import answers_solicitation, own_address, resolves_neighbour
-from analyzer.netfilter.walk import Branch, Conntrack, Packet, Step, Walker, parse_flow
-from analyzer.report import SCHEMA_VERSION
+from analyzer.netfilter.trace import Bridge, Kind, Reply, Step
+from analyzer.netfilter.walk import Branch, Conntrack, Packet, Walker, parse_flow
 
 
 @dataclass
@@ -99,9 +98,9 @@ def _neighbour_steps(br: Branch, chk, what: str):
     """An exchange that crossed rules is shown in full (the kernel counts it too); one that
     only met policies is one line."""
     if chk.crosses_rules or not chk.ok:
-        br.steps.append(Step("neighbour", what))
+        br.steps.append(Step(Kind.NEIGHBOUR, text=what))
         br.steps.extend(chk.steps)
-    br.steps.append(Step("neighbour", ("ok: " if chk.ok else "FAILED: ") + chk.summary))
+    br.steps.append(Step(Kind.NEIGHBOUR, fact=chk.ok, text=("ok: " if chk.ok else "FAILED: ") + chk.summary))
     br.approx.extend(chk.approx)
 
 
@@ -134,7 +133,8 @@ def _resolve_next_hop(w: Walker, br: Branch):
         br.detail = f"{chk.summary}: the next hop stays unresolved and the packet is never sent"
 
 
-_REACHED = ("forwarded", "delivered", "sent")
+#: how a packet that reached somewhere ends (what the reply is walked for)
+REACHED = _REACHED = ("forwarded", "delivered", "sent")
 
 
 def _with_client_route(ns: Namespace, pkt: Packet, local: bool) -> Namespace:
@@ -166,34 +166,38 @@ def _with_reply(world, fwd: Branch, local: bool) -> Outcome:
     rflags = (0x12 if p.tcp_flags & 0x02 else 0x10) if p.proto == 6 else 0
     rp = Packet(p.family, p.proto, p.dst, p.src, p.dport, p.sport, tcp_flags=rflags,
                 icmp_type=(0 if p.family == 4 else 129) if p.proto in (1, 58) else None, icmp_code=0)
-    tproxy = any(s.verdict.startswith("TPROXY") for s in fwd.steps)
+    tproxy = any(s.kind is Kind.TPROXY for s in fwd.steps)
     if tproxy:  # the proxy answers with the original destination as source
         rp = replace(rp, src=o.dst, sport=o.dport)
     # the reply belongs to the request's connection (untracked or not: then nat is skipped and
     # nothing is reverse-translated, as the kernel does)
     ct = fwd.ct
     if fwd.disposition == "delivered":
-        head = Step("reply", f"generated locally by the socket on port {p.dport}")
+        head = Step(Kind.REPLY, None, rp, rp, fact=Reply.LOCAL_SOCKET,
+                    text=f"generated locally by the socket on port {p.dport}")
         brs = world.walk(HOST, rp, None, True, ct, local_origin=True)
     elif _on_link(w.ns, p) and not (p.oif in w.ns.bridged and _bridge_nf(w.ns, p.family)):
         # the backend and the client share the subnet the packet left on: the backend answers
         # the client directly and the reply never crosses this host's conntrack entry
         rb = Branch(rp, replace(fwd.ct), [], 1.0, [], reply=True)
-        rb.steps.append(Step("reply", f"goes straight from {p.dst} to {p.src} on {p.oif}: both are "
-                                      f"on-link there, so it bypasses this host (no reverse translation)"))
+        rb.steps.append(Step(Kind.REPLY, None, rp, rp, fact=Reply.STRAIGHT,
+                             text=f"goes straight from {p.dst} to {p.src} on {p.oif}: both are "
+                                  f"on-link there, so it bypasses this host (no reverse translation)"))
         if p.oif in w.ns.bridged:
-            rb.steps.append(Step("bridge", f"switched by {w.ns.bridged[p.oif]} without netfilter "
-                                           f"(bridge-nf-call-iptables=0)"))
+            rb.steps.append(Step(Kind.BRIDGE, None, rp, rp, fact=Bridge.NO_NETFILTER,
+                                 text=f"switched by {w.ns.bridged[p.oif]} without netfilter "
+                                      f"(bridge-nf-call-iptables=0)"))
         rb.disposition, rb.detail = "sent", f"sent by {p.dst} directly to the client"
         brs, head = [rb], None
     elif _on_link(w.ns, p):
         # a bridge port with br_netfilter: the bridged reply crosses this host's hooks (and its
         # conntrack entry) on its way to the client
-        head = Step("reply", f"bridged on {w.ns.bridged[p.oif]} from {p.dst} to {p.src}: br_netfilter "
-                             f"(bridge-nf-call-iptables=1) runs this host's hooks on it")
+        head = Step(Kind.REPLY, None, rp, rp, fact=Reply.BRIDGED,
+                    text=f"bridged on {w.ns.bridged[p.oif]} from {p.dst} to {p.src}: br_netfilter "
+                         f"(bridge-nf-call-iptables=1) runs this host's hooks on it")
         brs = world.walk(HOST, rp, p.oif, True, ct, bridged_via=p.oif)
     else:
-        head = Step("reply", f"arrives on {p.oif or '?'}")
+        head = Step(Kind.REPLY, None, rp, rp, fact=Reply.BACK, text=f"arrives on {p.oif or '?'}")
         brs = world.walk(HOST, rp, p.oif, True, ct, local_origin=False)
     brs.reverse()
     rb = brs[0]
@@ -246,51 +250,11 @@ def render_text(flow: Packet, outcomes: list[Outcome], where: str, assumed: list
     return "\n".join([first] + [f"assumes: {a}" for a in assumed]) + "\n" + rest
 
 
-def _steps_json(steps):
-    return [{"where": s.where, "verdict": s.verdict, "line": s.line, "path": s.path,
-             "packet": s.packet, "note": s.note} for s in steps]
-
-
-def _tuple_json(p: Packet | None):
-    if p is None:
-        return None
-    return {"proto": p.proto, "src": str(p.src), "sport": p.sport, "dst": str(p.dst), "dport": p.dport}
-
-
-def render_json(flow: Packet, outcomes: list[Outcome], assumed: list[str] | None = None) -> str:
-    doc = {"schema_version": SCHEMA_VERSION, "flow": _tuple_json(flow), "outcomes": []}
-    if flow.proto == 6 and flow.tcp_flags != 0x02:  # not a connection's first SYN
-        doc["flow"]["tcp_flags"] = tcp_flag_names(flow.tcp_flags)
-    from analyzer.model.packet import CT_INPUT
-    if flow.mark:
-        doc["flow"]["mark"] = flow.mark
-    if flow.ctstate != CT_INPUT["NEW"]:  # a packet of an existing connection (or refused)
-        doc["flow"]["ctstate"] = next((n for n, b in CT_INPUT.items() if b == flow.ctstate), flow.ctstate)
-        doc["flow"]["connmark"] = flow.connmark
-    if assumed is not None:
-        doc["assumptions"] = assumed
-    for oc in outcomes:
-        ct = oc.forward.ct
-        item = {
-            "probability": oc.forward.prob, "confidence": oc.confidence,
-            "disposition": oc.disposition, "detail": oc.detail,
-            "steps": _steps_json(oc.forward.steps),
-            "translated": _tuple_json(oc.forward.pkt),
-            "approximate": oc.forward.approx,
-        }
-        if oc.reply is not None:
-            item["conntrack_state"] = ("not-in-use" if not ct.in_use else "untracked" if ct.untracked
-                                       else "invalid" if ct.invalid else "tracked")
-            item["conntrack"] = None if (ct.untracked or ct.invalid or not ct.in_use) else {
-                "original": _tuple_json(ct.original),
-                "reply": {"proto": ct.original.proto, "src": str(ct.reply_src), "sport": ct.reply_sport,
-                          "dst": str(ct.reply_dst), "dport": ct.reply_dport},
-                "dnat": ct.dnat, "snat": ct.snat, "mark": ct.mark}
-            item["reply"] = {"steps": _steps_json(oc.reply.steps), "disposition": oc.reply.disposition,
-                             "detail": oc.reply.detail, "approximate": oc.reply.approx,
-                             "client_sees": _tuple_json(oc.client_sees), "matches_dialled": oc.reply_ok}
-        doc["outcomes"].append(item)
-    return json.dumps(doc, indent=2)
+def render_json(flow: Packet, outcomes: list[Outcome], assumed: list[str] | None = None,
+                diags=(), local: bool = False) -> str:
+    """``explain -o json``: the environment's document shape (analyzer/report/explain_json.py)."""
+    from analyzer.report.explain_json import explain_json
+    return json.dumps(explain_json(flow, outcomes, assumed, diags, local), indent=2)
 
 
 def build_namespace(args) -> Namespace:
@@ -326,57 +290,6 @@ def build_namespace(args) -> Namespace:
             raise EnvError(f"{diags[0].span.render()}: {diags[0].message}")
         ns.ipsets.update(sets)
     return ns
-
-
-def outcome_findings(flow: Packet, outcomes: list[Outcome], files=()) -> list:
-    """The findings ``lint --env`` would raise on this flow, read from the outcomes the walk
-    computed: a reply the client does not recognise (NAT001), a reply that never reaches it
-    (NAT002). One namespace only: what happens beyond it is an assumption of the walk."""
-    from analyzer.diagnostics import APPROXIMATE, EXACT, Diagnostic, Severity
-    from analyzer.source import Span
-
-    lines = {f.path: f for f in files}
-    out = []
-    for k, oc in enumerate(outcomes, 1):
-        if oc.reply is None:
-            continue
-        tag = "" if len(outcomes) == 1 else f"outcome {k} of {len(outcomes)}" + (
-            "" if oc.forward.prob in (None, 1.0) else f" (p={oc.forward.prob:.3f})") + ": "
-        conf = oc.confidence if oc.confidence == APPROXIMATE else EXACT
-        dnat = next((s for s in oc.forward.steps if s.verdict.startswith(("DNAT", "REDIRECT", "NETMAP"))
-                     and s.line), None)
-        span = line = None
-        related = ()
-        if dnat is not None:
-            line = lines[dnat.path].line(dnat.line) if dnat.path in lines else None
-            col = (line or "").find("-j ") + 1 or 1
-            span = Span(dnat.path, dnat.line, col, max(col + 1, len(line or "") + 1))
-        o = oc.forward.ct.original
-        if oc.reply_ok is False and oc.client_sees is not None:
-            seen = oc.client_sees
-            msg = (f"{tag}client {o.src} dialled {o.dst}:{o.dport} but the reply arrives from "
-                   f"{seen.src}:{seen.sport}: the client's kernel has no socket for it and answers RST")
-            if oc.forward.ct.dnat and oc.reply.steps and oc.reply.steps[0].verdict.startswith("goes straight"):
-                msg += (f"; the request was translated to {oc.forward.pkt.dst}:{oc.forward.pkt.dport} here "
-                        f"but the reply goes straight back to the client, bypassing this host's conntrack entry")
-            out.append(Diagnostic("NAT001", Severity.ERROR, msg, span,
-                                  "SNAT/MASQUERADE the translated flow on its way out (so the reply comes back "
-                                  "here to be reverse-translated), or route the reply through this host",
-                                  line, conf, related, flow.tuple_str(), "reply-bypasses-translation"))
-        elif oc.reply.disposition not in _REACHED:
-            stop = next((s for s in reversed(oc.reply.steps) if s.line and s.path in lines), None)
-            if stop is not None:  # the rule that ended the reply, rather than the translation
-                line = lines[stop.path].line(stop.line)
-                col = line.find("-j ") + 1 or 1
-                span = Span(stop.path, stop.line, col, max(col + 1, len(line) + 1))
-            out.append(Diagnostic("NAT002", Severity.ERROR,
-                                  f"{tag}the reply to {o.tuple_str()} does not come back to the client: "
-                                  f"{oc.reply.disposition}" + (f" ({oc.reply.detail})" if oc.reply.detail else "")
-                                  + (f" by {oc.reply.steps[-1].where}:{oc.reply.steps[-1].verdict}"
-                                     if oc.reply.steps else ""),
-                                  span, "check the filter rules and routes on the reply path", line, conf,
-                                  related, flow.tuple_str(), "reply-lost"))
-    return out
 
 
 def flag_values(args, text: str) -> dict:
@@ -424,12 +337,10 @@ def run_explain(args, res) -> int:
     if extra:
         assumed.append(extra)
     report_late_errors(res)
-    diags = outcome_findings(flow, outcomes, res.files)
+    from analyzer.checks.nat import explain_findings
+    diags = explain_findings(flow, outcomes, res.files)
     if args.output_format == "json":
-        from analyzer.report.diagnostics import to_dict
-        doc = json.loads(render_json(flow, outcomes, assumed))
-        doc["diagnostics"] = [to_dict(d) for d in diags]
-        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        sys.stdout.write(render_json(flow, outcomes, assumed, diags, args.local) + "\n")
     elif args.output_format == "mermaid":
         from analyzer.report.mermaid import explain_mermaid
         sys.stdout.write(explain_mermaid(flow, outcomes, where))

@@ -9,13 +9,14 @@ meets, not all of them. Classes with the same outcome are reported together.
 """
 from __future__ import annotations
 
+import enum
 import ipaddress
-import re
 from dataclasses import dataclass, field
 
 from analyzer.engine.partition import explore, intervals, masks
 from analyzer.model.packet import CT_INPUT
 from analyzer.model.packet import PROTO_NAME, Packet  # noqa: F401 (re-exported)
+from analyzer.netfilter.trace import Kind, Route
 from analyzer.netfilter.symbolic import (
     OPEN_INTS, RecordingWalker, flow_flags_follow, flow_set, flow_space, noting_namespace, proto_class,
     witness,
@@ -38,18 +39,21 @@ class Group:
 
 
 def signature(outcomes) -> tuple:
-    """What tells two classes' outcomes apart: dispositions, the rules crossed and their verdicts
+    """What tells two classes' outcomes apart: dispositions, the rules crossed and what they did
     (without the addresses they translate to), the reply's fate."""
-    return tuple((o.disposition, tuple((s.where, _verdict_kind(s.verdict)) for s in o.forward.steps),
+    return tuple((o.disposition, tuple(_step_kind(s) for s in o.forward.steps),
                   o.reply.disposition if o.reply is not None else None, o.reply_ok)
                  for o in outcomes)
 
 
-def _verdict_kind(verdict: str) -> str:
-    """A step's verdict without the packet's own values (``DNAT to A``, ``no route to D``,
-    ``martian source: S ... on IF``, ``local delivery (D is ...)``)."""
-    verdict = re.sub(r" 0x[0-9a-f]+", "", verdict)  # a mark written (an open mark's own bits)
-    return re.sub(r"\s*\(.*?\)", "", verdict.split(" to ")[0]).split(":")[0]
+def _step_kind(s) -> tuple:
+    """A step without the packet's own values: where, the action and its typed fact; the route a forwarding decision took."""
+    k = s.kind
+    if k is Kind.MARK or k is Kind.CONNMARK:
+        return s.where, k  # not the mark written: an open mark's own bits are the packet's
+    if k is Kind.ROUTE and s.fact in (Route.FORWARD, Route.OUTPUT, Route.SPECIAL):
+        return s.where, k, s.fact, s.value
+    return s.where, k, s.fact if isinstance(s.fact, (enum.Enum, bool)) else None
 
 
 def explain_classes(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 20000,

@@ -108,8 +108,8 @@ def test_k3s_iptables_save_then_ip6tables_save_keeps_the_ipv4_nodeport(tmp_path)
     assert "IPv6: mangle (8 chains, 0 rules), filter (11 chains, 14 rules)" in out
     rc, out, _ = run(["explain", both, "--flow", "tcp 10.0.0.5:40000 -> 192.168.1.10:30080",
                       "--from-iface", "eth0", "--addr", "192.168.1.10/24@eth0", "-o", "json"])
-    first = json.loads(out)["outcomes"][0]
-    assert rc == 0 and first["translated"]["dst"] == "192.168.1.105" and first["disposition"] == "forwarded"
+    first = json.loads(out)["outcomes"][0]["request"]
+    assert rc == 0 and first["end_packet"]["dst"] == "192.168.1.105" and first["end"] == "forwarded"
 
 
 def test_an_ipv6_flow_through_an_ipv4_only_dump_is_an_error(tmp_path):

@@ -93,8 +93,7 @@ def test_no_rule_needing_conntrack_means_no_entry():
                          addrs=[("10.0.1.1/24", "eth0"), ("10.0.2.1/24", "eth1")])
     assert not outs[0].forward.ct.in_use
     doc = json.loads(render_json(pkt, outs))
-    assert doc["outcomes"][0]["conntrack"] is None
-    assert doc["outcomes"][0]["conntrack_state"] == "not-in-use"
+    assert doc["outcomes"][0]["request"]["hops"][0]["conntrack"] == {"state": "not-in-use"}
 
 
 def test_json_output_schema():
@@ -106,12 +105,15 @@ def test_json_output_schema():
     doc = json.loads(out)
     assert doc["schema_version"]
     (oc,) = doc["outcomes"]
-    rule_steps = [s for s in oc["steps"] if ":rule:" in s["where"]]
-    assert rule_steps and all(isinstance(s["line"], int) for s in rule_steps)
-    assert oc["conntrack"]["original"]["dport"] == 8080
-    assert oc["conntrack"]["reply"]["sport"] == 15001
-    assert oc["reply"]["client_sees"]["sport"] == 8080
-    assert oc["reply"]["matches_dialled"] is True
+    (hop,) = oc["request"]["hops"]
+    rule_steps = [s for s in hop["steps"] if s["rule"] is not None]
+    assert rule_steps and all(isinstance(s["rule"]["line"], int) for s in rule_steps)
+    assert [s["kind"] for s in rule_steps][-1] == "REDIRECT"
+    assert rule_steps[-1]["packet_after"]["dport"] == 15001 and rule_steps[-1]["packet_before"]["dport"] == 8080
+    assert hop["conntrack"]["original"]["dport"] == 8080
+    assert hop["conntrack"]["reply"]["sport"] == 15001
+    assert oc["client_sees"]["sport"] == 8080
+    assert oc["matches_dialled"] is True
 
 
 def _trace_flows():

@@ -88,3 +88,17 @@ def test_every_kernel_case_is_a_sample():
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_args_are_what_the_kernel_verified(case):
     assert shlex.split(case.read_text()) == KERNEL_ARGV[case.stem]
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_explain_json_golden_follows_the_schema(case):
+    """Every JSON golden is valid against the shipped schema (analyzer/report/explain.schema.json)."""
+    import json
+
+    import jsonschema
+
+    from analyzer.report.explain_json import EXPLAIN_SCHEMA_VERSION, schema
+
+    doc = json.loads(case.with_suffix(".explain.json").read_text())
+    assert doc["schema_version"] == EXPLAIN_SCHEMA_VERSION
+    jsonschema.Draft202012Validator(schema()).validate(doc)

@@ -13,6 +13,7 @@ from analyzer.model.rules import (
     Rule, SetMark, Tproxy, Verdict,
 )
 from analyzer.netfilter.env import Namespace
+from analyzer.netfilter.trace import Kind
 from analyzer.netfilter.walk import Packet, Walker
 
 # dispositions of a first packet that end the connection before it reaches anything
@@ -43,25 +44,14 @@ def first_packet(ruleset, pkt: Packet, ns: Namespace, local: bool = False, walke
     return [o.forward for o in explain_flow(ruleset, pkt, ns, local=local, walker=walker, reply=False)]
 
 
-def rule_at(ruleset, where: str) -> Rule | None:
-    """The rule a step's ``where`` names (``nat:KUBE-SVC-X:rule:3``), None for policies."""
-    parts = where.split(":")
-    if len(parts) != 4 or parts[2] != "rule":
-        return None
-    c = ruleset.chain(parts[0], parts[1])
-    n = int(parts[3])
-    return c.rules[n - 1] if c is not None and 0 < n <= len(c.rules) else None
-
-
 def ending(ruleset, br):
     """(text, span) of what ended a lost branch: the rule that dropped or rejected it, or the
     policy of the builtin chain it fell off."""
     for s in reversed(br.steps):
-        if s.where.endswith(":policy"):
-            t, c, _ = s.where.split(":")
-            chain = ruleset.chain(t, c)
-            return f"the policy {s.verdict} of {t}:{c}", chain.span if chain else None
-        r = rule_at(ruleset, s.where)
+        if s.kind is Kind.POLICY:
+            chain = ruleset.chain(s.table, s.chain)
+            return f"the policy {s.value} of {s.table}:{s.chain}", chain.span if chain else None
+        r = s.rule
         if r is not None:
             return f"{r.label} ({s.verdict})", r.span
     return "an unnamed step", None
@@ -82,7 +72,7 @@ def related_steps(ruleset, br, keep=lambda r: True, limit: int = 6) -> tuple[Rel
     """The rules the branch crossed, as related spans, in walk order."""
     out = []
     for s in br.steps:
-        r = rule_at(ruleset, s.where)
+        r = s.rule
         if r is not None and keep(r):
             out.append(Related(f"{s.where}: {s.verdict}", r.span))
     return tuple(out[-limit:])

@@ -221,6 +221,7 @@ def known_cilium_defect_possible(ctx: CheckContext) -> Iterator:
     so that lint can decide; upgrade past the fixed version named in the message.
     """
     from analyzer.checks.reply import environment_trips
+    from analyzer.netfilter.trace import Cilium, Kind
 
     if ctx.extra.get("env") is None:
         return
@@ -230,13 +231,13 @@ def known_cilium_defect_possible(ctx: CheckContext) -> Iterator:
             for j in (t.request, t.reply):
                 for h in (j.hops if j is not None else ()):
                     for s in h.steps:
-                        if s.where != "cilium:known-defect":
+                        if s.kind is not Kind.CILIUM or s.fact is not Cilium.KNOWN_DEFECT:
                             continue
-                        issue = s.verdict.split()[1].rstrip(":")
+                        issue = s.value.issue
                         if (h.namespace, issue) in seen:
                             continue
                         seen.add((h.namespace, issue))
                         yield ctx.diag("CIL006", f"[{cname} -> {sname}] node '{h.namespace}', version unknown: "
                                        f"{t.flow.tuple_str()} takes the path {issue} breaks in some versions "
-                                       f"({s.verdict.split(': ', 1)[-1]})", None, s.note,
+                                       f"({s.value.symptom})", None, s.note,
                                        witness=t.flow.tuple_str())

@@ -16,6 +16,7 @@ from analyzer.diagnostics import Diagnostic, Related, Severity
 from analyzer.model.rules import (
     AddrMatch, CtTupleMatch, IfaceMatch, Nat, PortMatch, ProtoMatch, Rule,
 )
+from analyzer.netfilter.trace import Kind
 from analyzer.netfilter.walk import Packet
 
 WARNING, ERROR = Severity.WARNING, Severity.ERROR
@@ -125,8 +126,8 @@ def published_port_dropped(ctx: CheckContext) -> Iterator[Diagnostic]:
         else:
             b = lost[0]
             what, span = ending(rs, b)
-            dnat = next((s for s in b.steps if s.verdict.startswith("DNAT")), None)
-            how = "is DNATed" if dnat is not None and dnat.where == p.rule.label else \
+            dnat = next((s for s in b.steps if s.kind is Kind.DNAT), None)
+            how = "is DNATed" if dnat is not None and dnat.rule is p.rule else \
                 f"is translated first by {dnat.where} ({dnat.verdict})" if dnat is not None else "is not DNATed"
             yield ctx.diag(
                 "DCK001",

@@ -15,6 +15,7 @@ from analyzer.diagnostics import APPROXIMATE, Diagnostic, EXACT, Related, Severi
 from analyzer.model.rules import (
     AddrMatch, CommentMatch, Jump, MarkMatch, OwnerMatch, PortMatch, Redirect, Rule, Tproxy, Verdict,
 )
+from analyzer.netfilter.trace import Kind
 from analyzer.netfilter.walk import Branch, Conntrack, Packet, Walker
 from analyzer.checks._paths import node_namespace
 
@@ -85,21 +86,22 @@ def redirect_without_owner_exemption(ctx: CheckContext) -> Iterator[Diagnostic]:
                 pkt = Packet(rs.family, 6, src, dst, 40000, port, oif="eth0", uid=u, gid=u, mark=mark)
                 br = Branch(pkt, Conntrack(pkt, pkt.dst, pkt.dport, pkt.src, pkt.sport))
                 hit = [b for b in w.run_table(br, "nat", "OUTPUT")
-                       if any(s.verdict.startswith("REDIRECT") for s in b.steps)]
+                       if any(s.kind is Kind.REDIRECT for s in b.steps)]
                 if not hit:
                     break  # this uid is exempt: it can be the proxy's
                 looped.append((u, hit[0]))
             else:
                 u, b = next(((u, b) for u, b in looped if u == ISTIO_PROXY_UID), looped[0])
-                step = next(s for s in b.steps if s.verdict.startswith("REDIRECT"))
-                red = next(r for r in redirects if r.label == step.where)
+                step = next(s for s in b.steps if s.kind is Kind.REDIRECT)
+                red = step.rule
+                to = step.after
                 tested = "uid/gid " + ", ".join(str(i) for i in ids)
                 if len(marks) > 1:
                     tested += " with socket mark " + ", ".join(f"{m:#x}" for m in marks)
                 yield ctx.diag(
                     "IST001",
                     f"{red.label}: nat OUTPUT redirects every local process's TCP to "
-                    f"{step.verdict.removeprefix('REDIRECT to ')}, the proxy's own connections included: "
+                    + (f"{to.dst}:{to.dport}" if to.dport is not None else f"{to.dst}") + f", the proxy's own connections included: "
                     f"no owner or mark match exempts any of {tested}, so the proxy's upstream "
                     f"connection to {dst}:{port} is redirected back into the proxy (a loop)",
                     red.option_span(red.target),

@@ -9,7 +9,7 @@ from typing import Iterator
 
 from analyzer.checks import CheckContext, check
 from analyzer.checks._paths import (
-    LOST, LossIndex, confidence, ending, first_packet, node_namespace, related_steps, rule_at, share,
+    LOST, LossIndex, confidence, ending, first_packet, node_namespace, related_steps, share,
     walker, witness,
 )
 from analyzer.diagnostics import APPROXIMATE, Diagnostic, EXACT, Related, Severity
@@ -17,6 +17,7 @@ from analyzer.model.rules import (
     AddrMatch, CommentMatch, Jump, Masquerade, MarkMatch, Nat, PortMatch, ProtoMatch, Rule,
     SetMark, StatisticMatch,
 )
+from analyzer.netfilter.trace import Kind
 from analyzer.netfilter.walk import Branch, Conntrack, Packet, Walker
 
 ERROR, WARNING = Severity.ERROR, Severity.WARNING
@@ -285,7 +286,7 @@ def masq_mark_not_masqueraded(ctx: CheckContext) -> Iterator[Diagnostic]:
         brs = w.run_table(br, "nat", "POSTROUTING")
     else:
         brs = w._eval(br, "nat", "POSTROUTING", [w._frame("nat", start, br)])
-    missed = [b for b in brs if not any(s.verdict.startswith(("MASQUERADE", "SNAT")) for s in b.steps)]
+    missed = [b for b in brs if not any(s.kind in (Kind.MASQUERADE, Kind.SNAT) for s in b.steps)]
     if not missed:
         return
     b = missed[0]
@@ -367,7 +368,9 @@ def endpoint_without_hairpin_masq(ctx: CheckContext) -> Iterator[Diagnostic]:
 
 
 # --------------------------------------------------------------------------- KUB005
-_PASSIVE = ("CONTINUE", "JUMP ", "GOTO ", "RETURN", "MARK ", "CONNMARK ", "NOTRACK", "LOG", "NFLOG")
+#: rule actions that let the packet go on (a non-terminal target such as LOG or NFLOG is OTHER)
+_PASSIVE = frozenset({Kind.CONTINUE, Kind.JUMP, Kind.GOTO, Kind.RETURN, Kind.MARK, Kind.CONNMARK,
+                      Kind.NOTRACK, Kind.OTHER})
 
 
 @check(code="KUB005", name="nodeport-taken-first", severity=ERROR)
@@ -403,12 +406,12 @@ def nodeport_taken_first(ctx: CheckContext) -> Iterator[Diagnostic]:
         w = walker(ctx, rs, ns)
         br = Branch(pkt, Conntrack(pkt, pkt.dst, pkt.dport, pkt.src, pkt.sport, in_use=w.ct_in_use))
         for b in w.hook([br], "PREROUTING"):
-            if any(s.where == r.label for s in b.steps):
+            if any(s.rule is r for s in b.steps):
                 continue
-            taker = next((s for s in reversed(b.steps) if s.line and not s.verdict.startswith(_PASSIVE)), None)
+            taker = next((s for s in reversed(b.steps) if s.rule is not None and s.kind not in _PASSIVE), None)
             if taker is None:
                 continue
-            tr = rule_at(rs, taker.where)
+            tr = taker.rule
             yield ctx.diag(
                 "KUB005",
                 f"{r.label}: NodePort {PROTO_NAME[dp[1]]}/{dp[2]} never reaches KUBE-NODEPORTS: "

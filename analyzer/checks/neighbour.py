@@ -13,8 +13,8 @@ from analyzer.checks import CheckContext, check
 from analyzer.diagnostics import Diagnostic, Related, Severity
 from analyzer.netfilter.env import Namespace
 from analyzer.netfilter.neighbour import advertisement, solicitation, walk_nd
+from analyzer.netfilter.trace import Kind
 
-_STEP = re.compile(r"^(\w+):([^:]+):(rule):(\d+)$|^(\w+):([^:]+):policy$")
 # the witness exchange: a neighbour on the link resolves this host's link-local address
 TARGET, SOLICITOR = ipaddress.ip_address("fe80::1"), ipaddress.ip_address("fe80::2")
 
@@ -22,15 +22,11 @@ TARGET, SOLICITOR = ipaddress.ip_address("fe80::1"), ipaddress.ip_address("fe80:
 def _deciding(rs, br):
     """The rule (or chain policy) that ended ``br``: (label, span)."""
     for s in reversed(br.steps):
-        m = _STEP.match(s.where)
-        if not m:
-            continue
-        if m.group(3):
-            chain = rs.chain(m.group(1), m.group(2))
-            rule = chain.rules[int(m.group(4)) - 1]
-            return rule.label, rule.span
-        chain = rs.chain(m.group(5), m.group(6))
-        return f"{m.group(5)}:{m.group(6)}:policy {chain.policy}", chain.span
+        if s.rule is not None:
+            return s.rule.label, s.rule.span
+        if s.kind is Kind.POLICY:
+            chain = rs.chain(s.table, s.chain)
+            return f"{s.table}:{s.chain}:policy {chain.policy}", chain.span
     return None, None
 
 

@@ -186,7 +186,8 @@ def environment_trips(ctx: CheckContext):
 
 
 def _follow_targets(ctx, env, world, clients, targets, cov, trips) -> None:
-    from analyzer.crosshost import follow_all, outcome_findings
+    from analyzer.checks.nat import outcome_findings
+    from analyzer.crosshost import follow_all
     from analyzer.netfilter.walk import Packet
 
     services, used_clients, seen = set(), set(), set()
@@ -230,8 +231,9 @@ def _follow_targets(ctx, env, world, clients, targets, cov, trips) -> None:
 
 
 def _never_arrives(world, cname: str, sname: str, outcomes) -> Diagnostic:
-    from analyzer.crosshost import _line, _translating_rule, rule_at
+    from analyzer.checks.nat import _line, _translating_rule
     from analyzer.diagnostics import APPROXIMATE, EXACT, Related
+    from analyzer.netfilter.trace import Kind
 
     flow = outcomes[0].flow
     fates = []
@@ -252,10 +254,10 @@ def _never_arrives(world, cname: str, sname: str, outcomes) -> Diagnostic:
         related.append(Related("destination translated here", rule.span))
     for t in outcomes:
         hop = t.request.hops[-1] if t.request.hops else None
-        end = next((x for x in reversed(hop.steps) if x.line), None) if hop is not None else None
-        if end is not None and end.verdict.split()[0] in ("DROP", "REJECT"):
-            end_rule = rule_at(world, hop.namespace, hop.packet_in.family, end.path, end.line)
-            if end_rule is not None and all(r.span != end_rule.span for r in related):
+        end = next((x for x in reversed(hop.steps) if x.rule is not None), None) if hop is not None else None
+        if end is not None and end.kind in (Kind.DROP, Kind.REJECT):
+            end_rule = end.rule
+            if all(r.span != end_rule.span for r in related):
                 related.append(Related("the request ends here", end_rule.span))
     approx = any(t.request.approximate for t in outcomes) or any(t.prob is None for t in outcomes)
     n = len(outcomes)

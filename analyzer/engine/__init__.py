@@ -3,10 +3,10 @@ from .packetset import (
     ADDRESS_FIELDS, CT_STATES, CTSTATE_BITS, IFACE_NONE, IFACE_OTHER, LAYOUT, TCP_FLAG_BITS,
     Flow, IfaceOrderError, PacketSet, PacketSpace,
 )
-from .trace import APPROXIMATE, EXACT, STEP_KINDS, Hop, Outcome, Step
+from .trace import APPROXIMATE, EXACT, chance
 
 __all__ = [
     "ADDRESS_FIELDS", "CT_STATES", "CTSTATE_BITS", "IFACE_NONE", "IFACE_OTHER", "LAYOUT",
     "TCP_FLAG_BITS", "Flow", "IfaceOrderError", "PacketSet", "PacketSpace",
-    "APPROXIMATE", "EXACT", "STEP_KINDS", "Hop", "Outcome", "Step",
+    "APPROXIMATE", "EXACT", "chance",
 ]

@@ -12,7 +12,8 @@ import ipaddress
 import re
 from dataclasses import dataclass, field, replace
 
-from analyzer.netfilter.walk import Conntrack, Packet, Step
+from analyzer.netfilter.trace import Cilium, Step, cilium_step
+from analyzer.netfilter.walk import Conntrack, Packet
 
 _PROTO = {6: "TCP", 17: "UDP", 132: "SCTP"}
 
@@ -237,10 +238,10 @@ class Outcome:
     approx: list = field(default_factory=list)
 
 
-def _step(fact: str, verdict: str, packet: Packet | None = None, note: str | None = None) -> Step:
+def _step(fact: str, what: Cilium, verdict: str, packet: Packet | None = None, note: str | None = None,
+          value: object = None) -> Step:
     f = FACTS[fact]
-    return Step(f"cilium:{fact}", verdict, packet=packet.tuple_str() if packet is not None else None,
-                note=note or f"{f.source}; {f.versions}")
+    return cilium_step(fact, what, verdict, packet, note or f"{f.source}; {f.versions}", value)
 
 
 def _backends(node: CiliumNode, svc, pkt: Packet, fact: str, where: str) -> list[Outcome]:
@@ -248,7 +249,7 @@ def _backends(node: CiliumNode, svc, pkt: Packet, fact: str, where: str) -> list
     out = []
     for b in usable:
         new = replace(pkt, dst=b.endpoint.address, dport=b.endpoint.port)
-        step = _step(fact, f"DNAT {pkt.dst}:{pkt.dport} -> {b.endpoint.address}:{b.endpoint.port} "
+        step = _step(fact, Cilium.DNAT, f"DNAT {pkt.dst}:{pkt.dport} -> {b.endpoint.address}:{b.endpoint.port} "
                            f"({svc.label}{', backend on node ' + b.node if b.node else ''}) at {where}", new)
         out.append(Outcome(new, [step], 1.0 / len(usable)))
     return out
@@ -297,8 +298,8 @@ def _maybe_local_delivery(node: CiliumNode, o: Outcome, route_oif, is_local_endp
     oif = route_oif(o.pkt.dst)
     if node.local_delivery == "bpf" and oif is not None and is_local_endpoint(oif):
         o.redirect_oif = oif
-        o.steps.append(_step("local-delivery", f"REDIRECT to {oif} (ipv4_local_delivery): "
-                                               "the host's iptables and conntrack are not crossed"))
+        o.steps.append(_step("local-delivery", Cilium.REDIRECT, f"REDIRECT to {oif} (ipv4_local_delivery): "
+                                               "the host's iptables and conntrack are not crossed", value=oif))
 
 
 def _match_reply(entries: list, pkt: Packet) -> CiliumCT | None:
@@ -316,7 +317,7 @@ def _reply(node: CiliumNode, pkt: Packet, ct: CiliumCT, route_oif, is_local_endp
         new = replace(pkt, src=ct.original.dst, sport=ct.original.dport)
         o.pkt = new
         o.revnat = True
-        o.steps.append(_step("nodeport", f"rev-DNAT {pkt.src}:{pkt.sport} -> {new.src}:{new.sport} in "
+        o.steps.append(_step("nodeport", Cilium.REVNAT, f"rev-DNAT {pkt.src}:{pkt.sport} -> {new.src}:{new.sport} in "
                                          "from-container (CT_REPLY of a NodePort connection: NODEPORT_REVNAT)", new))
         oif = route_oif(new.dst)
         if oif is not None:
@@ -330,22 +331,23 @@ def _reply(node: CiliumNode, pkt: Packet, ct: CiliumCT, route_oif, is_local_endp
         broken = [(d, a) for d, a in node.defects("revnat-to-container", ct.service) if a]
         if broken and o.redirect_oif is not None:
             d = broken[0][0]
-            o.steps.append(_step("revnat-to-container",
+            o.steps.append(_step("revnat-to-container", Cilium.NO_REVNAT,
                                  f"NO rev-NAT into {toward} ({d.issue}, Cilium "
                                  f"{'.'.join(map(str, node.version))}: {d.symptom.split(':')[0]})",
-                                 note=f"{d.issue}: {d.affected}; fix: {d.fix}"))
+                                 note=f"{d.issue}: {d.affected}; fix: {d.fix}", value=d))
             return [o]
         new = replace(pkt, src=ct.original.dst, sport=ct.original.dport)
         o.pkt = new
         o.revnat = True
-        o.steps.append(_step("revnat-to-container", f"rev-NAT {pkt.src}:{pkt.sport} -> "
+        o.steps.append(_step("revnat-to-container", Cilium.REVNAT, f"rev-NAT {pkt.src}:{pkt.sport} -> "
                                                     f"{new.src}:{new.sport} into {toward}", new))
         if o.redirect_oif is not None:
             for d, applies in node.defects("revnat-to-container", ct.service):
                 if applies is None:  # the version is not known: say what would break, and where
-                    o.steps.append(Step("cilium:known-defect", f"POSSIBLE {d.issue}: {d.symptom}",
-                                        note=f"{d.affected}; settings: {d.settings}; fix: {d.fix}. "
-                                             "Give the node's version (cilium status, or cilium.version)"))
+                    o.steps.append(cilium_step(
+                        "known-defect", Cilium.KNOWN_DEFECT, f"POSSIBLE {d.issue}: {d.symptom}",
+                        note=f"{d.affected}; settings: {d.settings}; fix: {d.fix}. "
+                             "Give the node's version (cilium status, or cilium.version)", value=d))
     return [o]
 
 
@@ -359,7 +361,7 @@ def from_device(node: CiliumNode, pkt: Packet, iif: str, route_oif, is_local_end
     if rev is not None and rev.point == "nodeport" and rev.revnat_at == iif:
         new = replace(pkt, src=rev.original.dst, sport=rev.original.dport, dst=rev.original.src,
                       dport=rev.original.sport)
-        o = Outcome(new, [_step("nodeport", f"rev-SNAT+rev-DNAT {pkt.src}:{pkt.sport} -> {pkt.dst}:{pkt.dport} "
+        o = Outcome(new, [_step("nodeport", Cilium.REVNAT, f"rev-SNAT+rev-DNAT {pkt.src}:{pkt.sport} -> {pkt.dst}:{pkt.dport} "
                                             f"to {new.src}:{new.sport} -> {new.dst}:{new.dport} at {iif} "
                                             "(rev_nodeport_lb4)", new)], revnat=True)
         oif = route_oif(new.dst)
@@ -380,8 +382,8 @@ def from_device(node: CiliumNode, pkt: Packet, iif: str, route_oif, is_local_end
             # a local backend: no SNAT; its reply is rev-DNATed in its from-container
             # (CT_REPLY with node_port -> NODEPORT_REVNAT, bpf_lxc.c)
             o.redirect_oif = oif
-            o.steps.append(_step("nodeport", f"REDIRECT to the local backend's {oif} (no SNAT: the backend "
-                                             f"sees the client {pkt.src})"))
+            o.steps.append(_step("nodeport", Cilium.REDIRECT, f"REDIRECT to the local backend's {oif} (no SNAT: the backend "
+                                             f"sees the client {pkt.src})", value=oif))
         elif node.lb_mode == "snat" and oif is not None:
             me = addr_of(oif)
             if me is None:
@@ -390,12 +392,12 @@ def from_device(node: CiliumNode, pkt: Packet, iif: str, route_oif, is_local_end
             o.entry = CiliumCT(pkt, o.pkt.dst, o.pkt.dport, me, pkt.sport, dnat=True, snat=True,
                                point="nodeport", revnat_at=oif, service=svc)
             o.redirect_oif = oif
-            o.steps.append(_step("nodeport", f"SNAT {pkt.src} -> {me} (mode SNAT) and REDIRECT out {oif}: the "
+            o.steps.append(_step("nodeport", Cilium.SNAT, f"SNAT {pkt.src} -> {me} (mode SNAT) and REDIRECT out {oif}: the "
                                              "reply must come back here to be reverse-translated", o.pkt))
         else:
             o.approx.append(f"Cilium {node.lb_mode.upper()} to a remote backend: the backend's node "
                             "reverse-translates from the DSR option; synack does not walk that yet")
-            o.steps.append(_step("nodeport", f"{node.lb_mode.upper()}: the client's address is kept; "
+            o.steps.append(_step("nodeport", Cilium.PASS, f"{node.lb_mode.upper()}: the client's address is kept; "
                                              "reverse translation on the backend's node (not walked)"))
     return outs
 
@@ -407,7 +409,7 @@ def reply_into_endpoint(node: CiliumNode, pkt: Packet, oif: str, entries: list) 
     if ct is None or ct.revnat_at != oif:
         return None
     new = replace(pkt, src=ct.original.dst, sport=ct.original.dport)
-    return Outcome(new, [_step("revnat-to-container", f"rev-NAT {pkt.src}:{pkt.sport} -> "
+    return Outcome(new, [_step("revnat-to-container", Cilium.REVNAT, f"rev-NAT {pkt.src}:{pkt.sport} -> "
                                                       f"{new.src}:{new.sport} into {oif}", new)], revnat=True)
 
 

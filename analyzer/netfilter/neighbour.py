@@ -12,6 +12,7 @@ import ipaddress
 from dataclasses import dataclass, field, replace
 
 from analyzer.model.packet import Packet
+from analyzer.netfilter.trace import Kind
 
 NS, NA = 135, 136
 
@@ -36,7 +37,7 @@ class NeighbourCheck:
 
     @property
     def crosses_rules(self) -> bool:
-        return any(":rule:" in s.where for s in self.steps)
+        return any(s.rule is not None for s in self.steps)
 
 
 def walk_nd(w, pkt: Packet, hooks: tuple[str, ...]) -> list:
@@ -220,7 +221,7 @@ def solicitation_source(ns, iface: str, pkt_src):
 def _deciding(br) -> str:
     """The rule or policy that ended ``br``, as the trace prints it, with its dump line."""
     for s in reversed(br.steps):
-        if s.where not in ("conntrack", "route") and not s.where.startswith("stages:"):
+        if s.rule is not None or s.kind is Kind.POLICY or s.kind is Kind.RETURN:
             at = f" ({s.path}:{s.line})" if s.line else ""
             return f"{s.where}:{s.verdict}{at}"
     return "a rule"
@@ -228,7 +229,7 @@ def _deciding(br) -> str:
 
 def _last_rule(br) -> str:
     for s in reversed(br.steps):
-        if s.where not in ("conntrack", "route") and not s.where.startswith("stages:"):
+        if s.rule is not None or s.kind is Kind.POLICY or s.kind is Kind.RETURN:
             return f"{s.where}:{s.verdict}"
     return "a rule"
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from analyzer.model.packet import Packet, with_ifaces
-from analyzer.netfilter.walk import Branch, Conntrack, Step, Walker, route_decision
+from analyzer.netfilter.trace import Bridge, Conntrack as CT, Kind, Route, Step, bridge_step
+from analyzer.netfilter.walk import Branch, Conntrack, Walker, route_decision, route_step
 
 ELIXIR = "https://elixir.bootlin.com/linux/v6.6/C/ident/"
 
@@ -111,7 +112,7 @@ def martian_source(ctx: Ctx, b: Branch) -> None:
     b.disposition = "dropped"
     b.detail = (f"martian source: {b.pkt.src} is an address of this namespace, but the packet arrives "
                 f"on {iif}; the kernel drops it (accept_local=0)")
-    b.steps.append(Step("route", b.detail))
+    b.steps.append(route_step(b.pkt, b.pkt, Route.MARTIAN_SOURCE, b.detail))
 
 
 def input_route_refuses(ctx: Ctx, b: Branch) -> None:
@@ -126,7 +127,7 @@ def input_route_refuses(ctx: Ctx, b: Branch) -> None:
         b.disposition = "dropped"
         b.detail = (f"martian destination: {b.pkt.dst} arrives on {iif}; loopback addresses are "
                     f"routed only with net.ipv4.conf.{iif}.route_localnet=1")
-        b.steps.append(Step("route", b.detail))
+        b.steps.append(route_step(b.pkt, b.pkt, Route.MARTIAN_DESTINATION, b.detail))
         return
     mode = _conf(w, "rp_filter", iif)
     if mode == 0:
@@ -138,7 +139,7 @@ def input_route_refuses(ctx: Ctx, b: Branch) -> None:
     b.disposition = "dropped"
     b.detail = (f"rp_filter={mode} ({'strict' if mode == 1 else 'loose'}): the packet from {b.pkt.src} "
                 f"arrives on {iif} but the route back to {b.pkt.src} {where}")
-    b.steps.append(Step("route", b.detail))
+    b.steps.append(route_step(b.pkt, b.pkt, Route.RP_FILTER, b.detail))
 
 
 def input_route(ctx: Ctx, b: Branch) -> str | None:
@@ -167,10 +168,10 @@ def bridge_port(ctx: Ctx, b: Branch) -> None:
         b.disposition = "dropped"
         b.detail = (f"bridged DNAT back to the port it came in on ({from_port[0]}:{from_port[1]}): "
                     f"{iif} drops it, hairpin mode is off on that port")
-        b.steps.append(Step("bridge", b.detail))
+        b.steps.append(bridge_step(b.pkt, Bridge.HAIRPIN_OFF, b.detail, (iif, from_port)))
         return
-    b.steps.append(Step("bridge", f"bridged DNAT: {b.pkt.dst} is on {iif}, so br_netfilter "
-                                  f"switches the frame to it (not routed)"))
+    b.steps.append(bridge_step(b.pkt, Bridge.BRIDGED_DNAT, f"bridged DNAT: {b.pkt.dst} is on {iif}, so br_netfilter "
+                                                           f"switches the frame to it (not routed)"))
 
 
 def ip_forward(ctx: Ctx, b: Branch) -> None:
@@ -179,7 +180,7 @@ def ip_forward(ctx: Ctx, b: Branch) -> None:
     key = "net.ipv4.ip_forward" if b.pkt.family == 4 else "net.ipv6.conf.all.forwarding"
     if ctx.w.ns.sysctl(key, 1) == 0:
         b.disposition, b.detail = "dropped", f"{key}=0: not forwarded"
-        b.steps.append(Step("route", b.detail))
+        b.steps.append(route_step(b.pkt, b.pkt, Route.IP_FORWARD_OFF, b.detail))
 
 
 def deliver(ctx: Ctx, b: Branch) -> None:
@@ -225,8 +226,9 @@ def loopback(ctx: Ctx, b: Branch) -> None:
     PREROUTING and INPUT see it with -i lo; its conntrack entry was confirmed on the way out
     (nf_confirm at POSTROUTING), so the nat chains do not run again."""
     b.ct.confirmed = True
+    before = b.pkt
     b.pkt = with_ifaces(b.pkt, "lo", None)
-    b.steps.append(Step("route", "loopback: back in on lo"))
+    b.steps.append(route_step(before, b.pkt, Route.LOOPBACK, "loopback: back in on lo"))
 
 
 def bridge_out(ctx: Ctx, b: Branch) -> None:
@@ -340,7 +342,8 @@ def run(w: Walker, links, ns: str, pkt: Packet, iif: str | None, ct: Conntrack |
             ct.in_use = w.ct_in_use
     br = Branch(_ifaces(pkt, iif, None), ct, [], 1.0, [], reply=is_reply)
     if reply_mode and not is_reply:
-        br.steps.append(Step("conntrack", "no entry for this packet here: treated as a new connection"))
+        br.steps.append(Step(Kind.CONNTRACK, None, br.pkt, br.pkt, fact=CT.MISSING,
+                             text="no entry for this packet here: treated as a new connection"))
     if bridged_via is not None:
         path = BRIDGED
     elif iif is None if local_origin is None else local_origin:

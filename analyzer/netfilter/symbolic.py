@@ -27,6 +27,7 @@ from analyzer.model.rules import (
 )
 from analyzer.netfilter.env import Namespace
 from analyzer.netfilter.walk import Walker
+from analyzer.netfilter.trace import Kind
 
 #: protocols whose packets the walk builds differently (ports, ICMP type, TCP flags); all other
 #: protocols look alike to it, so a class never mixes two of these or one of these and another
@@ -247,12 +248,12 @@ class RecordingWalker(Walker):
             br.pkt = replace(p, dst=new)
             ct.dnat = ct.dnat or old not in t.to  # the tuple changes unless already mapped
             ct.reply_src, ct.reply_sport = new, br.pkt.dport
-            self._step(br, rule, f"NETMAP to {new}", packet=True)
+            self._step(br, rule, Kind.NETMAP, p, fact="dst")
         else:
             br.pkt = replace(p, src=new)
             ct.snat = ct.snat or old not in t.to
             ct.reply_dst, ct.reply_dport = new, p.sport
-            self._step(br, rule, f"NETMAP to {new}", packet=True,
+            self._step(br, rule, Kind.NETMAP, p, fact="src",
                        note="source port kept unless it clashes with another connection" if plain(p.sport) else None)
         return "NAT"
 

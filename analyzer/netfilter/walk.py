@@ -25,6 +25,7 @@ from analyzer.engine.concolic import active, is_sym, one_of, plain
 from analyzer.netfilter import stages as STAGES
 from analyzer.netfilter.env import Namespace
 from analyzer.netfilter.nat import pick_address, pick_port
+from analyzer.netfilter.trace import Conntrack as CT, Kind, Route, Step  # noqa: F401 (Step re-exported)
 
 from analyzer.model.packet import CT_INPUT, PROTO, PROTO_NAME, Packet, evolve, tcp_flag_names, with_ifaces  # noqa: F401 (re-exported)
 from analyzer.parse.flow import FlowSpec, parse_flow, parse_flow_spec  # noqa: F401 (re-exported)
@@ -32,28 +33,6 @@ MAX_OUTCOMES = 64
 #: rule evaluations of one table traversal after which the walk stops: only a chain loop gets
 #: there (the kernel refuses a table with a loop a builtin chain reaches, ELOOP; lint: CHN002)
 MAX_RULE_VISITS = 20_000
-
-@dataclass(frozen=True, slots=True)
-class Step:
-    """One line of the trace, as ``xtables-monitor --trace`` prints it, with the dump line."""
-
-    where: str      # e.g. nat:KUBE-SERVICES:rule:7 or nat:PREROUTING:policy or conntrack
-    verdict: str    # CONTINUE, JUMP X, GOTO X, RETURN, ACCEPT, DROP, DNAT ..., MARK ...
-    line: int | None = None
-    path: str | None = None
-    packet: str | None = None  # tuple after a rewrite
-    note: str | None = None
-
-    def render(self) -> str:
-        s = f"{self.where}:{self.verdict}"
-        if self.line:
-            s += f"  ({self.path}:{self.line})"
-        if self.packet:
-            s += f"\n      -> {self.packet}"
-        if self.note:
-            s += f"\n      note: {self.note}"
-        return s
-
 
 @dataclass
 class Conntrack:
@@ -380,7 +359,7 @@ class Walker:
                 frame[2] = pos
                 visits += 1
                 if visits > MAX_RULE_VISITS:
-                    br.steps.append(Step(f"{table}:{chain_name}", "LOOP"))
+                    br.steps.append(Step(Kind.LOOP, None, br.pkt, br.pkt, table, chain_name))
                     br.disposition = "loop"
                     br.detail = (f"{table}:{chain_name} was reached again and again ({MAX_RULE_VISITS} rule "
                                  "evaluations): the chains jump in a loop, and the kernel refuses such a "
@@ -418,7 +397,7 @@ class Walker:
                     pushed = True
                     if not frames:  # RETURN in a builtin chain: the policy decides
                         pol = chain.policy or "ACCEPT"
-                        br.steps.append(Step(f"{table}:{hook}:policy", pol))
+                        br.steps.append(Step(Kind.POLICY, None, br.pkt, br.pkt, table, hook, value=pol))
                         out.append(self._end(br, pol))
                         return out
                     break
@@ -429,10 +408,10 @@ class Walker:
             frames.pop()
             if not frames:  # off the end of the hook's chain (or of a chain it went to by goto)
                 pol = self.rs.chain(table, hook).policy or "ACCEPT"
-                br.steps.append(Step(f"{table}:{hook}:policy", pol))
+                br.steps.append(Step(Kind.POLICY, None, br.pkt, br.pkt, table, hook, value=pol))
                 out.append(self._end(br, pol))
                 return out
-            br.steps.append(Step(f"{table}:{chain_name}:return", "RETURN"))
+            br.steps.append(Step(Kind.RETURN, None, br.pkt, br.pkt, table, chain_name))
         return out
 
     def _end(self, br: Branch, action: str) -> Branch:
@@ -675,59 +654,66 @@ class Walker:
         return "UNICAST"
 
     # -------------------------------------------------------------- targets
-    def _step(self, br, rule: Rule, verdict: str, packet: bool = False, note: str | None = None):
-        br.steps.append(Step(rule.label, verdict, rule.span.line, rule.span.path,
-                             br.pkt.tuple_str() if packet else None, note))
+    def _step(self, br, rule: Rule, kind: Kind, before=None, value=None, fact=None, note: str | None = None):
+        p = br.pkt
+        br.steps.append(Step(kind, rule, before or p, p, None, None, fact, value, None, note))
 
     def _apply_target(self, rule: Rule, br: Branch, table: str, hook: str) -> str:
         t = rule.target
+        steps = br.steps
         if t is None:
-            self._step(br, rule, "CONTINUE")
+            p = br.pkt
+            steps.append(Step(Kind.CONTINUE, rule, p, p))
             return "continue"
         if isinstance(t, Jump):
-            self._step(br, rule, f"{'GOTO' if t.goto else 'JUMP'} {t.chain}")
+            p = br.pkt
+            steps.append(Step(Kind.GOTO if t.goto else Kind.JUMP, rule, p, p))
             if self.rs.chain(table, t.chain) is None:
                 br.approx.append(f"{rule.label}: jump to undefined chain {t.chain}")
                 return "continue"
             return "goto" if t.goto else "jump"
         if isinstance(t, Verdict):
-            self._step(br, rule, t.verdict)
+            p = br.pkt
+            steps.append(Step(_VERDICT_KIND.get(t.verdict, Kind.OTHER), rule, p, p))
             return "return" if t.verdict == "RETURN" else t.verdict
         if isinstance(t, Reject):
-            self._step(br, rule, f"REJECT {t.with_}")
+            self._step(br, rule, Kind.REJECT)
             return f"REJECT {t.with_}"
         if isinstance(t, SetMark):
+            before = br.pkt
             if t.kind == "MARK":
                 br.pkt = evolve(br.pkt, mark=(br.pkt.mark & ~t.mask & 0xFFFFFFFF) ^ t.value)
-                self._step(br, rule, f"MARK set 0x{br.pkt.mark:x}")
+                self._step(br, rule, Kind.MARK, before, br.pkt.mark)
             elif not self._has_entry(br):
-                self._step(br, rule, "CONNMARK", note="no conntrack entry here: the target does nothing")
+                self._step(br, rule, Kind.CONNMARK, note="no conntrack entry here: the target does nothing")
             else:
                 br.ct.mark = (br.ct.mark & ~t.mask & 0xFFFFFFFF) ^ t.value
-                self._step(br, rule, f"CONNMARK set 0x{br.ct.mark:x}")
+                self._step(br, rule, Kind.CONNMARK, before, br.ct.mark)
             return "continue"
         if isinstance(t, ConnmarkCopy) and not self._has_entry(br):
-            self._step(br, rule, "CONNMARK", note="no conntrack entry here: the target does nothing")
+            self._step(br, rule, Kind.CONNMARK, note="no conntrack entry here: the target does nothing")
             return "continue"
         if isinstance(t, ConnmarkCopy):
+            before = br.pkt
             if t.direction == "save":
                 # xt_connmark: ct = (ct & ~ctmask) ^ (mark & nfmask); XOR, not OR, where the masks
                 # overlap (tests/kernel: connmark-save-masks-xor)
                 br.ct.mark = (br.ct.mark & ~t.ctmask & 0xFFFFFFFF) ^ (br.pkt.mark & t.nfmask)
-                self._step(br, rule, f"CONNMARK save 0x{br.ct.mark:x}")
+                self._step(br, rule, Kind.CONNMARK, before, br.ct.mark)
             else:
                 # mark = (mark & ~nfmask) ^ (ct & ctmask)
                 br.pkt = evolve(br.pkt, mark=(br.pkt.mark & ~t.nfmask & 0xFFFFFFFF) ^ (br.ct.mark & t.ctmask))
-                self._step(br, rule, f"CONNMARK restore 0x{br.pkt.mark:x}")
+                self._step(br, rule, Kind.CONNMARK, before, br.pkt.mark)
             return "continue"
         if isinstance(t, Notrack):
             br.ct.untracked = br.notracked = True
-            self._step(br, rule, "NOTRACK", note="untracked: nat table skipped, no reverse translation")
+            self._step(br, rule, Kind.NOTRACK, note="untracked: nat table skipped, no reverse translation")
             return "continue"
         if isinstance(t, Tproxy):
+            before = br.pkt
             br.pkt = evolve(br.pkt, mark=(br.pkt.mark & ~t.mask & 0xFFFFFFFF) ^ t.mark)
             ip = t.on_ip or self.ns.primary_address(br.pkt.iif, br.pkt.family) or br.pkt.dst
-            self._step(br, rule, f"TPROXY on {ip}:{t.on_port} mark 0x{br.pkt.mark:x}",
+            self._step(br, rule, Kind.TPROXY, before, (ip, t.on_port),
                        note="delivered to the local proxy socket; the packet keeps its destination")
             br.detail = f"proxy socket {ip}:{t.on_port}"
             return "TPROXY"
@@ -735,16 +721,16 @@ class Walker:
             return self._nat(rule, br, table, hook)
         if isinstance(t, OtherTarget):
             if t.terminating:
-                self._step(br, rule, t.target)
+                self._step(br, rule, Kind.HANDOFF)
                 br.approx.append(f"{rule.label}: {t.target} hands the packet to userspace/elsewhere")
                 return t.target
-            self._step(br, rule, t.target)
+            self._step(br, rule, Kind.OTHER)
             return "continue"
         if isinstance(t, UnknownTarget):
-            self._step(br, rule, t.target)
+            self._step(br, rule, Kind.UNKNOWN)
             br.approx.append(f"{rule.label} (line {rule.span.line}): target {t.target} not modelled")
             return "continue"
-        self._step(br, rule, t.name)
+        self._step(br, rule, Kind.OTHER)
         return "continue"
 
     def _nat(self, rule, br: Branch, table: str, hook: str) -> str:
@@ -765,11 +751,11 @@ class Walker:
                 pc = pick_port(p.dport, *(t.ports or (None, None)), random=t.random, dnat=True)
                 port = self._port(br, rule, pc)
                 br.pkt = evolve(p, dst=addr, dport=port)
-                verdict = f"REDIRECT to {addr}:{port}" if port is not None else f"REDIRECT to {addr}"
+                kind = Kind.REDIRECT
             elif isinstance(t, Netmap):
                 off = int(p.dst) & int(t.to.hostmask)
                 br.pkt = evolve(p, dst=ipaddress.ip_address(int(t.to.network_address) | off))
-                verdict = f"NETMAP to {br.pkt.dst}"
+                kind = Kind.NETMAP
             else:
                 r = t.ranges[0]
                 # find_best_ips_proto: a hash of the source seeded with the destination (exact)
@@ -778,7 +764,7 @@ class Walker:
                 pc = pick_port(p.dport, r.port_lo, r.port_hi, random=t.random or t.random_fully, dnat=True)
                 port = self._port(br, rule, pc)
                 br.pkt = evolve(p, dst=addr, dport=port)
-                verdict = f"DNAT to {r.render()}"
+                kind = Kind.DNAT
                 if len(t.ranges) > 1:
                     br.approx.append(f"{rule.label}: DNAT with several --to-destination; the kernel "
                                      f"uses one, shown with the first ({addr})")
@@ -786,7 +772,7 @@ class Walker:
             ct.dnat = ct.dnat or (br.pkt.dst, br.pkt.dport) != (p.dst, p.dport)
             ct.reply_src, ct.reply_sport = br.pkt.dst, br.pkt.dport
             ranged = isinstance(t, Nat) and t.ranges[0].addr_lo != t.ranges[0].addr_hi
-            self._step(br, rule, verdict, packet=True, note=(
+            self._step(br, rule, kind, p, fact="dst", note=(
                 "the kernel's pick in the range: a hash of the source address seeded with the "
                 "destination (find_best_ips_proto), the same on every boot") if ranged else None)
             return "NAT"
@@ -799,12 +785,12 @@ class Walker:
                                  "which is not known (give --addr)")
             pc = pick_port(p.sport, *(t.ports or (None, None)), random=t.random)
             port = self._port(br, rule, pc)
-            verdict = f"MASQUERADE to {addr}" + (" (random-fully)" if t.random_fully else "")
+            kind = Kind.MASQUERADE
         elif isinstance(t, Netmap):
             off = int(p.src) & int(t.to.hostmask)
             addr = ipaddress.ip_address(int(t.to.network_address) | off)
             port = p.sport
-            verdict = f"NETMAP to {addr}"
+            kind = Kind.NETMAP
         else:
             r = t.ranges[0]
             random_all = t.random or t.random_fully
@@ -817,12 +803,12 @@ class Walker:
                 addr = p.src if r.addr_lo is None else r.addr_lo if r.addr_lo.version != p.src.version else \
                     pick_address(r.addr_lo, r.addr_hi, p.src, p.dst, persistent=t.persistent, dnat=False)
                 port = self._port(br, rule, pick_port(p.sport, r.port_lo, r.port_hi, random=random_all))
-            verdict = f"SNAT to {r.render()}"
+            kind = Kind.SNAT
         br.pkt = evolve(p, src=addr, sport=port)
         # IPS_SRC_NAT only if the tuple changed: MASQUERADE to the address already used is a no-op
         ct.snat = ct.snat or (addr, port) != (p.src, p.sport)
         ct.reply_dst, ct.reply_dport = addr, port
-        self._step(br, rule, verdict, packet=True,
+        self._step(br, rule, kind, p, fact="src",
                    note="source port kept unless it clashes with another connection" if port == p.sport and plain(p.sport) else None)
         return "NAT"
 
@@ -837,7 +823,7 @@ class Walker:
         if self.backend is None and not reply and self._order_assumed_at(hook):
             for br in brs:
                 if br.disposition is None:
-                    br.steps.append(Step(f"stages:{hook}", f"iptables-{STAGES.DEFAULT_BACKEND} order",
+                    br.steps.append(Step(Kind.STAGES, chain=hook, value=STAGES.DEFAULT_BACKEND,
                                          note="the dump does not say which iptables wrote it (no "
                                          "'# Generated by' header): iptables-nft runs security "
                                          "INPUT after nat INPUT, iptables-legacy before it"))
@@ -879,11 +865,11 @@ class Walker:
 
     def _conntrack_step(self, br: Branch):
         if not br.ct.in_use:
-            br.steps.append(Step("conntrack", "OFF", note="no rule in this ruleset needs "
+            br.steps.append(Step(Kind.CONNTRACK, None, br.pkt, br.pkt, fact=CT.OFF, note="no rule in this ruleset needs "
                                  "conntrack: the kernel keeps no entry"))
             return
         if br.ct.untracked:
-            br.steps.append(Step("conntrack", "UNTRACKED"))
+            br.steps.append(Step(Kind.CONNTRACK, None, br.pkt, br.pkt, fact=CT.UNTRACKED))
             return
         given = br.pkt.ctstate
         if given != CT_INPUT["NEW"]:
@@ -897,22 +883,23 @@ class Walker:
                 why = "the flow says conntrack refuses it (e.g. a TCP segment out of window)" \
                     if name == "INVALID" else \
                     f"TCP flags {tcp_flag_names(plain(br.pkt.tcp_flags))} are not a valid combination"
-                br.steps.append(Step("conntrack", "INVALID", note=f"{why}: no entry; the nat table is skipped"))
+                br.steps.append(Step(Kind.CONNTRACK, None, br.pkt, br.pkt, fact=CT.INVALID,
+                                     note=f"{why}: no entry; the nat table is skipped"))
                 return
             if name != "NEW":
                 br.ct.existing = name
                 br.ct.mark = br.pkt.connmark
-                br.steps.append(Step("conntrack", name, note=(
+                br.steps.append(Step(Kind.CONNTRACK, None, br.pkt, br.pkt, fact=CT[name], note=(
                     "a packet of an existing connection (original direction): the nat table is not "
                     "consulted, and the entry is taken to translate nothing")))
                 return
         state, why = first_packet_state(br.pkt, self.ns.sysctl(TCP_LOOSE, 1))
         if state == "INVALID":
             br.ct.invalid = True
-            br.steps.append(Step("conntrack", "INVALID", note=f"{why}: no entry; the nat table is skipped"))
+            br.steps.append(Step(Kind.CONNTRACK, None, br.pkt, br.pkt, fact=CT.INVALID, note=f"{why}: no entry; the nat table is skipped"))
             return
         note = f"original tuple {br.ct.original.tuple_str()}"
-        br.steps.append(Step("conntrack", "NEW", note=f"{note}; {why}" if why else note))
+        br.steps.append(Step(Kind.CONNTRACK, None, br.pkt, br.pkt, fact=CT.NEW, note=f"{note}; {why}" if why else note))
 
     def _denat(self, br: Branch, hook: str):
         """The reply is reverse-translated by conntrack at the nat hooks, without rules."""
@@ -921,10 +908,20 @@ class Walker:
         p = br.pkt
         if hook in ("PREROUTING", "OUTPUT") and ct.snat and p.dst == ct.reply_dst:
             br.pkt = evolve(p, dst=o.src, dport=o.sport)
-            br.steps.append(Step(f"nat:{hook}", "conntrack reverse SNAT", packet=br.pkt.tuple_str()))
+            br.steps.append(Step(Kind.REVERSE_NAT, None, p, br.pkt, "nat", hook, "SNAT"))
         elif hook in ("POSTROUTING", "INPUT") and ct.dnat and p.src == ct.reply_src:
             br.pkt = evolve(br.pkt, src=o.dst, sport=o.dport)
-            br.steps.append(Step(f"nat:{hook}", "conntrack reverse DNAT", packet=br.pkt.tuple_str()))
+            br.steps.append(Step(Kind.REVERSE_NAT, None, p, br.pkt, "nat", hook, "DNAT"))
+
+
+def route_step(before: Packet, after: Packet, fact: Route, text: str, route: str | None = None) -> Step:
+    """A step of the routing decision or of the input route checks (``fact`` says which);
+    ``route``: the route taken, as ``ip route`` prints it."""
+    return Step(Kind.ROUTE, None, before, after, None, None, fact, route, text)
+
+
+#: the kind of a rule step for each verdict target
+_VERDICT_KIND = {"ACCEPT": Kind.ACCEPT, "DROP": Kind.DROP, "RETURN": Kind.RETURN, "QUEUE": Kind.QUEUE}
 
 
 def route_decision(w: "Walker", br: Branch, local_origin: bool = False) -> str:
@@ -934,21 +931,26 @@ def route_decision(w: "Walker", br: Branch, local_origin: bool = False) -> str:
     ns = w.ns
     r = ns.route(br.pkt.dst)
     if r.kind == "local":
-        br.steps.append(Step("route", f"local delivery ({br.pkt.dst} is an address of this namespace)"))
+        br.steps.append(route_step(br.pkt, br.pkt, Route.LOCAL,
+                                   f"local delivery ({br.pkt.dst} is an address of this namespace)"))
         return "local"
     if r.kind == "none":
         if not ns.known:
-            br.steps.append(Step("route", "forward (no addresses/routes given: assumed not local)"))
+            br.steps.append(route_step(br.pkt, br.pkt, Route.ASSUMED_FORWARD,
+                                       "forward (no addresses/routes given: assumed not local)"))
             br.approx.append("routing unknown: give --addr/--route or --iproute")
             return "forward"
         br.disposition, br.detail = "no-route", f"no route to {br.pkt.dst}"
-        br.steps.append(Step("route", f"no route to {br.pkt.dst}"))
+        br.steps.append(route_step(br.pkt, br.pkt, Route.NO_ROUTE, br.detail))
         return "end"
     if r.kind != "unicast":
         br.disposition, br.detail = r.kind, f"{r.kind} route {r.route.render()}"
-        br.steps.append(Step("route", br.detail))
+        br.steps.append(route_step(br.pkt, br.pkt, Route.SPECIAL, br.detail, r.route.render()))
         return "end"
+    before = br.pkt
     br.pkt = with_ifaces(br.pkt, br.pkt.iif, r.oif)
     br.next_hop = r.via or br.pkt.dst
-    br.steps.append(Step("route", f"{'output' if local_origin else 'forward'} via {r.route.render()}"))
+    via = r.route.render()
+    br.steps.append(route_step(before, br.pkt, Route.OUTPUT if local_origin else Route.FORWARD,
+                               f"{'output' if local_origin else 'forward'} via {via}", via))
     return "forward"

@@ -13,12 +13,13 @@ import difflib
 import ipaddress
 import os
 import re
-from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Callable
 
 import yaml
 
 from analyzer.diagnostics import Diagnostic, Severity
+from analyzer.model.env import Environment, Listener, NamespaceSpec, Segment  # noqa: F401 (re-exported)
 from analyzer.netfilter.env import EnvError, Namespace
 from analyzer.source import Span
 
@@ -51,58 +52,37 @@ BRIDGE_KEYS = ("namespace", "name", "ports", "hairpin")
 PROTOS = ("tcp", "udp", "sctp")
 
 
-@dataclass(frozen=True, slots=True)
-class Listener:
-    """A process listening in a namespace (``proxy_to``: it opens a second connection there)."""
+class _NamespaceDraft:
+    """A namespace while its keys are read; frozen into a model NamespaceSpec at the end."""
 
-    port: int
-    proto: str = "tcp"
-    address: str | None = None
-    uid: int | None = None
-    gid: int | None = None
-    proxy_to: str | None = None  # "ADDR:PORT" the proxy connects to for each accepted client
-    name: str | None = None
+    def __init__(self, name: str, net: Namespace):
+        self.name, self.net = name, net
+        self.ruleset = self.ruleset6 = self.cilium = None
+        self.listeners: list = []
+        self.dumps: list = []
 
-
-@dataclass
-class NamespaceSpec:
-    name: str
-    net: Namespace
-    ruleset: object = None  # analyzer.model.Ruleset (v4)
-    ruleset6: object = None
-    listeners: list = field(default_factory=list)
-    dumps: list = field(default_factory=list)
-    cilium: object = None   # analyzer.netfilter.cilium.CiliumNode: this namespace is a Cilium node
+    def freeze(self) -> NamespaceSpec:
+        return NamespaceSpec(self.name, self.net, self.ruleset, self.ruleset6, tuple(self.listeners),
+                             tuple(self.dumps), self.cilium)
 
 
-@dataclass(frozen=True, slots=True)
-class Segment:
-    """An L2 segment: interfaces (``ns:iface``) that reach each other directly. A bridge segment
-    lives in ``bridge_ns`` (its netfilter sees bridged frames when bridge-nf-call-iptables=1)."""
+class _EnvironmentDraft:
+    """An environment while the file is read; frozen into a model Environment at the end."""
 
-    name: str
-    members: tuple[tuple[str, str], ...]
-    bridge_ns: str | None = None
-    bridge_iface: str | None = None
-    # bridge ports in hairpin mode (a frame may leave by the port it came in on): True for all,
-    # or the (ns, iface) members; Linux default off, kubelet/CNI "hairpinMode" turns it on
-    hairpin: object = False
+    segment_of = Environment.segment_of
 
+    def __init__(self, path: str):
+        self.path = path
+        self.namespaces: dict = {}
+        self.segments: list = []
+        self.diagnostics: list = []
+        self.clients: list = []
+        self.examples: list = []
 
-@dataclass
-class Environment:
-    path: str
-    namespaces: dict[str, NamespaceSpec]
-    segments: list[Segment]
-    diagnostics: list = field(default_factory=list)
-    clients: list = field(default_factory=list)  # namespaces lint uses as clients (default: all)
-    examples: list = field(default_factory=list)  # [{from, flow, uid?}] flows worth explaining
-
-    def segment_of(self, ns: str, iface: str | None) -> Segment | None:
-        for s in self.segments:
-            if (ns, iface) in s.members or (s.bridge_ns == ns and s.bridge_iface == iface):
-                return s
-        return None
+    def freeze(self) -> Environment:
+        return Environment(self.path, MappingProxyType({k: v.freeze() for k, v in self.namespaces.items()}),
+                           tuple(self.segments), tuple(self.diagnostics), tuple(self.clients),
+                           tuple(self.examples))
 
 
 def _suggest(word, candidates) -> str:
@@ -233,11 +213,11 @@ class _Loader:
 
 
 # -- namespace keys: each row reads one key into the namespace (docs/environment.md, "Namespace keys")
-def _k_description(ld: _Loader, ns: NamespaceSpec, v, loc) -> None:
+def _k_description(ld: _Loader, ns: _NamespaceDraft, v, loc) -> None:
     pass
 
 
-def _k_addresses(ld: _Loader, ns: NamespaceSpec, v, loc) -> None:
+def _k_addresses(ld: _Loader, ns: _NamespaceDraft, v, loc) -> None:
     for i, a in enumerate(ld.as_list(v, loc, "addresses")):
         cidr, sep, iface = str(a).partition("@")
         if not isinstance(a, str) or not sep or not iface:
@@ -252,7 +232,7 @@ def _k_addresses(ld: _Loader, ns: NamespaceSpec, v, loc) -> None:
         ld.addr_locs.setdefault((ns.name, ns.net.addrs[iface][-1].ip), loc + (i,))
 
 
-def _k_routes(ld: _Loader, ns: NamespaceSpec, v, loc) -> None:
+def _k_routes(ld: _Loader, ns: _NamespaceDraft, v, loc) -> None:
     for i, r in enumerate(ld.as_list(v, loc, "routes")):
         if not isinstance(r, str):
             ld.error(loc + (i,), f"a route is a string in `ip route` syntax, not {_kind(r)}")
@@ -265,7 +245,7 @@ def _k_routes(ld: _Loader, ns: NamespaceSpec, v, loc) -> None:
         ld.routes.append((ns.name, ns.net.routes[-1], loc + (i,), " onlink" in f" {r} "))
 
 
-def _k_iproute(ld: _Loader, ns: NamespaceSpec, v, loc) -> None:
+def _k_iproute(ld: _Loader, ns: _NamespaceDraft, v, loc) -> None:
     d = ld.as_map(v, loc, "iproute")
     ld.known_keys(d, loc, ("addr", "route"), "iproute key")
     if "addr" not in d and d:
@@ -289,7 +269,7 @@ def _k_iproute(ld: _Loader, ns: NamespaceSpec, v, loc) -> None:
 _PER_IFACE = re.compile(r"net\.ipv4\.conf\.([^.]+)\.([a-z_]+)$")
 
 
-def _k_sysctls(ld: _Loader, ns: NamespaceSpec, v, loc) -> None:
+def _k_sysctls(ld: _Loader, ns: _NamespaceDraft, v, loc) -> None:
     names = [k for k in KNOWN_SYSCTLS if "IFACE" not in k] + \
             [k.replace("IFACE", i) for k in KNOWN_SYSCTLS if "IFACE" in k for i in ["all", *sorted(ld.ifaces[ns.name])]]
     for k, val in ld.as_map(v, loc, "sysctls").items():
@@ -314,7 +294,7 @@ def _k_sysctls(ld: _Loader, ns: NamespaceSpec, v, loc) -> None:
         ns.net.sysctls[key] = val
 
 
-def _k_ipsets(ld: _Loader, ns: NamespaceSpec, v, loc) -> None:
+def _k_ipsets(ld: _Loader, ns: _NamespaceDraft, v, loc) -> None:
     from analyzer.parse.ipset import load_ipsets
 
     for i, fp in enumerate(ld.as_list(v, loc, "ipsets", scalar_ok=True)):
@@ -326,7 +306,7 @@ def _k_ipsets(ld: _Loader, ns: NamespaceSpec, v, loc) -> None:
 
 
 def _k_rules(family: int) -> Callable:
-    def read(ld: _Loader, ns: NamespaceSpec, v, loc) -> None:
+    def read(ld: _Loader, ns: _NamespaceDraft, v, loc) -> None:
         from analyzer.parse import load_ruleset
 
         key = "iptables" if family == 4 else "ip6tables"
@@ -351,7 +331,7 @@ def _int(v, lo: int, hi: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
 
 
-def _k_listeners(ld: _Loader, ns: NamespaceSpec, v, loc) -> None:
+def _k_listeners(ld: _Loader, ns: _NamespaceDraft, v, loc) -> None:
     seen: dict[tuple, int] = {}
     for i, item in enumerate(ld.as_list(v, loc, "listeners")):
         iloc = loc + (i,)
@@ -413,7 +393,7 @@ CILIUM_KEYS = ("dumps", "node", "version", "socket_lb", "socket_lb_hostns_only",
                "lb_mode", "local_delivery", "endpoints", "devices")
 
 
-def _k_cilium(ld: _Loader, ns: NamespaceSpec, v, loc) -> None:
+def _k_cilium(ld: _Loader, ns: _NamespaceDraft, v, loc) -> None:
     """``cilium:`` makes the namespace a Cilium node: its service dumps, and the datapath
     settings the dumps cannot show (docs/cilium.md: each with its default)."""
     from analyzer.netfilter.cilium import CiliumNode, parse_version
@@ -621,7 +601,7 @@ def load_environment(path: str, on_namespace: Callable | None = None) -> Environ
         raise EnvError(f"{path}: expected a mapping with 'namespaces:' holding one mapping per namespace "
                        "(see docs/environment.md)")
     ld = _Loader(path, text, marks)
-    env = ld.env = Environment(path, {}, [])
+    env = ld.env = _EnvironmentDraft(path)
     ld.known_keys(doc, (), TOP_KEYS, "top-level key")
     specs = []
     for name, spec in doc["namespaces"].items():
@@ -631,7 +611,7 @@ def load_environment(path: str, on_namespace: Callable | None = None) -> Environ
             spec = {}
         spec = spec or {}
         ld.known_keys(spec, loc, list(NAMESPACE_KEYS), "key")
-        ns = NamespaceSpec(str(name), Namespace(name=str(name)))
+        ns = _NamespaceDraft(str(name), Namespace(name=str(name)))
         ns.net.sysctls.update(SYSCTL_DEFAULTS)
         env.namespaces[str(name)] = ns
         ld.ifaces[str(name)] = {"lo"}
@@ -658,4 +638,4 @@ def load_environment(path: str, on_namespace: Callable | None = None) -> Environ
     if ld.errors:
         raise EnvError("\n".join(m for _, _, m in sorted(ld.errors)))
     env.diagnostics.extend(sorted(ld.warnings, key=lambda d: d.sort_key()))
-    return env
+    return env.freeze()

@@ -8,12 +8,12 @@ class's fate in every target. When explain/crosshost change their API, only this
 from __future__ import annotations
 
 import ipaddress
-import json
 from dataclasses import dataclass, field, replace
 
 from analyzer.engine.packetset import PacketSet, PacketSpace
 from analyzer.engine.partition import field_ranges, partition
 from analyzer.model.rules import AddrMatch, IpRangeMatch, PortMatch, ProtoMatch
+from analyzer.netfilter.trace import Kind
 from analyzer.netfilter.walk import PROTO_NAME, Packet, Walker
 from analyzer.source import Span
 
@@ -201,7 +201,8 @@ class DumpTarget:
         return None
 
     def walk(self, pkt: Packet, sel) -> tuple[Fate, list]:
-        from analyzer.explain import explain_flow, render_json, render_text
+        from analyzer.explain import explain_flow, render_text
+        from analyzer.report.explain_json import explain_json
 
         log = ([], [])
         rs = self.ruleset
@@ -229,7 +230,7 @@ class DumpTarget:
                             (p.dst, p.dport) if translated else None))
         first = outs[0].forward.steps if outs else []
         rules = tuple((s.where, s.path, s.line) for o in outs for s in o.forward.steps if s.line)
-        return Fate(tuple(ends), render_text(pkt, outs, where), json.loads(render_json(pkt, outs)),
+        return Fate(tuple(ends), render_text(pkt, outs, where), explain_json(pkt, outs, local=sel.local),
                     (), _decisive(first), rules, any(o.confidence != "EXACT" for o in outs),
                     _translation(first)), log
 
@@ -268,6 +269,9 @@ class EnvTarget:
 
     def walk(self, pkt: Packet, sel) -> tuple[Fate, list]:
         from analyzer import crosshost as ch
+        from analyzer.checks import nat
+        from analyzer.report.explain_json import trips_json
+        from analyzer.report.trip_text import render_trips
 
         if not sel.start or sel.start not in self.env.namespaces:
             raise TargetError(f"an environment flow needs 'from: NAMESPACE' (one of: {', '.join(self.env.namespaces)})")
@@ -284,16 +288,11 @@ class EnvTarget:
 
         world = _World(self.env)
         pkt = replace(pkt, mark=sel.mark)
-        if hasattr(ch, "follow_all"):   # every outcome (statistic endpoints, uncertain matches)
-            trips = ch.follow_all(world, sel.start, pkt, uid=sel.uid, gid=sel.gid)
-            per = [ch.findings(world, t) for t in trips]
-            diags = ch.outcome_findings(world, trips) if len(trips) > 1 else per[0]
-            text, doc = ch.render_trips(trips, diags), ch.trips_json(trips, diags)
-        else:
-            trips = [ch.follow(world, sel.start, pkt, uid=sel.uid, gid=sel.gid)]
-            per = [ch.findings(world, trips[0])]
-            diags = per[0]
-            text, doc = ch.render_trip(trips[0], diags), ch.trip_json(trips[0], diags)
+        # every outcome (statistic endpoints, uncertain matches)
+        trips = ch.follow_all(world, sel.start, pkt, uid=sel.uid, gid=sel.gid)
+        per = [nat.findings(world, t) for t in trips]
+        diags = nat.outcome_findings(world, trips) if len(trips) > 1 else per[0]
+        text, doc = render_trips(trips, diags), trips_json(trips, diags)
         ends = [self._end(t, d, getattr(t, "prob", None)) for t, d in zip(trips, per)]
         steps = [s for h in trips[0].request.hops for s in h.steps]
         rules = tuple((s.where, s.path, s.line) for t in trips for h in t.request.hops for s in h.steps if s.line)
@@ -363,9 +362,12 @@ def _decisive(steps) -> Span | None:
     return None
 
 
+_TRANSLATING = frozenset({Kind.DNAT, Kind.REDIRECT, Kind.NETMAP, Kind.TPROXY})
+
+
 def _translation(steps) -> Span | None:
     for s in steps:
-        if s.line and s.path and s.verdict.startswith(("DNAT", "REDIRECT", "NETMAP", "TPROXY")):
+        if s.rule is not None and s.kind in _TRANSLATING:
             return Span(s.path, s.line, 1, 2)
     return None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 from analyzer.model.packet import tcp_flag_names
+from analyzer.netfilter.trace import Kind
 
 UNKNOWN_MASQ = "<unknown: give --addr>"
 _UNSPECIFIED = re.compile(r"(?<![\w.:])(0\.0\.0\.0|\[::\]|::)(?=[:\s/)]|$)")
@@ -16,8 +17,7 @@ _UNSPECIFIED = re.compile(r"(?<![\w.:])(0\.0\.0\.0|\[::\]|::)(?=[:\s/)]|$)")
 
 def _masq_unknown(oc) -> bool:
     """MASQUERADE with no address known for the output interface: the walk writes 0.0.0.0 (::)."""
-    return any(s.verdict.startswith("MASQUERADE") and _UNSPECIFIED.search(s.verdict)
-               for s in oc.forward.steps)
+    return any(s.kind is Kind.MASQUERADE and s.after.src.is_unspecified for s in oc.forward.steps)
 
 
 def _fix(text: str, unknown: bool) -> str:
@@ -40,7 +40,7 @@ def _approx(oc) -> list[str]:
 
 
 def _where(steps) -> str:
-    last = next((s for s in reversed(steps) if s.where not in ("route", "reply")), None)
+    last = next((s for s in reversed(steps) if s.kind not in (Kind.ROUTE, Kind.REPLY)), None)
     return f" at {last.where}:{last.verdict}" if last is not None else ""
 
 
@@ -101,7 +101,7 @@ def render(flow, outcomes, where: str) -> str:
         for s in oc.forward.steps:
             lines.append("  " + s.render().replace("\n", "\n  "))
         ct = oc.forward.ct
-        said = any(s.where == "conntrack" for s in oc.forward.steps)
+        said = any(s.kind is Kind.CONNTRACK for s in oc.forward.steps)
         if oc.reply is not None:
             # one statement about the entry: the opening conntrack step already says OFF/UNTRACKED/INVALID
             if ct.in_use and not ct.untracked and not getattr(ct, "invalid", False):

@@ -6,6 +6,8 @@ the namespace that made them, the way the seed article draws its figures. Render
 """
 from __future__ import annotations
 
+from analyzer.netfilter.trace import Kind, Reply
+
 
 def _id(name: str) -> str:
     """A Mermaid participant id for a lane name.
@@ -26,8 +28,8 @@ def _lane(lanes: list, name: str) -> str:
 def _translations(hop) -> list[str]:
     out = []
     for s in hop.steps:
-        v = s.verdict
-        if v.startswith(("DNAT", "SNAT", "MASQUERADE", "REDIRECT", "NETMAP", "TPROXY", "conntrack reverse")):
+        if s.translates:
+            v = s.verdict
             out.append(v + (f" ({s.path.rsplit('/', 1)[-1]}:{s.line})" if s.line else ""))
     return out
 
@@ -82,7 +84,7 @@ def explain_mermaid(flow, outcomes, where: str) -> str:
         lanes = ["client", "host"] + ([server] if server != "host" else [])
         body = [f"    client->>host: {_flags(flow, False)} {flow.tuple_str()}"]
         for s in fwd.steps:
-            if s.verdict.startswith(("DNAT", "SNAT", "MASQUERADE", "REDIRECT", "NETMAP", "TPROXY")):
+            if s.translates and s.kind is not Kind.REVERSE_NAT:
                 body.append(f"    Note over host: {s.verdict}" + (f" (line {s.line})" if s.line else ""))
         if oc.disposition in ("forwarded", "sent"):
             body.append(f"    host->>{_id(server)}: {_flags(flow, False)} {fwd.pkt.tuple_str()}")
@@ -90,7 +92,7 @@ def explain_mermaid(flow, outcomes, where: str) -> str:
             body.append(f"    Note over host: {oc.disposition}" + (f": {oc.detail}" if oc.detail else ""))
         rb = oc.reply
         if rb is not None:
-            straight = bool(rb.steps) and rb.steps[0].verdict.startswith("goes straight")
+            straight = bool(rb.steps) and rb.steps[0].fact is Reply.STRAIGHT
             src = "host" if oc.disposition == "delivered" else _id(server)
             if straight:
                 body.append(f"    {src}->>client: {_flags(flow, True)} {rb.pkt.tuple_str()} (bypasses host)")
@@ -98,7 +100,7 @@ def explain_mermaid(flow, outcomes, where: str) -> str:
                 if src != "host":
                     body.append(f"    {src}->>host: {_flags(flow, True)}")
                 for s in rb.steps:
-                    if s.verdict.startswith("conntrack reverse"):
+                    if s.kind is Kind.REVERSE_NAT:
                         body.append(f"    Note over host: {s.verdict}")
                 if rb.disposition in ("sent", "forwarded", "delivered"):
                     body.append(f"    host->>client: {_flags(flow, True)} {rb.pkt.tuple_str()}")

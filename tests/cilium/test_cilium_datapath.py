@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from analyzer.checks import CheckContext, run_checks
-from analyzer.crosshost import World, follow_all, outcome_findings
+from analyzer.checks.nat import outcome_findings
+from analyzer.crosshost import World, follow_all
 from analyzer.netfilter import cilium as C
 from analyzer.netfilter.env import EnvError
 from analyzer.netfilter.walk import Packet

@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from analyzer.crosshost import World, findings, follow, follow_all
+from analyzer.checks.nat import findings
+from analyzer.crosshost import World, follow, follow_all
 from analyzer.netfilter.walk import parse_flow
 from analyzer.parse.envfile import load_environment
 from envlab import ProxyServer, build_env

@@ -148,7 +148,7 @@ def test_json_output(capsys):
     r = {x["name"]: x for x in doc["results"]}["app-reachable-through-sidecar"]
     assert r["status"] == "fail" and r["location"]["line"] == 10
     assert r["witnesses"][0]["flow"] == "tcp 10.7.2.2:40000 -> 10.7.3.3:8080"
-    assert r["witnesses"][0]["trace"]["second_leg"]["request"]["end"] == "refused"
+    assert r["witnesses"][0]["trace"]["outcomes"][0]["second_leg"]["request"]["end"] == "refused"
 
 
 def test_sarif_points_at_the_rule_in_the_dump(capsys):
