@@ -193,7 +193,7 @@ def test_open_mark_and_state_from_the_command_line(tmp_path):
     doc = __import__("json").loads(out)
     assert doc["open_fields"] == ["connmark", "ctstate", "mark", "sport"] and doc["complete"]
     invalid = [g for g in doc["groups"] if "INVALID" in g["packets"]]
-    assert invalid and invalid[0]["explain"]["outcomes"][0]["disposition"] == "dropped"
+    assert invalid and invalid[0]["explain"]["outcomes"][0]["request"]["end"] == "dropped"
 
 
 @pytest.mark.parametrize("flow, extra, message, caret", [
