@@ -22,6 +22,7 @@ whatever the nat table says.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -352,11 +353,27 @@ def _kernel_outcome(envlab, client, flow, sport: int, servers: dict) -> tuple[st
         (ep,) = stray
         return "reset", ep
     if res.ok and tuple(res.peer) == (str(flow.dst), flow.dport) and res.received == DATA:
-        for ep, server in servers.items():
-            if any(c.peer and c.peer[1] == sport for c in server.connections()):
-                return "ok", ep
-        return "ok", None
+        # the servers log their accepts asynchronously: look again for a bounded while
+        deadline = time.monotonic() + 3.0
+        while True:
+            for ep, server in servers.items():
+                if any(c.peer and c.peer[1] == sport for c in server.connections()):
+                    return "ok", ep
+            if time.monotonic() > deadline:
+                return "ok", None
+            time.sleep(0.1)
     return f"{res.outcome}/{res.error}", None
+
+
+def _conclusive_outcome(envlab, client, flow, sport: int, servers: dict) -> tuple[str, str | None]:
+    """:func:`_kernel_outcome`, tried again from another source port (at most twice) when one
+    connection tells nothing (no endpoint seen: a capture or a server log lost under load). A
+    conclusive answer is never retried, so a wrong prediction still fails."""
+    for attempt in range(3):
+        got, where = _kernel_outcome(envlab, client, flow, sport + 100 * attempt, servers)
+        if where is not None:
+            break
+    return got, where
 
 
 @pytest.mark.parametrize("name", MULTI_ENDPOINT)
@@ -394,13 +411,13 @@ def test_kernel_agrees_with_every_endpoint(name: str, lab: Lab, require) -> None
     # each endpoint pinned in turn: the kernel's answer for that branch
     for i, ep in enumerate(sorted(predicted)):
         node1.iptables_restore(_pinned(rules, ep))
-        got, where = _kernel_outcome(envlab, client, flow, 42000 + i, servers)
+        got, where = _conclusive_outcome(envlab, client, flow, 42000 + i, servers)
         rows.append(f"pinned {ep}: synack {predicted[ep]}, kernel {got} ({where})")
         assert (got, where) == (predicted[ep], ep), "\n".join(rows)
     # the real rules: whichever endpoint the kernel picks, the outcome is synack's for it
     node1.iptables_restore(rules)
     for i in range(RANDOM_CONNECTIONS):
-        got, where = _kernel_outcome(envlab, client, flow, 43000 + i, servers)
+        got, where = _conclusive_outcome(envlab, client, flow, 43000 + i, servers)
         rows.append(f"random: kernel {got} at {where}")
         assert where in predicted and got == predicted[where], "\n".join(rows)
     print("\n" + "\n".join(rows))
