@@ -141,6 +141,15 @@ def explore(universe: PacketSet, make, walk, limit: int = 4096,
     return out, work
 
 
+
+def _projection(s: PacketSet, field: str):
+    """``s`` projected on ``field`` (every other field quantified away): the space, the BDD
+    node, each of the field's variables' bit position (most significant first) and its width."""
+    sp = s.space
+    node = sp.bdd.exist([n for f in sp.fields if f != field for n in sp._vars[f]], sp._to_rep(s.node))
+    names = sp._vars[field]
+    return sp, node, {n: i for i, n in enumerate(names)}, len(names)
+
 def intervals(s: PacketSet, field: str, limit: int = 64) -> tuple[list[tuple[int, int]], bool]:
     """The values ``field`` takes in ``s``, as sorted inclusive ranges (IPv4 addresses as 32-bit
     values), and whether the list is complete (False: more than ``limit`` ranges).
@@ -152,13 +161,7 @@ def intervals(s: PacketSet, field: str, limit: int = 64) -> tuple[list[tuple[int
     >>> intervals(sp.prefix("dst", "10.0.0.0/8") - sp.prefix("dst", "10.96.0.0/12"), "dst")
     ([(167772160, 174063615), (175112192, 184549375)], True)
     """
-    sp = s.space
-    node = sp._to_rep(s.node)
-    others = [n for f in sp.fields if f != field for n in sp._vars[f]]
-    node = sp.bdd.exist(others, node)
-    names = sp._vars[field]
-    pos = {n: i for i, n in enumerate(names)}
-    w = len(names)
+    sp, node, pos, w = _projection(s, field)
     out: list[tuple[int, int]] = []
     complete = True
     try:
@@ -210,13 +213,7 @@ def masks(s: PacketSet, field: str, limit: int = 64) -> tuple[list[tuple[int, in
     >>> masks(sp.universe(), "mark")
     ([(0, 0)], True)
     """
-    sp = s.space
-    node = sp._to_rep(s.node)
-    others = [n for f in sp.fields if f != field for n in sp._vars[f]]
-    node = sp.bdd.exist(others, node)
-    names = sp._vars[field]
-    pos = {n: i for i, n in enumerate(names)}
-    w = len(names)
+    sp, node, pos, w = _projection(s, field)
     out: list[tuple[int, int]] = []
     stack = [(node, 0, 0)]
     while stack:

@@ -96,14 +96,6 @@ class Route(enum.Enum):
     IP_FORWARD_OFF = "ip-forward-off"   # would be forwarded, ip_forward=0
 
     @property
-    def translates(self) -> bool:
-        """The step rewrote the packet's addresses: a NAT target, TPROXY, conntrack's reverse
-        translation, or Cilium's (reverse) translation and redirect."""
-        k = self.kind
-        return k in NAT_KINDS or k is Kind.TPROXY or k is Kind.REVERSE_NAT or (
-            k is Kind.CILIUM and self.fact in _CILIUM_TRANSLATES)
-
-    @property
     def drops(self) -> bool:
         return self in _ROUTE_DROPS
 
