@@ -771,7 +771,6 @@ def cmd_explain(args) -> int:
 def cmd_explain_open(args, res, spec) -> int:
     """A flow with open protocol/ports: every packet it stands for, grouped by outcome."""
     import json
-    from dataclasses import replace
 
     from analyzer.explain import build_namespace
     from analyzer.report.explain_json import explain_json

@@ -119,9 +119,9 @@ def bridge_hairpin_off(world: World, trip: Trip) -> Diagnostic | None:
         "NAT004", Severity.ERROR,
         f"client {flow.src} dialled {flow.dst}:{flow.dport}; the translated request must leave "
         f"'{bridge}''s bridge by the port it came in on, and {req.stop.value[0]} drops it, hairpin "
-        f"mode is off on that port: the SYN is dropped, the connect times out",
-        span, f"turn on hairpin mode for that bridge port (kubelet/CNI hairpinMode, "
-              f"'bridge link set dev PORT hairpin on'; 'hairpin: true' in the environment file)",
+        "mode is off on that port: the SYN is dropped, the connect times out",
+        span, "turn on hairpin mode for that bridge port (kubelet/CNI hairpinMode, "
+              "'bridge link set dev PORT hairpin on'; 'hairpin: true' in the environment file)",
         _line(world, span), APPROXIMATE if _approx(trip) else EXACT,
         (Related("destination translated here", rule.span),) if rule is not None else (),
         flow.tuple_str(), "bridge-hairpin-off")
@@ -229,7 +229,6 @@ def _bypass_point(trip: Trip, ns: str | None) -> str:
     hops = trip.reply.hops
     if not hops:
         return "never reaches it"
-    first = hops[0]
     path = " -> ".join(dict.fromkeys(h.namespace for h in hops))
     redirect = next((s for h in hops if h.namespace == ns for s in h.steps if _local_delivery(s)), None)
     if redirect is not None:

@@ -374,7 +374,7 @@ def _translation(steps) -> Span | None:
 
 def load_target(path: str, addresses=(), routes=(), sysctls=None):
     """A dump or an environment file (``.yaml``/``.yml``), read for flow questions."""
-    from analyzer.netfilter.env import EnvError, Namespace
+    from analyzer.netfilter.env import EnvError
     from analyzer.parse import load_ruleset
     from analyzer.parse.envfile import load_environment
 

@@ -9,7 +9,6 @@ explored (adapter.explore over both targets at once), so a one-service change of
 """
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass, field
 
