@@ -56,23 +56,31 @@ def test_a_flow_without_ports_has_none():
     assert parse_flow("tcp 10.0.0.1:5 -> 10.0.0.2").dport is None
 
 
-def test_open_source_and_service_cidr_on_a_generated_kube_proxy_dump():
-    """Every ClusterIP:port of a generated kube-proxy dump is its own class, translated to one of
-    its endpoints; everything else in the service CIDR falls through (one witness each)."""
-    import re
+def _kube_proxy_node(services: int):
+    """(dump text, lazily parsed ruleset, namespace) of a generated kube-proxy node: eth0
+    192.168.0.2/24, default route via 192.168.0.1."""
     import sys
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from gen_kubeproxy import generate
 
     from analyzer.parse import load_ruleset
-    from analyzer.symbolic import _plain, explain_classes
 
-    text = generate(services=40, seed=3)
-    rs = load_ruleset((text, "kp.rules"), lazy=True).ruleset
+    text = generate(services=services, seed=3)
     ns = Namespace()
     ns.add_addr("192.168.0.2/24", "eth0")
     ns.add_route("default via 192.168.0.1 dev eth0")
+    return text, load_ruleset((text, "kp.rules"), lazy=True).ruleset, ns
+
+
+def test_open_source_and_service_cidr_on_a_generated_kube_proxy_dump():
+    """Every ClusterIP:port of a generated kube-proxy dump is its own class, translated to one of
+    its endpoints; everything else in the service CIDR falls through (one witness each)."""
+    import re
+
+    from analyzer.symbolic import _plain, explain_classes
+
+    text, rs, ns = _kube_proxy_node(40)
     spec = parse_flow_spec("10.0.0.0/8 -> 10.96.0.0/12", iif="eth0")
     classes, rest, _ = explain_classes(rs, spec, ns)
     assert rest.is_empty()
@@ -312,19 +320,10 @@ def test_open_flow_classes_are_per_service_port_not_per_address():
     service) are not split by ClusterIP: the classes are the service ports' (each split by the
     sources its rules tell apart) plus a few."""
     import re
-    import sys
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from gen_kubeproxy import generate
-
-    from analyzer.parse import load_ruleset
     from analyzer.symbolic import explain_classes
 
-    text = generate(services=40, seed=3)
-    rs = load_ruleset((text, "kp.rules"), lazy=True).ruleset
-    ns = Namespace()
-    ns.add_addr("192.168.0.2/24", "eth0")
-    ns.add_route("default via 192.168.0.1 dev eth0")
+    text, rs, ns = _kube_proxy_node(40)
     classes, rest, _ = explain_classes(rs, parse_flow_spec("10.0.0.0/8 -> 10.96.0.0/12", iif="eth0"), ns)
     assert rest.is_empty()
     ports = re.findall(r"^-A KUBE-SERVICES -d (10\.\S+)/32 .*?--dport (\d+) -j (KUBE-SVC-\S+)", text, re.M)
