@@ -35,6 +35,12 @@ FORMATS = ("save", "S")
 _MATCH_MODULES_GET = O.MATCH_MODULES.get
 _TARGETS_GET = O.TARGETS.get
 _PROTOCOLS_GET = O.PROTOCOLS.get
+
+
+def _numeric_protocol(p: str) -> int | None:
+    """A protocol given by number (``-p 47``), for a word that is no protocol name; None when it
+    is not a decimal number below 256 (isdecimal: what int() reads, superscripts are not)."""
+    return int(p) if p.isdecimal() and int(p) < 256 else None
 _MODULE_ALIASES = O.MODULE_ALIASES
 _SPECIAL_MODULES = frozenset({"statistic", "addrtype", "set", "nfacct", "multiport"})
 _VERDICTS = frozenset({"ACCEPT", "DROP", "RETURN", "QUEUE"})
@@ -1485,9 +1491,8 @@ class Builder:
                 p = a0.lower()
                 num = _PROTOCOLS_GET(p)
                 if num is None:
-                    if p.isdecimal() and int(p) < 256:
-                        num = int(p)
-                    else:
+                    num = _numeric_protocol(p)
+                    if num is None:
                         err(sf, n, cs, es, "PRS004", f"unknown protocol '{a0}'", j - 1,
                             hint=O._suggest(p, O.PROTOCOLS, "protocol"))
                         i = j
@@ -1645,9 +1650,8 @@ class Builder:
                     p = a0.lower()
                     num = _PROTOCOLS_GET(p)
                     if num is None:
-                        if p.isdigit() and int(p) < 256:
-                            num = int(p)
-                        else:
+                        num = _numeric_protocol(p)
+                        if num is None:
                             err(sf, n, cs, es, "PRS004", f"unknown protocol '{a0}'", j - 1,
                                 hint=O._suggest(p, O.PROTOCOLS, "protocol"))
                             continue
@@ -2013,9 +2017,9 @@ def _compile_shape(key: tuple, plan: tuple, w: list, cs: list, line: str, family
                 p = shape[j - 3].lower()
                 num = _PROTOCOLS_GET(p)
                 if num is None:
-                    if not (p.isdigit() and int(p) < 256):
+                    num = _numeric_protocol(p)
+                    if num is None:
                         return None
-                    num = int(p)
                 matches.append(new_match(f"PROTO({c0}, {e0}, {neg}, {num}, {O.PROTO_NAMES.get(num, p)!r})"))
             elif g == "counters":
                 body.append(f"counters = (int({val[j - 2]}), int({a0})) if {val[j - 2]}.isdigit() and "
