@@ -114,6 +114,7 @@ class TableGraph:
                     order.setdefault(dst, len(order))
                     queue.append(dst)
         self._via, self._order = via, order
+        return reached
 
     def acyclic(self) -> tuple[list[str], set[str]]:
         """(a topological order of the chains no cycle feeds, the chains on or below a cycle).
@@ -174,23 +175,12 @@ class TableGraph:
                         elif not hs <= have:
                             hooks[m] = have | hs
             return g
+        # a cycle: one BFS per hook (the paths' BFS, which findings on such a table use anyway);
+        # jumps to builtins are not callees, so no builtin is reached by another
         for c in chains.values():
             if c.builtin:
                 hooks[c.name] = {c.name}
-        for c in chains.values():
-            if not c.builtin:
-                continue
-            hook = c.name
-            queue = deque([hook])
-            while queue:
-                name = queue.popleft()
-                for r in g.callees.get(name, ()):
-                    dst = r.target.chain
-                    seen = hooks.setdefault(dst, set())
-                    if hook in seen:
-                        continue
-                    seen.add(hook)
-                    queue.append(dst)
+        hooks.update(g._bfs())
         return g
 
     def reachable(self, chain: str) -> bool:
