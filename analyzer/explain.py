@@ -146,7 +146,7 @@ def _with_client_route(ns: Namespace, pkt: Packet, local: bool) -> Namespace:
 
     peer = copy.copy(ns)
     peer.routes = list(ns.routes)
-    peer._routes_by_dst = {}
+    peer._routes_by_dst = type(ns._routes_by_dst)()  # an open flow's memo never answers for open addresses
     peer.add_route(f"{pkt.src}/{pkt.src.max_prefixlen} dev {pkt.iif}")
     return peer
 

@@ -330,3 +330,21 @@ def test_open_flow_classes_are_per_service_port_not_per_address():
     endpoints = {c: len(re.findall(rf"^-A {c} .*-j KUBE-SEP-", text, re.M)) for _, _, c in ports}
     bound = sum(2 + endpoints[c] for _, _, c in ports) + 40
     assert len(classes) <= bound, (len(classes), bound)
+
+
+def test_open_source_holding_a_local_address_is_a_martian_class():
+    """A set lookup of an open address decides silently: the namespace's own address inside an
+    open source range arriving from a link must be its own class (dropped as a martian), not
+    part of the forwarded one."""
+    from analyzer.parse import load_ruleset
+    from analyzer.symbolic import explain_open
+
+    rs = load_ruleset(("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\nCOMMIT\n", "x")).ruleset
+    ns = Namespace()
+    ns.add_addr("192.168.0.2/24", "eth0")
+    ns.add_addr("10.0.0.1/24", "eth1")
+    res = explain_open(rs, parse_flow_spec("tcp 192.168.0.0/24 -> 10.0.0.0/24:80", iif="eth0"), ns)
+    assert res.complete
+    by = {g.description: [o.disposition for o in g.outcomes] for g in res.groups}
+    assert by["src 192.168.0.2; dst 10.0.0.0/24"] == ["dropped"]
+    assert by["src 192.168.0.0/31, 192.168.0.3-192.168.0.255; dst 10.0.0.0, 10.0.0.2-10.0.0.255"] == ["forwarded"]

@@ -19,7 +19,7 @@ import ipaddress
 import re
 from dataclasses import replace
 
-from analyzer.engine.concolic import SymInt, SymStr, active, is_sym, plain, sym_address
+from analyzer.engine.concolic import SymInt, SymStr, active, is_sym, one_of, plain, sym_address
 from analyzer.engine.packetset import IFACE_NONE, PacketSet, PacketSpace
 from analyzer.model.packet import CT_INPUT, PORT_PROTOS, PROTO, Packet
 from analyzer.model.rules import (
@@ -200,10 +200,25 @@ class _PlainOnlyCache(dict):
             dict.__setitem__(self, k, v)
 
 
+class _NotingAddresses(frozenset):
+    """The namespace's own addresses (``Namespace.is_local``): asked about an open address,
+    notes "the address is one of these" as one decision (a set lookup decides silently: a class
+    of sources arriving from a link would hold this host's own address, which the kernel drops
+    as a martian)."""
+
+    def __contains__(self, a):
+        sym = is_sym(a)
+        if sym is None or active() is None:
+            return frozenset.__contains__(self, a)
+        return one_of(sym, [int(x) for x in self if x.version == a.version])
+
+
 def noting_namespace(ns: Namespace) -> Namespace:
-    """``ns`` whose per-interface tables note lookups by an open interface name, and whose route
-    memo does not answer for open addresses."""
+    """``ns`` whose per-interface tables note lookups by an open interface name, whose own
+    addresses note membership tests of an open address, and whose route memo does not answer
+    for open addresses."""
     return replace(ns, addrs=_NotingDict(ns.addrs), bridged=_NotingDict(ns.bridged),
+                   _local=_NotingAddresses(a.ip for _, a in ns.local_addresses()),
                    _routes_by_dst=_PlainOnlyCache())
 
 
