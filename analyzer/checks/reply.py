@@ -179,6 +179,10 @@ def environment_trips(ctx: CheckContext):
         _follow_targets(ctx, env, world, clients, targets, cov, trips)
     finally:
         if gc_was_on:
+            # the trips stay alive for the checks and the report: re-enabled on millions of young
+            # objects, the collector would walk them all two or three times as they age (5 s of a
+            # 10,000-service run, spent in whatever allocated next: the JSON rendering)
+            gc.freeze()
             gc.enable()
     ctx.extra["coverage"] = cov
     ctx.extra["trips"] = trips
