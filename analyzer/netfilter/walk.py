@@ -8,7 +8,6 @@ evaluate fork the walk into several outcomes (the latter marked APPROXIMATE).
 from __future__ import annotations
 
 import heapq
-import types
 from collections import OrderedDict
 import re
 import ipaddress
@@ -107,6 +106,110 @@ def index_key(rule: Rule) -> tuple:
     return dst, port
 
 
+#: kube-proxy's service rule as iptables-save writes it, read in one match (the common case)
+_KUBE_SERVICE_RULE = re.compile(r'-A \S+ (?:! -s [0-9./]+ )?-d ([0-9.]+)/32 -p (tcp|udp|sctp) '
+                                r'-m comment --comment (?:"[^"\\]*"|[^\s"\\]+) -m \2 --dport (\d+) '
+                                r'-j [A-Za-z][\w-]*(?: --(?:to-destination|reject-with) [\w.:-]+)?$')
+_QUOTED_WORDS = re.compile(r'"[^"\\]*"')
+#: options that begin like a destination option but do not make an index key
+_OTHER_D_OPTIONS = frozenset(("--dst-type", "--dst-range", "--dir", "--dscp", "--dscp-class"))
+#: options that take a value: one written as an option (``--comment -p``) is left to the decoder
+_VALUED = frozenset(("-m", "-p", "-s", "-i", "-o", "--comment", "--dst-type", "--src-type", "--sport",
+                     "--match", "--protocol", "--source", "--in-interface", "--out-interface"))
+
+
+def _text_index_key(text: str, family: int):
+    """`index_key` read from a rule's text (an ``iptables-save`` line), so that indexing a big
+    chain of a lazily parsed dump does not decode its rules (12,955 of them in a 10,000-service
+    KUBE-SERVICES: 1.3 s). None when the text is anything but the plain form: a quote with a
+    backslash, ``-d ! X``, two ``-d`` or ``--dport``, an address list or host name, a port name,
+    any other option spelled ``--d...`` (``--destination``, ``--dports``), ``--dport`` outside
+    ``-m tcp/udp/sctp``, a destination option after the target; the caller then decodes.
+    tests/test_chain_index_text.py checks it against `index_key` on every rule of the corpus and
+    on mutated kube-proxy rules."""
+    m = _KUBE_SERVICE_RULE.match(text)
+    if m is not None and family == 4 and int(m.group(3)) <= 65535:
+        try:
+            return ipaddress.IPv4Address(m.group(1)), int(m.group(3))
+        except ValueError:
+            return None
+    if "\\" in text:
+        return None
+    if '"' in text:
+        text = _QUOTED_WORDS.sub('""', text)
+        if '"' in text.replace('""', ""):
+            return None
+    words = text.split()
+    dst = port = None
+    seen_d = seen_p = False
+    module = None
+    target = False
+    for i in range(2, len(words)):
+        w = words[i]
+        if target:
+            if w == "-d" or (w.startswith("--d") and w not in _OTHER_D_OPTIONS):
+                return None  # a match option written after the target: leave it to the decoder
+            continue
+        if w == "!" and (i + 1 >= len(words) or not words[i + 1].startswith("-") or words[i + 1] == "!"):
+            return None  # '-d ! X', '! !', a stray '!'
+        if w.startswith("-") and i + 1 < len(words) and words[i + 1] == "!":
+            return None  # the old '-x ! V' negation, or an option's value read as '!'
+        if w in _VALUED and (i + 1 >= len(words) or words[i + 1].startswith("-")):
+            return None
+        if w == "-m":
+            module = words[i + 1]
+        elif w in ("-j", "-g", "--jump", "--goto"):
+            if i + 1 >= len(words) or words[i + 1].startswith("-"):
+                return None
+            target = True  # the target's own options follow
+        elif w == "-d":
+            if seen_d or i + 1 >= len(words):
+                return None
+            seen_d = True
+            v = words[i + 1]
+            if v.startswith(("!", "-")):
+                return None
+            if words[i - 1] == "!":
+                continue
+            addr, slash, plen = v.partition("/")
+            try:
+                if not slash or plen == ("32" if family == 4 else "128"):  # one address
+                    one = ipaddress.ip_address(addr)
+                else:
+                    net = ipaddress.ip_network(v, strict=False)
+                    one = net.network_address if net.num_addresses == 1 else False
+            except ValueError:
+                return None
+            if one is not False:
+                if one.version != family:
+                    return None
+                dst = one
+        elif w == "--dport":
+            if seen_p or i + 1 >= len(words) or module not in ("tcp", "udp", "sctp"):
+                return None
+            seen_p = True
+            v = words[i + 1]
+            if words[i - 1] == "!":
+                continue
+            lo, colon, hi = v.partition(":")
+            if not lo.isdecimal() or (colon and not hi.isdecimal()) or int(lo) > 65535 or (colon and int(hi) > 65535):
+                return None
+            if not colon or int(lo) == int(hi):
+                port = int(lo)
+        elif w.startswith("--d") and w not in _OTHER_D_OPTIONS:
+            return None
+    return dst, port
+
+
+def chain_index_key(rule: Rule, family: int) -> tuple:
+    """`index_key` of ``rule``, read from its text while it is still undecoded (a lazy parse)."""
+    if rule.pending is not None:
+        key = _text_index_key(rule.text, family)
+        if key is not None:
+            return key
+    return index_key(rule)
+
+
 class ChainIndex:
     """Rules of a big chain bucketed by a single positive ``-d ADDR/32``, else by a single
     positive ``--dport N``: explaining one flow looks only at the rules that can match its
@@ -119,16 +222,13 @@ class ChainIndex:
     class explained shares the witness's buckets and no skipped rule could match any of them.
     """
 
-    # defaults for indexes built field by field (policy/adapter.py builds one from rule text)
-    by_dport: dict = types.MappingProxyType({})
-
-    def __init__(self, rules: tuple[Rule, ...]):
+    def __init__(self, rules: tuple[Rule, ...], family: int = 4):
         self.always: list[int] = []
         self.by_dst: dict = {}
         self.by_dport: dict = {}
         self.size = len(rules)
         for i, r in enumerate(rules):
-            key, port = index_key(r)
+            key, port = chain_index_key(r, family)
             if key is not None:
                 self.by_dst.setdefault(key, []).append(i)
             elif port is not None:
@@ -152,11 +252,7 @@ class ChainIndex:
             b = self.by_dst.get(dst)
             p = self.by_dport.get(dport) if dport is not None and self.by_dport else None
         if b is True or p is True:
-            size = getattr(self, "size", None)
-            if size is None:
-                size = 1 + max([*self.always, *(i for d in (self.by_dst, self.by_dport) for v in d.values() for i in v)],
-                               default=-1)
-            return iter(range(size))
+            return iter(range(self.size))
         if b and p:
             return heapq.merge(self.always, b, p)
         if b or p:
@@ -324,7 +420,7 @@ class Walker:
             return c, range(len(c.rules))
         idx = self._index.get((table, chain))
         if idx is None:
-            idx = self._index[(table, chain)] = ChainIndex(c.rules)
+            idx = self._index[(table, chain)] = ChainIndex(c.rules, self.rs.family)
         return c, idx.candidates(pkt.dst, pkt.dport, pkt, c.rules, self.ns)
 
     def run_table(self, br: Branch, table: str, hook: str) -> list[Branch]:

@@ -8,7 +8,7 @@ class's fate in every target. When explain/crosshost change their API, only this
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from analyzer.engine.packetset import PacketSet, PacketSpace
 from analyzer.engine.partition import field_ranges, partition
@@ -116,67 +116,10 @@ class _Recorder(Walker):
         return super()._match_rule(rule, br, hook)
 
     def _rules_for(self, table, chain, pkt):
-        c = self.rs.chain(table, chain)
-        index = getattr(self, "_index", None)
-        if not _INDEX_SHAPE:
-            _INDEX_SHAPE.append(_index_shape_known())
-        if c is not None and len(c.rules) >= 32 and isinstance(index, dict) and (table, chain) not in index \
-                and _INDEX_SHAPE[0]:
-            index[(table, chain)] = _text_index(c.rules)
         c, cand = super()._rules_for(table, chain, pkt)
         if c is not None and len(c.rules) >= 32:
             self.log[1].append(c)
         return c, cand
-
-
-_OLD_SHAPE, _NEW_SHAPE = {"always", "by_dst"}, {"always", "by_dst", "by_dport", "size"}
-
-
-def _index_shape_known() -> str | bool:
-    """Whether the walker's chain index is one `_text_index` can build (destination buckets,
-    and destination-port buckets for rules without one); another shape: the walker builds its own."""
-    from analyzer.netfilter import walk
-    try:
-        probe = walk.ChainIndex(())
-    except Exception:  # noqa: BLE001 - another constructor: leave indexing to the walker
-        return False
-    shape = set(getattr(probe, "__dict__", {}))
-    return "dst" if shape == _OLD_SHAPE else "dst+dport" if shape == _NEW_SHAPE else False
-
-
-_INDEX_SHAPE: list = []
-
-
-def _text_index(rules):
-    """A walker's index of a big chain, built from the rules' text: the walker's own builder
-    decodes every rule of the chain, about a second per chain of a 10,000-service dump (a diff
-    walks several chains of two dumps). Comments are dropped first: a '--dport 80' inside a
-    comment must not bucket the rule."""
-    from analyzer.netfilter import walk
-    from analyzer.policy.diff import _COMMENT, _KEY_DPORT, _KEY_DST
-
-    shape = set(getattr(walk.ChainIndex(()), "__dict__", {}))
-    idx = walk.ChainIndex.__new__(walk.ChainIndex)
-    idx.always, idx.by_dst = [], {}
-    ports = shape == _NEW_SHAPE
-    if ports:
-        idx.by_dport, idx.size = {}, len(rules)
-    for i, r in enumerate(rules):
-        text = _COMMENT.sub("", r.text) if "--comment" in r.text else r.text
-        found = _KEY_DST.findall(text) if " -d " in text else ()
-        if len(found) == 1:
-            try:
-                idx.by_dst.setdefault(ipaddress.ip_address(found[0]), []).append(i)
-                continue
-            except ValueError:
-                pass
-        if ports and "--dport " in text:
-            p = _KEY_DPORT.findall(text)
-            if len(p) == 1:
-                idx.by_dport.setdefault(int(p[0]), []).append(i)
-                continue
-        idx.always.append(i)
-    return idx
 
 
 def _recorder(ruleset, ns, log) -> _Recorder:
@@ -603,11 +546,10 @@ class Exploration:
 
 
 def _index_atoms(space, cls, pkt, indexes, u_cache) -> list:
-    by_port_too = not (_INDEX_SHAPE and _INDEX_SHAPE[0] == "dst")   # unknown shape: assume ports too
     out = []
     multi = {}
     for fld, value in (("dst", pkt.dst), ("dport", pkt.dport)):
-        if fld == "dport" and (not by_port_too or value is None):
+        if fld == "dport" and value is None:
             continue
         if not (cls - space.eq(fld, value)).is_empty():
             multi[fld] = value      # the class has other values: buckets may differ inside it
