@@ -291,6 +291,17 @@ _LISTING = re.compile(r"^Chain \S+ \((?:policy \w+|\d+ references)")
 def detect_format(text: str) -> str:
     """``save`` (iptables-save / restore input), ``S`` (``iptables -S``), ``cmd`` (a list of
     ``iptables -t nat -A ...`` commands), ``L`` (``iptables -L`` listing) or ``unknown``."""
+    # the first 200 lines with content decide: split only a head of the text (a 10,000-service
+    # dump is 19 MB), cut at a newline; the whole text only when the head has fewer such lines
+    cut = text.find("\n", 65536)
+    if cut > 0:
+        kind = _detect_format(text[:cut], complete=False)
+        if kind is not None:
+            return kind
+    return _detect_format(text, complete=True)
+
+
+def _detect_format(text: str, complete: bool) -> str | None:
     seen = 0
     kinds = {"save": 0, "S": 0, "cmd": 0, "L": 0, "other": 0}
     for raw in text.splitlines():
@@ -310,6 +321,9 @@ def detect_format(text: str) -> str:
             kinds["other"] += 1
         if seen >= 200:
             break
+    else:
+        if not complete:
+            return None  # fewer than 200 lines with content in the head: read them all
     if not seen:
         return "save"
     best = max(kinds, key=kinds.get)
