@@ -1,6 +1,4 @@
 """``python -m analyzer``: the synack command line."""
-import sys
+from analyzer.cli import run
 
-from analyzer.cli import main
-
-sys.exit(main())
+run()

@@ -322,6 +322,21 @@ def test_lint_piped_shows_no_progress_bar():
     assert proc.stderr == "" and "\x1b[" not in proc.stdout
 
 
+def test_parse_command_leaves_its_model_at_exit_and_prints_all_it_says():
+    """`synack parse` ends the process without freeing its model (cli.run): its output through a
+    block-buffered pipe, and its exit code, are those of main() in process."""
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env["PYTHONPATH"] = str(ROOT)
+    for argv in (["parse", "samples/checks/CHN001/bad.rules"], ["parse", "samples/checks/CHN001/good.rules"],
+                 ["parse", "samples/checks/CHN001/bad.rules", "-o", "json"]):
+        proc = subprocess.run([sys.executable, "-m", "analyzer", *argv], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+        rc, out, err = run(argv)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (rc, out, err)
+    assert rc == 1 and "CHN001" in out
+
+
 def test_lint_json_is_clean_with_a_terminal_stderr(monkeypatch):
     rc, out, err = _run_tty(["lint", "--env", "samples/env/seed1-broken.yaml", "-o", "json"], monkeypatch,
                             stdout_tty=True, stderr_tty=True)
