@@ -16,7 +16,7 @@ from analyzer.diagnostics import Diagnostic, Related, Severity
 from analyzer.model.rules import (
     Reject,
     TABLES, AddrTypeMatch, IfaceMatch, Masquerade, Nat, OtherTarget, OwnerMatch, PhysdevMatch,
-    Jump, ProtoMatch, Redirect, Rule, Table, Tproxy, Verdict,
+    ProtoMatch, Redirect, Rule, Table, Tproxy, Verdict,
 )
 
 ERROR, WARNING = Severity.ERROR, Severity.WARNING
@@ -97,55 +97,62 @@ def target_invalid_here(ctx: CheckContext) -> Iterator[Diagnostic]:
         if table.name not in TABLES:
             continue  # unknown table (PRS013): its hooks are unknown
         g = table_graph(ctx, table)
-        for chain in table.chains.values():
-            for r in chain.rules:
-                t = r.target
-                # most rules jump to a chain: no table or hook rule names it (Jump.name is its chain)
-                if t is None or (t.chain if type(t) is Jump else t.name) not in _CHN007_NAMES:
-                    continue
-                key = _target_key(r)
-                name = key.split()[0]
-                if name == "DROP" and isinstance(r.target, Verdict) and table.name == "nat":
-                    yield ctx.diag(
-                        "CHN007",
-                        f"{r.label}: DROP in the nat table; iptables refuses it (\"the nat table is "
-                        "not intended for filtering\"), so table nat does not load",
-                        r.option_span(r.target), hint="drop the packets in the filter table (or mangle/raw) instead")
-                    continue
-                homes = TARGET_TABLES.get(name)
-                if homes is not None and table.name not in homes:
-                    yield ctx.diag(
-                        "CHN007",
-                        f"{r.label}: {name} is only valid in the {'/'.join(homes)} table; the "
-                        f"kernel refuses it in {table.name}, so table {table.name} does not load",
-                        r.option_span(r.target), hint=f"move the rule to *{homes[0]}")
-                    continue
-                only = BACKEND_TABLES.get(name)
-                if only is not None and table.name not in only[0]:
-                    yield ctx.diag(
-                        "CHN007",
-                        f"{r.label}: {name} outside the {'/'.join(only[0])} table: {only[1]} refuses "
-                        f"table {table.name} (other backends accept it)",
-                        r.option_span(r.target), hint=f"move the rule to *{only[0][0]}", severity=WARNING)
-                    continue
-                hooks = TARGET_HOOKS.get(key)
-                if hooks is None:
-                    continue
-                bad = [h for h in _hooks_reaching(g, r.chain) if h not in hooks]
-                if not bad:
-                    continue
-                h = bad[0]
-                more = f" (and from {', '.join(bad[1:])})" if len(bad) > 1 else ""
+        for r in _chn007_rules(g):
+            key = _target_key(r)
+            name = key.split()[0]
+            if name == "DROP" and isinstance(r.target, Verdict) and table.name == "nat":
                 yield ctx.diag(
                     "CHN007",
-                    f"{r.label}: {_where(g, h, r, table, key)}{more}; the kernel allows "
-                    f"{name} only from {'/'.join(hooks)} and refuses the whole {table.name} table",
-                    r.option_span(r.target), hint=f"use {name} only in chains reached from {'/'.join(hooks)}",
-                    related=_path_related(g, h, r))
+                    f"{r.label}: DROP in the nat table; iptables refuses it (\"the nat table is "
+                    "not intended for filtering\"), so table nat does not load",
+                    r.option_span(r.target), hint="drop the packets in the filter table (or mangle/raw) instead")
+                continue
+            homes = TARGET_TABLES.get(name)
+            if homes is not None and table.name not in homes:
+                yield ctx.diag(
+                    "CHN007",
+                    f"{r.label}: {name} is only valid in the {'/'.join(homes)} table; the "
+                    f"kernel refuses it in {table.name}, so table {table.name} does not load",
+                    r.option_span(r.target), hint=f"move the rule to *{homes[0]}")
+                continue
+            only = BACKEND_TABLES.get(name)
+            if only is not None and table.name not in only[0]:
+                yield ctx.diag(
+                    "CHN007",
+                    f"{r.label}: {name} outside the {'/'.join(only[0])} table: {only[1]} refuses "
+                    f"table {table.name} (other backends accept it)",
+                    r.option_span(r.target), hint=f"move the rule to *{only[0][0]}", severity=WARNING)
+                continue
+            hooks = TARGET_HOOKS.get(key)
+            if hooks is None:
+                continue
+            bad = [h for h in _hooks_reaching(g, r.chain) if h not in hooks]
+            if not bad:
+                continue
+            h = bad[0]
+            more = f" (and from {', '.join(bad[1:])})" if len(bad) > 1 else ""
+            yield ctx.diag(
+                "CHN007",
+                f"{r.label}: {_where(g, h, r, table, key)}{more}; the kernel allows "
+                f"{name} only from {'/'.join(hooks)} and refuses the whole {table.name} table",
+                r.option_span(r.target), hint=f"use {name} only in chains reached from {'/'.join(hooks)}",
+                related=_path_related(g, h, r))
 
 
 # the target names CHN007 has a rule for (a 10k-service kube-proxy dump: 117k rules, most jumps)
 _CHN007_NAMES = frozenset({"DROP", *TARGET_TABLES, *BACKEND_TABLES, *(k.split()[0] for k in TARGET_HOOKS)})
+
+
+def _chn007_rules(g) -> list[Rule]:
+    """The rules whose target CHN007 has a rule for, in the table's order: targets of those
+    names, and jumps (-g) to a chain of such a name (Jump.name is its chain)."""
+    names = _CHN007_NAMES
+    out = [r for r in g.others if r.target.name in names]
+    jumps = [r for r in g.jumps if r.target.chain in names]
+    if jumps:
+        pos = {name: k for k, name in enumerate(g.table.chains)}
+        out = sorted(out + jumps, key=lambda r: (pos[r.chain], r.index))
+    return out
 
 
 # --------------------------------------------------------------------------- CHN009
@@ -176,47 +183,47 @@ def match_invalid_here(ctx: CheckContext) -> Iterator[Diagnostic]:
         if table.name not in TABLES:
             continue  # unknown table (PRS013): its hooks are unknown
         g = table_graph(ctx, table)
-        for chain in table.chains.values():
-            for r in chain.rules:
-                for m in r.matches:
-                    if not isinstance(m, _CHN009_MATCHES):
-                        continue  # one test for the usual match (addresses, ports, comments)
-                    if isinstance(m, IfaceMatch) and chain.builtin:
-                        banned = NO_IN_IFACE if m.direction == "in" else NO_OUT_IFACE
-                        if chain.name in banned:
-                            opt = "-i" if m.direction == "in" else "-o"
-                            side = "input" if m.direction == "in" else "output"
-                            yield ctx.diag(
-                                "CHN009",
-                                f"{r.label}: '{opt} {m.name}' in {chain.name}, where a packet has no "
-                                f"{side} interface; iptables refuses it (\"Can't use {opt} with "
-                                f"{chain.name}\"), so table {table.name} does not load",
-                                r.option_span(m), hint=f"use {'-o' if opt == '-i' else '-i'}, or match the "
-                                f"interface in the chain of the other direction")
-                        continue
-                    allowed = what = None
-                    if isinstance(m, OwnerMatch):
-                        allowed, what = OWNER_HOOKS, "-m owner"
-                    elif isinstance(m, AddrTypeMatch) and m.limit_iface:
-                        allowed = LIMIT_IFACE_HOOKS[m.limit_iface]
-                        what = f"-m addrtype --limit-iface-{m.limit_iface}"
-                    elif isinstance(m, PhysdevMatch) and m.option in ("physdev-out", "physdev-is-out") \
-                            and not any(isinstance(x, PhysdevMatch) and x.option == "physdev-is-bridged"
-                                        and not x.negated for x in r.matches):
-                        allowed = ("PREROUTING", "INPUT", "FORWARD", "POSTROUTING")
-                        what = f"--{m.option}"
-                    if allowed is None:
-                        continue
-                    bad = [h for h in _hooks_reaching(g, r.chain) if h not in allowed]
-                    if not bad:
-                        continue
-                    h = bad[0]
-                    yield ctx.diag(
-                        "CHN009",
-                        f"{r.label}: {_where(g, h, r, table, what)}; the kernel allows it "
-                        f"only from {'/'.join(allowed)} and refuses the whole {table.name} table",
-                        r.option_span(m), hint=f"use {what} only in chains reached from {'/'.join(allowed)}",
-                        related=_path_related(g, h, r))
+        for r in g.placed:  # the rules with a match of _CHN009_MATCHES
+            chain = table.chains[r.chain]
+            for m in r.matches:
+                if not isinstance(m, _CHN009_MATCHES):
+                    continue
+                if isinstance(m, IfaceMatch) and chain.builtin:
+                    banned = NO_IN_IFACE if m.direction == "in" else NO_OUT_IFACE
+                    if chain.name in banned:
+                        opt = "-i" if m.direction == "in" else "-o"
+                        side = "input" if m.direction == "in" else "output"
+                        yield ctx.diag(
+                            "CHN009",
+                            f"{r.label}: '{opt} {m.name}' in {chain.name}, where a packet has no "
+                            f"{side} interface; iptables refuses it (\"Can't use {opt} with "
+                            f"{chain.name}\"), so table {table.name} does not load",
+                            r.option_span(m), hint=f"use {'-o' if opt == '-i' else '-i'}, or match the "
+                            f"interface in the chain of the other direction")
+                    continue
+                allowed = what = None
+                if isinstance(m, OwnerMatch):
+                    allowed, what = OWNER_HOOKS, "-m owner"
+                elif isinstance(m, AddrTypeMatch) and m.limit_iface:
+                    allowed = LIMIT_IFACE_HOOKS[m.limit_iface]
+                    what = f"-m addrtype --limit-iface-{m.limit_iface}"
+                elif isinstance(m, PhysdevMatch) and m.option in ("physdev-out", "physdev-is-out") \
+                        and not any(isinstance(x, PhysdevMatch) and x.option == "physdev-is-bridged"
+                                    and not x.negated for x in r.matches):
+                    allowed = ("PREROUTING", "INPUT", "FORWARD", "POSTROUTING")
+                    what = f"--{m.option}"
+                if allowed is None:
+                    continue
+                bad = [h for h in _hooks_reaching(g, r.chain) if h not in allowed]
+                if not bad:
+                    continue
+                h = bad[0]
+                yield ctx.diag(
+                    "CHN009",
+                    f"{r.label}: {_where(g, h, r, table, what)}; the kernel allows it "
+                    f"only from {'/'.join(allowed)} and refuses the whole {table.name} table",
+                    r.option_span(m), hint=f"use {what} only in chains reached from {'/'.join(allowed)}",
+                    related=_path_related(g, h, r))
 
 
 # --------------------------------------------------------------------------- CHN011
@@ -240,35 +247,34 @@ def target_needs_protocol(ctx: CheckContext) -> Iterator[Diagnostic]:
     for table in tables(ctx):
         if table.name not in TABLES:
             continue
-        for chain in table.chains.values():
-            for r in chain.rules:
-                t = r.target
-                if t is None or type(t) is Jump or type(t) is Verdict:
-                    continue  # a jump or a verdict needs no protocol
-                p = _proto(r)
-                num = p.number if p is not None else 0
-                if isinstance(t, Tproxy) and (num not in (6, 17) or p.negated):
-                    have = "no -p" if p is None or num == 0 else f"'{'! ' if p.negated else ''}-p {p.name}'"
-                    yield ctx.diag(
-                        "CHN011",
-                        f"{r.label}: TPROXY with {have}; the kernel accepts TPROXY only with "
-                        f"-p tcp or -p udp and refuses table {table.name}",
-                        r.option_span(t), hint="add '-p tcp' (and a second rule with '-p udp' if needed)")
-                elif (need := _needs_tcp(t)) is not None and (num != 6 or p.negated):
-                    what, kernel_says, hint = need
-                    yield ctx.diag(
-                        "CHN011",
-                        f"{r.label}: {what} without '-p tcp'; the kernel refuses it "
-                        f"({kernel_says}), so table {table.name} does not load",
-                        r.option_span(t), hint=hint)
-                elif _has_ports(t) and num not in PORT_PROTOCOLS.get(family, PORT_PROTOCOLS[4]):
-                    have = "no -p" if num == 0 else f"-p {p.name}"
-                    yield ctx.diag(
-                        "CHN011",
-                        f"{r.label}: {t.name} gives ports with {have}; iptables refuses it (\"Need "
-                        f"TCP, UDP, SCTP or DCCP with port specification\"), so table {table.name} "
-                        "does not load",
-                        r.option_span(t), hint="add '-p tcp' (or -p udp), or drop the port")
+        for r in table_graph(ctx, table).others:  # a jump needs no protocol
+            t = r.target
+            if type(t) is Verdict:
+                continue  # nor does a verdict
+            p = _proto(r)
+            num = p.number if p is not None else 0
+            if isinstance(t, Tproxy) and (num not in (6, 17) or p.negated):
+                have = "no -p" if p is None or num == 0 else f"'{'! ' if p.negated else ''}-p {p.name}'"
+                yield ctx.diag(
+                    "CHN011",
+                    f"{r.label}: TPROXY with {have}; the kernel accepts TPROXY only with "
+                    f"-p tcp or -p udp and refuses table {table.name}",
+                    r.option_span(t), hint="add '-p tcp' (and a second rule with '-p udp' if needed)")
+            elif (need := _needs_tcp(t)) is not None and (num != 6 or p.negated):
+                what, kernel_says, hint = need
+                yield ctx.diag(
+                    "CHN011",
+                    f"{r.label}: {what} without '-p tcp'; the kernel refuses it "
+                    f"({kernel_says}), so table {table.name} does not load",
+                    r.option_span(t), hint=hint)
+            elif _has_ports(t) and num not in PORT_PROTOCOLS.get(family, PORT_PROTOCOLS[4]):
+                have = "no -p" if num == 0 else f"-p {p.name}"
+                yield ctx.diag(
+                    "CHN011",
+                    f"{r.label}: {t.name} gives ports with {have}; iptables refuses it (\"Need "
+                    f"TCP, UDP, SCTP or DCCP with port specification\"), so table {table.name} "
+                    "does not load",
+                    r.option_span(t), hint="add '-p tcp' (or -p udp), or drop the port")
 
 
 def _needs_tcp(t):
