@@ -734,7 +734,7 @@ def cmd_explain(args) -> int:
                       "several files in order")
     from dataclasses import replace
 
-    from analyzer.symbolic import parse_flow_spec
+    from analyzer.parse.flow import parse_flow_spec
 
     try:
         spec = parse_flow_spec(args.flow, iif=None if args.local else args.from_iface,

@@ -21,9 +21,12 @@ caller reports that class as APPROXIMATE. Knows no iptables names.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from analyzer.engine.packetset import ADDRESS_FIELDS, IfaceOrderError, PacketSet, PacketSpace
+from analyzer.engine.fields import ADDRESS_FIELDS
+
+if TYPE_CHECKING:  # a concrete walk imports this module: dd (and networkx through it) only when recording
+    from analyzer.engine.packetset import PacketSet, PacketSpace
 
 __all__ = ["SymInt", "SymMix", "SymStr", "Recorder", "active", "plain", "sym_address", "is_sym", "one_of"]
 
@@ -171,6 +174,8 @@ class Recorder:
         key = ("iface", field, pattern)
         if key in self._cache:
             return self._cache[key]
+        from analyzer.engine.packetset import IfaceOrderError
+
         try:
             atom = self._cache[key] = self.space.iface(field, pattern)
             return atom

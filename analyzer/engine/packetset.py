@@ -51,7 +51,7 @@ LAYOUT: tuple[tuple[str | tuple[str, ...], int], ...] = (
 )
 
 #: 128-bit address fields; an IPv4 address is the low 32 bits, the high 96 bits being zero.
-ADDRESS_FIELDS = ("src", "dst")
+from analyzer.engine.fields import ADDRESS_FIELDS  # noqa: E402,F401 (defined once, re-exported)
 
 #: Conntrack state flags as bit values of the `ctstate` field.  A packet is in exactly one of
 #: the five CT_STATES; SNAT and DNAT say its connection was translated and combine with any.

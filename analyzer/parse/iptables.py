@@ -52,6 +52,7 @@ _MODULE_PROTOCOLS_GET = O.MODULE_PROTOCOLS.get
 _new_Span = O.fast_constructor(Span)
 _PENDING = object()  # matches of a rule whose options are decoded on first use
 _new_Rule = O.fast_constructor(Rule)
+_new_lazy_Rule = O.fast_constructor(Rule, omit=("matches", "target"))  # decoded on first use
 _new_AddrMatch = O.fast_constructor(AddrMatch)
 _new_IfaceMatch = O.fast_constructor(IfaceMatch)
 _new_ProtoMatch = O.fast_constructor(ProtoMatch)
@@ -1856,14 +1857,15 @@ class Builder:
             for cname, cb in tb.chains.items():
                 k = len(cb.rules)
                 # columns of (matches, target, span, text, counters) -> one Rule per rule
-                rules = tuple(map(_new_Rule, repeat(tname, k), repeat(cname, k), range(1, k + 1),
-                                  *zip(*cb.rules))) if k else ()
-                if self.lazy:
-                    for r in rules:
-                        if r.matches is _PENDING:
-                            object.__setattr__(r, "pending", partial(self._decode_later, *r.target))
-                            object.__delattr__(r, "matches")
-                            object.__delattr__(r, "target")
+                if not self.lazy:
+                    rules = tuple(map(_new_Rule, repeat(tname, k), repeat(cname, k), range(1, k + 1),
+                                      *zip(*cb.rules))) if k else ()
+                else:
+                    later = self._decode_later
+                    rules = tuple(_new_lazy_Rule(tname, cname, i, span, text, counters, partial(later, *target))
+                                  if matches is _PENDING else
+                                  _new_Rule(tname, cname, i, matches, target, span, text, counters)
+                                  for i, (matches, target, span, text, counters) in enumerate(cb.rules, 1))
                 chains[cname] = _new_Chain(tname, cname, cb.builtin, cb.policy if cb.builtin else None,
                                            rules, cb.span, cb.counters)
             tables[tname] = Table(tname, freeze_mapping(chains), tb.span)
