@@ -67,12 +67,13 @@ class World:
 
     def walk(self, ns: str, pkt: Packet, iif: str | None, reply_mode: bool, ct: Conntrack | None,
              bridged_via: str | None = None, from_port: tuple | None = None,
-             local_origin: bool | None = None) -> list[Branch]:
+             local_origin: bool | None = None, fresh: bool = True) -> list[Branch]:
         """Every outcome of ``pkt`` arriving in ``ns`` on ``iif`` (None: sent by a local process,
         unless ``local_origin`` is False: arriving on an unnamed interface), in the walker's
-        order (fresh copies: callers may change them)."""
-        key = (ns, pkt, iif, reply_mode, _ct_key(ct), bridged_via,
-               tuple(from_port) if from_port is not None else None, local_origin)
+        order: fresh copies that callers may change, or (``fresh=False``) the remembered
+        branches themselves, for a caller that only reads them and their conntrack entries."""
+        key = _MemoKey((ns, pkt, iif, reply_mode, _ct_key(ct), bridged_via,
+                        tuple(from_port) if from_port is not None else None, local_origin))
         hit = self._memo.get(key)
         if hit is None:
             self.memo_misses += 1
@@ -84,7 +85,7 @@ class World:
         else:
             self.memo_hits += 1
             self._memo.move_to_end(key)
-        return [b.fork() for b in hit]
+        return [b.fork() for b in hit] if fresh else list(hit)
 
     def walker(self, ns: str, family: int) -> Walker:
         key = f"{ns}/{family}"
@@ -288,6 +289,24 @@ def walk_namespace(world: World, tracker: Tracker, ns: str, pkt: Packet, iif: st
     return brs
 
 
+class _MemoKey:
+    """A memo key that hashes its tuple once: a dict hashes a plain tuple on every lookup,
+    insertion and move, and a tuple holding packets hashes their ``ipaddress`` objects each time
+    (a ``hex()`` per address; a 10,000-service environment does ~250,000 namespace walks)."""
+
+    __slots__ = ("key", "hash")
+
+    def __init__(self, key: tuple):
+        self.key = key
+        self.hash = hash(key)
+
+    def __hash__(self) -> int:
+        return self.hash
+
+    def __eq__(self, other) -> bool:
+        return self.hash == other.hash and self.key == other.key
+
+
 def _ct_key(ct: Conntrack | None):
     if ct is None:
         return None
@@ -317,9 +336,13 @@ def travel_all(world: World, tracker: Tracker, start_ns: str, pkt: Packet, iif: 
             brs = _cilium_stage(world, tr, ns, pkt, arrived, reply_mode, bridged_via, from_port)
             if brs is None:
                 ct = tr.lookup_reply(ns, pkt) if reply_mode else None
-                brs = world.walk(ns, pkt, arrived, reply_mode, ct, bridged_via, from_port)
-            for b in brs:
-                _cilium_into_endpoint(world, tr, ns, b)
+                # without Cilium nothing below changes a branch (_advance reads it; a conntrack
+                # entry kept in ``tr`` is copied before a reply walk uses it): no copies needed
+                brs = world.walk(ns, pkt, arrived, reply_mode, ct, bridged_via, from_port,
+                                 fresh=bool(world.cilium_nodes))
+            if world.cilium_nodes:
+                for b in brs:
+                    _cilium_into_endpoint(world, tr, ns, b)
             # the walker lists a fork's outcomes last-rule-first; follow them in rule order
             brs.reverse()
             room = max(1, world.max_outcomes - len(done) - len(todo))
@@ -349,8 +372,14 @@ def travel_all(world: World, tracker: Tracker, start_ns: str, pkt: Packet, iif: 
 
 
 def _cilium_ct_type():
-    from analyzer.netfilter.cilium import CiliumCT
-    return CiliumCT
+    global _CILIUM_CT
+    if _CILIUM_CT is None:
+        from analyzer.netfilter.cilium import CiliumCT
+        _CILIUM_CT = CiliumCT
+    return _CILIUM_CT
+
+
+_CILIUM_CT = None
 
 
 def _advance(world: World, j: JourneyBuilder, tr: Tracker, ns: str, pkt: Packet, arrived, bridged_via,

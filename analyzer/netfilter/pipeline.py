@@ -334,7 +334,7 @@ def run(w: Walker, links, ns: str, pkt: Packet, iif: str | None, ct: Conntrack |
     function of its arguments (crosshost.World memoizes it)."""
     is_reply = ct is not None
     if ct is not None:
-        ct = replace(ct)  # a reply may change the entry's mark: not the caller's copy
+        ct = ct.copy()  # a reply may change the entry's mark: not the caller's copy
     else:
         arrived = _ifaces(pkt, iif, None)
         ct = Conntrack(arrived if pkt.oif is None else with_ifaces(pkt, iif, pkt.oif), pkt.dst, pkt.dport, pkt.src, pkt.sport)

@@ -1046,7 +1046,7 @@ def route_decision(w: "Walker", br: Branch, local_origin: bool = False) -> str:
     before = br.pkt
     br.pkt = with_ifaces(br.pkt, br.pkt.iif, r.oif)
     br.next_hop = r.via or br.pkt.dst
-    via = r.route.render()
+    via = r.text or r.route.render()
     br.steps.append(route_step(before, br.pkt, Route.OUTPUT if local_origin else Route.FORWARD,
                                f"{'output' if local_origin else 'forward'} via {via}", via))
     return "forward"
