@@ -94,6 +94,25 @@ def test_chn013_flags_a_host_that_drops_the_answers_to_its_own_solicitations():
     assert "neighbour advertisements (ICMPv6 type 136) that answer its own solicitations" in diags[0].message
 
 
+def test_chn013_discards_an_outcome_that_needs_lo_to_match():
+    # the walk cannot tell the interface of the solicitation: '-i lo' forks; the outcome that
+    # assumes it matches is one neighbour discovery never has (typed Assumption, not its text)
+    from analyzer.netfilter.trace import Assumption
+
+    load_all()
+    text = ("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+            "-A INPUT -i lo -j ACCEPT\n-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n"
+            "-A INPUT -j DROP\nCOMMIT\n")
+    rs = _rules(text)
+    w = Walker(rs, Namespace())
+    brs = walk_nd(w, solicitation(ipaddress.ip_address("fe80::1"), ipaddress.ip_address("fe80::2"), None),
+                  ("PREROUTING", "INPUT"))
+    assumed = [a for b in brs for a in b.approx if isinstance(a, Assumption)]
+    assert any(a.assumes_match and a.rule.index == 1 for a in assumed)
+    diags = [d for d in run_checks(CheckContext(rs)) if d.code == "CHN013"]
+    assert diags and "filter:INPUT:rule:3" in diags[0].message
+
+
 def test_owner_match_sees_the_kernel_socket_of_neighbour_discovery():
     from analyzer.netfilter.neighbour import advertisement
 

@@ -6,14 +6,13 @@ advertisement through the host's own hooks, as the kernel sends them (untracked)
 from __future__ import annotations
 
 import ipaddress
-import re
 from typing import Iterator
 
 from analyzer.checks import CheckContext, check
 from analyzer.diagnostics import Diagnostic, Related, Severity
 from analyzer.netfilter.env import Namespace
 from analyzer.netfilter.neighbour import advertisement, solicitation, walk_nd
-from analyzer.netfilter.trace import Kind
+from analyzer.netfilter.trace import Assumption, Kind
 
 # the witness exchange: a neighbour on the link resolves this host's link-local address
 TARGET, SOLICITOR = ipaddress.ip_address("fe80::1"), ipaddress.ip_address("fe80::2")
@@ -30,22 +29,14 @@ def _deciding(rs, br):
     return None, None
 
 
-_ASSUMED = re.compile(r"^(\w+):([^:]+):rule:(\d+) \(line \d+\): .*assumes it matches$")
-
-
-def _assumes_loopback(rs, br) -> bool:
+def _assumes_loopback(br) -> bool:
     """Whether this outcome needs a rule matching '-i lo' / '-o lo' to match: neighbour discovery
     never crosses lo, so such an outcome cannot happen."""
     from analyzer.model.rules import IfaceMatch
 
-    for a in br.approx:
-        m = _ASSUMED.match(a)
-        if not m:
-            continue
-        rule = rs.chain(m.group(1), m.group(2)).rules[int(m.group(3)) - 1]
-        if any(isinstance(x, IfaceMatch) and x.name == "lo" and not x.negated for x in rule.matches):
-            return True
-    return False
+    return any(isinstance(a, Assumption) and a.assumes_match and
+               any(isinstance(x, IfaceMatch) and x.name == "lo" and not x.negated for x in a.rule.matches)
+               for a in br.approx)
 
 
 @check(code="CHN013", name="neighbour-discovery-dropped", severity=Severity.ERROR)
@@ -79,7 +70,7 @@ def neighbour_discovery_dropped(ctx: CheckContext) -> Iterator[Diagnostic]:
             (advertisement(SOLICITOR, TARGET, None), ("PREROUTING", "INPUT"),
              "the neighbour advertisements (ICMPv6 type 136) that answer its own solicitations, "
              "arriving", own)):
-        brs = [b for b in walk_nd(w, pkt, hooks) if not _assumes_loopback(rs, b)]
+        brs = [b for b in walk_nd(w, pkt, hooks) if not _assumes_loopback(b)]
         if not brs or any(b.disposition is None for b in brs):
             continue  # some outcome gets through: not certain enough to report
         label, span = _deciding(rs, brs[0])

@@ -331,6 +331,32 @@ def bridge_step(pkt: "Packet", fact: Bridge, text: str, value=None) -> Step:
     return Step(Kind.BRIDGE, None, pkt, pkt, None, None, fact, value, text)
 
 
+# ---------------------------------------------------------------------- why a result is approximate
+class Assumption(str):
+    """One reason an outcome is APPROXIMATE where the walk met a match it cannot decide and
+    followed both ways: the text shown to the user, with the rule and which way this outcome
+    took (``assumes_match``) as data, for checks that weigh the assumption (CHN013 discards an
+    outcome that needs ``-i lo`` to match a neighbour discovery packet). Other reasons in a
+    branch's ``approx`` are plain strings."""
+
+    rule: "object"
+    assumes_match: bool
+
+    def __new__(cls, rule, reason: str, assumes_match: bool):
+        way = "matches" if assumes_match else "does not match"
+        self = super().__new__(cls, f"{rule.label} (line {rule.span.line}): {reason}; this outcome assumes it {way}")
+        self.rule, self.assumes_match = rule, assumes_match
+        return self
+
+    def __reduce__(self):  # pickle and copy: rebuilt from its data (str would pass only the text)
+        return (Assumption, (self.rule, self._reason(), self.assumes_match))
+
+    def _reason(self) -> str:
+        head = f"{self.rule.label} (line {self.rule.span.line}): "
+        tail = "; this outcome assumes it " + ("matches" if self.assumes_match else "does not match")
+        return str.__str__(self)[len(head):len(self) - len(tail)]
+
+
 # ---------------------------------------------------------------------- hops, journeys, trips
 class Hop(NamedTuple):
     """The steps of one namespace for one packet (one outcome of its walk there); a tuple, as

@@ -24,7 +24,7 @@ from analyzer.engine.concolic import active, is_sym, one_of, plain
 from analyzer.netfilter import stages as STAGES
 from analyzer.netfilter.env import Namespace
 from analyzer.netfilter.nat import pick_address, pick_port
-from analyzer.netfilter.trace import Conntrack as CT, Kind, Route, Step  # noqa: F401 (Step re-exported)
+from analyzer.netfilter.trace import Assumption, Conntrack as CT, Kind, Route, Step  # noqa: F401 (Step re-exported)
 
 from analyzer.model.packet import CT_INPUT, PROTO, PROTO_NAME, Packet, evolve, tcp_flag_names, with_ifaces  # noqa: F401 (re-exported)
 from analyzer.parse.flow import FlowSpec, parse_flow, parse_flow_spec  # noqa: F401 (re-exported)
@@ -472,13 +472,11 @@ class Walker:
                         alt = br.fork()
                         alt.prob = alt.prob * (1 - p) if (p is not None and alt.prob is not None) else None
                         if not exact:
-                            alt.approx.append(f"{rule.label} (line {rule.span.line}): {reason}; "
-                                              "this outcome assumes it does not match")
+                            alt.approx.append(Assumption(rule, reason, False))
                         out.extend(self._eval(alt, table, hook, [list(f) for f in frames]))
                     br.prob = br.prob * p if (p is not None and br.prob is not None) else None
                     if not exact:
-                        br.approx.append(f"{rule.label} (line {rule.span.line}): {reason}; "
-                                         "this outcome assumes it matches")
+                        br.approx.append(Assumption(rule, reason, True))
                 action = self._apply_target(rule, br, table, hook)
                 if action == "continue":
                     continue
