@@ -247,7 +247,7 @@ def _local_delivery(s: Step) -> bool:
 def _cilium_miss(world: World, trip: Trip, hop: Hop) -> tuple[str, str] | None:
     """For a request Cilium translated: (what happened to the reply, the fixes), from the
     datapath facts and the known-defects table (analyzer/netfilter/cilium.py)."""
-    from analyzer.netfilter.cilium import CiliumCT, FACTS
+    from analyzer.netfilter.cilium import FACTS, CiliumCT, defects
 
     ct = hop.ct
     if not isinstance(ct, CiliumCT):
@@ -271,7 +271,7 @@ def _cilium_miss(world: World, trip: Trip, hop: Hop) -> tuple[str, str] | None:
                  "Cilium reverse-translates")
     if node is not None and node.version is None:
         fixes += ("; the Cilium version is not known (give cilium status or cilium.version): "
-                  + ", ".join(d.issue for d, _ in node.defects(ct.point) + node.defects("revnat-to-container"))
+                  + ", ".join(d.issue for d, _ in defects(node, ct.point) + defects(node, "revnat-to-container"))
                   + " may apply")
     return why, fixes
 

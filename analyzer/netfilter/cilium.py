@@ -8,14 +8,13 @@ versions it holds for. What a dump cannot show is a setting of the namespace's `
 """
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass, field, replace
 
+from analyzer.model.env import CiliumNode  # noqa: F401 (re-exported)
 from analyzer.netfilter.trace import Cilium, Step, cilium_step
 from analyzer.netfilter.walk import Conntrack, Packet
 
-_PROTO = {6: "TCP", 17: "UDP", 132: "SCTP"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,56 +163,11 @@ def defect_applies(d: Defect, version: tuple | None) -> bool | None:
 
 
 # ------------------------------------------------------------------------------ one node
-@dataclass
-class CiliumNode:
-    """A namespace's ``cilium:`` key: the services of its dumps and the settings of its datapath.
-    Defaults (docs/cilium.md): each setting comes from the status dump when one is given,
-    otherwise the value that claims the least translation."""
-
-    services: tuple = ()              # analyzer.model.services.Service (external and internal scope)
-    status: object = None             # CiliumStatus
-    node: str | None = None
-    version: tuple | None = None
-    socket_lb: bool = False
-    socket_lb_hostns_only: bool = False
-    per_packet_lb: bool = True
-    nodeport: bool = False
-    lb_mode: str = "snat"
-    local_delivery: str = "bpf"       # bpf | stack (endpoint routes)
-    endpoints: tuple = ()             # the node's interfaces that are pods' veths
-    devices: tuple = ()               # the node's external devices (NodePort LB)
-    dumps: tuple = ()
-    parsed: tuple = ()                # the CiliumDump of each dump (for the CIL checks)
-    files: tuple = ()                 # their SourceFiles (for the checks' source lines)
-    index: dict = field(default_factory=dict)
-
-    def build_index(self):
-        for s in self.services:
-            if s.scope != "external" or not s.backends:
-                continue
-            key = (s.frontend.address, s.frontend.port, s.frontend.protocol)
-            self.index.setdefault(key, s)
-
-    def lookup(self, pkt: Packet, local_addr=None):
-        """The service whose frontend is the packet's destination (protocol-less dumps match any).
-        ``local_addr``: for traffic at a device, a NodePort/HostPort on 0.0.0.0/[::] matches any
-        address of the node (the wildcard frontend, bpf_sock.c sock4_wildcard_lookup)."""
-        try:
-            dst = ipaddress.ip_address(str(pkt.dst))
-        except ValueError:
-            return None
-        proto = _PROTO.get(pkt.proto)
-        svc = self.index.get((dst, pkt.dport, proto)) or self.index.get((dst, pkt.dport, None))
-        if svc is None and local_addr is not None and local_addr(dst):
-            any_ = ipaddress.ip_address("::" if dst.version == 6 else "0.0.0.0")
-            svc = self.index.get((any_, pkt.dport, proto)) or self.index.get((any_, pkt.dport, None))
-            if svc is not None and svc.type not in ("NodePort", "HostPort", None):
-                svc = None
-        return svc
-
-    def defects(self, fact: str, service=None) -> list[tuple[Defect, bool | None]]:
-        return [(d, defect_applies(d, self.version)) for d in DEFECTS if d.applies == fact
-                and (not d.types or service is None or service.type in d.types)]
+def defects(node: CiliumNode, fact: str, service=None) -> list[tuple[Defect, bool | None]]:
+    """The known Cilium defects of datapath fact ``fact`` (for ``service``'s type), each with
+    whether the node's version has it (None: version unknown)."""
+    return [(d, defect_applies(d, node.version)) for d in DEFECTS if d.applies == fact
+            and (not d.types or service is None or service.type in d.types)]
 
 
 @dataclass
@@ -328,7 +282,7 @@ def _reply(node: CiliumNode, pkt: Packet, ct: CiliumCT, route_oif, is_local_endp
         return [o]  # the socket layer reverse-translates at recvmsg/getpeername: nothing on the wire
     toward = o.redirect_oif or route_oif(pkt.dst)
     if toward == ct.revnat_at:
-        broken = [(d, a) for d, a in node.defects("revnat-to-container", ct.service) if a]
+        broken = [(d, a) for d, a in defects(node, "revnat-to-container", ct.service) if a]
         if broken and o.redirect_oif is not None:
             d = broken[0][0]
             o.steps.append(_step("revnat-to-container", Cilium.NO_REVNAT,
@@ -342,7 +296,7 @@ def _reply(node: CiliumNode, pkt: Packet, ct: CiliumCT, route_oif, is_local_endp
         o.steps.append(_step("revnat-to-container", Cilium.REVNAT, f"rev-NAT {pkt.src}:{pkt.sport} -> "
                                                     f"{new.src}:{new.sport} into {toward}", new))
         if o.redirect_oif is not None:
-            for d, applies in node.defects("revnat-to-container", ct.service):
+            for d, applies in defects(node, "revnat-to-container", ct.service):
                 if applies is None:  # the version is not known: say what would break, and where
                     o.steps.append(cilium_step(
                         "known-defect", Cilium.KNOWN_DEFECT, f"POSSIBLE {d.issue}: {d.symptom}",

@@ -396,12 +396,14 @@ CILIUM_KEYS = ("dumps", "node", "version", "socket_lb", "socket_lb_hostns_only",
 def _k_cilium(ld: _Loader, ns: _NamespaceDraft, v, loc) -> None:
     """``cilium:`` makes the namespace a Cilium node: its service dumps, and the datapath
     settings the dumps cannot show (docs/cilium.md: each with its default)."""
-    from analyzer.netfilter.cilium import CiliumNode, parse_version
+    from analyzer.model.env import CiliumNode
+    from analyzer.netfilter.cilium import parse_version
     from analyzer.parse.cilium import join_statedb, parse_cilium
 
     d = ld.as_map(v, loc, "cilium")
     ld.known_keys(d, loc, CILIUM_KEYS, "cilium key")
-    node = CiliumNode()
+    node: dict = {}  # CiliumNode fields, built once every key is read
+    dumps, parsed, files = [], [], []
     services, status, meta, bes, fronts = [], None, None, None, []
     for i, fp in enumerate(ld.as_list(d.get("dumps"), loc + ("dumps",), "cilium.dumps", scalar_ok=True)):
         floc = loc + ("dumps",) + ((i,) if isinstance(d.get("dumps"), list) else ())
@@ -411,9 +413,9 @@ def _k_cilium(ld: _Loader, ns: _NamespaceDraft, v, loc) -> None:
         res = parse_cilium(*got)
         ld.env.diagnostics.extend(res.diagnostics)
         ns.dumps.append(got[1])
-        node.dumps += (got[1],)
-        node.parsed += (res.dump,)
-        node.files += res.files
+        dumps.append(got[1])
+        parsed.append(res.dump)
+        files.extend(res.files)
         for lst in res.dump.listings:
             if lst.status is not None:
                 status = lst.status
@@ -430,45 +432,44 @@ def _k_cilium(ld: _Loader, ns: _NamespaceDraft, v, loc) -> None:
     if not services:
         ld.error(loc + ("dumps",), "cilium needs at least one service dump (service list, JSON, bpf lb "
                                    "list or statedb frontends table) in 'dumps'")
-    node.services = tuple(services)
-    node.status = status
+    node["services"] = tuple(services)
+    node["status"] = status
     if status is not None:
-        node.version = parse_version(status.version)
+        node["version"] = parse_version(status.version)
         if status.socket_lb is not None:
-            node.socket_lb = status.socket_lb
+            node["socket_lb"] = status.socket_lb
         if status.socket_lb_hostns_only is not None:
-            node.socket_lb_hostns_only = status.socket_lb_hostns_only
+            node["socket_lb_hostns_only"] = status.socket_lb_hostns_only
         if status.kpr is not None:
-            node.nodeport = status.kpr.lower() in ("true", "strict", "probe")
+            node["nodeport"] = status.kpr.lower() in ("true", "strict", "probe")
         if status.lb_mode:
-            node.lb_mode = status.lb_mode.lower()
+            node["lb_mode"] = status.lb_mode.lower()
     for key in ("socket_lb", "socket_lb_hostns_only", "per_packet_lb", "nodeport"):
         if key in d:
             if not isinstance(d[key], bool):
                 ld.error(loc + (key,), f"cilium.{key} should be true or false, not {_kind(d[key])}")
             else:
-                setattr(node, key, d[key])
+                node[key] = d[key]
     if "version" in d:
-        node.version = parse_version(str(d["version"]))
-        if node.version is None:
+        node["version"] = parse_version(str(d["version"]))
+        if node["version"] is None:
             ld.error(loc + ("version",), f"cilium.version '{d['version']}' is not a version like 1.15.3")
     if "node" in d:
-        node.node = str(d["node"])
+        node["node"] = str(d["node"])
     for key, allowed in (("lb_mode", ("snat", "dsr", "hybrid")), ("local_delivery", ("bpf", "stack"))):
         if key in d:
             val = str(d[key]).lower()
             if val not in allowed:
                 ld.error(loc + (key,), f"cilium.{key} '{d[key]}'{_suggest(val, allowed)}: one of {', '.join(allowed)}")
             else:
-                setattr(node, key, val)
+                node[key] = val
     for key in ("endpoints", "devices"):
         if key in d:
             items = ld.as_list(d[key], loc + (key,), f"cilium.{key}", scalar_ok=True)
-            setattr(node, key, tuple(str(x) for x in items))
+            node[key] = tuple(str(x) for x in items)
             for j, x in enumerate(items):
                 ld.iface_refs.append((ns.name, str(x), loc + (key, j), f"cilium.{key}"))
-    node.build_index()
-    ns.cilium = node
+    ns.cilium = CiliumNode(dumps=tuple(dumps), parsed=tuple(parsed), files=tuple(files), **node)
 
 
 # one row per namespace key, in the order they are read (addresses before what names interfaces)

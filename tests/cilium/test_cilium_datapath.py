@@ -4,6 +4,7 @@ table; the `cilium:` key of environment files."""
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -89,16 +90,14 @@ def test_kube_proxy_clusterip_is_fine_when_cilium_translates(name):
 
 
 def test_socket_lb_skips_a_foreign_external_ip():
-    svc_node = C.CiliumNode(socket_lb=True)
     from analyzer.parse.cilium import parse_cilium
     res = parse_cilium("ID Frontend Service Type Backend\n7 10.4.26.234:80 ExternalIPs 1 => 10.4.26.11:80\n", "x")
-    svc_node.services = res.dump.services
-    svc_node.build_index()
+    svc_node = C.CiliumNode(services=res.dump.services, socket_lb=True)
     p = Packet(4, 6, ipaddress.ip_address("10.4.26.45"), ipaddress.ip_address("10.4.26.234"), 1234, 80)
     assert C.connect(svc_node, p, True, lambda a: False) is None  # bpf_sock.c sock4_skip_xlate
     (o,) = C.connect(svc_node, p, True, lambda a: str(a) == "10.4.26.234")
     assert str(o.pkt.dst) == "10.4.26.11"
-    svc_node.socket_lb_hostns_only = True
+    svc_node = replace(svc_node, socket_lb_hostns_only=True)
     assert C.connect(svc_node, p, False, lambda a: True) is None  # a pod's socket: not covered
 
 
