@@ -616,6 +616,8 @@ def cmd_lint(args) -> int:
                         None, node.files, extra={"cilium": node.parsed, "node": node.node}), select, ignore)
                         if d.code != "CIL006"]
             coverage = env_ctx.extra.get("coverage")
+            if _LEFT_AT_EXIT is not None:  # the environment and every trip followed: millions of objects
+                _LEFT_AT_EXIT.append((env, env_ctx))
         empty = []
         if cilium:
             found = cli_cilium.cmd_lint(args, select, ignore)

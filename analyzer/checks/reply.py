@@ -38,16 +38,28 @@ def service_destinations(spec):
     if rs is None or "nat" not in rs.tables:
         return []
     nat = rs.tables["nat"]
+    chains = nat.chains
     out = []
     seen = set()
-    reach = _reachable(nat, ("PREROUTING", "OUTPUT"))
-    for cname in reach:
-        for r in nat.chains[cname].rules:
-            if not isinstance(r.target, (Nat, Redirect, Jump)):
-                continue
-            if isinstance(r.target, Nat) and r.target.kind != "DNAT":
-                continue
-            if isinstance(r.target, Jump) and not _leads_to_translation(nat, r.target.chain):
+    # the chains PREROUTING and OUTPUT reach, in _reachable's order, each read in the same pass
+    # that finds the chains it jumps to (a kube-proxy nat table: ~100,000 rules, read once)
+    done, todo = set(), [c for c in ("PREROUTING", "OUTPUT") if c in chains]
+    while todo:
+        cname = todo.pop()
+        if cname in done:
+            continue
+        done.add(cname)
+        for r in chains[cname].rules:
+            t = r.target
+            if isinstance(t, Jump):
+                if t.chain in chains:
+                    todo.append(t.chain)
+                if not _leads_to_translation(nat, t.chain):
+                    continue
+            elif isinstance(t, Nat):
+                if t.kind != "DNAT":
+                    continue
+            elif not isinstance(t, Redirect):
                 continue
             ports = [m for m in r.matches if isinstance(m, PortMatch) and m.direction == "dst" and not m.negated]
             if not ports:
