@@ -405,7 +405,11 @@ class PacketSpace:
         specs = []
         for field, value in constraints.items():
             if isinstance(value, tuple):
-                specs.append(self._spec_range(field, *value))
+                lo, hi = value
+                if lo == hi and isinstance(lo, int) and field not in ADDRESS_FIELDS:
+                    specs.append(self._spec_eq(field, lo))  # one cube from cached pieces
+                else:
+                    specs.append(self._spec_range(field, lo, hi))
             elif field in _IFACE_FIELDS and isinstance(value, str):
                 specs.append(self._spec_iface(field, value))
             elif field in ADDRESS_FIELDS and (isinstance(value, _NETWORKS)
@@ -991,11 +995,20 @@ class PacketSet:
                     node = narrowed
             prefer = {}
         values = dict.fromkeys(sp.fields, 0)
-        wanted: dict[str, int] = {}
-        for f, v in prefer.items():
-            values[f] = v
-            w = sp.widths[f]
-            wanted.update((name, v >> (w - 1 - p) & 1) for p, name in enumerate(sp._vars[f]))
+        values.update(prefer)
+        # the preferred bit of each variable, kept per preference (an exploration picks
+        # thousands of witnesses with the same one)
+        key = tuple(prefer.items())
+        cache = sp.__dict__.setdefault("_wanted", {})
+        wanted = cache.get(key)
+        if wanted is None:
+            wanted = {}
+            for f, v in prefer.items():
+                w = sp.widths[f]
+                wanted.update((name, v >> (w - 1 - p) & 1) for p, name in enumerate(sp._vars[f]))
+            if len(cache) > 256:
+                cache.clear()
+            cache[key] = wanted
         false, var_bit = sp._false, sp._var_bit
         while (var := node.var) is not None:
             neg = node.negated  # a complemented edge complements both children

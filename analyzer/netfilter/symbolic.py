@@ -19,7 +19,7 @@ import ipaddress
 import re
 from dataclasses import replace
 
-from analyzer.engine.concolic import SymInt, SymStr, active, is_sym, one_of, plain, sym_address
+from analyzer.engine.concolic import SymInt, SymStr, active, is_sym, plain, sym_address
 from analyzer.engine.packetset import IFACE_NONE, PacketSet, PacketSpace
 from analyzer.model.packet import CT_INPUT, PORT_PROTOS, PROTO, Packet
 from analyzer.model.rules import (
@@ -185,19 +185,50 @@ class _NotingDict(dict):
         return dict.__getitem__(self, key)
 
 
+def _open_key(sym) -> tuple:
+    """An open value as a memo key: its input field and how it derives from it, and its value."""
+    return sym.field, sym.width, sym.keep, sym.xor, int.__int__(sym)
+
+
 class _PlainOnlyCache(dict):
-    """A memo that never answers for an open value: a hit would skip the decisions that made
-    the answer, so the recorder would not note them."""
+    """A memo that answers for an open value only inside the walk that computed the answer: a
+    hit from another walk would skip the decisions that made it, so that walk's recorder would
+    not note them; inside one walk (one recorder) they were noted when it was computed, and
+    noting them again changes nothing."""
+
+    _rec = None  # the recorder the open answers were computed under
+    _open: dict = {}
+
+    def _mine(self, k):
+        """The open key of ``k`` when answers for it are valid now; None for a plain ``k``;
+        False when an open ``k`` cannot be answered (no recorder, or another one)."""
+        sym = is_sym(k)
+        if sym is None:
+            return None
+        rec = active()
+        return _open_key(sym) if rec is not None and rec is self._rec else False
 
     def get(self, k, default=None):
-        return default if is_sym(k) is not None else dict.get(self, k, default)
+        key = self._mine(k)
+        if key is None:
+            return dict.get(self, k, default)
+        return default if key is False else self._open.get(key, default)
 
     def __contains__(self, k):
-        return is_sym(k) is None and dict.__contains__(self, k)
+        key = self._mine(k)
+        return dict.__contains__(self, k) if key is None else key is not False and key in self._open
 
     def __setitem__(self, k, v):
-        if is_sym(k) is None:
+        sym = is_sym(k)
+        if sym is None:
             dict.__setitem__(self, k, v)
+            return
+        rec = active()
+        if rec is None:
+            return
+        if rec is not self._rec:
+            self._rec, self._open = rec, {}
+        self._open[_open_key(sym)] = v
 
 
 class _NotingAddresses(frozenset):
@@ -208,9 +239,26 @@ class _NotingAddresses(frozenset):
 
     def __contains__(self, a):
         sym = is_sym(a)
-        if sym is None or active() is None:
+        rec = active()
+        if sym is None or rec is None:
             return frozenset.__contains__(self, a)
-        return one_of(sym, [int(x) for x in self if x.version == a.version])
+        ints = self.__dict__.get("_ints")
+        if ints is None:
+            ints = self._ints = {v: frozenset(int(x) for x in self if x.version == v) for v in (4, 6)}
+        mine = ints[a.version]
+        hit = int.__int__(sym) in mine
+        # the atom "one of these", shared by every walk of the exploration (rec's cache)
+        key = ("one of", id(self), sym.field, sym.width, sym.keep, sym.xor)
+        atom = rec._cache.get(key, False)
+        if atom is False:
+            atom = None
+            for x in mine:
+                one = rec.eq_atom(sym, x)
+                if one is not None:
+                    atom = one if atom is None else atom | one
+            rec._cache[key] = atom
+        rec.note(atom, hit)
+        return hit
 
 
 def noting_namespace(ns: Namespace) -> Namespace:
@@ -440,12 +488,14 @@ def none_of_bucketed(index, rec, pkt, rules, ns: Namespace | None = None) -> boo
         keyed = sorted({i for d in (index.by_dst, index.by_dport) for b in d.values() for i in b})
         union = sp.empty()
         read: set = set()
+        sets = {}
         for i in keyed:
             s, r = header_set(rules[i], sp, rec.family, ns)
+            sets[i] = s
             union = union | s
             read |= r
-        hit = cache[key] = (sp, union, frozenset(read))
-    _, union, read = hit
+        hit = cache[key] = (sp, union, frozenset(read), sets)
+    _, union, read, sets = hit
     for f in read:
         v = getattr(pkt, f)
         sym = is_sym(v)
@@ -458,7 +508,12 @@ def none_of_bucketed(index, rec, pkt, rules, ns: Namespace | None = None) -> boo
             # a protocol without ports: every packet of the class has none (explored per protocol)
         elif rec.fixed.get(f) != (int(v) if f in ("src", "dst") else v):
             return False  # a constant the walk put in: the input field may differ
-    if union.contains_values(values):
-        return False
+    # whether the witness is in the union: only the rules of its own buckets can hold it (a
+    # rule keyed by -d K/32 or --dport N holds only packets to K or N), and their sets are
+    # small, where a path through the union of thousands of rules costs ~0.1 ms
+    mk = ipaddress.IPv4Address if rec.family == 4 else ipaddress.IPv6Address
+    for i in (*index.by_dst.get(mk(values["dst"]), ()), *index.by_dport.get(values["dport"], ())):
+        if sets[i].contains_values(values):
+            return False
     rec.note(union, False, large=True)
     return True
