@@ -167,7 +167,7 @@ def environment_trips(ctx: CheckContext):
             if addr is not None:
                 proto = {"tcp": 6, "udp": 17, "sctp": 132}.get(l.proto, 6)
                 targets.append((name, (addr, proto, l.port), set(clients) - {name}, False))
-        if outbound_catchall(spec) and name in clients:
+        if name in clients and outbound_catchall(spec):  # (reads the whole nat table: clients only)
             for other, ospec in env.namespaces.items():
                 if other == name:
                     continue
