@@ -89,3 +89,82 @@ def test_local_out_to_a_local_address_loops_back_on_lo():
     [b] = _run(w, Packet(4, 6, A("10.0.0.1"), A("10.0.0.1"), 40000, 80), None)
     assert (b.disposition, b.pkt.iif) == ("delivered", "lo")
     assert any(s.verdict == "loopback: back in on lo" for s in b.steps)
+
+
+def test_evolve_sets_every_field_as_replace_does():
+    from analyzer.model.packet import evolve, _PACKET_FIELDS
+    p = Packet(4, 6, A("10.0.0.1"), A("10.0.0.2"), 1, 2, "eth0", "eth1", 7, 0x12, None, None, 5, 6)
+    values = {"family": 6, "proto": 17, "src": A("::1"), "dst": A("::2"), "sport": 9, "dport": 10,
+              "iif": "a", "oif": "b", "mark": 3, "tcp_flags": 0x10, "icmp_type": 8, "icmp_code": 0,
+              "uid": 1, "gid": 2, "connmark": 4, "ctstate": 0x02}
+    assert set(values) == set(_PACKET_FIELDS)  # a new Packet field needs a value here
+    for f, v in values.items():
+        q = evolve(p, **{f: v})
+        assert q == replace(p, **{f: v}) and hash(q) == hash(replace(p, **{f: v}))
+    assert evolve(p, **values) == replace(p, **values)
+
+
+def test_address_match_by_integer_bounds_is_ipaddress_containment():
+    # the walker compares a concrete address's integer with each network's bounds: the same
+    # answer as ``address in network`` over both families, several networks, negation
+    import random
+
+    from analyzer.model.rules import AddrMatch
+    from analyzer.netfilter.walk import Branch, Conntrack
+
+    rnd = random.Random(7)
+    w = _walker("*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n")
+
+    def net(version):
+        bits = 32 if version == 4 else 128
+        plen = rnd.choice([0, 1, 8, 16, 24, 31, bits - 1, bits, rnd.randrange(bits + 1)])
+        addr = rnd.getrandbits(bits)
+        cls = ipaddress.IPv4Network if version == 4 else ipaddress.IPv6Network
+        return cls((addr, plen), strict=False)
+
+    for _ in range(3000):
+        nets = tuple(net(rnd.choice((4, 6))) for _ in range(rnd.randint(1, 3)))
+        near = rnd.choice(nets)
+        bits = near.max_prefixlen
+        pick = rnd.choice([int(near.network_address), int(near.broadcast_address),
+                           int(near.network_address) - 1, int(near.broadcast_address) + 1, rnd.getrandbits(bits)])
+        a = ipaddress.ip_address(pick % (1 << bits)) if bits == 32 else ipaddress.IPv6Address(pick % (1 << bits))
+        for direction in ("src", "dst"):
+            for neg in (False, True):
+                m = AddrMatch(1, 2, neg, direction, nets)
+                p = Packet(a.version, 6, a, a, 1, 2)
+                want = any(a in n for n in nets if n.version == a.version) != neg
+                assert w._match(m, Branch(p, Conntrack(p)), "INPUT") is want, (nets, a, neg)
+
+
+def _trips(trips):  # Trip and Journey compare by identity: their fields by value
+    def journey(j):
+        return None if j is None else (j.hops, j.end, j.end_ns, j.end_packet, j.detail, j.order)
+    return [(t.flow, t.start, journey(t.request), journey(t.reply), t.client_sees,
+             None if t.second_leg is None else _trips([t.second_leg]), t.listener, t.unfollowed, t.prob)
+            for t in trips]
+
+
+def test_lint_env_walks_shared_memo_branches_with_the_same_trips():
+    # travel_all reads the World memo's branches without copying them (no Cilium): every trip
+    # must be what the copying walk gives
+    from analyzer.crosshost import World, follow_all
+    from analyzer.checks.reply import service_destinations
+    from analyzer.parse.envfile import load_environment
+
+    env = load_environment(str(ROOT / "samples" / "env" / "kubeproxy-hairpin-broken.yaml"))
+    flows = []
+    for name, spec in env.namespaces.items():
+        for (addr, proto, port), _ in service_destinations(spec):
+            flows.append(Packet(addr.version, proto, None, addr, 40000, port))
+    assert flows
+    shared, copied = World(env), World(env)
+    plain_walk = World.walk
+    copied.walk = lambda *a, **kw: plain_walk(copied, *a, **{**kw, "fresh": True})
+    for client in env.clients or list(env.namespaces):
+        src = next(a.ip for _, a in env.namespaces[client].net.local_addresses() if not a.ip.is_loopback)
+        for f in flows:
+            f = replace(f, src=src)
+            for _ in range(2):  # the second time from the memo
+                assert _trips(follow_all(shared, client, f)) == _trips(follow_all(copied, client, f))
+    assert shared.memo_hits
