@@ -432,14 +432,21 @@ def cmd_parse(args) -> int:
     if _LEFT_AT_EXIT is not None:
         _LEFT_AT_EXIT.append(results)
     diags, empty = [], []
-    for res in results:
-        diags += res.all_diagnostics
-        for r in res.families():
-            diags += run_checks(CheckContext(r.ruleset, r.files, partial=_partial(res, args)),
-                                restore_only=True)
-        why = _nothing_read(res, args.allow_empty)
-        if why:
-            empty.append(why)
+    import gc
+    collecting = gc.isenabled()
+    gc.disable()  # the checks build lists and dicts over every rule, with no cycles: as the parse
+    try:
+        for res in results:
+            diags += res.all_diagnostics
+            for r in res.families():
+                diags += run_checks(CheckContext(r.ruleset, r.files, partial=_partial(res, args)),
+                                    restore_only=True)
+            why = _nothing_read(res, args.allow_empty)
+            if why:
+                empty.append(why)
+    finally:
+        if collecting:
+            gc.enable()
     diags = _truncation_first(diags)
     errors = sum(d.count for d in diags if d.severity == Severity.ERROR)
     if not args.no_group:

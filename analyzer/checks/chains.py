@@ -82,6 +82,11 @@ class TableGraph:
     _topo: tuple | None = None
     _via: dict | None = None
     _order: dict | None = None
+    _succ: dict | None = None  # chain -> its callees, once each, in the order of the first jump
+    # on a table without cycles, build() also measures each reachable chain's jump level below
+    # the builtins (CHN010): chain -> level, and chain -> the caller that gives it
+    levels: dict | None = None
+    parents: dict | None = None
 
     @property
     def via(self) -> dict[tuple[str, str], Rule]:
@@ -127,18 +132,14 @@ class TableGraph:
         Kahn's algorithm on plain dicts: a 10,000-service kube-proxy table has 40k chains, and
         usually no cycle at all, so the loop and depth checks can skip networkx entirely."""
         if self._topo is None:
-            succ: dict[str, tuple[str, ...]] = {}
+            succ = self._succ
+            if succ is None:
+                succ = self._succ = {src: tuple(dict.fromkeys([r.target.chain for r in rules]))
+                                     for src, rules in self.callees.items()}
             indeg: dict[str, int] = dict.fromkeys(self.table.chains, 0)
-            for src, rules in self.callees.items():
-                # each callee once, in the order of the first jump to it
-                if len(rules) == 1:
-                    d = rules[0].target.chain
-                    succ[src] = (d,)
+            for ds in succ.values():
+                for d in ds:
                     indeg[d] = indeg.get(d, 0) + 1
-                else:
-                    ds = succ[src] = tuple(dict.fromkeys([r.target.chain for r in rules]))
-                    for d in ds:
-                        indeg[d] = indeg.get(d, 0) + 1
             # the order is its own FIFO queue: a chain is appended when its last caller is
             order = [n for n, k in indeg.items() if k == 0]
             for n in order:
@@ -157,6 +158,7 @@ class TableGraph:
         user = {name for name, c in chains.items() if not c.builtin}
         callees = g.callees
         jumps, others, placed = g.jumps, g.others, g.placed
+        succ = g._succ = {}
         jump, placed_types = Jump, _PLACED_MATCHES
         for c in chains.values():
             mine = None
@@ -166,34 +168,50 @@ class TableGraph:
                     jumps.append(r)
                     if t.chain in user:
                         if mine is None:
-                            mine = callees[c.name] = []
-                        mine.append(r)
+                            mine = callees[c.name] = [r]
+                            ds = [t.chain]
+                        else:
+                            mine.append(r)
+                            ds.append(t.chain)
                 elif t is not None:
                     others.append(r)
                 for m in r.matches:
                     if m.__class__ in placed_types:
                         placed.append(r)
                         break
+            if mine is not None:
+                # each callee once, in the order of the first jump to it
+                succ[c.name] = (ds[0],) if len(ds) == 1 else tuple(dict.fromkeys(ds))
         hooks = g.hooks
         order, cyclic = g.acyclic()
         if not cyclic:
             # no cycle: the hooks reaching a chain flow along a topological order, one pass over
             # the jumps instead of one BFS per hook (kube-proxy's PREROUTING and OUTPUT share
             # KUBE-SERVICES and its 40k chains); chains reached from the same hooks share one
-            # frozenset
+            # frozenset. The longest jump path from a builtin (CHN010) flows along with them.
+            builtins = set()
             for c in chains.values():
                 if c.builtin:
                     hooks[c.name] = frozenset((c.name,))
-            succ = g._topo[2]
+                    builtins.add(c.name)
+            level: dict[str, int] = {}
+            parent: dict[str, str] = {}
             for n in order:
                 hs = hooks.get(n)
                 if hs:
+                    if n in builtins:
+                        level[n] = 0
+                    lv = level[n] + 1
                     for m in succ.get(n, ()):
                         have = hooks.get(m)
                         if have is None:
                             hooks[m] = hs
                         elif not hs <= have:
                             hooks[m] = have | hs
+                        if lv > level.get(m, -1):
+                            level[m] = lv
+                            parent[m] = n
+            g.levels, g.parents = level, parent
             return g
         # a cycle: one BFS per hook (the paths' BFS, which findings on such a table use anyway);
         # jumps to builtins are not callees, so no builtin is reached by another
@@ -792,23 +810,24 @@ def chain_nesting_too_deep(ctx: CheckContext) -> Iterator[Diagnostic]:
 def _nesting_acyclic(ctx, table, g, order):
     """CHN010 on a table without cycles: longest jump path from the builtin chains, in
     topological order, over the jumps of reachable chains (as the networkx path does)."""
-    level: dict[str, int] = {}
-    parent: dict[str, str] = {}
-    chains = table.chains
-    hooks = g.hooks
-    succ = g._topo[2]  # each chain's callees, once each, in the order of the first jump
-    for n in order:
-        c = chains.get(n)
-        if c is not None and c.builtin:
-            level[n] = 0
-        lv = level.get(n)
-        if lv is None or not hooks.get(n):
-            continue
-        lv += 1
-        for m in succ.get(n, ()):
-            if lv > level.get(m, -1):
-                level[m] = lv
-                parent[m] = n
+    level, parent = g.levels, g.parents
+    if level is None:  # a graph built some other way: measure here
+        level, parent = {}, {}
+        chains = table.chains
+        hooks = g.hooks
+        succ = g._topo[2]  # each chain's callees, once each, in the order of the first jump
+        for n in order:
+            c = chains.get(n)
+            if c is not None and c.builtin:
+                level[n] = 0
+            lv = level.get(n)
+            if lv is None or not hooks.get(n):
+                continue
+            lv += 1
+            for m in succ.get(n, ()):
+                if lv > level.get(m, -1):
+                    level[m] = lv
+                    parent[m] = n
     yield from _report_depth(ctx, table, level, parent, _FirstJump(g))
 
 

@@ -97,6 +97,7 @@ def target_invalid_here(ctx: CheckContext) -> Iterator[Diagnostic]:
         if table.name not in TABLES:
             continue  # unknown table (PRS013): its hooks are unknown
         g = table_graph(ctx, table)
+        refused: dict = {}  # (target key, hooks reaching a chain) -> those hooks that refuse it
         for r in _chn007_rules(g):
             key = _target_key(r)
             name = key.split()[0]
@@ -126,7 +127,11 @@ def target_invalid_here(ctx: CheckContext) -> Iterator[Diagnostic]:
             hooks = TARGET_HOOKS.get(key)
             if hooks is None:
                 continue
-            bad = [h for h in _hooks_reaching(g, r.chain) if h not in hooks]
+            # chains reached from the same hooks share one set (TableGraph.build): one answer each
+            reach = g.hooks.get(r.chain, ())
+            bad = refused.get((key, reach))
+            if bad is None:
+                bad = refused[(key, reach)] = [h for h in _hooks_reaching(g, r.chain) if h not in hooks]
             if not bad:
                 continue
             h = bad[0]
@@ -249,8 +254,18 @@ def target_needs_protocol(ctx: CheckContext) -> Iterator[Diagnostic]:
             continue
         for r in table_graph(ctx, table).others:  # a jump needs no protocol
             t = r.target
-            if type(t) is Verdict:
+            tt = type(t)
+            if tt is Verdict:
                 continue  # nor does a verdict
+            if tt is Nat:  # kube-proxy's DNAT to each endpoint: only the port test applies
+                for rg in t.ranges:
+                    if rg.port_lo is not None:
+                        break
+                else:
+                    continue
+                p = _proto(r)
+                if (p.number if p is not None else 0) in PORT_PROTOCOLS.get(family, PORT_PROTOCOLS[4]):
+                    continue
             p = _proto(r)
             num = p.number if p is not None else 0
             if isinstance(t, Tproxy) and (num not in (6, 17) or p.negated):

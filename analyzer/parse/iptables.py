@@ -1976,7 +1976,11 @@ def _compile_shape(key: tuple, plan: tuple, w: list, cs: list, line: str, family
         if st[0] == _P_J:
             name = val[st[1] + 1]
             if st[2] is _CHAIN_SPEC:  # a chain of this table (TARGETS holds SET and FOREIGN)
-                body.append(f"if {name} not in chains or {name} in TARGETS: return NO_PLAN")
+                body += [f"jc = chains.get({name})",
+                         f"if jc is None or {name} in TARGETS: return NO_PLAN",
+                         # the jump names the chain by the declaration's string: the jump graph's
+                         # dict lookups (40k chains) then find their key by identity
+                         f"{name} = jc.name"]
             elif st[2] is not None:  # a known target: one spec per name, never SET or FOREIGN's
                 body.append(f"if TGET({name}, NO_SPEC)[0] is not {const(st[2])}: return NO_PLAN")
             else:
