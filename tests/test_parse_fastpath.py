@@ -110,6 +110,29 @@ def test_compiled_shapes_keep_columns_of_quoted_and_bare_values(monkeypatch):
     assert rules[2][3][1].text == "c d e"
 
 
+def test_compiled_rules_are_numbered_again_after_edits(monkeypatch):
+    # a compiled shape numbers its Rule as appended; -I, -D, -R, -E, -F and a chain declared
+    # again (which empties it) move, drop or rename rules: result() numbers them again, as for
+    # the rules every other way appends
+    rule = '-A {c} -s 10.0.{k}.1/32 -m comment --comment "svc {k}" -j {t}\n'
+    first = "".join(rule.format(c=c, k=k, t="KUBE-MARK-MASQ") for c in ("A", "B", "C", "D", "E")
+                    for k in range(6))
+    text = ("*nat\n:A - [0:0]\n:B - [0:0]\n:C - [0:0]\n:D - [0:0]\n:E - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n"
+            + first
+            + "-I A 2 -s 10.9.9.9/32 -j KUBE-MARK-MASQ\n"
+            + '-D B -s 10.0.3.1/32 -m comment --comment "svc 3" -j KUBE-MARK-MASQ\n-D B 1\n'
+            + "-R C 4 -s 10.8.8.8/32 -j KUBE-MARK-MASQ\n-E D F\n-F E\n"
+            + rule.format(c="A", k=7, t="B") + rule.format(c="F", k=8, t="A") + rule.format(c="E", k=9, t="C")
+            + ":B - [0:0]\n" + rule.format(c="B", k=5, t="A") + "COMMIT\n")
+    hits = _count_compiled(monkeypatch)
+    compiled = _parse(text, "compiled", monkeypatch)
+    assert hits[0] > 20
+    assert compiled == _parse(text, "plain", monkeypatch)
+    rules = compiled[0][0]
+    assert [(c, i) for _, c, i, *_ in rules if c == "A"] == [("A", k) for k in range(1, 9)]
+    assert {c for _, c, *_ in rules} == {"A", "B", "C", "E", "F"}
+
+
 def test_restore_checks_live_in_the_modules_parse_imports():
     from analyzer.checks import RESTORE_MODULES, load_all
 

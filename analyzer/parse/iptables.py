@@ -464,12 +464,16 @@ def getopt_lookup(table, opt: str):
 
 # ---------------------------------------------------------------------------- builder
 class _ChainB:
-    __slots__ = ("name", "builtin", "policy", "span", "rules", "counters")
+    __slots__ = ("name", "builtin", "policy", "span", "rules", "counters", "edited")
 
     def __init__(self, name, builtin, policy, span, counters=None):
         self.name, self.builtin, self.policy, self.span = name, builtin, policy, span
+        # a compiled shape appends a Rule with its index; every other way appends the columns
+        # (matches, target, span, text, counters), or changes the chain, and sets ``edited``:
+        # then result() numbers the rules again
         self.rules: list = []
         self.counters = counters
+        self.edited = False
 
 
 class _TableB:
@@ -974,6 +978,7 @@ class Builder:
                     end = line.find(" ", 3)
                     chain = chains.get(line[3:end]) if end > 3 else None
                     if chain is not None and '"' not in line[3:end]:
+                        chain.edited = True
                         chain.rules.append((_PENDING, (sf, n, line, tname), _new_Span(sf.path, n, 1, len(line) + 1),
                                             line, None))
                         continue
@@ -988,7 +993,7 @@ class Builder:
                                 chain = chains.get(m[1])
                                 if chain is None:
                                     break
-                                decoded = cp.decode(m, chains, path, n, line, ctx)
+                                decoded = cp.decode(m, chain, chains, path, n, line, ctx)
                                 if decoded is not _NO_PLAN:
                                     break
                             k += 1
@@ -1011,14 +1016,15 @@ class Builder:
                             decoded = decode(sf, n, w, cs, es, 2, None, line, tname)
                         if decoded is not None:
                             chain.rules.append(decoded)
+                            chain.edited = True
                             if fast is not None and len(self.diags) == before:
-                                self._learn(fast, key, w, cs, line, n, chains, path, decoded)
+                                self._learn(fast, key, w, cs, line, n, chain, chains, path, decoded)
                         continue
             command(sf, tb, n)
             if self._stop:
                 break
 
-    def _learn(self, fast: dict, key: tuple, w, cs, line: str, n: int, chains, path, decoded):
+    def _learn(self, fast: dict, key: tuple, w, cs, line: str, n: int, chain, chains, path, decoded):
         """After a clean decode of a shape with a plan: compile the plan for lines quoted as this
         one (once), and try the compiled form first for lines with as many ' -' as this one. The
         compiled form must give this line's rule as the decode did, or it is not used."""
@@ -1035,7 +1041,8 @@ class Builder:
                 return
             cp = _compile_shape(key, plan, w, cs, line, self.family, self._foreign_targets)
             m = cp.match(line) if cp is not None else None
-            if m is None or cp.decode(m, chains, path, n, line, self._ctx) != decoded:
+            r = cp.decode(m, chain, chains, path, n, line, self._ctx) if m is not None else _NO_PLAN
+            if r is _NO_PLAN or (r.matches, r.target, r.span, r.text, r.counters) != decoded:
                 self._ctx.host_names.clear()
                 cp = None
             self._compiled[ck] = (plan, cp)
@@ -1158,6 +1165,7 @@ class Builder:
             tb.chains[w[2]] = chain
             del tb.chains[chain_name]
             chain.name = w[2]
+            chain.edited = True
             return
         start, pos = 2, None
         if cmd in ("insert", "replace", "delete") and len(w) > 2 and w[2].isdecimal():
@@ -1166,6 +1174,7 @@ class Builder:
         if cmd == "delete" and pos is not None:
             if 1 <= pos <= len(chain.rules):
                 del chain.rules[pos - 1]
+                chain.edited = True
             else:
                 self.warn(sf, n, cs[2], es[2], "PRS018", f"no rule {pos} in chain {chain_name}",
                           "iptables-legacy-restore refuses to delete a rule that does not exist")
@@ -1173,6 +1182,7 @@ class Builder:
         decoded = self._decode(sf, n, w, cs, es, start, counters, line.strip(), tb.name)
         if decoded is None:
             return
+        chain.edited = True
         if cmd == "append":
             chain.rules.append(decoded)
         elif cmd == "insert":
@@ -1855,17 +1865,25 @@ class Builder:
         for tname, tb in self.tables.items():
             chains = {}
             for cname, cb in tb.chains.items():
-                k = len(cb.rules)
+                rl = cb.rules
+                if not cb.edited:  # every rule from a compiled shape, numbered as appended
+                    chains[cname] = _new_Chain(tname, cname, cb.builtin, cb.policy if cb.builtin else None,
+                                               tuple(rl), cb.span, cb.counters)
+                    continue
+                k = len(rl)
+                if any(x.__class__ is not tuple for x in rl):  # Rules among the columns
+                    rl = [x if x.__class__ is tuple else (x.matches, x.target, x.span, x.text, x.counters)
+                          for x in rl]
                 # columns of (matches, target, span, text, counters) -> one Rule per rule
                 if not self.lazy:
                     rules = tuple(map(_new_Rule, repeat(tname, k), repeat(cname, k), range(1, k + 1),
-                                      *zip(*cb.rules))) if k else ()
+                                      *zip(*rl))) if k else ()
                 else:
                     later = self._decode_later
                     rules = tuple(_new_lazy_Rule(tname, cname, i, span, text, counters, partial(later, *target))
                                   if matches is _PENDING else
                                   _new_Rule(tname, cname, i, matches, target, span, text, counters)
-                                  for i, (matches, target, span, text, counters) in enumerate(cb.rules, 1))
+                                  for i, (matches, target, span, text, counters) in enumerate(rl, 1))
                 chains[cname] = _new_Chain(tname, cname, cb.builtin, cb.policy if cb.builtin else None,
                                            rules, cb.span, cb.counters)
             tables[tname] = Table(tname, freeze_mapping(chains), tb.span)
@@ -1887,7 +1905,8 @@ class Builder:
 # a value word does not start with '-' or '!', words are separated by single blanks, a quoted
 # value stands alone and holds no '"' or '\'), and a function generated from the plan's steps:
 # straight-line code that reads the words and their columns from the match and calls the plan's
-# value handlers. It returns what _replay returns for a clean rule, and _NO_PLAN for anything
+# value handlers. For a clean rule it returns the Rule, appended next to its chain's rules (what
+# _replay returns, with the table, chain and index), and _NO_PLAN for anything
 # else (a value a handler refuses, a host name, a jump target of another kind), after which the
 # line takes _replay's way, which reports it. A line no compiled shape matches takes that way too.
 _UNQUOTED = r'([^-! "\\\t][^ "\\\t]*)'
@@ -1960,7 +1979,9 @@ def _compile_shape(key: tuple, plan: tuple, w: list, cs: list, line: str, family
           "NETWORK": _fast_network, "ADDR": _new_AddrMatch, "PROTO": _new_ProtoMatch,
           "IFACE": _new_IfaceMatch, "FRAG": _new_FragmentMatch, "COMMENT": O.new_CommentMatch,
           "PORT": O.new_PortMatch, "PORT_RANGE": O.port_range, "OPAQUE": _new_OpaqueMatch,
-          "MERGE_STAT": O.merge_statistic, "TARGETS": O.TARGETS, "JUMP": _new_Jump,
+          "MERGE_STAT": O.merge_statistic, "TARGETS": O.TARGETS, "JUMP": _new_Jump, "RULE": _new_Rule,
+          "T_NAT": O._t_nat, "NEW_NAT": O.new_Nat, "NAT_RANGE": O.nat_range,
+          "PROBABILITY": O._PROBABILITIES.get, "STAT": O.new_StatisticMatch,
           "NET_CLASS": ipaddress.IPv4Network if family == 4 else ipaddress.IPv6Network}
     body: list[str] = []
     consts: list = []
@@ -1992,6 +2013,7 @@ def _compile_shape(key: tuple, plan: tuple, w: list, cs: list, line: str, family
     stat: list[str] = []
     tgt = None
     opts: list[str] = []
+    opt_parts: list[tuple] = []  # (option, values, word index) of each target option
     counters = "None"
     nm = 0
 
@@ -2002,6 +2024,24 @@ def _compile_shape(key: tuple, plan: tuple, w: list, cs: list, line: str, family
         if check_none:
             body.append(f"if m{nm} is None: return NO_PLAN")
         return f"m{nm}"
+
+    def merge_stat(parts):
+        """One StatisticMatch of the statistic options ``parts``: kube-proxy's '--mode random
+        --probability P' with a probability merge_statistic knows is built straight (as
+        merge_statistic builds it), anything else through merge_statistic."""
+        def opaque(p):
+            c0, e0, neg, use_mod, t, args = p
+            return new_match(f"OPAQUE({c0}, {e0}, {neg}, {use_mod!r}, {t!r}, ({''.join(x + ', ' for x in args)}))")
+        if all(isinstance(p, tuple) for p in parts) and [p[4] for p in parts] == ["--mode", "--probability"]:
+            (c0, _, neg0, _, _, (mode,)), (_, e1, neg1, _, _, (prob,)) = parts
+            body.append(f"p = PROBABILITY({prob}) if {mode} == 'random' else None")
+            body.append("if p is None:")
+            at = len(body)
+            merged = new_match(f"MERGE_STAT([{opaque(parts[0])}, {opaque(parts[1])}], ctx)")
+            body[at:] = ["    " + x for x in body[at:]]
+            body.extend(["else:", f"    {merged} = STAT({c0}, {e1}, {neg0 or neg1}, 'random', p)"])
+            return merged
+        return new_match(f"MERGE_STAT([{', '.join(p if isinstance(p, str) else opaque(p) for p in parts)}], ctx)")
 
     for st in plan:
         op = st[0]
@@ -2016,6 +2056,9 @@ def _compile_shape(key: tuple, plan: tuple, w: list, cs: list, line: str, family
                 expr = (f"PORT({c0}, {e0}, {neg}, {use_mod!r}, {m0.direction!r}, "
                         f"(PORT_RANGE({args[0]}, ctx, {use_mod == 'tcp' or use_mod == 'sctp'}),))")
             elif handler is O._h_statistic:
+                if is_stat:  # built at the merge (see merge_stat below)
+                    stat.append((c0, e0, neg, use_mod, t, args))
+                    continue
                 expr = f"OPAQUE({c0}, {e0}, {neg}, {use_mod!r}, {t!r}, ({''.join(x + ', ' for x in args)}))"
             else:
                 expr = f"{const(handler)}({use_mod!r}, {t!r}, [{', '.join(args)}], {neg}, {c0}, {e0}, ctx)"
@@ -2051,23 +2094,36 @@ def _compile_shape(key: tuple, plan: tuple, w: list, cs: list, line: str, family
         elif op == _P_TOPT:
             _, t, a, j, i = st
             opts.append(f"({t!r}, [{', '.join(val[x] for x in range(a, j))}], {i})")
+            opt_parts.append((t, tuple(val[x] for x in range(a, j)), i))
         elif op == _P_J:
             i = st[1]
             tgt = (val[i + 1], col[i], end[i + 1], st[2], st[3])
             opts = []
+            opt_parts = []
         elif op == 5:
             if stat:
-                matches.append(new_match(f"MERGE_STAT([{', '.join(stat)}], ctx)"))
+                matches.append(merge_stat(stat))
                 stat = []
         else:  # _P_FRAG
             matches.append(new_match(f"FRAG({col[st[1]]}, {end[st[2]]}, {st[3]})"))
     if stat:
-        matches.append(new_match(f"MERGE_STAT([{', '.join(stat)}], ctx)"))
+        matches.append(merge_stat(stat))
     if tgt is None:
         body.append("target = None")
     else:
         name, tc, te, tspec, goto = tgt
-        if opts:  # a target with options: built by its maker (as _plain_target leaves it)
+        if not goto and len(opt_parts) == 1 and opt_parts[0][0] != "--random" \
+                and opt_parts[0][0][:4] == "--to" and len(opt_parts[0][1]) == 1 \
+                and tspec is not None and tspec is not _CHAIN_SPEC:
+            # DNAT/SNAT --to ADDR[:PORT]: what _t_nat builds for its usual form, without the
+            # option list; another maker for this name takes the general way
+            (t, (a0,), i), = opt_parts
+            body += [f"if TGET({name}, NO_SPEC)[1] is T_NAT:",
+                     f"    ctx.index = {i + 1}",
+                     f"    target = NEW_NAT({tc}, len(line) + 1, {name}, (NAT_RANGE({a0}, ctx),), False, False, False)",
+                     "else:",
+                     f"    target = MAKE_TARGET({name}, [{', '.join(opts)}], ctx, {tc}, len(line) + 1, {goto})"]
+        elif opts:  # a target with options: built by its maker (as _plain_target leaves it)
             body.append(f"target = MAKE_TARGET({name}, [{', '.join(opts)}], ctx, {tc}, len(line) + 1, {goto})")
         elif goto or tspec is None or tspec is _CHAIN_SPEC:
             body.append(f"target = JUMP({tc}, {te}, {name}, {goto})")
@@ -2077,12 +2133,12 @@ def _compile_shape(key: tuple, plan: tuple, w: list, cs: list, line: str, family
                      f"    target = MAKE_TARGET({name}, [], ctx, {tc}, {te}, {goto})"]
     if generic:
         body.append("if ctx.host_names: return NO_PLAN")
-    body += [
-             f"return ({''.join(x + ', ' for x in matches)}), target, SPAN(path, n, 1, len(line) + 1), "
-             f"line, {counters}"]
+    body += [f"return RULE({key[0]!r}, chain.name, len(chain.rules) + 1, "
+             f"({''.join(x + ', ' for x in matches)}), target, SPAN(path, n, 1, len(line) + 1), "
+             f"line, {counters})"]
     vs = ", ".join(f"v{g}" for g in range(1, groups + 1))
     spans = ", ".join(f"(s{g}, e{g})" for g in range(1, groups + 1))
-    src = (f"def decode(m, chains, path, n, line, ctx):\n"
+    src = (f"def decode(m, chain, chains, path, n, line, ctx):\n"
            f"    {vs}, = m.groups()\n"
            f"    _, {spans}, = m.regs\n"
            "    try:\n" + "".join(f"        {x}\n" for x in body) +
@@ -2096,7 +2152,7 @@ def _compile_shape(key: tuple, plan: tuple, w: list, cs: list, line: str, family
 def _rule_key(r):
     """What `-D CHAIN RULESPEC` compares: every field of every match and of the target but the
     columns (``__slots__`` of a slotted subclass would miss the base's ``negated``)."""
-    m, t, _, _, _ = r
+    m, t = (r[0], r[1]) if r.__class__ is tuple else (r.matches, r.target)
 
     def strip(o):
         if o is None:
