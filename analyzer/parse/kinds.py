@@ -52,13 +52,32 @@ def _binary(head: str) -> bool:
     return odd * 20 > len(head)
 
 
+def _save_lines_only(head: str) -> bool:
+    """Every line of ``head`` is blank or an iptables-save line ('#', '*TABLE', ':CHAIN', '-A ...',
+    COMMIT): no pattern of parse.cilium.detect_cilium can match such lines (its headers, rows and
+    map entries start with a letter or a digit, its txtar markers with '-- '), so a dump need not
+    import the Cilium parser to be told apart.
+
+    >>> _save_lines_only("*nat\\n:X - [0:0]\\n-A X -j ACCEPT\\nCOMMIT\\n"), _save_lines_only("-- a --\\n")
+    (True, False)
+    """
+    for raw in head.splitlines():
+        s = raw.strip()
+        if s and not (s[0] in "#*:" or (s[:3] == "-A " and s[-2:] != "=>") or s == "COMMIT"):
+            return False
+    return True
+
+
 def _cilium(head: str) -> InputKind | None:
     """Any dump analyzer/parse/cilium.py reads (service list, bpf lb list, statedb tables, status,
     JSON, txtar): ``synack parse``/``lint`` read it on its own; explain does not walk it yet."""
-    from analyzer.parse.cilium import detect_cilium
-
-    if detect_cilium(head) is None and not (_CILIUM_SERVICE_HEADER.search(head)
-                                            or _CILIUM_SERVICE_ROW.search(head) or _BPF_LB_HEADER.search(head)):
+    if _save_lines_only(head):
+        found = False
+    else:
+        from analyzer.parse.cilium import detect_cilium
+        found = detect_cilium(head) is not None
+    if not found and not (_CILIUM_SERVICE_HEADER.search(head)
+                          or _CILIUM_SERVICE_ROW.search(head) or _BPF_LB_HEADER.search(head)):
         return None
     if _BPF_LB_HEADER.search(head):
         name, what = "cilium-bpf-lb-list", "a Cilium BPF load-balancer map (`cilium bpf lb list`)"
