@@ -235,7 +235,8 @@ class ParseResult:
         return tuple(sorted(out, key=Diagnostic.sort_key))
 
     def rule_count(self) -> int:
-        return sum(1 for r in self.families() for _ in r.ruleset.rules())
+        return sum(len(c.rules) for r in self.families() for t in r.ruleset.tables.values()
+                   for c in t.chains.values())
 
     def table_count(self) -> int:
         return sum(len(r.ruleset.tables) for r in self.families())
@@ -2025,6 +2026,17 @@ def _compile_shape(key: tuple, plan: tuple, w: list, cs: list, line: str, family
             body.append(f"if m{nm} is None: return NO_PLAN")
         return f"m{nm}"
 
+    def shared(c0, e0, extra, expr):
+        """A match whose value repeats from rule to rule (-p tcp, --dport 80, a statistic):
+        one frozen object per columns and value, kept in this shape's own dict; ``expr``
+        builds it from the columns ``ca``, ``ce``."""
+        nonlocal nm
+        nm += 1
+        cache, key = const({}), f"(ca, ce{', ' + extra if extra else ''})"
+        body.extend([f"ca = {c0}", f"ce = {e0}", f"m{nm} = {cache}.get({key})", f"if m{nm} is None:",
+                     f"    m{nm} = {cache}[{key}] = {expr}"])
+        return f"m{nm}"
+
     def merge_stat(parts):
         """One StatisticMatch of the statistic options ``parts``: kube-proxy's '--mode random
         --probability P' with a probability merge_statistic knows is built straight (as
@@ -2039,7 +2051,9 @@ def _compile_shape(key: tuple, plan: tuple, w: list, cs: list, line: str, family
             at = len(body)
             merged = new_match(f"MERGE_STAT([{opaque(parts[0])}, {opaque(parts[1])}], ctx)")
             body[at:] = ["    " + x for x in body[at:]]
-            body.extend(["else:", f"    {merged} = STAT({c0}, {e1}, {neg0 or neg1}, 'random', p)"])
+            cache = const({})
+            body.extend(["else:", f"    {merged} = {cache}.get(({c0}, {e1}, p))", f"    if {merged} is None:",
+                         f"        {merged} = {cache}[({c0}, {e1}, p)] = STAT({c0}, {e1}, {neg0 or neg1}, 'random', p)"])
             return merged
         return new_match(f"MERGE_STAT([{', '.join(p if isinstance(p, str) else opaque(p) for p in parts)}], ctx)")
 
@@ -2053,8 +2067,10 @@ def _compile_shape(key: tuple, plan: tuple, w: list, cs: list, line: str, family
                 expr = f"COMMENT({c0}, {e0}, {neg}, {args[0]})"
             elif handler is O._h_ports and use_mod != "multiport":
                 m0 = O._h_ports(use_mod, t, ["0"], neg, 0, 0, O.Ctx(family))
-                expr = (f"PORT({c0}, {e0}, {neg}, {use_mod!r}, {m0.direction!r}, "
-                        f"(PORT_RANGE({args[0]}, ctx, {use_mod == 'tcp' or use_mod == 'sctp'}),))")
+                (stat if is_stat else matches).append(shared(
+                    c0, e0, args[0], f"PORT(ca, ce, {neg}, {use_mod!r}, {m0.direction!r}, "
+                    f"(PORT_RANGE({args[0]}, ctx, {use_mod == 'tcp' or use_mod == 'sctp'}),))"))
+                continue
             elif handler is O._h_statistic:
                 if is_stat:  # built at the merge (see merge_stat below)
                     stat.append((c0, e0, neg, use_mod, t, args))
@@ -2083,7 +2099,7 @@ def _compile_shape(key: tuple, plan: tuple, w: list, cs: list, line: str, family
                     num = _numeric_protocol(p)
                     if num is None:
                         return None
-                matches.append(new_match(f"PROTO({c0}, {e0}, {neg}, {num}, {O.PROTO_NAMES.get(num, p)!r})"))
+                matches.append(shared(c0, e0, "", f"PROTO(ca, ce, {neg}, {num}, {O.PROTO_NAMES.get(num, p)!r})"))
             elif g == "counters":
                 body.append(f"counters = (int({val[j - 2]}), int({a0})) if {val[j - 2]}.isdigit() and "
                             f"{a0}.isdigit() else None")
