@@ -7,7 +7,10 @@ both see the same machine load (wall clock from spawn to reap, and CPU time,
 user + sys of the child, which a loaded machine inflates far less):
 
   (a) ``python -m analyzer parse DUMP --quiet`` (cwd = repository root),
-      and its peak RSS (``ru_maxrss`` of the child, via ``os.wait4``);
+      and its peak RSS (``ru_maxrss`` of the child, via ``os.wait4``), with synack's bytecode
+      compiled once before the timed runs into a throwaway cache (``PYTHONPYCACHEPREFIX``), as an
+      installed synack has it; ``--source-compile`` times it compiling its sources at every run
+      instead (what ``PYTHONDONTWRITEBYTECODE=1`` without a cache makes it do: ~0.1 s);
   (b) ``iptables-restore --test < DUMP`` inside a throwaway network namespace
       ``synack-bench-<pid>`` (``unshare -Urn`` if that is not possible).
 
@@ -21,9 +24,13 @@ is reported too), synack peak RSS <= 400 MB.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import shlex
+import shutil
+import subprocess
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
@@ -45,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--synack-cmd", metavar="CMD",
                     help="override the synack command line (shell-split; {dump} is "
                          "replaced by the dump path), e.g. 'synack parse {dump} --quiet'")
+    ap.add_argument("--source-compile", action="store_true",
+                    help="let synack compile its Python sources at every run (no bytecode cache) "
+                         "instead of compiling them once before the timed runs")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     ap.add_argument("--strict", action="store_true", help="exit 2 if a target is missed")
     a = ap.parse_args(argv)
@@ -64,6 +74,17 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [w.replace("{dump}", str(dump)) for w in shlex.split(a.synack_cmd)]
     else:
         cmd = C.synack_cmd("parse", str(dump), "--quiet")
+    syn_env: dict[str, str] = {}
+    pycache = None
+    if not a.source_compile:
+        # an installed synack runs from bytecode pip compiled; a checkout under
+        # PYTHONDONTWRITEBYTECODE=1 would compile every module at every run
+        pycache = tempfile.mkdtemp(prefix="synack-bench-pycache-")
+        atexit.register(shutil.rmtree, pycache, ignore_errors=True)
+        syn_env = {"PYTHONPYCACHEPREFIX": pycache, "PYTHONDONTWRITEBYTECODE": ""}
+        subprocess.run([sys.executable, "-m", "compileall", "-q", "analyzer"], cwd=C.REPO_ROOT,
+                       env={**os.environ, **syn_env}, check=False, stdout=subprocess.DEVNULL)
+    bytecode = "compiled at every run" if a.source_compile else "compiled once before the runs"
     # (b) iptables-restore --test in a throwaway netns, alternating with (a)
     backends = ["default", "nft", "legacy"] if a.backend == "all" else [a.backend]
     syn_runs: list[C.RunResult] = []
@@ -80,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"timing: {' '.join(cmd[1:])} and "
             + ", ".join(f"{' '.join(c)} < dump" for c in rcmds.values()) + f", x{a.repeat} alternating")
         for _ in range(max(1, a.repeat)):
-            r = C.run_timed(cmd, cwd=C.REPO_ROOT)
+            r = C.run_timed(cmd, cwd=C.REPO_ROOT, env=syn_env)
             syn_runs.append(r)
             if not r.ok:
                 print(f"bench_parse: synack failed (exit {r.returncode}): {' '.join(cmd)}",
@@ -114,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         "synack": {"cmd": cmd, "seconds": syn.seconds, "cpu_seconds": syn.cpu_seconds,
                    "runs": [r.seconds for r in syn_runs],
                    "cpu_runs": [r.cpu_seconds for r in syn_runs],
-                   "peak_rss_mb": syn.maxrss_mb},
+                   "peak_rss_mb": syn.maxrss_mb, "bytecode": bytecode},
         "iptables_restore": {
             be: {"cmd": r.cmd, "seconds": r.seconds, "cpu_seconds": r.cpu_seconds,
                  "runs": [x.seconds for x in ipt_runs[be]],
@@ -129,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     rows = [("lines", f"{lines}", "", ""),
-            ("synack parse --quiet: CPU / wall", f"{syn.cpu_seconds:.3f} s / {syn.seconds:.3f} s", "", "")]
+            (f"synack parse --quiet (bytecode {bytecode}): CPU / wall",
+             f"{syn.cpu_seconds:.3f} s / {syn.seconds:.3f} s", "", "")]
     for be, r in ipt.items():
         rows.append((f"iptables-restore --test ({be}): CPU / wall",
                      f"{r.cpu_seconds:.3f} s / {r.seconds:.3f} s", "", ""))
