@@ -1,7 +1,8 @@
 """Parse layer: iptables-save / iptables-restore / ``iptables -S`` text -> frozen Ruleset.
 
 Pipeline: line lexer (classifies physical lines, groups runs of declarations and commands) ->
-Lark LALR over grammar/iptables.lark (the structure: tables, sections, COMMIT, with recovery) ->
+Lark LALR over grammar/iptables.lark (the structure: tables, sections, COMMIT, with recovery;
+a token stream the grammar accepts as it is, the usual dump, is taken without importing Lark) ->
 builder (applies declarations and commands in order, as iptables-restore would) ->
 option decoder (analyzer/parse/options.py) for each rule line.
 """
@@ -12,13 +13,12 @@ import dataclasses
 import gc
 import ipaddress
 import re
+import socket
+from collections import namedtuple
 from dataclasses import dataclass, field, replace
 from functools import lru_cache, partial
 from itertools import repeat
 
-from lark import Lark, Token
-from lark.exceptions import UnexpectedInput
-from lark.lexer import Lexer
 
 from analyzer.diagnostics import Diagnostic, Severity
 from analyzer.grammar_loader import grammar_text
@@ -269,20 +269,52 @@ class StrictError(Exception):
 
 
 # ---------------------------------------------------------------------------- line lexer
-class _LineLexer(Lexer):
-    """Feeds Lark one token per table header, per run of declarations, per run of commands."""
+# one token per table header, per run of declarations, per run of commands (Lark's Token has the
+# same fields; the stream becomes Lark tokens only when the grammar's error recovery is needed)
+Tok = namedtuple("Tok", "type value line")
 
-    def __init__(self, lexer_conf):
-        pass
 
-    def lex(self, data):
-        # data is an iterator over the pre-classified tokens: when Lark resumes after an
-        # error it calls lex() again, and must continue where it stopped
-        return data
+def _accepted(toks: list) -> list | None:
+    """[(TABLE_HEADER, [section tokens])] of a token stream that ``start: table* END`` with
+    ``table: TABLE_HEADER section* COMMIT`` accepts as it is; None when it does not (then Lark
+    parses it, with the recovery that reports what is wrong).
+
+    >>> _accepted([Tok("TABLE_HEADER", ("nat", 1, False), 1), Tok("DECLS", [2], 2), Tok("COMMIT", "COMMIT", 3),
+    ...            Tok("END", "", 3)])[0][1][0].type
+    'DECLS'
+    >>> _accepted([Tok("DECLS", [1], 1), Tok("END", "", 1)]) is None
+    True
+    """
+    tables, i, last = [], 0, len(toks) - 1
+    while i < last and toks[i].type == "TABLE_HEADER":
+        header, sections = toks[i], []
+        i += 1
+        while i < last and toks[i].type in ("DECLS", "COMMANDS"):
+            sections.append(toks[i])
+            i += 1
+        if toks[i].type != "COMMIT":
+            return None
+        i += 1
+        tables.append((header, sections))
+    return tables if i == last and toks[i].type == "END" else None
 
 
 @lru_cache(maxsize=1)
-def _parser() -> Lark:
+def _parser():
+    from lark import Lark
+    from lark.lexer import Lexer
+
+    class _LineLexer(Lexer):
+        """Feeds Lark the line lexer's tokens."""
+
+        def __init__(self, lexer_conf):
+            pass
+
+        def lex(self, data):
+            # data is an iterator over the pre-classified tokens: when Lark resumes after an
+            # error it calls lex() again, and must continue where it stopped
+            return data
+
     return Lark(grammar_text("iptables.lark"), parser="lalr", lexer=_LineLexer, start="start")
 
 
@@ -577,6 +609,7 @@ class Builder:
         synthetic_open = [False]  # a table opened by error recovery needs no second diagnostic
 
         def on_error(e):
+            from lark import Token
             ip = e.interactive_parser
             tok = e.token
             if tok.type in ("TABLE_HEADER", "END") and "COMMIT" in e.expected:
@@ -620,21 +653,25 @@ class Builder:
             return False
 
         try:
-            tree = _parser().parse(iter(toks), on_error=on_error)
-            self._apply(sf, tree)
+            tables = _accepted(toks)
+            if tables is None:  # something to recover from: Lark's error handling reports it
+                from lark import Token
+                tree = _parser().parse(iter([Token(t.type, t.value, line=t.line) for t in toks]),
+                                       on_error=on_error)
+                tables = [(tnode.children[0], [sec.children[0] for sec in tnode.children[1:-1]])
+                          for tnode in tree.children[:-1]]
+            self._apply(sf, tables)
         finally:
             self._count_repeats()
 
-    def _apply(self, sf: SourceFile, tree):
-        for tnode in tree.children[:-1]:
+    def _apply(self, sf: SourceFile, tables):
+        for header, sections in tables:
             if self._stop:
                 break
-            header, *sections, commit = tnode.children
             self._open_table(sf, header)
             tb = self.tables[header.value[0]]
-            for sec in sections:
-                tok = sec.children[0]
-                if sec.data == "decls":
+            for tok in sections:
+                if tok.type == "DECLS":
                     self._decls(sf, tb, tok.value)
                 else:
                     self._commands(sf, tb, tok.value)
@@ -657,7 +694,7 @@ class Builder:
                   "convert the file to LF line endings (dos2unix) before loading it")
 
     def _lex(self, sf: SourceFile, fmt: str, table: str | None):
-        out: list[Token] = []
+        out: list[Tok] = []
         run_kind, run = None, None
         if fmt in ("L", "unknown"):
             n = next((k for k, l in enumerate(sf.lines, 1) if l.strip()), 1)
@@ -665,12 +702,12 @@ class Builder:
                       "this looks like `iptables -L` output, which loses rule details" if fmt == "L"
                       else "not an iptables dump: no '*table', rule or iptables command lines",
                       "give synack `iptables-save` (or `iptables -S`) output")
-            out.append(Token("END", "", line=n))
+            out.append(Tok("END", "", line=n))
             return out
         if fmt == "cmd":
             return self._lex_commands(sf, out)
         if fmt == "S":
-            out.append(Token("TABLE_HEADER", (table or infer_table("\n".join(sf.lines)), 1, True), line=1))
+            out.append(Tok("TABLE_HEADER", (table or infer_table("\n".join(sf.lines)), 1, True), line=1))
         blank: list[int] = []    # whitespace-only lines: restore says "no command specified"
         indented: list[int] = []  # '#', '*', ':' or COMMIT not in column 1: restore refuses them
         first_cmd = 0
@@ -703,7 +740,7 @@ class Builder:
                     self.diag(sf, n, col, len(raw.rstrip()) + 1, "PRS013", f"unknown table '{name}'",
                               O._suggest(name, BUILTIN_CHAINS, "table") or
                               "tables are filter, nat, mangle, raw and security")
-                out.append(Token("TABLE_HEADER", (name, n, False), line=n))
+                out.append(Tok("TABLE_HEADER", (name, n, False), line=n))
                 run_kind = None
                 continue
             elif s.startswith("COMMIT") and (len(s) == 6 or s[6] in " \t#"):
@@ -715,7 +752,7 @@ class Builder:
                               f"'{extra}' after COMMIT" if extra else "blanks after COMMIT",
                               "iptables-restore accepts the line only when it is exactly 'COMMIT'; "
                               + ("comments go on a line of their own" if extra else "remove the trailing blanks"))
-                out.append(Token("COMMIT", "COMMIT", line=n))
+                out.append(Tok("COMMIT", "COMMIT", line=n))
                 run_kind = None
                 continue
             else:
@@ -735,7 +772,7 @@ class Builder:
             else:
                 run = [n]
                 run_kind = kind
-                out.append(Token(kind, run, line=n))
+                out.append(Tok(kind, run, line=n))
         if blank:
             self._layout(sf, blank, "line of blanks", "iptables-restore skips only empty lines "
                          "(\"no command specified\")", "delete the blanks (or the line)")
@@ -755,8 +792,8 @@ class Builder:
                       "pass --table to name the table, or give synack `iptables-save` output",
                       Severity.INFO)
         if fmt == "S":
-            out.append(Token("COMMIT", "COMMIT", line=len(sf.lines)))
-        out.append(Token("END", "", line=len(sf.lines)))
+            out.append(Tok("COMMIT", "COMMIT", line=len(sf.lines)))
+        out.append(Tok("END", "", line=len(sf.lines)))
         return out
 
     def _layout(self, sf: SourceFile, lines: list[int], what: str, why: str, hint: str):
@@ -828,18 +865,18 @@ class Builder:
             self._cmd_offset[(sf.path, n)] = cols[k] - 1
             if tname != current:
                 if current is not None:
-                    out.append(Token("COMMIT", "COMMIT", line=n))
-                out.append(Token("TABLE_HEADER", (tname, n, True), line=n))
+                    out.append(Tok("COMMIT", "COMMIT", line=n))
+                out.append(Tok("TABLE_HEADER", (tname, n, True), line=n))
                 current = tname
                 run = None
             if run is None:
                 run = [n]
-                out.append(Token("COMMANDS", run, line=n))
+                out.append(Tok("COMMANDS", run, line=n))
             else:
                 run.append(n)
         if current is not None:
-            out.append(Token("COMMIT", "COMMIT", line=len(sf.lines)))
-        out.append(Token("END", "", line=len(sf.lines)))
+            out.append(Tok("COMMIT", "COMMIT", line=len(sf.lines)))
+        out.append(Tok("END", "", line=len(sf.lines)))
         return out
 
     def _open_table(self, sf, header):
@@ -1923,8 +1960,15 @@ class _Compiled:
         self.match, self.decode, self.key = match, decode, key
 
 
-def _fast_network(a, ctx, family):
+def _fast_network(a, ctx, family, v4=O._V4_MATCH, aton=socket.inet_aton, v4_network=O._v4_network):
     """One address of -s/-d in a compiled shape: None when _replay's slow way must decide."""
+    m = v4(a) if family == 4 else None
+    if m is not None:  # a dotted quad: what options.network builds for it, without its layers
+        p = m.group(2)
+        net = v4_network(int.from_bytes(aton(m.group(1)), "big"), int(p) if p else 32)
+        if len(_NETWORKS) < 65536:
+            _NETWORKS[a] = net
+        return net
     if "," in a:
         return None
     net = O.network(a, ctx)  # DecodeError: _replay reports it
