@@ -334,10 +334,9 @@ def _read_inputs(args) -> list[tuple[str, str]] | None:
 
 
 def _ipset_names(args) -> frozenset | None:
-    from analyzer.parse.ipset import load_ipsets
-
     names = set()
     for path in getattr(args, "ipset", None) or ():
+        from analyzer.parse.ipset import load_ipsets
         try:
             with open(path, encoding="utf-8", errors="surrogateescape") as f:
                 sets, _ = load_ipsets(f.read(), path)

@@ -99,8 +99,12 @@ def target_invalid_here(ctx: CheckContext) -> Iterator[Diagnostic]:
         g = table_graph(ctx, table)
         refused: dict = {}  # (target key, hooks reaching a chain) -> those hooks that refuse it
         for r in _chn007_rules(g):
-            key = _target_key(r)
-            name = key.split()[0]
+            t = r.target
+            if t.__class__ is Nat:  # kube-proxy's DNAT per endpoint: its key is its kind
+                key = name = t.kind
+            else:
+                key = _target_key(r)
+                name = key.split()[0]
             if name == "DROP" and isinstance(r.target, Verdict) and table.name == "nat":
                 yield ctx.diag(
                     "CHN007",
@@ -236,7 +240,10 @@ PORT_PROTOCOLS = {4: frozenset({6, 17, 132, 33, 1}), 6: frozenset({6, 17, 132, 3
 
 
 def _proto(rule: Rule) -> ProtoMatch | None:
-    return next((m for m in rule.matches if isinstance(m, ProtoMatch)), None)
+    for m in rule.matches:  # a loop, not a generator: CHN011 asks this of every DNAT rule
+        if isinstance(m, ProtoMatch):
+            return m
+    return None
 
 
 @check(code="CHN011", name="target-needs-protocol", severity=ERROR, restore=True)

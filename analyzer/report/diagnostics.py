@@ -1,8 +1,6 @@
 """Report layer: diagnostics as text (ruff-like), JSON (with schema_version) and SARIF 2.1.0."""
 from __future__ import annotations
 
-import json
-
 from analyzer import __version__
 from analyzer.diagnostics import Diagnostic, Severity, render_text
 from analyzer.report import SCHEMA_VERSION
@@ -39,6 +37,8 @@ def render_json(diags, extra: dict | None = None) -> str:
            "diagnostics": [to_dict(d) for d in diags]}
     if extra:
         doc.update(extra)
+    import json  # not imported for text output (synack parse of a dump)
+
     return json.dumps(doc, indent=2)
 
 
@@ -101,4 +101,6 @@ def render_sarif(diags, codes: dict) -> str:
             "properties": {"schema_version": SCHEMA_VERSION},
         }],
     }
+    import json  # not imported for text output (synack parse of a dump)
+
     return json.dumps(doc, indent=2)
