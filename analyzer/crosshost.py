@@ -389,7 +389,7 @@ def _advance(world: World, j: JourneyBuilder, tr: Tracker, ns: str, pkt: Packet,
     when the journey ends here (``j.end`` set)."""
     if not b.reply and not isinstance(b.ct, _cilium_ct_type()):
         tr.add(ns, b.ct)
-    entry = getattr(b, "cilium_entry", None)
+    entry = getattr(b, "cilium_entry", None) if world.cilium_cover else None  # set by _cilium_stage only
     if entry is not None:
         cover = world.cilium_cover.get(ns)
         tr.add((cover[0] if cover else ns) + "#cilium", entry)
@@ -439,7 +439,7 @@ def _advance(world: World, j: JourneyBuilder, tr: Tracker, ns: str, pkt: Packet,
                                     f"(bridge-nf-call-iptables=0 in {crossed.bridge_ns})"),), nd_approx)
     else:
         hop(nd_steps, nd_approx)
-    seg = world.env.segment_of(nns, niface)
+    seg = world.segment_of(nns, niface)
     from_port = None
     if seg is not None and seg.bridge_ns == nns and seg.bridge_iface == niface:
         from_port = (ns, b.pkt.oif)  # the bridge port the frame enters by

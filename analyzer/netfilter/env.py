@@ -202,7 +202,10 @@ class Namespace:
                 yield iface, a
 
     def is_local(self, addr) -> bool:
-        if addr.is_loopback:
+        if type(addr) is ipaddress.IPv4Address:  # 127.0.0.0/8 by its integer (is_loopback: a network test)
+            if addr._ip >> 24 == 127:
+                return True
+        elif addr.is_loopback:
             return True
         if self._local is None:
             self._local = frozenset(a.ip for _, a in self.local_addresses())

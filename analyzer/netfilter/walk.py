@@ -507,7 +507,7 @@ class Walker:
                     pushed = True
                     if not frames:  # RETURN in a builtin chain: the policy decides
                         pol = chain.policy or "ACCEPT"
-                        br.steps.append(Step(Kind.POLICY, None, br.pkt, br.pkt, table, hook, value=pol))
+                        br.steps.append(_step(Step, (Kind.POLICY, None, br.pkt, br.pkt, table, hook, None, pol, None, None)))
                         out.append(self._end(br, pol))
                         return out
                     break
@@ -518,10 +518,10 @@ class Walker:
             frames.pop()
             if not frames:  # off the end of the hook's chain (or of a chain it went to by goto)
                 pol = self.rs.chain(table, hook).policy or "ACCEPT"
-                br.steps.append(Step(Kind.POLICY, None, br.pkt, br.pkt, table, hook, value=pol))
+                br.steps.append(_step(Step, (Kind.POLICY, None, br.pkt, br.pkt, table, hook, None, pol, None, None)))
                 out.append(self._end(br, pol))
                 return out
-            br.steps.append(Step(Kind.RETURN, None, br.pkt, br.pkt, table, chain_name))
+            br.steps.append(_step(Step, (Kind.RETURN, None, br.pkt, br.pkt, table, chain_name, None, None, None, None)))
         return out
 
     def _end(self, br: Branch, action: str) -> Branch:
@@ -775,25 +775,25 @@ class Walker:
     # -------------------------------------------------------------- targets
     def _step(self, br, rule: Rule, kind: Kind, before=None, value=None, fact=None, note: str | None = None):
         p = br.pkt
-        br.steps.append(Step(kind, rule, before or p, p, None, None, fact, value, None, note))
+        br.steps.append(_step(Step, (kind, rule, before or p, p, None, None, fact, value, None, note)))
 
     def _apply_target(self, rule: Rule, br: Branch, table: str, hook: str) -> str:
         t = rule.target
         steps = br.steps
         if t is None:
             p = br.pkt
-            steps.append(Step(Kind.CONTINUE, rule, p, p))
+            steps.append(_step(Step, (Kind.CONTINUE, rule, p, p, None, None, None, None, None, None)))
             return "continue"
         if isinstance(t, Jump):
             p = br.pkt
-            steps.append(Step(Kind.GOTO if t.goto else Kind.JUMP, rule, p, p))
+            steps.append(_step(Step, (Kind.GOTO if t.goto else Kind.JUMP, rule, p, p, None, None, None, None, None, None)))
             if self.rs.chain(table, t.chain) is None:
                 br.approx.append(f"{rule.label}: jump to undefined chain {t.chain}")
                 return "continue"
             return "goto" if t.goto else "jump"
         if isinstance(t, Verdict):
             p = br.pkt
-            steps.append(Step(_VERDICT_KIND.get(t.verdict, Kind.OTHER), rule, p, p))
+            steps.append(_step(Step, (_VERDICT_KIND.get(t.verdict, Kind.OTHER), rule, p, p, None, None, None, None, None, None)))
             return "return" if t.verdict == "RETURN" else t.verdict
         if isinstance(t, Reject):
             self._step(br, rule, Kind.REJECT)
@@ -1049,6 +1049,12 @@ def route_step(before: Packet, after: Packet, fact: Route, text: str, route: str
     ``route``: the route taken, as ``ip route`` prints it."""
     return Step(Kind.ROUTE, None, before, after, None, None, fact, route, text)
 
+
+# a Step from all ten of its fields in order (kind, rule, before, after, table, chain, fact,
+# value, text, note), without the NamedTuple's __new__ (a Python function that fills the
+# defaults): the steps of every rule a walk crosses are built here
+_step = tuple.__new__
+assert Step._fields == ("kind", "rule", "before", "after", "table", "chain", "fact", "value", "text", "note")
 
 #: the kind of a rule step for each verdict target
 _VERDICT_KIND = {"ACCEPT": Kind.ACCEPT, "DROP": Kind.DROP, "RETURN": Kind.RETURN, "QUEUE": Kind.QUEUE}
