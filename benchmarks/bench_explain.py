@@ -90,10 +90,12 @@ def main(argv=None) -> int:
         from analyzer.symbolic import explain_classes
 
         spec = parse_flow_spec(args.open, iif="eth0")
+        load = os.getloadavg()[0]
         t, c0 = time.perf_counter(), time.process_time()
         classes, rest, _ = explain_classes(rs, spec, ns, limit=args.open_limit or 10**6)
         open_s = time.perf_counter() - t
         open_cpu = time.process_time() - c0
+        load_after = os.getloadavg()[0]
         done = rest.is_empty()
         label = f"open flow '{args.open}' from eth0, every class"
         if not done:
@@ -103,9 +105,11 @@ def main(argv=None) -> int:
         open_row = [(label + " (CPU)", f"{open_cpu:.2f} s", "<= 5 s" if done else "(partial)", t_open.verdict if done else ""),
                     ("  wall clock", f"{open_s:.2f} s", "", ""),
                     ("  classes explained / CPU per class", f"{len(classes)} / {open_cpu / max(1, len(classes)) * 1000:.1f} ms",
-                     "", "")]
+                     "", ""),
+                    # the machine is shared: CPU time itself grows with the contention
+                    ("  load average before / after", f"{load:.1f} / {load_after:.1f}", "", "")]
         open_data = {"open_flow": args.open, "open_s": open_s, "open_cpu_s": open_cpu, "open_classes": len(classes),
-                     "open_complete": done}
+                     "open_complete": done, "load_before": load, "load_after": load_after}
     rows = [
         ("explain one flow, dump loaded (median)", f"{median * 1000:.2f} ms", "<= 50 ms", t_flow.verdict),
         ("explain one flow, worst of %d" % len(times), f"{worst * 1000:.2f} ms", "", ""),

@@ -242,10 +242,22 @@ class _NotingAddresses(frozenset):
         rec = active()
         if sym is None or rec is None:
             return frozenset.__contains__(self, a)
+        # inside one walk (one recorder) the decision was noted the first time it was asked
+        d = self.__dict__
+        if d.get("_rec") is not rec:
+            d["_rec"], d["_answers"] = rec, {}
+        key = _open_key(sym)
+        hit = d["_answers"].get(key)
+        if hit is not None:
+            return hit
+        d["_answers"][key] = hit = self._decide(sym, a.version, rec)
+        return hit
+
+    def _decide(self, sym, version: int, rec) -> bool:
         ints = self.__dict__.get("_ints")
         if ints is None:
             ints = self._ints = {v: frozenset(int(x) for x in self if x.version == v) for v in (4, 6)}
-        mine = ints[a.version]
+        mine = ints[version]
         hit = int.__int__(sym) in mine
         # the atom "one of these", shared by every walk of the exploration (rec's cache)
         key = ("one of", id(self), sym.field, sym.width, sym.keep, sym.xor)
@@ -263,8 +275,8 @@ class _NotingAddresses(frozenset):
 
 def noting_namespace(ns: Namespace) -> Namespace:
     """``ns`` whose per-interface tables note lookups by an open interface name, whose own
-    addresses note membership tests of an open address, and whose route memo does not answer
-    for open addresses."""
+    addresses note membership tests of an open address, and whose route memo answers an open
+    address only inside the walk that computed it."""
     return replace(ns, addrs=_NotingDict(ns.addrs), bridged=_NotingDict(ns.bridged),
                    _local=_NotingAddresses(a.ip for _, a in ns.local_addresses()),
                    _routes_by_dst=_PlainOnlyCache())
