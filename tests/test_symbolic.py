@@ -348,3 +348,31 @@ def test_open_source_holding_a_local_address_is_a_martian_class():
     by = {g.description: [o.disposition for o in g.outcomes] for g in res.groups}
     assert by["src 192.168.0.2; dst 10.0.0.0/24"] == ["dropped"]
     assert by["src 192.168.0.0/31, 192.168.0.3-192.168.0.255; dst 10.0.0.0, 10.0.0.2-10.0.0.255"] == ["forwarded"]
+
+
+def test_open_address_memos_answer_only_inside_the_walk_that_asked():
+    """The noting namespace's route memo and local-address test answer an open address again
+    only under the recorder that noted its decisions: a second walk (another class) notes them
+    itself, or its class would be wider than its path."""
+    import ipaddress
+
+    from analyzer.engine.concolic import Recorder, sym_address
+    from analyzer.engine.packetset import PacketSpace
+    from analyzer.netfilter.symbolic import noting_namespace
+
+    ns = Namespace()
+    ns.add_addr("192.168.0.2/24", "eth0")
+    ns.add_route("10.244.0.0/16 via 192.168.0.3 dev eth0")
+    nsw = noting_namespace(ns)
+    sp = PacketSpace()
+    own, pod = ipaddress.ip_address("192.168.0.2"), ipaddress.ip_address("10.244.1.1")
+    conds = []
+    for _ in range(2):
+        a, b = sym_address(int(own), "src", 4), sym_address(int(pod), "dst", 4)
+        with Recorder(sp) as rec:
+            for _ in range(2):  # asked again in the same walk: answered by the memo
+                assert nsw.is_local(a) and nsw.route(a).kind == "local"
+                assert nsw.route(b).via == ipaddress.ip_address("192.168.0.3")
+        conds.append(rec.condition)
+    assert conds[0] == conds[1]
+    assert conds[0] == sp.eq("src", own) & sp.prefix("dst", "10.244.0.0/16")
