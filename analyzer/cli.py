@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env", metavar="ENV.yaml",
                    help="environment of several namespaces (docs/environment.md): also follow every "
                         "service both ways and report replies that bypass translation (NAT checks)")
+    p.add_argument("--jobs", "-j", type=_count, default=0, metavar="N",
+                   help="with --env: processes that follow the flows (0, the default: one per CPU this process "
+                        "may use; 1: this process only). Environments of fewer than 400 flows, and those "
+                        "with a Cilium node, are followed in this process")
     p.add_argument("--node", metavar="NAME",
                    help="Cilium dumps: the node they were taken on (CIL004 compares the backends' nodes with it)")
     p.add_argument("--quiet", "-q", action="store_true",
@@ -606,7 +610,7 @@ def cmd_lint(args) -> int:
                                                 on_check=lambda code: bar("", share))
                           if not d.code.startswith("NAT")]
             # the first environment check follows every flow (the others read its cached trips)
-            env_ctx = CheckContext(None, (), extra={"env": env, "progress": lambda i, n: (
+            env_ctx = CheckContext(None, (), extra={"env": env, "jobs": _jobs(args.jobs), "progress": lambda i, n: (
                 bar.now(f"following services {i:,}/{n:,}", refresh=not i), bar.part(i / n, 600))})
             flows = [600]  # the bar's share of following the flows, taken once they are followed
 
@@ -688,6 +692,26 @@ def cmd_lint(args) -> int:
         return EXIT_UNUSABLE
     floor = {"error": Severity.ERROR, "warning": Severity.WARNING, "info": Severity.INFO}[args.fail_on]
     return EXIT_FINDINGS if any(d.severity >= floor for d in diags) else EXIT_OK
+
+
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of processes (0: one per CPU)")
+    return n
+
+
+def _jobs(n: int) -> int:
+    """``--jobs``: N processes, or (0) one per CPU this process may run on."""
+    if n > 0:
+        return n
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def _coverage_text(c: dict) -> str:

@@ -153,6 +153,7 @@ class RunResult:
     stdout: str
     stderr: str
     cpu_seconds: float = float("nan")  # user + sys of the child (and its reaped children)
+    tree_pss_kib: int = 0     # peak of the summed PSS of the command and its descendants (tree_memory=True)
 
     @property
     def ok(self) -> bool:
@@ -189,9 +190,27 @@ os.write(fd, ("%d %.9f %d %.6f" % (os.waitstatus_to_exitcode(status), dt, ru.ru_
 """
 
 
+def _tree_pss_kib(root: int) -> int:
+    """The summed proportional set size (shared pages split between the processes sharing them)
+    of ``root`` and its descendants, from /proc: the memory a process tree really holds (the
+    sum of RSS counts a forked worker's copy-on-write pages twice, ru_maxrss is one process)."""
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            for t in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{t}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                total += next((int(line.split()[1]) for line in f if line.startswith("Pss:")), 0)
+        except (OSError, ValueError):
+            pass
+    return total
+
+
 def run_timed(cmd: Sequence[str], *, stdin_path: str | os.PathLike | None = None,
               cwd: str | os.PathLike | None = None,
-              env: dict[str, str] | None = None) -> RunResult:
+              env: dict[str, str] | None = None, tree_memory: bool = False) -> RunResult:
     """Run ``cmd``; wall time and the child's own peak RSS via ``os.wait4``.
 
     The command is spawned by a tiny trampoline interpreter (see above) so
@@ -199,7 +218,8 @@ def run_timed(cmd: Sequence[str], *, stdin_path: str | os.PathLike | None = None
     process.  Wall time is measured inside the trampoline from spawn to
     reap (interpreter start-up of the trampoline is excluded).
     stdout/stderr go to temporary files (no pipe back-pressure).
-    ``env`` is merged over ``os.environ``.
+    ``env`` is merged over ``os.environ``. ``tree_memory``: also sample the summed PSS of the
+    command's process tree every 0.2 s (a command that forks workers), `RunResult.tree_pss_kib`.
     """
     full_env = {**os.environ, **(env or {})}
     with contextlib.ExitStack() as st:
@@ -214,9 +234,23 @@ def run_timed(cmd: Sequence[str], *, stdin_path: str | os.PathLike | None = None
                 pass_fds=(wfd,))
         finally:
             os.close(wfd)
+        peak = [0]
+        if tree_memory:
+            import threading
+
+            stop = threading.Event()
+
+            def sample():
+                while not stop.wait(0.2):
+                    peak[0] = max(peak[0], _tree_pss_kib(tramp.pid))
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
         with os.fdopen(rfd, "rb") as fh:
             result = fh.read().decode()
         tramp.wait()
+        if tree_memory:
+            stop.set()
+            sampler.join()
         out.seek(0)
         err.seek(0)
         stdout = out.read().decode(errors="replace")
@@ -227,7 +261,7 @@ def run_timed(cmd: Sequence[str], *, stdin_path: str | os.PathLike | None = None
     except ValueError:
         rc, seconds, rss, cpu = (tramp.returncode or 1), float("nan"), 0, float("nan")
         stderr += f"\nrun_timed: trampoline failed (exit {tramp.returncode})"
-    return RunResult(list(cmd), seconds, rss, rc, stdout, stderr, cpu)
+    return RunResult(list(cmd), seconds, rss, rc, stdout, stderr, cpu, peak[0])
 
 
 def best_of(n: int, fn: Callable[[], RunResult]) -> tuple[RunResult, list[RunResult]]:

@@ -5,7 +5,7 @@ These checks need an environment (``synack lint --env ENV.yaml``): without one t
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 from analyzer.checks import CheckContext, check
 from analyzer.diagnostics import Diagnostic, Severity
@@ -201,49 +201,128 @@ def environment_trips(ctx: CheckContext):
     return trips
 
 
-def _follow_targets(ctx, env, world, clients, targets, cov, trips) -> None:
-    from analyzer.checks.nat import outcome_findings
-    from analyzer.crosshost import follow_all
+def _flows(env, clients, targets) -> list[tuple]:
+    """The flows to follow, in order: (client, service namespace, packet, translated), each
+    (client, address, protocol, port) once (every node's kube-proxy publishes the same service)."""
     from analyzer.netfilter.walk import Packet
 
-    services, used_clients, seen = set(), set(), set()
-    progress = ctx.extra.get("progress")  # progress(i, n): the lint's bar, on a terminal
-    for i, (name, (addr, proto, port), who, translated) in enumerate(targets):
-        if progress is not None and not i % 16:
-            progress(i, len(targets))
+    out, seen = [], set()
+    for name, (addr, proto, port), who, translated in targets:
         for cname in [c for c in clients if c in who]:
             src = next((a.ip for _, a in env.namespaces[cname].net.local_addresses()
                         if a.version == addr.version and not a.ip.is_loopback), None)
             if src is None or (cname == name and src == addr):
                 continue
             if (cname, addr, proto, port) in seen:
-                continue  # the same service published by several namespaces (every node's kube-proxy)
+                continue
             seen.add((cname, addr, proto, port))
-            outcomes = follow_all(world, cname, Packet(addr.version, proto, src, addr, 40000, port))
-            diags = outcome_findings(world, outcomes)
-            services.add((addr, proto, port))
-            used_clients.add(cname)
-            cov["flows"] += 1
-            cov["outcomes"] += len(outcomes)
-            cov["branches_not_followed"] += sum(t.unfollowed for t in outcomes)
-            cov["endpoints"] += len({(t.endpoint.dst, t.endpoint.dport) if t.endpoint is not None else None
-                                     for t in outcomes})
-            cov["requests_delivered"] += sum(t.request.end == "delivered" for t in outcomes)
-            cov["replies_followed"] += sum(t.reply is not None for t in outcomes)
-            ends = {t.request.end for t in outcomes}
-            if ends <= {"left"}:
-                cov["left_environment"] += 1
-                continue  # goes somewhere the environment does not describe
-            if not (ends & {"delivered", "refused"}) and not diags:
-                cov["never_arrived"] += 1
-                if translated:
-                    # a translated service no branch of which reaches a listener anywhere
-                    diags = [_never_arrives(world, cname, name, outcomes)]
-                else:
-                    cov["unreachable_listeners"] += 1
-                    continue  # this client cannot reach that listener at all: not asked
+            out.append((cname, name, Packet(addr.version, proto, src, addr, 40000, port), translated))
+    return out
+
+
+def _follow_one(world, cname: str, name: str, pkt, translated: bool):
+    """One flow followed over every branch: (its coverage counts, the trips to keep or None,
+    its findings)."""
+    from analyzer.checks.nat import outcome_findings
+    from analyzer.crosshost import follow_all
+
+    outcomes = follow_all(world, cname, pkt)
+    diags = outcome_findings(world, outcomes)
+    c = {"flows": 1, "outcomes": len(outcomes),
+         "branches_not_followed": sum(t.unfollowed for t in outcomes),
+         "endpoints": len({(t.endpoint.dst, t.endpoint.dport) if t.endpoint is not None else None
+                           for t in outcomes}),
+         "requests_delivered": sum(t.request.end == "delivered" for t in outcomes),
+         "replies_followed": sum(t.reply is not None for t in outcomes)}
+    ends = {t.request.end for t in outcomes}
+    if ends <= {"left"}:
+        c["left_environment"] = 1
+        return c, None, diags  # goes somewhere the environment does not describe
+    if not (ends & {"delivered", "refused"}) and not diags:
+        c["never_arrived"] = 1
+        if not translated:
+            c["unreachable_listeners"] = 1
+            return c, None, diags  # this client cannot reach that listener at all: not asked
+        # a translated service no branch of which reaches a listener anywhere
+        diags = [_never_arrives(world, cname, name, outcomes)]
+    return c, outcomes, diags
+
+
+class _Followed(NamedTuple):
+    """What a worker process sends back for a followed flow: its first trip's flow (all that
+    the NAT checks read of the trips, see _emit) instead of the trips themselves."""
+
+    flow: object
+
+
+#: the state a forked worker inherits (set just before the pool forks)
+_FORKED: dict = {}
+
+
+def _follow_chunk(indices: list[int]) -> list[tuple]:
+    world, flows = _FORKED["world"], _FORKED["flows"]
+    out = []
+    for i in indices:
+        cname, name, pkt, translated = flows[i]
+        c, outcomes, diags = _follow_one(world, cname, name, pkt, translated)
+        out.append((i, c, None if outcomes is None else (_Followed(outcomes[0].flow),), diags))
+    return out
+
+
+#: below this many flows the walks stay in this process (a worker's start and its own memo cost more)
+PARALLEL_MIN_FLOWS = 400
+
+
+def _follow_targets(ctx, env, world, clients, targets, cov, trips) -> None:
+    flows = _flows(env, clients, targets)
+    cov["services"] = len({(p.dst, p.proto, p.dport) for _, _, p, _ in flows})
+    cov["clients"] = len({c for c, _, _, _ in flows})
+    progress = ctx.extra.get("progress")  # progress(i, n): the lint's bar, on a terminal
+    jobs = int(ctx.extra.get("jobs") or 1)
+    cilium = any(spec.cilium is not None for spec in env.namespaces.values())
+    if jobs > 1 and len(flows) >= ctx.extra.get("parallel_min", PARALLEL_MIN_FLOWS) and not cilium:
+        results = _follow_in_workers(world, flows, jobs, progress)
+    else:
+        results = []
+        for i, (cname, name, pkt, translated) in enumerate(flows):
+            if progress is not None and not i % 16:
+                progress(i, len(flows))
+            c, outcomes, diags = _follow_one(world, cname, name, pkt, translated)
+            results.append((i, c, outcomes, diags))
+    for i, c, outcomes, diags in results:
+        for k, v in c.items():
+            cov[k] += v
+        if outcomes is not None:
+            cname, name = flows[i][:2]
             trips.append((cname, name, outcomes, diags))
-    cov["services"], cov["clients"] = len(services), len(used_clients)
+
+
+def _follow_in_workers(world, flows, jobs: int, progress) -> list[tuple]:
+    """The flows followed by ``jobs`` forked processes (each with a copy-on-write view of the
+    parsed environment and its own memo of namespace walks), in chunks of interleaved flows so
+    that the workers finish together; the results in the flows' order. The trips stay in the
+    workers: each flow comes back as its coverage counts, its findings and its first trip's
+    flow (the Cilium check reads whole trips: an environment with a Cilium node is followed in
+    this process)."""
+    import multiprocessing
+
+    n = len(flows)
+    size = max(1, min(64, n // (jobs * 8)))
+    chunks = [list(range(k, n, (n + size - 1) // size)) for k in range((n + size - 1) // size)]
+    _FORKED.update(world=world, flows=flows)
+    out: list = [None] * n
+    done = 0
+    try:
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            for part in pool.imap_unordered(_follow_chunk, chunks):
+                for r in part:
+                    out[r[0]] = r
+                done += len(part)
+                if progress is not None:
+                    progress(done, n)
+    finally:
+        _FORKED.clear()
+    return out
 
 
 def _never_arrives(world, cname: str, sname: str, outcomes) -> Diagnostic:
