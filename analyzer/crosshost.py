@@ -308,10 +308,13 @@ class _MemoKey:
 
 
 def _ct_key(ct: Conntrack | None):
+    """Every field of a conntrack entry that a namespace walk reads, for the World memo's key
+    (two entries that differ only in ``confirmed``, ``invalid`` or ``existing`` are walked
+    differently: nat skipped, raw's view of the state)."""
     if ct is None:
         return None
     return (ct.original, ct.reply_src, ct.reply_sport, ct.reply_dst, ct.reply_dport, ct.dnat, ct.snat,
-            ct.untracked, ct.mark, ct.in_use)
+            ct.untracked, ct.mark, ct.in_use, ct.confirmed, ct.invalid, ct.existing)
 
 
 def travel_all(world: World, tracker: Tracker, start_ns: str, pkt: Packet, iif: str | None,

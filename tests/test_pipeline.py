@@ -168,3 +168,23 @@ def test_lint_env_walks_shared_memo_branches_with_the_same_trips():
             for _ in range(2):  # the second time from the memo
                 assert _trips(follow_all(shared, client, f)) == _trips(follow_all(copied, client, f))
     assert shared.memo_hits
+
+
+def test_world_memo_key_holds_every_conntrack_field():
+    """The World memo answers a namespace walk by its key: an entry field left out of it would
+    let an entry that walks differently (a confirmed one skips nat) take another's outcomes."""
+    import dataclasses
+    import ipaddress as ipa
+
+    from analyzer.crosshost import _ct_key
+    from analyzer.netfilter.walk import Conntrack, Packet
+
+    pkt = Packet(4, 6, ipa.ip_address("10.0.0.1"), ipa.ip_address("10.0.0.2"), 40000, 80)
+    ct = Conntrack(pkt)
+    other = {bool: lambda v: not v, int: lambda v: v + 1, type(None): lambda v: "ESTABLISHED",
+             str: lambda v: v + "x"}
+    for f in dataclasses.fields(Conntrack):
+        v = getattr(ct, f.name)
+        changed = dataclasses.replace(pkt, sport=1) if f.name == "original" else \
+            ipa.ip_address("10.9.9.9") if f.name in ("reply_src", "reply_dst") else other[type(v)](v)
+        assert _ct_key(dataclasses.replace(ct, **{f.name: changed})) != _ct_key(ct), f.name
