@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "service both ways and report replies that bypass translation (NAT checks)")
     p.add_argument("--jobs", "-j", type=_count, default=0, metavar="N",
                    help="with --env: processes that follow the flows (0, the default: one per CPU this process "
-                        "may use; 1: this process only). Environments of fewer than 400 flows, and those "
+                        "may use, at most 4; 1: this process only). Environments of fewer than 400 flows, and those "
                         "with a Cilium node, are followed in this process")
     p.add_argument("--node", metavar="NAME",
                    help="Cilium dumps: the node they were taken on (CIL004 compares the backends' nodes with it)")
@@ -704,14 +704,20 @@ def _count(text: str) -> int:
     return n
 
 
+#: ``--jobs 0`` takes one process per CPU up to this many: each worker keeps its own memo of
+#: namespace walks (~0.35 GB at 10,000 services, docs/environment.md)
+AUTO_JOBS_MAX = 4
+
+
 def _jobs(n: int) -> int:
-    """``--jobs``: N processes, or (0) one per CPU this process may run on."""
+    """``--jobs``: N processes, or (0) one per CPU this process may run on, at most AUTO_JOBS_MAX."""
     if n > 0:
         return n
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, AUTO_JOBS_MAX))
 
 
 def _coverage_text(c: dict) -> str:
