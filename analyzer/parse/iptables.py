@@ -712,9 +712,12 @@ class Builder:
         indented: list[int] = []  # '#', '*', ':' or COMMIT not in column 1: restore refuses them
         first_cmd = 0
         for n, raw in enumerate(sf.lines, 1):
+            c = raw[:1]
+            if c == "-" and run_kind == "COMMANDS":  # the next rule of a run (what most lines are)
+                run.append(n)
+                continue
             if not raw:
                 continue  # only an empty line is skipped by restore
-            c = raw[0]
             if c == "#":
                 continue
             if c == " " or c == "\t":
@@ -896,8 +899,23 @@ class Builder:
         declared = self._declared
         path = sf.path
         builtins = BUILTIN_CHAINS.get(tb.name, ())
+        targets, new_span, chain_b = O.TARGETS, _new_Span, _ChainB
         for n in run:
             raw = lines[n - 1]
+            if raw[-8:] == " - [0:0]" and raw[0] == ":":
+                # kube-proxy's 41k ':KUBE-SEP-... - [0:0]': the checks below, for that one form
+                name = raw[1:-8]
+                if 0 < len(name) <= 28 and " " not in name and "\t" not in name and name not in declared \
+                        and name[0] not in "-!" and name not in targets and name not in builtins:
+                    declared.add(name)
+                    span = new_span(path, n, 1, len(raw) + 1)
+                    c = chains.get(name)
+                    if c is None:
+                        chains[name] = chain_b(name, False, None, span, (0, 0))
+                    else:  # restore --noflush: declaring an existing chain flushes it
+                        c.rules.clear()
+                        c.span = span
+                    continue
             parts = raw.split(" ")
             if len(parts) == 3 and raw[0] == ":" and raw[-1] != " " and "\t" not in raw:
                 name = parts[0][1:]
