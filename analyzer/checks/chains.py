@@ -77,6 +77,8 @@ class TableGraph:
     # callees (a 10,000-service dump: 117k rules; each check walking them again cost 30-150 ms),
     # in the table's order of chains and rules:
     jumps: list[Rule] = field(default_factory=list)  # rules whose target is a Jump (-j/-g CHAIN)
+    # of those, the jumps to a builtin chain or to a chain the table does not have (CHN008, CHN001)
+    jumps_out: list[Rule] = field(default_factory=list)
     others: list[Rule] = field(default_factory=list)  # rules with another target
     placed: list[Rule] = field(default_factory=list)  # rules with a match of _PLACED_MATCHES
     _topo: tuple | None = None
@@ -157,9 +159,10 @@ class TableGraph:
         chains = table.chains
         user = {name for name, c in chains.items() if not c.builtin}
         callees = g.callees
-        jumps, others, placed = g.jumps, g.others, g.placed
+        jumps, jumps_out, others, placed = g.jumps, g.jumps_out, g.others, g.placed
         succ = g._succ = {}
         jump, placed_types = Jump, _PLACED_MATCHES
+        hook_names = frozenset(BUILTIN_CHAINS.get(table.name, ()))
         for c in chains.values():
             mine = None
             for r in c.rules:
@@ -173,6 +176,10 @@ class TableGraph:
                         else:
                             mine.append(r)
                             ds.append(t.chain)
+                        if t.chain in hook_names:  # a user chain named as a builtin (a model built by hand)
+                            jumps_out.append(r)
+                    else:  # a builtin chain (CHN008) or none of this table (CHN001)
+                        jumps_out.append(r)
                 elif t is not None:
                     others.append(r)
                 for m in r.matches:
@@ -357,7 +364,7 @@ def jump_to_undefined_chain(ctx: CheckContext) -> Iterator[Diagnostic]:
     """
     for table in tables(ctx):
         chains = table.chains
-        for r in table_graph(ctx, table).jumps:
+        for r in table_graph(ctx, table).jumps_out:
             t = r.target
             if t.chain in chains:
                 continue
@@ -747,7 +754,7 @@ def jump_to_builtin_chain(ctx: CheckContext) -> Iterator[Diagnostic]:
     """
     for table in tables(ctx):
         builtins = BUILTIN_CHAINS.get(table.name, ())
-        for r in table_graph(ctx, table).jumps:
+        for r in table_graph(ctx, table).jumps_out:
             t = r.target
             if t.chain in builtins:
                 yield ctx.diag(

@@ -157,7 +157,11 @@ def _chn007_rules(g) -> list[Rule]:
     names, and jumps (-g) to a chain of such a name (Jump.name is its chain)."""
     names = _CHN007_NAMES
     out = [r for r in g.others if r.target.name in names]
-    jumps = [r for r in g.jumps if r.target.chain in names]
+    # such a jump goes to a chain the table lacks (jumps_out: iptables refuses a chain named as a
+    # target), or, in a model built by hand, to one of its chains
+    chains = g.table.chains
+    pool = g.jumps if any(n in chains for n in names) else g.jumps_out
+    jumps = [r for r in pool if r.target.chain in names]
     if jumps:
         pos = {name: k for k, name in enumerate(g.table.chains)}
         out = sorted(out + jumps, key=lambda r: (pos[r.chain], r.index))
