@@ -81,9 +81,12 @@ def load_all(restore_only: bool = False) -> dict[str, CheckInfo]:
     """The registry after importing the family modules (every module in this package, or only
     RESTORE_MODULES), which registers their checks."""
     import importlib
-    import pkgutil
 
-    names = RESTORE_MODULES if restore_only else [m.name for m in pkgutil.iter_modules(__path__)]
+    if restore_only:
+        names = RESTORE_MODULES
+    else:
+        import pkgutil
+        names = [m.name for m in pkgutil.iter_modules(__path__)]
     for name in names:
         importlib.import_module(f"{__name__}.{name}")
     return REGISTRY

@@ -4,7 +4,6 @@ to know which hooks reach a user chain.
 """
 from __future__ import annotations
 
-import difflib
 from collections import Counter, deque
 from dataclasses import dataclass, field, fields
 from typing import AbstractSet as Set, Iterator
@@ -396,6 +395,8 @@ def jump_to_undefined_chain(ctx: CheckContext) -> Iterator[Diagnostic]:
 
 
 def _suggest_chain(name: str, table: Table) -> str | None:
+    import difflib  # only for a finding
+
     cands = [c for c, ch in table.chains.items() if not ch.builtin]
     close = difflib.get_close_matches(name, cands, n=1, cutoff=0.8)
     return f"did you mean '{close[0]}'?" if close else None

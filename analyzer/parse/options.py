@@ -6,7 +6,6 @@ how many arguments each has; a handful of handlers turn arguments into typed mod
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import ipaddress
 import re
 import socket
@@ -590,6 +589,8 @@ def tcp_flag_set(s: str, ctx: Ctx) -> int:
 
 
 def _suggest(word: str, choices, what: str = "option") -> str | None:
+    import difflib  # only for a word that is wrong (a parse of a clean dump never suggests)
+
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f"did you mean '{close[0]}'?" if close else None
 
