@@ -43,13 +43,16 @@ _CONTENT = re.compile(r"(?m)^[^\S\n]*[^\s#]")  # a line with something other tha
 _IPTABLES_LINE = re.compile(r"(?m)^[\t ]*(?:\*[a-z]|:[^\s]+ |-[AINPXFDR] |COMMIT\b|(?:sudo[\t ]+)?ip6?tables)")
 
 
+# control codes but blanks and line ends, and bytes that were not UTF-8 (surrogate-escaped)
+_ODD = re.compile("[\x00-\x08\x0e-\x1f\udc80-\udcff]")
+
+
 def _binary(head: str) -> bool:
     """NUL bytes, or more than 1 in 20 characters that are control codes or bytes that are not
     UTF-8 (surrogate-escaped): not text anyone wrote or a tool printed."""
     if "\x00" in head:
         return True
-    odd = sum(1 for ch in head if (ch < " " and ch not in "\t\n\r\x0b\x0c") or "\udc80" <= ch <= "\udcff")
-    return odd * 20 > len(head)
+    return len(_ODD.findall(head)) * 20 > len(head)
 
 
 def _save_lines_only(head: str) -> bool:
