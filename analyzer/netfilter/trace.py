@@ -223,20 +223,7 @@ class Step(NamedTuple):
         r = self.rule
         if r is not None:
             return f"{r.table}:{r.chain}:rule:{r.index}"
-        k = self.kind
-        if k is Kind.POLICY:
-            return f"{self.table}:{self.chain}:policy"
-        if k is Kind.RETURN:
-            return f"{self.table}:{self.chain}:return"
-        if k is Kind.STAGES:
-            return f"stages:{self.chain}"
-        if k is Kind.LOOP:
-            return f"{self.table}:{self.chain}"
-        if k is Kind.REVERSE_NAT:
-            return f"nat:{self.chain}"
-        if k is Kind.CILIUM:
-            return f"cilium:{self.chain}"
-        return _WHERE[k]
+        return _WHERE[self.kind].format(table=self.table, chain=self.chain)
 
     @property
     def verdict(self) -> str:
@@ -313,8 +300,11 @@ class Step(NamedTuple):
 
 _CILIUM_TRANSLATES = frozenset({Cilium.DNAT, Cilium.SNAT, Cilium.REVNAT, Cilium.REDIRECT})
 
-_WHERE = {Kind.CONNTRACK: "conntrack", Kind.ROUTE: "route", Kind.BRIDGE: "bridge",
-          Kind.NEIGHBOUR: "neighbour", Kind.REPLY: "reply"}
+#: where a step without a rule happened, by kind (``{table}``, ``{chain}``: the step's own)
+_WHERE = {Kind.POLICY: "{table}:{chain}:policy", Kind.RETURN: "{table}:{chain}:return",
+          Kind.STAGES: "stages:{chain}", Kind.LOOP: "{table}:{chain}", Kind.REVERSE_NAT: "nat:{chain}",
+          Kind.CILIUM: "cilium:{chain}", Kind.CONNTRACK: "conntrack", Kind.ROUTE: "route",
+          Kind.BRIDGE: "bridge", Kind.NEIGHBOUR: "neighbour", Kind.REPLY: "reply"}
 
 
 def cilium_step(point: str, what: Cilium, text: str, packet: "Packet | None" = None,
@@ -340,21 +330,17 @@ class Assumption(str):
     branch's ``approx`` are plain strings."""
 
     rule: "object"
+    reason: str
     assumes_match: bool
 
     def __new__(cls, rule, reason: str, assumes_match: bool):
         way = "matches" if assumes_match else "does not match"
         self = super().__new__(cls, f"{rule.label} (line {rule.span.line}): {reason}; this outcome assumes it {way}")
-        self.rule, self.assumes_match = rule, assumes_match
+        self.rule, self.reason, self.assumes_match = rule, reason, assumes_match
         return self
 
     def __reduce__(self):  # pickle and copy: rebuilt from its data (str would pass only the text)
-        return (Assumption, (self.rule, self._reason(), self.assumes_match))
-
-    def _reason(self) -> str:
-        head = f"{self.rule.label} (line {self.rule.span.line}): "
-        tail = "; this outcome assumes it " + ("matches" if self.assumes_match else "does not match")
-        return str.__str__(self)[len(head):len(self) - len(tail)]
+        return (Assumption, (self.rule, self.reason, self.assumes_match))
 
 
 # ---------------------------------------------------------------------- hops, journeys, trips
