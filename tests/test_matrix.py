@@ -35,13 +35,15 @@ def _cond(rnd):
     return " ".join(parts)
 
 
-def random_dump(rnd):
+def random_dump(rnd, cond=_cond, rules=(2, 8), targets=("ACCEPT", "DROP", "REJECT", "USER", "RETURN")):
+    """A random filter table: FORWARD rules of conditions ``cond`` jumping to ``targets`` (or a
+    user chain USER)."""
     lines = ["*filter", ":INPUT ACCEPT [0:0]", f":FORWARD {rnd.choice(['ACCEPT', 'DROP'])} [0:0]",
              ":OUTPUT ACCEPT [0:0]", ":USER - [0:0]"]
-    for _ in range(rnd.randint(2, 8)):
-        lines.append(f"-A FORWARD {_cond(rnd)} -j {rnd.choice(['ACCEPT', 'DROP', 'REJECT', 'USER', 'RETURN'])}")
+    for _ in range(rnd.randint(*rules)):
+        lines.append(f"-A FORWARD {cond(rnd)} -j {rnd.choice(targets)}")
     for _ in range(rnd.randint(1, 3)):
-        lines.append(f"-A USER {_cond(rnd)} -j {rnd.choice(['ACCEPT', 'DROP', 'RETURN'])}")
+        lines.append(f"-A USER {cond(rnd)} -j {rnd.choice(['ACCEPT', 'DROP', 'RETURN'])}")
     return "\n".join(lines + ["COMMIT", ""]).replace("  ", " ")
 
 
@@ -136,13 +138,7 @@ def test_matrix_with_routes_agrees_with_walks_on_the_routed_interfaces(seed):
     exactly when some such walk accepts."""
     from analyzer.matrix import assignment_from_routes
     rnd = random.Random(1000 + seed)
-    lines = ["*filter", ":INPUT ACCEPT [0:0]", f":FORWARD {rnd.choice(['ACCEPT', 'DROP'])} [0:0]",
-             ":OUTPUT ACCEPT [0:0]", ":USER - [0:0]"]
-    for _ in range(rnd.randint(2, 7)):
-        lines.append(f"-A FORWARD {_iface_cond(rnd)} -j {rnd.choice(['ACCEPT', 'DROP', 'USER'])}")
-    for _ in range(rnd.randint(1, 3)):
-        lines.append(f"-A USER {_iface_cond(rnd)} -j {rnd.choice(['ACCEPT', 'DROP', 'RETURN'])}")
-    text = "\n".join(lines + ["COMMIT", ""])
+    text = random_dump(rnd, _iface_cond, (2, 7), ("ACCEPT", "DROP", "USER"))
     rs = load_ruleset((text, "r.rules")).ruleset
     ns = Namespace()
     ns.add_addr("203.0.113.2/30", "wan0")
