@@ -1,7 +1,7 @@
 """Results layer: a finding or a parse error, located, with a hint; what every report renders."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
 
 from analyzer.source import Span

@@ -2,7 +2,6 @@
 next to it (NAME.lint.txt, NAME.explain.txt). ``pytest --update-goldens`` rewrites them."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import yaml

@@ -7,7 +7,7 @@ import pytest
 
 from analyzer.diagnostics import Severity
 from analyzer.model import (
-    AddrMatch, CommentMatch, Jump, MarkMatch, Nat, PortMatch, SetMark, StatisticMatch,
+    AddrMatch, CommentMatch, Jump, Nat, PortMatch, SetMark, StatisticMatch,
     UnknownMatch,
 )
 from analyzer.parse import load_ruleset

@@ -8,7 +8,7 @@ iptables itself (also under ``iptables-restore --test``) or in the kernel at com
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 from analyzer.diagnostics import Diagnostic, Severity
 

@@ -10,7 +10,7 @@ import ipaddress
 from analyzer.diagnostics import APPROXIMATE, EXACT, Related
 from analyzer.model.rules import (
     AddrMatch, AddrTypeMatch, ConnmarkCopy, CtStateMatch, MarkMatch, PortMatch, ProtoMatch, Reject,
-    Rule, SetMark, Tproxy, Verdict,
+    SetMark, Tproxy, Verdict,
 )
 from analyzer.netfilter.env import Namespace
 from analyzer.netfilter.trace import Kind

@@ -25,7 +25,7 @@ import ipaddress
 import json
 import re
 import socket
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from lark import Lark, Token
