@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,38 @@ def test_nat_ranges_of_the_usual_form_decode_as_the_general_way(text, expected):
     except O.DecodeError as e:
         got = e.code
     assert got == expected
+
+
+def test_fast_constructors_build_the_frozen_model_classes_themselves():
+    """options.fast_constructor builds each frozen model class through a twin class and
+    ``__class__`` assignment: the object is of the class itself, equal (and hashing equal) to
+    what the class's own constructor builds, frozen, and pickles as the class."""
+    import dataclasses
+    import pickle
+
+    from analyzer.model import rules as M
+    from analyzer.parse import options as O
+    from analyzer.source import Span
+
+    classes = [Span] + [c for c in vars(M).values()
+                        if isinstance(c, type) and dataclasses.is_dataclass(c) and c.__module__ == M.__name__]
+    assert len(classes) > 30
+    for cls in classes:
+        new = O.fast_constructor(cls)
+        fields = [f for f in dataclasses.fields(cls) if f.init]
+        values = [(k, f"v{k}") for k in range(len(fields))]  # distinct, hashable, picklable
+        got, want = new(*values), cls(*values)
+        if sys.implementation.name == "cpython":  # the twin way, not the fallback
+            assert "_twin" in new.__globals__, cls
+        assert type(got) is cls and got == want and repr(got) == repr(want), cls
+        assert all(getattr(got, f.name) == v for f, v in zip(fields, values)), cls
+        if cls.__hash__ is not None:
+            assert hash(got) == hash(want), cls
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(got, fields[0].name, None)
+        assert pickle.loads(pickle.dumps(got)) == want, cls
+        if len(fields) > 1 and fields[-1].default is not dataclasses.MISSING:  # defaults as the class's
+            assert new(*values[:-1]) == cls(*values[:-1]), cls
+    lazy = O.fast_constructor(M.Rule, omit=("matches", "target"))(
+        "nat", "X", 1, Span("p", 1, 1, 5), "-A X", None, lambda: ((), None))
+    assert type(lazy) is M.Rule and lazy.matches == () and lazy.target is None

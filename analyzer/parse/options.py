@@ -24,16 +24,25 @@ from analyzer.model.rules import (
 
 def fast_constructor(cls, omit: tuple = ()):
     """A constructor for a frozen, slotted model dataclass that stores the fields straight into
-    their slots: what the generated ``__init__`` does, without its per-field
-    ``object.__setattr__`` lookups. Twice as fast, and a large dump builds about a million of these
-    (kube-proxy, 10k services: 2.2 s -> 1.6 s for the whole parse). When the class runs anything
-    else on construction (``__post_init__``, default factories, ``init=False`` fields) or has no
-    slots, the class itself is returned. Fields named in ``omit`` are neither taken nor set (their
-    slots stay empty: a lazily parsed rule's ``matches`` and ``target``).
+    their slots, without the generated ``__init__``'s per-field ``object.__setattr__`` calls. A
+    large dump builds about a million of these (kube-proxy, 10k services).
+
+    The object is built as a *twin* of ``cls``: a plain class with the same base and the same
+    slots whose ``__init__`` stores each field with an ordinary (specialised) attribute store,
+    and then becomes a ``cls`` by ``__class__`` assignment, which CPython allows only between
+    classes of the same layout (it checks, and raises otherwise). Three times as fast as the
+    generated ``__init__`` and about 40% faster than calling each slot's ``__set__``, which is
+    the fallback when the twin cannot be made or does not give an object equal to ``cls``'s own.
+    When the class runs anything else on construction (``__post_init__``, default factories,
+    ``init=False`` fields) or has no slots, the class itself is returned. Fields named in
+    ``omit`` are neither taken nor set (their slots stay empty: a lazily parsed rule's
+    ``matches`` and ``target``).
 
     >>> from analyzer.model.rules import CommentMatch
-    >>> fast_constructor(CommentMatch)(3, 9, False, "web") == CommentMatch(3, 9, False, "web")
-    True
+    >>> new = fast_constructor(CommentMatch)
+    >>> c = new(3, 9, False, "web")
+    >>> c == CommentMatch(3, 9, False, "web"), type(c) is CommentMatch
+    (True, True)
     """
     if not dataclasses.is_dataclass(cls) or hasattr(cls, "__post_init__") or "__slots__" not in vars(cls):
         return cls
@@ -41,7 +50,7 @@ def fast_constructor(cls, omit: tuple = ()):
     if any(not f.init or f.default_factory is not dataclasses.MISSING for f in fields):
         return cls
     ns = {"_new": object.__new__, "_cls": cls}
-    params, body = [], []
+    params, body, stores = [], [], []
     for k, f in enumerate(fields):
         if f.name in omit:
             continue
@@ -55,10 +64,47 @@ def fast_constructor(cls, omit: tuple = ()):
             ns[f"_default{k}"] = f.default
             params.append(f"{f.name}=_default{k}")
         body.append(f"    _set{k}(_obj, {f.name})")
-    src = f"def new({', '.join(params)}):\n    _obj = _new(_cls)\n" + "\n".join(body) + "\n    return _obj\n"
+        stores.append(f"    self.{f.name} = {f.name}\n")
+    name = f"new_{cls.__name__}" + ("_without_" + "_".join(omit) if omit else "")
+    twin = _twin(cls, params, stores, omit, ns)
+    if twin is not None:
+        ns["_twin"] = twin
+        args = ", ".join(p.split("=")[0] for p in params)
+        src = f"def new({', '.join(params)}):\n    _obj = _twin({args})\n    _obj.__class__ = _cls\n    return _obj\n"
+    else:
+        src = f"def new({', '.join(params)}):\n    _obj = _new(_cls)\n" + "\n".join(body) + "\n    return _obj\n"
     exec(src, ns)  # as dataclasses builds __init__
-    ns["new"].__qualname__ = f"new_{cls.__name__}" + ("_without_" + "_".join(omit) if omit else "")
+    ns["new"].__qualname__ = name
     return ns["new"]
+
+
+def _twin(cls, params: list, stores: list, omit: tuple, defaults: dict):
+    """A class laid out as ``cls`` (same single base, same own slots) whose ``__init__`` takes
+    ``params`` and stores them (``stores``) as ordinary attributes, or None when it cannot be
+    made or an object it builds does not turn into one equal to what ``cls`` builds."""
+    if len(cls.__bases__) != 1 or omit and not all(f in cls.__slots__ for f in omit):
+        return None
+    ns = dict(defaults)  # the parameters' default values
+    exec(f"def __init__(self, {', '.join(params)}):\n" + "".join(stores) + "    pass\n", ns)  # noqa: S102
+    try:
+        twin = type(f"_{cls.__name__}Twin", cls.__bases__, {
+            "__slots__": cls.__slots__, "__init__": ns["__init__"], "__module__": __name__,
+            # plain attribute stores (the frozen base's __setattr__ and __delattr__ refuse them)
+            "__setattr__": object.__setattr__, "__delattr__": object.__delattr__})
+        names = [p.split("=")[0] for p in params]
+        values = [object() for _ in names]  # distinct sentinels: a field stored in another's slot shows
+        obj = twin(*values)
+        obj.__class__ = cls
+        if type(obj) is not cls:
+            return None
+        if not omit:
+            if obj != cls(*values) or repr(obj) != repr(cls(*values)):
+                return None
+        elif any(getattr(obj, n) is not v for n, v in zip(names, values)):
+            return None
+    except (TypeError, AttributeError):
+        return None
+    return twin
 
 
 # the model types the decoder builds by the hundred thousand
