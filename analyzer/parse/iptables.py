@@ -23,7 +23,7 @@ from itertools import repeat
 from analyzer.diagnostics import Diagnostic, Severity
 from analyzer.grammar_loader import grammar_text
 from analyzer.model.rules import (
-    BUILTIN_CHAINS, AddrMatch, AddrTypeMatch, Chain, FragmentMatch, IfaceMatch, Jump, OpaqueMatch,
+    BUILTIN_CHAINS, AddrMatch, AddrTypeMatch, Chain, CommentMatch, FragmentMatch, IfaceMatch, Jump, OpaqueMatch,
     ProtoMatch, Rule, Ruleset, Table, Verdict, freeze_mapping,
 )
 from analyzer.parse import options as O
@@ -2038,7 +2038,7 @@ def _compile_shape(key: tuple, plan: tuple, w: list, cs: list, line: str, family
             anchor, off = f"e{groups}", 0
     ns = {"NO_PLAN": _NO_PLAN, "DecodeError": O.DecodeError, "TGET": _TARGETS_GET, "NO_SPEC": _NO_SPEC,
           "CHAIN_SPEC": _CHAIN_SPEC, "FOREIGN": foreign_targets, "PLAIN": _plain_target,
-          "MAKE_TARGET": O.make_target, "SPAN": _new_Span, "NETS_GET": _NETWORKS_GET,
+          "MAKE_TARGET": O.make_target, "SPAN": _new_Span, "NEW": object.__new__, "NETS_GET": _NETWORKS_GET,
           "NETWORK": _fast_network, "ADDR": _new_AddrMatch, "PROTO": _new_ProtoMatch,
           "IFACE": _new_IfaceMatch, "FRAG": _new_FragmentMatch, "COMMENT": O.new_CommentMatch,
           "PORT": O.new_PortMatch, "PORT_RANGE": O.port_range, "OPAQUE": _new_OpaqueMatch,
@@ -2088,6 +2088,24 @@ def _compile_shape(key: tuple, plan: tuple, w: list, cs: list, line: str, family
             body.append(f"if m{nm} is None: return NO_PLAN")
         return f"m{nm}"
 
+    def build(var, cls, args):
+        """Statements making ``var`` a ``cls`` of the field values ``args`` (expressions): its
+        twin's fields stored in this function's own frame (see options.twin_of), or a call of
+        its fast constructor when it has no twin."""
+        twin = O.twin_of(cls)
+        if twin is None:
+            return [f"{var} = {const(O.fast_constructor(cls))}({', '.join(args)})"]
+        fields = [f.name for f in dataclasses.fields(cls)]
+        args = list(args) + [const(f.default) for f in dataclasses.fields(cls)[len(args):]]
+        return ([f"{var} = NEW({const(twin)})"] + [f"{var}.{f} = {a}" for f, a in zip(fields, args)]
+                + [f"{var}.__class__ = {const(cls)}"])
+
+    def new_object(cls, args):
+        nonlocal nm
+        nm += 1
+        body.extend(build(f"m{nm}", cls, args))
+        return f"m{nm}"
+
     def shared(c0, e0, extra, expr):
         """A match whose value repeats from rule to rule (-p tcp, --dport 80, a statistic):
         one frozen object per columns and value, kept in this shape's own dict; ``expr``
@@ -2126,7 +2144,8 @@ def _compile_shape(key: tuple, plan: tuple, w: list, cs: list, line: str, family
             args = [val[x] for x in range(a, j)]
             c0, e0 = col[c], end[j - 1]
             if handler is O._h_comment:
-                expr = f"COMMENT({c0}, {e0}, {neg}, {args[0]})"
+                (stat if is_stat else matches).append(new_object(CommentMatch, [c0, e0, str(neg), args[0]]))
+                continue
             elif handler is O._h_ports and use_mod != "multiport":
                 m0 = O._h_ports(use_mod, t, ["0"], neg, 0, 0, O.Ctx(family))
                 (stat if is_stat else matches).append(shared(
@@ -2151,7 +2170,7 @@ def _compile_shape(key: tuple, plan: tuple, w: list, cs: list, line: str, family
                          "if net is None or net.__class__ is not NET_CLASS:",
                          f"    net = NETWORK({a0}, ctx, {family})",
                          "    if net is None: return NO_PLAN"]
-                matches.append(new_match(f"ADDR({c0}, {e0}, {neg}, {g!r}, (net,))"))
+                matches.append(new_object(AddrMatch, [c0, e0, str(neg), repr(g), "(net,)"]))
             elif g == "proto":
                 if shape[j - 3] is None:
                     return None
@@ -2204,16 +2223,17 @@ def _compile_shape(key: tuple, plan: tuple, w: list, cs: list, line: str, family
         elif opts:  # a target with options: built by its maker (as _plain_target leaves it)
             body.append(f"target = MAKE_TARGET({name}, [{', '.join(opts)}], ctx, {tc}, len(line) + 1, {goto})")
         elif goto or tspec is None or tspec is _CHAIN_SPEC:
-            body.append(f"target = JUMP({tc}, {te}, {name}, {goto})")
+            body += build("target", Jump, [tc, te, name, str(goto)])
         else:
             body += [f"target = PLAIN({name}, (), {goto}, {const(tspec)}, {tc}, {te})",
                      "if target is None:",
                      f"    target = MAKE_TARGET({name}, [], ctx, {tc}, {te}, {goto})"]
     if generic:
         body.append("if ctx.host_names: return NO_PLAN")
-    body += [f"return RULE({key[0]!r}, chain.name, len(chain.rules) + 1, "
-             f"({''.join(x + ', ' for x in matches)}), target, SPAN(path, n, 1, len(line) + 1), "
-             f"line, {counters})"]
+    body += build("span", Span, ["path", "n", "1", "len(line) + 1"])
+    body += build("rule", Rule, [repr(key[0]), "chain.name", "len(chain.rules) + 1",
+                                 f"({''.join(x + ', ' for x in matches)})", "target", "span", "line", counters])
+    body.append("return rule")
     vs = ", ".join(f"v{g}" for g in range(1, groups + 1))
     spans = ", ".join(f"(s{g}, e{g})" for g in range(1, groups + 1))
     src = (f"def decode(m, chain, chains, path, n, line, ctx):\n"

@@ -27,16 +27,14 @@ def fast_constructor(cls, omit: tuple = ()):
     their slots, without the generated ``__init__``'s per-field ``object.__setattr__`` calls. A
     large dump builds about a million of these (kube-proxy, 10k services).
 
-    The object is built as a *twin* of ``cls``: a plain class with the same base and the same
-    slots whose ``__init__`` stores each field with an ordinary (specialised) attribute store,
-    and then becomes a ``cls`` by ``__class__`` assignment, which CPython allows only between
-    classes of the same layout (it checks, and raises otherwise). Three times as fast as the
-    generated ``__init__`` and about 40% faster than calling each slot's ``__set__``, which is
-    the fallback when the twin cannot be made or does not give an object equal to ``cls``'s own.
-    When the class runs anything else on construction (``__post_init__``, default factories,
-    ``init=False`` fields) or has no slots, the class itself is returned. Fields named in
-    ``omit`` are neither taken nor set (their slots stay empty: a lazily parsed rule's
-    ``matches`` and ``target``).
+    The object is made as an instance of the class's *twin* (:func:`twin_of`), its fields stored
+    with ordinary (specialised) attribute stores, and then becomes a ``cls`` by ``__class__``
+    assignment, which CPython allows only between classes of the same layout (it checks, and
+    raises otherwise). About twice as fast as the generated ``__init__``; calling each slot's
+    ``__set__`` is the fallback when ``cls`` has no twin. When the class runs anything else on
+    construction (``__post_init__``, default factories, ``init=False`` fields) or has no slots,
+    the class itself is returned. Fields named in ``omit`` are neither taken nor set (their
+    slots stay empty: a lazily parsed rule's ``matches`` and ``target``).
 
     >>> from analyzer.model.rules import CommentMatch
     >>> new = fast_constructor(CommentMatch)
@@ -44,13 +42,11 @@ def fast_constructor(cls, omit: tuple = ()):
     >>> c == CommentMatch(3, 9, False, "web"), type(c) is CommentMatch
     (True, True)
     """
-    if not dataclasses.is_dataclass(cls) or hasattr(cls, "__post_init__") or "__slots__" not in vars(cls):
-        return cls
-    fields = dataclasses.fields(cls)
-    if any(not f.init or f.default_factory is not dataclasses.MISSING for f in fields):
+    fields = _init_fields(cls)
+    if fields is None:
         return cls
     ns = {"_new": object.__new__, "_cls": cls}
-    params, body, stores = [], [], []
+    params, setters, stores = [], [], []
     for k, f in enumerate(fields):
         if f.name in omit:
             continue
@@ -63,47 +59,63 @@ def fast_constructor(cls, omit: tuple = ()):
         else:
             ns[f"_default{k}"] = f.default
             params.append(f"{f.name}=_default{k}")
-        body.append(f"    _set{k}(_obj, {f.name})")
-        stores.append(f"    self.{f.name} = {f.name}\n")
-    name = f"new_{cls.__name__}" + ("_without_" + "_".join(omit) if omit else "")
-    twin = _twin(cls, params, stores, omit, ns)
+        setters.append(f"    _set{k}(_obj, {f.name})\n")
+        stores.append(f"    _obj.{f.name} = {f.name}\n")
+    twin = twin_of(cls)
     if twin is not None:
         ns["_twin"] = twin
-        args = ", ".join(p.split("=")[0] for p in params)
-        src = f"def new({', '.join(params)}):\n    _obj = _twin({args})\n    _obj.__class__ = _cls\n    return _obj\n"
+        src = f"def new({', '.join(params)}):\n    _obj = _new(_twin)\n" + "".join(stores) + \
+            "    _obj.__class__ = _cls\n    return _obj\n"
     else:
-        src = f"def new({', '.join(params)}):\n    _obj = _new(_cls)\n" + "\n".join(body) + "\n    return _obj\n"
+        src = f"def new({', '.join(params)}):\n    _obj = _new(_cls)\n" + "".join(setters) + "    return _obj\n"
     exec(src, ns)  # as dataclasses builds __init__
-    ns["new"].__qualname__ = name
+    ns["new"].__qualname__ = f"new_{cls.__name__}" + ("_without_" + "_".join(omit) if omit else "")
     return ns["new"]
 
 
-def _twin(cls, params: list, stores: list, omit: tuple, defaults: dict):
-    """A class laid out as ``cls`` (same single base, same own slots) whose ``__init__`` takes
-    ``params`` and stores them (``stores``) as ordinary attributes, or None when it cannot be
-    made or an object it builds does not turn into one equal to what ``cls`` builds."""
-    if len(cls.__bases__) != 1 or omit and not all(f in cls.__slots__ for f in omit):
+def _init_fields(cls):
+    """The fields of a frozen, slotted dataclass whose constructor only stores them, else None."""
+    if not dataclasses.is_dataclass(cls) or hasattr(cls, "__post_init__") or "__slots__" not in vars(cls):
         return None
-    ns = dict(defaults)  # the parameters' default values
-    exec(f"def __init__(self, {', '.join(params)}):\n" + "".join(stores) + "    pass\n", ns)  # noqa: S102
+    fields = dataclasses.fields(cls)
+    if any(not f.init or f.default_factory is not dataclasses.MISSING for f in fields):
+        return None
+    return fields
+
+
+_TWINS: dict = {}
+
+
+def twin_of(cls):
+    """A plain class laid out as the frozen model dataclass ``cls`` (same single base, same own
+    slots) on which attributes are stored as usual, or None. An object made with
+    ``object.__new__(twin)`` whose every field is stored becomes a ``cls`` by
+    ``obj.__class__ = cls`` (CPython checks that the two layouts match); what
+    :func:`fast_constructor` and the parse's compiled rule shapes do instead of calling the
+    frozen ``__init__``. Checked once per class: an object built so must equal (and repr as)
+    the one ``cls`` builds from the same values, else None."""
+    if cls in _TWINS:
+        return _TWINS[cls]
+    _TWINS[cls] = None
+    fields = _init_fields(cls)
+    if fields is None or len(cls.__bases__) != 1:
+        return None
     try:
         twin = type(f"_{cls.__name__}Twin", cls.__bases__, {
-            "__slots__": cls.__slots__, "__init__": ns["__init__"], "__module__": __name__,
+            "__slots__": cls.__slots__, "__module__": __name__,
             # plain attribute stores (the frozen base's __setattr__ and __delattr__ refuse them)
             "__setattr__": object.__setattr__, "__delattr__": object.__delattr__})
-        names = [p.split("=")[0] for p in params]
-        values = [object() for _ in names]  # distinct sentinels: a field stored in another's slot shows
-        obj = twin(*values)
+        values = [object() for _ in fields]  # distinct sentinels: a field stored in another's slot shows
+        obj = object.__new__(twin)
+        for f, v in zip(fields, values):
+            setattr(obj, f.name, v)
         obj.__class__ = cls
-        if type(obj) is not cls:
-            return None
-        if not omit:
-            if obj != cls(*values) or repr(obj) != repr(cls(*values)):
-                return None
-        elif any(getattr(obj, n) is not v for n, v in zip(names, values)):
+        want = cls(*values)
+        if type(obj) is not cls or obj != want or repr(obj) != repr(want):
             return None
     except (TypeError, AttributeError):
         return None
+    _TWINS[cls] = twin
     return twin
 
 
