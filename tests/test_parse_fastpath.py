@@ -226,3 +226,49 @@ def test_fast_constructors_build_the_frozen_model_classes_themselves():
     lazy = O.fast_constructor(M.Rule, omit=("matches", "target"))(
         "nat", "X", 1, Span("p", 1, 1, 5), "-A X", None, lambda: ((), None))
     assert type(lazy) is M.Rule and lazy.matches == () and lazy.target is None
+
+
+def _address_like(rng) -> str:
+    """A word that is, or nearly is, an IPv4 address, prefix or NAT range."""
+    octet = lambda: rng.choice([str(rng.randrange(256)), str(rng.randrange(256, 999)), "0", "00", "01", "010",
+                                "0x0a", "1e", "٣", "", " 1", "25"])  # noqa: E731
+    parts = [octet() for _ in range(rng.choice([4, 4, 4, 4, 3, 2, 1, 5]))]
+    s = ".".join(parts)
+    s += rng.choice(["", "", f"/{rng.randrange(40)}", "/", "/08", "/٣", " x", "\x00"])
+    return s
+
+
+def test_fast_addresses_and_nat_ranges_agree_with_the_general_way():
+    """The compiled shapes' dotted-quad shortcut (-s/-d) and the NAT range shortcut give what
+    options.network and the general NAT range parse give, and leave anything else to them."""
+    from analyzer.parse import options as O
+
+    def no_shortcut(_):
+        raise OSError
+
+    def outcome(f, *a, **k):
+        try:
+            r = f(*a, **k)
+        except O.DecodeError as e:
+            return e.code
+        return r if r is None else (r, str(r), sorted(vars(r)) if hasattr(r, "__dict__") else None)
+
+    rng = random.Random(7)
+    ctx = O.Ctx(4)
+    for _ in range(20000):
+        a = _address_like(rng)
+        I._NETWORKS.pop(a, None)
+        assert outcome(I._fast_network, a, ctx, 4) == outcome(O.network, a, ctx), a
+        r = a.split("/")[0] + rng.choice(["", f":{rng.randrange(70000)}", f":{rng.randrange(9)}-{rng.randrange(9)}",
+                                          ":", ":80-", ":08", ":٣", "-10.0.0.1", "-10.0.0.1:80"])
+        assert outcome(O._nat_range, r, ctx) == outcome(O._nat_range, r, ctx, aton=no_shortcut), r
+
+
+def test_addresses_with_non_ascii_digits_are_invalid_not_a_crash():
+    """'٣' is a digit to a regular expression's \\d and to int(), not to inet_aton (OSError) nor
+    to iptables: PRS005/PRS006, as any other invalid address, on every way of decoding."""
+    text = ("*nat\n:PREROUTING ACCEPT [0:0]\n:X - [0:0]\n-A X -s 10.0.0.1/32 -j ACCEPT\n"
+            "-A X -s 10.0.٣.1/32 -j ACCEPT\n-A X -p tcp -j DNAT --to-destination 10.0.0.1:80\n"
+            "-A X -p tcp -j DNAT --to-destination 10.0.٣.1:80\n-A X -d ١.2.3.4 -j ACCEPT\nCOMMIT\n")
+    res = load_ruleset((text, "digits.rules"))
+    assert [(d.code, d.span.line) for d in res.diagnostics] == [("PRS005", 5), ("PRS006", 7), ("PRS005", 8)]

@@ -1978,15 +1978,28 @@ class _Compiled:
         self.match, self.decode, self.key = match, decode, key
 
 
-def _fast_network(a, ctx, family, v4=O._V4_MATCH, aton=socket.inet_aton, v4_network=O._v4_network):
+_PREFIX_LENGTHS = {str(p): p for p in range(33)}  # '/N' as _V4 accepts it (no leading zero)
+
+
+def _fast_network(a, ctx, family, aton=socket.inet_aton, ntoa=socket.inet_ntoa, v4_network=O._v4_network,
+                  prefixes=_PREFIX_LENGTHS.get):
     """One address of -s/-d in a compiled shape: None when _replay's slow way must decide."""
-    m = v4(a) if family == 4 else None
-    if m is not None:  # a dotted quad: what options.network builds for it, without its layers
-        p = m.group(2)
-        net = v4_network(int.from_bytes(aton(m.group(1)), "big"), int(p) if p else 32)
-        if len(_NETWORKS) < 65536:
-            _NETWORKS[a] = net
-        return net
+    if family == 4:
+        addr, slash, p = a.partition("/")
+        try:
+            packed = aton(addr)
+        except (OSError, ValueError):
+            packed = None
+        # a dotted quad as inet_ntoa writes it, which is what _V4 accepts (inet_aton alone also
+        # takes '10.1', '010.0.0.1', '0x0a.0.0.1', '1.2.3.4 junk'): what options.network builds
+        # for it, without its layers
+        if packed is not None and ntoa(packed) == addr:
+            plen = prefixes(p) if slash else 32
+            if plen is not None:
+                net = v4_network(int.from_bytes(packed, "big"), plen)
+                if len(_NETWORKS) < 65536:
+                    _NETWORKS[a] = net
+                return net
     if "," in a:
         return None
     net = O.network(a, ctx)  # DecodeError: _replay reports it

@@ -438,9 +438,10 @@ def port_list(s: str, ctx: Ctx) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-# dotted-quad IPv4 as ipaddress accepts it (no leading zeros), optionally with a /prefix length
+# dotted-quad IPv4 as ipaddress accepts it (no leading zeros, ASCII digits: inet_aton refuses
+# others with OSError), optionally with a /prefix length
 _V4 = re.compile(r"((?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d))"
-                 r"(?:/(3[0-2]|[12]?\d))?")
+                 r"(?:/(3[0-2]|[12]?\d))?", re.ASCII)
 _V4_MATCH = _V4.fullmatch
 
 
@@ -570,22 +571,28 @@ def nat_range(s: str, ctx: Ctx, need_addr: bool = True) -> NatRange:
     return r
 
 
-# ADDR or ADDR:PORT[-PORT] of IPv4 (kube-proxy's DNAT --to-destination): no string splitting
-_NAT_V4_MATCH = re.compile(_V4.pattern.split("(?:/")[0] + r"(?::([0-9]+)(?:-([0-9]+))?)?").fullmatch
 
 
-def _nat_range(s: str, ctx: Ctx) -> NatRange:
-    m = _NAT_V4_MATCH(s) if ctx.family == 4 else None
-    if m is not None:
-        lo = _v4_address(int.from_bytes(socket.inet_aton(m[1]), "big"))
-        p, q = m[2], m[3]
-        if p is None:
-            return new_NatRange(lo, lo, None, None)
-        pl = int(p)
-        ph = int(q) if q is not None else pl
-        if ph <= 65535 and pl <= ph:
-            return new_NatRange(lo, lo, pl, ph)
-        # out of range: the general way below says so
+def _nat_range(s: str, ctx: Ctx, aton=socket.inet_aton, ntoa=socket.inet_ntoa) -> NatRange:
+    if ctx.family == 4:
+        # ADDR or ADDR:PORT[-PORT] of IPv4 (kube-proxy's DNAT --to-destination), what
+        # _NAT_V4_MATCH accepts: a dotted quad as inet_ntoa writes it, ports of ASCII digits
+        addr, colon, ports = s.partition(":")
+        try:
+            packed = aton(addr)
+        except (OSError, ValueError):
+            packed = None
+        if packed is not None and ntoa(packed) == addr:
+            lo = _v4_address(int.from_bytes(packed, "big"))
+            if not colon:
+                return new_NatRange(lo, lo, None, None)
+            p, dash, q = ports.partition("-")
+            if p.isascii() and p.isdigit() and (not dash or q.isascii() and q.isdigit()):
+                pl = int(p)
+                ph = int(q) if dash else pl
+                if ph <= 65535 and pl <= ph:
+                    return new_NatRange(lo, lo, pl, ph)
+        # anything else, or ports out of range: the general way below decides and says so
     addr, ports = s, None
     if not s:
         raise DecodeError("PRS006", "empty NAT range: iptables refuses it (\"Bad IP address \"\"\")",
