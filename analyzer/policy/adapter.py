@@ -19,6 +19,7 @@ from analyzer.source import Span
 
 PORT_PROTOS = (6, 17, 132)
 _MOD_PROTO = {"tcp": 6, "udp": 17, "sctp": 132, "dccp": 33, "udplite": 136}
+_PORTED = frozenset(_MOD_PROTO.values())
 REACHED = ("forwarded", "delivered-locally", "sent", "tproxy", "delivered")
 
 
@@ -448,17 +449,17 @@ def _indexed_parts(chain):
     if hit is None or hit[0] is not chain:
         dsts, by_dst, by_port = set(), [], []
         for r in chain.rules:
-            d, p, port = _key(r.text)
+            d, p, port = _key(r.text)  # p: the protocol's number
             if d is None:
-                if port is not None and p in _MOD_PROTO:  # bucketed by destination port
-                    by_port.append({"proto": _MOD_PROTO[p], "dport": (int(port), int(port))})
+                if port is not None and p in _PORTED:  # bucketed by destination port
+                    by_port.append({"proto": p, "dport": (int(port), int(port))})
                 continue
             a = ipaddress.ip_address(d)
             dsts.add(a)
             c = {"dst": a}
-            if p in _MOD_PROTO or p == "icmp":
-                c["proto"] = {"icmp": 1}.get(p, _MOD_PROTO.get(p))
-                if port is not None and p in _MOD_PROTO:
+            if p in _PORTED or p == 1:
+                c["proto"] = p
+                if port is not None and p in _PORTED:
                     c["dport"] = (int(port), int(port))
             by_dst.append(c)
         hit = _INDEXED[id(chain)] = (chain, dsts, by_dst, by_port)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from analyzer.engine.packetset import PacketSpace
 from analyzer.policy.adapter import DumpTarget, EnvTarget, FlowClass, TargetError, explore, match_set
+from analyzer.parse.options import PROTOCOLS
 from analyzer.policy.spec import FlowSel
 from analyzer.source import Span
 
@@ -123,11 +124,19 @@ def _key(text: str) -> tuple:
     rules whose keys differ in a pinned field never match the same packet.
 
     >>> _key("-A KUBE-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 53 -j KUBE-SVC-X")
-    ('10.96.0.10', 'tcp', '53')
+    ('10.96.0.10', 6, '53')
     >>> _key("-A X ! -d 10.0.0.1/32 -j DROP")
     (None, None, None)
     >>> _key('-A X -m comment --comment "was -d 10.0.0.9 --dport 22" -p udp -j DROP')
-    (None, 'udp', None)
+    (None, 17, None)
+
+    The protocol is compared by number (``-p 6`` is ``-p tcp``), and ``-p all`` (or ``0``) pins
+    none:
+
+    >>> _key("-A X -d 10.0.0.1/32 -p 6 -j DROP") == _key("-A X -d 10.0.0.1/32 -p tcp -j DROP")
+    True
+    >>> _key("-A X -d 10.0.0.1/32 -p all -j DROP")
+    ('10.0.0.1', None, None)
     """
     out = []
     if "--comment" in text:  # a '-d' or '--dport' inside a comment pins nothing
@@ -135,6 +144,11 @@ def _key(text: str) -> tuple:
     for rx in (_KEY_DST, _KEY_PROTO, _KEY_DPORT):
         m = rx.search(text)
         out.append(m.group(1) if m else None)
+    if out[1] is not None:
+        p = out[1].lower()
+        out[1] = int(p) if p.isdecimal() else PROTOCOLS.get(p, p)
+        if out[1] == 0:  # '-p all': every protocol
+            out[1] = None
     return tuple(out)
 
 

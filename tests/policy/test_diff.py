@@ -75,6 +75,23 @@ def test_reordered_disjoint_rules_are_no_change(tmp_path, capsys):
     assert rc == 0 and doc["rule_changes"] == []
 
 
+@pytest.mark.parametrize("proto", ["all", "6", "TCP"])
+def test_reordered_rules_overlap_whatever_the_protocol_is_called(tmp_path, capsys, proto):
+    """`-p all` matches tcp, and `-p 6` is `-p tcp`: the DROP of port 22 moved behind an ACCEPT
+    of the same address written so is a change (it was taken for disjoint rules)."""
+    base = SIMPLE.replace("-A FORWARD -d 10.0.0.0/24 -p tcp -j ACCEPT",
+                          f"-A FORWARD -d 10.0.0.5/32 -p {proto} -j ACCEPT")
+    old, new = tmp_path / "old.rules", tmp_path / "new.rules"
+    old.write_text(base)
+    lines = base.splitlines()
+    lines[4], lines[5] = lines[5], lines[4]
+    new.write_text("\n".join(lines) + "\n")
+    rc, doc = _diff(capsys, old, new)
+    assert rc == 1
+    (ch,) = doc["changes"]
+    assert ch["kind"] == "newly-allowed" and ch["packets"] == "tcp any -> 10.0.0.5:22"
+
+
 def test_policy_change_newly_blocked_text_and_sarif(tmp_path, capsys):
     old, new = tmp_path / "old.rules", tmp_path / "new.rules"
     old.write_text(SIMPLE.replace(":FORWARD DROP", ":FORWARD ACCEPT"))

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from analyzer.engine.packetset import PacketSpace
 from analyzer.parse import load_ruleset
 from analyzer.policy.adapter import DumpTarget, explore, make_namespace, witness_packet
 from analyzer.policy.spec import flow_selector
 
 
-def _dump(seed: int) -> str:
+def _dump(seed: int, tcp: str = "tcp") -> str:
+    """``tcp``: how the port-bucketed rules name the protocol (iptables takes ``6`` too)."""
     rng = random.Random(seed)
     rules = []
     for i in range(40):  # > 32 rules: the walker indexes the chain by destination
@@ -20,15 +23,16 @@ def _dump(seed: int) -> str:
         rules.append(f"-A BIG -d 10.0.0.{i * 3 + 1}/32 -p tcp -m tcp --dport {port} -j {verdict}")
     rules.append("-A BIG -s 10.1.0.0/16 -p tcp -m tcp --dport 1000:2000 -j DROP")
     for port in rng.sample(range(2000, 3000), 4):  # no destination: bucketed by port (walk.ChainIndex)
-        rules.append(f'-A BIG -p tcp -m comment --comment "was --dport {port + 1}" -m tcp --dport {port} -j DROP')
+        rules.append(f'-A BIG -p {tcp} -m comment --comment "was --dport {port + 1}" -m tcp --dport {port} -j DROP')
     return "\n".join(["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]",
                       ":BIG - [0:0]", "-A FORWARD -d 10.0.0.0/24 -j BIG",
                       "-A FORWARD -d 10.0.0.64/26 -p udp -j REJECT", *rules, "COMMIT", ""])
 
 
-def test_every_member_of_a_class_has_the_witness_fate():
+@pytest.mark.parametrize("tcp", ["tcp", "6"])
+def test_every_member_of_a_class_has_the_witness_fate(tcp):
     for seed in range(3):
-        res = load_ruleset([(_dump(seed), f"big{seed}.rules")])
+        res = load_ruleset([(_dump(seed, tcp), f"big{seed}.rules")])
         ns = make_namespace(["10.0.0.254/24@eth1", "10.1.0.254/16@eth0"])
         t = DumpTarget(res.ruleset, ns, "big")
         sel = flow_selector({"iif": "eth0", "proto": ["tcp", "udp"], "src": "10.0.0.0/8",
