@@ -22,8 +22,9 @@ MAX_HOPS = 16
 #: at most this many distinct journeys per direction of one connection; more are counted as not
 #: followed and reported (kube-proxy's endpoint choice forks once per endpoint)
 MAX_OUTCOMES = 64
-#: namespace walks remembered by a World (oldest forgotten first)
-MEMO_SIZE = 20000
+#: namespace walks that later flows may share, remembered by a World (oldest forgotten first;
+#: a 10,000-service environment of three kube-proxy nodes reuses ~50,000 of them)
+MEMO_SIZE = 50000
 
 
 #: the namespace of a single dump (``synack explain DUMP``) when walked as an environment
@@ -54,6 +55,11 @@ class World:
         self.walkers: dict[str, Walker] = {}
         self.max_outcomes = max_outcomes or MAX_OUTCOMES
         self._memo: OrderedDict = OrderedDict()
+        # the walks only the flow being followed can ask again (its own destination, or a
+        # conntrack entry of its own connection): kept apart and forgotten with the flow, so
+        # that they do not push out of the memo the walks later flows share (begin_flow)
+        self._flow_memo: dict = {}
+        self._flow_dst: tuple | None = None
         self.memo_hits = 0
         self.memo_misses = 0
         # namespace -> (Cilium node namespace, its veth there); node namespace -> its CiliumNode with
@@ -74,18 +80,33 @@ class World:
         branches themselves, for a caller that only reads them and their conntrack entries."""
         key = _MemoKey((ns, pkt, iif, reply_mode, _ct_key(ct), bridged_via,
                         tuple(from_port) if from_port is not None else None, local_origin))
+        hit = self._flow_memo.get(key)
+        if hit is not None:
+            self.memo_hits += 1
+            return [b.fork() for b in hit] if fresh else list(hit)
         hit = self._memo.get(key)
         if hit is None:
             self.memo_misses += 1
             hit = pipeline.run(self.walker(ns, pkt.family), self, ns, pkt, iif, ct, reply_mode, bridged_via,
                                from_port, local_origin)
-            self._memo[key] = hit
-            if len(self._memo) > MEMO_SIZE:
-                self._memo.popitem(last=False)
+            fd = self._flow_dst
+            if fd is not None and ((pkt.dport == fd[1] and pkt.dst == fd[0]) or (pkt.sport == fd[1] and pkt.src == fd[0])
+                                   or (ct is not None and ct.original.dport == fd[1] and ct.original.dst == fd[0])):
+                self._flow_memo[key] = hit
+            else:
+                self._memo[key] = hit
+                if len(self._memo) > MEMO_SIZE:
+                    self._memo.popitem(last=False)
         else:
             self.memo_hits += 1
             self._memo.move_to_end(key)
         return [b.fork() for b in hit] if fresh else list(hit)
+
+    def begin_flow(self, flow: Packet) -> None:
+        """A flow is followed: forget the walks only the previous one could ask again."""
+        if self._flow_dst != (flow.dst, flow.dport):
+            self._flow_memo.clear()
+            self._flow_dst = (flow.dst, flow.dport)
 
     def walker(self, ns: str, family: int) -> Walker:
         key = f"{ns}/{family}"
@@ -511,6 +532,8 @@ def follow_all(world: World, start: str, flow: Packet, uid=None, gid=None, depth
     one Trip per distinct (request, reply, second leg) branch, each with its probability
     (``Trip.prob``; None when an uncertain match forked it). Never empty."""
     flow = replace(flow, uid=uid, gid=gid)
+    if depth == 0:
+        world.begin_flow(flow)
     reqs, unfollowed = travel_all(world, Tracker(), start, flow, None, "request", reply_mode=False)
     trips: list[Trip] = []
     for req, tracker in reqs:

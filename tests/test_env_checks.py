@@ -111,6 +111,35 @@ def test_namespace_walks_are_memoized():
     assert [t.client_sees for t in again] == [t.client_sees for t in first]
 
 
+def test_a_flows_own_walks_leave_the_memo_with_it():
+    """The walks that carry a flow's destination or its own conntrack entry are kept apart and
+    forgotten when another flow starts; the walks later flows share (an endpoint's node and pod)
+    stay, and the answers are those of a fresh World."""
+    from analyzer.crosshost import World, follow_all
+    from analyzer.netfilter.walk import parse_flow
+
+    env = load_environment(str(ROOT / "samples" / "env" / "kubeproxy-three-endpoints.yaml"))
+    service = parse_flow("tcp 10.244.0.5:40000 -> 10.96.0.20:80")
+    direct = parse_flow("tcp 10.244.0.5:40000 -> 10.244.1.5:8080")
+    world = World(env)
+    follow_all(world, "pod-a", service)
+    own = dict(world._flow_memo)
+
+    def carries(key, dst):  # the walk's packet, or the original of its conntrack entry
+        pkt, ct = key.key[1], key.key[4]
+        return dst in (pkt.dst, pkt.src) or (ct is not None and ct[0].dst == dst)
+    assert own and all(carries(k, service.dst) for k in own)
+    assert not any(carries(k, service.dst) for k in world._memo)
+    shared = {k for k in world._memo if k.key[0] == "pod-c"}
+    assert shared  # the endpoint's own walks: any flow that reaches pod-c asks them again
+    after = follow_all(world, "pod-a", direct)
+    assert not set(own) & set(world._flow_memo) and shared <= set(world._memo)
+    fresh = follow_all(World(env), "pod-a", direct)
+    def seen(trips):  # (Journey compares by identity; its hops are tuples)
+        return [(t.request.hops, t.request.end, t.reply and t.reply.hops, t.client_sees) for t in trips]
+    assert seen(after) == seen(fresh)
+
+
 def test_default_route_without_dev_takes_the_gateway_device():
     import ipaddress
 
