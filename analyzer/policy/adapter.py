@@ -438,43 +438,45 @@ def _net_atoms(space, namespaces, bounds) -> list[PacketSet]:
 _INDEXED: dict = {}     # id(chain) -> (chain, destinations, dst-bucket parts, port-bucket parts)
 
 
-def _indexed_dsts(chain) -> set:
-    return _indexed_parts(chain)[1]
-
-
-def _indexed_parts(chain):
-    from analyzer.policy.diff import _key
+def _indexed_parts(chain, family: int = 4):
+    """The big-chain index's buckets as the walker builds them (`walk.ChainIndex`, the same
+    `chain_index_key` of each rule): the bucketed destinations, and for each rule bucketed by
+    destination (by destination port) the header its key and its protocol pin. Read from the
+    rule itself, not from its text, so that whatever the walker buckets is covered here."""
+    from analyzer.netfilter.walk import chain_index_key
 
     hit = _INDEXED.get(id(chain))
     if hit is None or hit[0] is not chain:
         dsts, by_dst, by_port = set(), [], []
         for r in chain.rules:
-            d, p, port = _key(r.text)  # p: the protocol's number
-            if d is None:
-                if port is not None and p in _PORTED:  # bucketed by destination port
-                    by_port.append({"proto": p, "dport": (int(port), int(port))})
-                continue
-            a = ipaddress.ip_address(d)
-            dsts.add(a)
-            c = {"dst": a}
-            if p in _PORTED or p == 1:
-                c["proto"] = p
-                if port is not None and p in _PORTED:
-                    c["dport"] = (int(port), int(port))
-            by_dst.append(c)
+            d, port = chain_index_key(r, family)
+            if d is None and port is None:
+                continue  # looked at by every walk: never skipped
+            # the protocol narrows the set when the rule is decoded; a lazily parsed rule is not
+            # decoded for it (12,955 KUBE-SERVICES rules: 1.3 s), its set is then wider (sound)
+            proto = None if r.pending is not None else next(
+                (m.number for m in r.matches if isinstance(m, ProtoMatch) and not m.negated and m.number), None)
+            c = {"proto": proto} if proto is not None else {}
+            if port is not None:
+                c["dport"] = (port, port)
+            if d is not None:
+                dsts.add(d)
+                by_dst.append({"dst": d, **c})
+            else:
+                by_port.append(c)
         hit = _INDEXED[id(chain)] = (chain, dsts, by_dst, by_port)
         while len(_INDEXED) > 16:
             _INDEXED.pop(next(iter(_INDEXED)))
     return hit
 
 
-def _indexed_space(space: PacketSpace, chain, cache: dict, field: str) -> PacketSet:
+def _indexed_space(space: PacketSpace, chain, cache: dict, field: str, family: int = 4) -> PacketSet:
     """An over-approximation of the packets the destination-bucketed (``field`` dst) or the
     port-bucketed (dport) rules of an indexed chain can match (each rule's destination, protocol and port as far as its text
     pins them). ``cache``: per exploration (sets belong to one packet space)."""
     hit = cache.get((id(chain), field))
     if hit is None or hit[0] is not chain:
-        parts = _indexed_parts(chain)[2 if field == "dst" else 3]
+        parts = _indexed_parts(chain, family)[2 if field == "dst" else 3]
         hit = cache[(id(chain), field)] = (chain, space.union(space.where(**c) for c in parts))
     return hit[1]
 
@@ -558,7 +560,7 @@ def _index_atoms(space, cls, pkt, indexes, u_cache) -> list:
         return []
     for chain in {id(c): c for c in indexes}.values():
         for fld, value in multi.items():
-            u = _indexed_space(space, chain, u_cache, fld)
+            u = _indexed_space(space, chain, u_cache, fld, pkt.family)
             if (cls & u).is_empty():
                 continue  # no skipped rule can match any packet of the class
             if not (cls - u).is_empty():

@@ -60,3 +60,34 @@ def test_a_dst_cidr_over_a_big_chain_splits_per_matching_destination_only():
     assert sorted(c.text for c in ex.classes) == ["tcp any -> 10.0.0.0/25,10.0.0.128/26,10.0.0.192/27,"
                                                   "10.0.0.224/28,10.0.0.240/29,10.0.0.248/30,... (8 ranges):22",
                                                   "tcp any -> 10.0.0.254:22"]
+
+
+def test_rules_the_walker_buckets_however_they_are_spelled_split_the_classes():
+    """The walker's big-chain index buckets `--destination A --destination-port N` and
+    `--dport N:N` as it buckets `-d A --dport N`; the classes must split there too (the
+    adapter read the buckets from the rule text with its own patterns, missed these spellings,
+    and put 10.0.0.77:22, which the chain drops, in a class whose witness is forwarded)."""
+    rules = [f"-A BIG -d 10.0.0.{i}/32 -p tcp -m tcp --dport 80 -j ACCEPT" for i in range(1, 40)]
+    rules += ["-A BIG --destination 10.0.0.77/32 --protocol tcp -m tcp --destination-port 22 -j DROP",
+              "-A BIG -p tcp -m tcp --dport 2222:2222 -j DROP"]
+    text = "\n".join(["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]",
+                      ":BIG - [0:0]", "-A FORWARD -j BIG", *rules, "COMMIT", ""])
+    t = DumpTarget(load_ruleset([(text, "spelled.rules")]).ruleset,
+                   make_namespace(["10.0.0.254/24@eth1", "10.1.0.254/16@eth0"]), "spelled")
+    rng = random.Random(7)
+    for dst, dport in (("10.0.0.0/24", 22), ("10.0.0.77", "2000-3000")):
+        sel = flow_selector({"iif": "eth0", "proto": "tcp", "src": "10.1.0.0/16", "dst": dst, "dport": dport})
+        ex = explore([t], sel, space=PacketSpace())
+        assert ex.complete
+        dropped = set()
+        for c in ex.classes:
+            want = c.fates[0].signature()
+            probes = [{"dst": 0x0A00004D, "dport": 22}, {"dst": 0x0A00004D, "dport": 2222}]
+            probes += [{"dst": rng.getrandbits(32), "dport": rng.getrandbits(16)} for _ in range(6)]
+            for prefer in probes:
+                pkt = witness_packet(c.packets.pick(prefer=prefer), 4)
+                got, _ = t.walk(pkt, sel)
+                assert got.signature() == want, (c.text, c.witness.tuple_str(), pkt.tuple_str())
+            if want[0][0] == "dropped":
+                dropped.add(c.text)
+        assert dropped == {"tcp 10.1.0.0/16 -> 10.0.0.77:22" if dport == 22 else "tcp 10.1.0.0/16 -> 10.0.0.77:2222"}
