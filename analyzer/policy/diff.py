@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from analyzer.engine.packetset import PacketSpace
 from analyzer.policy.adapter import DumpTarget, EnvTarget, FlowClass, TargetError, explore, match_set
+from analyzer.model.rules import ProtoMatch
 from analyzer.parse.options import PROTOCOLS
 from analyzer.policy.spec import FlowSel
 from analyzer.source import Span
@@ -114,53 +115,45 @@ def _chains(rs):
             yield t.name, c
 
 
-_KEY_DST = re.compile(r"(?<!! )-d (\d+\.\d+\.\d+\.\d+|[0-9a-fA-F:]+)(?:/(?:32|128))?(?= )")
-_KEY_PROTO = re.compile(r"(?<!! )-p (\w+)")
-_KEY_DPORT = re.compile(r"(?<!! )--dport (\d+)(?= |$)")
+def _key(rule, family: int) -> tuple:
+    """(destination, protocol number, destination port) ``rule`` pins down, None for any: two
+    rules whose keys differ in a pinned field never match the same packet. Destination and port
+    are the walker's own big-chain key (`walk.chain_index_key`: a single positive ``-d A/32``,
+    a single positive ``--dport N``, however spelled); the protocol a positive ``-p`` other than
+    ``all``. A lazily parsed rule is read from its text when it has kube-proxy's service shape
+    and not decoded for its protocol otherwise (then None: wider, which is safe).
 
-
-def _key(text: str) -> tuple:
-    """(destination, protocol, destination port) a rule's text pins down, None for any: two
-    rules whose keys differ in a pinned field never match the same packet.
-
-    >>> _key("-A KUBE-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 53 -j KUBE-SVC-X")
-    ('10.96.0.10', 6, '53')
-    >>> _key("-A X ! -d 10.0.0.1/32 -j DROP")
-    (None, None, None)
-    >>> _key('-A X -m comment --comment "was -d 10.0.0.9 --dport 22" -p udp -j DROP')
-    (None, 17, None)
-
-    The protocol is compared by number (``-p 6`` is ``-p tcp``), and ``-p all`` (or ``0``) pins
-    none:
-
-    >>> _key("-A X -d 10.0.0.1/32 -p 6 -j DROP") == _key("-A X -d 10.0.0.1/32 -p tcp -j DROP")
-    True
-    >>> _key("-A X -d 10.0.0.1/32 -p all -j DROP")
-    ('10.0.0.1', None, None)
+    >>> from analyzer.parse import load_ruleset
+    >>> rs = load_ruleset([("*filter\\n:X - [0:0]\\n"
+    ...     "-A X -d 10.96.0.10/32 -p tcp -m tcp --dport 53 -j ACCEPT\\n"
+    ...     "-A X ! -d 10.0.0.1/32 -j DROP\\n"
+    ...     '-A X -p udp -m comment --comment "was -d 10.0.0.9 --dport 22" -j DROP\\n'
+    ...     "-A X --destination 10.0.0.1 -p 6 -m tcp --destination-port 22:22 -j DROP\\n"
+    ...     '-A X -d 10.0.0.1/32 -p all -j LOG --log-prefix "-d 10.0.0.2 "\\nCOMMIT\\n', "x")]).ruleset
+    >>> [_key(r, 4) for r in rs.chain("filter", "X").rules]  # doctest: +NORMALIZE_WHITESPACE
+    [(IPv4Address('10.96.0.10'), 6, 53), (None, None, None), (None, 17, None),
+     (IPv4Address('10.0.0.1'), 6, 22), (IPv4Address('10.0.0.1'), None, None)]
     """
-    out = []
-    if "--comment" in text:  # a '-d' or '--dport' inside a comment pins nothing
-        text = _COMMENT.sub("", text)
-    for rx in (_KEY_DST, _KEY_PROTO, _KEY_DPORT):
-        m = rx.search(text)
-        out.append(m.group(1) if m else None)
-    if out[1] is not None:
-        p = out[1].lower()
-        out[1] = int(p) if p.isdecimal() else PROTOCOLS.get(p, p)
-        if out[1] == 0:  # '-p all': every protocol
-            out[1] = None
-    return tuple(out)
+    from analyzer.netfilter.walk import _KUBE_SERVICE_RULE, chain_index_key
+
+    dst, port = chain_index_key(rule, family)
+    if rule.pending is not None:  # read from the text: still undecoded
+        m = _KUBE_SERVICE_RULE.match(rule.text)
+        return dst, (PROTOCOLS[m.group(2)] if m else None), port
+    proto = next((m.number for m in rule.matches if isinstance(m, ProtoMatch) and not m.negated and m.number), None)
+    return dst, proto, port
 
 
 def _compatible(a: tuple, b: tuple) -> bool:
     return all(x is None or y is None or x == y for x, y in zip(a, b))
 
 
-def _reordered(ra: list[str], rb: list[str]) -> tuple[set, set]:
+def _reordered(ra: list[str], rb: list[str], rules_a: list, family: int) -> tuple[set, set]:
     """Indices (old side, new side) of common rules whose order relative to a rule they can
     overlap with changed: only those can change a packet's fate by moving. kube-proxy writes
     KUBE-SERVICES in Go map order, different at every sync; its rules pin distinct
-    destination/port pairs, so the shuffle is no change."""
+    destination/port pairs, so the shuffle is no change. ``rules_a``: the old side's rules
+    (``ra`` are their identities), read for what each pins (`_key`)."""
     from collections import Counter, defaultdict
 
     def occ(seq):
@@ -180,7 +173,7 @@ def _reordered(ra: list[str], rb: list[str]) -> tuple[set, set]:
     seq = [x for _, x in common]
     stay = _lis_items(seq, [pos_b[x] for x in seq])
     pos_a = {x: i for i, x in enumerate(oa)}
-    keys = {x: _key(x[0]) for _, x in common}
+    keys = {x: _key(rules_a[i], family) for i, x in common}
     sem = {x: _COMMENT.sub("", x[0]) for _, x in common}
     by_dst, by_port, wild_dst, wild_port = defaultdict(list), defaultdict(list), [], []
     for _, x in common:
@@ -261,7 +254,9 @@ def changed_rules(old_rs, new_rs) -> list[RuleChange]:
             seen[t] += 1
             if seen[t] > cb[t] - came[t]:
                 out.append(RuleChange("new", key[0], key[1], b.rules[j], b.rules[j].span, t))
-        oi, ni = _reordered(ra, rb)
+        if a is None or b is None:  # a chain on one side only: nothing moved
+            continue
+        oi, ni = _reordered(ra, rb, a.rules, old_rs.family)
         for i in sorted(oi):
             out.append(RuleChange("old", key[0], key[1], a.rules[i], a.rules[i].span, ra[i]))
         for j in sorted(ni):
