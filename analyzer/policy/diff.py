@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from analyzer.engine.packetset import PacketSpace
 from analyzer.policy.adapter import DumpTarget, EnvTarget, FlowClass, TargetError, explore, match_set
-from analyzer.model.rules import ProtoMatch
+from analyzer.model.rules import Jump, ProtoMatch
 from analyzer.parse.options import PROTOCOLS
 from analyzer.policy.spec import FlowSel
 from analyzer.source import Span
@@ -292,10 +292,26 @@ class _Reach:
                 pos += len(r.text) + 1
             blob = self._blob[table] = ("\n".join(r.text for r in rules) + "\n", starts, rules)
         text, starts, rules = blob
-        out = []
-        for m in re.finditer(r" -[jg] " + re.escape(chain) + r"(?=[ \n])", text):
-            r = rules[bisect.bisect_right(starts, m.start()) - 1]
-            if r.chain != chain:
+        out, seen = [], set()
+        name = re.escape(chain)
+        fast = re.compile(r"\s-[jg] " + name + r"(?=\s|$)")
+        # every rule that names the chain as a word; one written '-j CHAIN' is a caller (or
+        # names it in a comment: then the reach is wider, which is safe), any other spelling
+        # (--jump, --goto, quoted) is decided by its decoded target
+        for m in re.finditer(name, text):  # a literal: scanned fast; the word boundaries below
+            a, b = m.start(), m.end()
+            if a and text[a - 1] in "\"'":
+                a -= 1
+            if b < len(text) and text[b] in "\"'":
+                b += 1
+            if not (text[a - 1:a].isspace() and text[b:b + 1].isspace()):
+                continue
+            i = bisect.bisect_right(starts, m.start()) - 1
+            r = rules[i]
+            if i in seen or r.chain == chain:
+                continue
+            seen.add(i)
+            if fast.search(r.text) or (isinstance(r.target, Jump) and r.target.chain == chain):
                 out.append(r)
         self._callers[key] = out
         return out

@@ -92,6 +92,21 @@ def test_reordered_rules_overlap_whatever_the_protocol_is_called(tmp_path, capsy
     assert ch["kind"] == "newly-allowed" and ch["packets"] == "tcp any -> 10.0.0.5:22"
 
 
+@pytest.mark.parametrize("jump", ["--jump CHK", "--goto CHK", "-g CHK", '-j "CHK"'])
+def test_a_change_in_a_chain_reached_by_any_spelling_of_the_jump(tmp_path, capsys, jump):
+    """The chain's callers were found by ' -j CHAIN' in the text: a chain reached by
+    '--jump CHAIN' had no callers, its packets were none, and removing its DROP was 'No flow
+    changes fate' (exit 0)."""
+    old, new = tmp_path / "old.rules", tmp_path / "new.rules"
+    head = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:CHK - [0:0]\n"
+    old.write_text(head + f"-A FORWARD {jump}\n-A CHK -p tcp -m tcp --dport 22 -j DROP\nCOMMIT\n")
+    new.write_text(head + f"-A FORWARD {jump}\nCOMMIT\n")
+    rc, doc = _diff(capsys, old, new)
+    assert rc == 1
+    (ch,) = doc["changes"]
+    assert ch["kind"] == "newly-allowed" and ch["packets"] == "tcp any -> any:22"
+
+
 def test_policy_change_newly_blocked_text_and_sarif(tmp_path, capsys):
     old, new = tmp_path / "old.rules", tmp_path / "new.rules"
     old.write_text(SIMPLE.replace(":FORWARD DROP", ":FORWARD ACCEPT"))
