@@ -183,6 +183,8 @@ def shadowed_in_chain(tt: _Table, chain) -> Iterator[Finding]:
                     cand += by_dst.get(dst, [])
                     if port is not None:
                         cand += by_port.get(port, [])
+                    else:  # any port: every port-only rule may take some of its packets
+                        cand += [e for lst in by_port.values() for e in lst]
                 elif port is not None:
                     cand += by_port.get(port, []) + [e for lst in by_dst.values() for e in lst]
                 else:

@@ -125,3 +125,20 @@ COMMIT
 """
     res = load_ruleset((text, "r.rules"))
     assert run_checks(CheckContext(res.ruleset, res.files), select=["FLT001"]) == []
+
+
+@pytest.mark.parametrize("filler", [0, 60])
+def test_a_destination_rule_shadowed_by_port_rules_in_a_big_chain(filler):
+    """In a chain of more than BIG_CHAIN rules the candidates are looked up by destination and
+    port: a rule pinned to a destination but no port can be taken by earlier port-only rules,
+    which its lookup left out (found in a small chain, missed in a big one)."""
+    rules = [f"-A INPUT -d 10.9.0.{i}/32 -p udp -m udp --dport 53 -j ACCEPT" for i in range(filler)]
+    rules += ["-A INPUT -p tcp -m tcp --dport 80 -j DROP",
+              "-A INPUT -p tcp -m tcp ! --dport 80 -j DROP",
+              "-A INPUT -d 192.0.2.1/32 -p tcp -j ACCEPT"]
+    text = "\n".join(["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]",
+                      *rules, "COMMIT", ""])
+    res = load_ruleset((text, "r.rules"))
+    [d] = run_checks(CheckContext(res.ruleset, res.files), select=["FLT001"])
+    assert d.message.startswith(f"filter:INPUT:rule:{filler + 3}")
+    assert f"filter:INPUT:rule:{filler + 1}" in d.message and f"filter:INPUT:rule:{filler + 2}" in d.message
