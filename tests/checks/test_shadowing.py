@@ -142,3 +142,26 @@ def test_a_destination_rule_shadowed_by_port_rules_in_a_big_chain(filler):
     [d] = run_checks(CheckContext(res.ruleset, res.files), select=["FLT001"])
     assert d.message.startswith(f"filter:INPUT:rule:{filler + 3}")
     assert f"filter:INPUT:rule:{filler + 1}" in d.message and f"filter:INPUT:rule:{filler + 2}" in d.message
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_a_big_chain_finds_what_the_small_one_finds(seed):
+    """The random chains again, behind 60 rules no packet of theirs can match (other
+    destinations): past BIG_CHAIN rules candidates are looked up by destination and port, and
+    the findings must stay those of the small chain."""
+    def findings(text, offset):
+        res = load_ruleset((text, "r.rules"))
+        out = set()
+        for d in run_checks(CheckContext(res.ruleset, res.files), select=["FLT"]):
+            where = d.message.split(":")
+            if where[1] == "INPUT":
+                out.add((d.code, int(where[3]) - offset))
+        return out
+    rnd = random.Random(seed + 7)  # some rules pinned to the packets' one destination: keyed by it
+    lines = [x.replace("-A INPUT ", "-A INPUT -d 192.0.2.1/32 ", 1) if rnd.random() < 0.4 else x
+             for x in random_dump(random.Random(seed)).splitlines()]
+    text = "\n".join(lines) + "\n"
+    at = next(i for i, x in enumerate(lines) if x.startswith("-A "))
+    filler = [f"-A INPUT -d 10.9.{i // 250}.{i % 250}/32 -p udp -m udp --dport 53 -j ACCEPT" for i in range(60)]
+    big = "\n".join(lines[:at] + filler + lines[at:]) + "\n"
+    assert findings(big, 60) - {(c, i) for c, i in findings(big, 60) if i <= 0} == findings(text, 0)
