@@ -730,6 +730,13 @@ def _coverage_text(c: dict) -> str:
              f"({c['unreachable_listeners']} of them to untranslated listeners, not flagged), "
              f"{c['left_environment']} left the environment, "
              f"{c['branches_not_followed']} branches over the cap of {c['max_outcomes']} not followed.")
+    part = c.get("translations_in_part") or []
+    if part:
+        text += f"\nTranslations followed in part or not at all: {len(part)}"
+        for p in part[:10]:
+            text += f"\n  {p['path']}:{p['line']}: {p['why']}: {p['rule']}"
+        if len(part) > 10:
+            text += f"\n  ... and {len(part) - 10} more (-o json lists every one)"
     return text
 
 

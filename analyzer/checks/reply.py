@@ -30,10 +30,21 @@ def outbound_catchall(spec) -> bool:
     return False
 
 
-def service_destinations(spec):
+def service_destinations(spec, partly: list | None = None, listen_ports=()):
     """(address, proto, port) a namespace translates: rules in nat PREROUTING/OUTPUT (and the
     chains they reach) with a destination port that DNAT/REDIRECT or jump on to a translation.
-    A rule without ``-d`` stands for every address of the namespace (a pod's REDIRECT)."""
+    A rule without ``-d`` stands for every address of the namespace (a pod's REDIRECT).
+
+    A rule with ``-d`` addresses but no destination port (one-to-one NAT: every port of the
+    address) is dialled at ``listen_ports`` (``(proto, port)`` of every listener of the
+    environment), the ports a client of that address can get an answer from.
+
+    ``partly`` (a list) receives ``(rule, why)`` for every translating rule followed only in
+    part or not at all: such a rule with no listener to dial, a destination given as a network
+    rather than addresses, a port range or list (its first port stands for it). lint --env says
+    so after its findings. (A translating rule with neither ``-d`` nor a port, such as a
+    kube-proxy endpoint's DNAT or Istio's catch-all REDIRECT, is reached by the flows to the
+    destinations before it and to the listeners.)"""
     rs = spec.ruleset
     if rs is None or "nat" not in rs.tables:
         return []
@@ -62,12 +73,20 @@ def service_destinations(spec):
             elif not isinstance(t, Redirect):
                 continue
             ports = [m for m in r.matches if isinstance(m, PortMatch) and m.direction == "dst" and not m.negated]
+            dsts = [m for m in r.matches if isinstance(m, AddrMatch) and m.direction == "dst" and not m.negated]
             if not ports:
+                if dsts:  # one-to-one NAT: every port of the address; dial the listening ones
+                    _every_port(r, dsts, listen_ports, partly, seen, out)
                 continue
             proto = next((m.number for m in r.matches if isinstance(m, ProtoMatch) and not m.negated), 6) or 6
-            dsts = [m for m in r.matches if isinstance(m, AddrMatch) and m.direction == "dst" and not m.negated]
+            nports = sum(hi - lo + 1 for lo, hi in ports[0].ranges)
+            if partly is not None and nports > 1:
+                partly.append((r, f"a port range or list: its first port of {nports} followed"))
             if dsts:
                 addrs = [n.network_address for m in dsts for n in m.networks if n.num_addresses == 1]
+                if partly is not None and len(addrs) < sum(len(m.networks) for m in dsts):
+                    partly.append((r, "a destination network: not followed" if not addrs
+                                   else "a destination network: only its single addresses followed"))
             else:
                 # the namespace's first address stands for all of them (a NodePort rule does not
                 # look at the address; dialling every address of every node multiplies the work)
@@ -79,6 +98,27 @@ def service_destinations(spec):
                         seen.add(key)
                         out.append((key, r))
     return out
+
+
+def _every_port(r, dsts, listen_ports, partly, seen: set, out: list) -> None:
+    """A translating rule with ``-d`` addresses and no port: its addresses at every listening port
+    (of the rule's protocol when it has one)."""
+    proto = next((m.number for m in r.matches if isinstance(m, ProtoMatch) and not m.negated), 0)
+    addrs = [n.network_address for m in dsts for n in m.networks if n.num_addresses == 1]
+    if partly is not None and len(addrs) < sum(len(m.networks) for m in dsts):
+        partly.append((r, "a destination network: not followed" if not addrs
+                       else "a destination network: only its single addresses followed"))
+    dial = [(p, port) for p, port in listen_ports if not proto or p == proto]
+    if addrs and not dial:
+        if partly is not None:
+            partly.append((r, "no destination port, and no listener in the environment to dial: not followed"))
+        return
+    for a in addrs:
+        for p, port in dial:
+            key = (a, p, port)
+            if key not in seen:
+                seen.add(key)
+                out.append((key, r))
 
 
 def _reachable(table, roots):
@@ -151,8 +191,11 @@ def environment_trips(ctx: CheckContext):
     world = World(env)
     clients = env.clients or list(env.namespaces)
     targets: list = []
+    partly: list = []
+    listen_ports = sorted({({"tcp": 6, "udp": 17, "sctp": 132}.get(l.proto, 6), l.port)
+                           for s in env.namespaces.values() for l in s.listeners})
     for name, spec in env.namespaces.items():
-        targets += [(name, key, set(clients), True) for key, _ in service_destinations(spec)]
+        targets += [(name, key, set(clients), True) for key, _ in service_destinations(spec, partly, listen_ports)]
         if spec.cilium is not None:  # the frontends of a Cilium node's service dumps
             from analyzer.netfilter.cilium import destinations
             inside = {c for c, (node, _) in world.cilium_cover.items() if node == name}
@@ -178,7 +221,10 @@ def environment_trips(ctx: CheckContext):
                         targets.append((name, (addr, proto, l.port), {name}, False))
     cov = {"services": 0, "clients": 0, "flows": 0, "outcomes": 0, "endpoints": 0, "requests_delivered": 0,
            "replies_followed": 0, "never_arrived": 0, "left_environment": 0, "unreachable_listeners": 0,
-           "branches_not_followed": 0, "max_outcomes": world.max_outcomes}
+           "branches_not_followed": 0, "max_outcomes": world.max_outcomes,
+           # translating rules followed in part or not at all (service_destinations)
+           "translations_in_part": [{"path": r.span.path, "line": r.span.line, "rule": r.text, "why": why}
+                                    for r, why in partly]}
     import gc
     gc_was_on = gc.isenabled()
     # the walks allocate millions of small objects that form no reference cycles (every

@@ -452,8 +452,10 @@ def diff_envs(old: EnvTarget, new: EnvTarget, limit: int = 256) -> DiffResult:
                 rchanges += changed_rules(ra or Ruleset(fam, {}, ()), rb or Ruleset(fam, {}, ()))
     dests = set()
     for t in (old, new):
+        listen_ports = sorted({({"tcp": 6, "udp": 17, "sctp": 132}.get(l.proto, 6), l.port)
+                               for s in t.env.namespaces.values() for l in s.listeners})
         for name, spec in t.env.namespaces.items():
-            for (addr, proto, port), _ in service_destinations(spec):
+            for (addr, proto, port), _ in service_destinations(spec, None, listen_ports):
                 dests.add((addr, proto, port))
             for l in spec.listeners:
                 for _, a in spec.net.local_addresses():

@@ -1,0 +1,83 @@
+"""lint --env says which translating rules it could not follow as a client would dial them."""
+from __future__ import annotations
+
+import json
+
+from analyzer.cli import main
+
+RULES = """*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+-A PREROUTING -d 10.7.2.100/32 -j DNAT --to-destination 10.7.3.3
+-A PREROUTING -d 10.7.2.64/26 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.7.3.3:8080
+-A PREROUTING -d 10.7.2.1/32 -p tcp -m tcp --dport 8000:8009 -j DNAT --to-destination 10.7.3.3:8080
+-A PREROUTING -d 10.7.2.1/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.7.3.3:8080
+COMMIT
+"""
+
+ENV = """namespaces:
+  client:
+    addresses: [10.7.2.2/24@eth0]
+    routes: ["default via 10.7.2.1 dev eth0"]
+  router:
+    iptables: router.rules
+    addresses: [10.7.2.1/24@eth0, 10.7.2.100/32@eth0, 10.7.3.1/24@eth1]
+    sysctls: {net.ipv4.ip_forward: 1}
+  server:
+    addresses: [10.7.3.3/24@eth0]
+    routes: ["default via 10.7.3.1 dev eth0"]
+    listeners:
+      - {port: 8080, name: app}
+links:
+  - veth: ["client:eth0", "router:eth0"]
+  - veth: ["router:eth1", "server:eth0"]
+"""
+
+
+def test_translations_followed_in_part_are_named(tmp_path, capsys):
+    (tmp_path / "router.rules").write_text(RULES)
+    env = tmp_path / "env.yaml"
+    env.write_text(ENV)
+    main(["lint", "--env", str(env), "--jobs", "1"])
+    out = capsys.readouterr().out
+    assert "Translations followed in part or not at all: 2" in out
+    assert "router.rules:7: a destination network: not followed" in out
+    assert "router.rules:8: a port range or list: its first port of 10 followed" in out
+    # one-to-one NAT (no port): dialled at the environment's listening port
+    assert "dialled 10.7.2.100:8080" in out
+    main(["lint", "--env", str(env), "--jobs", "1", "-o", "json"])
+    doc = json.loads(capsys.readouterr().out)
+    part = doc["coverage"]["translations_in_part"]
+    assert [(p["line"], p["why"].split(":")[0]) for p in part] == [
+        (7, "a destination network"), (8, "a port range or list")]
+    assert doc["coverage"]["services"] == 4  # 10.7.2.100:8080, 10.7.2.1:8000 and :80, the listener
+
+
+def test_one_to_one_nat_without_a_listener_is_named(tmp_path, capsys):
+    (tmp_path / "router.rules").write_text(RULES)
+    env = tmp_path / "env.yaml"
+    env.write_text(ENV.replace("    listeners:\n      - {port: 8080, name: app}\n", ""))
+    main(["lint", "--env", str(env), "--jobs", "1"])
+    out = capsys.readouterr().out
+    assert "router.rules:6: no destination port, and no listener in the environment to dial: not followed" in out
+
+
+def test_nothing_said_when_every_translation_is_followed(tmp_path, capsys):
+    (tmp_path / "router.rules").write_text("\n".join(l for l in RULES.splitlines() if "10.7.2.1/32" in l
+                                                     or not l.startswith("-A")) + "\n")
+    env = tmp_path / "env.yaml"
+    env.write_text(ENV)
+    main(["lint", "--env", str(env), "--jobs", "1"])
+    out = capsys.readouterr().out
+    assert "Translations followed in part" in out  # the port range is still followed in part
+    (tmp_path / "router.rules").write_text(RULES.replace(
+        "-A PREROUTING -d 10.7.2.1/32 -p tcp -m tcp --dport 8000:8009 -j DNAT --to-destination 10.7.3.3:8080\n", "")
+        .replace("-A PREROUTING -d 10.7.2.100/32 -j DNAT --to-destination 10.7.3.3\n", "")
+        .replace("-A PREROUTING -d 10.7.2.64/26 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.7.3.3:8080\n", ""))
+    main(["lint", "--env", str(env), "--jobs", "1"])
+    out = capsys.readouterr().out
+    assert "Translations followed in part" not in out and "Covered:" in out
+    main(["lint", "--env", str(env), "--jobs", "1", "-o", "json"])
+    assert json.loads(capsys.readouterr().out)["coverage"]["translations_in_part"] == []
