@@ -16,15 +16,16 @@ from analyzer.netfilter.pipeline import _ifaces
 from analyzer.netfilter.trace import (  # noqa: F401 (Hop, Journey, Trip re-exported)
     Bridge, Conntrack as CT, Hop, Journey, JourneyBuilder, Kind, Step, Trip, bridge_step,
 )
-from analyzer.netfilter.walk import Branch, Conntrack, Packet, Walker
+from analyzer.netfilter.walk import Branch, Conntrack, Packet, Walker, evolve
 
 MAX_HOPS = 16
 #: at most this many distinct journeys per direction of one connection; more are counted as not
 #: followed and reported (kube-proxy's endpoint choice forks once per endpoint)
 MAX_OUTCOMES = 64
 #: namespace walks that later flows may share, remembered by a World (oldest forgotten first;
-#: a 10,000-service environment of three kube-proxy nodes reuses ~50,000 of them)
-MEMO_SIZE = 50000
+#: a 10,000-service environment of three kube-proxy nodes reuses ~50,000 of them, ~40,000 in
+#: each of two workers)
+MEMO_SIZE = 40000
 
 
 #: the namespace of a single dump (``synack explain DUMP``) when walked as an environment
@@ -60,6 +61,7 @@ class World:
         # that they do not push out of the memo the walks later flows share (begin_flow)
         self._flow_memo: dict = {}
         self._flow_dst: tuple | None = None
+        self._tuples: dict = {}  # (namespace, family) -> whether no rule reads a conntrack tuple
         self.memo_hits = 0
         self.memo_misses = 0
         # namespace -> (Cilium node namespace, its veth there); node namespace -> its CiliumNode with
@@ -73,11 +75,14 @@ class World:
 
     def walk(self, ns: str, pkt: Packet, iif: str | None, reply_mode: bool, ct: Conntrack | None,
              bridged_via: str | None = None, from_port: tuple | None = None,
-             local_origin: bool | None = None, fresh: bool = True) -> list[Branch]:
+             local_origin: bool | None = None, fresh: bool = True, replay: bool = True) -> list[Branch]:
         """Every outcome of ``pkt`` arriving in ``ns`` on ``iif`` (None: sent by a local process,
         unless ``local_origin`` is False: arriving on an unnamed interface), in the walker's
         order: fresh copies that callers may change, or (``fresh=False``) the remembered
         branches themselves, for a caller that only reads them and their conntrack entries."""
+        if replay and ct is not None and not fresh and not ct.snat and type(ct) is Conntrack \
+                and not self._flow_local(pkt, None) and self._tuple_free(ns, pkt.family):
+            return self._reply_walk(ns, pkt, iif, reply_mode, ct, bridged_via, from_port, local_origin)
         key = _MemoKey((ns, pkt, iif, reply_mode, _ct_key(ct), bridged_via,
                         tuple(from_port) if from_port is not None else None, local_origin))
         hit = self._flow_memo.get(key)
@@ -89,9 +94,7 @@ class World:
             self.memo_misses += 1
             hit = pipeline.run(self.walker(ns, pkt.family), self, ns, pkt, iif, ct, reply_mode, bridged_via,
                                from_port, local_origin)
-            fd = self._flow_dst
-            if fd is not None and ((pkt.dport == fd[1] and pkt.dst == fd[0]) or (pkt.sport == fd[1] and pkt.src == fd[0])
-                                   or (ct is not None and ct.original.dport == fd[1] and ct.original.dst == fd[0])):
+            if self._flow_local(pkt, ct):
                 self._flow_memo[key] = hit
             else:
                 self._memo[key] = hit
@@ -101,6 +104,60 @@ class World:
             self.memo_hits += 1
             self._memo.move_to_end(key)
         return [b.fork() for b in hit] if fresh else list(hit)
+
+    def _flow_local(self, pkt: Packet, ct: Conntrack | None) -> bool:
+        """Whether a walk carries the followed flow's destination, in its packet or as the
+        original destination of its conntrack entry: no other flow asks it again."""
+        fd = self._flow_dst
+        return fd is not None and ((pkt.dport == fd[1] and pkt.dst == fd[0]) or (pkt.sport == fd[1] and pkt.src == fd[0])
+                                   or (ct is not None and ct.original.dport == fd[1] and ct.original.dst == fd[0]))
+
+    def _tuple_free(self, ns: str, family: int) -> bool:
+        """Whether no rule of the namespace matches a conntrack entry's tuple (``-m conntrack
+        --ctorigsrc/--ctorigdst/--ctreplsrc/...``, read from the rules' text: a lazily parsed
+        dump is not decoded for it)."""
+        hit = self._tuples.get((ns, family))
+        if hit is None:
+            spec = self.env.namespaces[ns]
+            rs = spec.ruleset if family == 4 else spec.ruleset6
+            hit = self._tuples[(ns, family)] = rs is None or not any(
+                "--cto" in r.text or "--ctr" in r.text for r in rs.rules())
+        return hit
+
+    def _reply_walk(self, ns, pkt, iif, reply_mode, ct, bridged_via, from_port, local_origin) -> list[Branch]:
+        """The walk of a packet of a known connection (``ct``, not source-translated) in a
+        namespace whose rules never read an entry's tuple: the rules see the same fields for
+        every connection whose reply the packet is (state, status, mark; tuple aside), so the
+        walk is remembered without the tuple and replayed for each connection: each outcome
+        gets its own copy of the entry with that connection's tuple, and the reverse
+        destination translation (conntrack's, at POSTROUTING or INPUT: the last step of the
+        walk) puts that connection's original destination back as the source."""
+        key = _MemoKey((ns, pkt, iif, reply_mode, (pkt.src == ct.reply_src, ct.dnat, ct.untracked, ct.mark,
+                        ct.in_use, ct.confirmed, ct.invalid, ct.existing), bridged_via,
+                        tuple(from_port) if from_port is not None else None, local_origin, _REPLAYED))
+        hit = self._memo.get(key)
+        if hit is None:
+            self.memo_misses += 1
+            brs = pipeline.run(self.walker(ns, pkt.family), self, ns, pkt, iif, ct, reply_mode, bridged_via,
+                               from_port, local_origin)
+            replayable = all(_replayable(b, ct) for b in brs)
+            self._memo[key] = (_ct_key(ct), brs if replayable else None)
+            if not replayable:  # walked for each entry (see _replayable), remembered with it
+                exact = _MemoKey((ns, pkt, iif, reply_mode, _ct_key(ct), bridged_via,
+                                  tuple(from_port) if from_port is not None else None, local_origin))
+                (self._flow_memo if self._flow_local(pkt, ct) else self._memo)[exact] = brs
+            while len(self._memo) > MEMO_SIZE:
+                self._memo.popitem(last=False)
+            return list(brs)
+        self.memo_hits += 1
+        self._memo.move_to_end(key)
+        first, brs = hit
+        if brs is None:
+            return self.walk(ns, pkt, iif, reply_mode, ct, bridged_via, from_port, local_origin, fresh=False,
+                             replay=False)
+        if first == _ct_key(ct):
+            return list(brs)
+        return [_replay(b, ct) for b in brs]
 
     def begin_flow(self, flow: Packet) -> None:
         """A flow is followed: forget the walks only the previous one could ask again."""
@@ -326,6 +383,36 @@ class _MemoKey:
 
     def __eq__(self, other) -> bool:
         return self.hash == other.hash and self.key == other.key
+
+
+#: marks a World memo key of a walk remembered without its conntrack entry's tuple
+_REPLAYED = "replayed"
+
+
+def _replayable(b: Branch, ct: Conntrack) -> bool:
+    """Whether outcome ``b`` of a walk with entry ``ct`` depends on the entry's tuple only through
+    its last step, conntrack's reverse destination translation, which gave ``b.pkt``."""
+    steps = b.steps
+    for i, s in enumerate(steps):
+        if s.kind is Kind.REVERSE_NAT and (i != len(steps) - 1 or s.fact != "DNAT" or s.after is not b.pkt):
+            return False
+    c = b.ct
+    return type(c) is Conntrack and (c.original, c.reply_src, c.reply_sport, c.reply_dst, c.reply_dport) == \
+        (ct.original, ct.reply_src, ct.reply_sport, ct.reply_dst, ct.reply_dport)
+
+
+def _replay(b: Branch, ct: Conntrack) -> Branch:
+    """Outcome ``b`` of a remembered walk for the connection of ``ct`` (see World._reply_walk)."""
+    c = b.ct.copy()  # what the walk did to the entry (its mark), with this connection's tuple
+    c.original, c.reply_src, c.reply_sport, c.reply_dst, c.reply_dport = (
+        ct.original, ct.reply_src, ct.reply_sport, ct.reply_dst, ct.reply_dport)
+    steps, pkt = b.steps, b.pkt
+    if steps and steps[-1].kind is Kind.REVERSE_NAT:
+        last = steps[-1]
+        o = ct.original
+        pkt = evolve(last.before, src=o.dst, sport=o.dport)
+        steps = steps[:-1] + [last._replace(after=pkt)]
+    return Branch(pkt, c, steps, b.prob, b.approx, b.disposition, b.detail, b.next_hop, b.reply, b.notracked)
 
 
 def _ct_key(ct: Conntrack | None):

@@ -126,8 +126,8 @@ def test_a_flows_own_walks_leave_the_memo_with_it():
     own = dict(world._flow_memo)
 
     def carries(key, dst):  # the walk's packet, or the original of its conntrack entry
-        pkt, ct = key.key[1], key.key[4]
-        return dst in (pkt.dst, pkt.src) or (ct is not None and ct[0].dst == dst)
+        pkt, ct = key.key[1], key.key[4]  # (a replayed reply walk's key holds no tuple)
+        return dst in (pkt.dst, pkt.src) or (ct is not None and not isinstance(ct[0], bool) and ct[0].dst == dst)
     assert own and all(carries(k, service.dst) for k in own)
     assert not any(carries(k, service.dst) for k in world._memo)
     shared = {k for k in world._memo if k.key[0] == "pod-c"}
@@ -310,3 +310,85 @@ def test_explain_prints_and_takes_its_assumptions():
     assert rc == 1 and "NAT001" in out
     rc, out, _ = run(argv + ["--sysctl", "net.ipv4.ip_forward=0"])
     assert "net.ipv4.ip_forward=0: not forwarded" in out
+
+
+_TWO_SERVICES = """\
+clients: [client]
+namespaces:
+  client:
+    addresses: [192.168.0.10/24@eth0]
+    routes: ["192.168.0.96/27 via 192.168.0.1 dev eth0"]
+  node1:
+    iptables: node1.rules
+    addresses: [192.168.0.1/24@eth0, 10.0.12.1/24@eth1]
+    routes: ["10.244.1.0/24 via 10.0.12.2 dev eth1"]
+    sysctls: {net.ipv4.ip_forward: 1}
+  node2:
+    addresses: [10.0.12.2/24@eth0, 10.244.1.1/24@cni0]
+    routes: ["192.168.0.0/24 via 10.0.12.1 dev eth0"]
+    sysctls: {net.ipv4.ip_forward: 1}
+  pod:
+    addresses: [10.244.1.5/24@eth0]
+    routes: ["default via 10.244.1.1 dev eth0"]
+    listeners: [{port: 8080, name: web}]
+links:
+  - veth: ["client:eth0", "node1:eth0"]
+  - veth: ["node1:eth1", "node2:eth0"]
+  - veth: ["node2:cni0", "pod:eth0"]
+"""
+
+
+def _two_services(tmp_path, forward_rule: str):
+    """Two services of node1 translated to the same pod: their replies cross node1 as the same
+    packet, each with its own conntrack entry."""
+    (tmp_path / "node1.rules").write_text(
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n"
+        "-A PREROUTING -d 192.168.0.100/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.244.1.5:8080\n"
+        "-A PREROUTING -d 192.168.0.101/32 -p tcp -m tcp --dport 81 -j DNAT --to-destination 10.244.1.5:8080\n"
+        "COMMIT\n*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+        f"{forward_rule}\n-A FORWARD -m conntrack --ctstate ESTABLISHED -j ACCEPT\nCOMMIT\n")
+    (tmp_path / "env.yaml").write_text(_TWO_SERVICES)
+    return load_environment(str(tmp_path / "env.yaml"))
+
+
+def _answers(trips):  # (Journey compares by identity; its hops are tuples)
+    return [(t.request.hops, t.request.end, t.reply and t.reply.hops, t.reply and t.reply.end, t.client_sees)
+            for t in trips]
+
+
+def test_a_reply_walk_is_replayed_for_each_connection_with_its_own_translation(tmp_path):
+    """node1's walk of the pod's reply is remembered without the conntrack tuple and replayed
+    for the second service: the same answers as a fresh walk, each reverse-translated to the
+    address its client dialled."""
+    from analyzer.crosshost import World, follow_all
+    from analyzer.netfilter.walk import parse_flow
+
+    env = _two_services(tmp_path, "-A FORWARD -s 10.0.0.0/8 -j LOG")
+    world = World(env)
+    flows = [parse_flow("tcp 192.168.0.10:40000 -> 192.168.0.100:80"),
+             parse_flow("tcp 192.168.0.10:40000 -> 192.168.0.101:81")]
+    first = follow_all(world, "client", flows[0])
+    hits = world.memo_hits
+    second = follow_all(world, "client", flows[1])
+    assert world.memo_hits > hits
+    replayed = [v for k, v in world._memo.items() if k.key[0] == "node1" and k.key[-1] == "replayed"]
+    assert replayed and all(brs is not None for _, brs in replayed)  # (None: walked per entry)
+    for flow, got in zip(flows, (first, second)):
+        assert _answers(got) == _answers(follow_all(World(env), "client", flow))
+        assert (got[0].client_sees.src, got[0].client_sees.sport) == (flow.dst, flow.dport)
+        node1 = [h for h in got[0].reply.hops if h.namespace == "node1"][0]
+        assert node1.ct.original.dst == flow.dst and node1.packet_out.src == flow.dst
+
+
+def test_a_rule_reading_the_conntrack_tuple_keeps_each_reply_walk_its_own(tmp_path):
+    """A rule that matches the entry's original destination sees the two replies differently:
+    nothing is replayed there, and the second service's reply is dropped as the kernel does."""
+    from analyzer.crosshost import World, follow_all
+    from analyzer.netfilter.walk import parse_flow
+
+    env = _two_services(tmp_path, "-A FORWARD -m conntrack --ctstate ESTABLISHED --ctorigdst 192.168.0.101 -j DROP")
+    world = World(env)
+    first = follow_all(world, "client", parse_flow("tcp 192.168.0.10:40000 -> 192.168.0.100:80"))
+    second = follow_all(world, "client", parse_flow("tcp 192.168.0.10:40000 -> 192.168.0.101:81"))
+    assert first[0].reply.end == "delivered" and second[0].reply.end == "dropped"
+    assert not any(k.key[0] == "node1" and k.key[-1] == "replayed" for k in world._memo)
