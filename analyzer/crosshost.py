@@ -435,7 +435,9 @@ def travel_all(world: World, tracker: Tracker, start_ns: str, pkt: Packet, iif: 
     done: list[tuple[Journey, Tracker]] = []
     unfollowed = 0
     # a branch in flight: journey so far, its tracker, where the packet is, and how it got there
-    todo = [(JourneyBuilder(), tracker, start_ns, pkt, iif, None, None, None, frozenset())]
+    # (``visited``: the places the packet was, a tuple scanned in order: a journey has a few
+    # hops, and comparing them costs less than hashing their addresses for a set at every hop)
+    todo = [(JourneyBuilder(), tracker, start_ns, pkt, iif, None, None, None, ())]
     while todo:
         j, tr, ns, pkt, arrived, bridged_via, from_port, bridged_from, visited = todo.pop()
         for _ in range(MAX_HOPS):
@@ -443,7 +445,7 @@ def travel_all(world: World, tracker: Tracker, start_ns: str, pkt: Packet, iif: 
             if key in visited:
                 j.end, j.end_ns, j.detail = "loop", ns, f"the packet comes back to {ns} unchanged: routing loop"
                 break
-            visited = visited | {key}
+            visited += (key,)
             brs = _cilium_stage(world, tr, ns, pkt, arrived, reply_mode, bridged_via, from_port)
             if brs is None:
                 ct = tr.lookup_reply(ns, pkt) if reply_mode else None

@@ -65,12 +65,17 @@ def service_destinations(spec, partly: list | None = None, listen_ports=()):
             if isinstance(t, Jump):
                 if t.chain in chains:
                     todo.append(t.chain)
-                if not _leads_to_translation(nat, t.chain):
+                if "-d" not in r.text or not _leads_to_translation(nat, t.chain):
                     continue
             elif isinstance(t, Nat):
                 if t.kind != "DNAT":
                     continue
             elif not isinstance(t, Redirect):
+                continue
+            if "-d" not in r.text:
+                # no destination address or port (every spelling has "-d": -d, --dst,
+                # --destination, --dport(s), --destination-port(s)): nothing to dial; most of a
+                # kube-proxy nat table (KUBE-SVC and KUBE-SEP), told without reading the matches
                 continue
             ports = [m for m in r.matches if isinstance(m, PortMatch) and m.direction == "dst" and not m.negated]
             dsts = [m for m in r.matches if isinstance(m, AddrMatch) and m.direction == "dst" and not m.negated]
@@ -253,15 +258,20 @@ def _flows(env, clients, targets) -> list[tuple]:
     from analyzer.netfilter.walk import Packet
 
     out, seen = [], set()
+    sources: dict = {}  # (client, family) -> the client's first address of that family
     for name, (addr, proto, port), who, translated in targets:
         for cname in [c for c in clients if c in who]:
-            src = next((a.ip for _, a in env.namespaces[cname].net.local_addresses()
-                        if a.version == addr.version and not a.ip.is_loopback), None)
+            src = sources.get((cname, addr.version), False)
+            if src is False:
+                src = sources[(cname, addr.version)] = next(
+                    (a.ip for _, a in env.namespaces[cname].net.local_addresses()
+                     if a.version == addr.version and not a.ip.is_loopback), None)
             if src is None or (cname == name and src == addr):
                 continue
-            if (cname, addr, proto, port) in seen:
+            key = (cname, addr, proto, port)
+            if key in seen:
                 continue
-            seen.add((cname, addr, proto, port))
+            seen.add(key)
             out.append((cname, name, Packet(addr.version, proto, src, addr, 40000, port), translated))
     return out
 
