@@ -81,3 +81,49 @@ def test_nothing_said_when_every_translation_is_followed(tmp_path, capsys):
     assert "Translations followed in part" not in out and "Covered:" in out
     main(["lint", "--env", str(env), "--jobs", "1", "-o", "json"])
     assert json.loads(capsys.readouterr().out)["coverage"]["translations_in_part"] == []
+
+
+RULES6 = """*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+-A PREROUTING -d 2001:db8:1::1/128 -p tcp -m tcp --dport 80 -j DNAT --to-destination [2001:db8:2::3]:9999
+-A POSTROUTING -o eth1 -j MASQUERADE
+COMMIT
+"""
+
+ENV6 = """namespaces:
+  client:
+    addresses: [2001:db8:1::2/64@eth0]
+    routes: ["default via 2001:db8:1::1 dev eth0"]
+  router:
+    ip6tables: router6.rules
+    addresses: [2001:db8:1::1/64@eth0, 2001:db8:2::1/64@eth1]
+    sysctls: {net.ipv6.conf.all.forwarding: 1}
+  server:
+    addresses: [2001:db8:2::3/64@eth0]
+    routes: ["default via 2001:db8:2::1 dev eth0"]
+    listeners:
+      - {port: 8080, name: app}
+links:
+  - veth: ["client:eth0", "router:eth0"]
+  - veth: ["router:eth1", "server:eth0"]
+"""
+
+
+def test_ip6tables_translations_are_followed(tmp_path, capsys):
+    """An ip6tables DNAT is a translated destination too (only the iptables ruleset was read:
+    the router's translated [2001:db8:1::1]:80 was never dialled)."""
+    (tmp_path / "router6.rules").write_text(RULES6)
+    env = tmp_path / "env.yaml"
+    env.write_text(ENV6)
+    main(["lint", "--env", str(env), "--jobs", "1", "-o", "json"])
+    cov = json.loads(capsys.readouterr().out)["coverage"]
+    assert cov["services"] == 2  # the DNAT and the server's listener
+    # the server's reply to the masqueraded request comes back too
+    (tmp_path / "router6.rules").write_text(RULES6.replace("-A POSTROUTING -o eth1 -j MASQUERADE\n", ""))
+    env.write_text(ENV6.replace('    routes: ["default via 2001:db8:2::1 dev eth0"]\n', ""))
+    main(["lint", "--env", str(env), "--jobs", "1", "-o", "json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert any("[2001:db8:1::1]:80" in d["message"] for d in doc["diagnostics"]), doc["diagnostics"]

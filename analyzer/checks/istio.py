@@ -4,6 +4,7 @@ packets and by comparing the ports that capture rules exclude and include.
 """
 from __future__ import annotations
 
+from analyzer.model.packet import hostport
 import ipaddress
 from dataclasses import fields
 from typing import Iterator
@@ -101,7 +102,7 @@ def redirect_without_owner_exemption(ctx: CheckContext) -> Iterator[Diagnostic]:
                 yield ctx.diag(
                     "IST001",
                     f"{red.label}: nat OUTPUT redirects every local process's TCP to "
-                    + (f"{to.dst}:{to.dport}" if to.dport is not None else f"{to.dst}") + f", the proxy's own connections included: "
+                    + (f"{hostport(to.dst, to.dport)}" if to.dport is not None else f"{to.dst}") + f", the proxy's own connections included: "
                     f"no owner or mark match exempts any of {tested}, so the proxy's upstream "
                     f"connection to {dst}:{port} is redirected back into the proxy (a loop)",
                     red.option_span(red.target),

@@ -4,6 +4,7 @@ the one walk (netfilter/walk.py) deciding where a service's packets really go.
 """
 from __future__ import annotations
 
+from analyzer.model.packet import hostport
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -170,7 +171,7 @@ def service_traffic_dropped(ctx: CheckContext) -> Iterator[Diagnostic]:
         part = "" if None in probs or sum(probs) >= 0.999999 else f" ({sum(probs):.0%} of new connections)"
         yield ctx.diag(
             "KUB001",
-            f"{sp.rule.label}: service {sp.name} ({PROTO_NAME[sp.proto]} {sp.vip}:{sp.port}) has "
+            f"{sp.rule.label}: service {sp.name} ({PROTO_NAME[sp.proto]} {hostport(sp.vip, sp.port)}) has "
             f"endpoints, yet a new connection from this node is {where} by {what}{part}",
             sp.rule.option_span(sp.rule.target), hint="remove or narrow that rule, or resync kube-proxy",
             related=((Related(f"{where} here", span),) if span else ()) + related_steps(rs, br),
@@ -354,7 +355,7 @@ def endpoint_without_hairpin_masq(ctx: CheckContext) -> Iterator[Diagnostic]:
         via, sp = owners.get(c.name, (None, None))
         port = d.target.ranges[0].port_lo
         if sp is not None:
-            wit = f"{PROTO_NAME[sp.proto]} {ep}:40000 -> {sp.vip}:{sp.port} (the endpoint calls its own service)"
+            wit = f"{PROTO_NAME[sp.proto]} {hostport(ep, 40000)} -> {hostport(sp.vip, sp.port)} (the endpoint calls its own service)"
         else:
             wit = f"tcp {ep}:40000 -> the service of {c.name} (the endpoint calls its own service)"
         yield ctx.diag(

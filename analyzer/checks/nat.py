@@ -11,6 +11,7 @@ merges them over every outcome with the failing endpoints and the share of conne
 """
 from __future__ import annotations
 
+from analyzer.model.packet import hostport
 from analyzer.crosshost import World
 from analyzer.diagnostics import APPROXIMATE, EXACT, Diagnostic, Related, Severity
 from analyzer.netfilter.trace import Bridge, Cilium, Hop, Journey, Kind, Reply, Route, Step, Trip
@@ -47,18 +48,18 @@ def reply_bypasses_translation(world: World, trip: Trip) -> Diagnostic | None:
     back = world.env.namespaces[trip.start].net.route(seen.src)
     rst = ("answers RST" if back.kind in ("unicast", "local") else
            "would answer RST but has no route to it, so the RST is dropped")
-    msg = (f"client {flow.src} dialled {flow.dst}:{flow.dport} but the reply arrives from "
-           f"{seen.src}:{seen.sport}: the client's kernel has no socket for it and {rst}; "
+    msg = (f"client {flow.src} dialled {hostport(flow.dst, flow.dport)} but the reply arrives from "
+           f"{hostport(seen.src, seen.sport)}: the client's kernel has no socket for it and {rst}; "
            f"the connect retries its SYN and times out")
     cil = _cilium_miss(world, trip, missed[0]) if missed else None
     hint = _fix_hint(world, trip, missed)
     if cil is not None:
-        msg += (f". The request {flow.dst}:{flow.dport} -> {missed[0].packet_out.dst}:"
-                f"{missed[0].packet_out.dport}: {cil[0]}")
+        msg += (f". The request {hostport(flow.dst, flow.dport)} -> "
+                f"{hostport(missed[0].packet_out.dst, missed[0].packet_out.dport)}: {cil[0]}")
         hint = cil[1]
     elif missed:
         msg += (f". The request was translated in '{missed[0].namespace}' "
-                f"({flow.dst}:{flow.dport} -> {missed[0].packet_out.dst}:{missed[0].packet_out.dport}) "
+                f"({hostport(flow.dst, flow.dport)} -> {hostport(missed[0].packet_out.dst, missed[0].packet_out.dport)}) "
                 f"but the reply {bypass}")
     return Diagnostic("NAT001", Severity.ERROR, msg, span, hint,
                       _line(world, span), APPROXIMATE if _approx(trip) else EXACT,
@@ -95,8 +96,8 @@ def hairpin_returns_to_client(world: World, trip: Trip) -> Diagnostic | None:
     rule = _translating_rule(world, hop)
     span = rule.option_span(rule.target) if rule is not None and rule.target else None
     related = (Related("destination translated here", rule.span),) if rule is not None else ()
-    msg = (f"client {flow.src} dialled {flow.dst}:{flow.dport}; '{hop.namespace}' translates it to "
-           f"{hop.packet_out.dst}:{hop.packet_out.dport}, in the client's own namespace, without "
+    msg = (f"client {flow.src} dialled {hostport(flow.dst, flow.dport)}; '{hop.namespace}' translates it to "
+           f"{hostport(hop.packet_out.dst, hop.packet_out.dport)}, in the client's own namespace, without "
            f"SNAT: the request comes back with the client's own address as source and the kernel "
            f"drops it (martian source), so no SYN+ACK ever comes; the connect retries its SYN and "
            f"times out")
@@ -117,7 +118,7 @@ def bridge_hairpin_off(world: World, trip: Trip) -> Diagnostic | None:
     bridge = req.hops[-1].namespace
     return Diagnostic(
         "NAT004", Severity.ERROR,
-        f"client {flow.src} dialled {flow.dst}:{flow.dport}; the translated request must leave "
+        f"client {flow.src} dialled {hostport(flow.dst, flow.dport)}; the translated request must leave "
         f"'{bridge}''s bridge by the port it came in on, and {req.stop.value[0]} drops it, hairpin "
         "mode is off on that port: the SYN is dropped, the connect times out",
         span, "turn on hairpin mode for that bridge port (kubelet/CNI hairpinMode, "
@@ -136,13 +137,13 @@ def split_connection_second_leg_fails(world: World, trip: Trip) -> Diagnostic | 
     loop = False
     if leg.request.end == "delivered" and leg.listener is not None and leg.listener is trip.listener:
         loop = True
-        fail = (f"the proxy's own connection to {leg.flow.dst}:{leg.flow.dport} is redirected back into "
+        fail = (f"the proxy's own connection to {hostport(leg.flow.dst, leg.flow.dport)} is redirected back into "
                 f"the proxy (port {trip.listener.port}): a loop, the owner exemption "
                 f"(-m owner --uid-owner {trip.listener.uid}) is missing or does not match")
     elif leg.request.end != "delivered":
-        fail = f"the proxy's connection to {leg.flow.dst}:{leg.flow.dport} fails: {leg.request.detail or leg.request.end}"
+        fail = f"the proxy's connection to {hostport(leg.flow.dst, leg.flow.dport)} fails: {leg.request.detail or leg.request.end}"
     elif leg.reply is None or leg.client_sees is None:
-        fail = f"the proxy's connection to {leg.flow.dst}:{leg.flow.dport} gets no usable reply"
+        fail = f"the proxy's connection to {hostport(leg.flow.dst, leg.flow.dport)} gets no usable reply"
     if not fail:
         return None
     red = next((h for h in trip.request.hops if h.namespace == trip.request.end_ns), None)
@@ -161,7 +162,7 @@ def split_connection_second_leg_fails(world: World, trip: Trip) -> Diagnostic | 
         span, (f"exempt the proxy's own traffic from the outbound REDIRECT: "
                f"'-A ISTIO_OUTPUT -m owner --uid-owner {trip.listener.uid} -j RETURN' before the redirect"
                if loop else
-               f"start the application on {leg.flow.dst}:{leg.flow.dport} (or point the proxy at the "
+               f"start the application on {hostport(leg.flow.dst, leg.flow.dport)} (or point the proxy at the "
                f"port it really listens on)"),
         _line(world, span), APPROXIMATE if _approx(trip) or _approx(leg) else EXACT, tuple(related),
         flow.tuple_str(), "split-connection-second-leg-fails")
@@ -375,10 +376,10 @@ def explain_findings(flow, outcomes, files=()) -> list[Diagnostic]:
         o = oc.forward.ct.original
         if oc.reply_ok is False and oc.client_sees is not None:
             seen = oc.client_sees
-            msg = (f"{tag}client {o.src} dialled {o.dst}:{o.dport} but the reply arrives from "
-                   f"{seen.src}:{seen.sport}: the client's kernel has no socket for it and answers RST")
+            msg = (f"{tag}client {o.src} dialled {hostport(o.dst, o.dport)} but the reply arrives from "
+                   f"{hostport(seen.src, seen.sport)}: the client's kernel has no socket for it and answers RST")
             if oc.forward.ct.dnat and oc.reply.steps and oc.reply.steps[0].fact is Reply.STRAIGHT:
-                msg += (f"; the request was translated to {oc.forward.pkt.dst}:{oc.forward.pkt.dport} here "
+                msg += (f"; the request was translated to {hostport(oc.forward.pkt.dst, oc.forward.pkt.dport)} here "
                         f"but the reply goes straight back to the client, bypassing this host's conntrack entry")
             out.append(Diagnostic("NAT001", Severity.ERROR, msg, span,
                                   "SNAT/MASQUERADE the translated flow on its way out (so the reply comes back "

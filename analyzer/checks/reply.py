@@ -5,6 +5,7 @@ These checks need an environment (``synack lint --env ENV.yaml``): without one t
 """
 from __future__ import annotations
 
+from analyzer.model.packet import hostport
 from typing import Iterator, NamedTuple
 
 from analyzer.checks import CheckContext, check
@@ -45,13 +46,18 @@ def service_destinations(spec, partly: list | None = None, listen_ports=()):
     so after its findings. (A translating rule with neither ``-d`` nor a port, such as a
     kube-proxy endpoint's DNAT or Istio's catch-all REDIRECT, is reached by the flows to the
     destinations before it and to the listeners.)"""
-    rs = spec.ruleset
-    if rs is None or "nat" not in rs.tables:
-        return []
+    out: list = []
+    seen: set = set()
+    for rs in (spec.ruleset, getattr(spec, "ruleset6", None)):  # iptables, then ip6tables
+        if rs is not None and "nat" in rs.tables:
+            _destinations(spec, rs, partly, listen_ports, seen, out)
+    return out
+
+
+def _destinations(spec, rs, partly, listen_ports, seen: set, out: list) -> None:
+    """`service_destinations` of one ruleset (one address family)."""
     nat = rs.tables["nat"]
     chains = nat.chains
-    out = []
-    seen = set()
     # the chains PREROUTING and OUTPUT reach, in _reachable's order, each read in the same pass
     # that finds the chains it jumps to (a kube-proxy nat table: ~100,000 rules, read once)
     done, todo = set(), [c for c in ("PREROUTING", "OUTPUT") if c in chains]
@@ -95,14 +101,15 @@ def service_destinations(spec, partly: list | None = None, listen_ports=()):
             else:
                 # the namespace's first address stands for all of them (a NodePort rule does not
                 # look at the address; dialling every address of every node multiplies the work)
-                addrs = [a.ip for _, a in spec.net.local_addresses() if a.version == 4 and not a.ip.is_loopback][:1]
+                addrs = [a.ip for _, a in spec.net.local_addresses()
+                         if a.version == rs.family and not a.ip.is_loopback
+                         and (rs.family == 4 or not a.ip.is_link_local)][:1]
             for a in addrs:
                 for lo, _ in ports[0].ranges[:1]:
                     key = (a, proto, lo)
                     if key not in seen:
                         seen.add(key)
                         out.append((key, r))
-    return out
 
 
 def _every_port(r, dsts, listen_ports, partly, seen: set, out: list) -> None:
@@ -412,7 +419,7 @@ def _never_arrives(world, cname: str, sname: str, outcomes) -> Diagnostic:
                 related.append(Related("the request ends here", end_rule.span))
     approx = any(t.request.approximate for t in outcomes) or any(t.prob is None for t in outcomes)
     n = len(outcomes)
-    msg = (f"client {flow.src} dialled {flow.dst}:{flow.dport}, which '{sname}' translates, but the "
+    msg = (f"client {flow.src} dialled {hostport(flow.dst, flow.dport)}, which '{sname}' translates, but the "
            f"request reaches no listener anywhere" + (f" on any of its {n} branches" if n > 1 else "")
            + ": it " + "; ".join(fates))
     return Diagnostic("NAT005", Severity.WARNING, msg, span,

@@ -58,6 +58,17 @@ class Packet:
                       tcp_flags=0x12 if self.proto == 6 else 0)
 
 
+def hostport(addr, port) -> str:
+    """``addr:port``, the address in brackets when it is IPv6 (how iptables, ss and curl write it).
+
+    >>> import ipaddress
+    >>> hostport(ipaddress.ip_address("10.0.0.1"), 80), hostport(ipaddress.ip_address("2001:db8::1"), 80)
+    ('10.0.0.1:80', '[2001:db8::1]:80')
+    """
+    v6 = getattr(addr, "version", None) == 6 or (not hasattr(addr, "version") and ":" in str(addr))
+    return f"[{addr}]:{port}" if v6 else f"{addr}:{port}"
+
+
 _PACKET_FIELDS = tuple(f.name for f in fields(Packet))
 _new = object.__new__
 # a Packet whose __init__ checks or derives something must be built through it

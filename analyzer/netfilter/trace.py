@@ -13,6 +13,7 @@ second leg). Findings read these fields, never the text.
 """
 from __future__ import annotations
 
+from analyzer.model.packet import hostport
 import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
@@ -265,7 +266,7 @@ class Step(NamedTuple):
         if k is Kind.SNAT:
             return f"SNAT to {t.ranges[0].render()}"
         if k is Kind.REDIRECT:
-            return f"REDIRECT to {a.dst}:{a.dport}" if a.dport is not None else f"REDIRECT to {a.dst}"
+            return f"REDIRECT to {hostport(a.dst, a.dport)}" if a.dport is not None else f"REDIRECT to {a.dst}"
         if k is Kind.NETMAP:
             return f"NETMAP to {a.dst if self.fact == 'dst' else a.src}"
         if k is Kind.MASQUERADE:
