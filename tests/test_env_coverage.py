@@ -17,23 +17,27 @@ RULES = """*nat
 COMMIT
 """
 
-ENV = """namespaces:
+#: a client, a router that translates, a server listening on 8080 (one address family)
+ENV_TEMPLATE = """namespaces:
   client:
-    addresses: [10.7.2.2/24@eth0]
-    routes: ["default via 10.7.2.1 dev eth0"]
+    addresses: [{client}@eth0]
+    routes: ["default via {gw1} dev eth0"]
   router:
-    iptables: router.rules
-    addresses: [10.7.2.1/24@eth0, 10.7.2.100/32@eth0, 10.7.3.1/24@eth1]
-    sysctls: {net.ipv4.ip_forward: 1}
+    {key}: {rules}
+    addresses: [{router}]
+    sysctls: {{{forwarding}: 1}}
   server:
-    addresses: [10.7.3.3/24@eth0]
-    routes: ["default via 10.7.3.1 dev eth0"]
+    addresses: [{server}@eth0]
+    routes: ["default via {gw2} dev eth0"]
     listeners:
-      - {port: 8080, name: app}
+      - {{port: 8080, name: app}}
 links:
   - veth: ["client:eth0", "router:eth0"]
   - veth: ["router:eth1", "server:eth0"]
 """
+ENV = ENV_TEMPLATE.format(client="10.7.2.2/24", gw1="10.7.2.1", key="iptables", rules="router.rules",
+                          router="10.7.2.1/24@eth0, 10.7.2.100/32@eth0, 10.7.3.1/24@eth1",
+                          forwarding="net.ipv4.ip_forward", server="10.7.3.3/24", gw2="10.7.3.1")
 
 
 def test_translations_followed_in_part_are_named(tmp_path, capsys):
@@ -93,23 +97,10 @@ RULES6 = """*nat
 COMMIT
 """
 
-ENV6 = """namespaces:
-  client:
-    addresses: [2001:db8:1::2/64@eth0]
-    routes: ["default via 2001:db8:1::1 dev eth0"]
-  router:
-    ip6tables: router6.rules
-    addresses: [2001:db8:1::1/64@eth0, 2001:db8:2::1/64@eth1]
-    sysctls: {net.ipv6.conf.all.forwarding: 1}
-  server:
-    addresses: [2001:db8:2::3/64@eth0]
-    routes: ["default via 2001:db8:2::1 dev eth0"]
-    listeners:
-      - {port: 8080, name: app}
-links:
-  - veth: ["client:eth0", "router:eth0"]
-  - veth: ["router:eth1", "server:eth0"]
-"""
+ENV6 = ENV_TEMPLATE.format(client="2001:db8:1::2/64", gw1="2001:db8:1::1", key="ip6tables",
+                           rules="router6.rules", router="2001:db8:1::1/64@eth0, 2001:db8:2::1/64@eth1",
+                           forwarding="net.ipv6.conf.all.forwarding", server="2001:db8:2::3/64",
+                           gw2="2001:db8:2::1")
 
 
 def test_ip6tables_translations_are_followed(tmp_path, capsys):

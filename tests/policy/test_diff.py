@@ -28,6 +28,16 @@ def _diff(capsys, old, new, *extra):
     return rc, json.loads(capsys.readouterr().out)
 
 
+def _swapped(tmp_path, base: str):
+    """old.rules with ``base``, new.rules with its rules 1 and 2 of FORWARD (lines 5 and 6) swapped."""
+    old, new = tmp_path / "old.rules", tmp_path / "new.rules"
+    old.write_text(base)
+    lines = base.splitlines()
+    lines[4], lines[5] = lines[5], lines[4]
+    new.write_text("\n".join(lines) + "\n")
+    return old, new
+
+
 def test_identical_rules_moved_lines_and_counters_are_no_change(tmp_path, capsys):
     text = KP.read_text()
     nat, filt = text.split("*filter")
@@ -50,13 +60,7 @@ def test_removed_hairpin_masquerade_is_now_asymmetric(capsys):
 
 
 def test_reordered_overlapping_rules_change_fate(tmp_path, capsys):
-    old = tmp_path / "old.rules"
-    new = tmp_path / "new.rules"
-    old.write_text(SIMPLE)
-    lines = SIMPLE.splitlines()
-    lines[4], lines[5] = lines[5], lines[4]     # ACCEPT now shadows the DROP of port 22
-    new.write_text("\n".join(lines) + "\n")
-    rc, doc = _diff(capsys, old, new)
+    rc, doc = _diff(capsys, *_swapped(tmp_path, SIMPLE))  # ACCEPT now shadows the DROP of port 22
     assert rc == 1
     (ch,) = doc["changes"]
     assert ch["kind"] == "newly-allowed" and ch["packets"] == "tcp any -> 10.0.0.5:22"
@@ -66,12 +70,7 @@ def test_reordered_overlapping_rules_change_fate(tmp_path, capsys):
 def test_reordered_disjoint_rules_are_no_change(tmp_path, capsys):
     base = SIMPLE.replace("-A FORWARD -d 10.0.0.0/24 -p tcp -j ACCEPT",
                           "-A FORWARD -d 10.0.0.6/32 -p tcp -m tcp --dport 80 -j ACCEPT")
-    old, new = tmp_path / "old.rules", tmp_path / "new.rules"
-    old.write_text(base)
-    lines = base.splitlines()
-    lines[4], lines[5] = lines[5], lines[4]
-    new.write_text("\n".join(lines) + "\n")
-    rc, doc = _diff(capsys, old, new)
+    rc, doc = _diff(capsys, *_swapped(tmp_path, base))
     assert rc == 0 and doc["rule_changes"] == []
 
 
@@ -81,12 +80,7 @@ def test_reordered_rules_overlap_whatever_the_protocol_is_called(tmp_path, capsy
     of the same address written so is a change (it was taken for disjoint rules)."""
     base = SIMPLE.replace("-A FORWARD -d 10.0.0.0/24 -p tcp -j ACCEPT",
                           f"-A FORWARD -d 10.0.0.5/32 -p {proto} -j ACCEPT")
-    old, new = tmp_path / "old.rules", tmp_path / "new.rules"
-    old.write_text(base)
-    lines = base.splitlines()
-    lines[4], lines[5] = lines[5], lines[4]
-    new.write_text("\n".join(lines) + "\n")
-    rc, doc = _diff(capsys, old, new)
+    rc, doc = _diff(capsys, *_swapped(tmp_path, base))
     assert rc == 1
     (ch,) = doc["changes"]
     assert ch["kind"] == "newly-allowed" and ch["packets"] == "tcp any -> 10.0.0.5:22"
