@@ -60,7 +60,9 @@ KUBE = ('-A KUBE-SEP-{k} -s 10.244.{k}.5/32 -m comment --comment "ns/svc-{k}:htt
         '-A KUBE-SVC-{k} -s 10.{k}.0.0/16 -j DROP\n'
         '-A KUBE-SVC-{k} -f -o veth{k} -c {k} 2{k} -m comment --comment svc{k} -j RETURN\n'
         '-A KUBE-SVC-{k} ! -d 10.{k}.0.1 -p tcp -m tcp ! --sport 1:{k} -m addrtype --dst-type LOCAL '
-        '-j REJECT --reject-with tcp-reset\n')
+        '-j REJECT --reject-with tcp-reset\n'
+        '-A KUBE-SEP-{k} -m addrtype --dst-type LOCAL --limit-iface-in -m addrtype ! --src-type LOCAL,UNICAST '
+        '-j KUBE-SVC-{k}\n')
 BAD = ["300.1.1.1", "db.example", "10.0.0.0/33", "eth000000000000000", "99999", "1.5", "x", "2:1",
        "10.0.0.1,10.0.0.2", "fe80::1", "10.244.1.5:70000", "0x10", "X.X.X.X", "KUBE-SVC-1", "DROP",
        "ACCEPT", "NOPE", "LOCALE", '"a b"', '""', "-x", "!", "http", "KUBE-MARK-MASQ"]

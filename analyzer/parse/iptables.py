@@ -497,16 +497,19 @@ def getopt_lookup(table, opt: str):
 
 # ---------------------------------------------------------------------------- builder
 class _ChainB:
-    __slots__ = ("name", "builtin", "policy", "span", "rules", "counters", "edited")
+    __slots__ = ("name", "builtin", "policy", "span", "rules", "counters", "edited", "mixed")
 
     def __init__(self, name, builtin, policy, span, counters=None):
         self.name, self.builtin, self.policy, self.span = name, builtin, policy, span
         # a compiled shape appends a Rule with its index; every other way appends the columns
         # (matches, target, span, text, counters), or changes the chain, and sets ``edited``:
-        # then result() numbers the rules again
+        # then result() numbers the rules again. A '-A' line decoded without a compiled shape
+        # appends its columns and sets ``mixed`` only: the Rules keep their index (appends alone
+        # leave every rule at the position it was appended at), the columns get theirs
         self.rules: list = []
         self.counters = counters
         self.edited = False
+        self.mixed = False
 
 
 class _TableB:
@@ -1072,7 +1075,7 @@ class Builder:
                             decoded = decode(sf, n, w, cs, es, 2, None, line, tname)
                         if decoded is not None:
                             chain.rules.append(decoded)
-                            chain.edited = True
+                            chain.mixed = True
                             if fast is not None and len(self.diags) == before:
                                 self._learn(fast, key, w, cs, line, n, chain, chains, path, decoded)
                         continue
@@ -1398,7 +1401,10 @@ class Builder:
                         if rec is not None:
                             rec.append((_P_MOD, handler, use_mod, t, j - nargs, j, neg,
                                         neg_at if neg and not old else i, use_mod == "statistic"))
-                            if use_mod in _SPECIAL_MODULES and use_mod != "statistic" and use_mod != "multiport":
+                            if use_mod in _SPECIAL_MODULES and use_mod != "statistic" and use_mod != "multiport" \
+                                    and (use_mod != "addrtype" or t.startswith("--limit-iface")):
+                                # addrtype's --limit-iface-in/out changes its block's other
+                                # matches after the loop (below): no plan replays that
                                 rec = None
                         if m is not None:
                             if use_mod not in _SPECIAL_MODULES:
@@ -1493,7 +1499,6 @@ class Builder:
                 mod = w[i + 1]
                 mod = _MODULE_ALIASES.get(mod, mod)
                 if mod == "addrtype":
-                    rec = None
                     addrtype_blocks.append(len(matches))  # where this -m addrtype's matches start
                 spec = _MATCH_MODULES_GET(mod)
                 mod_seen = set()
@@ -1922,7 +1927,10 @@ class Builder:
             chains = {}
             for cname, cb in tb.chains.items():
                 rl = cb.rules
-                if not cb.edited:  # every rule from a compiled shape, numbered as appended
+                if not cb.edited:  # rules appended in order: a compiled shape's Rule has its index
+                    if cb.mixed:  # columns of rules decoded another way among them
+                        rl = [x if x.__class__ is not tuple else _new_Rule(tname, cname, i, *x)
+                              for i, x in enumerate(rl, 1)]
                     chains[cname] = _new_Chain(tname, cname, cb.builtin, cb.policy if cb.builtin else None,
                                                tuple(rl), cb.span, cb.counters)
                     continue
