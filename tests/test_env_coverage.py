@@ -118,3 +118,23 @@ def test_ip6tables_translations_are_followed(tmp_path, capsys):
     main(["lint", "--env", str(env), "--jobs", "1", "-o", "json"])
     doc = json.loads(capsys.readouterr().out)
     assert any("[2001:db8:1::1]:80" in d["message"] for d in doc["diagnostics"]), doc["diagnostics"]
+
+
+def test_a_dual_stack_listener_is_dialled_in_both_families(tmp_path, capsys):
+    """A listener is dialled at the namespace's first address of each family (it was the first
+    address only: an ip6tables DROP in front of a dual-stack server went unseen)."""
+    (tmp_path / "router6.rules").write_text("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n"
+                                            ":OUTPUT ACCEPT [0:0]\n-A FORWARD -p tcp -m tcp --dport 8080 -j DROP\n"
+                                            "COMMIT\n")
+    env = tmp_path / "env.yaml"
+    env.write_text(ENV_TEMPLATE.format(
+        client="10.7.2.2/24@eth0, 2001:db8:1::2/64", gw1="10.7.2.1", key="ip6tables", rules="router6.rules",
+        router="10.7.2.1/24@eth0, 10.7.3.1/24@eth1, 2001:db8:1::1/64@eth0, 2001:db8:2::1/64@eth1",
+        forwarding="net.ipv4.ip_forward: 1, net.ipv6.conf.all.forwarding", server="10.7.3.3/24@eth0, 2001:db8:2::3/64",
+        gw2="10.7.3.1").replace('routes: ["default via 10.7.3.1 dev eth0"]',
+                                'routes: ["default via 10.7.3.1 dev eth0", "default via 2001:db8:2::1 dev eth0"]')
+        .replace('routes: ["default via 10.7.2.1 dev eth0"]',
+                 'routes: ["default via 10.7.2.1 dev eth0", "default via 2001:db8:1::1 dev eth0"]'))
+    main(["lint", "--env", str(env), "--jobs", "1", "-o", "json"])
+    cov = json.loads(capsys.readouterr().out)["coverage"]
+    assert cov["services"] == 2 and cov["unreachable_listeners"] >= 1, cov

@@ -218,8 +218,7 @@ def environment_trips(ctx: CheckContext):
         for l in spec.listeners:
             if l.proxy_to:
                 continue  # reached through a REDIRECT/TPROXY, covered by the translated destinations
-            addr = next((a.ip for _, a in spec.net.local_addresses() if not a.ip.is_loopback), None)
-            if addr is not None:
+            for addr in _dial_addresses(spec):
                 proto = {"tcp": 6, "udp": 17, "sctp": 132}.get(l.proto, 6)
                 targets.append((name, (addr, proto, l.port), set(clients) - {name}, False))
         if name in clients and outbound_catchall(spec):  # (reads the whole nat table: clients only)
@@ -227,8 +226,7 @@ def environment_trips(ctx: CheckContext):
                 if other == name:
                     continue
                 for l in ospec.listeners:
-                    addr = next((a.ip for _, a in ospec.net.local_addresses() if not a.ip.is_loopback), None)
-                    if addr is not None:
+                    for addr in _dial_addresses(ospec):
                         proto = {"tcp": 6, "udp": 17, "sctp": 132}.get(l.proto, 6)
                         targets.append((name, (addr, proto, l.port), {name}, False))
     cov = {"services": 0, "clients": 0, "flows": 0, "outcomes": 0, "endpoints": 0, "requests_delivered": 0,
@@ -257,6 +255,16 @@ def environment_trips(ctx: CheckContext):
     ctx.extra["coverage"] = cov
     ctx.extra["trips"] = trips
     return trips
+
+
+def _dial_addresses(spec) -> list:
+    """Where a client dials a listener of ``spec``: the namespace's first address of each family
+    (not loopback, and for IPv6 not link-local), IPv4 first."""
+    first: dict = {}
+    for _, a in spec.net.local_addresses():
+        if not a.ip.is_loopback and (a.version == 4 or not a.ip.is_link_local):
+            first.setdefault(a.version, a.ip)
+    return [first[v] for v in (4, 6) if v in first]
 
 
 def _flows(env, clients, targets) -> list[tuple]:
