@@ -7,6 +7,7 @@ keeps each namespace's conntrack entries, and walks the reply back from where th
 """
 from __future__ import annotations
 
+import ipaddress
 from collections import OrderedDict
 from dataclasses import replace
 
@@ -367,6 +368,12 @@ def walk_namespace(world: World, tracker: Tracker, ns: str, pkt: Packet, iif: st
     return brs
 
 
+_new_hop = tuple.__new__
+assert Hop._fields == ("namespace", "role", "arrived_on", "steps", "packet_in", "packet_out", "disposition",
+                       "detail", "ct", "approx", "bridged", "prob", "outcomes")
+_PLAIN_ADDRESSES = (ipaddress.IPv4Address, ipaddress.IPv6Address)
+
+
 class _MemoKey:
     """A memo key that hashes its tuple once: a dict hashes a plain tuple on every lookup,
     insertion and move, and a tuple holding packets hashes their ``ipaddress`` objects each time
@@ -376,7 +383,19 @@ class _MemoKey:
 
     def __init__(self, key: tuple):
         self.key = key
-        self.hash = hash(key)
+        # (namespace, packet, iif, reply, conntrack key, bridged_via, from_port, local_origin[, mark]):
+        # hashed by the packet's addresses as integers and its ports rather than whole (equal
+        # keys still hash equal; an open packet's symbolic fields hash as they are)
+        pkt, ct = key[1], key[4]
+        src, dst = pkt.src, pkt.dst
+        if type(src) in _PLAIN_ADDRESSES and type(dst) in _PLAIN_ADDRESSES:
+            if ct is not None and type(ct[0]) is not bool:  # a whole entry: its original and reply ports
+                o = ct[0]
+                ct = (o.dst._ip if type(o.dst) in _PLAIN_ADDRESSES else o.dst, o.dport, ct[2], ct[4], ct[5:])
+            self.hash = hash((key[0], src._ip, dst._ip, pkt.sport, pkt.dport, pkt.iif, pkt.oif, pkt.mark,
+                              key[2], key[3], ct, key[5:]))
+        else:
+            self.hash = hash(key)
 
     def __hash__(self) -> int:
         return self.hash
@@ -509,10 +528,11 @@ def _advance(world: World, j: JourneyBuilder, tr: Tracker, ns: str, pkt: Packet,
     steps = tuple(b.steps)
 
     def hop(extra=(), approx=(), disposition=None, detail=None):
-        j.hops.append(Hop(ns, role, arrived, steps + tuple(extra), pkt, b.pkt, disposition or b.disposition,
-                          b.detail if detail is None else detail, b.ct, tuple(b.approx) + tuple(approx),
-                          bridged=bridged_via is not None, prob=b.prob if outcomes > 1 else 1.0,
-                          outcomes=outcomes))
+        # all thirteen fields in order, without the NamedTuple's defaults-filling __new__ (one
+        # Hop per namespace crossed per branch)
+        j.hops.append(_new_hop(Hop, (ns, role, arrived, steps + tuple(extra), pkt, b.pkt, disposition or b.disposition,
+                                     b.detail if detail is None else detail, b.ct, tuple(b.approx) + tuple(approx),
+                                     bridged_via is not None, b.prob if outcomes > 1 else 1.0, outcomes)))
 
     if b.disposition == "bridged":
         hop()
