@@ -300,14 +300,14 @@ _CT_MODULES = frozenset({"conntrack", "state", "connmark", "connlimit", "connbyt
 
 # every target or module name conntrack_in_use() looks for, as words of a rule's text
 _CT_WORDS = re.compile(r"\b(?:DNAT|SNAT|MASQUERADE|REDIRECT|NETMAP|NOTRACK|CT|CONNMARK|CONNSECMARK|"
-                       r"CLUSTERIP|TPROXY|conntrack|state|connmark|" + "|".join(sorted(_CT_MODULES)) + r")\b")
+                       r"CLUSTERIP|SYNPROXY|TPROXY|conntrack|state|connmark|" + "|".join(sorted(_CT_MODULES)) + r")\b")
 
 
 def conntrack_in_use(ruleset: Ruleset) -> bool:
     """Whether any rule makes the kernel track connections in this namespace.
 
     Conntrack exists on demand: a namespace tracks nothing until a rule needs it (a NAT target,
-    a conntrack/state/connmark match, CONNMARK, NOTRACK/CT). Empty builtin nat chains alone do
+    a conntrack/state/connmark match, CONNMARK, NOTRACK/CT, SYNPROXY). Empty builtin nat chains alone do
     not (checked on 6.x with iptables-nft and iptables-legacy).
     """
     for rule in ruleset.rules():
@@ -318,7 +318,7 @@ def conntrack_in_use(ruleset: Ruleset) -> bool:
             return True
         if isinstance(t, SetMark) and t.kind != "MARK":
             return True
-        if isinstance(t, OtherTarget) and t.target in ("CT", "CONNSECMARK", "CLUSTERIP"):
+        if isinstance(t, OtherTarget) and t.target in ("CT", "CONNSECMARK", "CLUSTERIP", "SYNPROXY"):
             return True
         for m in rule.matches:
             if isinstance(m, (CtStateMatch, CtStatusMatch, CtTupleMatch)):

@@ -187,6 +187,9 @@ CASES = [
     # no rule needs conntrack: no entry, and the nat chains never see the packet
     Case("nat-chains-skipped-without-conntrack", "nat-log-no-conntrack", "10.0.2.2", 8080, "forwarded",
          backends=("nft", "legacy")),
+    # a SYNPROXY rule the flow never meets still makes the namespace track connections
+    Case("synproxy-needs-conntrack", "synproxy-needs-conntrack", "10.0.2.2", 8080, "forwarded",
+         backends=("nft", "legacy")),
 ]
 
 PARAMS = [pytest.param(c, b, id=f"{c.id}-{b}") for c in CASES for b in c.backends]
