@@ -274,3 +274,23 @@ def test_addresses_with_non_ascii_digits_are_invalid_not_a_crash():
             "-A X -p tcp -j DNAT --to-destination 10.0.٣.1:80\n-A X -d ١.2.3.4 -j ACCEPT\nCOMMIT\n")
     res = load_ruleset((text, "digits.rules"))
     assert [(d.code, d.span.line) for d in res.diagnostics] == [("PRS005", 5), ("PRS006", 7), ("PRS005", 8)]
+
+
+def test_table_names_are_the_star_lines_words():
+    """_table_names finds each '*' at the start of a line (one-character find): the same names as
+    looking for '\\n*', on random texts of stars, blanks, CRs and newlines."""
+    def reference(text):
+        names, i = [], 0 if text.startswith("*") else text.find("\n*")
+        while i >= 0:
+            start = i if text[i] == "*" else i + 1
+            end = start + 1
+            while end < len(text) and text[end] not in " \t\r\n":
+                end += 1
+            names.append(text[start + 1:end])
+            i = text.find("\n*", end)
+        return names
+
+    rng = random.Random(5)
+    for _ in range(20000):
+        text = "".join(rng.choice(["*", "\n", "a", " ", "\r", "\t", "nat", "**"]) for _ in range(rng.randrange(14)))
+        assert I._table_names(text) == reference(text), repr(text)
