@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--fail-on", choices=["error", "warning", "info"], default=None,
                    help="lowest severity of a failing assertion that makes the exit code 1 (default: info, any)")
+    p.add_argument("--fail-on-approximate", action="store_true",
+                   help="exit 1 also when an assertion (of severity at or above --fail-on) holds only "
+                        "APPROXIMATELY: a match synack cannot evaluate, or the class limit reached")
     p.add_argument("--quiet", "-q", action="store_true", help="text: show failing assertions only")
     p.add_argument("--no-trace", action="store_true", help="text: witnesses without their traces")
 
@@ -1003,7 +1006,13 @@ def cmd_check(args) -> int:
     if any(r.status == "error" for r in results):
         return EXIT_UNUSABLE
     floor = {"error": Severity.ERROR, "warning": Severity.WARNING, "info": Severity.INFO}[args.fail_on]
-    return EXIT_FINDINGS if any(r.status == "fail" and r.assertion.severity >= floor for r in results) else EXIT_OK
+    gate = [r for r in results if r.assertion.severity >= floor]
+    if any(r.status == "fail" for r in gate):
+        return EXIT_FINDINGS
+    if args.fail_on_approximate and any(r.approximate for r in gate):
+        sys.stderr.write("synack: an assertion holds only approximately (--fail-on-approximate)\n")
+        return EXIT_FINDINGS
+    return EXIT_OK
 
 
 def diff_dump_families(loaded, ns, args):

@@ -60,7 +60,9 @@ def summary_line(results) -> str:
     n = len(results)
     c = {s: sum(1 for r in results if r.status == s) for s in ("pass", "fail", "error")}
     s = f"{n} assertion{'s' if n != 1 else ''}: {c['pass']} passed, {c['fail']} failed"
-    return s + (f", {c['error']} could not be answered" if c["error"] else "") + "."
+    approx = sum(1 for r in results if r.approximate and r.status != "error")
+    return (s + (f", {c['error']} could not be answered" if c["error"] else "")
+            + (f"; {approx} APPROXIMATE" if approx else "") + ".")
 
 
 def to_dict(r) -> dict:

@@ -109,6 +109,25 @@ def test_fail_on_ignores_lower_severity(tmp_path, capsys):
     assert main(["check", str(p), "--env", str(ENV / "seed2-app-down.yaml")]) == 1
 
 
+def test_fail_on_approximate_gates_an_approximate_pass(tmp_path, capsys):
+    """A pass that crosses a match synack cannot evaluate (-m string) is APPROXIMATE: exit 0 and
+    said in the summary, exit 1 with --fail-on-approximate."""
+    dump = tmp_path / "fw.rules"
+    dump.write_text("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+                    '-A FORWARD -m string --string "x" --algo bm -j LOG\n'
+                    "-A FORWARD -p tcp -m tcp --dport 80 -j ACCEPT\nCOMMIT\n")
+    pol = tmp_path / "pol.yaml"
+    pol.write_text("version: 1\ntarget:\n  addresses: [10.0.1.1/24@eth0, 10.0.2.1/24@eth1]\nassertions:\n"
+                   "  - name: web-open\n    reachable: {iif: eth0, src: 10.0.1.0/24, proto: tcp, dst: 10.0.2.5, dport: 80}\n")
+    assert main(["check", str(pol), str(dump)]) == 0
+    out = capsys.readouterr().out
+    assert "PASS  web-open (reachable) (APPROXIMATE)" in out and out.rstrip().endswith("1 APPROXIMATE.")
+    assert main(["check", str(pol), str(dump), "--fail-on-approximate"]) == 1
+    assert "--fail-on-approximate" in capsys.readouterr().err
+    dump.write_text(dump.read_text().replace('-A FORWARD -m string --string "x" --algo bm -j LOG\n', ""))
+    assert main(["check", str(pol), str(dump), "--fail-on-approximate"]) == 0
+
+
 def test_invalid_policy_is_located_and_exits_2(tmp_path, capsys):
     p = tmp_path / "bad.yaml"
     p.write_text("version: 1\nassertions:\n  - name: a\n    blocked: {dst: 10.0.0.1, dportt: 80}\n"
