@@ -80,8 +80,9 @@ def _destinations(spec, rs, partly, listen_ports, seen: set, out: list) -> None:
                 continue
             if "-d" not in r.text:
                 # no destination address or port (every spelling has "-d": -d, --dst,
-                # --destination, --dport(s), --destination-port(s)): nothing to dial; most of a
-                # kube-proxy nat table (KUBE-SVC and KUBE-SEP), told without reading the matches
+                # --destination, --dport(s), --destination-port(s)): nothing to dial, told
+                # without reading the matches (KUBE-SVC's jumps, KUBE-SEP's KUBE-MARK-MASQ; not
+                # KUBE-SEP's DNAT, whose --to-destination has "-d" too)
                 continue
             ports = [m for m in r.matches if isinstance(m, PortMatch) and m.direction == "dst" and not m.negated]
             dsts = [m for m in r.matches if isinstance(m, AddrMatch) and m.direction == "dst" and not m.negated]
