@@ -13,7 +13,6 @@ import dataclasses
 import gc
 import ipaddress
 import re
-import socket
 from collections import namedtuple
 from dataclasses import dataclass, field, replace
 from functools import lru_cache, partial
@@ -1989,19 +1988,13 @@ class _Compiled:
 _PREFIX_LENGTHS = {str(p): p for p in range(33)}  # '/N' as _V4 accepts it (no leading zero)
 
 
-def _fast_network(a, ctx, family, aton=socket.inet_aton, ntoa=socket.inet_ntoa, v4_network=O._v4_network,
-                  prefixes=_PREFIX_LENGTHS.get):
+def _fast_network(a, ctx, family, quad=O.dotted_quad, v4_network=O._v4_network, prefixes=_PREFIX_LENGTHS.get):
     """One address of -s/-d in a compiled shape: None when _replay's slow way must decide."""
     if family == 4:
         addr, slash, p = a.partition("/")
-        try:
-            packed = aton(addr)
-        except (OSError, ValueError):
-            packed = None
-        # a dotted quad as inet_ntoa writes it, which is what _V4 accepts (inet_aton alone also
-        # takes '10.1', '010.0.0.1', '0x0a.0.0.1', '1.2.3.4 junk'): what options.network builds
-        # for it, without its layers
-        if packed is not None and ntoa(packed) == addr:
+        # a dotted quad as _V4 accepts it: what options.network builds for it, without its layers
+        packed = quad(addr)
+        if packed is not None:
             plen = prefixes(p) if slash else 32
             if plen is not None:
                 net = v4_network(int.from_bytes(packed, "big"), plen)

@@ -573,16 +573,28 @@ def nat_range(s: str, ctx: Ctx, need_addr: bool = True) -> NatRange:
 
 
 
-def _nat_range(s: str, ctx: Ctx, aton=socket.inet_aton, ntoa=socket.inet_ntoa) -> NatRange:
+def dotted_quad(s: str, aton=socket.inet_aton, ntoa=socket.inet_ntoa) -> bytes | None:
+    """The 4 bytes of ``s`` when it is a dotted quad as inet_ntoa writes it (what the octet regex
+    accepts), else None: inet_aton alone also takes '10.1', '010.0.0.1', '0x0a.0.0.1',
+    '1.2.3.4 junk', and refuses non-ASCII digits with OSError.
+
+    >>> dotted_quad("10.0.0.1"), dotted_quad("10.1"), dotted_quad("010.0.0.1")
+    (b'\\n\\x00\\x00\\x01', None, None)
+    """
+    try:
+        packed = aton(s)
+    except (OSError, ValueError):
+        return None
+    return packed if ntoa(packed) == s else None
+
+
+def _nat_range(s: str, ctx: Ctx, quad=dotted_quad) -> NatRange:
     if ctx.family == 4:
         # ADDR or ADDR:PORT[-PORT] of IPv4 (kube-proxy's DNAT --to-destination), what
         # _NAT_V4_MATCH accepts: a dotted quad as inet_ntoa writes it, ports of ASCII digits
         addr, colon, ports = s.partition(":")
-        try:
-            packed = aton(addr)
-        except (OSError, ValueError):
-            packed = None
-        if packed is not None and ntoa(packed) == addr:
+        packed = quad(addr)
+        if packed is not None:
             lo = _v4_address(int.from_bytes(packed, "big"))
             if not colon:
                 return new_NatRange(lo, lo, None, None)
