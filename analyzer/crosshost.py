@@ -7,7 +7,6 @@ keeps each namespace's conntrack entries, and walks the reply back from where th
 """
 from __future__ import annotations
 
-import ipaddress
 from collections import OrderedDict
 from dataclasses import replace
 
@@ -17,7 +16,7 @@ from analyzer.netfilter.pipeline import _ifaces
 from analyzer.netfilter.trace import (  # noqa: F401 (Hop, Journey, Trip re-exported)
     Bridge, Conntrack as CT, Hop, Journey, JourneyBuilder, Kind, Step, Trip, bridge_step,
 )
-from analyzer.netfilter.walk import Branch, Conntrack, Packet, Walker, evolve
+from analyzer.netfilter.walk import _PLAIN_ADDRESSES, Branch, Conntrack, Packet, Walker, evolve
 
 MAX_HOPS = 16
 #: at most this many distinct journeys per direction of one connection; more are counted as not
@@ -371,7 +370,6 @@ def walk_namespace(world: World, tracker: Tracker, ns: str, pkt: Packet, iif: st
 _new_hop = tuple.__new__
 assert Hop._fields == ("namespace", "role", "arrived_on", "steps", "packet_in", "packet_out", "disposition",
                        "detail", "ct", "approx", "bridged", "prob", "outcomes")
-_PLAIN_ADDRESSES = (ipaddress.IPv4Address, ipaddress.IPv6Address)
 
 
 class _MemoKey:

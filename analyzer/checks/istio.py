@@ -4,7 +4,6 @@ packets and by comparing the ports that capture rules exclude and include.
 """
 from __future__ import annotations
 
-from analyzer.model.packet import hostport
 import ipaddress
 from dataclasses import fields
 from typing import Iterator
@@ -13,6 +12,7 @@ from analyzer.checks import CheckContext, check
 from analyzer.checks._paths import host_of, related_steps
 from analyzer.checks.chains import table_graph
 from analyzer.diagnostics import APPROXIMATE, Diagnostic, EXACT, Related, Severity
+from analyzer.model.packet import hostport
 from analyzer.model.rules import (
     AddrMatch, CommentMatch, Jump, MarkMatch, OwnerMatch, PortMatch, Redirect, Rule, Tproxy, Verdict,
 )

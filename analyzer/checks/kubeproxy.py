@@ -4,7 +4,6 @@ the one walk (netfilter/walk.py) deciding where a service's packets really go.
 """
 from __future__ import annotations
 
-from analyzer.model.packet import hostport
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -14,6 +13,7 @@ from analyzer.checks._paths import (
     walker, witness,
 )
 from analyzer.diagnostics import APPROXIMATE, Diagnostic, EXACT, Related, Severity
+from analyzer.model.packet import hostport
 from analyzer.model.rules import (
     AddrMatch, CommentMatch, Jump, Masquerade, MarkMatch, Nat, PortMatch, ProtoMatch, Rule,
     SetMark, StatisticMatch,

@@ -11,9 +11,9 @@ merges them over every outcome with the failing endpoints and the share of conne
 """
 from __future__ import annotations
 
-from analyzer.model.packet import hostport
 from analyzer.crosshost import World
 from analyzer.diagnostics import APPROXIMATE, EXACT, Diagnostic, Related, Severity
+from analyzer.model.packet import hostport
 from analyzer.netfilter.trace import Bridge, Cilium, Hop, Journey, Kind, Reply, Route, Step, Trip
 
 def findings(world: World, trip: Trip) -> list[Diagnostic]:

@@ -5,11 +5,11 @@ These checks need an environment (``synack lint --env ENV.yaml``): without one t
 """
 from __future__ import annotations
 
-from analyzer.model.packet import hostport
 from typing import Iterator, NamedTuple
 
 from analyzer.checks import CheckContext, check
 from analyzer.diagnostics import Diagnostic, Severity
+from analyzer.model.packet import PROTO, hostport
 from analyzer.model.rules import AddrMatch, Jump, Nat, PortMatch, ProtoMatch, Redirect
 
 PROTO_NAME = {6: "tcp", 17: "udp", 132: "sctp"}
@@ -95,10 +95,7 @@ def _destinations(spec, rs, partly, listen_ports, seen: set, out: list) -> None:
             if partly is not None and nports > 1:
                 partly.append((r, f"a port range or list: its first port of {nports} followed"))
             if dsts:
-                addrs = [n.network_address for m in dsts for n in m.networks if n.num_addresses == 1]
-                if partly is not None and len(addrs) < sum(len(m.networks) for m in dsts):
-                    partly.append((r, "a destination network: not followed" if not addrs
-                                   else "a destination network: only its single addresses followed"))
+                addrs = _single_addresses(r, dsts, partly)
             else:
                 # the namespace's first address stands for all of them (a NodePort rule does not
                 # look at the address; dialling every address of every node multiplies the work)
@@ -113,14 +110,27 @@ def _destinations(spec, rs, partly, listen_ports, seen: set, out: list) -> None:
                         out.append((key, r))
 
 
-def _every_port(r, dsts, listen_ports, partly, seen: set, out: list) -> None:
-    """A translating rule with ``-d`` addresses and no port: its addresses at every listening port
-    (of the rule's protocol when it has one)."""
-    proto = next((m.number for m in r.matches if isinstance(m, ProtoMatch) and not m.negated), 0)
+def _single_addresses(r, dsts, partly) -> list:
+    """The single addresses of a rule's positive ``-d`` matches; a network among them goes to
+    ``partly`` (not dialled)."""
     addrs = [n.network_address for m in dsts for n in m.networks if n.num_addresses == 1]
     if partly is not None and len(addrs) < sum(len(m.networks) for m in dsts):
         partly.append((r, "a destination network: not followed" if not addrs
                        else "a destination network: only its single addresses followed"))
+    return addrs
+
+
+def listen_ports(env) -> list:
+    """``(protocol number, port)`` of every listener of the environment, sorted: where a rule
+    translating every port of an address (one-to-one NAT) is dialled."""
+    return sorted({(PROTO.get(l.proto, 6), l.port) for s in env.namespaces.values() for l in s.listeners})
+
+
+def _every_port(r, dsts, listen_ports, partly, seen: set, out: list) -> None:
+    """A translating rule with ``-d`` addresses and no port: its addresses at every listening port
+    (of the rule's protocol when it has one)."""
+    proto = next((m.number for m in r.matches if isinstance(m, ProtoMatch) and not m.negated), 0)
+    addrs = _single_addresses(r, dsts, partly)
     dial = [(p, port) for p, port in listen_ports if not proto or p == proto]
     if addrs and not dial:
         if partly is not None:
@@ -205,10 +215,9 @@ def environment_trips(ctx: CheckContext):
     clients = env.clients or list(env.namespaces)
     targets: list = []
     partly: list = []
-    listen_ports = sorted({({"tcp": 6, "udp": 17, "sctp": 132}.get(l.proto, 6), l.port)
-                           for s in env.namespaces.values() for l in s.listeners})
+    ports = listen_ports(env)
     for name, spec in env.namespaces.items():
-        targets += [(name, key, set(clients), True) for key, _ in service_destinations(spec, partly, listen_ports)]
+        targets += [(name, key, set(clients), True) for key, _ in service_destinations(spec, partly, ports)]
         if spec.cilium is not None:  # the frontends of a Cilium node's service dumps
             from analyzer.netfilter.cilium import destinations
             inside = {c for c, (node, _) in world.cilium_cover.items() if node == name}

@@ -274,11 +274,10 @@ def target_needs_protocol(ctx: CheckContext) -> Iterator[Diagnostic]:
                         break
                 else:
                     continue
-                p = _proto(r)
-                if (p.number if p is not None else 0) in PORT_PROTOCOLS.get(family, PORT_PROTOCOLS[4]):
-                    continue
             p = _proto(r)
             num = p.number if p is not None else 0
+            if tt is Nat and num in PORT_PROTOCOLS.get(family, PORT_PROTOCOLS[4]):
+                continue
             if isinstance(t, Tproxy) and (num not in (6, 17) or p.negated):
                 have = "no -p" if p is None or num == 0 else f"'{'! ' if p.negated else ''}-p {p.name}'"
                 yield ctx.diag(

@@ -13,12 +13,12 @@ second leg). Findings read these fields, never the text.
 """
 from __future__ import annotations
 
-from analyzer.model.packet import hostport
 import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
 from analyzer.engine.trace import chance
+from analyzer.model.packet import hostport
 
 if TYPE_CHECKING:  # pragma: no cover
     from analyzer.model.packet import Packet

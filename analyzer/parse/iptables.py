@@ -18,7 +18,6 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache, partial
 from itertools import repeat
 
-
 from analyzer.diagnostics import Diagnostic, Severity
 from analyzer.grammar_loader import grammar_text
 from analyzer.model.rules import (

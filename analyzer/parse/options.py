@@ -571,8 +571,6 @@ def nat_range(s: str, ctx: Ctx, need_addr: bool = True) -> NatRange:
     return r
 
 
-
-
 def dotted_quad(s: str, aton=socket.inet_aton, ntoa=socket.inet_ntoa) -> bytes | None:
     """The 4 bytes of ``s`` when it is a dotted quad as inet_ntoa writes it (what the octet regex
     accepts), else None: inet_aton alone also takes '10.1', '010.0.0.1', '0x0a.0.0.1',
@@ -590,8 +588,8 @@ def dotted_quad(s: str, aton=socket.inet_aton, ntoa=socket.inet_ntoa) -> bytes |
 
 def _nat_range(s: str, ctx: Ctx, quad=dotted_quad) -> NatRange:
     if ctx.family == 4:
-        # ADDR or ADDR:PORT[-PORT] of IPv4 (kube-proxy's DNAT --to-destination), what
-        # _NAT_V4_MATCH accepts: a dotted quad as inet_ntoa writes it, ports of ASCII digits
+        # ADDR or ADDR:PORT[-PORT] of IPv4 (kube-proxy's DNAT --to-destination): a dotted quad
+        # as inet_ntoa writes it, ports of ASCII digits
         addr, colon, ports = s.partition(":")
         packed = quad(addr)
         if packed is not None:

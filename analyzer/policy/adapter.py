@@ -19,7 +19,6 @@ from analyzer.source import Span
 
 PORT_PROTOS = (6, 17, 132)
 _MOD_PROTO = {"tcp": 6, "udp": 17, "sctp": 132, "dccp": 33, "udplite": 136}
-_PORTED = frozenset(_MOD_PROTO.values())
 REACHED = ("forwarded", "delivered-locally", "sent", "tproxy", "delivered")
 
 
@@ -438,6 +437,11 @@ def _net_atoms(space, namespaces, bounds) -> list[PacketSet]:
 _INDEXED: dict = {}     # id(chain) -> (chain, destinations, dst-bucket parts, port-bucket parts)
 
 
+def decoded_proto(rule) -> int | None:
+    """The protocol number a decoded rule's positive ``-p`` pins (None: any, ``-p all`` too)."""
+    return next((m.number for m in rule.matches if isinstance(m, ProtoMatch) and not m.negated and m.number), None)
+
+
 def _indexed_parts(chain, family: int = 4):
     """The big-chain index's buckets as the walker builds them (`walk.ChainIndex`, the same
     `chain_index_key` of each rule): the bucketed destinations, and for each rule bucketed by
@@ -454,8 +458,7 @@ def _indexed_parts(chain, family: int = 4):
                 continue  # looked at by every walk: never skipped
             # the protocol narrows the set when the rule is decoded; a lazily parsed rule is not
             # decoded for it (12,955 KUBE-SERVICES rules: 1.3 s), its set is then wider (sound)
-            proto = None if r.pending is not None else next(
-                (m.number for m in r.matches if isinstance(m, ProtoMatch) and not m.negated and m.number), None)
+            proto = None if r.pending is not None else decoded_proto(r)
             c = {"proto": proto} if proto is not None else {}
             if port is not None:
                 c["dport"] = (port, port)

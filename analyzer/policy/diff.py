@@ -13,9 +13,11 @@ import re
 from dataclasses import dataclass, field
 
 from analyzer.engine.packetset import PacketSpace
-from analyzer.policy.adapter import DumpTarget, EnvTarget, FlowClass, TargetError, explore, match_set
-from analyzer.model.rules import Jump, ProtoMatch
+from analyzer.model.rules import Jump
 from analyzer.parse.options import PROTOCOLS
+from analyzer.policy.adapter import (
+    DumpTarget, EnvTarget, FlowClass, TargetError, decoded_proto, explore, match_set,
+)
 from analyzer.policy.spec import FlowSel
 from analyzer.source import Span
 
@@ -140,8 +142,7 @@ def _key(rule, family: int) -> tuple:
     if rule.pending is not None:  # read from the text: still undecoded
         m = _KUBE_SERVICE_RULE.match(rule.text)
         return dst, (PROTOCOLS[m.group(2)] if m else None), port
-    proto = next((m.number for m in rule.matches if isinstance(m, ProtoMatch) and not m.negated and m.number), None)
-    return dst, proto, port
+    return dst, decoded_proto(rule), port
 
 
 def _compatible(a: tuple, b: tuple) -> bool:
@@ -438,7 +439,7 @@ def diff_dumps(old: DumpTarget, new: DumpTarget, limit: int = 256, iif: str | No
 def diff_envs(old: EnvTarget, new: EnvTarget, limit: int = 256) -> DiffResult:
     """Environments: flows from every namespace to every listener and translated destination of
     either environment (the destinations lint --env follows), compared end to end."""
-    from analyzer.checks.reply import service_destinations
+    from analyzer.checks.reply import listen_ports, service_destinations
 
     space = PacketSpace()
     rchanges = []
@@ -452,10 +453,9 @@ def diff_envs(old: EnvTarget, new: EnvTarget, limit: int = 256) -> DiffResult:
                 rchanges += changed_rules(ra or Ruleset(fam, {}, ()), rb or Ruleset(fam, {}, ()))
     dests = set()
     for t in (old, new):
-        listen_ports = sorted({({"tcp": 6, "udp": 17, "sctp": 132}.get(l.proto, 6), l.port)
-                               for s in t.env.namespaces.values() for l in s.listeners})
+        ports = listen_ports(t.env)
         for name, spec in t.env.namespaces.items():
-            for (addr, proto, port), _ in service_destinations(spec, None, listen_ports):
+            for (addr, proto, port), _ in service_destinations(spec, None, ports):
                 dests.add((addr, proto, port))
             for l in spec.listeners:
                 for _, a in spec.net.local_addresses():
