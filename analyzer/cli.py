@@ -13,6 +13,8 @@ from analyzer.diagnostics import Severity
 from analyzer.model.rules import TABLES
 
 EXIT_OK, EXIT_FINDINGS, EXIT_UNUSABLE = 0, 1, 2
+#: explain of an open flow, text: how many outcome groups get their trace printed
+DEFAULT_SHOWN_GROUPS = 25
 
 
 class _Parser(argparse.ArgumentParser):
@@ -172,9 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-classes", type=int, default=20000, metavar="N",
                    help="open flows: explore at most N classes of packets (default 20000); the packets "
                         "left are reported as not explained, in text and JSON")
-    p.add_argument("--show-groups", type=int, default=25, metavar="N",
-                   help="open flows, text: print the traces of the first N outcome groups (default 25; "
-                        "0: all); the summary counts every group, and says how many are not shown")
+    p.add_argument("--show-groups", type=int, default=None, metavar="N",
+                   help="open flows: the traces of the first N outcome groups (0: all; default "
+                        f"{DEFAULT_SHOWN_GROUPS} in text, all in JSON); the summary counts every group, the "
+                        "text says how many are not shown, JSON lists the others without trace")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (otherwise shown on stderr for a long open flow on a terminal)")
     p.add_argument("--env", metavar="ENV.yaml", help="follow the flow across the namespaces of an environment")
@@ -823,8 +826,8 @@ def cmd_explain_open(args, res, spec) -> int:
     import json
 
     from analyzer.explain import build_namespace
-    from analyzer.report.explain_json import explain_json
     from analyzer.netfilter.env import EnvError
+    from analyzer.report.explain_json import write_open
     from analyzer.report.terminal import progress
     from analyzer.symbolic import describe, explain_open, render_groups
 
@@ -837,37 +840,28 @@ def cmd_explain_open(args, res, spec) -> int:
         where = "generated locally"
     else:
         where = f"arrives on {args.from_iface}" if args.from_iface else "arrives on any interface"
-    if args.max_classes < 1 or args.show_groups < 0:
+    if args.max_classes < 1 or (args.show_groups or 0) < 0:
         return _error("--max-classes must be at least 1 and --show-groups at least 0")
     text = args.output_format != "json"
-    shown = None if not text or args.show_groups == 0 else args.show_groups
+    show = args.show_groups if args.show_groups is not None else (DEFAULT_SHOWN_GROUPS if text else 0)
+    shown = None if show == 0 else show
     # a bar on stderr while a person watches (terminal.progress): classes explored, against the limit
     with progress(args.max_classes, "explain: classes", enabled=text and not args.no_progress) as bar:
         result = explain_open(res.ruleset, spec, ns, local=args.local, limit=args.max_classes,
                               progress=lambda n: bar(f"{n:,}"), described=shown)
     groups, complete = result.groups, result.complete
-    unexplained = result.unexplained_example(spec)
     from analyzer.explain import report_late_errors
     report_late_errors(res)
     from analyzer.checks.nat import explain_findings
-    from analyzer.report.diagnostics import render_text_all, to_dict
+    from analyzer.report.diagnostics import render_text_all
     from analyzer.report.terminal import write
 
     found = [explain_findings(g.witness, g.outcomes, res.files) for g in groups]  # as lint would
     if args.output_format == "json":
-        for g in groups:
-            if not g.description:
-                g.description = describe(g.packets, spec, result.space)
-        doc = {"schema_version": "1.0", "open_fields": sorted(spec.open), "complete": complete,
-               **({"assumptions": groups[0].assumes} if groups and groups[0].assumes else {}),
-               "classes": result.classes, "max_classes": args.max_classes,
-               "unexplained_example": unexplained.tuple_str() if unexplained else None,
-               "groups": [{"packets": g.description, "classes": g.classes,
-                           "explain": explain_json(g.witness, g.outcomes, local=args.local),
-                           "diagnostics": [to_dict(d) for d in ds]} for g, ds in zip(groups, found)]}
-        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        write_open(sys.stdout, spec, result, found, shown, local=args.local)
     else:
-        write(render_groups(spec, groups, complete, where, shown, args.max_classes, unexplained, found))
+        write(render_groups(spec, groups, complete, where, shown, args.max_classes,
+                            result.unexplained_example(spec), found))
         with_findings = [(g, ds) for g, ds in zip(groups, found) if ds]
         for g, ds in with_findings[:shown]:
             if not g.description:

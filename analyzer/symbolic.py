@@ -183,22 +183,26 @@ def outcome_kind(g: Group) -> str:
     return " | ".join(parts)
 
 
+def tally(groups, findings=None) -> list[tuple[str, bool, int, int, int]]:
+    """Per kind of outcome (`outcome_kind`, and whether APPROXIMATE): how many classes and groups
+    end that way and how many of those groups have findings, most classes first."""
+    t: dict = {}
+    for k, g in enumerate(groups):
+        key = (outcome_kind(g), bool(g.approximate) or any(o.confidence == "APPROXIMATE" for o in g.outcomes))
+        c = t.setdefault(key, [0, 0, 0])
+        c[0] += g.classes
+        c[1] += 1
+        if findings is not None and findings[k]:
+            c[2] += 1
+    order = sorted(t.items(), key=lambda kv: (-kv[1][0], kv[0][0] + (" [APPROXIMATE]" if kv[0][1] else "")))
+    return [(kind, approx, nc, ng, nf) for (kind, approx), (nc, ng, nf) in order]
+
+
 def summary_lines(groups, findings=None) -> list[str]:
     """One line per kind of outcome: how many classes and groups end that way (most first)."""
-    tally: dict = {}
-    for k, g in enumerate(groups):
-        key = outcome_kind(g) + (" [APPROXIMATE]" if g.approximate or any(o.confidence == "APPROXIMATE"
-                                                                          for o in g.outcomes) else "")
-        t = tally.setdefault(key, [0, 0, 0])
-        t[0] += g.classes
-        t[1] += 1
-        if findings is not None and findings[k]:
-            t[2] += 1
-    out = []
-    for key, (nc, ng, nf) in sorted(tally.items(), key=lambda kv: (-kv[1][0], kv[0])):
-        out.append(f"  {nc:>7,} class(es) in {ng:,} group(s): {key}"
-                   + (f"  ({nf:,} group(s) with findings)" if nf else ""))
-    return out
+    return [f"  {nc:>7,} class(es) in {ng:,} group(s): {kind}" + (" [APPROXIMATE]" if approx else "")
+            + (f"  ({nf:,} group(s) with findings)" if nf else "")
+            for kind, approx, nc, ng, nf in tally(groups, findings)]
 
 
 def _plain(pkt: Packet) -> Packet:

@@ -313,6 +313,25 @@ def test_open_flow_limits_are_said_in_text_and_json(tmp_path):
     total = int(out.splitlines()[1].split(" class(es)")[0].split()[-1].replace(",", ""))
     tally = sum(int(line.split()[0].replace(",", "")) for line in out.splitlines() if " class(es) in " in line)
     assert tally == total
+    # JSON: every group traced by default, the same summary as the text, one group per line
+    rc, out, err = run(base + ["-o", "json"])
+    doc = json.loads(out)
+    assert doc["schema_version"] == "1.1" and doc["complete"] and doc["classes"] == total
+    assert doc["groups_traced"] == len(doc["groups"]) and all("explain" in g and g["packets"] for g in doc["groups"])
+    assert sum(s["classes"] for s in doc["summary"]) == total == sum(g["classes"] for g in doc["groups"])
+    text_summary = [line for line in run(base)[1].splitlines() if " class(es) in " in line]
+    assert [(s["classes"], s["groups"], s["outcome"]) for s in doc["summary"]] == \
+        [(int(line.split()[0].replace(",", "")), int(line.split(" in ")[1].split()[0].replace(",", "")),
+          line.split("group(s): ")[1].split("  (")[0].replace(" [APPROXIMATE]", "")) for line in text_summary]
+    assert len(out.splitlines()) < 60 + len(doc["groups"])  # not pretty-printed group by group
+    # --show-groups caps the traces in JSON too: the other groups are listed, without trace or ranges
+    rc, out, err = run(base + ["-o", "json", "--show-groups", "2"])
+    capped = json.loads(out)
+    assert capped["groups_traced"] == 2 and len(capped["groups"]) == len(doc["groups"])
+    assert [("explain" in g, g["packets"] is None) for g in capped["groups"][:3]] == [(True, False), (True, False), (False, True)]
+    assert [(g["witness"], g["outcome"], g["classes"], g["diagnostics"]) for g in capped["groups"]] == \
+        [(g["witness"], g["outcome"], g["classes"], g["diagnostics"]) for g in doc["groups"]]
+    assert capped["groups"][0]["explain"] == doc["groups"][0]["explain"]
 
 
 def test_open_flow_classes_are_per_service_port_not_per_address():

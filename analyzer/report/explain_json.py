@@ -191,3 +191,42 @@ def explain_json(flow, outcomes, assumed=None, diags=(), local: bool = False) ->
             "second_leg": None, "listener": None,
         })
     return _document(flow, HOST if local else None, out, 0, diags, assumed)
+
+
+#: version of the open-flow document (``explain --flow SET -o json``). 1.1 added ``summary``,
+#: ``groups_traced`` and each group's ``witness``, ``outcome`` and ``approximate``; a group past
+#: ``--show-groups`` has no ``explain`` and a null ``packets``.
+OPEN_SCHEMA_VERSION = "1.1"
+
+
+def write_open(out, spec, result, found, traced: int | None, local: bool = False) -> None:
+    """``explain --flow SET -o json``, written to ``out`` (a file) group by group, one group per
+    line, so that a flow of 50,000 groups neither sits in memory as one string nor goes through
+    the pure-Python pretty-printer. ``found``: each group's diagnostics; ``traced``: how many
+    groups (the first ones) carry their witness's ``explain`` document and their packets as
+    ranges (``Group.description``, filled in by the caller), None: all."""
+    from analyzer.report.diagnostics import to_dict
+    from analyzer.symbolic import outcome_kind, tally, witness_extras
+
+    groups = result.groups
+    unexplained = result.unexplained_example(spec)
+    n = len(groups) if traced is None else min(traced, len(groups))
+    head = {"schema_version": OPEN_SCHEMA_VERSION, "open_fields": sorted(spec.open), "complete": result.complete,
+            **({"assumptions": groups[0].assumes} if groups and groups[0].assumes else {}),
+            "classes": result.classes, "max_classes": result.limit,
+            "unexplained_example": unexplained.tuple_str() if unexplained else None,
+            "summary": [{"outcome": kind, "approximate": approx, "classes": nc, "groups": ng,
+                         "groups_with_findings": nf} for kind, approx, nc, ng, nf in tally(groups, found)],
+            "groups_traced": n}
+    text = json.dumps(head, indent=2)
+    out.write(text[:-2] + ',\n  "groups": [')
+    for k, (g, ds) in enumerate(zip(groups, found)):
+        doc = {"packets": g.description if k < n else None, "classes": g.classes,
+               "witness": g.witness.tuple_str() + witness_extras(g.witness, spec),
+               "outcome": outcome_kind(g),
+               "approximate": bool(g.approximate) or any(o.confidence == "APPROXIMATE" for o in g.outcomes)}
+        if k < n:
+            doc["explain"] = explain_json(g.witness, g.outcomes, local=local)
+        doc["diagnostics"] = [to_dict(d) for d in ds]
+        out.write(("\n    " if k == 0 else ",\n    ") + json.dumps(doc))
+    out.write("\n  ]\n}\n" if groups else "]\n}\n")
