@@ -823,8 +823,6 @@ def cmd_explain(args) -> int:
 
 def cmd_explain_open(args, res, spec) -> int:
     """A flow with open protocol/ports: every packet it stands for, grouped by outcome."""
-    import json
-
     from analyzer.explain import build_namespace
     from analyzer.netfilter.env import EnvError
     from analyzer.report.explain_json import write_open

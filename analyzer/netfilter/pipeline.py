@@ -6,7 +6,7 @@ inside (raw, conntrack, mangle, nat, filter, security in priority order) is ``st
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 from analyzer.model.packet import Packet, with_ifaces

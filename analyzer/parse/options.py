@@ -14,10 +14,10 @@ from itertools import accumulate, islice, repeat
 from operator import add
 
 from analyzer.model.rules import (
-    AddrMatch, AddrTypeMatch, CommentMatch, ConnmarkCopy, CtStateMatch, CtStatusMatch,
-    CtTupleMatch, FragmentMatch, IcmpMatch, IfaceMatch, IpRangeMatch, Jump, MarkMatch,
+    AddrTypeMatch, CommentMatch, ConnmarkCopy, CtStateMatch, CtStatusMatch,
+    CtTupleMatch, IcmpMatch, IpRangeMatch, Jump, MarkMatch,
     Masquerade, Nat, NatRange, Netmap, Notrack, OpaqueMatch, OtherTarget, OwnerMatch,
-    PhysdevMatch, PortMatch, ProtoMatch, Redirect, Reject, SetMark, SetMatch, StatisticMatch,
+    PhysdevMatch, PortMatch, Redirect, Reject, SetMark, SetMatch, StatisticMatch,
     TcpFlagsMatch, Tproxy, UnknownMatch, UnknownTarget, Verdict,
 )
 
