@@ -211,6 +211,14 @@ def test_open_mark_and_state_from_the_command_line(tmp_path):
     ("tcp 10.0.0.1 -> 10.0.0.2:80 ctstate untracked", [], "NOTRACK", "^^^^^^^^^"),
     ("tcp 10.0.0.1 -> 10.0.0.2:80 connmark 0x5", [], "add 'ctstate established'", "^^^"),
     ("tcp 10.0.0.1 -> 10.0.0.2:80 mark 0x1", ["--mark", "0x2"], "given twice", None),
+    # the tuple too: the endpoint, protocol or whole text at fault, with the syntax as help
+    ("tcp 10.0.0.0/33 -> 10.0.0.2:80", [], "does not appear to be an IPv4 or IPv6 network", "^" * 11),
+    ("tcp 10.0.0.1 -> 10.0.0.2:99999", [], "an endpoint is ADDR[:PORT]", "^" * 14),
+    ("tcp fd00::/64 -> [fd00::]/64", [], "inside the brackets, [fd00::/64]", "^" * 11),
+    ("tpc 10.0.0.1 -> 10.0.0.2:80", [], "unknown protocol 'tpc'", "^^^"),
+    ("icmp 10.0.0.1 -> 10.0.0.2:80", [], "icmp flows have no ports", "^" * 11),
+    ("tcp 10.0.0.1 -> fd00::1", [], "different address families", "^" * 7),
+    ("tcp 10.0.0.1 > 10.0.0.2", [], "[PROTO] SRC[:PORT] -> DST[:PORT]", "^" * 23),
 ])
 def test_flow_words_errors_point_at_the_word(tmp_path, flow, extra, message, caret):
     from _golden import run

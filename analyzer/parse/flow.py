@@ -125,7 +125,8 @@ def _endpoint(s: str) -> tuple[tuple, tuple | None]:
     if s.startswith("["):
         a, _, rest = s[1:].partition("]")
         if rest and not rest.startswith(":"):
-            raise ValueError(f"invalid endpoint '{s}'")
+            why = f": the prefix length goes inside the brackets, [{a}{rest}]" if rest.startswith("/") else ""
+            raise ValueError(f"invalid endpoint '{s}'{why}")
         return _addresses(a), (_ports(rest[1:]) if rest else None)
     if s.count(":") == 1:
         a, p = s.split(":")
@@ -159,6 +160,12 @@ class FlowError(ValueError):
             out.append(f"  help: {self.hint}")
         return "\n".join(out)
 
+
+FLOW_SHAPE = ("[PROTO] SRC[:PORT] -> DST[:PORT] [WORD VALUE ...], e.g. 'tcp 10.0.0.1:40000 -> 10.96.0.10:80' "
+              "or, open, '10.0.0.0/8 -> 10.96.0.0/12'")
+ENDPOINT_HINT = ("an endpoint is ADDR[:PORT]: ADDR one address, a prefix (10.0.0.0/8), a range "
+                 "(10.0.0.1-10.0.0.9) or a comma list; PORT N, N-M or a comma list; IPv6 with a port in "
+                 "brackets ([fd00::1]:80, [fd00::/64]:80)")
 
 #: what may follow ``SRC -> DST``, each as ``WORD VALUE`` (any order, each once)
 KEYWORDS = {
@@ -297,27 +304,35 @@ def parse_flow_spec(text: str, iif: str | None = None, local: bool | None = None
     flags = _flags(*words["flags"], full) if "flags" in words else None
     m = _FLOW.match(text)
     if not m:
-        raise ValueError("flow must look like '[PROTO] SRC[:PORT] -> DST[:PORT] [flags ACK,...]'")
-    try:
-        (srcs, sports), (dsts, dports) = _endpoint(m.group("src")), _endpoint(m.group("dst"))
-    except ValueError as e:
-        raise ValueError(f"invalid flow: {e}") from None
+        raise FlowError("not a flow", full, 0, len(text.rstrip()) or 1, FLOW_SHAPE)
+    ends = []
+    for side in ("src", "dst"):
+        try:
+            ends.append(_endpoint(m.group(side)))
+        except ValueError as e:
+            raise FlowError(str(e), full, m.start(side), len(m.group(side)), ENDPOINT_HINT) from None
+    (srcs, sports), (dsts, dports) = ends
     if srcs[0][0].version != dsts[0][0].version:
-        raise ValueError("source and destination are of different address families")
+        raise FlowError("source and destination are of different address families", full, m.start("dst"),
+                        len(m.group("dst")), "a flow is IPv4 or IPv6 from end to end")
     open_ = set()
     p = m.group("proto")
     if p is None:
         open_.add("proto")
         proto = 6
     else:
+        at = (full, m.start("proto"), len(p))
         p = p.lower()
         if p not in PROTO and not p.isdigit():
-            raise ValueError(f"unknown protocol '{p}' (tcp, udp, icmp, sctp or a number)")
+            raise FlowError(f"unknown protocol '{p}'", *at, f"{', '.join(PROTO)} or a number (0-255); "
+                            "left out: every protocol")
         proto = PROTO.get(p) if p in PROTO else int(p)
         if proto > 255:
-            raise ValueError(f"protocol number {proto} out of range (0-255)")
+            raise FlowError(f"protocol number {proto} out of range", *at, "a protocol number is 0-255")
         if proto not in PORT_PROTOS and (sports or dports):
-            raise ValueError(f"{p} flows have no ports")
+            side = "dst" if dports else "src"
+            raise FlowError(f"{p} flows have no ports", full, m.start(side), len(m.group(side)),
+                            "only tcp, udp and sctp flows have ports: leave them out")
     if flags is not None and (p is None or proto != 6):
         if "flags" in words:
             raise FlowError("only tcp flows take 'flags'", full, words["flags"][1], len(words["flags"][0]),
