@@ -88,6 +88,8 @@ def _configure(args) -> int | None:
             args.ignore = list(cfg.ignore) + list(args.ignore)
         if args.fail_on is None:
             args.fail_on = cfg.fail_on
+        if getattr(args, "fail_on_incomplete", False) is None:
+            args.fail_on_incomplete = cfg.fail_on_incomplete
         if cfg.env and not args.dumps and not getattr(args, "env", None) and not getattr(args, "live", False) \
                 and args.command == "lint":
             args.env = cfg.env
@@ -137,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--fail-on", choices=["error", "warning", "info"], default=None,
                    help="lowest severity that makes the exit code 1 (default: warning)")
+    p.add_argument("--fail-on-incomplete", action=argparse.BooleanOptionalAction, default=None,
+                   help="exit 1 also when something in scope was not read or followed: lines read in part "
+                        "(PRS errors), matches synack cannot evaluate (PRS009/101/102/103/105); with --env "
+                        "translations followed in part, branches over the cap, requests that left the "
+                        "environment, flows followed APPROXIMATELY (docs/ci.md)")
     p.add_argument("--env", metavar="ENV.yaml",
                    help="environment of several namespaces (docs/environment.md): also follow every "
                         "service both ways and report replies that bypass translation (NAT checks)")
@@ -664,6 +671,8 @@ def cmd_lint(args) -> int:
                 if why:
                     empty.append(why)
     diags = _truncation_first(_suppress(args, diags, env if args.env else None, results, select, ignore))
+    from analyzer.completeness import incomplete
+    reasons = incomplete(diags, coverage)
     if not args.no_group:
         from analyzer.diagnostics import group
         diags = group(diags)
@@ -677,9 +686,10 @@ def cmd_lint(args) -> int:
             extra = {"env": args.env}
         if coverage is not None:
             extra["coverage"] = coverage
+        extra.update(complete=not reasons, incomplete=reasons)
         out = render_json(diags, extra)
     elif args.output_format == "sarif":
-        out = render_sarif(diags, all_codes())
+        out = render_sarif(diags, all_codes(), {"complete": not reasons, "incomplete": reasons})
     elif empty and not diags:
         out = None  # not "No findings.": nothing was checked
     else:
@@ -696,8 +706,12 @@ def cmd_lint(args) -> int:
         _error(why)
     if empty:
         return EXIT_UNUSABLE
+    if args.fail_on_incomplete and reasons:
+        from analyzer.completeness import summary
+        sys.stderr.write(summary(reasons) + "\n")
     floor = {"error": Severity.ERROR, "warning": Severity.WARNING, "info": Severity.INFO}[args.fail_on]
-    return EXIT_FINDINGS if any(d.severity >= floor for d in diags) else EXIT_OK
+    found = any(d.severity >= floor for d in diags)
+    return EXIT_FINDINGS if found or (args.fail_on_incomplete and reasons) else EXIT_OK
 
 
 def _count(text: str) -> int:
@@ -736,6 +750,15 @@ def _coverage_text(c: dict) -> str:
              f"({c['unreachable_listeners']} of them to untranslated listeners, not flagged), "
              f"{c['left_environment']} left the environment, "
              f"{c['branches_not_followed']} branches over the cap of {c['max_outcomes']} not followed.")
+    if c.get("branches_left"):
+        b = c["branches_left"]
+        text += (f"\nAlso left the environment: {b} {'branch' if b == 1 else 'branches'} of flows delivered "
+                 "elsewhere on other branches.")
+    if c.get("approximate_flows"):  # (the walk followed an undecidable match both ways: not counted)
+        ex = c.get("approximate_examples") or []
+        text += (f"\nApproximated: {s(c['approximate_flows'], 'flow')}, where the walk stood in for something "
+                 "it does not model exactly" + (f", e.g. {ex[0]['client']}: {ex[0]['flow']}: {ex[0]['why']}"
+                                                if ex else "") + ".")
     part = c.get("translations_in_part") or []
     if part:
         text += f"\nTranslations followed in part or not at all: {len(part)}"

@@ -191,7 +191,7 @@ _TRANSLATES: dict = {}
 _NEVER = {"dropped": "is dropped", "rejected": "is rejected", "no-route": "finds no route",
           "no-neighbour": "finds nobody on the link", "loop": "loops", "blackhole": "is blackholed",
           "unreachable": "hits an unreachable route", "prohibit": "hits a prohibit route",
-          "refused": "is refused (nothing listens)"}
+          "refused": "is refused (nothing listens)", "nfqueue": "is queued to userspace (NFQUEUE)"}
 
 
 def environment_trips(ctx: CheckContext):
@@ -242,6 +242,11 @@ def environment_trips(ctx: CheckContext):
     cov = {"services": 0, "clients": 0, "flows": 0, "outcomes": 0, "endpoints": 0, "requests_delivered": 0,
            "replies_followed": 0, "never_arrived": 0, "left_environment": 0, "unreachable_listeners": 0,
            "branches_not_followed": 0, "max_outcomes": world.max_outcomes,
+           # flows the walk approximated other than by following an undecidable match both ways
+           # (a target, an address or a port it does not model exactly): the first 10 named
+           "approximate_flows": 0, "approximate_examples": [],
+           # branches of the other flows whose request (or reply) left the environment
+           "branches_left": 0,
            # translating rules followed in part or not at all (service_destinations)
            "translations_in_part": [{"path": r.span.path, "line": r.span.line, "rule": r.text, "why": why}
                                     for r, why in partly]}
@@ -315,7 +320,11 @@ def _follow_one(world, cname: str, name: str, pkt, translated: bool):
                            for t in outcomes}),
          "requests_delivered": sum(t.request.end == "delivered" for t in outcomes),
          "replies_followed": sum(t.reply is not None for t in outcomes)}
+    why = next((a for t in outcomes for a in _approximations(t)), None)
+    c["approximate_flows"] = int(why is not None)
+    c["approximate_examples"] = [] if why is None else [{"client": cname, "flow": pkt.tuple_str(), "why": str(why)}]
     ends = {t.request.end for t in outcomes}
+    c["branches_left"] = 0 if ends <= {"left"} else sum(_left(t) for t in outcomes)
     if ends <= {"left"}:
         c["left_environment"] = 1
         return c, None, diags  # goes somewhere the environment does not describe
@@ -327,6 +336,31 @@ def _follow_one(world, cname: str, name: str, pkt, translated: bool):
         # a translated service no branch of which reaches a listener anywhere
         diags = [_never_arrives(world, cname, name, outcomes)]
     return c, outcomes, diags
+
+
+def _left(trip) -> bool:
+    """Whether a branch went somewhere the environment does not describe (its request, its reply
+    or a proxy's second leg left it)."""
+    return trip.request.end == "left" or (trip.reply is not None and trip.reply.end == "left") or (
+        trip.second_leg is not None and _left(trip.second_leg))
+
+
+def _approximations(trip):
+    """A trip's APPROXIMATE reasons (request, reply, a proxy's second leg) other than a match the
+    walk cannot decide (an ``Assumption``): the walk followed such a match both ways, so every
+    outcome the kernel can have is among the trips; the others (a target not modelled, a
+    MASQUERADE address or NAT port guessed, a jump to an undefined chain, ...) stand in for what
+    the kernel does."""
+    from analyzer.netfilter.trace import Assumption
+
+    for j in (trip.request, trip.reply):
+        if j is not None:
+            for h in j.hops:
+                for a in h.approx:
+                    if not isinstance(a, Assumption):
+                        yield a
+    if trip.second_leg is not None:
+        yield from _approximations(trip.second_leg)
 
 
 class _Followed(NamedTuple):
@@ -373,6 +407,7 @@ def _follow_targets(ctx, env, world, clients, targets, cov, trips) -> None:
     for i, c, outcomes, diags in results:
         for k, v in c.items():
             cov[k] += v
+        del cov["approximate_examples"][10:]
         if outcomes is not None:
             cname, name = flows[i][:2]
             trips.append((cname, name, outcomes, diags))

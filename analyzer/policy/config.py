@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from analyzer.diagnostics import Diagnostic, Severity
 from analyzer.source import Span
 
-CONFIG_KEYS = {"select", "ignore", "fail-on", "per-file-ignores", "env", "extend-select", "extend-ignore"}
+CONFIG_KEYS = {"select", "ignore", "fail-on", "fail-on-incomplete", "per-file-ignores", "env", "extend-select",
+               "extend-ignore"}
 UNUSED = ("POL002", "unused-suppression")
 POL_CODES = {
     "POL001": ("invalid-policy", "error", "The policy file is not valid YAML or does not follow the policy schema."),
@@ -39,6 +40,7 @@ class Config:
     fail_on: str | None = None
     per_file_ignores: dict = field(default_factory=dict)  # glob -> [codes]
     env: str | None = None
+    fail_on_incomplete: bool = False  # lint: exit 1 when something in scope was not read or followed
 
     def ignored_for(self, path: str | None) -> list:
         """Codes ignored for diagnostics in ``path`` (globs relative to the config's directory).
@@ -114,11 +116,15 @@ def load_config(path: str) -> Config | None:
     pfi = doc.get("per-file-ignores", {})
     if not isinstance(pfi, dict):
         raise ConfigError(f"{path}: 'per-file-ignores' must be a table of glob = [codes]")
+    incomplete = doc.get("fail-on-incomplete", False)
+    if not isinstance(incomplete, bool):
+        raise ConfigError(f"{path}: 'fail-on-incomplete' must be true or false")
     env = doc.get("env")
     if env is not None:
         env = env if os.path.isabs(env) else os.path.normpath(os.path.join(os.path.dirname(path), env))
     return Config(path, codes("select") + codes("extend-select"), codes("ignore") + codes("extend-ignore"),
-                  fail_on, {k: ([v] if isinstance(v, str) else list(v)) for k, v in pfi.items()}, env)
+                  fail_on, {k: ([v] if isinstance(v, str) else list(v)) for k, v in pfi.items()}, env,
+                  incomplete)
 
 
 # ------------------------------------------------------------------ suppressions

@@ -51,9 +51,10 @@ def _uri(path: str) -> str:
     return quote(path, safe="/:._-~")
 
 
-def render_sarif(diags, codes: dict) -> str:
+def render_sarif(diags, codes: dict, properties: dict | None = None) -> str:
     """SARIF 2.1.0: one run, a rule per code used (``codes``: analyzer.codes.all_codes()), a result
-    per diagnostic; a group's other places are related locations and its size a property."""
+    per diagnostic; a group's other places are related locations and its size a property;
+    ``properties`` go into the run's property bag (lint's ``complete``/``incomplete``)."""
     from analyzer import PROJECT_URL
     from analyzer.codes import CodeInfo, doc_path
 
@@ -98,7 +99,7 @@ def render_sarif(diags, codes: dict) -> str:
                                                     .get(info(c).severity, "note")}} for c in used],
             }},
             "results": results,
-            "properties": {"schema_version": SCHEMA_VERSION},
+            "properties": {"schema_version": SCHEMA_VERSION, **(properties or {})},
         }],
     }
     import json  # not imported for text output (synack parse of a dump)
