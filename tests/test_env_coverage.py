@@ -138,3 +138,28 @@ def test_a_dual_stack_listener_is_dialled_in_both_families(tmp_path, capsys):
     main(["lint", "--env", str(env), "--jobs", "1", "-o", "json"])
     cov = json.loads(capsys.readouterr().out)["coverage"]
     assert cov["services"] == 2 and cov["unreachable_listeners"] >= 1, cov
+
+
+def test_a_global_destination_is_not_dialled_from_a_link_local_source(tmp_path, capsys):
+    """A client whose environment lists fe80::c before its global address dials a global
+    listener from the global address, as its kernel picks it (RFC 6724 rule 2; kernel-checked in
+    tests/kernel/test_source_address_kernel.py). It was dialled from fe80::c: the router
+    forwarded it, and the server's reply found no route back to fe80::c (a false NAT002)."""
+    env = tmp_path / "env.yaml"
+    env.write_text(ENV_TEMPLATE.format(
+        client="fe80::c/64@eth0, 2001:db8:1::2/64", gw1="2001:db8:1::1", key="ip6tables", rules="router6.rules",
+        router="2001:db8:1::1/64@eth0, 2001:db8:2::1/64@eth1", forwarding="net.ipv6.conf.all.forwarding",
+        server="2001:db8:2::3/64", gw2="2001:db8:2::1").replace("{port: 8080, name: app}",
+                                                                 '{port: 8080, address: "::", name: app}'))
+    (tmp_path / "router6.rules").write_text("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n"
+                                            ":OUTPUT ACCEPT [0:0]\nCOMMIT\n")
+    rc = main(["lint", "--env", str(env), "--jobs", "1", "--select", "NAT", "-o", "json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert rc == 0 and doc["diagnostics"] == [], doc["diagnostics"]
+    from analyzer.checks import CheckContext
+    from analyzer.checks.reply import environment_trips
+    from analyzer.parse.envfile import load_environment
+    trips = environment_trips(CheckContext(None, (), extra={"env": load_environment(str(env)), "jobs": 1}))
+    assert {(c, str(t[0].flow.src), str(t[0].flow.dst)) for c, _, t, _ in trips} >= {
+        ("client", "2001:db8:1::2", "2001:db8:2::3")}
+    assert not any(str(t[0].flow.src).startswith("fe80") for _, _, t, _ in trips)

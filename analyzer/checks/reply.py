@@ -288,14 +288,16 @@ def _flows(env, clients, targets) -> list[tuple]:
     from analyzer.netfilter.walk import Packet
 
     out, seen = [], set()
-    sources: dict = {}  # (client, family) -> the client's first address of that family
+    # (client, 4) or (client, IPv6 destination) -> the source the client's kernel picks
+    # (Namespace.source_address: IPv4 its first address; IPv6 by RFC 6724's rules, so a global
+    # destination is not dialled from a link-local address listed first)
+    sources: dict = {}
     for name, (addr, proto, port), who, translated in targets:
         for cname in [c for c in clients if c in who]:
-            src = sources.get((cname, addr.version), False)
+            key = (cname, 4 if addr.version == 4 else addr)
+            src = sources.get(key, False)
             if src is False:
-                src = sources[(cname, addr.version)] = next(
-                    (a.ip for _, a in env.namespaces[cname].net.local_addresses()
-                     if a.version == addr.version and not a.ip.is_loopback), None)
+                src = sources[key] = env.namespaces[cname].net.source_address(addr)
             if src is None or (cname == name and src == addr):
                 continue
             key = (cname, addr, proto, port)

@@ -51,6 +51,23 @@ def _common_prefix(a, b) -> int:
     return a.max_prefixlen - x.bit_length()
 
 
+#: the kernel's default IPv6 address label table (net/ipv6/addrlabel.c, RFC 6724 section 2.1),
+#: longest prefix first: source address selection prefers a source whose label is the destination's
+_LABELS = tuple((ipaddress.ip_network(n), label) for n, label in (
+    ("::1/128", 0), ("::/96", 3), ("::ffff:0:0/96", 4), ("2001::/32", 6), ("2001:10::/28", 7),
+    ("2002::/16", 2), ("3ffe::/16", 12), ("fec0::/10", 11), ("fc00::/7", 5), ("::/0", 1)))
+
+
+def _label(ip) -> int:
+    return next(label for net, label in _LABELS if ip in net)
+
+
+def _scope(ip) -> int:
+    """An IPv6 unicast address's scope as the kernel counts it (__ipv6_addr_src_scope): link-local
+    2, site-local (fec0::/10) 5, anything else global 14 (ULAs included)."""
+    return 2 if ip.is_link_local else 5 if ip.is_site_local else 14
+
+
 @dataclass
 class Namespace:
     """Addresses per interface and a main routing table; sysctls that change the path."""
@@ -266,6 +283,41 @@ class Namespace:
             for a in universe(lst):
                 return a.ip
         return None
+
+    def source_address(self, dst):
+        """The source a local process's connection to ``dst`` gets when it binds none. IPv6:
+        ``ipv6_dev_get_saddr``'s rules (RFC 6724 section 5) in its order over the namespace's
+        addresses: the destination itself (1), the appropriate scope (2: a global or ULA
+        destination never gets a link-local source while the namespace has a larger one), the
+        route's output interface (5), the destination's label (6), the longest common prefix,
+        capped at the address's prefix length (8); a link-local destination takes only the output
+        interface's addresses. Equal on every rule: the first listed (the kernel takes the first
+        it meets, in interface and address order). A route's ``src`` is not read for IPv6.
+        IPv4: the first address (not loopback). None: no such address.
+
+        >>> ns = Namespace(); ns.add_addr("fe80::c/64", "eth0"); ns.add_addr("2001:db8:1::2/64", "eth0")
+        >>> ns.add_route("default via 2001:db8:1::1 dev eth0")
+        >>> str(ns.source_address(ipaddress.ip_address("2001:db8:2::3")))
+        '2001:db8:1::2'
+        >>> str(ns.source_address(ipaddress.ip_address("fe80::1")))
+        'fe80::c'
+        """
+        if dst.version == 4:
+            return next((a.ip for _, a in self.local_addresses() if a.version == 4 and not a.ip.is_loopback), None)
+        cands = [(iface, a) for iface, a in self.local_addresses() if a.version == 6 and not a.ip.is_loopback]
+        if not cands:
+            return None
+        oif = self.route(dst).oif
+        if dst.is_link_local or dst.is_multicast:  # only the output interface's link
+            cands = [(iface, a) for iface, a in cands if iface == oif] or cands
+        d, label = _scope(dst), _label(dst)
+
+        def score(i_c):
+            i, (iface, a) = i_c
+            s = _scope(a.ip)
+            return (a.ip == dst, -s if s >= d else s - 128, iface == oif, _label(a.ip) == label,
+                    min(_common_prefix(a.ip, dst), a.network.prefixlen), -i)
+        return max(enumerate(cands), key=score)[1][1].ip
 
     def route(self, dst) -> RouteResult:
         hit = self._routes_by_dst.get(dst)

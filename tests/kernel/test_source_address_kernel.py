@@ -1,0 +1,79 @@
+"""The kernel judges which source address a client's connection gets (no bind): lint --env dials
+every listener from each client, and the source it gives the client must be the one the
+client's kernel picks (ipv6_dev_get_saddr, RFC 6724 section 5).
+
+The client lists, before the address it really uses, a link-local address (rule 2: a global
+destination gets a source of global scope), a global address on another interface whose prefix
+is closer to the destination (rule 5, the output interface, comes before rule 8, the longest
+prefix), and a ULA (rule 6: a ULA destination gets the ULA source, a global one the global
+source). The connection is made for real and the address it came from (the client socket's
+local address, and the peer the server accepted) is compared with synack's: lint --env's flow
+to the server's listener, and ``Namespace.source_address`` for the ULA destination, which lint
+does not dial (it dials a listener at the namespace's first global address).
+"""
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from analyzer.checks import CheckContext
+from analyzer.checks.reply import environment_trips
+from analyzer.parse.envfile import load_environment
+from envlab import build_env
+
+pytestmark = pytest.mark.kernel
+
+ENV = """clients: [client]
+namespaces:
+  client:
+    # listed before the global address of eth0 it uses: a link-local, a global address of another
+    # interface sharing a longer prefix with the server (2001:db8:2::/48), a ULA
+    addresses: [fe80::c/64@eth0, 2001:db8:2:1::2/64@eth1, fd00:1::2/64@eth0, 2001:db8:1::2/64@eth0]
+    routes: ["default via 2001:db8:1::1 dev eth0"]
+  router:
+    addresses: [2001:db8:1::1/64@eth0, fd00:1::1/64@eth0, 2001:db8:2::1/64@eth1, fd00:2::1/64@eth1]
+    sysctls: {net.ipv6.conf.all.forwarding: 1}
+  server:
+    addresses: [2001:db8:2::3/64@eth0, fd00:2::3/64@eth0]
+    routes: ["default via 2001:db8:2::1 dev eth0"]
+    listeners: [{port: 8080, address: "::", name: web}]
+  side:
+    addresses: [2001:db8:2:1::1/64@eth0]
+links:
+  - veth: ["client:eth0", "router:eth0"]
+  - veth: ["router:eth1", "server:eth0"]
+  - veth: ["client:eth1", "side:eth0"]     # (a veth: the test kernel may have no dummy module)
+"""
+#: destination -> the source the kernel is expected to pick (and synack to give)
+EXPECTED = {"2001:db8:2::3": "2001:db8:1::2", "fd00:2::3": "fd00:1::2"}
+CONNECT_TIMEOUT = 3.0
+
+
+def test_kernel_and_lint_env_pick_the_same_source(lab, tmp_path) -> None:
+    path = tmp_path / "env.yaml"
+    path.write_text(ENV)
+    env = load_environment(str(path))
+    client = env.namespaces["client"].net
+    # synack: lint --env's flow to the listener, and the source of a connection to the ULA
+    ctx = CheckContext(None, (), extra={"env": env, "jobs": 1})
+    [(cname, sname, trips, diags)] = environment_trips(ctx)
+    assert (cname, sname, str(trips[0].flow.dst)) == ("client", "server", "2001:db8:2::3")
+    predicted = {"2001:db8:2::3": str(trips[0].flow.src),
+                 "fd00:2::3": str(client.source_address(ipaddress.ip_address("fd00:2::3")))}
+    assert predicted == EXPECTED
+    assert diags == [] and trips[0].client_sees is not None
+
+    envlab = build_env(lab, str(path))
+    server = envlab.servers[("server", 8080)]
+    seen = {}
+    for n, dst in enumerate(EXPECTED, 1):
+        res = envlab["client"].connect_tcp(dst, 8080, timeout=CONNECT_TIMEOUT)
+        assert res.ok, (dst, res, envlab.describe())
+        [conn] = [c for c in server.wait_connections(n, timeout=CONNECT_TIMEOUT) if c.local[0] == dst]
+        assert conn.peer[0] == res.local[0]  # what the server saw is what the client's socket had
+        seen[dst] = res.local[0]
+        # and what the kernel's own route lookup says it would pick
+        route = envlab["client"].ip("-6", "route", "get", dst)
+        assert f"src {res.local[0]} " in route + " ", route
+    assert seen == predicted
