@@ -9,6 +9,7 @@ import json
 import sys
 from dataclasses import dataclass, replace
 
+from analyzer.engine.concolic import in_network
 from analyzer.netfilter.env import EnvError, Namespace
 from analyzer.netfilter.neighbour import answers_solicitation, own_address, resolves_neighbour
 from analyzer.netfilter.trace import Bridge, Kind, Reply, Step
@@ -233,7 +234,7 @@ def _on_link(ns: Namespace, p: Packet) -> bool:
         return False
     for a in ns.addrs.get(p.oif, []):
         if a.version == p.family and a.network.prefixlen < a.max_prefixlen \
-                and p.src in a.network and p.dst in a.network:
+                and in_network(p.src, a.network) and in_network(p.dst, a.network):
             return True
     return False
 

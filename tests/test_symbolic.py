@@ -403,3 +403,39 @@ def test_open_address_memos_answer_only_inside_the_walk_that_asked():
         conds.append(rec.condition)
     assert conds[0] == conds[1]
     assert conds[0] == sp.eq("src", own) & sp.prefix("dst", "10.244.0.0/16")
+
+
+def test_in_network_notes_what_the_ipaddress_test_notes():
+    """`in_network` answers ``addr in net`` for an open address (plain, NETMAP-rewritten, IPv6)
+    and notes the very decision the ipaddress test notes, in every recorder: its atoms are
+    shared by an exploration's recorders (one cache), the decisions are not."""
+    import ipaddress
+
+    from analyzer.engine.concolic import Recorder, in_network, sym_address
+    from analyzer.engine.packetset import PacketSpace
+
+    sp = PacketSpace()
+    cases = [(0x0A600001, 4, None, 0, "10.96.0.0/12"), (0x0A600001, 4, None, 0, "10.0.0.0/16"),
+             (0x7F000001, 4, None, 0, "127.0.0.0/8"), (0x0A600001, 4, 0xFF, 0xC0A80000, "192.168.0.0/24"),
+             (0x0A600001, 4, 0xFF, 0xC0A80000, "192.168.1.0/24"), (1, 6, None, 0, "::/127"),
+             (0xFE80 << 112 | 5, 6, None, 0, "fe80::/10"), (0x0A600001, 4, None, 0, "::/0")]
+    cache: dict = {}
+    for value, fam, keep, xor, text in cases:
+        net = ipaddress.ip_network(text)
+
+        def addr():
+            return sym_address(value, "dst", fam, keep, xor)
+        with Recorder(sp) as ref:
+            want = addr() in net
+        for _ in range(2):  # a second recorder on the same cache notes the decision again
+            with Recorder(sp, cache=cache) as rec:
+                assert in_network(addr(), net) == want, text
+            assert rec.condition == ref.condition, text
+    a = sym_address(0x7F000001, "src", 4)
+    with Recorder(sp) as rec:
+        assert a.is_loopback and not a.is_multicast
+    assert rec.condition == sp.prefix("src", "127.0.0.0/8")
+    with Recorder(sp) as rec:
+        assert sym_address(0xFF02 << 112 | 1, "src", 6).is_multicast
+    assert rec.condition == sp.prefix("src", "ff00::/8")
+

@@ -7,6 +7,8 @@ import json
 import re
 from dataclasses import dataclass, field, replace
 
+from analyzer.engine.concolic import in_network
+
 
 class EnvError(ValueError):
     pass
@@ -332,7 +334,7 @@ class Namespace:
             return RouteResult("local", "lo", None, None)
         best = None
         for r in self.routes:
-            if r.dest.version == dst.version and dst in r.dest:
+            if r.dest.version == dst.version and in_network(dst, r.dest):
                 if best is None or (r.dest.prefixlen, -r.metric) > (best.dest.prefixlen, -best.metric):
                     best = r
         if best is None:

@@ -20,7 +20,7 @@ from analyzer.model.rules import (
     PortMatch, ProtoMatch, Redirect, Reject, Rule, Ruleset, SetMark, SetMatch, StatisticMatch,
     TcpFlagsMatch, Tproxy, UnknownMatch, UnknownTarget, Verdict,
 )
-from analyzer.engine.concolic import active, is_sym, one_of, plain
+from analyzer.engine.concolic import active, in_network, is_sym, one_of, plain
 from analyzer.netfilter import stages as STAGES
 from analyzer.netfilter.env import Namespace
 from analyzer.netfilter.nat import pick_address, pick_port
@@ -572,7 +572,7 @@ class Walker:
                     if version == v and lo <= x <= hi:
                         return not neg
                 return neg
-            return any(a in n for n in m.networks if n.version == a.version) != neg
+            return any(in_network(a, n) for n in m.networks if n.version == a.version) != neg
         if isinstance(m, ProtoMatch):
             return (m.number == 0 or m.number == p.proto) != neg
         if isinstance(m, IfaceMatch):
@@ -632,7 +632,7 @@ class Walker:
                 return (None, f"--ct{m.field_name} unknown here", False)
             if m.ports:
                 return (m.ports[0] <= val <= m.ports[1]) != neg
-            return any(val in n for n in m.networks if n.version == val.version) != neg
+            return any(in_network(val, n) for n in m.networks if n.version == val.version) != neg
         if isinstance(m, AddrTypeMatch):
             a = p.src if m.direction == "src" else p.dst
             t = self._addrtype(a)
