@@ -439,3 +439,19 @@ def test_in_network_notes_what_the_ipaddress_test_notes():
         assert sym_address(0xFF02 << 112 | 1, "src", 6).is_multicast
     assert rec.condition == sp.prefix("src", "ff00::/8")
 
+
+def test_a_lost_reason_names_the_rule_being_evaluated():
+    """The recording walker names the rule in a lost reason (its label and dump line), though it
+    builds that text only when something is lost."""
+    from analyzer.parse import load_ruleset
+    from analyzer.symbolic import explain_classes
+
+    rs = load_ruleset(("*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -p tcp -j DNAT --to-destination "
+                       "10.9.0.1-10.9.0.9\nCOMMIT\n", "x.rules")).ruleset
+    ns = Namespace()
+    ns.add_addr("192.168.0.2/24", "eth0")
+    ns.add_route("default via 192.168.0.1 dev eth0")
+    classes, rest, _ = explain_classes(rs, parse_flow_spec("tcp 10.0.0.0/30 -> 10.96.0.1:80", iif="eth0"), ns)
+    assert rest.is_empty()
+    lost = {r for c in classes for r in c.lost}
+    assert lost and all(r.startswith("nat:PREROUTING:rule:1 (line 3): ") for r in lost), lost

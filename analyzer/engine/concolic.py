@@ -67,7 +67,11 @@ class Recorder:
         self._cond = space.universe()
         self._big: list = []
         self.lost: list[str] = []
-        self.where: str | None = None
+        self.where: Any = None
+        # what turns ``where`` into text when a reason is lost (None: it is text already); a
+        # walker sets ``where`` to the object being evaluated before each one and pays for its
+        # label only when something is lost
+        self.label: Any = None
         self.notes = 0
         self._prev: Recorder | None = None
         self._seen: set = set()
@@ -114,7 +118,10 @@ class Recorder:
         self._cond = self._cond & atom if result else self._cond - atom
 
     def lose(self, reason: str) -> None:
-        text = f"{self.where}: {reason}" if self.where else reason
+        where = self.where
+        if where is not None and self.label is not None and not isinstance(where, str):
+            where = self.label(where)
+        text = f"{where}: {reason}" if where else reason
         if text not in self.lost:
             self.lost.append(text)
 

@@ -302,14 +302,14 @@ class RecordingWalker(Walker):
     def _match_rule(self, rule, br, hook):
         rec = active()
         if rec is not None:
-            rec.where = self._where(rule)
-        return super()._match_rule(rule, br, hook)
+            rec.where, rec.label = rule, self._where  # labelled only if a reason is lost
+        return Walker._match_rule(self, rule, br, hook)
 
     def _apply_target(self, rule, br, table, hook):
         rec = active()
         if rec is not None:
-            rec.where = self._where(rule)
-        return super()._apply_target(rule, br, table, hook)
+            rec.where, rec.label = rule, self._where
+        return Walker._apply_target(self, rule, br, table, hook)
 
     def _nat(self, rule, br, table: str, hook: str) -> str:
         t = rule.target
