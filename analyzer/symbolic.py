@@ -61,6 +61,22 @@ def explain_classes(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int
     """The packets of ``spec`` in classes the walk cannot tell apart: ``([Explored], rest)``,
     each class with its witness's values and outcomes; ``rest`` the packets left when ``limit``
     classes were reached (empty when every packet is explained). Also returns the space."""
+    import gc
+
+    # the walks allocate millions of short-lived objects and almost no reference cycles (a
+    # collection after the 4,416 classes of a 10,000-service flow's :80 part finds 5 objects):
+    # the cyclic GC only costs time here (~5%), so it pauses for the exploration, as it does
+    # for lint --env's walks (checks/reply.py); what cycles there are are collected after
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _explain_classes(ruleset, spec, ns, local, limit, assumed, progress)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _explain_classes(ruleset, spec: FlowSpec, ns, local: bool, limit: int, assumed: list | None, progress):
     from analyzer.explain import explain_flow
 
     space = flow_space(ruleset, ns, spec)
