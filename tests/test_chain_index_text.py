@@ -106,3 +106,57 @@ def test_text_key_is_the_decoded_key_on_the_corpus():
         with open(p, encoding="utf-8", errors="surrogateescape", newline="") as f:
             read += _check(f.read(), str(p))[0]
     assert read > 20000
+
+
+def _check_headers(text: str, path: str = "x.rules", sp=None) -> int:
+    """The union of a big chain's header sets reads a lazily parsed kube-proxy service rule's
+    set from its text (netfilter.symbolic `_text_header`): it must be the decoded rule's
+    `header_set` whenever the text reader gives one. Returns how many it gave."""
+    from analyzer.engine.packetset import PacketSpace
+    from analyzer.netfilter.symbolic import _text_header, header_set
+
+    sp = sp or PacketSpace()
+    read = 0
+    lazy = {(r.ruleset.family): r.ruleset for r in load_ruleset((text, path), lazy=True).families()}
+    for res in load_ruleset((text, path)).families():
+        fam = res.ruleset.family
+        for a, b in zip(lazy[fam].rules(), res.ruleset.rules()):
+            got = _text_header(a, sp, fam, {})
+            if got is None:
+                continue
+            read += 1
+            assert got == header_set(b, sp, fam), (path, b.span.line, b.text)
+    return read
+
+
+def test_text_header_is_the_decoded_header_set():
+    text = "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-SVC-X - [0:0]\n:KUBE-NODEPORTS - [0:0]\n" + "\n".join(RULES) + "\nCOMMIT\n"
+    assert _check_headers(text) >= 2
+    rng = random.Random(11)
+    lines = []
+    for _ in range(3000):  # kube-proxy's service rule with one or two words replaced
+        w = ["-A", "C", "-d", "10.96.0.1/32", "-p", "tcp", "-m", "comment", "--comment", '"ns/svc:http"', "-m", "tcp",
+             "--dport", "80", "-j", "KUBE-SVC-X"]
+        for _ in range(rng.randrange(1, 3)):
+            w[rng.randrange(2, len(w))] = rng.choice(["1.2.3", "99999", "65536", "udp", "sctp", "!", "-s", "10.96.0.300/32",
+                                                      "10.96.3.4/32", "443", "0", "ACCEPT", "! -s 10.244.0.0/16",
+                                                      "DNAT --to-destination 10.244.0.5:80", "-d", "--dport", "tcpx"])
+        if rng.random() < 0.2:  # the form kube-proxy's KUBE-SVC chains use
+            w[2:2] = ["!", "-s", "10.244.0.0/16"]
+        lines.append(" ".join(w))
+    text = "*filter\n:C - [0:0]\n:KUBE-SVC-X - [0:0]\n" + "\n".join(lines) + "\nCOMMIT\n"
+    assert _check_headers(text) > 100
+
+
+@pytest.mark.skipif(not CORPUS.is_dir(), reason=f"corpus not found at {CORPUS}")
+def test_text_header_is_the_decoded_header_set_on_the_corpus():
+    from analyzer.engine.packetset import PacketSpace
+
+    sp = PacketSpace()
+    files = [p for folder in ("iptables", "k8s") for p in sorted((CORPUS / folder).rglob("*"))
+             if p.is_file() and not p.name.startswith(".") and p.suffix != ".json"]
+    read = 0
+    for p in files:
+        with open(p, encoding="utf-8", errors="surrogateescape", newline="") as f:
+            read += _check_headers(f.read(), str(p), sp)
+    assert read > 20
