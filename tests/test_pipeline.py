@@ -6,9 +6,12 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from analyzer.model.packet import Packet, with_ifaces
 from analyzer.netfilter import pipeline
 from analyzer.netfilter.env import Namespace
+from analyzer.netfilter.trace import Route
 from analyzer.netfilter.walk import Walker
 from analyzer.parse import load_ruleset
 
@@ -188,3 +191,39 @@ def test_world_memo_key_holds_every_conntrack_field():
         changed = dataclasses.replace(pkt, sport=1) if f.name == "original" else \
             ipa.ip_address("10.9.9.9") if f.name in ("reply_src", "reply_dst") else other[type(v)](v)
         assert _ct_key(dataclasses.replace(ct, **{f.name: changed})) != _ct_key(ct), f.name
+
+
+@pytest.mark.parametrize("src, dst, end, fact", [
+    ("10.0.0.5", "10.0.1.5", "forwarded", None),
+    ("0.0.0.5", "10.0.1.5", "forwarded", None),          # 0.0.0.0/8 is routed since Linux 5.3
+    ("0.0.0.0", "10.0.1.5", "dropped", Route.MARTIAN_SOURCE),
+    ("127.0.0.5", "10.0.1.5", "dropped", Route.MARTIAN_SOURCE),
+    ("224.0.0.5", "10.0.1.5", "dropped", Route.MARTIAN_SOURCE),
+    ("255.255.255.255", "10.0.1.5", "dropped", Route.MARTIAN_SOURCE),
+    ("10.0.0.5", "0.0.0.0", "dropped", Route.MARTIAN_DESTINATION),
+    ("10.0.0.5", "127.0.0.5", "dropped", Route.MARTIAN_DESTINATION),
+    ("10.0.0.5", "239.1.2.3", "dropped", Route.MARTIAN_DESTINATION),
+    ("127.0.0.5", "127.0.0.6", "dropped", Route.MARTIAN_DESTINATION),  # the destination is asked first
+])
+def test_early_martians_in_the_kernel_order(src, dst, end, fact):
+    """ip_route_input_slow's first checks (tests/kernel/test_martians_kernel.py replays them)."""
+    w = _walker(FILTER.replace("FORWARD DROP", "FORWARD ACCEPT"), "10.0.0.1/24@eth0", "10.0.1.1/24@eth1",
+                sysctls={"net.ipv4.ip_forward": 1})
+    [b] = _run(w, Packet(4, 6, A(src), A(dst), 40000, 80), "eth0")
+    facts = [s.fact for s in b.steps if isinstance(s.fact, Route) and s.fact.drops]
+    assert (b.disposition, facts) == (end, [fact] if fact else []), b.detail
+    if (src, dst) == ("10.0.0.5", "127.0.0.5"):
+        w.ns.sysctls["net.ipv4.conf.eth0.route_localnet"] = 1
+        [b] = _run(w, Packet(4, 6, A(src), A(dst), 40000, 80), "eth0")
+        assert b.disposition == "delivered", b.detail  # route_localnet: 127.0.0.5 is ours, delivered
+
+
+def test_output_route_refuses_a_loopback_source_out_of_a_real_interface():
+    w = _walker(FILTER, "10.0.0.1/24@eth0", routes=["default via 10.0.0.254 dev eth0"])
+    [b] = pipeline.run(w, None, "x", Packet(4, 6, A("127.0.0.1"), A("10.9.9.9"), 40000, 80), None, None)
+    assert b.disposition == "not-sent" and "EINVAL" in b.detail and b.steps[-1].fact is Route.OUTPUT_REFUSED
+    [b] = pipeline.run(w, None, "x", Packet(4, 6, A("127.0.0.1"), A("127.0.0.1"), 40000, 80), None, None)
+    assert b.disposition == "delivered"  # out of lo: allowed
+    w.ns.sysctls["net.ipv4.conf.eth0.route_localnet"] = 1
+    [b] = pipeline.run(w, None, "x", Packet(4, 6, A("127.0.0.1"), A("10.9.9.9"), 40000, 80), None, None)
+    assert b.disposition == "sent"

@@ -42,6 +42,13 @@ def test_open_protocol_separates_tcp_from_other_protocols():
     assert not any(s.verdict.startswith("DNAT") for s in groups[1].outcomes[0].forward.steps)
 
 
+def test_flow_spec_takes_the_last_address():
+    """255.255.255.255 (and ffff:...:ffff) as an endpoint: its witness is itself (no overflow)."""
+    assert str(parse_flow_spec("tcp 10.0.0.1 -> 255.255.255.255:80").template.dst) == "255.255.255.255"
+    assert str(parse_flow_spec("tcp 255.255.255.254/31 -> 10.0.0.1:80").template.src) == "255.255.255.254"
+    assert parse_flow_spec("tcp [::1] -> [ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:80").template.dst.packed == b"\xff" * 16
+
+
 def test_flow_spec_reports_open_fields():
     assert parse_flow_spec("udp 10.0.0.1:53 -> 10.0.0.2").open == {"dport"}
     assert parse_flow_spec("tcp 10.0.0.1:1 -> 10.0.0.2:2").open == frozenset()

@@ -417,3 +417,16 @@ def test_a_chain_loop_ends_the_walk_instead_of_growing_forever():
     assert looped and all(o.confidence == "APPROXIMATE" for o in looped)
     assert "CHN002" in looped[0].detail
     assert all(o.disposition != "loop" for c in classes for o in c.result if plain(c.witness["sport"]) != 53)
+
+
+@pytest.mark.parametrize("flow, iif, local", [
+    ("tcp 0.0.0.0/0 -> 0.0.0.0/0:80", "eth0", False), ("0.0.0.0/0 -> 0.0.0.0/0", None, False),
+    ("tcp 0.0.0.0/0 -> 0.0.0.0/0:80", None, True)])
+def test_martian_and_refused_addresses_split_exactly(flow, iif, local):
+    """The input route's martians (multicast, broadcast, 0.0.0.0, loopback sources; 0.0.0.0,
+    loopback, multicast, broadcast destinations) and the output route's EINVAL (a multicast,
+    broadcast or loopback source) are decisions on the open addresses: each class of the whole
+    address space walks like random packets drawn from it."""
+    text = ("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+            "-A FORWARD -d 10.0.1.0/24 -j ACCEPT\n-A OUTPUT -s 127.0.0.0/8 -j ACCEPT\nCOMMIT\n")
+    check_classes(text, flow, iif, 3, strict=True, local=local)

@@ -191,7 +191,8 @@ _TRANSLATES: dict = {}
 _NEVER = {"dropped": "is dropped", "rejected": "is rejected", "no-route": "finds no route",
           "no-neighbour": "finds nobody on the link", "loop": "loops", "blackhole": "is blackholed",
           "unreachable": "hits an unreachable route", "prohibit": "hits a prohibit route",
-          "refused": "is refused (nothing listens)", "nfqueue": "is queued to userspace (NFQUEUE)"}
+          "refused": "is refused (nothing listens)", "nfqueue": "is queued to userspace (NFQUEUE)",
+          "not-sent": "is never sent (the connect fails with EINVAL)"}
 
 
 def environment_trips(ctx: CheckContext):

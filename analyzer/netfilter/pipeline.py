@@ -6,6 +6,7 @@ inside (raw, conntrack, mangle, nat, filter, security in priority order) is ``st
 """
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Callable
 
@@ -97,6 +98,80 @@ def _conf(w: Walker, key: str, iif: str) -> int:
     return max(w.ns.sysctl(f"net.ipv4.conf.all.{key}", 0), w.ns.sysctl(f"net.ipv4.conf.{iif}.{key}", 0))
 
 
+# ipv4_is_zeronet is "== 0.0.0.0" since Linux 5.3 ("ipv4: allow 0.0.0.0/8 as a valid address
+# range"); checked here on 6.x: a packet from 0.0.0.5 is forwarded (tests/kernel/test_martians_kernel.py)
+_ANY = ipaddress.IPv4Address("0.0.0.0")
+_LBCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
+def _drop(b: Branch, fact: Route, detail: str, disposition: str = "dropped") -> None:
+    b.disposition, b.detail = disposition, detail
+    b.steps.append(route_step(b.pkt, b.pkt, fact, detail))
+
+
+def early_martians(ctx: Ctx, b: Branch) -> None:
+    """ip_route_input_slow's checks before any route lookup ("the most weird martians, which can
+    be not detected by fib_lookup"), in its order: a multicast or limited-broadcast source; a
+    multicast or limited-broadcast destination (or both addresses 0.0.0.0: never routed on; for
+    TCP dropped, for other protocols taken as dropped, APPROXIMATE); a source 0.0.0.0 and then a
+    destination 0.0.0.0 (the rest of 0.0.0.0/8 is routed since Linux 5.3); a loopback destination, else a loopback source, without
+    route_localnet on the input interface. IPv4 only (IPv6's ip6_rcv_core checks are not modelled)."""
+    w, iif = ctx.w, ctx.iif
+    if iif == "lo" or b.pkt.family != 4:
+        return
+    src, dst = b.pkt.src, b.pkt.dst
+    if src.is_multicast or src == _LBCAST:
+        return _drop(b, Route.MARTIAN_SOURCE, f"martian source: {src} is a {'multicast' if src != _LBCAST else 'broadcast'} "
+                     f"address, never a sender's; the kernel drops it")
+    if dst.is_multicast or dst == _LBCAST or (src == _ANY and dst == _ANY):
+        # ip_route_input_rcu takes a multicast destination aside (dropped unless a local socket
+        # joined the group or multicast routing is on), the limited broadcast goes to brd_input
+        # (local delivery as a broadcast); neither is ever routed on as unicast, and TCP takes
+        # neither (tcp_v4_rcv / tcp_v4_conn_request drop broadcast and multicast)
+        mc = dst.is_multicast
+        what = "a multicast" if mc else "the limited broadcast"
+        _drop(b, Route.MARTIAN_DESTINATION, f"{dst} is {what} destination: never routed on"
+              + ("; TCP drops it" if b.pkt.proto == 6 else ""))
+        if not mc:
+            b.approx.append("a broadcast is delivered to this host (brd_input): its INPUT chains are "
+                            "not walked here")
+        elif b.pkt.proto != 6:
+            b.approx.append("a multicast destination: delivery to a joined group and multicast routing "
+                            "are not modelled (taken as dropped)")
+        return
+    if src == _ANY:
+        return _drop(b, Route.MARTIAN_SOURCE, "martian source: 0.0.0.0 is accepted only towards the "
+                     "limited broadcast; the kernel drops it")
+    if dst == _ANY:
+        return _drop(b, Route.MARTIAN_DESTINATION, "martian destination: 0.0.0.0; the kernel drops it")
+    if dst.is_loopback:
+        if not _conf(w, "route_localnet", iif):
+            _drop(b, Route.MARTIAN_DESTINATION, f"martian destination: {dst} arrives on {iif}; loopback addresses "
+                  f"are routed only with net.ipv4.conf.{iif}.route_localnet=1")
+    elif src.is_loopback and not _conf(w, "route_localnet", iif):
+        _drop(b, Route.MARTIAN_SOURCE, f"martian source: {src} is a loopback address but arrives on {iif}; "
+              f"accepted only with net.ipv4.conf.{iif}.route_localnet=1")
+
+
+def output_refusals(ctx: Ctx, b: Branch) -> None:
+    """What the output route of a local socket refuses with EINVAL, so that nothing is sent: a
+    multicast or limited-broadcast source (ip_route_output_key_hash_rcu) and a loopback source on
+    a route leaving by a device other than lo without its route_localnet (__mkroute_output).
+    IPv4 only."""
+    if b.pkt.family != 4:
+        return
+    src, oif = b.pkt.src, b.pkt.oif
+    why = None
+    if src.is_multicast or src == _LBCAST:
+        why = f"{src} as a source (a multicast or broadcast address)"
+    elif oif is not None and oif != "lo" and src.is_loopback and not _conf(ctx.w, "route_localnet", oif):
+        why = (f"the loopback source {src} on a route out of {oif} (only with "
+               f"net.ipv4.conf.{oif}.route_localnet=1)")
+    if why is not None:
+        _drop(b, Route.OUTPUT_REFUSED, f"the output route refuses {why}: the socket call (connect, "
+              f"sendmsg) fails with EINVAL", "not-sent")
+
+
 def martian_source(ctx: Ctx, b: Branch) -> None:
     """fib_validate_source: a packet that arrives from a link with a source address of this very
     namespace is a martian and dropped, unless accept_local. Asked only of a packet the input
@@ -115,19 +190,12 @@ def martian_source(ctx: Ctx, b: Branch) -> None:
     b.steps.append(route_step(b.pkt, b.pkt, Route.MARTIAN_SOURCE, b.detail))
 
 
-def input_route_refuses(ctx: Ctx, b: Branch) -> None:
-    """ip_route_input_slow's other refusals: a loopback destination from a real interface
-    without route_localnet, and reverse-path filtering (rp_filter 1 strict: the route back to the
+def reverse_path(ctx: Ctx, b: Branch) -> None:
+    """Reverse-path filtering (fib_validate_source; rp_filter 1 strict: the route back to the
     source must leave by the interface the packet came in on; 2 loose: some route back must
     exist)."""
     w, iif = ctx.w, ctx.iif
     if iif == "lo" or b.pkt.family != 4:
-        return
-    if b.pkt.dst.is_loopback and not _conf(w, "route_localnet", iif):
-        b.disposition = "dropped"
-        b.detail = (f"martian destination: {b.pkt.dst} arrives on {iif}; loopback addresses are "
-                    f"routed only with net.ipv4.conf.{iif}.route_localnet=1")
-        b.steps.append(route_step(b.pkt, b.pkt, Route.MARTIAN_DESTINATION, b.detail))
         return
     mode = _conf(w, "rp_filter", iif)
     if mode == 0:
@@ -274,8 +342,9 @@ BRIDGED_DNAT = (
 #: a packet arriving on an interface of the namespace
 ARRIVE = (
     hook("PREROUTING", "ip_rcv", "NF_INET_PRE_ROUTING"),
+    each("early martians", "ip_route_input_slow", early_martians, "multicast, broadcast, 0.0.0.0, loopback; route_localnet"),
     each("martian source", "fib_validate_source", martian_source, "accept_local"),
-    each("input route refusals", "ip_route_input_slow", input_route_refuses, "route_localnet, rp_filter"),
+    each("reverse path filter", "fib_validate_source", reverse_path, "rp_filter"),
     choose("routing decision", "ip_route_input_noref", input_route,
            {"local": LOCAL_IN, "forward": FORWARD, "bridged-dnat": BRIDGED_DNAT}),
     TPROXY,
@@ -292,6 +361,7 @@ LOOPBACK = (
 #: a packet a local process sends
 LOCAL_OUT = (
     each("output route", "ip_route_output_key", output_route),
+    each("output route refusals", "__mkroute_output", output_refusals, "EINVAL: source or destination; route_localnet"),
     hook("OUTPUT", "__ip_local_out", "NF_INET_LOCAL_OUT"),
     each("reroute", "ip_route_me_harder", reroute),
     hook("POSTROUTING", "ip_output", "NF_INET_POST_ROUTING"),

@@ -91,10 +91,11 @@ class Route(enum.Enum):
     NO_ROUTE = "no-route"
     SPECIAL = "special"                 # blackhole / unreachable / prohibit route
     LOOPBACK = "loopback"               # sent to a local address: back in on lo
-    MARTIAN_SOURCE = "martian-source"   # arrives from a link with one of this namespace's addresses
-    MARTIAN_DESTINATION = "martian-destination"  # a loopback destination from a real interface
+    MARTIAN_SOURCE = "martian-source"   # a source the input route refuses (ours, 0.0.0.0/8, loopback, multicast)
+    MARTIAN_DESTINATION = "martian-destination"  # a loopback or 0.0.0.0/8 destination from a real interface
     RP_FILTER = "rp-filter"             # reverse path filter
     IP_FORWARD_OFF = "ip-forward-off"   # would be forwarded, ip_forward=0
+    OUTPUT_REFUSED = "output-refused"   # a local socket's source or destination the output route refuses (EINVAL)
 
     @property
     def drops(self) -> bool:
@@ -102,7 +103,7 @@ class Route(enum.Enum):
 
 
 _ROUTE_DROPS = frozenset({Route.NO_ROUTE, Route.SPECIAL, Route.MARTIAN_SOURCE, Route.MARTIAN_DESTINATION,
-                          Route.RP_FILTER, Route.IP_FORWARD_OFF})
+                          Route.RP_FILTER, Route.IP_FORWARD_OFF, Route.OUTPUT_REFUSED})
 
 
 class Bridge(enum.Enum):

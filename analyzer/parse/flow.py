@@ -137,7 +137,7 @@ def _endpoint(s: str) -> tuple[tuple, tuple | None]:
 def _witness_address(rs: tuple):
     """A host address of the first range: not a prefix's network address when avoidable."""
     lo, hi = rs[0]
-    return lo + 1 if hi > lo + 1 else lo
+    return lo + 1 if int(hi) - int(lo) > 1 else lo  # (lo + 1 overflows at 255.255.255.255)
 
 
 class FlowError(ValueError):

@@ -48,6 +48,8 @@ def _sees(oc) -> str:
     if oc.reply is None:
         if oc.disposition == "rejected":
             return "the client gets the rejection"
+        if oc.disposition == "not-sent":
+            return "no packet leaves"
         o = oc.forward.ct.original
         syn = o.proto == 6 and getattr(o, "tcp_flags", 0x02) == 0x02
         return "the client gets no answer" + (" (its connect times out)" if syn else "")
