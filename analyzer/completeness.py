@@ -6,6 +6,8 @@ each one counts, and what does not).
 """
 from __future__ import annotations
 
+import re
+
 from analyzer.diagnostics import Severity
 
 #: parse warnings that leave a match synack cannot evaluate: verdicts depending on it are APPROXIMATE
@@ -18,6 +20,16 @@ APPROXIMATE_READS = {
 }
 
 SHOWN_PLACES = 10  # per reason, in JSON/SARIF (the text names the first only)
+
+#: a machine-dependent value is reported once per file, its other uses counted in the message
+#: (parse/iptables.py, _count_repeats)
+_MORE_USES = re.compile(r"\(used (\d+) more times? in this file\)$")
+
+
+def _uses(d) -> int:
+    """How many matches a PRS1xx diagnostic stands for (its value's every use in the file)."""
+    m = _MORE_USES.search(d.message)
+    return d.count * (1 + (int(m.group(1)) if m else 0))
 
 
 def _s(n: int, word: str, plural: str | None = None) -> str:
@@ -56,7 +68,7 @@ def incomplete(diags, coverage: dict | None) -> list[dict]:
                     "places": [_place(d.span, d.code) for d in errors[:SHOWN_PLACES] if d.span]})
     approx = [d for d in diags if d.code in APPROXIMATE_READS]
     if approx:
-        n = sum(d.count for d in approx)
+        n = sum(_uses(d) for d in approx)
         kinds = ", ".join(dict.fromkeys(APPROXIMATE_READS[d.code] for d in approx))
         out.append({"reason": "approximate-matches", "count": n,
                     "message": f"{_s(n, 'match', 'matches')} synack cannot evaluate ({kinds}): verdicts that "

@@ -210,3 +210,15 @@ def test_the_ci_doc_shows_what_the_gate_prints():
     shown = doc.split(cmd, 1)[1].split("$ echo $?\n", 1)[0]
     rc, out, err = run(["lint", "--env", SAMPLE, "--fail-on-incomplete"])
     assert shown == out + err and rc == 1
+
+
+def test_a_value_used_many_times_counts_every_use(tmp_path):
+    """A host name is reported where it first appears, its other uses counted in the message:
+    the reason counts every rule that holds it (the corpus's TUM firewall: one anonymised MAC
+    diagnostic, 885 matches)."""
+    dump = tmp_path / "fw.rules"
+    dump.write_text(RULES.replace(" -m frobnicate --level 3", " -s admin.example.com")
+                    .replace("--dport 443", "--dport 443 -s admin.example.com"))
+    rc, out, err = run(["lint", str(dump), "--fail-on", "error", "--fail-on-incomplete"])
+    assert rc == 1 and "used 1 more time" in out
+    assert "2 matches synack cannot evaluate (a host name): verdicts that depend on them are APPROXIMATE" in err
