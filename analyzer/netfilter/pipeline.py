@@ -386,6 +386,7 @@ PATHS = {"arrive": ARRIVE, "local out": LOCAL_OUT, "bridged": BRIDGED}
 def _ifaces(p: Packet, iif, oif) -> Packet:
     """``p`` with these interfaces (the same object when it has them: packets are frozen).
 
+    >>> from dataclasses import replace
     >>> p = Packet(4, 6, 1, 2, 3, 4, "eth0", None, 7)
     >>> _ifaces(p, "eth0", None) is p, _ifaces(p, None, "lo") == replace(p, iif=None, oif="lo")
     (True, True)
