@@ -149,6 +149,8 @@ def _with_client_route(ns: Namespace, pkt: Packet, local: bool) -> Namespace:
     peer.routes = list(ns.routes)
     peer._routes_by_dst = type(ns._routes_by_dst)()  # an open flow's memo never answers for open addresses
     peer.add_route(f"{pkt.src}/{pkt.src.max_prefixlen} dev {pkt.iif}")
+    # the route is to the client, whatever its (open) address: Namespace._client_match
+    peer.client_route, peer.client = peer.routes[-1], pkt.src
     return peer
 
 

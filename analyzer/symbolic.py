@@ -89,6 +89,8 @@ def _explain_classes(ruleset, spec: FlowSpec, ns, local: bool, limit: int, assum
         if f in spec.open:
             prefer[f] = int(getattr(t, f) or 0)
     nsw = noting_namespace(ns)
+    # the flow's sources: the peer model's route back to the client tells its address from others
+    nsw.flow_sources = tuple((int(lo), int(hi)) for lo, hi in spec.src)
     walker = RecordingWalker(ruleset, nsw)
 
     def make(v):

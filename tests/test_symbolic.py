@@ -462,3 +462,20 @@ def test_a_lost_reason_names_the_rule_being_evaluated():
     assert rest.is_empty()
     lost = {r for c in classes for r in c.lost}
     assert lost and all(r.startswith("nat:PREROUTING:rule:1 (line 3): ") for r in lost), lost
+
+
+def test_open_sources_without_a_route_back_are_one_class(tmp_path):
+    """No route leads back to the flow's sources (only --addr given): explain's peer model routes
+    each client back on its input interface, whatever its address. A source range is one class,
+    not one per address (before: 50 classes for 50 addresses, then the --max-classes stop); a
+    destination range overlapping the sources is APPROXIMATE, said with the reason."""
+    from _golden import run
+
+    dump = tmp_path / "acc.rules"
+    dump.write_text("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n")
+    base = ["explain", str(dump), "--from-iface", "eth1", "--addr", "192.168.0.2/24@eth0", "--max-classes", "50"]
+    rc, out, err = run(base + ["--flow", "tcp 10.9.0.0/16 -> 192.168.0.5:80"])
+    assert rc == 0 and "1 distinct outcome group(s) over 1 class(es)" in out and "src 10.9.0.0/16" in out, out
+    assert "client sees tcp 192.168.0.5:80 -> 10.9.0.1:40000 (as dialled)" in out
+    rc, out, err = run(base + ["--flow", "tcp 10.9.0.0/16 -> 10.9.0.0/24:80"])
+    assert "stopped at the limit" not in out and "the destination may be the client's own address" in out, out

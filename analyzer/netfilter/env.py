@@ -84,6 +84,12 @@ class Namespace:
     # environment walk asks the same questions for every flow); add_addr/add_route reset them
     _local: frozenset | None = field(default=None, repr=False, compare=False)
     _routes_by_dst: dict = field(default_factory=dict, repr=False, compare=False)
+    # explain's peer model: the route back to the flow's client (``explain._with_client_route``),
+    # matched by `_client_match` (the client's address may be an open one), and the flow's
+    # source addresses as (lo, hi) ints (set on an open explain's namespace by symbolic.py)
+    client_route: Route | None = field(default=None, repr=False, compare=False)
+    client: object = field(default=None, repr=False, compare=False)
+    flow_sources: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def known(self) -> bool:
@@ -329,11 +335,49 @@ class Namespace:
             hit = self._routes_by_dst[dst] = self._route(dst)
         return hit
 
+    def _client_match(self, dst) -> bool:
+        """Whether ``dst`` is the client's address (explain's peer model routes it back on the
+        input interface). Exact for an open client address: the client's own open address always
+        is; another open address is noted outside the flow's sources when it lies there (so no
+        packet of its class is its own client); inside them, whether it equals the client's
+        address is a comparison of two open fields, which no class can hold: the witness's answer
+        is taken and the class is APPROXIMATE (said)."""
+        from analyzer.engine.concolic import active, is_sym, plain
+
+        c = self.client
+        if dst.version != c.version:
+            return False
+        ds, cs = is_sym(dst._ip), is_sym(c._ip)
+        if ds is None or cs is None:
+            return dst == c  # one side fixed: a one-field decision (noted when the other is open)
+        if (ds.field, ds.keep, ds.xor) == (cs.field, cs.keep, cs.xor):
+            return True  # the client's own address (the reply's destination, rp_filter's source)
+        rec = active()
+        d = plain(ds)
+        if rec is not None and self.flow_sources is not None and ds.keep == (1 << ds.width) - 1 and not ds.xor \
+                and not any(lo <= d <= hi for lo, hi in self.flow_sources):
+            mk = ipaddress.IPv4Address if ds.width == 32 else ipaddress.IPv6Address
+            atom = rec.space.empty()
+            for lo, hi in self.flow_sources:
+                atom = atom | rec.space.range(ds.field, mk(lo), mk(hi))
+            rec.note(atom, False)
+            return False
+        if rec is not None:
+            rec.lose(f"the destination may be the client's own address (the flow's sources and "
+                     f"destinations overlap, and no route leads back to the sources: "
+                     f"explain routes the client back on its input interface)")
+        return d == plain(cs)
+
     def _route(self, dst) -> RouteResult:
         if self.is_local(dst):
             return RouteResult("local", "lo", None, None)
+        client = self.client_route
+        if client is not None and self._client_match(dst):
+            return RouteResult("unicast", client.dev, None, client, client.render())
         best = None
         for r in self.routes:
+            if r is client:
+                continue
             if r.dest.version == dst.version and in_network(dst, r.dest):
                 if best is None or (r.dest.prefixlen, -r.metric) > (best.dest.prefixlen, -best.metric):
                     best = r

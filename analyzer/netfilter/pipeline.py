@@ -109,17 +109,50 @@ def _drop(b: Branch, fact: Route, detail: str, disposition: str = "dropped") -> 
     b.steps.append(route_step(b.pkt, b.pkt, fact, detail))
 
 
+#: IPv6 multicast destinations of scope 0 (reserved) and 1 (interface-local): ffX0::/16, ffX1::/16
+_MC6_DROPPED_SCOPES = tuple(ipaddress.IPv6Network(f"ff{f:x}{s}::/16") for s in "01" for f in range(16))
+
+
+def ip6_header_checks(ctx: Ctx, b: Branch) -> None:
+    """ip6_rcv_core's drops, before any netfilter hook sees the packet (RFC 4291): a loopback
+    (::1) source or destination arriving on a real interface, a multicast destination of scope
+    1 (interface-local) or 0 (reserved), and a multicast source. IPv6 only."""
+    if b.pkt.family != 6 or ctx.iif == "lo":
+        return
+    src, dst = b.pkt.src, b.pkt.dst
+    why = fact = None
+    if src.is_loopback or dst.is_loopback:
+        which = "source" if src.is_loopback else "destination"
+        fact = Route.MARTIAN_SOURCE if src.is_loopback else Route.MARTIAN_DESTINATION
+        why = f"the loopback {which} {src if src.is_loopback else dst} arrives on {ctx.iif}"
+    elif dst.is_multicast and any(dst in n for n in _MC6_DROPPED_SCOPES):
+        fact, why = Route.MARTIAN_DESTINATION, f"{dst} is a multicast destination of scope 0 or 1 (interface-local)"
+    elif src.is_multicast:
+        fact, why = Route.MARTIAN_SOURCE, f"{src} is a multicast address, never a sender's"
+    if why is not None:
+        _drop(b, fact, f"{why}: ip6_rcv_core drops it before any hook (RFC 4291)")
+
+
 def early_martians(ctx: Ctx, b: Branch) -> None:
     """ip_route_input_slow's checks before any route lookup ("the most weird martians, which can
     be not detected by fib_lookup"), in its order: a multicast or limited-broadcast source; a
     multicast or limited-broadcast destination (or both addresses 0.0.0.0: never routed on; for
     TCP dropped, for other protocols taken as dropped, APPROXIMATE); a source 0.0.0.0 and then a
     destination 0.0.0.0 (the rest of 0.0.0.0/8 is routed since Linux 5.3); a loopback destination, else a loopback source, without
-    route_localnet on the input interface. IPv4 only (IPv6's ip6_rcv_core checks are not modelled)."""
+    route_localnet on the input interface. IPv6: a multicast destination (as IPv4's); its other
+    checks come before PREROUTING (`ip6_header_checks`)."""
     w, iif = ctx.w, ctx.iif
-    if iif == "lo" or b.pkt.family != 4:
+    if iif == "lo":
         return
     src, dst = b.pkt.src, b.pkt.dst
+    if b.pkt.family == 6:
+        if dst.is_multicast:  # ip6_mc_input: delivered to a joined group or multicast-routed only
+            _drop(b, Route.MARTIAN_DESTINATION, f"{dst} is a multicast destination: never routed on"
+                  + ("; TCP drops it" if b.pkt.proto == 6 else ""))
+            if b.pkt.proto != 6:
+                b.approx.append("a multicast destination: delivery to a joined group and multicast routing "
+                                "are not modelled (taken as dropped)")
+        return
     if src.is_multicast or src == _LBCAST:
         return _drop(b, Route.MARTIAN_SOURCE, f"martian source: {src} is a {'multicast' if src != _LBCAST else 'broadcast'} "
                      f"address, never a sender's; the kernel drops it")
@@ -251,6 +284,21 @@ def ip_forward(ctx: Ctx, b: Branch) -> None:
         b.steps.append(route_step(b.pkt, b.pkt, Route.IP_FORWARD_OFF, b.detail))
 
 
+def ip6_forward_source(ctx: Ctx, b: Branch) -> None:
+    """ip6_forward's source check before the FORWARD hook ("security critical"), for a packet
+    leaving by another interface than it came in on: the unspecified source (::) is dropped, a
+    link-local source is refused with ICMPv6 destination unreachable (beyond scope). (Multicast
+    and loopback sources never got this far: ip6_header_checks.) IPv6 only."""
+    if b.pkt.family != 6 or b.pkt.oif == ctx.iif:
+        return
+    src = b.pkt.src
+    if src.is_unspecified:
+        _drop(b, Route.MARTIAN_SOURCE, "the unspecified source :: is never forwarded (ip6_forward)")
+    elif src.is_link_local:
+        _drop(b, Route.MARTIAN_SOURCE, f"the link-local source {src} is never forwarded off its link: "
+              f"ip6_forward answers ICMPv6 destination unreachable", "rejected")
+
+
 def deliver(ctx: Ctx, b: Branch) -> None:
     b.disposition, b.detail = "delivered", f"delivered locally to port {b.pkt.dport}"
 
@@ -326,6 +374,7 @@ LOCAL_IN = (
 #: ip_forward: routed to another host
 FORWARD = (
     each("ip_forward", "ip_route_input_slow", ip_forward, "net.ipv4.ip_forward / net.ipv6.conf.all.forwarding"),
+    each("IPv6 forwarding source", "ip6_forward", ip6_forward_source, "::, link-local"),
     hook("FORWARD", "ip_forward", "NF_INET_FORWARD"),
     hook("POSTROUTING", "ip_output", "NF_INET_POST_ROUTING"),
     each("send", "ip_finish_output2", forwarded, "to the next hop's neighbour entry"),
@@ -341,6 +390,7 @@ BRIDGED_DNAT = (
 
 #: a packet arriving on an interface of the namespace
 ARRIVE = (
+    each("IPv6 header checks", "ip6_rcv_core", ip6_header_checks, "loopback, multicast source, scope 0/1 multicast"),
     hook("PREROUTING", "ip_rcv", "NF_INET_PRE_ROUTING"),
     each("early martians", "ip_route_input_slow", early_martians, "multicast, broadcast, 0.0.0.0, loopback; route_localnet"),
     each("martian source", "fib_validate_source", martian_source, "accept_local"),

@@ -153,3 +153,70 @@ def test_output_route_refusals_agree_with_kernel(lab, case):
         assert r.rule_counters("filter").get(("OUTPUT", 1), 0) == 0, "a packet left despite EINVAL"
     else:
         assert res.outcome == "ok", res
+
+
+# IPv6: ip6_rcv_core drops some before any hook (the raw PREROUTING counter stays 0), a multicast
+# destination after PREROUTING, ip6_forward an unspecified or link-local source before FORWARD. (id, source, destination, synack's ending fact, crosses PREROUTING)
+ARRIVING6 = [
+    ("control", "fd01::2", "fd02::2", None, True),
+    ("loopback-source", "::1", "fd02::2", Route.MARTIAN_SOURCE, False),
+    ("loopback-destination", "fd01::2", "::1", Route.MARTIAN_DESTINATION, False),
+    ("multicast-source", "ff02::1", "fd02::2", Route.MARTIAN_SOURCE, False),
+    ("interface-local-multicast-destination", "fd01::2", "ff01::1", Route.MARTIAN_DESTINATION, False),
+    ("scope-0-multicast-destination", "fd01::2", "ff00::1", Route.MARTIAN_DESTINATION, False),
+    ("site-multicast-destination", "fd01::2", "ff05::1:3", Route.MARTIAN_DESTINATION, True),
+    ("unspecified-source", "::", "fd02::2", Route.MARTIAN_SOURCE, True),      # ip6_forward, before FORWARD
+    ("link-local-source", "fe80::5", "fd02::2", Route.MARTIAN_SOURCE, True),  # ip6_forward: ICMPv6 unreachable
+    ("v4-mapped-source", "::ffff:10.0.1.2", "fd02::2", None, True),          # forwarded (only TCP refuses it)
+]
+
+_SEND_FRAME6 = r"""
+import json, socket, struct, sys
+c = json.loads(sys.argv[1])
+def csum(data):
+    if len(data) % 2:
+        data += b"\0"
+    t = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    while t >> 16:
+        t = (t & 0xFFFF) + (t >> 16)
+    return ~t & 0xFFFF
+src, dst = socket.inet_pton(socket.AF_INET6, c["src"]), socket.inet_pton(socket.AF_INET6, c["dst"])
+tcp = struct.pack("!HHIIBBHHH", c["sport"], 80, 1000, 0, 5 << 4, 0x02, 65535, 0, 0)
+tcp = tcp[:16] + struct.pack("!H", csum(src + dst + struct.pack("!IxxxB", len(tcp), 6) + tcp)) + tcp[18:]
+ip = struct.pack("!IHBB16s16s", 6 << 28, len(tcp), 6, 64, src, dst)
+mac = lambda m: bytes.fromhex(m.replace(":", ""))
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((c["ifname"], 0))
+s.send(mac(c["dst_mac"]) + mac(c["src_mac"]) + b"\x86\xdd" + ip + tcp)
+"""
+
+
+@pytest.mark.parametrize("case", ARRIVING6, ids=[c[0] for c in ARRIVING6])
+def test_ipv6_martians_agree_with_kernel(lab, case):
+    """PREROUTING sees the frame exactly when synack walks it there; FORWARD exactly when synack
+    forwards it."""
+    from dataclasses import replace
+    name, src, dst, fact, prerouting = case
+    rs = load_ruleset((RULES, "martians6.rules"), family=6).ruleset
+    ns = Namespace()
+    ns.add_addr("fd01::1/64", "sk1b")
+    ns.add_addr("fd02::1/64", "sk2b")
+    ns.add_route("::/0 via fd02::2 dev sk2b")
+    (oc,) = explain_flow(rs, replace(parse_flow(f"tcp [{src}]:40000 -> [{dst}]:80"), iif="sk1b"), ns)
+    ends = [s.fact for s in oc.forward.steps if s.fact in (Route.MARTIAN_SOURCE, Route.MARTIAN_DESTINATION)]
+    crossed = any(s.where.startswith("raw:PREROUTING") for s in oc.forward.steps)
+    assert (ends == ([fact] if fact else [])) and crossed == prerouting, (oc.disposition, oc.detail)
+    c, r, s = lab.netns("client"), lab.netns("router", forwarding=True), lab.netns("server")
+    lab.veth(c, r, addr_a="fd01::2/64", addr_b="fd01::1/64")
+    lab.veth(s, r, addr_a="fd02::2/64", addr_b="fd02::1/64")
+    r.route(["::/0", "via", "fd02::2", "dev", "sk2b"])
+    r.iptables_restore(RULES, ipv6=True)
+    c.run([lab.python, "-c", _SEND_FRAME6, json.dumps(
+        {"src": src, "dst": dst, "sport": 40000, "ifname": "sk1a", "src_mac": c.mac("sk1a"),
+         "dst_mac": r.mac("sk1b")})])
+    time.sleep(0.5)  # the frame crosses the router in softirq, asynchronously
+    raw, flt = r.rule_counters("raw", ipv6=True), r.rule_counters("filter", ipv6=True)
+    assert (raw[("PREROUTING", 1)] == 1) == prerouting, f"kernel PREROUTING saw {raw[('PREROUTING', 1)]} packet(s)"
+    assert flt[("INPUT", 1)] == 0
+    assert (flt[("FORWARD", 1)] == 1) == (oc.disposition == "forwarded"), (
+        f"kernel FORWARD saw {flt[('FORWARD', 1)]}; synack: {oc.disposition} {oc.detail}")
