@@ -227,3 +227,17 @@ def test_output_route_refuses_a_loopback_source_out_of_a_real_interface():
     w.ns.sysctls["net.ipv4.conf.eth0.route_localnet"] = 1
     [b] = pipeline.run(w, None, "x", Packet(4, 6, A("127.0.0.1"), A("10.9.9.9"), 40000, 80), None, None)
     assert b.disposition == "sent"
+
+
+def test_tproxy_does_not_take_a_packet_past_the_input_route_martians():
+    """TPROXY assigns a local socket in PREROUTING, but ip_rcv_finish still routes the packet:
+    a multicast destination is dropped there (a cilium node's '-j TPROXY' on every TCP packet
+    made the corpus sweep deliver 10.0.0.1 -> 224.0.0.1 and then refuse the reply)."""
+    rules = ("*mangle\n:PREROUTING ACCEPT [0:0]\n"
+             "-A PREROUTING -p tcp -m tcp --dport 80 -j TPROXY --on-port 15001 --on-ip 127.0.0.1 "
+             "--tproxy-mark 0x1/0x1\nCOMMIT\n")
+    w = _walker(rules, "10.0.0.1/24@eth0", "10.0.1.1/24@eth1", sysctls={"net.ipv4.ip_forward": 1})
+    [b] = _run(w, Packet(4, 6, A("10.0.0.5"), A("224.0.0.1"), 40000, 80), "eth0")
+    assert b.disposition == "dropped" and b.steps[-1].fact is Route.MARTIAN_DESTINATION, b.detail
+    [b] = _run(w, Packet(4, 6, A("10.0.0.5"), A("10.0.1.5"), 40000, 80), "eth0")
+    assert b.disposition == "delivered", b.detail

@@ -69,6 +69,17 @@ def each(name: str, kernel: str, fn: Callable, doc: str = "") -> Stage:
     return Stage(name, kernel, run, doc)
 
 
+def each_routed(name: str, kernel: str, fn: Callable, doc: str = "") -> Stage:
+    """`each`, also on a branch TPROXY assigned to a local socket in PREROUTING: the input route
+    still runs for it (ip_rcv_finish), and refuses what it refuses for any packet."""
+    def run(ctx: Ctx, brs: list) -> list:
+        for b in brs:
+            if b.disposition is None or b.disposition == "tproxy":
+                fn(ctx, b)
+        return brs
+    return Stage(name, kernel, run, doc)
+
+
 def choose(name: str, kernel: str, decide: Callable, paths: dict, doc: str = "") -> Stage:
     """``decide(ctx, branch)`` names the path each travelling branch continues on (None: it
     ended, or it goes on with the stages after this one)."""
@@ -392,7 +403,7 @@ BRIDGED_DNAT = (
 ARRIVE = (
     each("IPv6 header checks", "ip6_rcv_core", ip6_header_checks, "loopback, multicast source, scope 0/1 multicast"),
     hook("PREROUTING", "ip_rcv", "NF_INET_PRE_ROUTING"),
-    each("early martians", "ip_route_input_slow", early_martians, "multicast, broadcast, 0.0.0.0, loopback; route_localnet"),
+    each_routed("early martians", "ip_route_input_slow", early_martians, "multicast, broadcast, 0.0.0.0, loopback; route_localnet"),
     each("martian source", "fib_validate_source", martian_source, "accept_local"),
     each("reverse path filter", "fib_validate_source", reverse_path, "rp_filter"),
     choose("routing decision", "ip_route_input_noref", input_route,
