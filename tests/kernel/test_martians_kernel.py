@@ -57,6 +57,7 @@ ARRIVING = [
 ]
 
 # one TCP SYN as an Ethernet frame on the client's interface, addressed to the router's MAC
+# (IPv4 or IPv6, by the source address)
 _SEND_FRAME = r"""
 import json, socket, struct, sys
 c = json.loads(sys.argv[1])
@@ -67,15 +68,21 @@ def csum(data):
     while t >> 16:
         t = (t & 0xFFFF) + (t >> 16)
     return ~t & 0xFFFF
-src, dst = socket.inet_aton(c["src"]), socket.inet_aton(c["dst"])
+v6 = ":" in c["src"]
+fam = socket.AF_INET6 if v6 else socket.AF_INET
+src, dst = socket.inet_pton(fam, c["src"]), socket.inet_pton(fam, c["dst"])
 tcp = struct.pack("!HHIIBBHHH", c["sport"], 80, 1000, 0, 5 << 4, 0x02, 65535, 0, 0)
-tcp = tcp[:16] + struct.pack("!H", csum(src + dst + struct.pack("!BBH", 0, 6, len(tcp)) + tcp)) + tcp[18:]
-ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0, 64, 6, 0, src, dst)
-ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+pseudo = struct.pack("!IxxxB", len(tcp), 6) if v6 else struct.pack("!BBH", 0, 6, len(tcp))
+tcp = tcp[:16] + struct.pack("!H", csum(src + dst + pseudo + tcp)) + tcp[18:]
+if v6:
+    ip = struct.pack("!IHBB16s16s", 6 << 28, len(tcp), 6, 64, src, dst)
+else:
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0, 64, 6, 0, src, dst)
+    ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
 mac = lambda m: bytes.fromhex(m.replace(":", ""))
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
 s.bind((c["ifname"], 0))
-s.send(mac(c["dst_mac"]) + mac(c["src_mac"]) + b"\x08\x00" + ip + tcp)
+s.send(mac(c["dst_mac"]) + mac(c["src_mac"]) + (b"\x86\xdd" if v6 else b"\x08\x00") + ip + tcp)
 """
 
 
@@ -170,27 +177,6 @@ ARRIVING6 = [
     ("v4-mapped-source", "::ffff:10.0.1.2", "fd02::2", None, True),          # forwarded (only TCP refuses it)
 ]
 
-_SEND_FRAME6 = r"""
-import json, socket, struct, sys
-c = json.loads(sys.argv[1])
-def csum(data):
-    if len(data) % 2:
-        data += b"\0"
-    t = sum(struct.unpack("!%dH" % (len(data) // 2), data))
-    while t >> 16:
-        t = (t & 0xFFFF) + (t >> 16)
-    return ~t & 0xFFFF
-src, dst = socket.inet_pton(socket.AF_INET6, c["src"]), socket.inet_pton(socket.AF_INET6, c["dst"])
-tcp = struct.pack("!HHIIBBHHH", c["sport"], 80, 1000, 0, 5 << 4, 0x02, 65535, 0, 0)
-tcp = tcp[:16] + struct.pack("!H", csum(src + dst + struct.pack("!IxxxB", len(tcp), 6) + tcp)) + tcp[18:]
-ip = struct.pack("!IHBB16s16s", 6 << 28, len(tcp), 6, 64, src, dst)
-mac = lambda m: bytes.fromhex(m.replace(":", ""))
-s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
-s.bind((c["ifname"], 0))
-s.send(mac(c["dst_mac"]) + mac(c["src_mac"]) + b"\x86\xdd" + ip + tcp)
-"""
-
-
 @pytest.mark.parametrize("case", ARRIVING6, ids=[c[0] for c in ARRIVING6])
 def test_ipv6_martians_agree_with_kernel(lab, case):
     """PREROUTING sees the frame exactly when synack walks it there; FORWARD exactly when synack
@@ -211,7 +197,7 @@ def test_ipv6_martians_agree_with_kernel(lab, case):
     lab.veth(s, r, addr_a="fd02::2/64", addr_b="fd02::1/64")
     r.route(["::/0", "via", "fd02::2", "dev", "sk2b"])
     r.iptables_restore(RULES, ipv6=True)
-    c.run([lab.python, "-c", _SEND_FRAME6, json.dumps(
+    c.run([lab.python, "-c", _SEND_FRAME, json.dumps(
         {"src": src, "dst": dst, "sport": 40000, "ifname": "sk1a", "src_mac": c.mac("sk1a"),
          "dst_mac": r.mac("sk1b")})])
     time.sleep(0.5)  # the frame crosses the router in softirq, asynchronously
