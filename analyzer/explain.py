@@ -75,7 +75,7 @@ def explain_flow(ruleset, pkt: Packet, ns: Namespace, local: bool = False,
     ns = _with_client_route(ns, pkt, local)
     if walker is not None and walker.ns is not ns:
         walker.ns = ns
-    world = one_namespace_world(ruleset, ns, pkt.family, walker)
+    world = one_namespace_world(ruleset, ns, pkt.family, walker, memo=False)  # one flow: no walk is asked twice
     w = world.walker(HOST, pkt.family)
     nd = None
     if not local:
@@ -179,7 +179,7 @@ def _with_reply(world, fwd: Branch, local: bool) -> Outcome:
         head = Step(Kind.REPLY, None, rp, rp, fact=Reply.LOCAL_SOCKET,
                     text=f"generated locally by the socket on port {p.dport}")
         brs = world.walk(HOST, rp, None, True, ct, local_origin=True)
-    elif _on_link(w.ns, p) and not (p.oif in w.ns.bridged and _bridge_nf(w.ns, p.family)):
+    elif (on_link := _on_link(w.ns, p)) and not (p.oif in w.ns.bridged and _bridge_nf(w.ns, p.family)):
         # the backend and the client share the subnet the packet left on: the backend answers
         # the client directly and the reply never crosses this host's conntrack entry
         rb = Branch(rp, replace(fwd.ct), [], 1.0, [], reply=True)
@@ -192,7 +192,7 @@ def _with_reply(world, fwd: Branch, local: bool) -> Outcome:
                                       f"(bridge-nf-call-iptables=0)"))
         rb.disposition, rb.detail = "sent", f"sent by {p.dst} directly to the client"
         brs, head = [rb], None
-    elif _on_link(w.ns, p):
+    elif on_link:
         # a bridge port with br_netfilter: the bridged reply crosses this host's hooks (and its
         # conntrack entry) on its way to the client
         head = Step(Kind.REPLY, None, rp, rp, fact=Reply.BRIDGED,
