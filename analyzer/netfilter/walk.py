@@ -426,18 +426,35 @@ class Walker:
         self.ct_in_use = shared["ct_in_use"]
         self._order_noted: dict = {}  # hook -> whether the stage order had to be assumed
         self._hook_stages: dict = {}  # hook -> its stages that can act in this ruleset
+        # table -> chain name -> (chain or None, every rule index of a small chain or the big
+        # chain's index): a walk looks chains up ~80 times a flow
+        self._chains: dict = {}
 
     # -------------------------------------------------------------- chain evaluation
+    def _chain_entry(self, table: str, chain: str) -> tuple:
+        by_name = self._chains.get(table)
+        if by_name is None:
+            by_name = self._chains[table] = {}
+        hit = by_name.get(chain)
+        if hit is None:
+            c = self.rs.chain(table, chain)
+            if c is None:
+                hit = (None, ())
+            elif len(c.rules) < 32:
+                hit = (c, range(len(c.rules)))
+            else:
+                idx = self._index.get((table, chain))
+                if idx is None:
+                    idx = self._index[(table, chain)] = ChainIndex(c.rules, self.rs.family)
+                hit = (c, idx)
+            by_name[chain] = hit
+        return hit
+
     def _rules_for(self, table: str, chain: str, pkt: Packet):
-        c = self.rs.chain(table, chain)
-        if c is None:
-            return None, ()
-        if len(c.rules) < 32:
-            return c, range(len(c.rules))
-        idx = self._index.get((table, chain))
-        if idx is None:
-            idx = self._index[(table, chain)] = ChainIndex(c.rules, self.rs.family)
-        return c, idx.candidates(pkt.dst, pkt.dport, pkt, c.rules, self.ns)
+        c, cand = self._chain_entry(table, chain)
+        if type(cand) is ChainIndex:
+            return c, cand.candidates(pkt.dst, pkt.dport, pkt, c.rules, self.ns)
+        return c, cand
 
     def run_table(self, br: Branch, table: str, hook: str) -> list[Branch]:
         """Traverse a table's builtin chain for this hook. Returned branches either go on to the
@@ -787,7 +804,7 @@ class Walker:
         if isinstance(t, Jump):
             p = br.pkt
             steps.append(_step(Step, (Kind.GOTO if t.goto else Kind.JUMP, rule, p, p, None, None, None, None, None, None)))
-            if self.rs.chain(table, t.chain) is None:
+            if self._chain_entry(table, t.chain)[0] is None:
                 br.approx.append(f"{rule.label}: jump to undefined chain {t.chain}")
                 return "continue"
             return "goto" if t.goto else "jump"
