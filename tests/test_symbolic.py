@@ -462,6 +462,13 @@ def test_a_lost_reason_names_the_rule_being_evaluated():
     assert rest.is_empty()
     lost = {r for c in classes for r in c.lost}
     assert lost and all(r.startswith("nat:PREROUTING:rule:1 (line 3): ") for r in lost), lost
+    # a statistic fork walks the other branch (rule 2) before rule 1's target: still rule 1's
+    rs = load_ruleset(("*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -m statistic --mode random --probability "
+                       "0.5 -j DNAT --to-destination 10.9.0.1-10.9.0.9\n-A PREROUTING -p tcp -j DNAT "
+                       "--to-destination 10.8.0.1-10.8.0.9\nCOMMIT\n", "x.rules")).ruleset
+    classes, rest, _ = explain_classes(rs, parse_flow_spec("tcp 10.0.0.0/30 -> 10.96.0.1:80", iif="eth0"), ns)
+    lost = {r.partition(": ")[0] for c in classes for r in c.lost}
+    assert lost == {"nat:PREROUTING:rule:1 (line 3)", "nat:PREROUTING:rule:2 (line 4)"}, lost
 
 
 def test_open_sources_without_a_route_back_are_one_class(tmp_path):

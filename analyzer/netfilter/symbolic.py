@@ -299,17 +299,9 @@ class RecordingWalker(Walker):
             self._labels[id(rule)] = (rule, f"{rule.label} (line {rule.span.line})")
             return self._labels[id(rule)][1]
 
-    def _match_rule(self, rule, br, hook):
-        rec = active()
-        if rec is not None:
-            rec.where, rec.label = rule, self._where  # labelled only if a reason is lost
-        return Walker._match_rule(self, rule, br, hook)
-
-    def _apply_target(self, rule, br, table, hook):
-        rec = active()
-        if rec is not None:
-            rec.where, rec.label = rule, self._where
-        return Walker._apply_target(self, rule, br, table, hook)
+    #: `Walker._eval` tells the recorder which rule it evaluates (labelled only if a reason
+    #: is lost: `_where`)
+    _names_rules = True
 
     def _nat(self, rule, br, table: str, hook: str) -> str:
         t = rule.target

@@ -415,6 +415,8 @@ RECENT_ASSUMPTION = ("-m recent: the flow is the client's first connection (--rc
 class Walker:
     #: set once the walk met a ``-m recent`` match (evaluated under RECENT_ASSUMPTION)
     recent_assumed = False
+    #: whether `_eval` names each rule to an active recorder (netfilter.symbolic's walker)
+    _names_rules = False
 
     def __init__(self, ruleset: Ruleset, ns: Namespace, backend: str | None = None):
         self.rs = ruleset
@@ -476,6 +478,10 @@ class Walker:
         self._table = table
         out: list[Branch] = []
         visits = 0
+        # a recording walker names the rule being evaluated to the recorder (its lost reasons
+        # say where); the recorder is the same for the whole traversal
+        rec = active() if self._names_rules else None
+        label = self._where if rec is not None else None
         while frames:
             frame = frames[-1]
             chain, cand, pos = frame
@@ -496,6 +502,8 @@ class Walker:
                     br.approx.append(f"{table}: chain loop through {chain_name}; the walk stopped")
                     out.append(br)
                     return out
+                if rec is not None:
+                    rec.where, rec.label = rule, label
                 res = self._match_rule(rule, br, hook)
                 if res is False:
                     continue
@@ -507,6 +515,8 @@ class Walker:
                         if not exact:
                             alt.approx.append(Assumption(rule, reason, False))
                         out.extend(self._eval(alt, table, hook, [list(f) for f in frames]))
+                        if rec is not None:  # the other branch named its own rules
+                            rec.where = rule
                     br.prob = br.prob * p if (p is not None and br.prob is not None) else None
                     if not exact:
                         br.approx.append(Assumption(rule, reason, True))
