@@ -544,7 +544,7 @@ class Walker:
                 continue
             frames.pop()
             if not frames:  # off the end of the hook's chain (or of a chain it went to by goto)
-                pol = self.rs.chain(table, hook).policy or "ACCEPT"
+                pol = self._chain_entry(table, hook)[0].policy or "ACCEPT"
                 br.steps.append(_step(Step, (Kind.POLICY, None, br.pkt, br.pkt, table, hook, None, pol, None, None)))
                 out.append(self._end(br, pol))
                 return out
