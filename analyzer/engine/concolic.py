@@ -274,6 +274,12 @@ class SymInt(int):
 
     # -- decisions: noted
     def __eq__(self, o):
+        if type(o) is int:  # a constant, the common case: what the general path below does for it
+            r = int.__eq__(self, o)
+            rec = _ACTIVE
+            if rec is not None:
+                rec.note(rec.eq_atom(self, o), r)
+            return r
         if not isinstance(o, int):
             return NotImplemented if not isinstance(o, (str, type(None))) else False
         if isinstance(o, (SymInt, SymMix)) and not self._same(o) and _linear_ok(self, o):
