@@ -138,10 +138,7 @@ class DumpTarget:
         return [self.ns]
 
     def default_src(self, sel, family):
-        if sel.local:
-            return next((a.ip for _, a in self.ns.local_addresses()
-                         if a.version == family and not a.ip.is_loopback), None)
-        return None
+        return kernel_source(self.ns, sel, family) if sel.local else None
 
     def walk(self, pkt: Packet, sel) -> tuple[Fate, list]:
         from analyzer.explain import explain_flow, render_text
@@ -205,10 +202,7 @@ class EnvTarget:
 
     def default_src(self, sel, family):
         spec = self.env.namespaces.get(sel.start or "")
-        if spec is None:
-            return None
-        return next((a.ip for _, a in spec.net.local_addresses()
-                     if a.version == family and not a.ip.is_loopback), None)
+        return None if spec is None else kernel_source(spec.net, sel, family)
 
     def walk(self, pkt: Packet, sel) -> tuple[Fate, list]:
         from analyzer import crosshost as ch
@@ -349,6 +343,27 @@ def family_of(sel) -> int:
     for n in (sel.src or ()) + (sel.dst or ()):
         return n.version
     return 4
+
+
+#: where a flow with no destination given (or a negated one) is taken to go, to pick its source
+_ANY_DST = {4: ipaddress.IPv4Address("192.0.2.1"), 6: ipaddress.IPv6Address("2001:db8::1")}
+
+
+def kernel_source(net, sel, family: int):
+    """The source a process of namespace ``net`` gets for the selector's flow when the policy
+    gives none: the kernel's choice for its first destination network (Namespace.source_address,
+    RFC 6724 for IPv6: a global destination never gets a link-local source), or for a global
+    address when no destination is given. One source for the whole flow (several destination
+    networks that would get different sources are a known limit, docs/policy.md).
+
+    >>> from analyzer.netfilter.env import Namespace
+    >>> from analyzer.policy.spec import FlowSel
+    >>> ns = Namespace(); ns.add_addr("fe80::c/64", "eth0"); ns.add_addr("2001:db8:1::2/64", "eth0")
+    >>> str(kernel_source(ns, FlowSel(), 6)), str(kernel_source(ns, FlowSel(dst=(ipaddress.ip_network("fe80::/64"),)), 6))
+    ('2001:db8:1::2', 'fe80::c')
+    """
+    nets = [n for n in (sel.dst or ()) if n.version == family] if not sel.dst_negated else []
+    return net.source_address(nets[0].network_address if nets else _ANY_DST[family])
 
 
 def flow_set(space: PacketSpace, sel, family: int, default_src=None) -> PacketSet:

@@ -91,3 +91,21 @@ def test_rules_the_walker_buckets_however_they_are_spelled_split_the_classes():
             if want[0][0] == "dropped":
                 dropped.add(c.text)
         assert dropped == {"tcp 10.1.0.0/16 -> 10.0.0.77:22" if dport == 22 else "tcp 10.1.0.0/16 -> 10.0.0.77:2222"}
+
+
+def test_a_policy_flow_from_a_namespace_gets_the_kernels_source(tmp_path):
+    """`from: client` with no `src:`: the source the client's kernel picks (RFC 6724), not its
+    first listed address: fe80::c listed first would send a global destination a link-local
+    source, which no kernel does (lint --env's flows pick the same, tests/kernel/test_source_address_kernel.py)."""
+    from analyzer.parse.envfile import load_environment
+    from analyzer.policy.adapter import EnvTarget
+
+    (tmp_path / "empty.rules").write_text("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n")
+    (tmp_path / "env.yaml").write_text(
+        "namespaces:\n  client:\n    ip6tables: empty.rules\n"
+        "    addresses: [fe80::c/64@eth0, 2001:db8:1::2/64@eth0]\n"
+        "    routes: ['default via 2001:db8:1::1 dev eth0']\n")
+    t = EnvTarget(load_environment(str(tmp_path / "env.yaml")), "env")
+    for dst, want in (("2001:db8:2::3", "2001:db8:1::2"), ("fe80::1", "fe80::c")):
+        sel = flow_selector({"from": "client", "proto": "tcp", "dst": dst, "dport": 80})
+        assert str(t.default_src(sel, 6)) == want
