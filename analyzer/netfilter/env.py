@@ -301,7 +301,10 @@ class Namespace:
         capped at the address's prefix length (8); a link-local destination takes only the output
         interface's addresses. Equal on every rule: the first listed (the kernel takes the first
         it meets, in interface and address order). A route's ``src`` is not read for IPv6.
-        IPv4: the first address (not loopback). None: no such address.
+        IPv4 (fib_result_prefsrc): a local destination is its own source; else the route's
+        ``src``; else inet_select_addr on the output interface: its first address in the subnet of
+        the next hop (the gateway, or the destination itself), else its first address; an
+        interface without one: the first address of any other (not loopback). None: no address.
 
         >>> ns = Namespace(); ns.add_addr("fe80::c/64", "eth0"); ns.add_addr("2001:db8:1::2/64", "eth0")
         >>> ns.add_route("default via 2001:db8:1::1 dev eth0")
@@ -309,9 +312,23 @@ class Namespace:
         '2001:db8:1::2'
         >>> str(ns.source_address(ipaddress.ip_address("fe80::1")))
         'fe80::c'
+        >>> ns.add_addr("10.9.0.2/24", "eth1"); ns.add_addr("10.7.0.2/24", "eth0"); ns.add_addr("10.0.1.2/24", "eth0")
+        >>> ns.add_route("default via 10.0.1.1 dev eth0"); ns.add_route("10.5.0.0/16 via 10.0.1.1 dev eth0 src 10.7.0.2")
+        >>> [str(ns.source_address(ipaddress.ip_address(d))) for d in ("8.8.8.8", "10.5.0.9", "10.9.0.7", "10.7.0.2")]
+        ['10.0.1.2', '10.7.0.2', '10.9.0.2', '10.7.0.2']
         """
         if dst.version == 4:
-            return next((a.ip for _, a in self.local_addresses() if a.version == 4 and not a.ip.is_loopback), None)
+            first = next((a.ip for _, a in self.local_addresses() if a.version == 4 and not a.ip.is_loopback), None)
+            r = self.route(dst)
+            if r.kind == "local":
+                return dst
+            if r.kind != "unicast":
+                return first
+            if r.route is not None and r.route.src is not None:
+                return r.route.src
+            hop = r.via or dst
+            on = [a for a in self.addrs.get(r.oif, ()) if a.version == 4 and not a.ip.is_loopback]
+            return next((a.ip for a in on if hop in a.network), on[0].ip if on else first)
         cands = [(iface, a) for iface, a in self.local_addresses() if a.version == 6 and not a.ip.is_loopback]
         if not cands:
             return None

@@ -77,3 +77,56 @@ def test_kernel_and_lint_env_pick_the_same_source(lab, tmp_path) -> None:
         route = envlab["client"].ip("-6", "route", "get", dst)
         assert f"src {res.local[0]} " in route + " ", route
     assert seen == predicted
+
+
+ENV4 = """clients: [client]
+namespaces:
+  client:
+    # listed before the address it really uses: an address of another interface, and one of the
+    # output interface outside the gateway's subnet (which a route names as its src)
+    addresses: [10.0.9.2/24@eth1, 10.0.7.2/24@eth0, 10.0.1.2/24@eth0]
+    routes: ["default via 10.0.1.1 dev eth0", "10.0.5.0/24 via 10.0.1.1 dev eth0 src 10.0.7.2"]
+  router:
+    addresses: [10.0.1.1/24@eth0, 10.0.2.1/24@eth1]
+    routes: ["10.0.7.0/24 via 10.0.1.2 dev eth0", "10.0.5.0/24 via 10.0.2.3 dev eth1"]
+    sysctls: {net.ipv4.ip_forward: 1}
+  server:
+    addresses: [10.0.2.3/24@eth0, 10.0.5.3/24@eth0]
+    routes: ["default via 10.0.2.1 dev eth0"]
+    listeners: [{port: 8080, address: "0.0.0.0", name: web}]
+  side:
+    addresses: [10.0.9.1/24@eth0]
+links:
+  - veth: ["client:eth0", "router:eth0"]
+  - veth: ["router:eth1", "server:eth0"]
+  - veth: ["client:eth1", "side:eth0"]
+"""
+#: IPv4 (fib_result_prefsrc): the output interface's address in the gateway's subnet; a route's src
+EXPECTED4 = {"10.0.2.3": "10.0.1.2", "10.0.5.3": "10.0.7.2"}
+
+
+def test_kernel_and_lint_env_pick_the_same_ipv4_source(lab, tmp_path) -> None:
+    path = tmp_path / "env.yaml"
+    path.write_text(ENV4)
+    env = load_environment(str(path))
+    client = env.namespaces["client"].net
+    ctx = CheckContext(None, (), extra={"env": env, "jobs": 1})
+    [(cname, sname, trips, diags)] = environment_trips(ctx)
+    assert (cname, sname, str(trips[0].flow.dst)) == ("client", "server", "10.0.2.3")
+    predicted = {"10.0.2.3": str(trips[0].flow.src),
+                 "10.0.5.3": str(client.source_address(ipaddress.ip_address("10.0.5.3")))}
+    assert predicted == EXPECTED4
+    assert diags == [] and trips[0].client_sees is not None
+
+    envlab = build_env(lab, str(path))
+    server = envlab.servers[("server", 8080)]
+    seen = {}
+    for n, dst in enumerate(EXPECTED4, 1):
+        res = envlab["client"].connect_tcp(dst, 8080, timeout=CONNECT_TIMEOUT)
+        assert res.ok, (dst, res, envlab.describe())
+        [conn] = [c for c in server.wait_connections(n, timeout=CONNECT_TIMEOUT) if c.local[0] == dst]
+        assert conn.peer[0] == res.local[0]
+        seen[dst] = res.local[0]
+        route = envlab["client"].ip("route", "get", dst)
+        assert f"src {res.local[0]} " in route + " ", route
+    assert seen == predicted
