@@ -50,33 +50,40 @@ EXPECTED = {"2001:db8:2::3": "2001:db8:1::2", "fd00:2::3": "fd00:1::2"}
 CONNECT_TIMEOUT = 3.0
 
 
-def test_kernel_and_lint_env_pick_the_same_source(lab, tmp_path) -> None:
+def _same_sources(lab, tmp_path, env_text: str, expected: dict, family: int) -> None:
+    """synack (lint --env's flow to the server's listener, at the first key of ``expected``, and
+    ``Namespace.source_address`` for the others) and the kernel (a real connection from the
+    client, and its ``ip route get``) give each destination the source ``expected`` says."""
     path = tmp_path / "env.yaml"
-    path.write_text(ENV)
+    path.write_text(env_text)
     env = load_environment(str(path))
     client = env.namespaces["client"].net
-    # synack: lint --env's flow to the listener, and the source of a connection to the ULA
     ctx = CheckContext(None, (), extra={"env": env, "jobs": 1})
     [(cname, sname, trips, diags)] = environment_trips(ctx)
-    assert (cname, sname, str(trips[0].flow.dst)) == ("client", "server", "2001:db8:2::3")
-    predicted = {"2001:db8:2::3": str(trips[0].flow.src),
-                 "fd00:2::3": str(client.source_address(ipaddress.ip_address("fd00:2::3")))}
-    assert predicted == EXPECTED
+    listener, *others = expected
+    assert (cname, sname, str(trips[0].flow.dst)) == ("client", "server", listener)
+    predicted = {listener: str(trips[0].flow.src),
+                 **{d: str(client.source_address(ipaddress.ip_address(d))) for d in others}}
+    assert predicted == expected
     assert diags == [] and trips[0].client_sees is not None
 
     envlab = build_env(lab, str(path))
     server = envlab.servers[("server", 8080)]
     seen = {}
-    for n, dst in enumerate(EXPECTED, 1):
+    for n, dst in enumerate(expected, 1):
         res = envlab["client"].connect_tcp(dst, 8080, timeout=CONNECT_TIMEOUT)
         assert res.ok, (dst, res, envlab.describe())
         [conn] = [c for c in server.wait_connections(n, timeout=CONNECT_TIMEOUT) if c.local[0] == dst]
         assert conn.peer[0] == res.local[0]  # what the server saw is what the client's socket had
         seen[dst] = res.local[0]
         # and what the kernel's own route lookup says it would pick
-        route = envlab["client"].ip("-6", "route", "get", dst)
+        route = envlab["client"].ip(*(["-6"] if family == 6 else []), "route", "get", dst)
         assert f"src {res.local[0]} " in route + " ", route
     assert seen == predicted
+
+
+def test_kernel_and_lint_env_pick_the_same_source(lab, tmp_path) -> None:
+    _same_sources(lab, tmp_path, ENV, EXPECTED, 6)
 
 
 ENV4 = """clients: [client]
@@ -106,27 +113,4 @@ EXPECTED4 = {"10.0.2.3": "10.0.1.2", "10.0.5.3": "10.0.7.2"}
 
 
 def test_kernel_and_lint_env_pick_the_same_ipv4_source(lab, tmp_path) -> None:
-    path = tmp_path / "env.yaml"
-    path.write_text(ENV4)
-    env = load_environment(str(path))
-    client = env.namespaces["client"].net
-    ctx = CheckContext(None, (), extra={"env": env, "jobs": 1})
-    [(cname, sname, trips, diags)] = environment_trips(ctx)
-    assert (cname, sname, str(trips[0].flow.dst)) == ("client", "server", "10.0.2.3")
-    predicted = {"10.0.2.3": str(trips[0].flow.src),
-                 "10.0.5.3": str(client.source_address(ipaddress.ip_address("10.0.5.3")))}
-    assert predicted == EXPECTED4
-    assert diags == [] and trips[0].client_sees is not None
-
-    envlab = build_env(lab, str(path))
-    server = envlab.servers[("server", 8080)]
-    seen = {}
-    for n, dst in enumerate(EXPECTED4, 1):
-        res = envlab["client"].connect_tcp(dst, 8080, timeout=CONNECT_TIMEOUT)
-        assert res.ok, (dst, res, envlab.describe())
-        [conn] = [c for c in server.wait_connections(n, timeout=CONNECT_TIMEOUT) if c.local[0] == dst]
-        assert conn.peer[0] == res.local[0]
-        seen[dst] = res.local[0]
-        route = envlab["client"].ip("route", "get", dst)
-        assert f"src {res.local[0]} " in route + " ", route
-    assert seen == predicted
+    _same_sources(lab, tmp_path, ENV4, EXPECTED4, 4)
