@@ -37,6 +37,11 @@ class Group:
     approximate: list = field(default_factory=list)  # why the classes may be too wide
     assumes: list = field(default_factory=list)  # what the walks assumed (e.g. -m recent)
 
+    @property
+    def is_approximate(self) -> bool:
+        """Its classes may be too wide, or an outcome of its witness is APPROXIMATE."""
+        return bool(self.approximate) or any(o.confidence == "APPROXIMATE" for o in self.outcomes)
+
 
 def signature(outcomes) -> tuple:
     """What tells two classes' outcomes apart: dispositions, the rules crossed and what they did
@@ -206,7 +211,7 @@ def tally(groups, findings=None) -> list[tuple[str, bool, int, int, int]]:
     end that way and how many of those groups have findings, most classes first."""
     t: dict = {}
     for k, g in enumerate(groups):
-        key = (outcome_kind(g), bool(g.approximate) or any(o.confidence == "APPROXIMATE" for o in g.outcomes))
+        key = (outcome_kind(g), g.is_approximate)
         c = t.setdefault(key, [0, 0, 0])
         c[0] += g.classes
         c[1] += 1

@@ -318,17 +318,17 @@ class Namespace:
         ['10.0.1.2', '10.7.0.2', '10.9.0.2', '10.7.0.2']
         """
         if dst.version == 4:
-            first = next((a.ip for _, a in self.local_addresses() if a.version == 4 and not a.ip.is_loopback), None)
             r = self.route(dst)
             if r.kind == "local":
                 return dst
-            if r.kind != "unicast":
-                return first
-            if r.route is not None and r.route.src is not None:
-                return r.route.src
-            hop = r.via or dst
-            on = [a for a in self.addrs.get(r.oif, ()) if a.version == 4 and not a.ip.is_loopback]
-            return next((a.ip for a in on if hop in a.network), on[0].ip if on else first)
+            if r.kind == "unicast":
+                if r.route is not None and r.route.src is not None:
+                    return r.route.src
+                hop = r.via or dst
+                on = [a for a in self.addrs.get(r.oif, ()) if a.version == 4 and not a.ip.is_loopback]
+                if on:
+                    return next((a.ip for a in on if hop in a.network), on[0].ip)
+            return next((a.ip for _, a in self.local_addresses() if a.version == 4 and not a.ip.is_loopback), None)
         cands = [(iface, a) for iface, a in self.local_addresses() if a.version == 6 and not a.ip.is_loopback]
         if not cands:
             return None
@@ -380,9 +380,9 @@ class Namespace:
             rec.note(atom, False)
             return False
         if rec is not None:
-            rec.lose(f"the destination may be the client's own address (the flow's sources and "
-                     f"destinations overlap, and no route leads back to the sources: "
-                     f"explain routes the client back on its input interface)")
+            rec.lose("the destination may be the client's own address (the flow's sources and "
+                     "destinations overlap, and no route leads back to the sources: "
+                     "explain routes the client back on its input interface)")
         return d == plain(cs)
 
     def _route(self, dst) -> RouteResult:

@@ -132,10 +132,10 @@ def ip6_header_checks(ctx: Ctx, b: Branch) -> None:
         return
     src, dst = b.pkt.src, b.pkt.dst
     why = fact = None
-    if src.is_loopback or dst.is_loopback:
-        which = "source" if src.is_loopback else "destination"
-        fact = Route.MARTIAN_SOURCE if src.is_loopback else Route.MARTIAN_DESTINATION
-        why = f"the loopback {which} {src if src.is_loopback else dst} arrives on {ctx.iif}"
+    if src.is_loopback:
+        fact, why = Route.MARTIAN_SOURCE, f"the loopback source {src} arrives on {ctx.iif}"
+    elif dst.is_loopback:
+        fact, why = Route.MARTIAN_DESTINATION, f"the loopback destination {dst} arrives on {ctx.iif}"
     elif dst.is_multicast and any(dst in n for n in _MC6_DROPPED_SCOPES):
         fact, why = Route.MARTIAN_DESTINATION, f"{dst} is a multicast destination of scope 0 or 1 (interface-local)"
     elif src.is_multicast:
@@ -144,45 +144,45 @@ def ip6_header_checks(ctx: Ctx, b: Branch) -> None:
         _drop(b, fact, f"{why}: ip6_rcv_core drops it before any hook (RFC 4291)")
 
 
+def _never_routed_on(b: Branch, multicast: bool) -> None:
+    """A multicast or limited-broadcast destination: ip_route_input_rcu (IPv6: ip6_mc_input)
+    takes a multicast one aside (dropped unless a local socket joined the group or multicast
+    routing is on), the limited broadcast goes to brd_input (local delivery as a broadcast);
+    neither is routed on as unicast, and TCP takes neither (tcp_v4_rcv / tcp_v4_conn_request
+    drop broadcast and multicast)."""
+    what = "a multicast" if multicast else "the limited broadcast"
+    _drop(b, Route.MARTIAN_DESTINATION, f"{b.pkt.dst} is {what} destination: never routed on"
+          + ("; TCP drops it" if b.pkt.proto == 6 else ""))
+    if not multicast:
+        b.approx.append("a broadcast is delivered to this host (brd_input): its INPUT chains are "
+                        "not walked here")
+    elif b.pkt.proto != 6:
+        b.approx.append("a multicast destination: delivery to a joined group and multicast routing "
+                        "are not modelled (taken as dropped)")
+
+
 def early_martians(ctx: Ctx, b: Branch) -> None:
     """ip_route_input_slow's checks before any route lookup ("the most weird martians, which can
     be not detected by fib_lookup"), in its order: a multicast or limited-broadcast source; a
-    multicast or limited-broadcast destination (or both addresses 0.0.0.0: never routed on; for
-    TCP dropped, for other protocols taken as dropped, APPROXIMATE); a source 0.0.0.0 and then a
-    destination 0.0.0.0 (the rest of 0.0.0.0/8 is routed since Linux 5.3); a loopback destination, else a loopback source, without
-    route_localnet on the input interface. IPv6: a multicast destination (as IPv4's); its other
-    checks come before PREROUTING (`ip6_header_checks`)."""
+    multicast or limited-broadcast destination, or both addresses 0.0.0.0 (`_never_routed_on`);
+    a source 0.0.0.0 and then a destination 0.0.0.0 (the rest of 0.0.0.0/8 is routed since
+    Linux 5.3); a loopback destination, else a loopback source, without route_localnet on the
+    input interface. IPv6: a multicast destination (as IPv4's); its other checks come before
+    PREROUTING (`ip6_header_checks`)."""
     w, iif = ctx.w, ctx.iif
     if iif == "lo":
         return
     src, dst = b.pkt.src, b.pkt.dst
     if b.pkt.family == 6:
-        if dst.is_multicast:  # ip6_mc_input: delivered to a joined group or multicast-routed only
-            _drop(b, Route.MARTIAN_DESTINATION, f"{dst} is a multicast destination: never routed on"
-                  + ("; TCP drops it" if b.pkt.proto == 6 else ""))
-            if b.pkt.proto != 6:
-                b.approx.append("a multicast destination: delivery to a joined group and multicast routing "
-                                "are not modelled (taken as dropped)")
+        if dst.is_multicast:
+            _never_routed_on(b, True)
         return
     if src.is_multicast or src == _LBCAST:
         return _drop(b, Route.MARTIAN_SOURCE, f"martian source: {src} is a {'multicast' if src != _LBCAST else 'broadcast'} "
                      f"address, never a sender's; the kernel drops it")
-    if dst.is_multicast or dst == _LBCAST or (src == _ANY and dst == _ANY):
-        # ip_route_input_rcu takes a multicast destination aside (dropped unless a local socket
-        # joined the group or multicast routing is on), the limited broadcast goes to brd_input
-        # (local delivery as a broadcast); neither is ever routed on as unicast, and TCP takes
-        # neither (tcp_v4_rcv / tcp_v4_conn_request drop broadcast and multicast)
-        mc = dst.is_multicast
-        what = "a multicast" if mc else "the limited broadcast"
-        _drop(b, Route.MARTIAN_DESTINATION, f"{dst} is {what} destination: never routed on"
-              + ("; TCP drops it" if b.pkt.proto == 6 else ""))
-        if not mc:
-            b.approx.append("a broadcast is delivered to this host (brd_input): its INPUT chains are "
-                            "not walked here")
-        elif b.pkt.proto != 6:
-            b.approx.append("a multicast destination: delivery to a joined group and multicast routing "
-                            "are not modelled (taken as dropped)")
-        return
+    multicast = dst.is_multicast
+    if multicast or dst == _LBCAST or (src == _ANY and dst == _ANY):
+        return _never_routed_on(b, multicast)
     if src == _ANY:
         return _drop(b, Route.MARTIAN_SOURCE, "martian source: 0.0.0.0 is accepted only towards the "
                      "limited broadcast; the kernel drops it")
@@ -422,7 +422,7 @@ LOOPBACK = (
 #: a packet a local process sends
 LOCAL_OUT = (
     each("output route", "ip_route_output_key", output_route),
-    each("output route refusals", "__mkroute_output", output_refusals, "EINVAL: source or destination; route_localnet"),
+    each("output route refusals", "__mkroute_output", output_refusals, "EINVAL: a multicast, broadcast or loopback source; route_localnet"),
     hook("OUTPUT", "__ip_local_out", "NF_INET_LOCAL_OUT"),
     each("reroute", "ip_route_me_harder", reroute),
     hook("POSTROUTING", "ip_output", "NF_INET_POST_ROUTING"),

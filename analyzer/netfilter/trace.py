@@ -91,11 +91,11 @@ class Route(enum.Enum):
     NO_ROUTE = "no-route"
     SPECIAL = "special"                 # blackhole / unreachable / prohibit route
     LOOPBACK = "loopback"               # sent to a local address: back in on lo
-    MARTIAN_SOURCE = "martian-source"   # a source the input route refuses (ours, 0.0.0.0/8, loopback, multicast)
-    MARTIAN_DESTINATION = "martian-destination"  # a loopback or 0.0.0.0/8 destination from a real interface
+    MARTIAN_SOURCE = "martian-source"   # a source the input refuses (ours, 0.0.0.0, loopback, multicast, ::, link-local)
+    MARTIAN_DESTINATION = "martian-destination"  # 0.0.0.0, loopback, multicast or broadcast: never routed on
     RP_FILTER = "rp-filter"             # reverse path filter
     IP_FORWARD_OFF = "ip-forward-off"   # would be forwarded, ip_forward=0
-    OUTPUT_REFUSED = "output-refused"   # a local socket's source or destination the output route refuses (EINVAL)
+    OUTPUT_REFUSED = "output-refused"   # a local socket's source the output route refuses (EINVAL)
 
     @property
     def drops(self) -> bool:

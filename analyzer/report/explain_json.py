@@ -224,7 +224,7 @@ def write_open(out, spec, result, found, traced: int | None, local: bool = False
         doc = {"packets": g.description if k < n else None, "classes": g.classes,
                "witness": g.witness.tuple_str() + witness_extras(g.witness, spec),
                "outcome": outcome_kind(g),
-               "approximate": bool(g.approximate) or any(o.confidence == "APPROXIMATE" for o in g.outcomes)}
+               "approximate": g.is_approximate}
         if k < n:
             doc["explain"] = explain_json(g.witness, g.outcomes, local=local)
         doc["diagnostics"] = [to_dict(d) for d in ds]
