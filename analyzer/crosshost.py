@@ -79,14 +79,15 @@ class World:
 
     def walk(self, ns: str, pkt: Packet, iif: str | None, reply_mode: bool, ct: Conntrack | None,
              bridged_via: str | None = None, from_port: tuple | None = None,
-             local_origin: bool | None = None, fresh: bool = True, replay: bool = True) -> list[Branch]:
+             local_origin: bool | None = None, fresh: bool = True, replay: bool = True,
+             resume: Branch | None = None) -> list[Branch]:
         """Every outcome of ``pkt`` arriving in ``ns`` on ``iif`` (None: sent by a local process,
         unless ``local_origin`` is False: arriving on an unnamed interface), in the walker's
         order: fresh copies that callers may change, or (``fresh=False``) the remembered
         branches themselves, for a caller that only reads them and their conntrack entries."""
-        if not self.memo:
+        if not self.memo or resume is not None:
             return pipeline.run(self.walker(ns, pkt.family), self, ns, pkt, iif, ct, reply_mode, bridged_via,
-                                from_port, local_origin)
+                                from_port, local_origin, resume)
         if replay and ct is not None and not fresh and not ct.snat and type(ct) is Conntrack \
                 and not self._flow_local(pkt, None) and self._tuple_free(ns, pkt.family):
             return self._reply_walk(ns, pkt, iif, reply_mode, ct, bridged_via, from_port, local_origin)

@@ -10,7 +10,7 @@ import operator
 import sys
 from dataclasses import dataclass, replace
 
-from analyzer.engine.concolic import in_network
+from analyzer.engine.concolic import in_network, is_ghost
 from analyzer.netfilter.env import EnvError, Namespace
 from analyzer.netfilter.neighbour import answers_solicitation, own_address, resolves_neighbour
 from analyzer.netfilter.trace import Bridge, Kind, Reply, Step
@@ -64,13 +64,15 @@ def client_route_assumption(ns: Namespace, pkt: Packet, local: bool) -> str | No
 
 
 def explain_flow(ruleset, pkt: Packet, ns: Namespace, local: bool = False,
-                 walker: Walker | None = None, reply: bool = True) -> list[Outcome]:
+                 walker: Walker | None = None, reply: bool = True, resume: Branch | None = None) -> list[Outcome]:
     """Every outcome of the flow's first packet and its reply in one namespace, in rule order.
     The namespace is walked by the environment walk (crosshost: one namespace, the same hook
     sequence, ip_forward, martians, rp_filter and bridges as ``--env``); the world beyond it is
     the implicit peer model (``PEER_MODEL``). ``walker`` lets a caller observe the walk
     (symbolic.py records which rules were evaluated); ``reply=False`` follows the first packet
-    only (what lint checks about a connection's fate ask)."""
+    only (what lint checks about a connection's fate ask). ``resume``: the flow's branch as it
+    left the PREROUTING hook (``pkt`` its packet then): the walk goes on from there
+    (pipeline.run; symbolic.py's fate exploration walked the hook over a set of packets)."""
     from analyzer.crosshost import HOST, one_namespace_world
 
     ns = _with_client_route(ns, pkt, local)
@@ -84,7 +86,7 @@ def explain_flow(ruleset, pkt: Packet, ns: Namespace, local: bool = False,
         nd = Branch(pkt, Conntrack(pkt, pkt.dst, pkt.dport, pkt.src, pkt.sport, in_use=w.ct_in_use))
         if not _client_resolves_us(w, nd):
             return [Outcome(nd, None, nd.disposition, nd.detail, None, None)]
-    brs = world.walk(HOST, pkt, None if local else pkt.iif, False, None, local_origin=local)
+    brs = world.walk(HOST, pkt, None if local else pkt.iif, False, None, local_origin=local, resume=resume)
     brs.reverse()  # the walker lists a fork's outcomes last-rule-first
     for b in brs:
         if nd is not None and nd.steps:
@@ -223,7 +225,13 @@ def _with_reply(world, fwd: Branch, local: bool) -> Outcome:
     seen = rb.pkt if rb.disposition in _REACHED else None
     ok = None
     if seen is not None:
-        ok = seen.src == o.dst and seen.sport == o.dport and seen.dst == o.src and seen.dport == o.sport
+        if is_ghost(o.dst):
+            # the original destination is one of many (fate exploration: the walk began after
+            # a DNAT): the reply is as dialled when conntrack put the very value back, and
+            # otherwise not, since the DNAT changed the tuple (ct.dnat)
+            ok = seen.src is o.dst and seen.sport is o.dport and seen.dst == o.src and seen.dport == o.sport
+        else:
+            ok = seen.src == o.dst and seen.sport == o.dport and seen.dst == o.src and seen.dport == o.sport
     return Outcome(fwd, rb, fwd.disposition, fwd.detail, seen, ok)
 
 

@@ -154,6 +154,7 @@ class OpenResult:
     limit: int
     rest: object
     space: object
+    by: str = "path"  # how the packets are grouped: "path" (rules crossed) or "fate" (explain_fate)
 
     @property
     def complete(self) -> bool:
@@ -167,8 +168,14 @@ class OpenResult:
 
 
 def explain_open(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 20000,
-                 progress=None, described: int | None = None) -> OpenResult:
-    """`explain_open_flow` with the count of classes and the unexplained rest."""
+                 progress=None, described: int | None = None, by: str = "fate") -> OpenResult:
+    """`explain_open_flow` with the count of classes and the unexplained rest. ``by``: "fate"
+    groups the packets by what happens to them (`explain_fate`, where it applies; else as
+    "path"), "path" by the rules they cross (one group per outcome signature)."""
+    if by == "fate":
+        res = explain_fate(ruleset, spec, ns, local, limit, progress, described)
+        if res is not None:
+            return res
     assumed: list = []
     classes, rest, space = explain_classes(ruleset, spec, ns, local, limit, assumed, progress)
     groups: dict = {}
@@ -188,6 +195,234 @@ def explain_open(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 
     for g in result:
         g.assumes = list(assumed)
     return OpenResult(result, len(classes), limit, rest, space)
+
+
+# ------------------------------------------------------------------------------------------
+# grouped by fate: the PREROUTING hook walked over sets, the rest path by path
+
+def fate(o) -> tuple:
+    """What happens to one outcome's connection, in the words of the summary: how the first
+    packet ends, whether its destination and source were translated here, how the reply ends
+    and whether the client sees it as dialled. Not the rules crossed, nor the addresses."""
+    return (o.disposition, bool(o.forward.ct.dnat), bool(o.forward.ct.snat),
+            o.reply.disposition if o.reply is not None else None, o.reply_ok)
+
+
+class FateMismatch(RuntimeError):
+    """A group's witness, walked on its own, did not end as the group's fate says (a bug)."""
+
+
+def explain_fate(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 20000,
+                 progress=None, described: int | None = None) -> "OpenResult | None":
+    """The packets of ``spec`` grouped by fate (`fate` of each of their outcomes), or None when
+    this exploration does not apply (the caller explores path by path).
+
+    The PREROUTING hook is walked over the whole set (netfilter/setwalk.py): each way through
+    it (an `Exit`: which input packets, how they leave, translated or not) is exact for all of
+    its packets, so a 10,000-service fan-out costs one set operation per rule instead of one
+    walk per service. The packets leaving the hook, the translated ones and the others apart,
+    are then explored path by path from there (pipeline.AFTER_PREROUTING, the reply included);
+    a connection's original destination is then a `Ghost`, which no decision may read (else
+    the class is APPROXIMATE). Each input packet's fates are those of the classes its exits
+    lead to; the packets with the same fates are one group, and one witness per group is
+    walked again from the start, concretely, for its trace and findings, and must end as the
+    group says (`FateMismatch` otherwise).
+
+    Applies to a flow arriving on an interface (not ``--local``), IPv4, a connection's first
+    packet (no conntrack state, connmark or TCP flags given or open) with a fixed input
+    interface, and rules the set walk follows exactly (setwalk.Unsupported otherwise)."""
+    from analyzer.netfilter.setwalk import SetWalker, Unsupported
+
+    t = spec.template
+    if local or t.family != 4 or not t.iif or spec.open & {"iif", "ctstate", "connmark", "tcp_flags"} \
+            or spec.ctstate or spec.tcp_flags or spec.connmark or (t.proto == 6 and t.tcp_flags != 0x02):
+        return None
+    import gc
+
+    enabled = gc.isenabled()
+    gc.disable()  # as explain_classes: the walks make no cycles worth collecting
+    try:
+        space = flow_space(ruleset, ns, spec)
+        universe = flow_set(space, spec, local)
+        nsw = noting_namespace(ns)
+        nsw.flow_sources = tuple((int(lo), int(hi)) for lo, hi in spec.src)
+        walker = RecordingWalker(ruleset, nsw)
+        mark = None if "mark" in spec.open else int(t.mark or 0)
+        sw = SetWalker(ruleset, ns, space, 4, t.iif, mark, walker.backend)
+        try:
+            exits = sw.hook(universe, "PREROUTING", walker.ct_in_use)
+        except Unsupported:
+            return None
+        walker.recent_assumed = walker.recent_assumed or sw.recent_assumed
+        return _fate_groups(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, limit,
+                            progress, described)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _fate_groups(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, limit, progress, described):
+    from dataclasses import replace
+
+    from analyzer.engine.concolic import ghost_address, Ghost
+    from analyzer.explain import explain_flow
+    from analyzer.model.packet import evolve
+    from analyzer.netfilter.walk import Branch, Conntrack
+
+    t = spec.template
+    ended = [e for e in exits if e.action is not None]
+    going = {False: [e for e in exits if e.action is None and not e.dnat],
+             True: [e for e in exits if e.action is None and e.dnat]}
+    q = {k: space.union(e.after for e in es) for k, es in going.items()}
+    marked = any(not (q[k] - space.eq("mark", mark)).is_empty() for k in q) if mark is not None else False
+    # the fields the hook may have written are open in the packets after it: the mark (MARK),
+    # and the destination and its port of the translated ones (DNAT)
+    after_open = {False: spec.open | ({"mark"} if marked else set()),
+                  True: spec.open | {"dst", "dport"} | ({"mark"} if marked else set())}
+    g_dst, g_dport = ghost_address("original destination", 4), Ghost(0, "original destination port", 16)
+    prefer = {"proto": 6, "sport": 40000, "dport": 80, "src": int(t.src), "dst": int(t.dst)}
+    assumed: list = []
+
+    def explore_after(translated: bool, budget: int, base: int):
+        after_spec = replace(spec, open=frozenset(after_open[translated]))
+
+        def make(v):
+            return witness(after_spec, v, space)
+
+        def walk(pkt):
+            orig = evolve(pkt, mark=t.mark) if mark is not None else pkt
+            if translated:
+                orig = evolve(orig, dst=g_dst, dport=g_dport if pkt.dport is not None else None)
+            ct = Conntrack(orig, pkt.dst, pkt.dport, pkt.src, pkt.sport, in_use=walker.ct_in_use)
+            ct.dnat = translated
+            return explain_flow(ruleset, pkt, nsw, walker=walker, resume=Branch(pkt, ct, [], 1.0, []))
+
+        fixed = {f: (int(getattr(t, f)) if f in ("src", "dst") else getattr(t, f))
+                 for f in ("src", "sport", "proto") if f not in spec.open and getattr(t, f) is not None}
+        return _explore_protos(q[translated], make, walk, budget, prefer, fixed, spec,
+                               None if progress is None else (lambda n: progress(base + n)))
+
+    classes = {}
+    rest = space.empty()
+    count = 0
+    for translated in (False, True):
+        if q[translated].is_empty():
+            classes[translated] = []
+            continue
+        got, left = explore_after(translated, limit - count, count)
+        classes[translated] = got
+        count += len(got)
+        rest = rest | _before(going[translated], left, mark, translated)
+    _assumed(walker, assumed)
+    # each input packet's fates: those of the classes its exits lead to
+    by_fate: dict = {}
+    lost: dict = {}
+    for translated in (False, True):
+        for c in classes[translated]:
+            f = tuple(sorted({fate(o) for o in c.result}, key=repr))
+            hit = by_fate.get((translated, f))
+            by_fate[(translated, f)] = c.packets if hit is None else hit | c.packets
+            lost.setdefault(f, []).extend(r for r in c.lost if r not in lost.get(f, ()))
+    fates: dict = {}
+    for (translated, f), cls in by_fate.items():
+        pre = _before(going[translated], cls, mark, translated)
+        fates[f] = fates[f] | pre if f in fates else pre
+    for e in ended:
+        f = (("ended", e.action),)
+        fates[f] = fates[f] | e.before if f in fates else e.before
+    parts = {frozenset(): universe - rest}
+    for f, a in fates.items():
+        nxt: dict = {}
+        for key, s in parts.items():
+            inside = s & a
+            outside = s - inside
+            for k, part in ((key | {f}, inside), (key, outside)):
+                if not part.is_empty():
+                    nxt[k] = nxt[k] | part if k in nxt else part
+        parts = nxt
+    if frozenset() in parts:
+        raise FateMismatch("packets of the flow left the PREROUTING hook by no way the set walk found")
+    groups = []
+    for key, packets in sorted(parts.items(), key=lambda kv: -kv[1].count()):
+        v = packets.pick(prefer)
+        w = _plain(witness(spec, v, space))
+        outcomes = explain_flow(ruleset, w, ns)
+        got = {fate(o) for o in outcomes}
+        want = {x for f in key for x in f}
+        if got != want and not _ended_as(key, outcomes):
+            raise FateMismatch(f"the witness {w.tuple_str()} ends {sorted(got, key=repr)}, its group "
+                               f"{sorted(want, key=repr)}")
+        reasons = [r for f in key for r in lost.get(f, ())]
+        g = Group("", w, outcomes, sum(1 for tr in (False, True) for c in classes[tr]
+                                      if tuple(sorted({fate(o) for o in c.result}, key=repr)) in key),
+                  packets, reasons)
+        g.assumes = list(assumed)
+        groups.append(g)
+    for g in groups[:described]:
+        g.description = describe(g.packets, spec, space)
+    return OpenResult(groups, count + len(ended), limit, rest, space, by="fate")
+
+
+def _ended_as(key, outcomes) -> bool:
+    """A group of packets that ended in the PREROUTING hook: its witness ends there too."""
+    ends = {f[0][1] for f in key if f and f[0][0] == "ended"}
+    if not ends or len(key) != len(ends):
+        return False
+    words = {"DROP": "dropped"}
+    return {o.disposition for o in outcomes} == {words.get(a, a.lower()) for a in ends}
+
+
+def _before(exits, packets, mark, translated: bool):
+    """The input packets whose way out of the hook (one of ``exits``) lands in ``packets``."""
+    sp = packets.space
+    if not translated:
+        got = None
+        for e in exits:
+            hit = e.after & packets
+            got = hit if got is None else got | hit
+        if got is None:
+            return sp.empty()
+        return got.exists("mark") if mark is not None else got
+    out = sp.empty()
+    for e in exits:
+        hit = e.after & packets
+        if hit.is_empty():
+            continue
+        if hit == e.after:
+            out = out | e.before
+            continue
+        out = out | (e.before & _pull_back(e, hit))
+    return out
+
+
+def _pull_back(e, hit):
+    """The input packets of exit ``e`` whose translated packet is in ``hit`` (a part of
+    ``e.after``): the translation wrote constants into dst and dport and, through MARK, the
+    mark; every other field is the input's own."""
+    got = hit
+    for f, v in e.consts:
+        got = got.restrict(f, v)
+    return got
+
+
+def _explore_protos(universe, make, walk, limit, prefer, fixed, spec, progress):
+    """`explore`, one protocol kind at a time when the protocol is open (the walk builds
+    ports, ICMP types and TCP flags from it)."""
+    if "proto" not in spec.open:
+        return explore(universe, make, walk, limit, prefer, fixed, progress)
+    space = universe.space
+    classes, rest = [], universe
+    while not rest.is_empty() and len(classes) < limit:
+        p = rest.pick(prefer)["proto"]
+        part = rest & proto_class(space, p)
+        base = len(classes)
+        got, left = explore(part, make, walk, limit - len(classes), prefer, fixed,
+                            None if progress is None else (lambda n: progress(base + n)))
+        classes += got
+        rest = (rest - part) | left
+        if not left.is_empty():
+            break
+    return classes, rest
 
 
 def outcome_kind(g: Group) -> str:

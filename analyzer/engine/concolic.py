@@ -28,7 +28,8 @@ from analyzer.engine.fields import ADDRESS_FIELDS
 if TYPE_CHECKING:  # a concrete walk imports this module: dd (and networkx through it) only when recording
     from analyzer.engine.packetset import PacketSet, PacketSpace
 
-__all__ = ["SymInt", "SymMix", "SymStr", "Recorder", "active", "plain", "sym_address", "is_sym", "one_of", "in_network"]
+__all__ = ["SymInt", "SymMix", "SymStr", "Ghost", "Recorder", "active", "plain", "sym_address", "ghost_address",
+           "is_sym", "is_ghost", "one_of", "in_network"]
 
 _ACTIVE: "Recorder | None" = None
 
@@ -506,6 +507,45 @@ class SymMix(int):
     del _n, _opaque
 
 
+class Ghost(SymInt):
+    """A value the walk carries but no packet set holds (a connection's original destination,
+    when the packets explored are those after a DNAT chosen per original): passing it on, and
+    comparing it with itself, decide nothing; any other decision on it (a comparison, a
+    network test, arithmetic) is noted as lost, so the class is reported APPROXIMATE instead of
+    decided for one value."""
+
+    def __new__(cls, value: int, field: str, width: int):
+        return SymInt.__new__(cls, value, field, width)
+
+    def _derive(self, value: int, keep: int, xor: int):
+        _lose(f"a decision on the {self.field}")
+        return value
+
+    def __eq__(self, o):
+        if o is self:
+            return True
+        if isinstance(o, Ghost) and o.field == self.field:
+            return int.__eq__(self, o)
+        if not isinstance(o, int):
+            return NotImplemented if not isinstance(o, (str, type(None))) else False
+        _lose(f"a decision on the {self.field}")
+        return int.__eq__(int(self), int(o))
+
+    def __ne__(self, o):
+        r = self.__eq__(o)
+        return r if r is NotImplemented else not r
+
+    __hash__ = int.__hash__
+
+    def _order(self, lo: int, hi: int, r: bool, o) -> bool:
+        _lose(f"a decision on the {self.field}")
+        return r
+
+    def __bool__(self):
+        _lose(f"a decision on the {self.field}")
+        return int(self) != 0
+
+
 class _SymAddress:
     """What an open address refuses to be without losing its class: a number or packed bytes."""
 
@@ -586,6 +626,18 @@ def sym_address(value: int, field: str, family: int, keep: int | None = None, xo
     addr = (_SymV4 if family == 4 else _SymV6)(int(value))  # checked as a plain int: nothing noted
     addr._ip = SymInt(value, field, width, keep, xor)
     return addr
+
+
+def ghost_address(field: str, family: int):
+    """An address no packet set holds (`Ghost`), e.g. a connection's original destination."""
+    addr = (_SymV4 if family == 4 else _SymV6)(0)
+    addr._ip = Ghost(0, field, 32 if family == 4 else 128)
+    return addr
+
+
+def is_ghost(v: Any) -> bool:
+    """Whether ``v`` (an int or address) is a `Ghost`."""
+    return isinstance(v, Ghost) or isinstance(getattr(v, "_ip", None), Ghost)
 
 
 def is_sym(v: Any) -> "SymInt | SymMix | SymStr | None":

@@ -411,6 +411,10 @@ ARRIVE = (
     TPROXY,
 )
 
+#: what follows the PREROUTING hook on ARRIVE (where a walk of the hook over a set of packets
+#: hands its packets back to the walk of one packet)
+AFTER_PREROUTING = ARRIVE[[s.name for s in ARRIVE].index("PREROUTING") + 1:]
+
 #: a packet back in on lo after a local process sent it to a local address
 LOOPBACK = (
     each("loopback", "loopback_xmit", loopback),
@@ -457,13 +461,17 @@ def _ifaces(p: Packet, iif, oif) -> Packet:
 
 def run(w: Walker, links, ns: str, pkt: Packet, iif: str | None, ct: Conntrack | None,
         reply_mode: bool = False, bridged_via: str | None = None, from_port: tuple | None = None,
-        local_origin: bool | None = None) -> list[Branch]:
+        local_origin: bool | None = None, resume: Branch | None = None) -> list[Branch]:
     """Every outcome of ``pkt`` in one namespace: arriving on ``iif`` (``ARRIVE``), sent by a
     local process (``iif`` None, or ``local_origin``: ``LOCAL_OUT``), or switched by its bridge
     ``bridged_via`` (``BRIDGED``). ``ct``: the conntrack entry the packet belongs to (None: a new
     connection; ``reply_mode`` says one was looked for). ``from_port``: (namespace, interface) of
     the bridge port the frame came in on, when ``iif`` is this namespace's bridge. A pure
-    function of its arguments (crosshost.World memoizes it)."""
+    function of its arguments (crosshost.World memoizes it). ``resume``: a branch that arrived
+    on ``iif`` and left the PREROUTING hook as given (its packet and conntrack entry): the walk
+    goes on from there (`AFTER_PREROUTING`; symbolic.py's fate exploration)."""
+    if resume is not None:
+        return walk_path(AFTER_PREROUTING, Ctx(w, links, ns, resume.ct.original, iif, False), [resume])
     is_reply = ct is not None
     if ct is not None:
         ct = ct.copy()  # a reply may change the entry's mark: not the caller's copy

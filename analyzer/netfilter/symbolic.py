@@ -387,54 +387,60 @@ def header_set(rule, space: PacketSpace, family: int, ns: Namespace | None = Non
     quick = _header_where(rule, space, family)
     if quick is not None:
         return quick
-    parts: list[PacketSet] = []
-    read: set = set()
-    has_ports = None
-    for m in rule.matches:
-        if isinstance(m, CommentMatch):
-            continue
-        neg = m.negated
-        if isinstance(m, AddrMatch):
-            nets = [n for n in m.networks if n.version == family]
-            hit = space.union(space.prefix(m.direction, n) for n in nets)
-            read.add(m.direction)
-        elif isinstance(m, IpRangeMatch):
-            field = "src" if m.direction == "src" else "dst"
-            hit = space.range(field, m.lo, m.hi) if m.lo.version == family else space.empty()
-            read.add(field)
-        elif isinstance(m, ProtoMatch):
-            hit = space.universe() if m.number == 0 else space.eq("proto", m.number)
-            read.add("proto")
-        elif isinstance(m, AddrTypeMatch):
-            if ns is None or not ns.known:
-                continue  # an address of unknown type: the walk forks, the set stays a superset
-            hit = _addrtype_set(space, m.direction, family, m.types, _local_addresses(ns))
-            read.add(m.direction)
-        elif isinstance(m, PortMatch):
-            # no ports (a protocol without them): never matches, negated or not; a module named
-            # after a protocol (-m tcp) tests it first, also under '!'
-            if has_ports is None:
-                has_ports = space.ports("proto", [(p, p) for p in PORT_PROTOS])
-            base = has_ports
-            if m.mod in ("tcp", "udp", "sctp") and m.mod in PROTO:
-                base = base & space.eq("proto", PROTO[m.mod])
-            if m.direction == "any":
-                inr = space.ports("sport", m.ranges) | space.ports("dport", m.ranges)
-                read.update(("sport", "dport"))
-            else:
-                f = "sport" if m.direction == "src" else "dport"
-                inr = space.ports(f, m.ranges)
-                read.add(f)
-            read.add("proto")
-            parts.append(base & (~inr if neg else inr))
-            continue
-        else:
-            continue  # not a header match: the set stays a superset
-        parts.append(~hit if neg else hit)
     out = space.family(family)
-    for p in parts:
-        out = out & p
+    read: set = set()
+    ports: dict = {}
+    for m in rule.matches:
+        got = match_header(m, space, family, ns, ports)
+        if got is not None:
+            out = out & got[0]
+            read |= got[1]
     return out, frozenset(read)
+
+
+def match_header(m, space: PacketSpace, family: int, ns: Namespace | None = None, cache: dict | None = None):
+    """One header match of `header_set` (negation included) as ``(set, fields read)``, or None
+    for a match that is not a header match (or addrtype without the namespace's addresses).
+    ``cache`` keeps the set of packets that have ports between calls."""
+    if isinstance(m, CommentMatch):
+        return None
+    neg = m.negated
+    if isinstance(m, AddrMatch):
+        nets = [n for n in m.networks if n.version == family]
+        hit = space.union(space.prefix(m.direction, n) for n in nets)
+        read = (m.direction,)
+    elif isinstance(m, IpRangeMatch):
+        field = "src" if m.direction == "src" else "dst"
+        hit = space.range(field, m.lo, m.hi) if m.lo.version == family else space.empty()
+        read = (field,)
+    elif isinstance(m, ProtoMatch):
+        hit = space.universe() if m.number == 0 else space.eq("proto", m.number)
+        read = ("proto",)
+    elif isinstance(m, AddrTypeMatch):
+        if ns is None or not ns.known:
+            return None  # an address of unknown type: the walk forks, the set stays a superset
+        hit = _addrtype_set(space, m.direction, family, m.types, _local_addresses(ns))
+        read = (m.direction,)
+    elif isinstance(m, PortMatch):
+        # no ports (a protocol without them): never matches, negated or not; a module named
+        # after a protocol (-m tcp) tests it first, also under '!'
+        cache = {} if cache is None else cache
+        base = cache.get("has")
+        if base is None:
+            base = cache["has"] = space.ports("proto", [(p, p) for p in PORT_PROTOS])
+        if m.mod in ("tcp", "udp", "sctp") and m.mod in PROTO:
+            base = base & space.eq("proto", PROTO[m.mod])
+        if m.direction == "any":
+            inr = space.ports("sport", m.ranges) | space.ports("dport", m.ranges)
+            read = ("sport", "dport", "proto")
+        else:
+            f = "sport" if m.direction == "src" else "dport"
+            inr = space.ports(f, m.ranges)
+            read = (f, "proto")
+        return base & (~inr if neg else inr), frozenset(read)
+    else:
+        return None  # not a header match: the set stays a superset
+    return (~hit if neg else hit), frozenset(read)
 
 
 def _header_where(rule, space: PacketSpace, family: int):

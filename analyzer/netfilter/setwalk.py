@@ -1,0 +1,337 @@
+"""Netfilter layer: a table traversal over a *set* of packets, for the hook a packet meets first.
+
+The concolic walk (symbolic.py) explores an open flow path by path: one class of packets per
+path, so a 10,000-service dump's fan-out (kube-proxy's KUBE-SERVICES, one chain per service and
+endpoint) makes one class per service and endpoint, each walked on its own. This walk carries
+the whole set instead: each rule splits it (``S & match``, ``S - match``), a jump runs the called
+chain on the part that matched and the part that comes back joins the rest, a statistic
+branch splits the world (both parts, each with its probability), MARK rewrites the mark field
+of the part that matched (``PacketSet.masked_assign``), and DNAT to one address (and port)
+ends the table with that part's destination rewritten (``PacketSet.assign``). Each way out of
+the hook is an `Exit`: the input packets that take it, the packets as they leave, and what the
+table did. symbolic.py's fate exploration walks the packets after the hook concolically,
+grouped by what happens to them rather than by the rules they crossed.
+
+It models only what it can follow exactly, in the walk's semantics (walk.Walker._match and
+_apply_target): header matches (addresses, iprange, protocol, ports, addrtype with the
+namespace's addresses, via `symbolic.match_header`), ``-i`` against the flow's fixed input
+interface, ``-m mark``, ``-m statistic --mode random``, comments; jumps, gotos, RETURN,
+ACCEPT, DROP, policies, MARK, non-terminating targets such as LOG, and DNAT to a single
+address and port. Anything else raises `Unsupported`, and the caller explores path by path as
+before: a set walk never guesses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from analyzer.model.rules import (
+    AddrMatch, AddrTypeMatch, CommentMatch, IfaceMatch, IpRangeMatch, Jump, MarkMatch, Nat, OpaqueMatch,
+    OtherTarget, PortMatch, ProtoMatch, SetMark, StatisticMatch, Verdict,
+)
+from analyzer.netfilter import stages as STAGES
+
+#: how deep chains may call each other before the set walk gives up (the kernel refuses loops)
+MAX_DEPTH = 64
+
+
+class Unsupported(Exception):
+    """The set walk cannot follow this rule exactly (the caller explores path by path)."""
+
+
+@dataclass(slots=True)
+class Thread:
+    """Packets travelling together in one world: ``packets`` as they are now, ``prob`` the
+    probability of the statistic branches that led here (1.0: every packet goes this way)."""
+
+    packets: object
+    prob: float = 1.0
+    marks: frozenset = frozenset()  # the mark values its packets may have (the flow's mark fixed)
+    dnat: tuple | None = None  # (input packets, constants written): the DNAT that ended the nat table
+
+
+@dataclass(frozen=True, slots=True)
+class Exit:
+    """One way through the hook: ``before`` the input packets that take it (over the fields
+    as they arrived), ``after`` the same packets as they leave the hook, ``prob`` the share of
+    their connections that go this way, ``action``: None (the packet goes on) or how it ended
+    ("DROP", "REJECT ..."); ``dnat``: whether a DNAT changed the destination on the way."""
+
+    before: object
+    after: object
+    prob: float
+    action: str | None
+    dnat: bool
+    consts: tuple = ()  # translated: ((field, value), ...) the hook wrote (dst, dport, mark)
+
+
+class SetWalker:
+    """Set walks of the tables of one hook, for the packets of one flow (``space``): the
+    namespace ``ns`` gives addrtype's local addresses; ``iif`` is the flow's input interface
+    when it is fixed (``-i`` is then decided once), None when it is an open field (then
+    `Unsupported`); ``mark`` the flow's fixed packet mark (None: open, then MARK is
+    `Unsupported`: the input mark would be lost)."""
+
+    def __init__(self, ruleset, ns, space, family: int, iif: str | None, mark: int | None,
+                 backend: str | None = None):
+        self.rs = ruleset
+        self.ns = ns
+        self.space = space
+        self.family = family
+        self.iif = iif
+        self.mark = mark
+        self.backend = backend if backend is not None else getattr(ruleset, "backend", None)
+        self._sets: dict = {}
+        self._ports: dict = {}
+        self.recent_assumed = False  # a -m recent match was decided under walk.RECENT_ASSUMPTION
+
+    # ------------------------------------------------------------------ the hook
+    def hook(self, universe, hook: str, ct_in_use: bool) -> list[Exit]:
+        """Every way through ``hook`` for the packets of ``universe`` (a connection's first
+        packet, state NEW: the caller checks that the conntrack lookup decides it alike for all
+        of them)."""
+        sp = self.space
+        start = universe if self.mark is None else universe & sp.eq("mark", self.mark)
+        threads = [Thread(start, 1.0, frozenset(() if self.mark is None else (self.mark,)))]
+        ended: list[Thread] = []
+        ends: list[str] = []
+        for stage in STAGES.stages(hook, self.backend):
+            table = stage.table
+            if table is None or self.rs.chain(table, hook) is None:
+                continue  # the conntrack lookup (decided by the caller), or a table without this hook
+            if table == "nat" and not ct_in_use:
+                continue  # no conntrack entry: the nat hooks pass every packet untouched
+            nxt = []
+            for th in threads:
+                if th.dnat is not None:
+                    # the set is over the translated header from here on: what the input
+                    # packets were is only known as a whole (Exit.before), not split again
+                    raise Unsupported(f"{table} {hook} after a DNAT in the same hook")
+                for t, action in self.table(th, table, hook):
+                    if action is None:
+                        nxt.append(t)
+                    else:
+                        ended.append(t)
+                        ends.append(action)
+            threads = nxt
+        out = [self._exit(t, None) for t in threads]
+        out += [self._exit(t, a) for t, a in zip(ended, ends)]
+        return [e for e in out if not e.before.is_empty()]
+
+    def _exit(self, t: Thread, action: str | None) -> Exit:
+        after = t.packets
+        if t.dnat is None:
+            before = after if self.mark is None else after.exists("mark")
+            return Exit(before, after, t.prob, action, False)
+        before, consts = t.dnat
+        return Exit(before, after, t.prob, action, True, consts)
+
+    # ------------------------------------------------------------------ one table
+    def table(self, th: Thread, table: str, hook: str) -> list[tuple[Thread, str | None]]:
+        """The threads leaving the builtin chain ``hook`` of ``table``: (thread, None) goes on
+        to the next table, (thread, action) ended here."""
+        chain = self.rs.chain(table, hook)
+        out: list = []
+        back = self._chain([th], table, hook, chain, out, 0)
+        pol = chain.policy or "ACCEPT"
+        for t in back:  # off the end of the builtin chain, or RETURN there: the policy
+            out.append((t, None if pol == "ACCEPT" else pol))
+        return [(t, a) for t, a in out if not t.packets.is_empty()]
+
+    def _chain(self, threads: list, table: str, hook: str, chain, out: list, depth: int) -> list:
+        """Run ``chain`` on ``threads``; returns the threads that come back to the caller
+        (RETURN or the end of the chain); threads that end (verdict, NAT) go to ``out``."""
+        if depth > MAX_DEPTH:
+            raise Unsupported(f"chains nested deeper than {MAX_DEPTH} (a loop?)")
+        back: list = []
+        for rule in chain.rules:
+            if not threads:
+                break
+            hit, threads = self._split(rule, threads, hook)
+            if not hit:
+                continue
+            t = rule.target
+            if t is None or (isinstance(t, OtherTarget) and not t.terminating):
+                threads = self._join(threads, hit)  # LOG and the like: every packet goes on
+            elif isinstance(t, Jump):
+                callee = self.rs.chain(table, t.chain)
+                if callee is None:
+                    raise Unsupported(f"{rule.label}: jump to undefined chain {t.chain}")
+                ret = self._chain(hit, table, hook, callee, out, depth + 1)
+                if t.goto:
+                    back.extend(ret)  # a RETURN from a goto'd chain returns from this one
+                else:
+                    threads = self._join(threads, ret)
+            elif isinstance(t, Verdict):
+                if t.verdict == "RETURN":
+                    back.extend(hit)
+                elif t.verdict in ("ACCEPT", "DROP"):
+                    out.extend((h, None if t.verdict == "ACCEPT" else "DROP") for h in hit)
+                else:
+                    raise Unsupported(f"{rule.label}: verdict {t.verdict}")
+            elif isinstance(t, SetMark) and t.kind == "MARK":
+                if self.mark is None:
+                    raise Unsupported(f"{rule.label}: MARK on an open mark")
+                threads = self._join(threads, [Thread(h.packets.masked_assign("mark", t.value, t.mask), h.prob,
+                                                      frozenset(((m & ~t.mask) ^ t.value) & 0xFFFFFFFF for m in h.marks))
+                                               for h in hit])
+            elif isinstance(t, Nat) and t.kind == "DNAT" and table == "nat" and hook in ("PREROUTING", "OUTPUT"):
+                out.extend((d, None) for h in hit for d in self._dnat(rule, h))
+            else:
+                raise Unsupported(f"{rule.label}: target {getattr(t, 'name', type(t).__name__)}")
+        return back + threads
+
+    @staticmethod
+    def _join(a: list, b: list) -> list:
+        """Threads of the same world travel together again (their packets are disjoint)."""
+        if not b:
+            return a
+        by = {}
+        for t in a + b:
+            hit = by.get(t.prob)
+            by[t.prob] = t if hit is None else Thread(hit.packets | t.packets, t.prob, hit.marks | t.marks)
+        return list(by.values())
+
+    def _dnat(self, rule, h: Thread) -> list:
+        """DNAT to one address (and port) of ``h``'s packets: the table ends. A packet already
+        sent there keeps its tuple, and the kernel marks no translation (IPS_DST_NAT)."""
+        t = rule.target
+        if len(t.ranges) != 1:
+            raise Unsupported(f"{rule.label}: DNAT with several ranges")
+        r = t.ranges[0]
+        if r.addr_lo != r.addr_hi or r.port_lo != r.port_hi:
+            raise Unsupported(f"{rule.label}: DNAT to a range")
+        if r.addr_lo is not None and r.addr_lo.version != self.family:
+            raise Unsupported(f"{rule.label}: DNAT to another family")
+        sp = self.space
+        s = h.packets
+        to = sp.universe()
+        if r.addr_lo is not None:
+            to = to & sp.eq("dst", r.addr_lo)
+        if r.port_lo is not None:
+            # a packet without ports keeps none (pick_port of no port): only port protocols
+            if not (s - self._has_ports()).is_empty():
+                raise Unsupported(f"{rule.label}: DNAT with a port of packets without ports")
+            to = to & sp.eq("dport", r.port_lo)
+        same = s & to
+        moved = s - to
+        out = []
+        if not same.is_empty():
+            out.append(Thread(same, h.prob, h.marks))
+        if moved.is_empty():
+            return out
+        consts = []
+        if r.addr_lo is not None:
+            consts.append(("dst", r.addr_lo))
+        if r.port_lo is not None:
+            consts.append(("dport", r.port_lo))
+        # one exit per mark value, so that each exit wrote constants only (Exit.consts)
+        for m in (sorted(h.marks) if self.mark is not None else (None,)):
+            part = moved if m is None or len(h.marks) == 1 else moved & sp.eq("mark", m)
+            if part.is_empty():
+                continue
+            after = part
+            for f, v in consts:
+                after = after.assign(f, v)
+            before = part if m is None else part.exists("mark")
+            out.append(Thread(after, h.prob, frozenset(() if m is None else (m,)),
+                              (before, tuple(consts) + (() if m is None else (("mark", m),)))))
+        return out
+
+    def _has_ports(self):
+        hit = self._ports.get("has")
+        if hit is None:
+            from analyzer.model.packet import PORT_PROTOS
+            hit = self._ports["has"] = self.space.ports("proto", [(p, p) for p in PORT_PROTOS])
+        return hit
+
+    # ------------------------------------------------------------------ matches
+    def _split(self, rule, threads: list, hook: str) -> tuple[list, list]:
+        """(the threads' packets the rule matches, those it does not), per world."""
+        m_set = None
+        prob = 1.0
+        for m in rule.matches:
+            if isinstance(m, CommentMatch):
+                continue
+            if isinstance(m, StatisticMatch):
+                if m.mode != "random":
+                    raise Unsupported(f"{rule.label}: statistic {m.mode}")
+                p = m.probability
+                prob *= (1 - p) if m.negated else p
+                continue
+            s = self._match_set(m, rule, hook)
+            m_set = s if m_set is None else m_set & s
+        hit, miss = [], []
+        for th in threads:
+            inside = th.packets if m_set is None else th.packets & m_set
+            outside = th.packets - inside if m_set is not None else None
+            mk = th.marks
+            if prob >= 1.0:
+                if not inside.is_empty():
+                    hit.append(Thread(inside, th.prob, mk))
+                if outside is not None and not outside.is_empty():
+                    miss.append(Thread(outside, th.prob, mk))
+            elif prob <= 0.0:
+                miss.append(th)
+            else:
+                if not inside.is_empty():
+                    hit.append(Thread(inside, th.prob * prob, mk))
+                    miss.append(Thread(inside, th.prob * (1 - prob), mk))
+                if outside is not None and not outside.is_empty():
+                    miss.append(Thread(outside, th.prob, mk))
+        if len(miss) > 1:
+            miss = self._join([], miss)
+        return hit, miss
+
+    def _match_set(self, m, rule, hook: str):
+        key = _match_key(m)
+        hit = self._sets.get(key)
+        if hit is not None:
+            return hit
+        s = self._compile(m, rule, hook)
+        self._sets[key] = s
+        return s
+
+    def _compile(self, m, rule, hook: str):
+        from analyzer.netfilter.symbolic import match_header
+
+        sp = self.space
+        if isinstance(m, (AddrMatch, IpRangeMatch, ProtoMatch, PortMatch, AddrTypeMatch)):
+            if isinstance(m, AddrTypeMatch) and (m.limit_iface or not self.ns.known):
+                raise Unsupported(f"{rule.label}: addrtype not decided")
+            got = match_header(m, sp, self.family, self.ns, self._ports)
+            if got is None:
+                raise Unsupported(f"{rule.label}: {type(m).__name__} not compiled")
+            return got[0]
+        if isinstance(m, IfaceMatch):
+            if m.direction == "out" and hook in ("PREROUTING", "INPUT"):
+                return sp.empty() if not m.negated else sp.universe()  # no output interface yet
+            if m.direction != "in" or self.iif is None:
+                raise Unsupported(f"{rule.label}: interface match on an open or unknown interface")
+            name = self.iif
+            hit = name.startswith(m.name[:-1]) if m.name.endswith("+") else name == m.name
+            return sp.universe() if hit != m.negated else sp.empty()
+        if isinstance(m, MarkMatch) and m.kind == "mark":
+            if self.mark is None:
+                raise Unsupported(f"{rule.label}: mark match on an open mark")
+            s = sp.masked("mark", m.value, m.mask)
+            return ~s if m.negated else s
+        if isinstance(m, OpaqueMatch) and m.module == "recent":
+            # as the walk decides it for a connection's first packet (walk.RECENT_ASSUMPTION):
+            # a client the list has not seen; --set matches, the checks find no entry
+            self.recent_assumed = True
+            hit = m.option not in ("--rcheck", "--update", "--remove")
+            return sp.universe() if hit != m.negated else sp.empty()
+        raise Unsupported(f"{rule.label}: {type(m).__name__} ({m.module or 'match'}) not followed as a set")
+
+
+_KEY_FIELDS: dict = {}
+
+
+def _match_key(m) -> tuple:
+    """A match without its columns: equal matches of different rules compile once."""
+    names = _KEY_FIELDS.get(type(m))
+    if names is None:
+        import dataclasses
+
+        names = _KEY_FIELDS[type(m)] = tuple(f.name for f in dataclasses.fields(m) if f.name not in ("col", "end_col"))
+    return (type(m), *(getattr(m, f) for f in names))
