@@ -273,8 +273,8 @@ def _fate_groups(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, l
     ended = [e for e in exits if e.action is not None]
     going = {False: [e for e in exits if e.action is None and not e.dnat],
              True: [e for e in exits if e.action is None and e.dnat]}
-    q = {k: space.union(e.after for e in es) for k, es in going.items()}
-    marked = any(not (q[k] - space.eq("mark", mark)).is_empty() for k in q) if mark is not None else False
+    q = {k: _after(es, space) for k, es in going.items()}
+    marked = mark is not None and any(e.mark != mark for es in going.values() for e in es)
     # the fields the hook may have written are open in the packets after it: the mark (MARK),
     # and the destination and its port of the translated ones (DNAT)
     after_open = {False: spec.open | ({"mark"} if marked else set()),
@@ -372,37 +372,36 @@ def _ended_as(key, outcomes) -> bool:
     return {o.disposition for o in outcomes} == {words.get(a, a.lower()) for a in ends}
 
 
-def _before(exits, packets, mark, translated: bool):
-    """The input packets whose way out of the hook (one of ``exits``) lands in ``packets``."""
-    sp = packets.space
-    if not translated:
-        got = None
-        for e in exits:
-            hit = e.after & packets
-            got = hit if got is None else got | hit
-        if got is None:
-            return sp.empty()
-        return got.exists("mark") if mark is not None else got
-    out = sp.empty()
+def _after(exits, space):
+    """The packets leaving the hook by ``exits``, their marks included."""
+    by_mark: dict = {}
     for e in exits:
-        hit = e.after & packets
+        by_mark.setdefault(e.mark, []).append(e.after)
+    return space.union(space.union(sets) if m is None else space.union(sets) & space.eq("mark", m)
+                       for m, sets in by_mark.items())
+
+
+def _before(exits, packets, mark, translated: bool):
+    """The input packets whose way out of the hook (one of ``exits``) lands in ``packets``: an
+    exit's packets leave with its mark (Exit.mark) and, translated, with the constants its DNAT
+    wrote (Exit.consts); every other field is the input's own."""
+    sp = packets.space
+    sel: dict = {}
+    parts = []
+    for e in exits:
+        s = sel.get(e.mark)
+        if s is None:
+            s = sel[e.mark] = packets if e.mark is None else packets.restrict("mark", e.mark)
+        hit = e.after & s
         if hit.is_empty():
             continue
-        if hit == e.after:
-            out = out | e.before
+        if not translated or hit == e.after:
+            parts.append(e.before if translated else hit)
             continue
-        out = out | (e.before & _pull_back(e, hit))
-    return out
-
-
-def _pull_back(e, hit):
-    """The input packets of exit ``e`` whose translated packet is in ``hit`` (a part of
-    ``e.after``): the translation wrote constants into dst and dport and, through MARK, the
-    mark; every other field is the input's own."""
-    got = hit
-    for f, v in e.consts:
-        got = got.restrict(f, v)
-    return got
+        for f, v in e.consts:
+            hit = hit.restrict(f, v)
+        parts.append(e.before & hit)
+    return sp.union(parts)
 
 
 def _explore_protos(universe, make, walk, limit, prefer, fixed, spec, progress):

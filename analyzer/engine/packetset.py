@@ -236,6 +236,7 @@ class PacketSpace:
         self._neg = {f: tuple(~x for x in xs) for f, xs in self._pos.items()}
         self._level = {f: bdd.level_of_var(vs[0]) for f, vs in self._vars.items()}
         self._chunks: dict[tuple[str, int, int, int], Any] = {}
+        self._cubes: dict[tuple, Any] = {}  # quantified variables -> their cube (_exist)
         self._true, self._false = bdd.true, bdd.false
 
         states = [self._pos["ctstate"][self._position("ctstate", CTSTATE_BITS[s])] for s in CT_STATES]
@@ -719,12 +720,23 @@ class PacketSpace:
                 node = (self._pos if value >> k & 1 else self._neg)[field][p] & node
         return node
 
+    def _exist(self, names, node: Any) -> Any:
+        """``exists names . node``, with the cube of ``names`` built once (CUDD: dd builds it
+        from the names on every call otherwise, 4x the cost of the quantification here)."""
+        if self.backend != "cudd":
+            return self.bdd.exist(names, node)
+        key = names if type(names) is tuple else tuple(names)
+        cube = self._cubes.get(key)
+        if cube is None:
+            cube = self._cubes[key] = self.bdd.cube(key)
+        return self.bdd.apply("\\E", cube, node)
+
     # the representative form pins IPv4 high address bits to zero (see the class docstring)
     def _to_rep(self, node: Any) -> Any:
         return node & self._rep_u
 
     def _from_rep(self, node: Any) -> Any:
-        v4 = self.bdd.exist(self._hi_vars, node & self._hi_zero & self._fam[4])
+        v4 = self._exist(self._hi_vars, node & self._hi_zero & self._fam[4])
         return (node & self._fam[6]) | (v4 & self._fam[4])
 
 
@@ -848,8 +860,8 @@ class PacketSet:
             return self
         sp = self._space
         if "family" in fields:  # a free IPv4 high bit must not turn into a free IPv6 bit
-            return self._finish(sp._from_rep(sp.bdd.exist(names, sp._to_rep(self._node))), fields)
-        return self._finish(sp.bdd.exist(names, self._node), fields)
+            return self._finish(sp._from_rep(sp._exist(names, sp._to_rep(self._node))), fields)
+        return self._finish(sp._exist(names, self._node), fields)
 
     def project(self, fields: str | Iterable[str]) -> PacketSet:
         """Keep only ``fields``: forget every other one."""
@@ -886,6 +898,8 @@ class PacketSet:
         cofactor = {v: bool(value >> (w - 1 - p) & 1) for p, v in enumerate(sp._vars[field])}
         if field not in ADDRESS_FIELDS and field != "family":
             return self._finish(sp.bdd.let(cofactor, node), (field,))
+        if fam == 4:  # IPv4 packets only, whose high 96 bits are free: the low 32 decide
+            return self._new(sp.bdd.let({v: cofactor[v] for v in sp._vars[field][96:]}, node & sp._fam[4]))
         if fam is not None:
             node = node & sp._fam[fam]
         return self._new(sp._from_rep(sp.bdd.let(cofactor, sp._to_rep(node))))
@@ -897,14 +911,19 @@ class PacketSet:
         sp = self._space
         if field == "family":
             return self.exists("family") & sp.family(4 if value == 0 else 6)
-        return self._new(sp.bdd.exist(sp._vars[field], self._node) & sp._build([sp._spec_eq(field, value)]))
+        if field in ADDRESS_FIELDS and isinstance(value, ipaddress.IPv4Address):
+            # only IPv4 packets keep, and their high 96 bits are free: the low 32 are the address
+            node = sp._exist(sp._vars[field][96:], self._node & sp._fam[4])
+        else:
+            node = sp._exist(sp._vars[field], self._node)
+        return self._new(node & sp._build([sp._spec_eq(field, value)]))
 
     def assign_range(self, field: str, lo: int | str | IPAddress, hi: int | str | IPAddress) -> PacketSet:
         """The image of rewriting ``field`` to any value in ``lo..hi`` (a translation range)."""
         sp = self._space
         if field == "family":
             return self.exists("family") & sp._set(sp._build([sp._spec_range(field, lo, hi)]))
-        return self._new(sp.bdd.exist(sp._vars[field], self._node) & sp._build([sp._spec_range(field, lo, hi)]))
+        return self._new(sp._exist(sp._vars[field], self._node) & sp._build([sp._spec_range(field, lo, hi)]))
 
     def rewrite(self, field: str, lo: int | str | IPAddress, hi: int | str | IPAddress | None = None) -> PacketSet:
         """`assign` when only ``lo`` is given, else `assign_range`."""
@@ -930,7 +949,7 @@ class PacketSet:
             node = sp.bdd.let(flips, node)
         if mask:
             fixed = [names[p] for p in range(w) if mask >> (w - 1 - p) & 1]
-            node = sp.bdd.exist(fixed, node) & sp._masked_bits(field, 0, w, value & mask, mask)
+            node = sp._exist(fixed, node) & sp._masked_bits(field, 0, w, value & mask, mask)
         if addr:
             return self._new(sp._from_rep(node))
         return self._finish(node, (field,))
@@ -965,7 +984,7 @@ class PacketSet:
             # one bit at a time: the whole "d == s" relation alone can be exponential in the
             # variable order (two separate blocks), while the result stays as small as the
             # set of source values
-            node = bdd.exist(overwritten, node)
+            node = sp._exist(overwritten, node)
             for tie in reversed(ties):
                 node = node & tie
         if addr:

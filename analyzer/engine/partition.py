@@ -146,7 +146,7 @@ def _projection(s: PacketSet, field: str):
     """``s`` projected on ``field`` (every other field quantified away): the space, the BDD
     node, each of the field's variables' bit position (most significant first) and its width."""
     sp = s.space
-    node = sp.bdd.exist([n for f in sp.fields if f != field for n in sp._vars[f]], sp._to_rep(s.node))
+    node = sp._exist(tuple(n for f in sp.fields if f != field for n in sp._vars[f]), sp._to_rep(s.node))
     names = sp._vars[field]
     return sp, node, {n: i for i, n in enumerate(names)}, len(names)
 

@@ -45,23 +45,29 @@ class Thread:
 
     packets: object
     prob: float = 1.0
-    marks: frozenset = frozenset()  # the mark values its packets may have (the flow's mark fixed)
+    # the packet mark of every packet of the thread, when the flow's mark is fixed (then MARK
+    # and -m mark are decided per thread, without a set operation); None: the mark is an open
+    # input field of ``packets``
+    mark: int | None = None
     dnat: tuple | None = None  # (input packets, constants written): the DNAT that ended the nat table
 
 
 @dataclass(frozen=True, slots=True)
 class Exit:
     """One way through the hook: ``before`` the input packets that take it (over the fields
-    as they arrived), ``after`` the same packets as they leave the hook, ``prob`` the share of
-    their connections that go this way, ``action``: None (the packet goes on) or how it ended
-    ("DROP", "REJECT ..."); ``dnat``: whether a DNAT changed the destination on the way."""
+    as they arrived), ``after`` the same packets as they leave the hook, except their packet
+    mark, which is ``mark`` for all of them (None: the mark is an open input field, unchanged,
+    in ``after``), ``prob`` the share of their connections that go this way, ``action``: None
+    (the packet goes on) or how it ended ("DROP", "REJECT ..."); ``dnat``: whether a DNAT
+    changed the destination on the way, ``consts`` what it wrote ((field, value), ...)."""
 
     before: object
     after: object
     prob: float
     action: str | None
     dnat: bool
-    consts: tuple = ()  # translated: ((field, value), ...) the hook wrote (dst, dport, mark)
+    consts: tuple = ()
+    mark: int | None = None
 
 
 class SetWalker:
@@ -89,9 +95,7 @@ class SetWalker:
         """Every way through ``hook`` for the packets of ``universe`` (a connection's first
         packet, state NEW: the caller checks that the conntrack lookup decides it alike for all
         of them)."""
-        sp = self.space
-        start = universe if self.mark is None else universe & sp.eq("mark", self.mark)
-        threads = [Thread(start, 1.0, frozenset(() if self.mark is None else (self.mark,)))]
+        threads = [Thread(universe, 1.0, self.mark)]
         ended: list[Thread] = []
         ends: list[str] = []
         for stage in STAGES.stages(hook, self.backend):
@@ -118,12 +122,10 @@ class SetWalker:
         return [e for e in out if not e.before.is_empty()]
 
     def _exit(self, t: Thread, action: str | None) -> Exit:
-        after = t.packets
         if t.dnat is None:
-            before = after if self.mark is None else after.exists("mark")
-            return Exit(before, after, t.prob, action, False)
+            return Exit(t.packets, t.packets, t.prob, action, False, (), t.mark)
         before, consts = t.dnat
-        return Exit(before, after, t.prob, action, True, consts)
+        return Exit(before, t.packets, t.prob, action, True, consts, t.mark)
 
     # ------------------------------------------------------------------ one table
     def table(self, th: Thread, table: str, hook: str) -> list[tuple[Thread, str | None]]:
@@ -171,8 +173,7 @@ class SetWalker:
             elif isinstance(t, SetMark) and t.kind == "MARK":
                 if self.mark is None:
                     raise Unsupported(f"{rule.label}: MARK on an open mark")
-                threads = self._join(threads, [Thread(h.packets.masked_assign("mark", t.value, t.mask), h.prob,
-                                                      frozenset(((m & ~t.mask) ^ t.value) & 0xFFFFFFFF for m in h.marks))
+                threads = self._join(threads, [Thread(h.packets, h.prob, ((h.mark & ~t.mask) ^ t.value) & 0xFFFFFFFF)
                                                for h in hit])
             elif isinstance(t, Nat) and t.kind == "DNAT" and table == "nat" and hook in ("PREROUTING", "OUTPUT"):
                 out.extend((d, None) for h in hit for d in self._dnat(rule, h))
@@ -187,8 +188,9 @@ class SetWalker:
             return a
         by = {}
         for t in a + b:
-            hit = by.get(t.prob)
-            by[t.prob] = t if hit is None else Thread(hit.packets | t.packets, t.prob, hit.marks | t.marks)
+            k = (t.prob, t.mark)
+            hit = by.get(k)
+            by[k] = t if hit is None else Thread(hit.packets | t.packets, t.prob, t.mark)
         return list(by.values())
 
     def _dnat(self, rule, h: Thread) -> list:
@@ -216,25 +218,18 @@ class SetWalker:
         moved = s - to
         out = []
         if not same.is_empty():
-            out.append(Thread(same, h.prob, h.marks))
+            out.append(Thread(same, h.prob, h.mark))
         if moved.is_empty():
             return out
         consts = []
+        after = moved
         if r.addr_lo is not None:
             consts.append(("dst", r.addr_lo))
+            after = after.assign("dst", r.addr_lo)
         if r.port_lo is not None:
             consts.append(("dport", r.port_lo))
-        # one exit per mark value, so that each exit wrote constants only (Exit.consts)
-        for m in (sorted(h.marks) if self.mark is not None else (None,)):
-            part = moved if m is None or len(h.marks) == 1 else moved & sp.eq("mark", m)
-            if part.is_empty():
-                continue
-            after = part
-            for f, v in consts:
-                after = after.assign(f, v)
-            before = part if m is None else part.exists("mark")
-            out.append(Thread(after, h.prob, frozenset(() if m is None else (m,)),
-                              (before, tuple(consts) + (() if m is None else (("mark", m),)))))
+            after = after.assign("dport", r.port_lo)
+        out.append(Thread(after, h.prob, h.mark, (moved, tuple(consts))))
         return out
 
     def _has_ports(self):
@@ -249,8 +244,14 @@ class SetWalker:
         """(the threads' packets the rule matches, those it does not), per world."""
         m_set = None
         prob = 1.0
+        marks = None  # (value, mask, negated) of a -m mark decided per thread
         for m in rule.matches:
             if isinstance(m, CommentMatch):
+                continue
+            if isinstance(m, MarkMatch) and m.kind == "mark" and self.mark is not None:
+                if marks is not None:
+                    raise Unsupported(f"{rule.label}: two -m mark matches")
+                marks = (m.value, m.mask, m.negated)
                 continue
             if isinstance(m, StatisticMatch):
                 if m.mode != "random":
@@ -264,7 +265,10 @@ class SetWalker:
         for th in threads:
             inside = th.packets if m_set is None else th.packets & m_set
             outside = th.packets - inside if m_set is not None else None
-            mk = th.marks
+            mk = th.mark
+            if marks is not None and ((mk & marks[1]) == marks[0]) == marks[2]:
+                miss.append(th)  # -m mark: this thread's mark decides for all its packets
+                continue
             if prob >= 1.0:
                 if not inside.is_empty():
                     hit.append(Thread(inside, th.prob, mk))
@@ -310,9 +314,7 @@ class SetWalker:
             name = self.iif
             hit = name.startswith(m.name[:-1]) if m.name.endswith("+") else name == m.name
             return sp.universe() if hit != m.negated else sp.empty()
-        if isinstance(m, MarkMatch) and m.kind == "mark":
-            if self.mark is None:
-                raise Unsupported(f"{rule.label}: mark match on an open mark")
+        if isinstance(m, MarkMatch) and m.kind == "mark":  # an open mark: a set over the input field
             s = sp.masked("mark", m.value, m.mask)
             return ~s if m.negated else s
         if isinstance(m, OpaqueMatch) and m.module == "recent":
