@@ -25,8 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from analyzer.model.rules import (
-    AddrMatch, AddrTypeMatch, CommentMatch, IfaceMatch, IpRangeMatch, Jump, MarkMatch, Nat, OpaqueMatch,
-    OtherTarget, PortMatch, ProtoMatch, SetMark, StatisticMatch, Verdict,
+    AddrMatch, AddrTypeMatch, CommentMatch, CtStateMatch, IfaceMatch, IpRangeMatch, Jump, MarkMatch, Nat, OpaqueMatch,
+    OtherTarget, PortMatch, ProtoMatch, Reject, SetMark, StatisticMatch, Verdict,
 )
 from analyzer.netfilter import stages as STAGES
 
@@ -78,7 +78,8 @@ class SetWalker:
     `Unsupported`: the input mark would be lost)."""
 
     def __init__(self, ruleset, ns, space, family: int, iif: str | None, mark: int | None,
-                 backend: str | None = None):
+                 backend: str | None = None, *, oif: str | None = None, ctstates: frozenset | None = None,
+                 effects: bool = True):
         self.rs = ruleset
         self.ns = ns
         self.space = space
@@ -89,6 +90,12 @@ class SetWalker:
         self._sets: dict = {}
         self._ports: dict = {}
         self.recent_assumed = False  # a -m recent match was decided under walk.RECENT_ASSUMPTION
+        # what a table summary (symbolic.RecordingWalker) knows of the packets for sure: the
+        # output interface, the conntrack states the rules see; ``effects`` False: a rule that
+        # would change a packet (MARK, DNAT) or split the world (statistic) is Unsupported
+        self.oif = oif
+        self.ctstates = ctstates
+        self.effects = effects
 
     # ------------------------------------------------------------------ the hook
     def hook(self, universe, hook: str, ct_in_use: bool) -> list[Exit]:
@@ -163,6 +170,8 @@ class SetWalker:
                     back.extend(ret)  # a RETURN from a goto'd chain returns from this one
                 else:
                     threads = self._join(threads, ret)
+            elif isinstance(t, Reject):
+                out.extend((h, f"REJECT {t.with_}") for h in hit)
             elif isinstance(t, Verdict):
                 if t.verdict == "RETURN":
                     back.extend(hit)
@@ -170,12 +179,13 @@ class SetWalker:
                     out.extend((h, None if t.verdict == "ACCEPT" else "DROP") for h in hit)
                 else:
                     raise Unsupported(f"{rule.label}: verdict {t.verdict}")
-            elif isinstance(t, SetMark) and t.kind == "MARK":
+            elif isinstance(t, SetMark) and t.kind == "MARK" and self.effects:
                 if self.mark is None:
                     raise Unsupported(f"{rule.label}: MARK on an open mark")
                 threads = self._join(threads, [Thread(h.packets, h.prob, ((h.mark & ~t.mask) ^ t.value) & 0xFFFFFFFF)
                                                for h in hit])
-            elif isinstance(t, Nat) and t.kind == "DNAT" and table == "nat" and hook in ("PREROUTING", "OUTPUT"):
+            elif isinstance(t, Nat) and t.kind == "DNAT" and table == "nat" and hook in ("PREROUTING", "OUTPUT") \
+                    and self.effects:
                 out.extend((d, None) for h in hit for d in self._dnat(rule, h))
             else:
                 raise Unsupported(f"{rule.label}: target {getattr(t, 'name', type(t).__name__)}")
@@ -254,7 +264,7 @@ class SetWalker:
                 marks = (m.value, m.mask, m.negated)
                 continue
             if isinstance(m, StatisticMatch):
-                if m.mode != "random":
+                if m.mode != "random" or not self.effects:
                     raise Unsupported(f"{rule.label}: statistic {m.mode}")
                 p = m.probability
                 prob *= (1 - p) if m.negated else p
@@ -309,14 +319,16 @@ class SetWalker:
         if isinstance(m, IfaceMatch):
             if m.direction == "out" and hook in ("PREROUTING", "INPUT"):
                 return sp.empty() if not m.negated else sp.universe()  # no output interface yet
-            if m.direction != "in" or self.iif is None:
+            name = self.iif if m.direction == "in" else self.oif
+            if name is None:
                 raise Unsupported(f"{rule.label}: interface match on an open or unknown interface")
-            name = self.iif
             hit = name.startswith(m.name[:-1]) if m.name.endswith("+") else name == m.name
             return sp.universe() if hit != m.negated else sp.empty()
         if isinstance(m, MarkMatch) and m.kind == "mark":  # an open mark: a set over the input field
             s = sp.masked("mark", m.value, m.mask)
             return ~s if m.negated else s
+        if isinstance(m, CtStateMatch) and self.ctstates is not None:
+            return sp.universe() if bool(self.ctstates & m.states) != m.negated else sp.empty()
         if isinstance(m, OpaqueMatch) and m.module == "recent":
             # as the walk decides it for a connection's first packet (walk.RECENT_ASSUMPTION):
             # a client the list has not seen; --set matches, the checks find no entry

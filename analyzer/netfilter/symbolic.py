@@ -305,6 +305,94 @@ class RecordingWalker(Walker):
     #: is lost: `_where`)
     _names_rules = True
 
+    #: set by the fate exploration (symbolic.explain_fate): a table traversal the set walk
+    #: follows is decided for all packets at once, one noted decision per way out (`_summary`)
+    summaries = False
+
+    def run_table(self, br, table: str, hook: str):
+        if self.summaries:
+            got = self._summary(br, table, hook)
+            if got is not None:
+                return got
+        return super().run_table(br, table, hook)
+
+    def _summary(self, br, table: str, hook: str):
+        """A table traversal decided as a whole: the set walk (netfilter/setwalk.py) splits
+        every packet of the family by how it leaves the table (accepted, dropped, rejected), the
+        walk notes "the packet is in the witness's part" (one decision, however many rules
+        tell the packets apart), and the witness itself is walked concretely for its trace.
+        Packets that leave the same way are then one class, not one per rule crossed: what
+        grouping by fate needs (a path signature would differ inside the class). Only for a
+        packet whose header fields are the explored input fields or constants (then fixed in
+        the sets and quantified out of the decision), with a fixed output interface; None when
+        the walk must go rule by rule (setwalk.Unsupported, or the packet does not qualify)."""
+        from analyzer.engine import concolic
+        from analyzer.engine.concolic import Ghost
+        from analyzer.netfilter.setwalk import SetWalker, Thread, Unsupported
+
+        rec = active()
+        if rec is None or rec.values is None or self.rs.chain(table, hook) is None:
+            return None
+        p = br.pkt
+        pins = []
+        for f in ("proto", "src", "dst", "sport", "dport"):
+            v = getattr(p, f)
+            sym = is_sym(v)
+            if sym is None:
+                if v is not None:
+                    pins.append((f, v))
+            elif type(sym) is not SymInt or isinstance(sym, Ghost) or sym.field != f \
+                    or sym.keep != (1 << sym.width) - 1 or sym.xor:
+                return None
+        mark = p.mark
+        msym = is_sym(mark)
+        if msym is not None and (type(msym) is not SymInt or msym.field != "mark"
+                                 or msym.keep != 0xFFFFFFFF or msym.xor):
+            return None
+        if isinstance(p.iif, SymStr) or isinstance(p.oif, SymStr):
+            return None
+        self._table = table
+        ctstates = frozenset(self._ctstates(br))
+        key = (table, hook, tuple(pins), None if msym is not None else int(mark), p.iif, p.oif, ctstates,
+               p.family, br.reply, bool(br.ct.confirmed))
+        cache = self.__dict__.setdefault("_summaries", {})
+        hit = cache.get(key)
+        if hit is None or hit[0] is not rec.space:
+            sp = rec.space
+            try:
+                sw = SetWalker(self.rs, self.ns, sp, p.family, p.iif, None if msym is not None else int(mark),
+                               self.backend, oif=p.oif, ctstates=ctstates, effects=False)
+                u = sp.family(p.family)
+                for f, v in pins:
+                    u = u & sp.eq(f, v)
+                ways: dict = {}
+                for t, action in sw.table(Thread(u, 1.0, sw.mark), table, hook):
+                    ways[action] = ways[action] | t.packets if action in ways else t.packets
+                fixed = [f for f, _ in pins]
+                hit = (sp, {a: (s.exists(fixed) if fixed else s) for a, s in ways.items()}, sw.recent_assumed)
+            except Unsupported:
+                hit = (sp, None, False)
+            cache[key] = hit
+        ways = hit[1]
+        if ways is None:
+            return None
+        action = next((a for a, s in ways.items() if s.contains_values(rec.values)), False)
+        if action is False:
+            return None  # the witness is in no part: cannot happen; walk rule by rule
+        if hit[2]:
+            self.recent_assumed = True
+        rec.note(ways[action], True, large=True)
+        saved, concolic._ACTIVE = concolic._ACTIVE, None  # the witness's own trace, nothing noted
+        try:
+            out = super().run_table(br, table, hook)
+        finally:
+            concolic._ACTIVE = saved
+        want = None if action is None else "dropped" if action == "DROP" else \
+            "rejected" if action.startswith("REJECT") else action.lower()
+        if len(out) != 1 or out[0].disposition != want:
+            rec.lose(f"internal: {table} {hook} ends the witness {[b.disposition for b in out]}, its part {want}")
+        return out
+
     def _nat(self, rule, br, table: str, hook: str) -> str:
         t = rule.target
         if not isinstance(t, Netmap):
