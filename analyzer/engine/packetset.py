@@ -918,6 +918,27 @@ class PacketSet:
             node = sp._exist(sp._vars[field], self._node)
         return self._new(node & sp._build([sp._spec_eq(field, value)]))
 
+    def assign_all(self, pairs) -> PacketSet:
+        """`assign` of several fields at once (``((field, value), ...)``, no ``family``): one
+        quantification, one AND (what a DNAT to ``address:port`` writes).
+
+        >>> sp = PacketSpace()
+        >>> s = sp.where(proto=6, dst="10.96.0.1", dport=80)
+        >>> two = (("dst", ipaddress.ip_address("10.244.0.5")), ("dport", 8080))
+        >>> s.assign_all(two) == s.assign("dst", two[0][1]).assign("dport", 8080)
+        True
+        """
+        sp = self._space
+        names: list = []
+        node = self._node
+        for field, value in pairs:
+            if field in ADDRESS_FIELDS and isinstance(value, ipaddress.IPv4Address):
+                names += sp._vars[field][96:]  # only IPv4 packets keep; their high bits are free
+                node = node & sp._fam[4]
+            else:
+                names += sp._vars[field]
+        return self._new(sp._exist(tuple(names), node) & sp._build([sp._spec_eq(f, v) for f, v in pairs]))
+
     def assign_range(self, field: str, lo: int | str | IPAddress, hi: int | str | IPAddress) -> PacketSet:
         """The image of rewriting ``field`` to any value in ``lo..hi`` (a translation range)."""
         sp = self._space

@@ -214,32 +214,26 @@ class SetWalker:
             raise Unsupported(f"{rule.label}: DNAT to a range")
         if r.addr_lo is not None and r.addr_lo.version != self.family:
             raise Unsupported(f"{rule.label}: DNAT to another family")
-        sp = self.space
         s = h.packets
-        to = sp.universe()
-        if r.addr_lo is not None:
-            to = to & sp.eq("dst", r.addr_lo)
-        if r.port_lo is not None:
+        if r.port_lo is not None and not (s - self._has_ports()).is_empty():
             # a packet without ports keeps none (pick_port of no port): only port protocols
-            if not (s - self._has_ports()).is_empty():
-                raise Unsupported(f"{rule.label}: DNAT with a port of packets without ports")
-            to = to & sp.eq("dport", r.port_lo)
-        same = s & to
-        moved = s - to
-        out = []
-        if not same.is_empty():
-            out.append(Thread(same, h.prob, h.mark))
-        if moved.is_empty():
-            return out
+            raise Unsupported(f"{rule.label}: DNAT with a port of packets without ports")
         consts = []
-        after = moved
         if r.addr_lo is not None:
             consts.append(("dst", r.addr_lo))
-            after = after.assign("dst", r.addr_lo)
         if r.port_lo is not None:
             consts.append(("dport", r.port_lo))
-            after = after.assign("dport", r.port_lo)
-        out.append(Thread(after, h.prob, h.mark, (moved, tuple(consts))))
+        consts = tuple(consts)
+        same = s & self.space.where(**{f: v for f, v in consts}) if consts else s  # already sent there
+        out = []
+        moved = s
+        if not same.is_empty():
+            out.append(Thread(same, h.prob, h.mark))
+            moved = s - same
+            if moved.is_empty():
+                return out
+        after = moved.assign_all(consts) if consts else moved
+        out.append(Thread(after, h.prob, h.mark, (moved, consts)))
         return out
 
     def _has_ports(self):
@@ -271,14 +265,15 @@ class SetWalker:
                 continue
             s = self._match_set(m, rule, hook)
             m_set = s if m_set is None else m_set & s
+        narrows = m_set is not None
         hit, miss = [], []
         for th in threads:
-            inside = th.packets if m_set is None else th.packets & m_set
-            outside = th.packets - inside if m_set is not None else None
             mk = th.mark
             if marks is not None and ((mk & marks[1]) == marks[0]) == marks[2]:
                 miss.append(th)  # -m mark: this thread's mark decides for all its packets
                 continue
+            inside = th.packets if m_set is None else th.packets & m_set
+            outside = th.packets - inside if narrows else None
             if prob >= 1.0:
                 if not inside.is_empty():
                     hit.append(Thread(inside, th.prob, mk))
