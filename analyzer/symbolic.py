@@ -263,6 +263,15 @@ def explain_fate(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 
 
 
 def _fate_groups(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, limit, progress, described):
+    _PINS.clear()
+    try:
+        return _fate_groups_(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, limit, progress,
+                             described)
+    finally:
+        _PINS.clear()
+
+
+def _fate_groups_(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, limit, progress, described):
     from dataclasses import replace
 
     from analyzer.engine.concolic import ghost_address, Ghost
@@ -380,18 +389,45 @@ def _ended_as(key, outcomes) -> bool:
 
 
 def _after(exits, space):
-    """The packets leaving the hook by ``exits``, their marks included."""
-    by_mark: dict = {}
+    """The packets leaving the hook by ``exits``, their marks included. Translated exits are
+    taken together, over-approximated: per mark and set of rewritten fields, every address
+    and port written with every packet's other fields (the union of the exact images, one
+    per exit, would be a BDD of ~900,000 nodes for 28,000 endpoints, and every exploration
+    step on it slow). Packets of the over-approximation that no exit makes are explored too,
+    harmlessly: a class holds for all its packets, and `_before` counts only real images."""
+    by: dict = {}
     for e in exits:
-        by_mark.setdefault(e.mark, []).append(e.after)
-    return space.union(space.union(sets) if m is None else space.union(sets) & space.eq("mark", m)
-                       for m, sets in by_mark.items())
+        if e.after is not None:
+            by.setdefault((e.mark, None), []).append(e.after)
+        else:
+            by.setdefault((e.mark, tuple(f for f, _ in e.consts)), []).append(e)
+    out = []
+    for (m, fields), es in by.items():
+        if fields is None:
+            got = _union(es)
+        else:
+            pins = _union([_pins(e, space) for e in es])
+            got = pins & _union([e.before for e in es]).exists(fields)
+        out.append(got if m is None else got & space.eq("mark", m))
+    return _union(out) if out else space.empty()
+
+
+def _union(sets):
+    """The OR of many sets, pairwise (for tens of thousands, ~1.5x faster than a left fold)."""
+    sets = list(sets)
+    if not sets:
+        raise ValueError("no sets")
+    while len(sets) > 1:
+        sets = [sets[i] | sets[i + 1] if i + 1 < len(sets) else sets[i] for i in range(0, len(sets), 2)]
+    return sets[0]
 
 
 def _before(exits, packets, mark, translated: bool):
     """The input packets whose way out of the hook (one of ``exits``) lands in ``packets``: an
     exit's packets leave with its mark (Exit.mark) and, translated, with the constants its DNAT
-    wrote (Exit.consts); every other field is the input's own."""
+    wrote (Exit.consts); every other field is the input's own: the part of ``packets`` with
+    those constants (``packets & pins``, the constants' fields quantified out) meets the
+    exit's input packets."""
     sp = packets.space
     sel: dict = {}
     parts = []
@@ -399,16 +435,48 @@ def _before(exits, packets, mark, translated: bool):
         s = sel.get(e.mark)
         if s is None:
             s = sel[e.mark] = packets if e.mark is None else packets.restrict("mark", e.mark)
-        hit = e.after & s
-        if hit.is_empty():
+        if s.is_empty():
             continue
-        if not translated or hit == e.after:
-            parts.append(e.before if translated else hit)
-            continue
+        if not translated:
+            hit = e.after & s
+        else:
+            pinned = s & _pins(e, sp)
+            if pinned.is_empty():
+                continue
+            hit = e.before & sp._set(sp._exist(_pin_vars(e, sp), pinned.node))
+        if not hit.is_empty():
+            parts.append(hit)
+    return _union(parts) if parts else sp.empty()
+
+
+def _pins(e, sp):
+    """The packets with exit ``e``'s DNAT constants (kept on the exit: asked once per fate)."""
+    hit = e.__dict__.get("_pins") if hasattr(e, "__dict__") else None
+    if hit is None:
+        hit = _PINS.get(id(e))
+        if hit is None or hit[0] is not e:
+            hit = _PINS[id(e)] = (e, sp.where(**dict(e.consts)))
+        return hit[1]
+    return hit
+
+
+#: exit -> (exit, its pins), for the exits of the flow being explained (cleared per flow)
+_PINS: dict = {}
+
+
+def _pin_vars(e, sp) -> tuple:
+    """The BDD variables a DNAT's constants fix (an IPv4 address: its low 32 bits)."""
+    key = tuple(f for f, _ in e.consts)
+    hit = _PIN_VARS.get((key, id(sp)))
+    if hit is None:
+        names: list = []
         for f, v in e.consts:
-            hit = hit.restrict(f, v)
-        parts.append(e.before & hit)
-    return sp.union(parts)
+            names += sp._vars[f][96:] if f in ("src", "dst") and getattr(v, "version", 6) == 4 else sp._vars[f]
+        hit = _PIN_VARS[(key, id(sp))] = tuple(names)
+    return hit
+
+
+_PIN_VARS: dict = {}
 
 
 def _explore_protos(universe, make, walk, limit, prefer, fixed, spec, progress):

@@ -59,7 +59,9 @@ class Exit:
     mark, which is ``mark`` for all of them (None: the mark is an open input field, unchanged,
     in ``after``), ``prob`` the share of their connections that go this way, ``action``: None
     (the packet goes on) or how it ended ("DROP", "REJECT ..."); ``dnat``: whether a DNAT
-    changed the destination on the way, ``consts`` what it wrote ((field, value), ...)."""
+    changed the destination on the way, ``consts`` what it wrote ((field, value), ...): then
+    ``after`` is None, the packets being ``before`` with those fields rewritten
+    (``before.assign_all(consts)``, not built: the caller takes them together)."""
 
     before: object
     after: object
@@ -132,7 +134,7 @@ class SetWalker:
         if t.dnat is None:
             return Exit(t.packets, t.packets, t.prob, action, False, (), t.mark)
         before, consts = t.dnat
-        return Exit(before, t.packets, t.prob, action, True, consts, t.mark)
+        return Exit(before, None, t.prob, action, True, consts, t.mark)
 
     # ------------------------------------------------------------------ one table
     def table(self, th: Thread, table: str, hook: str) -> list[tuple[Thread, str | None]]:
@@ -232,8 +234,9 @@ class SetWalker:
             moved = s - same
             if moved.is_empty():
                 return out
-        after = moved.assign_all(consts) if consts else moved
-        out.append(Thread(after, h.prob, h.mark, (moved, consts)))
+        # the translated packets are not built here: Exit.consts says what they are (the
+        # caller takes them together, symbolic.explain_fate)
+        out.append(Thread(moved, h.prob, h.mark, (moved, consts)))
         return out
 
     def _has_ports(self):
