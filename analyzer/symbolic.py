@@ -249,7 +249,10 @@ def explain_fate(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 
         walker = RecordingWalker(ruleset, nsw)
         walker.summaries = True
         mark = None if "mark" in spec.open else int(t.mark or 0)
-        sw = SetWalker(ruleset, ns, space, 4, t.iif, mark, walker.backend)
+        icmp = (t.icmp_type, t.icmp_code or 0) if "proto" not in spec.open and t.proto in (1, 58) \
+            and t.icmp_type is not None else (8, 0)  # an open protocol's ICMP witnesses: echo request
+        sw = SetWalker(ruleset, ns, space, 4, t.iif, mark, walker.backend,
+                       tcp_flags=int(t.tcp_flags or 0), icmp=icmp)
         try:
             exits = sw.hook(universe, "PREROUTING", walker.ct_in_use)
         except Unsupported:
@@ -308,7 +311,8 @@ def _fate_groups_(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, 
             return explain_flow(ruleset, pkt, nsw, walker=walker, resume=Branch(pkt, ct, [], 1.0, []))
 
         fixed = {f: (int(getattr(t, f)) if f in ("src", "dst") else getattr(t, f))
-                 for f in ("src", "sport", "proto") if f not in spec.open and getattr(t, f) is not None}
+                 for f in ("src", "dst", "sport", "dport", "proto")
+                 if f not in after_open[translated] and getattr(t, f) is not None}
         return _explore_protos(q[translated], make, walk, budget, prefer, fixed, spec,
                                None if progress is None else (lambda n: progress(base + n)))
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from analyzer.model.rules import (
-    AddrMatch, AddrTypeMatch, CommentMatch, CtStateMatch, IfaceMatch, IpRangeMatch, Jump, MarkMatch, Nat, OpaqueMatch,
-    OtherTarget, PortMatch, ProtoMatch, Reject, SetMark, StatisticMatch, Verdict,
+    AddrMatch, AddrTypeMatch, CommentMatch, CtStateMatch, IcmpMatch, IfaceMatch, IpRangeMatch, Jump, MarkMatch, Nat,
+    OpaqueMatch, OtherTarget, PortMatch, ProtoMatch, Reject, SetMark, StatisticMatch, TcpFlagsMatch, Verdict,
 )
 from analyzer.netfilter import stages as STAGES
 
@@ -81,7 +81,7 @@ class SetWalker:
 
     def __init__(self, ruleset, ns, space, family: int, iif: str | None, mark: int | None,
                  backend: str | None = None, *, oif: str | None = None, ctstates: frozenset | None = None,
-                 effects: bool = True):
+                 effects: bool = True, tcp_flags: int | None = None, icmp: tuple | None = None):
         self.rs = ruleset
         self.ns = ns
         self.space = space
@@ -98,6 +98,10 @@ class SetWalker:
         self.oif = oif
         self.ctstates = ctstates
         self.effects = effects
+        # the flow's fixed TCP flags, and ICMP (type, code) of its ICMP packets: --tcp-flags and
+        # --icmp-type are then decided once (None: not known, Unsupported)
+        self.tcp_flags = tcp_flags
+        self.icmp = icmp
 
     # ------------------------------------------------------------------ the hook
     def hook(self, universe, hook: str, ct_in_use: bool) -> list[Exit]:
@@ -157,13 +161,15 @@ class SetWalker:
         for rule in chain.rules:
             if not threads:
                 break
+            t = rule.target
+            if t is None or (isinstance(t, OtherTarget) and not t.terminating):
+                # no target, LOG and the like: every packet goes on as it was, matched or not
+                # (the walk changes nothing for them either): what the rule matches is moot
+                continue
             hit, threads = self._split(rule, threads, hook)
             if not hit:
                 continue
-            t = rule.target
-            if t is None or (isinstance(t, OtherTarget) and not t.terminating):
-                threads = self._join(threads, hit)  # LOG and the like: every packet goes on
-            elif isinstance(t, Jump):
+            if isinstance(t, Jump):
                 callee = self.rs.chain(table, t.chain)
                 if callee is None:
                     raise Unsupported(f"{rule.label}: jump to undefined chain {t.chain}")
@@ -325,6 +331,15 @@ class SetWalker:
         if isinstance(m, MarkMatch) and m.kind == "mark":  # an open mark: a set over the input field
             s = sp.masked("mark", m.value, m.mask)
             return ~s if m.negated else s
+        if isinstance(m, TcpFlagsMatch) and self.tcp_flags is not None:
+            # walk._match: only a TCP packet matches (negated or not), by its flags
+            hit = ((self.tcp_flags & m.mask) == m.comp) != m.negated
+            return sp.eq("proto", 6) if hit else sp.empty()
+        if isinstance(m, IcmpMatch) and self.icmp is not None:
+            t, c = self.icmp
+            hit = m.type is None or (t == m.type and (m.code is None or c == m.code))
+            icmp = sp.eq("proto", 1) | sp.eq("proto", 58)
+            return icmp if hit != m.negated else sp.empty()
         if isinstance(m, CtStateMatch) and self.ctstates is not None:
             return sp.universe() if bool(self.ctstates & m.states) != m.negated else sp.empty()
         if isinstance(m, OpaqueMatch) and m.module == "recent":

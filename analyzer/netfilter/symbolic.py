@@ -354,14 +354,17 @@ class RecordingWalker(Walker):
         self._table = table
         ctstates = frozenset(self._ctstates(br))
         key = (table, hook, tuple(pins), None if msym is not None else int(mark), p.iif, p.oif, ctstates,
-               p.family, br.reply, bool(br.ct.confirmed))
+               p.family, br.reply, bool(br.ct.confirmed), p.tcp_flags, p.icmp_type, p.icmp_code)
         cache = self.__dict__.setdefault("_summaries", {})
         hit = cache.get(key)
         if hit is None or hit[0] is not rec.space:
             sp = rec.space
             try:
+                flags, it, ic = p.tcp_flags, p.icmp_type, p.icmp_code
                 sw = SetWalker(self.rs, self.ns, sp, p.family, p.iif, None if msym is not None else int(mark),
-                               self.backend, oif=p.oif, ctstates=ctstates, effects=False)
+                               self.backend, oif=p.oif, ctstates=ctstates, effects=False,
+                               tcp_flags=int(flags) if type(flags) is int else None,
+                               icmp=(it, ic or 0) if type(it) is int and type(ic or 0) is int else None)
                 u = sp.family(p.family)
                 for f, v in pins:
                     u = u & sp.eq(f, v)
