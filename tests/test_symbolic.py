@@ -331,7 +331,7 @@ def test_open_flow_limits_are_said_in_text_and_json(tmp_path):
     # JSON: every group traced by default, the same summary as the text, one group per line
     rc, out, err = run(base + ["-o", "json"])
     doc = json.loads(out)
-    assert doc["schema_version"] == "1.1" and doc["complete"] and doc["classes"] == total
+    assert doc["schema_version"] == "1.2" and doc["complete"] and doc["classes"] == total
     assert doc["groups_traced"] == len(doc["groups"]) and all("explain" in g and g["packets"] for g in doc["groups"])
     assert sum(s["classes"] for s in doc["summary"]) == total == sum(g["classes"] for g in doc["groups"])
     text_summary = [line for line in run(base)[1].splitlines() if " class(es) in " in line]
@@ -482,7 +482,7 @@ def test_open_sources_without_a_route_back_are_one_class(tmp_path):
     dump.write_text("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n")
     base = ["explain", str(dump), "--from-iface", "eth1", "--addr", "192.168.0.2/24@eth0", "--max-classes", "50"]
     rc, out, err = run(base + ["--flow", "tcp 10.9.0.0/16 -> 192.168.0.5:80"])
-    assert rc == 0 and "1 distinct outcome group(s) over 1 class(es)" in out and "src 10.9.0.0/16" in out, out
+    assert rc == 0 and "1 group(s) by fate over 1 class(es)" in out and "src 10.9.0.0/16" in out, out
     assert "client sees tcp 192.168.0.5:80 -> 10.9.0.1:40000 (as dialled)" in out
     rc, out, err = run(base + ["--flow", "tcp 10.9.0.0/16 -> 10.9.0.0/24:80"])
     assert "stopped at the limit" not in out and "the destination may be the client's own address" in out, out
