@@ -381,7 +381,9 @@ def _fate_groups_(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, 
     groups = []
     # most classes first (a group's packet count would cost a walk of its BDD, seconds for
     # the union of 10,000 services), then by their fates
-    size = {key: sum(1 for tr in (False, True) for c in classes[tr] if _fates_of(c) in key) for key in parts}
+    size = {key: sum(1 for tr in (False, True) for c in classes[tr] if _fates_of(c) in key)
+            + sum(1 for e in ended if (("ended", e.action),) in key)  # the ways the hook ended them
+            for key in parts}
     for key, packets in sorted(parts.items(), key=lambda kv: (-size[kv[0]], repr(sorted(kv[0], key=repr)))):
         v = packets.pick(prefer)
         w = _plain(witness(spec, v, space))
