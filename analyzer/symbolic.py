@@ -283,8 +283,7 @@ def fate_refused(spec: FlowSpec, local: bool = False) -> str | None:
     given = sorted(f for f in ("ctstate", "connmark", "tcp_flags") if f in spec.open or getattr(spec, f))
     if given or (t.proto == 6 and t.tcp_flags != 0x02):
         what = ", ".join({"tcp_flags": "flags"}.get(f, f) for f in given) or "flags"
-        return (f"the flow is not (only) a connection's first packet ({what} given or open); fate "
-                "grouping covers a connection's first packet")
+        return f"fate grouping covers a connection's first packet, and this flow gives or opens {what}"
     return None
 
 
