@@ -443,3 +443,18 @@ def test_open_flow_fate_fallback_reasons(argv, why):
     rc, out, err = run(["explain", *argv])
     assert rc in (0, 1) and "Traceback" not in err, err
     assert out.splitlines()[2] == f"grouped by rules crossed, not by fate: {why}", out
+
+
+def test_a_fate_group_failing_its_check_is_said_and_grouped_by_path(monkeypatch):
+    """FateMismatch (a group's witness ending otherwise than its group: a bug) is no traceback:
+    the rules-crossed grouping, which does not depend on it, is printed with the reason."""
+    import analyzer.symbolic as symbolic
+
+    def broken(*a, **kw):
+        raise symbolic.FateMismatch("the witness tcp 10.1.1.1:40000 -> 10.96.0.10:80 ends ...")
+    monkeypatch.setattr(symbolic, "explain_fate", broken)
+    rc, out, err = run(KP_NODE + ["--from-iface", "eth0"])
+    assert rc == 0 and err == "", err
+    assert out.splitlines()[1] == "2 group(s) by rules crossed over 8 class(es) of packets"
+    assert out.splitlines()[2].startswith("grouped by rules crossed, not by fate: the fate grouping failed its own "
+                                          "check, a bug in synack (please report it): the witness tcp 10.1.1.1")
