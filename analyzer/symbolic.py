@@ -615,21 +615,26 @@ def describe(packets, spec: FlowSpec, space) -> str:
     """The open fields of ``packets`` as ranges and prefixes (``src 10.0.0.0/8; dport 80``).
     Each field is listed on its own: a group is not always every combination of them. A part
     of the flow whose every field on its own takes every value the flow allows (every protocol
-    and port but TCP port 80) is said by what it leaves out:
-    ``every packet of the flow except: proto tcp; dport 80``."""
+    and port but TCP port 80) is said by what it leaves out, when that is every combination of
+    its fields (``every packet of the flow except: proto tcp; dport 80``), else as the packets
+    no other group holds (the rest said field by field would leave out packets it holds)."""
     flow = flow_set(space, spec)
+    fields = [f for f in spec.open if f in space.fields]
     text = _fields_text(packets, spec, space)
-    if text and any(packets.project(f) != flow.project(f) for f in spec.open if f in space.fields):
+    if text and any(packets.project(f) != flow.project(f) for f in fields):
         return text
     rest = flow - packets
     if rest.is_empty():
         return "every packet of the flow"
-    # the fields the rest takes every value of say nothing about it
-    other = _fields_text(rest, spec, space, {f for f in spec.open if f in space.fields
-                                             and rest.project(f) == flow.project(f)})
-    if other:
-        return f"every packet of the flow except: {other}"
-    return "some packets of the flow (no field on its own tells them from the others: see the witness)"
+    box = flow
+    for f in fields:
+        box = box & rest.project(f)
+    if box == rest:
+        # the fields the rest takes every value of say nothing about it
+        other = _fields_text(rest, spec, space, {f for f in fields if rest.project(f) == flow.project(f)})
+        if other:
+            return f"every packet of the flow except: {other}"
+    return "every packet of the flow that no other group holds"
 
 
 def _fields_text(packets, spec: FlowSpec, space, skip=frozenset()) -> str:

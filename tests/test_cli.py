@@ -458,3 +458,30 @@ def test_a_fate_group_failing_its_check_is_said_and_grouped_by_path(monkeypatch)
     assert out.splitlines()[1] == "2 group(s) by rules crossed over 8 class(es) of packets"
     assert out.splitlines()[2].startswith("grouped by rules crossed, not by fate: the fate grouping failed its own "
                                           "check, a bug in synack (please report it): the witness tcp 10.1.1.1")
+
+
+TWO_SERVICES = """*nat
+:PREROUTING ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+-A PREROUTING -d 10.96.0.1/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.2.2:8080
+-A PREROUTING -d 10.96.0.2/32 -p tcp -m tcp --dport 443 -j DNAT --to-destination 10.0.2.3:8443
+COMMIT
+"""
+
+
+def test_a_group_that_is_the_rest_of_the_flow_is_said_as_such(tmp_path):
+    """Every field of the untranslated group takes every value the flow allows: it is said by
+    what it leaves out when that is exact (kubeproxy-node: one service port), and as the packets
+    no other group holds when the rest, field by field, would also leave out some of its own
+    (10.96.0.1:443 is neither service here, yet dst 10.96.0.1 and dport 443 are the rest's)."""
+    dump = tmp_path / "two.rules"
+    dump.write_text(TWO_SERVICES)
+    rc, out, err = run(["explain", str(dump), "--flow", "10.0.1.2 -> 10.96.0.0/30", "--from-iface", "eth0",
+                        "--addr", "10.0.1.1/24@eth0", "--addr", "10.0.2.1/24@eth1"])
+    assert rc == 0, err
+    assert out.splitlines()[1].startswith("2 group(s) by fate over ")
+    groups = _groups(out)
+    assert "every packet of the flow that no other group holds" in groups
+    assert not any(g.startswith("every packet of the flow except") for g in groups)
+    rc, out, err = run(KP_NODE + ["--from-iface", "eth0"])
+    assert "every packet of the flow except: proto tcp; dport 80" in _groups(out)
