@@ -185,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open flows: the traces of the first N outcome groups (0: all; default "
                         f"{DEFAULT_SHOWN_GROUPS} in text, all in JSON); the summary counts every group, the "
                         "text says how many are not shown, JSON lists the others without trace")
+    p.add_argument("--group-by", choices=["fate", "path"], default="fate",
+                   help="open flows: group the packets by fate (default: how the first packet ends, "
+                        "translated or not, how the reply ends and whether it comes back as dialled; "
+                        "where it does not apply the output says why and groups by path) or by path "
+                        "(the rules crossed)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (otherwise shown on stderr for a long open flow on a terminal)")
     p.add_argument("--env", metavar="ENV.yaml", help="follow the flow across the namespaces of an environment")
@@ -850,7 +855,7 @@ def cmd_explain_open(args, res, spec) -> int:
     from analyzer.netfilter.env import EnvError
     from analyzer.report.explain_json import write_open
     from analyzer.report.terminal import progress
-    from analyzer.symbolic import describe, explain_open, render_groups
+    from analyzer.symbolic import FateMismatch, describe, explain_open, render_groups
 
     try:
         ns = build_namespace(args)
@@ -868,8 +873,16 @@ def cmd_explain_open(args, res, spec) -> int:
     shown = None if show == 0 else show
     # a bar on stderr while a person watches (terminal.progress): classes explored, against the limit
     with progress(args.max_classes, "explain: classes", enabled=text and not args.no_progress) as bar:
-        result = explain_open(res.ruleset, spec, ns, local=args.local, limit=args.max_classes,
-                              progress=lambda n: bar(f"{n:,}"), described=shown)
+        def explore(by: str):
+            return explain_open(res.ruleset, spec, ns, local=args.local, limit=args.max_classes,
+                                progress=lambda n: bar(f"{n:,}"), described=shown, by=by)
+        try:
+            result = explore(args.group_by)
+        except FateMismatch as e:
+            # a fate group's witness did not end as its group says: the grouping is wrong, the
+            # rules-crossed one is still right; say so rather than print a traceback
+            result = explore("path")
+            result.fallback = f"the fate grouping failed its own check, a bug in synack (please report it): {e}"
     groups, complete = result.groups, result.complete
     from analyzer.explain import report_late_errors
     report_late_errors(res)
@@ -882,7 +895,8 @@ def cmd_explain_open(args, res, spec) -> int:
         write_open(sys.stdout, spec, result, found, shown, local=args.local)
     else:
         write(render_groups(spec, groups, complete, where, shown, args.max_classes,
-                            result.unexplained_example(spec), found))
+                            result.unexplained_example(spec), found, by=result.by,
+                            fallback=result.fallback, classes=result.classes))
         with_findings = [(g, ds) for g, ds in zip(groups, found) if ds]
         for g, ds in with_findings[:shown]:
             if not g.description:

@@ -155,6 +155,7 @@ class OpenResult:
     rest: object
     space: object
     by: str = "path"  # how the packets are grouped: "path" (rules crossed) or "fate" (explain_fate)
+    fallback: str | None = None  # fate was asked but did not apply: why (then ``by`` is "path")
 
     @property
     def complete(self) -> bool:
@@ -172,10 +173,13 @@ def explain_open(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 
     """`explain_open_flow` with the count of classes and the unexplained rest. ``by``: "fate"
     groups the packets by what happens to them (`explain_fate`, where it applies; else as
     "path"), "path" by the rules they cross (one group per outcome signature)."""
+    fallback = None
     if by == "fate":
-        res = explain_fate(ruleset, spec, ns, local, limit, progress, described)
+        why: list = []
+        res = explain_fate(ruleset, spec, ns, local, limit, progress, described, why)
         if res is not None:
             return res
+        fallback = why[0] if why else "fate grouping does not apply to this flow"
     assumed: list = []
     classes, rest, space = explain_classes(ruleset, spec, ns, local, limit, assumed, progress)
     groups: dict = {}
@@ -194,7 +198,7 @@ def explain_open(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 
         g.description = describe(g.packets, spec, space)
     for g in result:
         g.assumes = list(assumed)
-    return OpenResult(result, len(classes), limit, rest, space)
+    return OpenResult(result, len(classes), limit, rest, space, fallback=fallback)
 
 
 # ------------------------------------------------------------------------------------------
@@ -213,7 +217,7 @@ class FateMismatch(RuntimeError):
 
 
 def explain_fate(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 20000,
-                 progress=None, described: int | None = None) -> "OpenResult | None":
+                 progress=None, described: int | None = None, why: list | None = None) -> "OpenResult | None":
     """The packets of ``spec`` grouped by fate (`fate` of each of their outcomes), or None when
     this exploration does not apply (the caller explores path by path).
 
@@ -230,13 +234,16 @@ def explain_fate(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 
 
     Applies to a flow arriving on an interface (not ``--local``), IPv4, a connection's first
     packet (no conntrack state, connmark or TCP flags given or open) with a fixed input
-    interface, and rules the set walk follows exactly (setwalk.Unsupported otherwise)."""
+    interface, and rules the set walk follows exactly (setwalk.Unsupported otherwise). When
+    it returns None, ``why`` (a list) gets the reason, in a user's words."""
     from analyzer.netfilter.setwalk import SetWalker, Unsupported
 
-    t = spec.template
-    if local or t.family != 4 or not t.iif or spec.open & {"iif", "ctstate", "connmark", "tcp_flags"} \
-            or spec.ctstate or spec.tcp_flags or spec.connmark or (t.proto == 6 and t.tcp_flags != 0x02):
+    refused = fate_refused(spec, local)
+    if refused is not None:
+        if why is not None:
+            why.append(refused)
         return None
+    t = spec.template
     import gc
 
     enabled = gc.isenabled()
@@ -255,7 +262,9 @@ def explain_fate(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 
                        tcp_flags=int(t.tcp_flags or 0), icmp=icmp)
         try:
             exits = sw.hook(universe, "PREROUTING", walker.ct_in_use)
-        except Unsupported:
+        except Unsupported as e:
+            if why is not None:
+                why.append(f"the PREROUTING hook has a rule the set walk does not follow ({e})")
             return None
         walker.recent_assumed = walker.recent_assumed or sw.recent_assumed
         return _fate_groups(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, limit,
@@ -263,6 +272,22 @@ def explain_fate(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 
     finally:
         if enabled:
             gc.enable()
+
+
+def fate_refused(spec: FlowSpec, local: bool = False) -> str | None:
+    """Why `explain_fate` does not apply to ``spec`` before any rule is read (None: it may)."""
+    t = spec.template
+    if local:
+        return "the flow is generated locally (--local); fate grouping follows a flow arriving on an interface"
+    if t.family != 4:
+        return "the flow is IPv6; fate grouping covers IPv4 flows only"
+    if not t.iif or "iif" in spec.open:
+        return "the input interface is open (no --from-iface, or a wildcard); fate grouping needs one interface"
+    given = sorted(f for f in ("ctstate", "connmark", "tcp_flags") if f in spec.open or getattr(spec, f))
+    if given or (t.proto == 6 and t.tcp_flags != 0x02):
+        what = ", ".join({"tcp_flags": "flags"}.get(f, f) for f in given) or "flags"
+        return f"fate grouping covers a connection's first packet, and this flow gives or opens {what}"
+    return None
 
 
 def _fate_groups(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, limit, progress, described):
@@ -359,7 +384,9 @@ def _fate_groups_(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, 
     groups = []
     # most classes first (a group's packet count would cost a walk of its BDD, seconds for
     # the union of 10,000 services), then by their fates
-    size = {key: sum(1 for tr in (False, True) for c in classes[tr] if _fates_of(c) in key) for key in parts}
+    size = {key: sum(1 for tr in (False, True) for c in classes[tr] if _fates_of(c) in key)
+            + sum(1 for e in ended if (("ended", e.action),) in key)  # the ways the hook ended them
+            for key in parts}
     for key, packets in sorted(parts.items(), key=lambda kv: (-size[kv[0]], repr(sorted(kv[0], key=repr)))):
         v = packets.pick(prefer)
         w = _plain(witness(spec, v, space))
@@ -503,11 +530,16 @@ def _explore_protos(universe, make, walk, limit, prefer, fixed, spec, progress):
     return classes, rest
 
 
-def outcome_kind(g: Group) -> str:
-    """A group's outcomes in a few words, for the summary (``forwarded, reply as dialled``)."""
+def outcome_kind(g: Group, translations: bool = False) -> str:
+    """A group's outcomes in a few words, for the summary (``forwarded, reply as dialled``);
+    with ``translations`` (groups by fate, which tell them apart) whether the connection was
+    translated here too (``forwarded, DNAT+SNAT, reply as dialled``)."""
     parts = []
     for o in g.outcomes:
         word = o.disposition or "?"
+        if translations:
+            nat = "+".join(w for w, on in (("DNAT", o.forward.ct.dnat), ("SNAT", o.forward.ct.snat)) if on)
+            word += f", {nat}" if nat else ""
         if o.reply_ok is True:
             word += ", reply as dialled"
         elif o.reply_ok is False:
@@ -519,12 +551,12 @@ def outcome_kind(g: Group) -> str:
     return " | ".join(parts)
 
 
-def tally(groups, findings=None) -> list[tuple[str, bool, int, int, int]]:
+def tally(groups, findings=None, translations: bool = False) -> list[tuple[str, bool, int, int, int]]:
     """Per kind of outcome (`outcome_kind`, and whether APPROXIMATE): how many classes and groups
     end that way and how many of those groups have findings, most classes first."""
     t: dict = {}
     for k, g in enumerate(groups):
-        key = (outcome_kind(g), g.is_approximate)
+        key = (outcome_kind(g, translations), g.is_approximate)
         c = t.setdefault(key, [0, 0, 0])
         c[0] += g.classes
         c[1] += 1
@@ -534,11 +566,11 @@ def tally(groups, findings=None) -> list[tuple[str, bool, int, int, int]]:
     return [(kind, approx, nc, ng, nf) for (kind, approx), (nc, ng, nf) in order]
 
 
-def summary_lines(groups, findings=None) -> list[str]:
+def summary_lines(groups, findings=None, translations: bool = False) -> list[str]:
     """One line per kind of outcome: how many classes and groups end that way (most first)."""
     return [f"  {nc:>7,} class(es) in {ng:,} group(s): {kind}" + (" [APPROXIMATE]" if approx else "")
             + (f"  ({nf:,} group(s) with findings)" if nf else "")
-            for kind, approx, nc, ng, nf in tally(groups, findings)]
+            for kind, approx, nc, ng, nf in tally(groups, findings, translations)]
 
 
 def _plain(pkt: Packet) -> Packet:
@@ -585,11 +617,36 @@ def _iface_text(rs, space) -> str:
 
 def describe(packets, spec: FlowSpec, space) -> str:
     """The open fields of ``packets`` as ranges and prefixes (``src 10.0.0.0/8; dport 80``).
-    Each field is listed on its own: a group is not always every combination of them."""
+    Each field is listed on its own: a group is not always every combination of them. A part
+    of the flow whose every field on its own takes every value the flow allows (every protocol
+    and port but TCP port 80) is said by what it leaves out, when that is every combination of
+    its fields (``every packet of the flow except: proto tcp; dport 80``), else as the packets
+    no other group holds (the rest said field by field would leave out packets it holds)."""
+    flow = flow_set(space, spec)
+    fields = [f for f in spec.open if f in space.fields]
+    text = _fields_text(packets, spec, space)
+    if text and any(packets.project(f) != flow.project(f) for f in fields):
+        return text
+    rest = flow - packets
+    if rest.is_empty():
+        return "every packet of the flow"
+    box = flow
+    for f in fields:
+        box = box & rest.project(f)
+    if box == rest:
+        # the fields the rest takes every value of say nothing about it
+        other = _fields_text(rest, spec, space, {f for f in fields if rest.project(f) == flow.project(f)})
+        if other:
+            return f"every packet of the flow except: {other}"
+    return "every packet of the flow that no other group holds"
+
+
+def _fields_text(packets, spec: FlowSpec, space, skip=frozenset()) -> str:
+    """`describe` field by field (but ``skip``): '' when each open field takes every value."""
     t = spec.template
     parts = []
     for f in ("proto", "src", "sport", "dst", "dport", "iif", *OPEN_INTS):
-        if f not in spec.open:
+        if f not in spec.open or f in skip:
             continue
         if f in ("mark", "connmark", "tcp_flags", "ctstate"):
             text = _masks_text(packets, f, spec)
@@ -615,7 +672,7 @@ def describe(packets, spec: FlowSpec, space) -> str:
         if not complete:
             text += ", ... (more)"
         parts.append(f"{f} {text}")
-    return "; ".join(parts) or "every packet of the flow"
+    return "; ".join(parts)
 
 
 def _masks_text(packets, f: str, spec) -> str:
@@ -668,20 +725,32 @@ def witness_extras(w: Packet, spec) -> str:
     return out
 
 
+#: how the header names each grouping (OpenResult.by)
+GROUPED_BY = {"fate": "by fate", "path": "by rules crossed"}
+
+
 def render_groups(spec: FlowSpec, groups, complete: bool, where: str, shown: int | None = None,
-                  limit: int | None = None, unexplained: Packet | None = None, findings=None) -> str:
-    """The groups as text: a summary by kind of outcome, then the first ``shown`` groups with
-    their traces (None: all), and what was left out, said plainly."""
+                  limit: int | None = None, unexplained: Packet | None = None, findings=None,
+                  by: str = "path", fallback: str | None = None, classes: int | None = None) -> str:
+    """The groups as text: how they are grouped (``by``, and why not by fate when it was asked:
+    ``fallback``), a summary by kind of outcome, then the first ``shown`` groups with their
+    traces (None: all), and what was left out, said plainly. ``classes``: how many classes were
+    explored (default: the groups' sum, which is that count when grouped by path)."""
     from analyzer.explain import render_text
 
-    n = sum(g.classes for g in groups)
+    n = sum(g.classes for g in groups) if classes is None else classes
     out = [f"flow: {spec.text()} ({where}); open: {', '.join(sorted(spec.open))}",
-           f"{len(groups):,} distinct outcome group(s) over {n:,} class(es) of packets" + ("" if complete else
+           f"{len(groups):,} group(s) {GROUPED_BY[by]} over {n:,} class(es) of packets" + ("" if complete else
            f" (APPROXIMATE: stopped at the limit of {limit or n:,} classes (--max-classes); the remaining "
            f"packets are not explained" + (f", e.g. {unexplained.tuple_str()}" if unexplained else "") + ")")]
+    if fallback:
+        out.append(f"grouped by rules crossed, not by fate: {fallback}")
     out += [f"assumes: {a}" for a in (groups[0].assumes if groups else [])]
     if len(groups) > 1:
-        out += ["by outcome:", *summary_lines(groups, findings)]
+        # grouped by fate, a class counts in every group one of whose fates is its own
+        shared = sum(g.classes for g in groups) != n
+        out += ["by outcome" + (" (a class counts in every group that has its fate)" if shared else "") + ":",
+                *summary_lines(groups, findings, by == "fate")]
     out.append("")
     show = groups if shown is None else groups[:shown]
     for k, g in enumerate(show, 1):

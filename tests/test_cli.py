@@ -366,3 +366,122 @@ def test_check_applies_several_dumps_in_order_as_one_namespace():
     rc, out, err = run(["check", str(ROOT / "samples" / "policies" / "kubeproxy-node.yaml"), dump, dump, "-q"])
     # the second copy is a --noflush transaction on top of the first: its builtin-chain jumps repeat
     assert rc == 1 and "5 assertions: 4 passed, 1 failed." in out and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- explain: open flows by fate
+KP_NODE = ["explain", "samples/env/kubeproxy-node.rules", "--flow", "10.1.1.1 -> 10.96.0.10",
+           "--addr", "10.244.0.1/24@cni0"]
+
+
+def _groups(out: str) -> list[str]:
+    return [line.split(": ", 1)[1].split("  (witness")[0] for line in out.splitlines() if line.startswith("=== group")]
+
+
+def test_open_flow_is_grouped_by_fate_unless_path_is_asked():
+    """The header says how the packets are grouped; both groupings cover the flow with the
+    same two groups here (the ClusterIP's tcp:80, everything else), the rest said as such."""
+    rc, fate, err = run(KP_NODE + ["--from-iface", "eth0"])
+    assert rc == 0, err
+    assert fate.splitlines()[1] == "2 group(s) by fate over 7 class(es) of packets"
+    assert "not by fate" not in fate
+    rc, path, err = run(KP_NODE + ["--from-iface", "eth0", "--group-by", "path"])
+    assert rc == 0, err
+    assert path.splitlines()[1] == "2 group(s) by rules crossed over 8 class(es) of packets"
+    assert "not by fate" not in path  # asked for: nothing to explain
+    rest = "every packet of the flow except: proto tcp; dport 80"
+    assert sorted(_groups(fate)) == sorted(_groups(path)) == [rest, "proto tcp; dport 80"]
+    # fate groups tell translations apart: the summary says them
+    assert "in 1 group(s): forwarded, DNAT, reply as dialled" in fate
+    assert "in 1 group(s): forwarded, reply as dialled" in path
+
+
+def test_open_flow_says_why_it_is_not_grouped_by_fate():
+    rc, out, err = run(KP_NODE)  # no --from-iface: the input interface is open
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[1].startswith("2 group(s) by rules crossed over ")
+    assert lines[2] == ("grouped by rules crossed, not by fate: the input interface is open (no "
+                        "--from-iface, or a wildcard); fate grouping needs one interface")
+    # a rule the set walk does not follow: named
+    rc, out, err = run(["explain", "samples/explain/dnat-address-range.rules", "--flow", "tcp 10.0.1.0/24 -> 10.99.0.1",
+                        "--from-iface", "sk1b", "--addr", "10.0.1.1/24@sk1b", "--addr", "10.0.2.1/24@sk2b"])
+    assert rc == 0, err
+    assert ("grouped by rules crossed, not by fate: the PREROUTING hook has a rule the set walk does "
+            "not follow (nat:PREROUTING:rule:1: DNAT to a range)") in out.splitlines()
+
+
+@pytest.mark.parametrize("extra, by, fallback", [
+    (["--from-iface", "eth0"], "fate", None),
+    (["--from-iface", "eth0", "--group-by", "path"], "path", None),
+    ([], "path", "the input interface is open"),
+])
+def test_open_flow_json_says_how_it_is_grouped(extra, by, fallback):
+    rc, out, err = run(KP_NODE + extra + ["-o", "json"])
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["schema_version"] == "1.2" and doc["grouped_by"] == by
+    assert (doc["fate_fallback"] or "").startswith(fallback or "") and bool(doc["fate_fallback"]) == bool(fallback)
+    assert "every packet of the flow except: proto tcp; dport 80" in [g["packets"] for g in doc["groups"]]
+
+
+def test_group_by_takes_fate_or_path():
+    rc, _, err = run(KP_NODE + ["--from-iface", "eth0", "--group-by", "rules"])
+    assert rc == 2 and "invalid choice" in err
+
+
+@pytest.mark.parametrize("argv, why", [
+    (["samples/explain/ipv6-dnat.rules", "--flow", "tcp [fd01::2] -> [fd00:96::10]:80-81", "--from-iface", "sk1b",
+      "--addr", "fd01::1/64@sk1b"], "the flow is IPv6; fate grouping covers IPv4 flows only"),
+    (["samples/explain/local-dnat.rules", "--flow", "tcp 10.0.2.1 -> 10.96.0.30:80-81", "--local", "--addr",
+      "10.0.2.1/24@sk2b"], "the flow is generated locally (--local); fate grouping follows a flow arriving on an interface"),
+    (["samples/explain/lone-ack.rules", "--flow", "tcp 10.0.1.2 -> 10.99.0.1:80-81 flags ACK", "--from-iface", "sk1b",
+      "--addr", "10.0.1.1/24@sk1b"], "fate grouping covers a connection's first packet, and this flow gives or opens flags"),
+    (["samples/explain/lone-ack.rules", "--flow", "tcp 10.0.1.2 -> 10.99.0.1:80-81 ctstate any", "--from-iface", "sk1b",
+      "--addr", "10.0.1.1/24@sk1b"], "fate grouping covers a connection's first packet, and this flow gives or opens ctstate"),
+], ids=["ipv6", "local", "lone-ack", "ctstate"])
+def test_open_flow_fate_fallback_reasons(argv, why):
+    rc, out, err = run(["explain", *argv])
+    assert rc in (0, 1) and "Traceback" not in err, err
+    assert out.splitlines()[2] == f"grouped by rules crossed, not by fate: {why}", out
+
+
+def test_a_fate_group_failing_its_check_is_said_and_grouped_by_path(monkeypatch):
+    """FateMismatch (a group's witness ending otherwise than its group: a bug) is no traceback:
+    the rules-crossed grouping, which does not depend on it, is printed with the reason."""
+    import analyzer.symbolic as symbolic
+
+    def broken(*a, **kw):
+        raise symbolic.FateMismatch("the witness tcp 10.1.1.1:40000 -> 10.96.0.10:80 ends ...")
+    monkeypatch.setattr(symbolic, "explain_fate", broken)
+    rc, out, err = run(KP_NODE + ["--from-iface", "eth0"])
+    assert rc == 0 and err == "", err
+    assert out.splitlines()[1] == "2 group(s) by rules crossed over 8 class(es) of packets"
+    assert out.splitlines()[2].startswith("grouped by rules crossed, not by fate: the fate grouping failed its own "
+                                          "check, a bug in synack (please report it): the witness tcp 10.1.1.1")
+
+
+TWO_SERVICES = """*nat
+:PREROUTING ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+-A PREROUTING -d 10.96.0.1/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.2.2:8080
+-A PREROUTING -d 10.96.0.2/32 -p tcp -m tcp --dport 443 -j DNAT --to-destination 10.0.2.3:8443
+COMMIT
+"""
+
+
+def test_a_group_that_is_the_rest_of_the_flow_is_said_as_such(tmp_path):
+    """Every field of the untranslated group takes every value the flow allows: it is said by
+    what it leaves out when that is exact (kubeproxy-node: one service port), and as the packets
+    no other group holds when the rest, field by field, would also leave out some of its own
+    (10.96.0.1:443 is neither service here, yet dst 10.96.0.1 and dport 443 are the rest's)."""
+    dump = tmp_path / "two.rules"
+    dump.write_text(TWO_SERVICES)
+    rc, out, err = run(["explain", str(dump), "--flow", "10.0.1.2 -> 10.96.0.0/30", "--from-iface", "eth0",
+                        "--addr", "10.0.1.1/24@eth0", "--addr", "10.0.2.1/24@eth1"])
+    assert rc == 0, err
+    assert out.splitlines()[1].startswith("2 group(s) by fate over ")
+    groups = _groups(out)
+    assert "every packet of the flow that no other group holds" in groups
+    assert not any(g.startswith("every packet of the flow except") for g in groups)
+    rc, out, err = run(KP_NODE + ["--from-iface", "eth0"])
+    assert "every packet of the flow except: proto tcp; dport 80" in _groups(out)

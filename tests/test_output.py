@@ -351,3 +351,17 @@ def test_explain_of_an_open_flow_reports_the_findings_of_its_groups():
     rc, out, _ = run(argv + ["-o", "json"])
     codes = [d["code"] for g in json.loads(out)["groups"] for d in g["diagnostics"]]
     assert rc == 1 and codes == ["NAT001"]
+
+
+@pytest.mark.parametrize("by", ["fate", "path"])
+def test_open_flow_progress_bar_counts_classes_either_grouping(by, monkeypatch):
+    """The bar on a terminal's stderr counts the classes explored, grouped by fate (PREROUTING
+    walked over sets, the rest explored from there) as by the rules crossed; stdout has none."""
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm-256color")
+    monkeypatch.setenv("SYNACK_PROGRESS_DELAY", "0")
+    argv = ["explain", "samples/env/kubeproxy-node.rules", "--flow", "10.0.0.0/8 -> 10.96.0.0/12", "--from-iface",
+            "eth0", "--addr", "10.244.0.1/24@cni0", "--group-by", by]
+    rc, out, err = _run_tty(argv, monkeypatch, stderr_tty=True)
+    assert rc == 1 and f"group(s) by {'fate' if by == 'fate' else 'rules crossed'} over" in out
+    assert "explain: classes" in err and "explain: classes" not in out

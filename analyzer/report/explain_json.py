@@ -195,8 +195,10 @@ def explain_json(flow, outcomes, assumed=None, diags=(), local: bool = False) ->
 
 #: version of the open-flow document (``explain --flow SET -o json``). 1.1 added ``summary``,
 #: ``groups_traced`` and each group's ``witness``, ``outcome`` and ``approximate``; a group past
-#: ``--show-groups`` has no ``explain`` and a null ``packets``.
-OPEN_SCHEMA_VERSION = "1.1"
+#: ``--show-groups`` has no ``explain`` and a null ``packets``. 1.2 added ``grouped_by`` ("fate"
+#: or "path") and ``fate_fallback`` (why not by fate when it was asked, else null); grouped by
+#: fate, ``outcome`` says the translations too ("forwarded, DNAT+SNAT, reply as dialled").
+OPEN_SCHEMA_VERSION = "1.2"
 
 
 def write_open(out, spec, result, found, traced: int | None, local: bool = False) -> None:
@@ -211,19 +213,22 @@ def write_open(out, spec, result, found, traced: int | None, local: bool = False
     groups = result.groups
     unexplained = result.unexplained_example(spec)
     n = len(groups) if traced is None else min(traced, len(groups))
-    head = {"schema_version": OPEN_SCHEMA_VERSION, "open_fields": sorted(spec.open), "complete": result.complete,
+    by = getattr(result, "by", "path")
+    nat = by == "fate"  # fate groups differ by translation too: their outcome says it
+    head = {"schema_version": OPEN_SCHEMA_VERSION, "open_fields": sorted(spec.open),
+            "grouped_by": by, "fate_fallback": getattr(result, "fallback", None), "complete": result.complete,
             **({"assumptions": groups[0].assumes} if groups and groups[0].assumes else {}),
             "classes": result.classes, "max_classes": result.limit,
             "unexplained_example": unexplained.tuple_str() if unexplained else None,
             "summary": [{"outcome": kind, "approximate": approx, "classes": nc, "groups": ng,
-                         "groups_with_findings": nf} for kind, approx, nc, ng, nf in tally(groups, found)],
+                         "groups_with_findings": nf} for kind, approx, nc, ng, nf in tally(groups, found, nat)],
             "groups_traced": n}
     text = json.dumps(head, indent=2)
     out.write(text[:-2] + ',\n  "groups": [')
     for k, (g, ds) in enumerate(zip(groups, found)):
         doc = {"packets": g.description if k < n else None, "classes": g.classes,
                "witness": g.witness.tuple_str() + witness_extras(g.witness, spec),
-               "outcome": outcome_kind(g),
+               "outcome": outcome_kind(g, nat),
                "approximate": g.is_approximate}
         if k < n:
             doc["explain"] = explain_json(g.witness, g.outcomes, local=local)
