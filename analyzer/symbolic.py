@@ -212,6 +212,14 @@ def fate(o) -> tuple:
             o.reply.disposition if o.reply is not None else None, o.reply_ok)
 
 
+class _OriginalRead(Exception):
+    """A walk after the hook decided on a connection's original destination (a `Ghost`)."""
+
+
+#: what a lost reason says when a walk decided on the original destination (concolic.Ghost)
+GHOST_READ = "a decision on the original destination"
+
+
 class FateMismatch(RuntimeError):
     """A group's witness, walked on its own, did not end as the group's fate says (a bug)."""
 
@@ -267,8 +275,13 @@ def explain_fate(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 
                 why.append(f"the PREROUTING hook has a rule the set walk does not follow ({e})")
             return None
         walker.recent_assumed = walker.recent_assumed or sw.recent_assumed
-        return _fate_groups(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, limit,
-                            progress, described)
+        try:
+            return _fate_groups(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, limit,
+                                progress, described)
+        except _OriginalRead as e:
+            if why is not None:
+                why.append(str(e))
+            return None
     finally:
         if enabled:
             gc.enable()
@@ -353,6 +366,10 @@ def _fate_groups_(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, 
         count += len(got)
         rest = rest | _before(going[translated], left, mark, translated)
     _assumed(walker, assumed)
+    for c in classes[True]:
+        if any(GHOST_READ in r for r in c.lost):
+            raise _OriginalRead("a rule after the DNAT reads the original destination (e.g. -m conntrack "
+                                "--ctorigdst), which fate grouping does not keep per packet")
     # each input packet's fates: those of the classes its exits lead to
     by_fate: dict = {}
     lost: dict = {}
