@@ -36,10 +36,12 @@ def test_open_port_splits_the_redirected_port_from_the_rest():
 def test_open_protocol_separates_tcp_from_other_protocols():
     groups, complete = groups_for("samples/env/kubeproxy-node.rules", "10.1.1.1 -> 10.96.0.10", cni0="10.244.0.1/24")
     assert complete and len(groups) == 2
-    assert groups[0].description == "proto tcp; dport 80"
-    dnat = [s for s in groups[0].outcomes[0].forward.steps if s.verdict.startswith("DNAT")]
+    # groups by fate come largest first: the service port is the small one
+    svc, = [g for g in groups if g.description == "proto tcp; dport 80"]
+    other, = [g for g in groups if g is not svc]
+    dnat = [s for s in svc.outcomes[0].forward.steps if s.verdict.startswith("DNAT")]
     assert dnat and "10.244.0.5:8080" in dnat[0].verdict
-    assert not any(s.verdict.startswith("DNAT") for s in groups[1].outcomes[0].forward.steps)
+    assert not any(s.verdict.startswith("DNAT") for s in other.outcomes[0].forward.steps)
 
 
 def test_flow_spec_takes_the_last_address():
@@ -251,8 +253,8 @@ def test_ipset_and_mark_open_together(tmp_path):
                                        "COMMIT\n")
     rc, out, err = run(["explain", str(tmp_path / "set.rules"), "--ipset", str(tmp_path / "sets.save"),
                         "--flow", "tcp 10.0.0.0/24 -> 10.1.0.1:80 mark 0x0/0xfffffffe", "--from-iface", "eth0"])
-    heads = [line.split("  (")[0] for line in out.splitlines() if line.startswith("=== group")]
-    assert heads == ["=== group 1: src 10.0.0.0/25; mark 0x0", "=== group 2: src 10.0.0.0/24"], out
+    heads = [line.split("  (")[0].split(": ", 1)[1] for line in out.splitlines() if line.startswith("=== group")]
+    assert sorted(heads) == ["src 10.0.0.0/24", "src 10.0.0.0/25; mark 0x0"], out  # by fate: largest first
 
 
 def test_open_connmark_of_an_established_connection(tmp_path):
@@ -312,11 +314,12 @@ def test_open_flow_limits_are_said_in_text_and_json(tmp_path):
     dump.write_text(generate(services=40, seed=3))
     base = ["explain", str(dump), "--flow", "10.0.0.0/8 -> 10.96.0.0/12", "--from-iface", "eth0",
             "--addr", "192.168.0.2/24@eth0", "--route", "default via 192.168.0.1 dev eth0"]
-    rc, out, err = run(base + ["--max-classes", "10", "--show-groups", "3"])
+    # grouped by fate, the first 10 classes make 2 groups: one shown, one counted
+    rc, out, err = run(base + ["--max-classes", "10", "--show-groups", "1"])
     assert rc in (0, 1), err
     assert "over 10 class(es)" in out and "stopped at the limit of 10 classes (--max-classes)" in out
     assert "the remaining packets are not explained, e.g. " in out
-    assert len([line for line in out.splitlines() if line.startswith("=== group")]) == 3
+    assert len([line for line in out.splitlines() if line.startswith("=== group")]) == 1
     assert "more group(s)" in out and "not shown" in out
     rc, out, err = run(base + ["--max-classes", "10", "-o", "json"])
     doc = json.loads(out)
@@ -331,7 +334,9 @@ def test_open_flow_limits_are_said_in_text_and_json(tmp_path):
     # JSON: every group traced by default, the same summary as the text, one group per line
     rc, out, err = run(base + ["-o", "json"])
     doc = json.loads(out)
-    assert doc["schema_version"] == "1.1" and doc["complete"] and doc["classes"] == total
+    assert doc["schema_version"] == "1.1" and doc["complete"]
+    # doc["classes"] == total: not so when grouped by fate (the text sums Group.classes, which
+    # count a class in every group it reaches): test_setwalk.py::test_fate_group_classes_add_up
     assert doc["groups_traced"] == len(doc["groups"]) and all("explain" in g and g["packets"] for g in doc["groups"])
     assert sum(s["classes"] for s in doc["summary"]) == total == sum(g["classes"] for g in doc["groups"])
     text_summary = [line for line in run(base)[1].splitlines() if " class(es) in " in line]
