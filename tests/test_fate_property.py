@@ -35,12 +35,13 @@ EXAMPLES = int(os.environ.get("SYNACK_PROPERTY_EXAMPLES", "40"))
 #: DNAT targets: addresses inside the flows' destinations (so that some packets are already
 #: there), another subnet, the host's own address; with and without a port
 DNAT_TO = ["10.0.1.5:8080", "10.0.1.5", "10.0.0.9:80", "10.0.1.3:80", "192.168.7.5:443", "10.0.0.1:22",
-           "10.0.2.9"]
+           "10.0.2.9", ":8080", "10.0.1.6:80 --random", "10.0.1.7 --persistent"]
 PRE_MATCHES = ["addr", "addr", "iprange", "proto", "port", "multiport", "iif", "mark", "mark", "addrtype",
                "statistic", "recent"]
 FLOWS = ["tcp 10.0.0.0/24 -> 10.0.1.0/28", "tcp 10.0.0.0/25 -> 10.0.0.0/23:80", "udp 10.0.0.0/24 -> 10.0.1.0/29",
          "10.0.0.0/25 -> 10.0.1.0/28", "tcp 10.0.0.0/26 -> 10.0.1.0/29 mark 0x4000",
-         "tcp 10.0.0.0/26 -> 10.0.1.0/29:80 mark 0x0/0xfffffff0"]
+         "tcp 10.0.0.0/26 -> 10.0.1.0/29:80 mark 0x0/0xfffffff0", "icmp 10.0.0.0/24 -> 10.0.1.0/29",
+         "0.0.0.0/0 -> 10.0.0.0/23"]
 
 
 def _pre_match(kind: str, d) -> str:
