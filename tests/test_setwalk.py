@@ -440,10 +440,16 @@ def test_fate_groups_and_their_witnesses_agree_with_concrete_walks():
     "*raw\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -s 10.0.0.0/25 -j DROP\nCOMMIT\n",
 ], ids=["shared-class", "ended-in-hook"])
 def test_fate_group_classes_add_up(text):
-    res, _ = _open(text, "tcp 10.0.0.0/24 -> 10.1.0.1:80")
+    """What the text says ("N group(s) over M class(es)", render_groups: the sum of
+    Group.classes) and JSON says ("classes": OpenResult.classes) agree, and no group is made of
+    zero classes."""
+    from analyzer.symbolic import render_groups
+
+    res, spec = _open(text, "tcp 10.0.0.0/24 -> 10.1.0.1:80")
     assert res.by == "fate"
-    assert sum(g.classes for g in res.groups) == res.classes
-    assert all(g.classes >= 1 for g in res.groups)
+    head = render_groups(spec, res.groups, res.complete, "arrives on eth0").splitlines()[1]
+    assert head.endswith(f" over {res.classes:,} class(es) of packets"), (head, res.classes)
+    assert all(g.classes >= 1 for g in res.groups), [g.classes for g in res.groups]
 
 
 @pytest.mark.parametrize("table", ["raw", "mangle"])
