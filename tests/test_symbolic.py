@@ -316,11 +316,12 @@ def test_open_flow_limits_are_said_in_text_and_json(tmp_path):
     dump.write_text(generate(services=40, seed=3))
     base = ["explain", str(dump), "--flow", "10.0.0.0/8 -> 10.96.0.0/12", "--from-iface", "eth0",
             "--addr", "192.168.0.2/24@eth0", "--route", "default via 192.168.0.1 dev eth0"]
-    rc, out, err = run(base + ["--max-classes", "10", "--show-groups", "3"])
+    # grouped by fate, the first 10 classes make 2 groups: one shown, one counted
+    rc, out, err = run(base + ["--max-classes", "10", "--show-groups", "1"])
     assert rc in (0, 1), err
     assert "over 10 class(es)" in out and "stopped at the limit of 10 classes (--max-classes)" in out
     assert "the remaining packets are not explained, e.g. " in out
-    assert len([line for line in out.splitlines() if line.startswith("=== group")]) == 3
+    assert len([line for line in out.splitlines() if line.startswith("=== group")]) == 1
     assert "more group(s)" in out and "not shown" in out
     rc, out, err = run(base + ["--max-classes", "10", "-o", "json"])
     doc = json.loads(out)
@@ -335,7 +336,9 @@ def test_open_flow_limits_are_said_in_text_and_json(tmp_path):
     # JSON: every group traced by default, the same summary as the text, one group per line
     rc, out, err = run(base + ["-o", "json"])
     doc = json.loads(out)
-    assert doc["schema_version"] == "1.2" and doc["complete"] and doc["classes"] == total
+    assert doc["schema_version"] == "1.2" and doc["complete"]
+    # doc["classes"] == total: not so when grouped by fate (the text sums Group.classes, which
+    # count a class in every group it reaches): test_setwalk.py::test_fate_group_classes_add_up
     assert doc["groups_traced"] == len(doc["groups"]) and all("explain" in g and g["packets"] for g in doc["groups"])
     assert sum(s["classes"] for s in doc["summary"]) == total == sum(g["classes"] for g in doc["groups"])
     text_summary = [line for line in run(base)[1].splitlines() if " class(es) in " in line]
