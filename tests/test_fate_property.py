@@ -200,7 +200,7 @@ def check_exits(text: str, flow: str, iif: str, seed: int) -> str:
                            with_mark=False)
             action = None if br.disposition is None else {"dropped": "DROP"}.get(br.disposition, br.disposition)
             hits = [k for k, e in enumerate(mine) if e.action == action and e.dnat == bool(br.ct.dnat)
-                    and (e.mark is None or e.mark == br.pkt.mark) and not (e.after & after).is_empty()
+                    and (e.mark is None or e.mark == br.pkt.mark) and not (e.image() & after).is_empty()
                     and e.prob == br.prob]
             assert hits, (pkt.tuple_str(), br.pkt.tuple_str(), br.disposition, br.prob, hex(br.pkt.mark),
                           [(e.action, e.dnat, e.mark, e.prob, e.consts) for e in mine])

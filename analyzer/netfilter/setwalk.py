@@ -59,7 +59,9 @@ class Exit:
     mark, which is ``mark`` for all of them (None: the mark is an open input field, unchanged,
     in ``after``), ``prob`` the share of their connections that go this way, ``action``: None
     (the packet goes on) or how it ended ("DROP", "REJECT ..."); ``dnat``: whether a DNAT
-    changed the destination on the way, ``consts`` what it wrote ((field, value), ...): then
+    changed the destination on the way, ``consts`` what it wrote ((field, value), ...). ``prob``
+    is informative only: two statistic worlds that join again (a statistic jump to a chain that
+    returns) travel as one thread of their common probability. Translated: then
     ``after`` is None, the packets being ``before`` with those fields rewritten
     (``before.assign_all(consts)``, not built: the caller takes them together)."""
 
@@ -70,6 +72,11 @@ class Exit:
     dnat: bool
     consts: tuple = ()
     mark: int | None = None
+
+    def image(self):
+        """The packets as they leave the hook (``after``, built for a translated exit), their
+        mark aside (``mark``)."""
+        return self.after if self.after is not None else self.before.assign_all(self.consts)
 
 
 class SetWalker:
