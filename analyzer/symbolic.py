@@ -107,22 +107,7 @@ def _explain_classes(ruleset, spec: FlowSpec, ns, local: bool, limit: int, assum
 
     fixed = {f: (int(getattr(t, f)) if f in ("src", "dst") else getattr(t, f))
              for f in ("src", "dst", "sport", "dport", "proto") if f not in spec.open and getattr(t, f) is not None}
-    if "proto" not in spec.open:
-        classes, rest = explore(universe, make, walk, limit, prefer, fixed, progress)
-        _assumed(walker, assumed)
-        return classes, rest, space
-    classes, rest = [], universe
-    # the walk builds ports, ICMP types and TCP flags from the protocol: one class per kind
-    while not rest.is_empty() and len(classes) < limit:
-        p = rest.pick(prefer)["proto"]
-        part = rest & proto_class(space, p)
-        base = len(classes)
-        got, left = explore(part, make, walk, limit - len(classes), prefer, fixed,
-                            None if progress is None else (lambda n: progress(base + n)))
-        classes += got
-        rest = (rest - part) | left
-        if not left.is_empty():
-            break
+    classes, rest = _explore_protos(universe, make, walk, limit, prefer, fixed, spec, progress)
     _assumed(walker, assumed)
     return classes, rest, space
 
