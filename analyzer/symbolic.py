@@ -372,8 +372,7 @@ def _fate_groups_(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, 
         # the fate the walk gives a packet that ends in the hook (walk.Walker._end): no
         # translation yet (a DNAT ends the hook's last table), no reply; a statistic rule may
         # end some connections of a packet here and let the others go on (one group, both fates)
-        f = (("rejected" if e.action.startswith("REJECT") else _ENDED_WORDS.get(e.action, e.action.lower()),
-              False, False, None, None),)
+        f = (_ended_fate(e),)
         fates[f] = fates[f] | e.before if f in fates else e.before
     parts = {frozenset(): universe - rest}
     for f, a in fates.items():
@@ -391,7 +390,7 @@ def _fate_groups_(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, 
     # most classes first (a group's packet count would cost a walk of its BDD, seconds for
     # the union of 10,000 services), then by their fates
     size = {key: sum(1 for tr in (False, True) for c in classes[tr] if _fates_of(c) in key)
-            + sum(1 for e in ended if (("ended", e.action),) in key)  # the ways the hook ended them
+            + sum(1 for e in ended if (_ended_fate(e),) in key)  # the ways the hook ended them
             for key in parts}
     for key, packets in sorted(parts.items(), key=lambda kv: (-size[kv[0]], repr(sorted(kv[0], key=repr)))):
         v = packets.pick(prefer)
@@ -416,8 +415,11 @@ def _fates_of(c) -> tuple:
     return tuple(sorted({fate(o) for o in c.result}, key=repr))
 
 
-#: the walk's disposition of a packet ended by a verdict of the set walk (Exit.action)
-_ENDED_WORDS = {"DROP": "dropped"}
+def _ended_fate(e) -> tuple:
+    """The fate the walk gives a packet a verdict of the set walk ended (Exit.action) in the
+    hook: its disposition (walk.Walker._end), no translation yet, no reply."""
+    word = "rejected" if e.action.startswith("REJECT") else "dropped" if e.action == "DROP" else e.action.lower()
+    return (word, False, False, None, None)
 
 
 def _after(exits, space):

@@ -429,15 +429,15 @@ def test_fate_groups_and_their_witnesses_agree_with_concrete_walks():
 
 # ------------------------------------------------------------------ found bugs (reproducers)
 
-@pytest.mark.xfail(strict=True, reason="explain_fate: Group.classes counts every class whose fates the "
-                   "group's key holds, so a class shared by two groups counts twice and a group that "
-                   "ended in the hook counts none: the text's 'over N class(es)' (sum of Group.classes) "
-                   "differs from OpenResult.classes (JSON 'classes')")
 @pytest.mark.parametrize("text", [
-    _nat("-A PREROUTING -s 10.0.0.0/25 -m statistic --mode random --probability 0.5 "
-         "-j DNAT --to-destination 10.2.0.1:80"),
-    "*raw\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -s 10.0.0.0/25 -j DROP\nCOMMIT\n",
-], ids=["shared-class", "ended-in-hook"])
+    pytest.param(_nat("-A PREROUTING -s 10.0.0.0/25 -m statistic --mode random --probability 0.5 "
+                      "-j DNAT --to-destination 10.2.0.1:80"), id="shared-class",
+                 marks=pytest.mark.xfail(strict=True, reason="by design (docs/explain.md, 'What the counts "
+                                         "mean'): grouped by fate, a class counts in every group that has "
+                                         "its fate, so the groups' counts may add up to more than the classes")),
+    pytest.param("*raw\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -s 10.0.0.0/25 -j DROP\nCOMMIT\n",
+                 id="ended-in-hook"),
+])
 def test_fate_group_classes_add_up(text):
     """What the text says ("N group(s) over M class(es)", render_groups: the sum of
     Group.classes) and JSON says ("classes": OpenResult.classes) agree, and no group is made of
