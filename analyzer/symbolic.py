@@ -386,23 +386,29 @@ def _fate_groups_(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, 
         parts = nxt
     if frozenset() in parts:
         raise FateMismatch("packets of the flow left the PREROUTING hook by no way the set walk found")
+    # one group per set of fates (classes with fates (A, B) and with A alone and B alone lead
+    # to the same set)
+    merged: dict = {}
+    for key, packets in parts.items():
+        want = frozenset(x for f in key for x in f)
+        keys, s = merged.get(want, (frozenset(), None))
+        merged[want] = (keys | key, packets if s is None else s | packets)
     groups = []
     # most classes first (a group's packet count would cost a walk of its BDD, seconds for
     # the union of 10,000 services), then by their fates
-    size = {key: sum(1 for tr in (False, True) for c in classes[tr] if _fates_of(c) in key)
-            + sum(1 for e in ended if (_ended_fate(e),) in key)  # the ways the hook ended them
-            for key in parts}
-    for key, packets in sorted(parts.items(), key=lambda kv: (-size[kv[0]], repr(sorted(kv[0], key=repr)))):
+    size = {want: sum(1 for tr in (False, True) for c in classes[tr] if _fates_of(c) in keys)
+            + sum(1 for e in ended if (_ended_fate(e),) in keys)  # the ways the hook ended them
+            for want, (keys, _) in merged.items()}
+    for want, (key, packets) in sorted(merged.items(), key=lambda kv: (-size[kv[0]], repr(sorted(kv[0], key=repr)))):
         v = packets.pick(prefer)
         w = _plain(witness(spec, v, space))
         outcomes = explain_flow(ruleset, w, ns)
         got = {fate(o) for o in outcomes}
-        want = {x for f in key for x in f}
         if got != want:
             raise FateMismatch(f"the witness {w.tuple_str()} ends {sorted(got, key=repr)}, its group "
                                f"{sorted(want, key=repr)}")
         reasons = [r for f in key for r in lost.get(f, ())]
-        g = Group("", w, outcomes, size[key], packets, reasons)
+        g = Group("", w, outcomes, size[want], packets, reasons)
         g.assumes = list(assumed)
         groups.append(g)
     for g in groups[:described]:
