@@ -407,7 +407,7 @@ def test_open_flow_says_why_it_is_not_grouped_by_fate():
                         "--from-iface", "sk1b", "--addr", "10.0.1.1/24@sk1b", "--addr", "10.0.2.1/24@sk2b"])
     assert rc == 0, err
     assert ("grouped by rules crossed, not by fate: the PREROUTING hook has a rule the set walk does "
-            "not follow (nat:PREROUTING:rule:1: DNAT to a range)") in out.splitlines()
+            "not follow (nat:PREROUTING:rule:1 (line 9): DNAT to a range)") in out.splitlines()
 
 
 @pytest.mark.parametrize("extra, by, fallback", [

@@ -179,7 +179,7 @@ class SetWalker:
             if isinstance(t, Jump):
                 callee = self.rs.chain(table, t.chain)
                 if callee is None:
-                    raise Unsupported(f"{rule.label}: jump to undefined chain {t.chain}")
+                    raise Unsupported(f"{_at(rule)}: jump to undefined chain {t.chain}")
                 ret = self._chain(hit, table, hook, callee, out, depth + 1)
                 if t.goto:
                     back.extend(ret)  # a RETURN from a goto'd chain returns from this one
@@ -193,17 +193,17 @@ class SetWalker:
                 elif t.verdict in ("ACCEPT", "DROP"):
                     out.extend((h, None if t.verdict == "ACCEPT" else "DROP") for h in hit)
                 else:
-                    raise Unsupported(f"{rule.label}: verdict {t.verdict}")
+                    raise Unsupported(f"{_at(rule)}: verdict {t.verdict}")
             elif isinstance(t, SetMark) and t.kind == "MARK" and self.effects:
                 if self.mark is None:
-                    raise Unsupported(f"{rule.label}: MARK on an open mark")
+                    raise Unsupported(f"{_at(rule)}: MARK on an open mark")
                 threads = self._join(threads, [Thread(h.packets, h.prob, ((h.mark & ~t.mask) ^ t.value) & 0xFFFFFFFF)
                                                for h in hit])
             elif isinstance(t, Nat) and t.kind == "DNAT" and table == "nat" and hook in ("PREROUTING", "OUTPUT") \
                     and self.effects:
                 out.extend((d, None) for h in hit for d in self._dnat(rule, h))
             else:
-                raise Unsupported(f"{rule.label}: target {getattr(t, 'name', type(t).__name__)}")
+                raise Unsupported(f"{_at(rule)}: target {getattr(t, 'name', type(t).__name__)}")
         return back + threads
 
     @staticmethod
@@ -223,16 +223,16 @@ class SetWalker:
         sent there keeps its tuple, and the kernel marks no translation (IPS_DST_NAT)."""
         t = rule.target
         if len(t.ranges) != 1:
-            raise Unsupported(f"{rule.label}: DNAT with several ranges")
+            raise Unsupported(f"{_at(rule)}: DNAT with several ranges")
         r = t.ranges[0]
         if r.addr_lo != r.addr_hi or r.port_lo != r.port_hi:
-            raise Unsupported(f"{rule.label}: DNAT to a range")
+            raise Unsupported(f"{_at(rule)}: DNAT to a range")
         if r.addr_lo is not None and r.addr_lo.version != self.family:
-            raise Unsupported(f"{rule.label}: DNAT to another family")
+            raise Unsupported(f"{_at(rule)}: DNAT to another family")
         s = h.packets
         if r.port_lo is not None and not (s - self._has_ports()).is_empty():
             # a packet without ports keeps none (pick_port of no port): only port protocols
-            raise Unsupported(f"{rule.label}: DNAT with a port of packets without ports")
+            raise Unsupported(f"{_at(rule)}: DNAT with a port of packets without ports")
         consts = []
         if r.addr_lo is not None:
             consts.append(("dst", r.addr_lo))
@@ -270,12 +270,12 @@ class SetWalker:
                 continue
             if isinstance(m, MarkMatch) and m.kind == "mark" and self.mark is not None:
                 if marks is not None:
-                    raise Unsupported(f"{rule.label}: two -m mark matches")
+                    raise Unsupported(f"{_at(rule)}: two -m mark matches")
                 marks = (m.value, m.mask, m.negated)
                 continue
             if isinstance(m, StatisticMatch):
                 if m.mode != "random" or not self.effects:
-                    raise Unsupported(f"{rule.label}: statistic {m.mode}")
+                    raise Unsupported(f"{_at(rule)}: statistic {m.mode}")
                 p = m.probability
                 prob *= (1 - p) if m.negated else p
                 continue
@@ -322,17 +322,17 @@ class SetWalker:
         sp = self.space
         if isinstance(m, (AddrMatch, IpRangeMatch, ProtoMatch, PortMatch, AddrTypeMatch)):
             if isinstance(m, AddrTypeMatch) and (m.limit_iface or not self.ns.known):
-                raise Unsupported(f"{rule.label}: addrtype not decided")
+                raise Unsupported(f"{_at(rule)}: addrtype not decided")
             got = match_header(m, sp, self.family, self.ns, self._ports)
             if got is None:
-                raise Unsupported(f"{rule.label}: {type(m).__name__} not compiled")
+                raise Unsupported(f"{_at(rule)}: {type(m).__name__} not compiled")
             return got[0]
         if isinstance(m, IfaceMatch):
             if m.direction == "out" and hook in ("PREROUTING", "INPUT"):
                 return sp.empty() if not m.negated else sp.universe()  # no output interface yet
             name = self.iif if m.direction == "in" else self.oif
             if name is None:
-                raise Unsupported(f"{rule.label}: interface match on an open or unknown interface")
+                raise Unsupported(f"{_at(rule)}: interface match on an open or unknown interface")
             hit = name.startswith(m.name[:-1]) if m.name.endswith("+") else name == m.name
             return sp.universe() if hit != m.negated else sp.empty()
         if isinstance(m, MarkMatch) and m.kind == "mark":  # an open mark: a set over the input field
@@ -355,7 +355,13 @@ class SetWalker:
             self.recent_assumed = True
             hit = m.option not in ("--rcheck", "--update", "--remove")
             return sp.universe() if hit != m.negated else sp.empty()
-        raise Unsupported(f"{rule.label}: {type(m).__name__} ({m.module or 'match'}) not followed as a set")
+        what = f"-m {m.module}" if m.module else type(m).__name__.replace("Match", " match").lower()
+        raise Unsupported(f"{_at(rule)}: '{what}' is not followed as a set")
+
+
+def _at(rule) -> str:
+    """Where a rule is, for a user: ``nat:PREROUTING:rule:3 (line 12)``."""
+    return f"{rule.label} (line {rule.span.line})" if rule.span is not None else rule.label
 
 
 _KEY_FIELDS: dict = {}
