@@ -303,7 +303,6 @@ def test_mark_match_on_the_flows_fixed_mark():
     _nat("-A PREROUTING -j NETMAP --to 10.2.0.0/24"),
     "*mangle\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j CONNMARK --set-xmark 0x1/0x1\nCOMMIT\n",
     "*mangle\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j CONNMARK --restore-mark\nCOMMIT\n",
-    "*mangle\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -m conntrack --ctstate NEW -j ACCEPT\nCOMMIT\n",
     "*mangle\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -m connmark --mark 0x1 -j ACCEPT\nCOMMIT\n",
     "*mangle\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -p tcp -j TPROXY --on-port 15001 --tproxy-mark 0x1/0x1\nCOMMIT\n",
     "*raw\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j NOTRACK\nCOMMIT\n",
@@ -312,7 +311,7 @@ def test_mark_match_on_the_flows_fixed_mark():
     "*mangle\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -p tcp -m tcp --tcp-flags SYN,ACK SYN -j ACCEPT\nCOMMIT\n",
     "*raw\n:PREROUTING ACCEPT [0:0]\n:U - [0:0]\n-A PREROUTING -j U\n-A U -j U\nCOMMIT\n",
 ], ids=["dnat-range", "dnat-port-range", "redirect", "netmap", "connmark-set", "connmark-restore",
-        "ctstate", "connmark-match", "tproxy", "notrack", "ct-notrack", "ipset", "tcp-flags", "loop"])
+        "connmark-match", "tproxy", "notrack", "ct-notrack", "ipset", "tcp-flags", "loop"])
 def test_what_it_cannot_follow_exactly_is_refused(text):
     w = Walked(text)
     with pytest.raises(Unsupported):
@@ -477,3 +476,15 @@ def test_packets_dropped_in_the_hook_and_later_share_a_fate():
     by = {g.description: {fate(o) for o in g.outcomes} for g in res.groups}
     assert by == {"src 10.0.0.0-10.0.0.191": {("dropped", False, False, None, None)},
                   "src 10.0.0.192/26": {("forwarded", False, False, "forwarded", True)}}
+
+
+@pytest.mark.parametrize("table, state, dropped", [
+    ("mangle", "NEW", True), ("mangle", "RELATED,ESTABLISHED", False), ("raw", "INVALID", True),
+    ("raw", "NEW", False)])
+def test_conntrack_state_of_a_first_packet(table, state, dropped):
+    """A connection's first packet in PREROUTING: no entry yet in raw (INVALID, as the walk
+    says), NEW after the conntrack lookup; -m conntrack is decided alike for every packet."""
+    w = Walked(f"*{table}\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -m conntrack --ctstate {state} -j DROP\nCOMMIT\n")
+    exits = w.exits()
+    assert [e.action for e in exits] == (["DROP"] if dropped else [None])
+    _covers_once(w, exits)

@@ -130,7 +130,7 @@ class SetWalker:
                     # the set is over the translated header from here on: what the input
                     # packets were is only known as a whole (Exit.before), not split again
                     raise Unsupported(f"{table} {hook} after a DNAT in the same hook")
-                for t, action in self.table(th, table, hook):
+                for t, action in self._first_packet_table(th, table, hook):
                     if action is None:
                         nxt.append(t)
                     else:
@@ -140,6 +140,17 @@ class SetWalker:
         out = [self._exit(t, None) for t in threads]
         out += [self._exit(t, a) for t, a in zip(ended, ends)]
         return [e for e in out if not e.before.is_empty()]
+
+    def _first_packet_table(self, th: Thread, table: str, hook: str):
+        """`table` for a connection's first packet in the hook: the conntrack states its rules
+        see are known (walk.Walker._ctstates): none yet in raw (it runs before the conntrack
+        lookup: INVALID), NEW after it."""
+        known = self.ctstates
+        self.ctstates = frozenset({"INVALID"}) if table == "raw" else frozenset({"NEW"})
+        try:
+            return self.table(th, table, hook)
+        finally:
+            self.ctstates = known
 
     def _exit(self, t: Thread, action: str | None) -> Exit:
         if t.dnat is None:
@@ -308,6 +319,8 @@ class SetWalker:
         return hit, miss
 
     def _match_set(self, m, rule, hook: str):
+        if isinstance(m, CtStateMatch):  # decided by the states known here, not cached
+            return self._compile(m, rule, hook)
         key = _match_key(m)
         hit = self._sets.get(key)
         if hit is not None:
