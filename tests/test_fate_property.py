@@ -5,7 +5,7 @@ Random small rulesets whose nat PREROUTING uses every kind the set walk (netfilt
 follows (addresses with prefixes and negation, iprange, ports, protocol, ``-i``, addrtype,
 ``-m mark`` after MARK, statistic, ``-m recent``, jumps, gotos, RETURN, ACCEPT, LOG, DNAT to one
 address and port or to one address), with mangle/raw PREROUTING marks and drops, filter
-FORWARD/INPUT rules (some on ``--ctstate DNAT`` and the mark) and nat POSTROUTING MASQUERADE/SNAT,
+FORWARD/INPUT rules (some on ``--ctstate DNAT``, the original destination and the mark) and nat POSTROUTING MASQUERADE/SNAT,
 and now and then a rule the set walk refuses (then explain falls back to paths). For every
 group, random packets drawn from it are walked concretely from the start and must end with the
 group's fates (those of its witness); the groups must partition the flow's packets. Most
@@ -106,7 +106,8 @@ def fate_rulesets(draw):
     fwd = ["addr", "port", "mark", "proto"]
     lines += _rules(d, "FORWARD", draw(st.integers(0, 3)), fwd,
                     ["-j ACCEPT", "-j DROP", "-j REJECT", "-m conntrack --ctstate DNAT -j ACCEPT",
-                     "-m conntrack --ctstate DNAT -j DROP"])
+                     "-m conntrack --ctstate DNAT -j DROP", "-m conntrack --ctorigdst 10.0.1.0/29 -j DROP",
+                     "-m conntrack ! --ctorigdstport 80 -j REJECT"])
     lines += _rules(d, "INPUT", draw(st.integers(0, 2)), fwd, ["-j ACCEPT", "-j DROP", "-j REJECT"])
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"

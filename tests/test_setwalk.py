@@ -488,3 +488,30 @@ def test_conntrack_state_of_a_first_packet(table, state, dropped):
     exits = w.exits()
     assert [e.action for e in exits] == (["DROP"] if dropped else [None])
     _covers_once(w, exits)
+
+
+@pytest.mark.parametrize("rule", ["-m conntrack --ctorigdst 10.1.0.5 -j DROP",
+                                  "-m conntrack ! --ctorigdst 10.1.0.6 -j DROP",
+                                  "-m conntrack --ctorigdstport 80 -j DROP",
+                                  "-p tcp -m conntrack --ctorigdstport 81 --ctdir ORIGINAL -j DROP"])
+def test_a_rule_reading_the_original_destination_is_explained_by_path(rule):
+    """Two addresses DNATed to one backend, FORWARD deciding on the original destination (as
+    Docker's documentation suggests in DOCKER-USER: --ctorigdstport ... --ctdir ORIGINAL): the
+    packets after the hook do not decide their fate alone. This raised FateMismatch (the Ghost's
+    answer, pulled back onto every input packet, differed from the witness's walk); now the
+    packets are explored by path, exactly, and each group's random packets walk as it says."""
+    text = ("*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -d 10.1.0.5/32 -j DNAT --to-destination 10.2.0.9:8080\n"
+            "-A PREROUTING -d 10.1.0.6/32 -j DNAT --to-destination 10.2.0.9:8080\nCOMMIT\n"
+            f"*filter\n:FORWARD ACCEPT [0:0]\n-A FORWARD {rule}\nCOMMIT\n")
+    res, spec = _open(text, "tcp 10.0.0.0/24 -> 10.1.0.4/30:80-81")
+    assert res.by == "path" and res.complete
+    _check_groups(res, spec)
+    rs = load_ruleset((text, "t.rules")).ruleset
+    import random
+    rnd = random.Random(1)
+    for g in res.groups:
+        assert not g.is_approximate
+        for _ in range(4):
+            v = g.packets.pick({f: rnd.getrandbits(res.space.widths[f]) for f in ("src", "dst", "sport", "dport")})
+            pkt = _plain(witness(spec, v, res.space))
+            assert {fate(o) for o in explain_flow(rs, pkt, _ns())} == {fate(o) for o in g.outcomes}
