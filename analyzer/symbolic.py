@@ -250,16 +250,21 @@ def explain_fate(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 
         walker.summaries = True
         mark = None if "mark" in spec.open else int(t.mark or 0)
         icmp = (t.icmp_type, t.icmp_code or 0) if "proto" not in spec.open and t.proto in (1, 58) \
-            and t.icmp_type is not None else (8, 0)  # an open protocol's ICMP witnesses: echo request
-        sw = SetWalker(ruleset, ns, space, 4, t.iif, mark, walker.backend,
+            and t.icmp_type is not None else (8 if t.family == 4 else 128, 0)  # an open protocol's: echo request
+        sw = SetWalker(ruleset, ns, space, t.family, t.iif, mark, walker.backend,
                        tcp_flags=int(t.tcp_flags or 0), icmp=icmp)
+        # IPv6: ip6_rcv_core drops some packets before any hook (pipeline.ip6_header_checks)
+        dropped = _ip6_header_dropped(space, t) & universe if t.family == 6 else space.empty()
         try:
-            exits = sw.hook(universe, "PREROUTING", walker.ct_in_use)
+            exits = sw.hook(universe - dropped, "PREROUTING", walker.ct_in_use)
         except Unsupported as e:
             if why is not None:
                 why.append(f"the PREROUTING hook has a rule the set walk does not follow ({e})")
             return None
         walker.recent_assumed = walker.recent_assumed or sw.recent_assumed
+        if not dropped.is_empty():
+            from analyzer.netfilter.setwalk import Exit
+            exits.append(Exit(dropped, dropped, 1.0, "DROP", False, (), mark))
         try:
             return _fate_groups(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, limit,
                                 progress, described)
@@ -272,13 +277,24 @@ def explain_fate(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 
             gc.enable()
 
 
+def _ip6_header_dropped(space, t):
+    """The IPv6 packets ip6_rcv_core drops before any hook, as pipeline.ip6_header_checks
+    decides them for a packet arriving on ``t.iif``: a loopback source or destination, a
+    multicast source, a multicast destination of scope 0 or 1 (none on lo)."""
+    from analyzer.netfilter.pipeline import _MC6_DROPPED_SCOPES
+
+    if t.iif == "lo":
+        return space.empty()
+    lo6, mc6 = ipaddress.ip_network("::1/128"), ipaddress.ip_network("ff00::/8")
+    return space.union([space.prefix("src", lo6), space.prefix("dst", lo6), space.prefix("src", mc6),
+                        *(space.prefix("dst", n) for n in _MC6_DROPPED_SCOPES)]) & space.family(6)
+
+
 def fate_refused(spec: FlowSpec, local: bool = False) -> str | None:
     """Why `explain_fate` does not apply to ``spec`` before any rule is read (None: it may)."""
     t = spec.template
     if local:
         return "the flow is generated locally (--local); fate grouping follows a flow arriving on an interface"
-    if t.family != 4:
-        return "the flow is IPv6; fate grouping covers IPv4 flows only"
     if not t.iif or "iif" in spec.open:
         return "the input interface is open (no --from-iface, or a wildcard); fate grouping needs one interface"
     given = sorted(f for f in ("ctstate", "connmark", "tcp_flags") if f in spec.open or getattr(spec, f))
@@ -315,7 +331,7 @@ def _fate_groups_(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, 
     # and the destination and its port of the translated ones (DNAT)
     after_open = {False: spec.open | ({"mark"} if marked else set()),
                   True: spec.open | {"dst", "dport"} | ({"mark"} if marked else set())}
-    g_dst, g_dport = ghost_address("original destination", 4), Ghost(0, "original destination port", 16)
+    g_dst, g_dport = ghost_address("original destination", t.family), Ghost(0, "original destination port", 16)
     prefer = {"proto": 6, "sport": 40000, "dport": 80, "src": int(t.src), "dst": int(t.dst)}
     assumed: list = []
 

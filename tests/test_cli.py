@@ -430,19 +430,31 @@ def test_group_by_takes_fate_or_path():
 
 
 @pytest.mark.parametrize("argv, why", [
-    (["samples/explain/ipv6-dnat.rules", "--flow", "tcp [fd01::2] -> [fd00:96::10]:80-81", "--from-iface", "sk1b",
-      "--addr", "fd01::1/64@sk1b"], "the flow is IPv6; fate grouping covers IPv4 flows only"),
     (["samples/explain/local-dnat.rules", "--flow", "tcp 10.0.2.1 -> 10.96.0.30:80-81", "--local", "--addr",
       "10.0.2.1/24@sk2b"], "the flow is generated locally (--local); fate grouping follows a flow arriving on an interface"),
     (["samples/explain/lone-ack.rules", "--flow", "tcp 10.0.1.2 -> 10.99.0.1:80-81 flags ACK", "--from-iface", "sk1b",
       "--addr", "10.0.1.1/24@sk1b"], "fate grouping covers a connection's first packet, and this flow gives or opens flags"),
     (["samples/explain/lone-ack.rules", "--flow", "tcp 10.0.1.2 -> 10.99.0.1:80-81 ctstate any", "--from-iface", "sk1b",
       "--addr", "10.0.1.1/24@sk1b"], "fate grouping covers a connection's first packet, and this flow gives or opens ctstate"),
-], ids=["ipv6", "local", "lone-ack", "ctstate"])
+], ids=["local", "lone-ack", "ctstate"])
 def test_open_flow_fate_fallback_reasons(argv, why):
     rc, out, err = run(["explain", *argv])
     assert rc in (0, 1) and "Traceback" not in err, err
     assert out.splitlines()[2] == f"grouped by rules crossed, not by fate: {why}", out
+
+
+def test_ipv6_open_flow_is_grouped_by_fate_with_the_header_drops():
+    """IPv6: what ip6_rcv_core drops before any hook (a loopback or multicast source, ...) is a
+    group of its own, dropped, and the DNATed rest another; each witness walks as its group."""
+    rc, out, err = run(["explain", "samples/explain/ipv6-dnat.rules", "--flow", "tcp ::/0 -> [fd00:96::10]:80",
+                        "--from-iface", "sk1b", "--addr", "fd01::1/64@sk1b", "-o", "json"])
+    assert rc in (0, 1), err
+    doc = json.loads(out)
+    assert doc["grouped_by"] == "fate" and doc["complete"]
+    kinds = sorted(s["outcome"] for s in doc["summary"])
+    assert kinds == ["dropped", "no-route, DNAT"], kinds
+    dropped, = [g for g in doc["groups"] if g["outcome"] == "dropped"]
+    assert "::1" in dropped["packets"] and "ff00::/8" in dropped["packets"], dropped["packets"]
 
 
 def test_a_fate_group_failing_its_check_is_said_and_grouped_by_path(monkeypatch):
