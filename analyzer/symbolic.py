@@ -506,17 +506,15 @@ def _before(exits, packets, mark, translated: bool):
 
 
 def _pins(e, sp):
-    """The packets with exit ``e``'s DNAT constants (kept on the exit: asked once per fate)."""
-    hit = e.__dict__.get("_pins") if hasattr(e, "__dict__") else None
+    """The packets with exit ``e``'s DNAT constants (built once per address:port: the exits of
+    one endpoint, one per mark, share them)."""
+    hit = _PINS.get(e.consts)
     if hit is None:
-        hit = _PINS.get(id(e))
-        if hit is None or hit[0] is not e:
-            hit = _PINS[id(e)] = (e, sp.where(**dict(e.consts)))
-        return hit[1]
+        hit = _PINS[e.consts] = sp.where(**dict(e.consts))
     return hit
 
 
-#: exit -> (exit, its pins), for the exits of the flow being explained (cleared per flow)
+#: DNAT constants -> the packets with them, for the flow being explained (cleared per flow)
 _PINS: dict = {}
 
 
