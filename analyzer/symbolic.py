@@ -217,18 +217,21 @@ def explain_fate(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 
     The PREROUTING hook is walked over the whole set (netfilter/setwalk.py): each way through
     it (an `Exit`: which input packets, how they leave, translated or not) is exact for all of
     its packets, so a 10,000-service fan-out costs one set operation per rule instead of one
-    walk per service. The packets leaving the hook, the translated ones and the others apart,
-    are then explored path by path from there (pipeline.AFTER_PREROUTING, the reply included);
-    a connection's original destination is then a `Ghost`, which no decision may read (else
-    the class is APPROXIMATE). Each input packet's fates are those of the classes its exits
-    lead to; the packets with the same fates are one group, and one witness per group is
-    walked again from the start, concretely, for its trace and findings, and must end as the
-    group says (`FateMismatch` otherwise).
+    walk per service. The packets leaving the hook, the translated ones (over-approximated:
+    `_after`) and the others apart, are then explored path by path from there
+    (pipeline.AFTER_PREROUTING, the reply included), a table the set walk follows decided as
+    a whole (RecordingWalker.summaries); a connection's original destination is then a
+    `Ghost`: a walk that decides on it makes the flow fall back (``why`` says so). Each input
+    packet's fates are those of the classes its exits lead to (`_before`); the packets with
+    the same set of fates are one group, and one witness per group is walked again from the
+    start, concretely, for its trace and findings, and must end as the group says
+    (`FateMismatch` otherwise).
 
-    Applies to a flow arriving on an interface (not ``--local``), IPv4, a connection's first
-    packet (no conntrack state, connmark or TCP flags given or open) with a fixed input
-    interface, and rules the set walk follows exactly (setwalk.Unsupported otherwise). When
-    it returns None, ``why`` (a list) gets the reason, in a user's words."""
+    Applies to a flow arriving on one interface (not ``--local``), IPv4 or IPv6 (IPv6: what
+    ip6_rcv_core drops first is a group of its own), a connection's first packet (no
+    conntrack state, connmark or TCP flags given or open), and rules the set walk follows
+    exactly (setwalk.Unsupported otherwise). When it returns None, ``why`` (a list) gets the
+    reason, in a user's words."""
     from analyzer.netfilter.setwalk import SetWalker, Unsupported
 
     refused = fate_refused(spec, local)
