@@ -1,24 +1,29 @@
-"""Netfilter layer: a table traversal over a *set* of packets, for the hook a packet meets first.
+"""Netfilter layer: a table traversal over a *set* of packets.
 
 The concolic walk (symbolic.py) explores an open flow path by path: one class of packets per
 path, so a 10,000-service dump's fan-out (kube-proxy's KUBE-SERVICES, one chain per service and
 endpoint) makes one class per service and endpoint, each walked on its own. This walk carries
 the whole set instead: each rule splits it (``S & match``, ``S - match``), a jump runs the called
 chain on the part that matched and the part that comes back joins the rest, a statistic
-branch splits the world (both parts, each with its probability), MARK rewrites the mark field
-of the part that matched (``PacketSet.masked_assign``), and DNAT to one address (and port)
-ends the table with that part's destination rewritten (``PacketSet.assign``). Each way out of
-the hook is an `Exit`: the input packets that take it, the packets as they leave, and what the
-table did. symbolic.py's fate exploration walks the packets after the hook concolically,
-grouped by what happens to them rather than by the rules they crossed.
+branch splits the world (both parts, each with its probability), MARK rewrites the mark of the
+part that matched (kept per thread: the flow's mark is fixed), and DNAT to one address (and
+port) ends the table with that part's destination rewritten (`Exit.consts`). Two uses:
+
+- `SetWalker.hook`: the PREROUTING hook for a connection's first packet. Each way out is an
+  `Exit`: the input packets that take it, the packets as they leave, and what the hook did;
+  symbolic.explain_fate explores the packets after the hook concolically and groups the input
+  packets by fate.
+- `SetWalker.table` with ``effects=False``: one table traversal after the hook, decided for
+  every packet at once by how it leaves the table (symbolic.RecordingWalker._summary).
 
 It models only what it can follow exactly, in the walk's semantics (walk.Walker._match and
 _apply_target): header matches (addresses, iprange, protocol, ports, addrtype with the
-namespace's addresses, via `symbolic.match_header`), ``-i`` against the flow's fixed input
-interface, ``-m mark``, ``-m statistic --mode random``, comments; jumps, gotos, RETURN,
-ACCEPT, DROP, policies, MARK, non-terminating targets such as LOG, and DNAT to a single
-address and port. Anything else raises `Unsupported`, and the caller explores path by path as
-before: a set walk never guesses.
+namespace's addresses, via `symbolic.match_header`), ``-i``/``-o`` against known interfaces,
+``-m mark``, ``-m statistic --mode random``, ``-m recent`` (RECENT_ASSUMPTION),
+``--tcp-flags``/``--icmp-type`` and ``--ctstate`` with known values, comments; jumps, gotos,
+RETURN, ACCEPT, DROP, REJECT, policies, MARK, and DNAT to a single address and port; a rule
+whose target changes nothing (none, LOG, ...) is skipped whatever it matches. Anything else
+raises `Unsupported`, and the caller walks path by path as before: a set walk never guesses.
 """
 from __future__ import annotations
 
