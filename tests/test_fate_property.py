@@ -81,13 +81,19 @@ def fate_rulesets(draw):
         lines.append("COMMIT")
     if draw(st.booleans()):
         lines += ["*mangle", ":PREROUTING ACCEPT [0:0]"]
+        user = draw(st.booleans())
+        if user:  # a LOG-then-DROP chain (the shape of TUM's LOG_DROP)
+            lines += [":LOG_DROP - [0:0]", "-A LOG_DROP -m limit --limit 5/min -j LOG --log-prefix drop",
+                      "-A LOG_DROP -j DROP"]
         lines += _rules(d, "PREROUTING", draw(st.integers(0, 3)), ["addr", "port", "mark", "statistic", "proto"],
-                        marks + ["-j DROP", "-j ACCEPT", "-j RETURN"])
+                        marks + ["-j DROP", "-j ACCEPT", "-j RETURN"] + (["-j LOG_DROP"] if user else []))
         lines.append("COMMIT")
     user = ["SVC", "SEP"][:draw(st.integers(0, 2))]
     lines += ["*nat", ":PREROUTING ACCEPT [0:0]", ":POSTROUTING ACCEPT [0:0]", *(f":{u} - [0:0]" for u in user)]
     dnat = [f"-j DNAT --to-destination {a}" for a in DNAT_TO]
-    common = dnat + dnat + marks + ["-j LOG", "-j ACCEPT", "-j RETURN"]
+    # rules that change nothing (no target, LOG, whatever they match: the set walk skips them)
+    common = dnat + dnat + marks + ["-j LOG", "-j ACCEPT", "-j RETURN", "", "-m limit --limit 5/min -j LOG",
+                                    "-m hashlimit --hashlimit-above 10/sec --hashlimit-name h -j LOG"]
     for k, c in enumerate(["PREROUTING", *user]):
         callees = user[k:]  # a chain calls the ones after it: no loops
         jumps = [f"-j {u}" for u in callees] * 2 + [f"-g {u}" for u in callees]
@@ -168,8 +174,8 @@ def check_exits(text: str, flow: str, iif: str, seed: int) -> str:
     """The PREROUTING hook walked over the flow's packets (setwalk.SetWalker) against the
     concrete walk of the same hook (walk.Walker.hook) on random packets of the flow: each
     concrete branch (one per statistic world) leaves as one of the exits its packet is in
-    says (the packet after the hook, its mark, dropped or not, translated or not, the world's
-    probability), and every exit its packet is in is taken by some branch."""
+    says (the packet after the hook, its mark, dropped or not, translated or not), and every
+    exit its packet is in is taken by some branch, with no more probability than they have."""
     from analyzer.netfilter.setwalk import SetWalker, Unsupported
     from analyzer.netfilter.walk import Branch, Conntrack, Walker
     from analyzer.netfilter.symbolic import flow_space
@@ -196,17 +202,24 @@ def check_exits(text: str, flow: str, iif: str, seed: int) -> str:
         brs = w.hook([Branch(pkt, Conntrack(pkt, pkt.dst, pkt.dport, pkt.src, pkt.sport, in_use=w.ct_in_use))],
                      "PREROUTING")
         taken = set()
+        mass = [0.0] * len(mine)  # the probability of the concrete branches each exit holds
         for br in brs:
             after = _point(space, {**v, "dst": int(br.pkt.dst), "dport": br.pkt.dport, "mark": br.pkt.mark}, spec,
                            with_mark=False)
             action = None if br.disposition is None else {"dropped": "DROP"}.get(br.disposition, br.disposition)
             hits = [k for k, e in enumerate(mine) if e.action == action and e.dnat == bool(br.ct.dnat)
-                    and (e.mark is None or e.mark == br.pkt.mark) and not (e.image() & after).is_empty()
-                    and e.prob == br.prob]
+                    and (e.mark is None or e.mark == br.pkt.mark) and not (e.image() & after).is_empty()]
             assert hits, (pkt.tuple_str(), br.pkt.tuple_str(), br.disposition, br.prob, hex(br.pkt.mark),
                           [(e.action, e.dnat, e.mark, e.prob, e.consts) for e in mine])
             taken.update(hits)
+            for k in hits:  # None: the walk forked on a match it does not evaluate (-m limit)
+                mass[k] += 1.0 if br.prob is None else br.prob
         assert taken == set(range(len(mine))), (pkt.tuple_str(), [(e.action, e.dnat, e.mark, e.prob) for e in mine])
+        # Exit.prob is informative (a statistic jump to a chain that returns joins its two
+        # worlds, a LOG rule's statistic is not split): never more than the concrete walk's
+        # branches that leave that way, nor more than 1 in all
+        assert all(e.prob <= m + 1e-9 for e, m in zip(mine, mass)), (pkt.tuple_str(), mass, [e.prob for e in mine])
+        assert sum(e.prob for e in mine) <= 1 + 1e-9, [e.prob for e in mine]
     return "fate"
 
 
