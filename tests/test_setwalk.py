@@ -517,11 +517,6 @@ def test_a_rule_reading_the_original_destination_is_explained_by_path(rule):
             assert {fate(o) for o in explain_flow(rs, pkt, _ns())} == {fate(o) for o in g.outcomes}
 
 
-@pytest.mark.xfail(strict=True, reason="walk.Walker forks on a match it does not evaluate (-m limit) even when "
-                   "the rule's target changes nothing (LOG): every outcome is APPROXIMATE and duplicated, and "
-                   "under fate grouping the table summary (netfilter/symbolic.py run_table) then notes "
-                   "'internal: filter FORWARD ends the witness [None, None], its part None' as a lost reason "
-                   "the user reads; the set walk skips such a rule")
 def test_a_log_rule_with_an_unevaluated_match_changes_nothing():
     """TUM's LOG_DROP shape: `-m limit ... -j LOG` logs some packets and changes none."""
     text = ("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n-A FORWARD -m limit --limit 5/min -j LOG\nCOMMIT\n"

@@ -509,6 +509,13 @@ class Walker:
                     continue
                 if res is not True:  # uncertain: fork into match / no match
                     p, reason, exact = res
+                    t = rule.target
+                    if t is None or (type(t) is OtherTarget and not t.terminating):
+                        # matched or not, the packet goes on unchanged (LOG, NFLOG, no target):
+                        # no fork, the rule shown with what was not decided
+                        self._step(br, rule, Kind.OTHER if t is not None else Kind.CONTINUE,
+                                   note=f"may match ({reason}); the packet goes on unchanged either way")
+                        continue
                     if len(out) < MAX_OUTCOMES:
                         alt = br.fork()
                         alt.prob = alt.prob * (1 - p) if (p is not None and alt.prob is not None) else None
