@@ -27,7 +27,7 @@ from analyzer.parse import load_ruleset  # noqa: E402
 from analyzer.parse.flow import parse_flow_spec  # noqa: E402
 from analyzer.symbolic import _plain, explain_open, fate  # noqa: E402
 
-from test_symbolic_property import ADDRS, MARKS, PORTS, _match, _namespace, neg  # noqa: E402
+from test_symbolic_property import _match, _namespace, neg  # noqa: E402
 
 SAMPLES = 3  # random packets drawn from each group
 EXAMPLES = int(os.environ.get("SYNACK_PROPERTY_EXAMPLES", "40"))
