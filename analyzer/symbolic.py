@@ -9,6 +9,7 @@ meets, not all of them. Classes with the same outcome are reported together.
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import ipaddress
 from dataclasses import dataclass, field
@@ -66,16 +67,22 @@ def explain_classes(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int
     """The packets of ``spec`` in classes the walk cannot tell apart: ``([Explored], rest)``,
     each class with its witness's values and outcomes; ``rest`` the packets left when ``limit``
     classes were reached (empty when every packet is explained). Also returns the space."""
+    with _cyclic_gc_paused():
+        return _explain_classes(ruleset, spec, ns, local, limit, assumed, progress)
+
+
+@contextlib.contextmanager
+def _cyclic_gc_paused():
+    """The walks allocate millions of short-lived objects and almost no reference cycles (a
+    collection after the 4,416 classes of a 10,000-service flow's :80 part finds 5 objects):
+    the cyclic GC only costs time there (~5%), so it pauses for an exploration, as it does for
+    lint --env's walks (checks/reply.py); what cycles there are are collected after."""
     import gc
 
-    # the walks allocate millions of short-lived objects and almost no reference cycles (a
-    # collection after the 4,416 classes of a 10,000-service flow's :80 part finds 5 objects):
-    # the cyclic GC only costs time here (~5%), so it pauses for the exploration, as it does
-    # for lint --env's walks (checks/reply.py); what cycles there are are collected after
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _explain_classes(ruleset, spec, ns, local, limit, assumed, progress)
+        yield
     finally:
         if enabled:
             gc.enable()
@@ -93,10 +100,7 @@ def _explain_classes(ruleset, spec: FlowSpec, ns, local: bool, limit: int, assum
     for f in OPEN_INTS:
         if f in spec.open:
             prefer[f] = int(getattr(t, f) or 0)
-    nsw = noting_namespace(ns)
-    # the flow's sources: the peer model's route back to the client tells its address from others
-    nsw.flow_sources = tuple((int(lo), int(hi)) for lo, hi in spec.src)
-    walker = RecordingWalker(ruleset, nsw)
+    nsw, walker = _recording_walker(ruleset, ns, spec)
 
     def make(v):
         return witness(spec, v, space)
@@ -105,11 +109,24 @@ def _explain_classes(ruleset, spec: FlowSpec, ns, local: bool, limit: int, assum
         flow_flags_follow(spec, pkt)
         return explain_flow(ruleset, pkt, nsw, local=local, walker=walker)
 
-    fixed = {f: (int(getattr(t, f)) if f in ("src", "dst") else getattr(t, f))
-             for f in ("src", "dst", "sport", "dport", "proto") if f not in spec.open and getattr(t, f) is not None}
+    fixed = _fixed_fields(t, spec.open)
     classes, rest = _explore_protos(universe, make, walk, limit, prefer, fixed, spec, progress)
     _assumed(walker, assumed)
     return classes, rest, space
+
+
+def _recording_walker(ruleset, ns, spec: FlowSpec):
+    """The noting namespace and the recording walker an exploration of ``spec`` walks with."""
+    nsw = noting_namespace(ns)
+    # the flow's sources: the peer model's route back to the client tells its address from others
+    nsw.flow_sources = tuple((int(lo), int(hi)) for lo, hi in spec.src)
+    return nsw, RecordingWalker(ruleset, nsw)
+
+
+def _fixed_fields(t: Packet, open_fields) -> dict:
+    """The header fields every packet explored has the template's value of (explore's ``fixed``)."""
+    return {f: (int(getattr(t, f)) if f in ("src", "dst") else getattr(t, f))
+            for f in ("src", "dst", "sport", "dport", "proto") if f not in open_fields and getattr(t, f) is not None}
 
 
 def _assumed(walker, out: list | None) -> None:
@@ -232,7 +249,7 @@ def explain_fate(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 
     conntrack state, connmark or TCP flags given or open), and rules the set walk follows
     exactly (setwalk.Unsupported otherwise). When it returns None, ``why`` (a list) gets the
     reason, in a user's words."""
-    from analyzer.netfilter.setwalk import SetWalker, Unsupported
+    from analyzer.netfilter.setwalk import Exit, SetWalker, Unsupported
 
     refused = fate_refused(spec, local)
     if refused is not None:
@@ -240,16 +257,10 @@ def explain_fate(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 
             why.append(refused)
         return None
     t = spec.template
-    import gc
-
-    enabled = gc.isenabled()
-    gc.disable()  # as explain_classes: the walks make no cycles worth collecting
-    try:
+    with _cyclic_gc_paused():
         space = flow_space(ruleset, ns, spec)
         universe = flow_set(space, spec, local)
-        nsw = noting_namespace(ns)
-        nsw.flow_sources = tuple((int(lo), int(hi)) for lo, hi in spec.src)
-        walker = RecordingWalker(ruleset, nsw)
+        nsw, walker = _recording_walker(ruleset, ns, spec)
         walker.summaries = True
         mark = None if "mark" in spec.open else int(t.mark or 0)
         icmp = (t.icmp_type, t.icmp_code or 0) if "proto" not in spec.open and t.proto in (1, 58) \
@@ -266,7 +277,6 @@ def explain_fate(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 
             return None
         walker.recent_assumed = walker.recent_assumed or sw.recent_assumed
         if not dropped.is_empty():
-            from analyzer.netfilter.setwalk import Exit
             exits.append(Exit(dropped, dropped, 1.0, "DROP", False, (), mark))
         try:
             return _fate_groups(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, limit,
@@ -275,9 +285,6 @@ def explain_fate(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 
             if why is not None:
                 why.append(str(e))
             return None
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _ip6_header_dropped(space, t):
@@ -308,15 +315,6 @@ def fate_refused(spec: FlowSpec, local: bool = False) -> str | None:
 
 
 def _fate_groups(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, limit, progress, described):
-    _PINS.clear()
-    try:
-        return _fate_groups_(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, limit, progress,
-                             described)
-    finally:
-        _PINS.clear()
-
-
-def _fate_groups_(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, limit, progress, described):
     from dataclasses import replace
 
     from analyzer.engine.concolic import ghost_address, Ghost
@@ -328,7 +326,8 @@ def _fate_groups_(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, 
     ended = [e for e in exits if e.action is not None]
     going = {False: [e for e in exits if e.action is None and not e.dnat],
              True: [e for e in exits if e.action is None and e.dnat]}
-    q = {k: _after(es, space) for k, es in going.items()}
+    pins = _Pins(space)
+    q = {k: _after(es, space, pins) for k, es in going.items()}
     marked = mark is not None and any(e.mark != mark for es in going.values() for e in es)
     # the fields the hook may have written are open in the packets after it: the mark (MARK),
     # and the destination and its port of the translated ones (DNAT)
@@ -352,10 +351,7 @@ def _fate_groups_(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, 
             ct.dnat = translated
             return explain_flow(ruleset, pkt, nsw, walker=walker, resume=Branch(pkt, ct, [], 1.0, []))
 
-        fixed = {f: (int(getattr(t, f)) if f in ("src", "dst") else getattr(t, f))
-                 for f in ("src", "dst", "sport", "dport", "proto")
-                 if f not in after_open[translated] and getattr(t, f) is not None}
-        return _explore_protos(q[translated], make, walk, budget, prefer, fixed, spec,
+        return _explore_protos(q[translated], make, walk, budget, prefer, _fixed_fields(t, after_open[translated]), spec,
                                None if progress is None else (lambda n: progress(base + n)))
 
     classes = {}
@@ -368,7 +364,7 @@ def _fate_groups_(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, 
         got, left = explore_after(translated, limit - count, count)
         classes[translated] = got
         count += len(got)
-        rest = rest | _before(going[translated], left, mark, translated)
+        rest = rest | _before(going[translated], left, translated, pins)
     _assumed(walker, assumed)
     for c in classes[True]:
         if any(GHOST_READ in r for r in c.lost):
@@ -385,7 +381,7 @@ def _fate_groups_(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, 
             lost.setdefault(f, []).extend(r for r in c.lost if r not in lost.get(f, ()))
     fates: dict = {}
     for (translated, f), cls in by_fate.items():
-        pre = _before(going[translated], cls, mark, translated)
+        pre = _before(going[translated], cls, translated, pins)
         fates[f] = fates[f] | pre if f in fates else pre
     for e in ended:
         # the fate the walk gives a packet that ends in the hook (walk.Walker._end): no
@@ -442,12 +438,13 @@ def _fates_of(c) -> tuple:
 
 def _ended_fate(e) -> tuple:
     """The fate the walk gives a packet a verdict of the set walk ended (Exit.action) in the
-    hook: its disposition (walk.Walker._end), no translation yet, no reply."""
-    word = "rejected" if e.action.startswith("REJECT") else "dropped" if e.action == "DROP" else e.action.lower()
-    return (word, False, False, None, None)
+    hook: its disposition (walk.disposition), no translation yet, no reply."""
+    from analyzer.netfilter.walk import disposition
+
+    return (disposition(e.action), False, False, None, None)
 
 
-def _after(exits, space):
+def _after(exits, space, pins):
     """The packets leaving the hook by ``exits``, their marks included. Translated exits are
     taken together, over-approximated: per mark and set of rewritten fields, every address
     and port written with every packet's other fields (the union of the exact images, one
@@ -465,8 +462,7 @@ def _after(exits, space):
         if fields is None:
             got = _union(es)
         else:
-            pins = _union([_pins(e, space) for e in es])
-            got = pins & _union([e.before for e in es]).exists(fields)
+            got = _union([pins.set(e) for e in es]) & _union([e.before for e in es]).exists(fields)
         out.append(got if m is None else got & space.eq("mark", m))
     return _union(out) if out else space.empty()
 
@@ -481,7 +477,7 @@ def _union(sets):
     return sets[0]
 
 
-def _before(exits, packets, mark, translated: bool):
+def _before(exits, packets, translated: bool, pins):
     """The input packets whose way out of the hook (one of ``exits``) lands in ``packets``: an
     exit's packets leave with its mark (Exit.mark) and, translated, with the constants its DNAT
     wrote (Exit.consts); every other field is the input's own: the part of ``packets`` with
@@ -499,41 +495,41 @@ def _before(exits, packets, mark, translated: bool):
         if not translated:
             hit = e.after & s
         else:
-            pinned = s & _pins(e, sp)
+            pinned = s & pins.set(e)
             if pinned.is_empty():
                 continue
-            hit = e.before & sp._set(sp._exist(_pin_vars(e, sp), pinned.node))
+            hit = e.before & sp._set(sp._exist(pins.variables(e), pinned.node))
         if not hit.is_empty():
             parts.append(hit)
     return _union(parts) if parts else sp.empty()
 
 
-def _pins(e, sp):
-    """The packets with exit ``e``'s DNAT constants (built once per address:port: the exits of
-    one endpoint, one per mark, share them)."""
-    hit = _PINS.get(e.consts)
-    if hit is None:
-        hit = _PINS[e.consts] = sp.where(**dict(e.consts))
-    return hit
+class _Pins:
+    """The packets with a DNAT's constants (Exit.consts), and the BDD variables those fix, built
+    once per address:port for one exploration (the exits of one endpoint, one per mark, share
+    them; each is asked once per fate)."""
 
+    def __init__(self, space):
+        self.space = space
+        self._sets: dict = {}
+        self._vars: dict = {}
 
-#: DNAT constants -> the packets with them, for the flow being explained (cleared per flow)
-_PINS: dict = {}
+    def set(self, e):
+        hit = self._sets.get(e.consts)
+        if hit is None:
+            hit = self._sets[e.consts] = self.space.where(**dict(e.consts))
+        return hit
 
-
-def _pin_vars(e, sp) -> tuple:
-    """The BDD variables a DNAT's constants fix (an IPv4 address: its low 32 bits)."""
-    key = tuple(f for f, _ in e.consts)
-    hit = _PIN_VARS.get((key, id(sp)))
-    if hit is None:
-        names: list = []
-        for f, v in e.consts:
-            names += sp._vars[f][96:] if f in ("src", "dst") and getattr(v, "version", 6) == 4 else sp._vars[f]
-        hit = _PIN_VARS[(key, id(sp))] = tuple(names)
-    return hit
-
-
-_PIN_VARS: dict = {}
+    def variables(self, e) -> tuple:
+        """An IPv4 address fixes its low 32 bits (the others are free in an IPv4 set)."""
+        key = tuple((f, getattr(v, "version", None)) for f, v in e.consts)
+        hit = self._vars.get(key)
+        if hit is None:
+            names: list = []
+            for f, version in key:
+                names += self.space._vars[f][96:] if f in ("src", "dst") and version == 4 else self.space._vars[f]
+            hit = self._vars[key] = tuple(names)
+        return hit
 
 
 def _explore_protos(universe, make, walk, limit, prefer, fixed, spec, progress):

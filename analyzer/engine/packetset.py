@@ -908,15 +908,9 @@ class PacketSet:
         """The image of the rewrite ``field := value``: exists field . S, then field == value.
 
         An address keeps only the packets of its family (a rewrite never changes family)."""
-        sp = self._space
         if field == "family":
-            return self.exists("family") & sp.family(4 if value == 0 else 6)
-        if field in ADDRESS_FIELDS and isinstance(value, ipaddress.IPv4Address):
-            # only IPv4 packets keep, and their high 96 bits are free: the low 32 are the address
-            node = sp._exist(sp._vars[field][96:], self._node & sp._fam[4])
-        else:
-            node = sp._exist(sp._vars[field], self._node)
-        return self._new(node & sp._build([sp._spec_eq(field, value)]))
+            return self.exists("family") & self._space.family(4 if value == 0 else 6)
+        return self.assign_all(((field, value),))
 
     def assign_all(self, pairs) -> PacketSet:
         """`assign` of several fields at once (``((field, value), ...)``, no ``family``): one
@@ -933,7 +927,8 @@ class PacketSet:
         node = self._node
         for field, value in pairs:
             if field in ADDRESS_FIELDS and isinstance(value, ipaddress.IPv4Address):
-                names += sp._vars[field][96:]  # only IPv4 packets keep; their high bits are free
+                # only IPv4 packets keep, and their high 96 bits are free: the low 32 are the address
+                names += sp._vars[field][96:]
                 node = node & sp._fam[4]
             else:
                 names += sp._vars[field]

@@ -26,7 +26,7 @@ from analyzer.model.rules import (
     AddrMatch, AddrTypeMatch, CommentMatch, IpRangeMatch, Netmap, PortMatch, ProtoMatch,
 )
 from analyzer.netfilter.env import Namespace
-from analyzer.netfilter.walk import _KUBE_SERVICE_RULE, Walker
+from analyzer.netfilter.walk import _KUBE_SERVICE_RULE, Walker, disposition
 from analyzer.netfilter.trace import Kind
 
 #: protocols whose packets the walk builds differently (ports, ICMP type, TCP flags); all other
@@ -390,8 +390,7 @@ class RecordingWalker(Walker):
             out = super().run_table(br, table, hook)
         finally:
             concolic._ACTIVE = saved
-        want = None if action is None else "dropped" if action == "DROP" else \
-            "rejected" if action.startswith("REJECT") else action.lower()
+        want = disposition(action)
         if len(out) != 1 or out[0].disposition != want:
             rec.lose(f"internal: {table} {hook} ends the witness {[b.disposition for b in out]}, its part {want}")
         return out

@@ -559,17 +559,9 @@ class Walker:
         return out
 
     def _end(self, br: Branch, action: str) -> Branch:
-        if action in ("ACCEPT", "NAT"):
-            br.disposition = None
-        elif action == "DROP":
-            br.disposition = "dropped"
-        elif action.startswith("REJECT"):
-            br.disposition = "rejected"
+        br.disposition = disposition(action)
+        if br.disposition == "rejected":
             br.detail = action.partition(" ")[2]
-        elif action == "TPROXY":
-            br.disposition = "tproxy"
-        else:
-            br.disposition = action.lower()
         return br
 
     # -------------------------------------------------------------- matches
@@ -1076,6 +1068,19 @@ class Walker:
         elif hook in ("POSTROUTING", "INPUT") and ct.dnat and p.src == ct.reply_src:
             br.pkt = evolve(br.pkt, src=o.dst, sport=o.dport)
             br.steps.append(Step(Kind.REVERSE_NAT, None, p, br.pkt, "nat", hook, "DNAT"))
+
+
+def disposition(action: str | None) -> str | None:
+    """How a table traversal that ended with ``action`` leaves the packet: None (it goes on:
+    ACCEPT, a NAT, or no action), "dropped", "rejected" (``REJECT with``), else the action in
+    lower case ("tproxy", a hand-off)."""
+    if action is None or action in ("ACCEPT", "NAT"):
+        return None
+    if action == "DROP":
+        return "dropped"
+    if action.startswith("REJECT"):
+        return "rejected"
+    return action.lower()
 
 
 def route_step(before: Packet, after: Packet, fact: Route, text: str, route: str | None = None) -> Step:
