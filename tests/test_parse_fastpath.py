@@ -136,6 +136,58 @@ def test_compiled_rules_are_numbered_again_after_edits(monkeypatch):
     assert {c for _, c, *_ in rules} == {"A", "B", "C", "E", "F"}
 
 
+def _lazy(text: str, mode: str, monkeypatch, order=None, path: str = "shapes.rules"):
+    """Rules (matches, target) and every diagnostic of ``text`` parsed lazily, as explain loads a
+    dump, each rule then decoded on first use (in ``order`` of rule numbers, or in order);
+    ``mode`` as for _parse: the decode on first use takes compiled shapes, plans or neither."""
+    with monkeypatch.context() as m:
+        if mode != "compiled":
+            m.setattr(I.Builder, "compile_shapes", False)
+        if mode == "plain":
+            m.setattr(I.Builder, "_replay", lambda self, *a: I._NO_PLAN)
+        res = load_ruleset((text, path), lazy=True)
+        rules = list(res.ruleset.rules())
+        for k in order or range(len(rules)):
+            rules[k].matches
+    diags = [(d.code, d.severity, d.message, d.span, d.hint, d.source_line)
+             for d in res.diagnostics + res.late_diagnostics()]
+    return ([(x.table, x.chain, x.index, x.matches, x.target, x.span, x.text) for x in rules],
+            sorted(diags, key=repr))
+
+
+ODD = ('-A KUBE-SVC-1 -m comment --comment "a \\"quoted\\" word" -j ACCEPT\n'
+       '-A KUBE-SVC-1 -m comment --comment "x -y" -j ACCEPT\n'
+       "-A KUBE-SVC-1 ! -s 10.1.0.0/16 ! -d 10.2.0.1/32 -j KUBE-MARK-MASQ\n"
+       "-A KUBE-SVC-1 -d 10.2.0.1/32 ! -p tcp -j KUBE-MARK-MASQ\n"
+       "-A KUBE-SVC-1 -p tcp -m tcp --dport 99999 -j ACCEPT\n"
+       "-A KUBE-SVC-1 -p tcp -m tcp --dport 99999 -j ACCEPT\n"
+       "-A KUBE-SVC-1 -m set --match-set nope src -j DROP\n"
+       "-A KUBE-SVC-1 -j NOSUCH\n"
+       "-A KUBE-SVC-1 -d 10.0.0.1 -j DNAT --to-destination 10.0.0.2:80 --random\n")
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_lazily_decoded_rules_equal_eagerly_decoded_ones(seed, monkeypatch):
+    # explain loads a dump lazily: a rule's options are decoded on first use, by the compiled
+    # shapes learnt from the rules decoded before it (in whatever order the walk reads them),
+    # and must give what the eager parse gives, diagnostics included
+    text = _kube_text(seed, 0.3).replace("COMMIT\n", ODD + "COMMIT\n")
+    eager = _parse(text, "compiled", monkeypatch)[0]
+    eager = ([x[:7] for x in eager[0]], sorted(eager[1], key=repr))
+    order = list(range(len(eager[0])))
+    random.Random(seed).shuffle(order)
+    hits = _count_compiled(monkeypatch)
+    for walk in (None, order):
+        lazy = _lazy(text, "compiled", monkeypatch, walk)
+        assert lazy[0] == eager[0]
+        # a late diagnostic does not say how often the file repeats its value (the eager parse
+        # counts the repeats at its end): compared without the message
+        assert [d[:2] + d[3:] for d in lazy[1]] == [d[:2] + d[3:] for d in eager[1]]
+        assert lazy == _lazy(text, "plain", monkeypatch, walk)  # what the decode gave before shapes
+    assert hits[0] > 300 and hits[1] > 0  # the compiled shapes decoded most rules, handed some back
+    assert len(eager[1]) > 30
+
+
 def test_restore_checks_live_in_the_modules_parse_imports():
     from analyzer.checks import RESTORE_MODULES, load_all
 

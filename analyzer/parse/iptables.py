@@ -1096,10 +1096,11 @@ class Builder:
         if known is None:
             if len(self._compiled) >= _MAX_COMPILED:
                 return
-            cp = _compile_shape(key, plan, w, cs, line, self.family, self._foreign_targets)
+            cp = _compile_shape(key, plan, w, cs, line, self.family, self._foreign_targets, self.lazy)
             m = cp.match(line) if cp is not None else None
             r = cp.decode(m, chain, chains, path, n, line, self._ctx) if m is not None else _NO_PLAN
-            if r is _NO_PLAN or (r.matches, r.target, r.span, r.text, r.counters) != decoded:
+            if r is _NO_PLAN or (r if self.lazy else (r.matches, r.target, r.span, r.text, r.counters)) != \
+                    (decoded[:2] if self.lazy else decoded):
                 self._ctx.host_names.clear()
                 cp = None
             self._compiled[ck] = (plan, cp)
@@ -1955,9 +1956,40 @@ class Builder:
                            truncated=self.truncated)
 
     def _decode_later(self, sf, n, line, tname):
-        """(matches, target) of a lazily parsed '-A CHAIN ...' line, decoded on first use."""
+        """(matches, target) of a lazily parsed '-A CHAIN ...' line, decoded on first use, the way
+        the eager parse decodes it: by a compiled shape when one takes the line, else by its
+        shape's decode plan or word by word (which records the plan, and compiles it once clean).
+        Diagnostics arrive in the log as a plain decode of the line reports them."""
+        ctx = self._ctx
+        chains = self.tables[tname].chains
+        fast = self._fast.setdefault(tname, {}) if self.compile_shapes else None
+        if fast is not None:
+            cands = fast.get(line.count(" -"))
+            if cands is not None:
+                k = 0
+                for cp in cands:
+                    m = cp.match(line)
+                    if m is not None:
+                        d = cp.decode(m, None, chains, sf.path, n, line, ctx)
+                        if d is not _NO_PLAN:
+                            if k:  # the shapes seen most often come first
+                                cands[k - 1], cands[k] = cands[k], cands[k - 1]
+                            return d
+                    k += 1
+                ctx.host_names.clear()
         w, cs, es = O.split_args(line, 1)
-        d = self._decode(sf, n, w, cs, es, 2, None, line, tname)
+        if len(w) > 2:
+            key = _shape(w, tname)
+            plan = self._plans.get(key)
+            before = len(self.diags)
+            d = _NO_PLAN if plan is None else self._replay(plan, sf, n, w, cs, es, line, tname)
+            if d is _NO_PLAN:
+                self._rec, self._key = [], key
+                d = self._decode(sf, n, w, cs, es, 2, None, line, tname)
+            if d is not None and fast is not None and len(self.diags) == before:
+                self._learn(fast, key, w, cs, line, n, None, chains, sf.path, d)
+        else:
+            d = self._decode(sf, n, w, cs, es, 2, None, line, tname)
         return ((), None) if d is None else (d[0], d[1])
 
 
@@ -2011,9 +2043,11 @@ def _fast_network(a, ctx, family, quad=O.dotted_quad, v4_network=O._v4_network, 
 
 
 def _compile_shape(key: tuple, plan: tuple, w: list, cs: list, line: str, family: int,
-                   foreign_targets) -> _Compiled | None:
+                   foreign_targets, lazy: bool = False) -> _Compiled | None:
     """The compiled form of ``plan`` for the lines of shape ``key`` quoted as ``line`` (words
-    ``w`` at columns ``cs``); None for a shape this does not handle (the plan replays it)."""
+    ``w`` at columns ``cs``); None for a shape this does not handle (the plan replays it).
+    Its decode returns the Rule, or with ``lazy`` only (matches, target): a lazily parsed rule
+    has the rest already, and its chain is not passed."""
     shape = key[1:]
     for lit in shape:
         if lit is not None and (not lit or not lit.isprintable() or any(c in lit for c in ' "\\\t')):
@@ -2243,10 +2277,13 @@ def _compile_shape(key: tuple, plan: tuple, w: list, cs: list, line: str, family
                      f"    target = MAKE_TARGET({name}, [], ctx, {tc}, {te}, {goto})"]
     if generic:
         body.append("if ctx.host_names: return NO_PLAN")
-    body += build("span", Span, ["path", "n", "1", "len(line) + 1"])
-    body += build("rule", Rule, [repr(key[0]), "chain.name", "len(chain.rules) + 1",
-                                 f"({''.join(x + ', ' for x in matches)})", "target", "span", "line", counters])
-    body.append("return rule")
+    if lazy:
+        body.append(f"return ({''.join(x + ', ' for x in matches)}), target")
+    else:
+        body += build("span", Span, ["path", "n", "1", "len(line) + 1"])
+        body += build("rule", Rule, [repr(key[0]), "chain.name", "len(chain.rules) + 1",
+                                     f"({''.join(x + ', ' for x in matches)})", "target", "span", "line", counters])
+        body.append("return rule")
     vs = ", ".join(f"v{g}" for g in range(1, groups + 1))
     spans = ", ".join(f"(s{g}, e{g})" for g in range(1, groups + 1))
     src = (f"def decode(m, chain, chains, path, n, line, ctx):\n"
