@@ -1962,7 +1962,7 @@ class Builder:
         Diagnostics arrive in the log as a plain decode of the line reports them."""
         ctx = self._ctx
         chains = self.tables[tname].chains
-        fast = self._fast.setdefault(tname, {}) if self.compile_shapes else None
+        fast = self._fast.get(tname)  # compiled shapes learnt by earlier lazy decodes
         if fast is not None:
             cands = fast.get(line.count(" -"))
             if cands is not None:
@@ -1986,8 +1986,8 @@ class Builder:
             if d is _NO_PLAN:
                 self._rec, self._key = [], key
                 d = self._decode(sf, n, w, cs, es, 2, None, line, tname)
-            if d is not None and fast is not None and len(self.diags) == before:
-                self._learn(fast, key, w, cs, line, n, None, chains, sf.path, d)
+            if d is not None and self.compile_shapes and len(self.diags) == before:
+                self._learn(self._fast.setdefault(tname, {}), key, w, cs, line, n, None, chains, sf.path, d)
         else:
             d = self._decode(sf, n, w, cs, es, 2, None, line, tname)
         return ((), None) if d is None else (d[0], d[1])
