@@ -188,6 +188,20 @@ def test_lazily_decoded_rules_equal_eagerly_decoded_ones(seed, monkeypatch):
     assert len(eager[1]) > 30
 
 
+def test_lazy_rules_of_several_files_report_in_their_own_file():
+    # one decoder per file and table: a lazily decoded rule's diagnostic names its own file and line
+    a = "*filter\n:X - [0:0]\n-A X -s 10.0.0.1/32 -j ACCEPT\n-A X -p tcp --dport 99999 -j DROP\nCOMMIT\n"
+    b = "*filter\n-A X -s 10.0.0.2/32 -j ACCEPT\n-A X -p tcp --dport 88888 -j DROP\nCOMMIT\n"
+    inputs = [(a, "a.rules"), (b, "b.rules")]
+    eager = load_ruleset(inputs, noflush=True)
+    lazy = load_ruleset(inputs, noflush=True, lazy=True)
+    assert [(r.matches, r.target) for r in lazy.ruleset.rules()] == [(r.matches, r.target) for r in eager.ruleset.rules()]
+    assert [(d.code, d.span, d.source_line) for d in lazy.late_diagnostics()] == \
+        [(d.code, d.span, d.source_line) for d in eager.diagnostics] == \
+        [("PRS004", I._new_Span("a.rules", 4, 21, 26), "-A X -p tcp --dport 99999 -j DROP"),
+         ("PRS004", I._new_Span("b.rules", 3, 21, 26), "-A X -p tcp --dport 88888 -j DROP")]
+
+
 def test_restore_checks_live_in_the_modules_parse_imports():
     from analyzer.checks import RESTORE_MODULES, load_all
 
@@ -278,7 +292,7 @@ def test_fast_constructors_build_the_frozen_model_classes_themselves():
         if len(fields) > 1 and fields[-1].default is not dataclasses.MISSING:  # defaults as the class's
             assert new(*values[:-1]) == cls(*values[:-1]), cls
     lazy = O.fast_constructor(M.Rule, omit=("matches", "target"))(
-        "nat", "X", 1, Span("p", 1, 1, 5), "-A X", None, lambda: ((), None))
+        "nat", "X", 1, Span("p", 1, 1, 5), "-A X", None, lambda rule: ((), None))
     assert type(lazy) is M.Rule and lazy.matches == () and lazy.target is None
 
 

@@ -511,7 +511,7 @@ class Rule:
     counters: tuple[int, int] | None = None
     # a rule parsed lazily (``load_ruleset(lazy=True)``, what ``synack explain`` uses: one flow
     # reads a few dozen rules of a 10,000-service dump) has its options decoded on first use of
-    # ``matches`` or ``target``; ``pending`` is the decoder, None once done
+    # ``matches`` or ``target``; ``pending`` is the decoder (called with the rule), None once done
     pending: object = field(default=None, repr=False, compare=False, hash=False)
 
     def __getattr__(self, name):
@@ -521,7 +521,7 @@ class Rule:
         if name == "matches" or name == "target":
             pending = self.pending
             if pending is not None:
-                matches, target = pending()
+                matches, target = pending(self)
                 _SET_MATCHES(self, matches)
                 _SET_TARGET(self, target)
                 _SET_PENDING(self, None)

@@ -1036,8 +1036,7 @@ class Builder:
                     chain = chains.get(line[3:end]) if end > 3 else None
                     if chain is not None and '"' not in line[3:end]:
                         chain.edited = True
-                        chain.rules.append((_PENDING, (sf, n, line, tname), _new_Span(sf.path, n, 1, len(line) + 1),
-                                            line, None))
+                        chain.rules.append((_PENDING, sf, _new_Span(sf.path, n, 1, len(line) + 1), line, None))
                         continue
                 if fast_get is not None:
                     cands = fast_get(line.count(" -"))
@@ -1925,6 +1924,7 @@ class Builder:
         tables = {}
         for tname, tb in self.tables.items():
             chains = {}
+            later: dict = {}  # id(SourceFile) -> the decoder of this table's lazy rules from that file
             for cname, cb in tb.chains.items():
                 rl = cb.rules
                 if not cb.edited:  # rules appended in order: a compiled shape's Rule has its index
@@ -1942,9 +1942,9 @@ class Builder:
                 if not self.lazy:
                     rules = tuple(map(_new_Rule, repeat(tname, k), repeat(cname, k), range(1, k + 1),
                                       *zip(*rl))) if k else ()
-                else:
-                    later = self._decode_later
-                    rules = tuple(_new_lazy_Rule(tname, cname, i, span, text, counters, partial(later, *target))
+                else:  # a pending rule's target is its SourceFile: one decoder per file and table
+                    rules = tuple(_new_lazy_Rule(tname, cname, i, span, text, counters, later.get(id(target)) or
+                                                 later.setdefault(id(target), partial(self._decode_later, target, tname)))
                                   if matches is _PENDING else
                                   _new_Rule(tname, cname, i, matches, target, span, text, counters)
                                   for i, (matches, target, span, text, counters) in enumerate(rl, 1))
@@ -1956,11 +1956,13 @@ class Builder:
         return ParseResult(rs, diags, tuple(self.files), fmt, self.partial, self.diags,
                            truncated=self.truncated)
 
-    def _decode_later(self, sf, n, line, tname):
+    def _decode_later(self, sf, tname, rule):
         """(matches, target) of a lazily parsed '-A CHAIN ...' line, decoded on first use, the way
         the eager parse decodes it: by a compiled shape when one takes the line, else by its
         shape's decode plan or word by word (which records the plan, and compiles it once clean).
         Diagnostics arrive in the log as a plain decode of the line reports them."""
+        line = rule.text
+        n = rule.span.line
         ctx = self._ctx
         chains = self.tables[tname].chains
         fast = self._fast.get(tname)  # compiled shapes learnt by earlier lazy decodes
