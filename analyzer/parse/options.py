@@ -466,14 +466,17 @@ def _v4_network(ip: int, prefixlen: int) -> ipaddress.IPv4Network:
     """
     netmask, prefixlen = _V4_MASKS[prefixlen]
     net = _new_object(ipaddress.IPv4Network)
-    d = net.__dict__
-    d["network_address"] = _v4_address(ip & netmask._ip)
-    d["netmask"] = netmask
-    d["_prefixlen"] = prefixlen
+    a = _new_object(ipaddress.IPv4Address)
+    a._ip = ip & netmask._ip
+    # attribute stores, in the constructor's order: the values stay in the object (a dict is
+    # made only when something asks for __dict__), as the constructor's own stores leave them
+    net.network_address = a
+    net.netmask = netmask
+    net._prefixlen = prefixlen
     if prefixlen == 31:
-        d["hosts"] = net.__iter__
+        net.hosts = net.__iter__
     elif prefixlen == 32:
-        d["hosts"] = lambda: [_v4_address(ip)]
+        net.hosts = lambda: [_v4_address(ip)]
     return net
 
 
