@@ -195,7 +195,8 @@ def test_lazy_rules_of_several_files_report_in_their_own_file():
     inputs = [(a, "a.rules"), (b, "b.rules")]
     eager = load_ruleset(inputs, noflush=True)
     lazy = load_ruleset(inputs, noflush=True, lazy=True)
-    assert [(r.matches, r.target) for r in lazy.ruleset.rules()] == [(r.matches, r.target) for r in eager.ruleset.rules()]
+    assert [(r.matches, r.target) for r in lazy.ruleset.rules()] == \
+        [(r.matches, r.target) for r in eager.ruleset.rules()]
     assert [(d.code, d.span, d.source_line) for d in lazy.late_diagnostics()] == \
         [(d.code, d.span, d.source_line) for d in eager.diagnostics] == \
         [("PRS004", I._new_Span("a.rules", 4, 21, 26), "-A X -p tcp --dport 99999 -j DROP"),

@@ -1043,7 +1043,7 @@ class Builder:
                     if cands is not None:
                         decoded = _NO_PLAN
                         k = 0
-                        quotes = line.count('"') if "\\" not in line and "\t" not in line else -1
+                        quotes = line.count('"') if "\\" not in line and "\t" not in line else -1  # _quotes
                         for cp in cands:
                             m = cp.match(line) if cp.quotes == quotes else None
                             if m is not None:
@@ -1943,8 +1943,8 @@ class Builder:
                     rules = tuple(map(_new_Rule, repeat(tname, k), repeat(cname, k), range(1, k + 1),
                                       *zip(*rl))) if k else ()
                 else:  # a pending rule's target is its SourceFile: one decoder per file and table
-                    rules = tuple(_new_lazy_Rule(tname, cname, i, span, text, counters, later.get(id(target)) or
-                                                 later.setdefault(id(target), partial(self._decode_later, target, tname)))
+                    rules = tuple(_new_lazy_Rule(tname, cname, i, span, text, counters,
+                                                 later.get(id(target)) or self._decoder(later, target, tname))
                                   if matches is _PENDING else
                                   _new_Rule(tname, cname, i, matches, target, span, text, counters)
                                   for i, (matches, target, span, text, counters) in enumerate(rl, 1))
@@ -1955,6 +1955,11 @@ class Builder:
         diags = tuple(sorted(self.diags, key=Diagnostic.sort_key))
         return ParseResult(rs, diags, tuple(self.files), fmt, self.partial, self.diags,
                            truncated=self.truncated)
+
+    def _decoder(self, later: dict, sf: SourceFile, tname: str):
+        """The decoder of the lazy rules of file ``sf`` in table ``tname`` (kept in ``later``)."""
+        d = later[id(sf)] = partial(self._decode_later, sf, tname)
+        return d
 
     def _decode_later(self, sf, tname, rule):
         """(matches, target) of a lazily parsed '-A CHAIN ...' line, decoded on first use, the way
@@ -1970,7 +1975,7 @@ class Builder:
             cands = fast.get(line.count(" -"))
             if cands is not None:
                 k = 0
-                quotes = line.count('"') if "\\" not in line and "\t" not in line else -1
+                quotes = line.count('"') if "\\" not in line and "\t" not in line else -1  # _quotes
                 for cp in cands:
                     m = cp.match(line) if cp.quotes == quotes else None
                     if m is not None:
