@@ -258,6 +258,12 @@ class PacketSpace:
         self._wild_ids: dict[str, int] = {}
         self._iface_by_id: dict[int, tuple[str, bool]] = {}  # id -> (name or prefix, is wildcard)
         self._used_wildcards: set[str] = set()
+        # per BDD level, the field and bit (shift from the LSB) its variable holds: `_at` descends
+        # by the values of a point without building its cube
+        self._level_bit: list = [None] * len(self._var_bit)
+        for v, (f, bit) in self._var_bit.items():
+            self._level_bit[bdd.level_of_var(v)] = (f, bit)
+        self._last_level = {f: bdd.level_of_var(vs[-1]) for f, vs in self._vars.items()}
         self._next_iface = iter(_IFACE_IDS)
         self.declare_interfaces(interfaces)
         self._prefer: dict[str, int] | tuple = {"proto": 6, "sport": _EPHEMERAL_PORTS[0]}
@@ -730,6 +736,28 @@ class PacketSpace:
         if cube is None:
             cube = self._cubes[key] = self.bdd.cube(key)
         return self.bdd.apply("\\E", cube, node)
+
+    def _at(self, node: Any, values: dict) -> Any:
+        """The cofactor of ``node`` at a point of some fields (``values``: field -> int, an
+        address as its int, ``family`` as its bit), by one descent from the root: no cube is
+        built. None when the set tests a field that is not given above the deepest one that
+        is (the descent would have to take both ways: the caller uses `PacketSet.restrict`)."""
+        deepest = max(self._last_level[f] for f in values)
+        level_bit = self._level_bit
+        neg = False
+        while True:
+            lev = node.level
+            if lev > deepest:
+                break
+            f, bit = level_bit[lev]
+            v = values.get(f)
+            if v is None:
+                return None
+            if node.negated:
+                neg = not neg
+                node = ~node
+            node = node.high if (v >> bit) & 1 else node.low
+        return ~node if neg else node
 
     # the representative form pins IPv4 high address bits to zero (see the class docstring)
     def _to_rep(self, node: Any) -> Any:

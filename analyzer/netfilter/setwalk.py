@@ -54,10 +54,32 @@ class Thread:
     # and -m mark are decided per thread, without a set operation); None: the mark is an open
     # input field of ``packets``
     mark: int | None = None
-    dnat: tuple | None = None  # (input packets, constants written): the DNAT that ended the nat table
+    dnat: tuple | None = None  # (input parts, constants written): the DNAT that ended the nat table
 
 
-@dataclass(frozen=True, slots=True)
+class Part:
+    """Packets with ``pins`` (fields fixed to one value each: ``{field: value}``, the value as
+    `PacketSpace.where` takes it, ``family`` as 4 or 6) whose other fields are ``g``, a set that
+    does not depend on the pinned fields (their cofactor). A thread's packets are a tuple of
+    disjoint parts: a rule's ``-d IP/32 -p tcp --dport N`` pins three fields by one descent
+    (`PacketSpace._at`) where a set operation would build and AND a cube, and the 10,000 service
+    chains behind kube-proxy's KUBE-SERVICES then share their other fields' sets (one node each:
+    "source in 10.0.0.0/8", "not a pod"), whose operations are cached (`SetWalker._op`).
+
+    ``excl``: points excluded from the part, ``{fields: {values, ...}}``: the packets that the
+    earlier rules of a run of one-point rules took (their jumps may return packets, as parts
+    of their own), kept as a lookup until a rule needs the set (`SetWalker._flush`). Only a
+    part in a chain's list of packets still going on has them; a part with exclusions is
+    never in two threads (the walk hands it from one rule's misses to the next)."""
+
+    __slots__ = ("pins", "g", "excl")
+
+    def __init__(self, pins: dict, g, excl: dict | None = None):
+        self.pins = pins
+        self.g = g
+        self.excl = excl
+
+
 class Exit:
     """One way through the hook: ``before`` the input packets that take it (over the fields
     as they arrived), ``after`` the same packets as they leave the hook, except their packet
@@ -68,20 +90,73 @@ class Exit:
     is informative only: two statistic worlds that join again (a statistic jump to a chain that
     returns) travel as one thread of their common probability. Translated: then
     ``after`` is None, the packets being ``before`` with those fields rewritten
-    (``before.assign_all(consts)``, not built: the caller takes them together)."""
+    (``before.assign_all(consts)``, not built: the caller takes them together).
 
-    before: object
-    after: object
-    prob: float
-    action: str | None
-    dnat: bool
-    consts: tuple = ()
-    mark: int | None = None
+    ``parts``: ``before`` as the set walk carries it (`Part`s), or None; ``before`` is then built
+    from them on first use (a 10,000-service hook has 56,000 exits, and a caller that reads
+    their parts builds none)."""
+
+    __slots__ = ("_before", "parts", "space", "prob", "action", "dnat", "consts", "mark")
+
+    def __init__(self, before, after, prob: float, action: str | None, dnat: bool, consts: tuple = (),
+                 mark: int | None = None, *, parts: tuple | None = None, space=None):
+        self._before = before
+        self.parts = parts
+        self.space = space if space is not None else before.space
+        self.prob, self.action, self.dnat, self.consts, self.mark = prob, action, dnat, consts, mark
+
+    @property
+    def before(self):
+        if self._before is None:
+            self._before = _materialize(self.space, self.parts)
+        return self._before
+
+    @property
+    def after(self):
+        return None if self.dnat else self.before
 
     def image(self):
         """The packets as they leave the hook (``after``, built for a translated exit), their
         mark aside (``mark``)."""
-        return self.after if self.after is not None else self.before.assign_all(self.consts)
+        return self.after if not self.dnat else self.before.assign_all(self.consts)
+
+    def __repr__(self) -> str:
+        return (f"Exit(prob={self.prob}, action={self.action!r}, dnat={self.dnat}, consts={self.consts}, "
+                f"mark={self.mark}, parts={None if self.parts is None else len(self.parts)})")
+
+
+def _materialize(space, parts) -> object:
+    """The set of packets of ``parts`` (`Part`s without exclusions)."""
+    out = space.empty()
+    for p in parts:
+        out = out | _part_set(space, p)
+    return out
+
+
+def _part_set(space, p: Part):
+    pins = p.pins
+    node = _point_node(space, pins, p.g.node & space._fam[pins["family"]])
+    if p.excl:
+        for fields, values in p.excl.items():
+            for vs in values:
+                node = node & ~_point_node(space, dict(zip(fields, vs)), space._true)
+    return space._set(node)
+
+
+def _point_node(space, values: dict, node):
+    """``node`` AND the cube of ``values`` (field -> value as `PacketSpace.where` takes it; a
+    ``family`` entry is skipped: the caller has it), built bottom-up from the space's cached
+    8-bit pieces (no family constraint: an IPv4 address is its low 32 bits)."""
+    level = space._level
+    for f in sorted(values, key=level.__getitem__, reverse=True):
+        if f == "family":
+            continue
+        v = values[f]
+        if f in ("src", "dst"):
+            node = space._bits(f, 96, 32, int(v), node) if v.version == 4 else space._bits(f, 0, 128, int(v), node)
+        else:
+            node = space._bits(f, 0, space.widths[f], v, node)
+    return node
 
 
 class SetWalker:
@@ -114,13 +189,20 @@ class SetWalker:
         # --icmp-type are then decided once (None: not known, Unsupported)
         self.tcp_flags = tcp_flags
         self.icmp = icmp
+        # caches of the parts' set operations (`_op`, `_point_set`, `_reads_pinned`)
+        self._memo: dict = {}
+        self._points: dict = {}
+        self._support: dict = {}
+        self._at_memo: dict = {}
+        self._keep: list = []
+        self._full = space.universe().node  # a match that holds for every packet
 
     # ------------------------------------------------------------------ the hook
     def hook(self, universe, hook: str, ct_in_use: bool) -> list[Exit]:
         """Every way through ``hook`` for the packets of ``universe`` (a connection's first
         packet, state NEW: the caller checks that the conntrack lookup decides it alike for all
         of them)."""
-        threads = [Thread(universe, 1.0, self.mark)]
+        threads = [Thread(self._parts(universe), 1.0, self.mark)]
         ended: list[Thread] = []
         ends: list[str] = []
         for stage in STAGES.stages(hook, self.backend):
@@ -144,7 +226,7 @@ class SetWalker:
             threads = nxt
         out = [self._exit(t, None) for t in threads]
         out += [self._exit(t, a) for t, a in zip(ended, ends)]
-        return [e for e in out if not e.before.is_empty()]
+        return [e for e in out if e.parts]
 
     def _first_packet_table(self, th: Thread, table: str, hook: str):
         """`table` for a connection's first packet in the hook: the conntrack states its rules
@@ -153,27 +235,39 @@ class SetWalker:
         known = self.ctstates
         self.ctstates = frozenset({"INVALID"}) if table == "raw" else frozenset({"NEW"})
         try:
-            return self.table(th, table, hook)
+            return self._table(th, table, hook)
         finally:
             self.ctstates = known
 
     def _exit(self, t: Thread, action: str | None) -> Exit:
         if t.dnat is None:
-            return Exit(t.packets, t.packets, t.prob, action, False, (), t.mark)
+            return Exit(None, None, t.prob, action, False, (), t.mark, parts=t.packets, space=self.space)
         before, consts = t.dnat
-        return Exit(before, None, t.prob, action, True, consts, t.mark)
+        return Exit(None, None, t.prob, action, True, consts, t.mark, parts=before, space=self.space)
 
     # ------------------------------------------------------------------ one table
     def table(self, th: Thread, table: str, hook: str) -> list[tuple[Thread, str | None]]:
         """The threads leaving the builtin chain ``hook`` of ``table``: (thread, None) goes on
-        to the next table, (thread, action) ended here."""
+        to the next table, (thread, action) ended here. ``th.packets`` is a `PacketSet`, and
+        so are the packets of the threads returned."""
+        sp = self.space
+        th = Thread(self._parts(th.packets), th.prob, th.mark, th.dnat)
+        return [(Thread(_materialize(sp, t.packets), t.prob, t.mark, t.dnat), a)
+                for t, a in self._table(th, table, hook)]
+
+    def _table(self, th: Thread, table: str, hook: str) -> list:
         chain = self.rs.chain(table, hook)
         out: list = []
         back = self._chain([th], table, hook, chain, out, 0)
         pol = chain.policy or "ACCEPT"
         for t in back:  # off the end of the builtin chain, or RETURN there: the policy
             out.append((t, None if pol == "ACCEPT" else pol))
-        return [(t, a) for t, a in out if not t.packets.is_empty()]
+        done = []
+        for t, a in out:
+            parts = self._flushed(t.packets)
+            if parts:
+                done.append((t if parts is t.packets else Thread(parts, t.prob, t.mark, t.dnat), a))
+        return done
 
     def _chain(self, threads: list, table: str, hook: str, chain, out: list, depth: int) -> list:
         """Run ``chain`` on ``threads``; returns the threads that come back to the caller
@@ -231,12 +325,14 @@ class SetWalker:
         for t in a + b:
             k = (t.prob, t.mark)
             hit = by.get(k)
-            by[k] = t if hit is None else Thread(hit.packets | t.packets, t.prob, t.mark)
+            by[k] = t if hit is None else Thread(hit.packets + t.packets, t.prob, t.mark)
         return list(by.values())
 
     def _dnat(self, rule, h: Thread) -> list:
         """DNAT to one address (and port) of ``h``'s packets: the table ends. A packet already
         sent there keeps its tuple, and the kernel marks no translation (IPS_DST_NAT)."""
+        from analyzer.model.packet import PORT_PROTOS
+
         t = rule.target
         if len(t.ranges) != 1:
             raise Unsupported(f"{_at(rule)}: DNAT with several ranges")
@@ -245,27 +341,55 @@ class SetWalker:
             raise Unsupported(f"{_at(rule)}: DNAT to a range")
         if r.addr_lo is not None and r.addr_lo.version != self.family:
             raise Unsupported(f"{_at(rule)}: DNAT to another family")
-        s = h.packets
-        if r.port_lo is not None and not (s - self._has_ports()).is_empty():
-            # a packet without ports keeps none (pick_port of no port): only port protocols
-            raise Unsupported(f"{_at(rule)}: DNAT with a port of packets without ports")
         consts = []
         if r.addr_lo is not None:
             consts.append(("dst", r.addr_lo))
         if r.port_lo is not None:
             consts.append(("dport", r.port_lo))
         consts = tuple(consts)
-        same = s & self.space.where(**{f: v for f, v in consts}) if consts else s  # already sent there
+        same, moved = [], []
+        for p in h.packets:
+            if r.port_lo is not None:
+                # a packet without ports keeps none (pick_port of no port): only port protocols
+                proto = p.pins.get("proto")
+                if proto is None and not self._op("-", p.g, self._has_ports()).is_empty() \
+                        or proto is not None and proto not in PORT_PROTOS:
+                    raise Unsupported(f"{_at(rule)}: DNAT with a port of packets without ports")
+            # the packets already sent there (dst and port as written) keep their tuple
+            free = {}
+            differs = False
+            for f, v in consts:
+                have = p.pins.get(f)
+                if have is None:
+                    free[f] = v
+                elif have != v:
+                    differs = True
+            if differs:
+                moved.append(p)
+            elif not free:
+                same.append(p)
+            else:
+                there = self._pin(p, free)
+                if there is None:
+                    moved.append(p)
+                elif there is _NO_DESCENT:
+                    pt = self._point_set(free)
+                    for parts, g in ((same, self._op("&", p.g, pt)), (moved, self._op("-", p.g, pt))):
+                        if not g.is_empty():
+                            parts.append(Part(p.pins, g))
+                else:
+                    same.append(there)
+                    rest = self._op("-", p.g, self._point_set(free))
+                    if not rest.is_empty():
+                        moved.append(Part(p.pins, rest))
         out = []
-        moved = s
-        if not same.is_empty():
-            out.append(Thread(same, h.prob, h.mark))
-            moved = s - same
-            if moved.is_empty():
-                return out
-        # the translated packets are not built here: Exit.consts says what they are (the
-        # caller takes them together, symbolic.explain_fate)
-        out.append(Thread(moved, h.prob, h.mark, (moved, consts)))
+        if same:
+            out.append(Thread(tuple(same), h.prob, h.mark))
+        if moved:
+            # the translated packets are not built here: Exit.consts says what they are (the
+            # caller takes them together, symbolic.explain_fate)
+            moved = tuple(moved)
+            out.append(Thread(moved, h.prob, h.mark, (moved, consts)))
         return out
 
     def _has_ports(self):
@@ -275,9 +399,134 @@ class SetWalker:
             hit = self._ports["has"] = self.space.ports("proto", [(p, p) for p in PORT_PROTOS])
         return hit
 
+    # ------------------------------------------------------------------ parts
+    def _parts(self, s) -> tuple:
+        """A set as the parts the walk carries: one, its family pinned."""
+        g = self._strip(s)
+        return () if g.is_empty() else (Part({"family": self.family}, g),)
+
+    def _strip(self, s):
+        """``s`` without its family (every set here is of the flow's family): its cofactor."""
+        return self.space._set(self.space._at(s.node, {"family": 0 if self.family == 4 else 1}))
+
+    def _op(self, op: str, a, b):
+        """``a & b`` or ``a - b``, cached: the parts of thousands of service chains share their sets."""
+        key = (op, int(a.node), int(b.node))
+        hit = self._memo.get(key)
+        if hit is None:
+            hit = self._memo[key] = (a & b if op == "&" else a - b, a, b)  # operands kept: their ids stay theirs
+        return hit[0]
+
+    def _point_set(self, values: dict):
+        """The packets with ``values`` (field -> value), without their family."""
+        key = tuple(values.items())
+        hit = self._points.get(key)
+        if hit is None:
+            sp = self.space
+            hit = self._points[key] = sp._set(_point_node(sp, values, sp._u))
+        return hit
+
+    def _pin(self, p: Part, new: dict):
+        """The packets of ``p`` with the fields of ``new`` fixed to its values, as a part (None:
+        none; `_NO_DESCENT` when ``p`` tests a field above them that is not pinned: the caller
+        takes the point as a set). ``p``'s exclusions over fields that ``new`` fixes are decided
+        here, the others kept (`_needs_flush` says when they cannot be)."""
+        node = self.space._at(p.g.node, {f: int(v) for f, v in new.items()})
+        if node is None:
+            return _NO_DESCENT
+        if node == self.space._false:
+            return None
+        keep = None
+        if p.excl:
+            for key, values in p.excl.items():
+                if key[0] in new:  # every field of the key (_needs_flush)
+                    if tuple(new[f] for f in key) in values:
+                        return None  # an earlier rule of the run took these packets
+                else:
+                    keep = keep if keep is not None else {}
+                    keep[key] = set(values)
+        pins = dict(p.pins)
+        pins.update(new)
+        return Part(pins, self.space._set(node), keep)
+
+    def _cofactor(self, g, values: dict):
+        """``g`` at ``values`` (None: empty), by descent or, failing that, `PacketSet.restrict`."""
+        sp = self.space
+        node = sp._at(g.node, {f: int(v) for f, v in values.items()})
+        if node is None:
+            for f, v in values.items():
+                g = g.restrict(f, v)
+            g = self._strip(g)
+        else:
+            g = sp._set(node)
+        return None if g.is_empty() else g
+
+    @staticmethod
+    def _needs_flush(p: Part, new: dict) -> bool:
+        """Whether ``p``'s exclusions must be taken out of its set before ``new`` is pinned: a
+        key over some but not all of the new fields, or more than a few points to copy."""
+        copied = 0
+        for key, values in p.excl.items():
+            common = sum(f in new for f in key)
+            if common == 0:
+                copied += len(values)
+            elif common != len(key):
+                return True
+        return copied > 64
+
+    @staticmethod
+    def _exclude(p: Part, new: dict) -> Part:
+        """``p`` without the point ``new``, kept as an exclusion. A part with exclusions is only
+        ever in one thread (hits are flushed, and only hits are shared between statistic
+        worlds): it is handed over, one more exclusion added in place; a part without any may
+        be shared, and gets a new part."""
+        key = tuple(sorted(new))
+        values = tuple(new[f] for f in key)
+        if p.excl is None:
+            return Part(p.pins, p.g, {key: {values}})
+        p.excl.setdefault(key, set()).add(values)
+        return p
+
+    def _flush(self, p: Part):
+        """``p`` with its exclusions taken out of its set (None: nothing left)."""
+        if not p.excl:
+            return p
+        sp = self.space
+        node = sp._false
+        for key, values in p.excl.items():
+            for vs in values:
+                node = node | self._point_set(dict(zip(key, vs))).node
+        g = p.g - sp._set(node)
+        return None if g.is_empty() else Part(p.pins, g)
+
+    def _flushed(self, parts: tuple) -> tuple:
+        if not any(p.excl for p in parts):
+            return parts
+        return tuple(f for f in map(self._flush, parts) if f is not None)
+
+    def _reads_pinned(self, m, pins: dict):
+        """``m`` (a set without its family) at the values ``pins`` gives the fields it tests."""
+        sup = self._support.get(int(m.node))
+        if sup is None:
+            sp = self.space
+            sup = frozenset(sp._var_bit[v][0] for v in sp.bdd.support(m.node))
+            self._support[int(m.node)] = sup
+            self._keep.append(m)
+        common = {f: v for f, v in pins.items() if f in sup and f != "family"}
+        if not common:
+            return m
+        key = (int(m.node), tuple(common.items()))
+        hit = self._at_memo.get(key)
+        if hit is None:
+            got = self._cofactor(m, common)
+            hit = self._at_memo[key] = got if got is not None else self.space.empty()
+        return hit
+
     # ------------------------------------------------------------------ matches
     def _split(self, rule, threads: list, hook: str) -> tuple[list, list]:
         """(the threads' packets the rule matches, those it does not), per world."""
+        points: dict = {}
+        never = False
         m_set = None
         prob = 1.0
         marks = None  # (value, mask, negated) of a -m mark decided per thread
@@ -295,42 +544,110 @@ class SetWalker:
                 p = m.probability
                 prob *= (1 - p) if m.negated else p
                 continue
+            pt = _point(m, self.family)
+            if pt is not None:
+                for f, v in pt:
+                    have = points.get(f)
+                    if have is None:
+                        points[f] = v
+                    elif have != v:
+                        never = True
+                continue
             s = self._match_set(m, rule, hook)
-            m_set = s if m_set is None else m_set & s
-        narrows = m_set is not None
+            if s.node == self._full:
+                continue
+            m_set = s if m_set is None else self._op("&", m_set, s)
+        if never or m_set is not None and m_set.is_empty():
+            return [], threads
         hit, miss = [], []
         for th in threads:
             mk = th.mark
             if marks is not None and ((mk & marks[1]) == marks[0]) == marks[2]:
                 miss.append(th)  # -m mark: this thread's mark decides for all its packets
                 continue
-            inside = th.packets if m_set is None else th.packets & m_set
-            outside = th.packets - inside if narrows else None
-            if prob >= 1.0:
-                if not inside.is_empty():
-                    hit.append(Thread(inside, th.prob, mk))
-                if outside is not None and not outside.is_empty():
-                    miss.append(Thread(outside, th.prob, mk))
-            elif prob <= 0.0:
+            if prob <= 0.0:
                 miss.append(th)
+                continue
+            ins, outs = [], []
+            for part in th.packets:
+                self._split_part(part, points, m_set, ins, outs)
+            ins, outs = tuple(ins), tuple(outs)
+            if prob >= 1.0:
+                if ins:
+                    hit.append(Thread(ins, th.prob, mk))
+                if outs:
+                    miss.append(Thread(outs, th.prob, mk))
             else:
-                if not inside.is_empty():
-                    hit.append(Thread(inside, th.prob * prob, mk))
-                    miss.append(Thread(inside, th.prob * (1 - prob), mk))
-                if outside is not None and not outside.is_empty():
-                    miss.append(Thread(outside, th.prob, mk))
+                if ins:
+                    hit.append(Thread(ins, th.prob * prob, mk))
+                    miss.append(Thread(ins, th.prob * (1 - prob), mk))
+                if outs:
+                    miss.append(Thread(outs, th.prob, mk))
         if len(miss) > 1:
             miss = self._join([], miss)
         return hit, miss
 
+    def _split_part(self, p: Part, points: dict, m_set, ins: list, outs: list) -> None:
+        """Split one part by a rule: one-value matches (``points``) pin fields, the others
+        (``m_set``, a set without family) are a set operation on what is not pinned. The
+        packets matched go to ``ins`` (without exclusions: they go to a target), the others to
+        ``outs``."""
+        new = {}
+        pins = p.pins
+        for f, v in points.items():
+            have = pins.get(f)
+            if have is None:
+                new[f] = v
+            elif have != v:
+                outs.append(p)
+                return
+        if p.excl and (m_set is not None or new and self._needs_flush(p, new)):
+            p = self._flush(p)  # once: the misses go on without them
+            if p is None:
+                return
+        if new:
+            h = self._pin(p, new)
+            if h is None:
+                outs.append(p)
+                return
+            if h is _NO_DESCENT:  # the point as a set: no pin, no exclusion
+                pt = self._point_set(new)
+                m_set = pt if m_set is None else self._op("&", m_set, pt)
+                new = None
+                h = p
+        else:
+            h = p
+        if m_set is None:
+            if new:
+                outs.append(self._exclude(p, new))
+            h = self._flush(h)
+            if h is not None:
+                ins.append(h)
+            return
+        h = self._flush(h)
+        if h is None:
+            if new:
+                outs.append(p)
+            return
+        m = self._reads_pinned(m_set, h.pins)
+        gin = self._op("&", h.g, m)
+        gout = self._op("-", h.g, m)
+        if not gin.is_empty():
+            ins.append(Part(h.pins, gin))
+        if not gout.is_empty():
+            outs.append(Part(h.pins, gout))
+        if new:
+            outs.append(self._exclude(p, new))
+
     def _match_set(self, m, rule, hook: str):
+        """What ``m`` matches, as a set without its family (`_strip`)."""
         if isinstance(m, CtStateMatch):  # decided by the states known here, not cached
-            return self._compile(m, rule, hook)
+            return self._strip(self._compile(m, rule, hook))
         key = _match_key(m)
         hit = self._sets.get(key)
         if hit is not None:
             return hit
-        s = self._compile(m, rule, hook)
+        s = self._strip(self._compile(m, rule, hook))
         self._sets[key] = s
         return s
 
@@ -375,6 +692,35 @@ class SetWalker:
             return sp.universe() if hit != m.negated else sp.empty()
         what = f"-m {m.module}" if m.module else type(m).__name__.replace("Match", " match").lower()
         raise Unsupported(f"{_at(rule)}: '{what}' is not followed as a set")
+
+
+def _point(m, family: int):
+    """The one value per field a header match fixes, ``((field, value), ...)`` as
+    `PacketSpace.where` takes them (what ``symbolic.match_header`` compiles the match to), or
+    None when it fixes none: ``-d IP/32``, ``-p tcp``, ``-m tcp --dport 80`` (TCP and port 80)."""
+    if m.negated:
+        return None
+    if isinstance(m, AddrMatch):
+        if len(m.networks) != 1:
+            return None
+        n = m.networks[0]
+        if n.version != family or n.prefixlen != n.max_prefixlen:
+            return None
+        return ((m.direction, n.network_address),)
+    if isinstance(m, ProtoMatch):
+        return None if m.number == 0 else (("proto", m.number),)
+    if isinstance(m, PortMatch):
+        if m.mod not in _PORT_MODULES or m.direction == "any" or len(m.ranges) != 1:
+            return None
+        lo, hi = m.ranges[0]
+        if lo != hi:
+            return None
+        return (("proto", _PORT_MODULES[m.mod]), ("sport" if m.direction == "src" else "dport", lo))
+    return None
+
+
+_NO_DESCENT = object()  # SetWalker._pin: the point is taken as a set
+_PORT_MODULES = {"tcp": 6, "udp": 17, "sctp": 132}  # -m tcp/udp/sctp: the protocol they test first
 
 
 def _at(rule) -> str:
