@@ -195,6 +195,7 @@ class SetWalker:
         self._support: dict = {}
         self._at_memo: dict = {}
         self._keep: list = []
+        self._witness: dict = {}
         self._full = space.universe().node  # a match that holds for every packet
 
     # ------------------------------------------------------------------ the hook
@@ -264,7 +265,7 @@ class SetWalker:
             out.append((t, None if pol == "ACCEPT" else pol))
         done = []
         for t, a in out:
-            parts = self._flushed(t.packets)
+            parts = self._settled(t.packets)
             if parts:
                 done.append((t if parts is t.packets else Thread(parts, t.prob, t.mark, t.dnat), a))
         return done
@@ -283,7 +284,7 @@ class SetWalker:
                 # no target, LOG and the like: every packet goes on as it was, matched or not
                 # (the walk changes nothing for them either): what the rule matches is moot
                 continue
-            hit, threads = self._split(rule, threads, hook)
+            hit, threads = self._split(rule, threads, hook, isinstance(t, Nat))
             if not hit:
                 continue
             if isinstance(t, Jump):
@@ -349,6 +350,10 @@ class SetWalker:
         consts = tuple(consts)
         same, moved = [], []
         for p in h.packets:
+            if p.excl and any(f not in p.pins for f, _ in consts):
+                p = self._flush(p)  # the destination is split below: exclusions first
+                if p is None:
+                    continue
             if r.port_lo is not None:
                 # a packet without ports keeps none (pick_port of no port): only port protocols
                 proto = p.pins.get("proto")
@@ -499,10 +504,31 @@ class SetWalker:
         g = p.g - sp._set(node)
         return None if g.is_empty() else Part(p.pins, g)
 
-    def _flushed(self, parts: tuple) -> tuple:
+    def _settled(self, parts: tuple) -> tuple:
+        """``parts`` as a way out of a table: a part keeps its exclusions (the parts of 28,000
+        endpoints then share their ``g``) when one packet of its ``g`` is not excluded (it is
+        not empty); otherwise they are taken out, and an empty part is dropped."""
         if not any(p.excl for p in parts):
             return parts
-        return tuple(f for f in map(self._flush, parts) if f is not None)
+        out = []
+        for p in parts:
+            if p.excl and not self._surely_not_empty(p):
+                p = self._flush(p)
+            if p is not None:
+                out.append(p)
+        return tuple(out)
+
+    def _surely_not_empty(self, p: Part) -> bool:
+        key = int(p.g.node)
+        w = self._witness.get(key)
+        if w is None:
+            w = self._witness[key] = (p.g.pick(), p.g)
+        w = w[0]
+        for fields, values in p.excl.items():
+            at = tuple(w[f] for f in fields)
+            if len(values) > 64 or any(tuple(map(int, vs)) == at for vs in values):
+                return False
+        return True
 
     def _reads_pinned(self, m, pins: dict):
         """``m`` (a set without its family) at the values ``pins`` gives the fields it tests."""
@@ -523,8 +549,9 @@ class SetWalker:
         return hit
 
     # ------------------------------------------------------------------ matches
-    def _split(self, rule, threads: list, hook: str) -> tuple[list, list]:
-        """(the threads' packets the rule matches, those it does not), per world."""
+    def _split(self, rule, threads: list, hook: str, keep_excl: bool = False) -> tuple[list, list]:
+        """(the threads' packets the rule matches, those it does not), per world. ``keep_excl``:
+        the matched parts may keep their exclusions (a target that ends the thread: DNAT)."""
         points: dict = {}
         never = False
         m_set = None
@@ -569,8 +596,9 @@ class SetWalker:
                 miss.append(th)
                 continue
             ins, outs = [], []
+            keep = keep_excl and prob >= 1.0  # a statistic world's hits are in two threads
             for part in th.packets:
-                self._split_part(part, points, m_set, ins, outs)
+                self._split_part(part, points, m_set, ins, outs, keep)
             ins, outs = tuple(ins), tuple(outs)
             if prob >= 1.0:
                 if ins:
@@ -587,7 +615,7 @@ class SetWalker:
             miss = self._join([], miss)
         return hit, miss
 
-    def _split_part(self, p: Part, points: dict, m_set, ins: list, outs: list) -> None:
+    def _split_part(self, p: Part, points: dict, m_set, ins: list, outs: list, keep: bool = False) -> None:
         """Split one part by a rule: one-value matches (``points``) pin fields, the others
         (``m_set``, a set without family) are a set operation on what is not pinned. The
         packets matched go to ``ins`` (without exclusions: they go to a target), the others to
@@ -620,7 +648,7 @@ class SetWalker:
         if m_set is None:
             if new:
                 outs.append(self._exclude(p, new))
-            h = self._flush(h)
+            h = h if keep else self._flush(h)
             if h is not None:
                 ins.append(h)
             return
