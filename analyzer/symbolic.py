@@ -43,6 +43,28 @@ class Group:
         """Its classes may be too wide, or an outcome of its witness is APPROXIMATE."""
         return bool(self.approximate) or any(o.confidence == "APPROXIMATE" for o in self.outcomes)
 
+    def lazy_packets(self, build) -> None:
+        """``packets`` built by ``build()`` on first use (a fate group of 10,000 services is a
+        BDD of ~450,000 nodes: seconds, that a run without descriptions never needs)."""
+        self.__dict__["_packets"] = None
+        self.__dict__["_build"] = build
+
+
+def _get_packets(self):
+    if self.__dict__.get("_packets") is None and self.__dict__.get("_build") is not None:
+        self.__dict__["_packets"] = self.__dict__.pop("_build")()
+    return self.__dict__.get("_packets")
+
+
+def _set_packets(self, value):
+    self.__dict__["_packets"] = value
+    self.__dict__.pop("_build", None)
+
+
+# `Group.packets` is a field of the dataclass above, read and written through this property
+# (set after the class is made, so the dataclass keeps it as a field with its default)
+Group.packets = property(_get_packets, _set_packets)
+
 
 def signature(outcomes) -> tuple:
     """What tells two classes' outcomes apart: dispositions, the rules crossed and what they did
@@ -388,34 +410,42 @@ def _fate_groups(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, l
         # translation yet (a DNAT ends the hook's last table), no reply; a statistic rule may
         # end some connections of a packet here and let the others go on (one group, both fates)
         pre.setdefault((_ended_fate(e),), []).extend(pb.items(e))
-    fates = {f: pb.union(items) for f, items in pre.items()}
-    parts = {frozenset(): universe - rest}
-    for f, a in fates.items():
-        nxt: dict = {}
-        for key, s in parts.items():
-            inside = s & a
-            outside = s - inside
-            for k, part in ((key | {f}, inside), (key, outside)):
-                if not part.is_empty():
-                    nxt[k] = nxt[k] | part if k in nxt else part
-        parts = nxt
-    if frozenset() in parts:
+    if not rest.is_empty():
+        # packets explored by no class (the limit): the fates' sets, built, split what is left
+        fates = {f: pb.union(items) for f, items in pre.items()}
+        cells: dict = {frozenset(): [universe - rest]}
+        for f, a in fates.items():
+            nxt: dict = {}
+            for key, (s,) in cells.items():
+                inside = s & a
+                for k, part in ((key | {f}, inside), (key, s - inside)):
+                    if not part.is_empty():
+                        nxt[k] = [nxt[k][0] | part] if k in nxt else [part]
+            cells = nxt
+        covered = None
+    else:
+        # every packet's fates, from the parts the set walk left (no set built per fate)
+        cells = _cells([(x, f) for f, xs in pre.items() for x in xs], pb)
+        covered = pb.union(x for xs in cells.values() for x in xs) if sum(map(len, cells.values())) <= _CHECKED_CELLS \
+            else None
+    if frozenset() in cells or covered is not None and covered != universe:
         raise FateMismatch("packets of the flow left the PREROUTING hook by no way the set walk found")
     # one group per set of fates (classes with fates (A, B) and with A alone and B alone lead
     # to the same set)
     merged: dict = {}
-    for key, packets in parts.items():
+    for key, xs in cells.items():
         want = frozenset(x for f in key for x in f)
-        keys, s = merged.get(want, (frozenset(), None))
-        merged[want] = (keys | key, packets if s is None else s | packets)
+        keys, have = merged.get(want, (frozenset(), []))
+        merged[want] = (keys | key, have + xs)
     groups = []
     # most classes first (a group's packet count would cost a walk of its BDD, seconds for
     # the union of 10,000 services), then by their fates
     size = {want: sum(1 for tr in (False, True) for c in classes[tr] if _fates_of(c) in keys)
             + sum(1 for e in ended if (_ended_fate(e),) in keys)  # the ways the hook ended them
             for want, (keys, _) in merged.items()}
-    for want, (key, packets) in sorted(merged.items(), key=lambda kv: (-size[kv[0]], repr(sorted(kv[0], key=repr)))):
-        v = packets.pick(prefer)
+    for want, (key, xs) in sorted(merged.items(), key=lambda kv: (-size[kv[0]], repr(sorted(kv[0], key=repr)))):
+        # the witness: preferred values among the group's first parts (all of a small group's)
+        v = pb.union(xs[:_CHECKED_CELLS]).pick(prefer)
         w = _plain(witness(spec, v, space))
         outcomes = explain_flow(ruleset, w, ns)
         got = {fate(o) for o in outcomes}
@@ -423,7 +453,8 @@ def _fate_groups(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, l
             raise FateMismatch(f"the witness {w.tuple_str()} ends {sorted(got, key=repr)}, its group "
                                f"{sorted(want, key=repr)}")
         reasons = [r for f in key for r in lost.get(f, ())]
-        g = Group("", w, outcomes, size[want], packets, reasons)
+        g = Group("", w, outcomes, size[want], None, reasons)
+        g.lazy_packets(lambda xs=xs: pb.union(xs))  # built on first use (describe, JSON, tests)
         g.assumes = list(assumed)
         groups.append(g)
     for g in groups[:described]:
@@ -507,12 +538,86 @@ def _before(exits, packets, translated: bool, pb) -> list:
                 continue
             g = pb.op(p.g, cof)
             if not g.is_empty():
-                out.append(Part(p.pins, g, p.excl))  # exclusions (fields not pinned) kept: shared, never changed
+                out.append(Part(p.pins, g, p.excl, p.origin))  # exclusions (fields not pinned) kept: shared, never changed
     return out
 
 
 def _excl_key(excl) -> tuple:
     return () if not excl else tuple((k, frozenset(v)) for k, v in excl.items())
+
+
+#: a fate grouping with at most this many parts checks that they cover the flow (one BDD of
+#: all of them), and takes its witnesses from whole groups; a bigger one, from this many parts
+_CHECKED_CELLS = 2000
+
+
+def _cells(items, pb) -> dict:
+    """The input packets by set of fates, as parts: ``{frozenset of fates: [parts or sets]}``,
+    from ``items`` ((part or set, fate): the input packets `_before` found for a fate).
+
+    A packet is in several items only through a statistic rule (one item per world it goes
+    on in), and then all of them have the same `setwalk.Part.origin`: an item without origin
+    is its own cell, with its one fate. The items of one origin cover it (every world has a
+    way out for each of its packets): all of one fate, the origin is the cell; otherwise the
+    origin is split by the values its items pin or exclude beyond it (kube-proxy's ``-s EP/32``
+    of an endpoint's own chain: the hairpin), one field at most, each value and the rest
+    apart, by a partition of their shared sets (`_PartSets.partition`, cached). An origin of
+    any other shape is built as sets and split by them."""
+    from analyzer.netfilter.setwalk import Part
+
+    out: dict = {}
+    by_origin: dict = {}
+    for x, f in items:
+        o = x.origin if isinstance(x, Part) else None
+        if o is None:
+            out.setdefault(frozenset({f}), []).append(x)
+        else:
+            by_origin.setdefault(id(o), (o, []))[1].append((x, f))
+    for o, its in by_origin.values():
+        for key, x in _origin_cells(o, its, pb):
+            out.setdefault(key, []).append(x)
+    return out
+
+
+def _origin_cells(o, its, pb):
+    from analyzer.netfilter.setwalk import Part
+
+    if len({f for _, f in its}) == 1:
+        return [(frozenset({its[0][1]}), Part(o.pins, o.g))]
+    extra = set()
+    for x, _ in its:
+        if not isinstance(x, Part) or x.excl and any(len(k) != 1 for k in x.excl):
+            return pb.split([(pb.union([x]), f) for x, f in its])
+        extra |= set(x.pins) - set(o.pins)
+        extra |= {k[0] for k in x.excl or ()}
+    if len(extra) > 1:
+        return pb.split([(pb.union([x]), f) for x, f in its])
+    if not extra:
+        return [(k, Part(o.pins, g)) for g, k in pb.partition([(x.g, f) for x, f in its])]
+    fld = extra.pop()
+    values: dict = {}
+    for x, _ in its:
+        if fld in x.pins:
+            values[x.pins[fld]] = None
+        for (v,) in (x.excl or {}).get((fld,), ()):
+            values[v] = None
+    out = []
+    for v in values:
+        at = []
+        for x, f in its:
+            if fld in x.pins:
+                if x.pins[fld] == v:
+                    at.append((x.g, f))
+            elif not (x.excl and (v,) in x.excl.get((fld,), ())):
+                c = pb.at(x.g, fld, v)
+                if c is not None:
+                    at.append((c, f))
+        pins = dict(o.pins)
+        pins[fld] = v
+        out += [(k, Part(pins, g)) for g, k in pb.partition(at)]
+    excl = {(fld,): {(v,) for v in values}}
+    out += [(k, Part(dict(o.pins), g, excl)) for g, k in pb.partition([(x.g, f) for x, f in its if fld not in x.pins])]
+    return out
 
 
 class _PartSets:
@@ -527,6 +632,7 @@ class _PartSets:
         self._bit = {"family": 0 if family == 4 else 1}
         self._cof: dict = {}
         self._ops: dict = {}
+        self._parts: dict = {}
         self._vars: dict = {}
         self._keep: list = []
 
@@ -557,6 +663,48 @@ class _PartSets:
         self._cof[key] = hit
         self._keep.append(s)
         return hit
+
+    def at(self, g, field: str, value):
+        """``g`` at ``field == value`` (None: empty), cached."""
+        key = (int(g.node), field, int(value))
+        hit = self._cof.get(key, False)
+        if hit is not False:
+            return hit
+        sp = self.space
+        node = sp._at(g.node, {field: int(value)})
+        if node is None:
+            node = sp._at(g.restrict(field, value).node, self._bit)
+        hit = self._cof[key] = None if node == sp._false else sp._set(node)
+        self._keep.append(g)
+        return hit
+
+    def partition(self, items) -> list:
+        """The sets ``items`` ((set, fate), ...) cover, split by the fates of the items that
+        hold each packet: ``[(set, frozenset of fates), ...]``, cached (the service chains of
+        one shape share their sets)."""
+        key = tuple((int(g.node), f) for g, f in items)
+        hit = self._parts.get(key)
+        if hit is None:
+            hit = self._parts[key] = (self.split(items), [g for g, _ in items])
+        return [(g, k) for k, g in hit[0]]
+
+    def split(self, items) -> list:
+        """`partition`, uncached: ``[(frozenset of fates, set), ...]``."""
+        cells: dict = {}
+        for g, f in items:
+            nxt: dict = {}
+            rest = g
+            for k, c in cells.items():
+                inside = c & g
+                for kk, part in ((k | {f}, inside), (k, c - inside)):
+                    if not part.is_empty():
+                        nxt[kk] = nxt[kk] | part if kk in nxt else part
+                rest = rest - c
+            if not rest.is_empty():
+                kk = frozenset({f})
+                nxt[kk] = nxt[kk] | rest if kk in nxt else rest
+            cells = nxt
+        return list(cells.items())
 
     def op(self, a, b):
         """``a & b``, cached."""

@@ -70,14 +70,20 @@ class Part:
     earlier rules of a run of one-point rules took (their jumps may return packets, as parts
     of their own), kept as a lookup until a rule needs the set (`SetWalker._flush`). Only a
     part in a chain's list of packets still going on has them; a part with exclusions is
-    never in two threads (the walk hands it from one rule's misses to the next)."""
+    never in two threads (the walk hands it from one rule's misses to the next).
 
-    __slots__ = ("pins", "g", "excl")
+    ``origin``: the part as it was before the first statistic rule that split it between worlds
+    (None: it was never split). The same input packet is in several worlds only through such a
+    split, so parts of different origins (or none) are disjoint, and a packet's fates are
+    those of the parts of one origin (symbolic._cells)."""
 
-    def __init__(self, pins: dict, g, excl: dict | None = None):
+    __slots__ = ("pins", "g", "excl", "origin")
+
+    def __init__(self, pins: dict, g, excl: dict | None = None, origin: "Part | None" = None):
         self.pins = pins
         self.g = g
         self.excl = excl
+        self.origin = origin
 
 
 class Exit:
@@ -381,12 +387,12 @@ class SetWalker:
                     pt = self._point_set(free)
                     for parts, g in ((same, self._op("&", p.g, pt)), (moved, self._op("-", p.g, pt))):
                         if not g.is_empty():
-                            parts.append(Part(p.pins, g))
+                            parts.append(Part(p.pins, g, None, p.origin))
                 else:
                     same.append(there)
                     rest = self._op("-", p.g, self._point_set(free))
                     if not rest.is_empty():
-                        moved.append(Part(p.pins, rest))
+                        moved.append(Part(p.pins, rest, None, p.origin))
         out = []
         if same:
             out.append(Thread(tuple(same), h.prob, h.mark))
@@ -452,7 +458,7 @@ class SetWalker:
                     keep[key] = set(values)
         pins = dict(p.pins)
         pins.update(new)
-        return Part(pins, self.space._set(node), keep)
+        return Part(pins, self.space._set(node), keep, p.origin)
 
     def _cofactor(self, g, values: dict):
         """``g`` at ``values`` (None: empty), by descent or, failing that, `PacketSet.restrict`."""
@@ -488,7 +494,7 @@ class SetWalker:
         key = tuple(sorted(new))
         values = tuple(new[f] for f in key)
         if p.excl is None:
-            return Part(p.pins, p.g, {key: {values}})
+            return Part(p.pins, p.g, {key: {values}}, p.origin)
         p.excl.setdefault(key, set()).add(values)
         return p
 
@@ -502,7 +508,7 @@ class SetWalker:
             for vs in values:
                 node = node | self._point_set(dict(zip(key, vs))).node
         g = p.g - sp._set(node)
-        return None if g.is_empty() else Part(p.pins, g)
+        return None if g.is_empty() else Part(p.pins, g, None, p.origin)
 
     def _settled(self, parts: tuple) -> tuple:
         """``parts`` as a way out of a table: a part keeps its exclusions (the parts of 28,000
@@ -607,6 +613,8 @@ class SetWalker:
                     miss.append(Thread(outs, th.prob, mk))
             else:
                 if ins:
+                    # the same packets in two worlds: their parts remember where they split
+                    ins = tuple(Part(p.pins, p.g, None, p.origin or p) for p in ins)
                     hit.append(Thread(ins, th.prob * prob, mk))
                     miss.append(Thread(ins, th.prob * (1 - prob), mk))
                 if outs:
@@ -661,9 +669,9 @@ class SetWalker:
         gin = self._op("&", h.g, m)
         gout = self._op("-", h.g, m)
         if not gin.is_empty():
-            ins.append(Part(h.pins, gin))
+            ins.append(Part(h.pins, gin, None, h.origin))
         if not gout.is_empty():
-            outs.append(Part(h.pins, gout))
+            outs.append(Part(h.pins, gout, None, h.origin))
         if new:
             outs.append(self._exclude(p, new))
 
