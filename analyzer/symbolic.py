@@ -490,10 +490,22 @@ def _after(exits, space, pb):
         if fields is None:
             got = pb.union(x for e in es for x in pb.items(e))
         else:
-            written = pb.points({e.consts for e in es})
-            got = written & pb.union(pb.forget(x, fields) for e in es for x in pb.items(e))
+            consts = {e.consts for e in es}
+            if len(consts) <= _HULL_ABOVE:
+                written = pb.points(consts)
+                got = written & pb.union(pb.forget(x, fields) for e in es for x in pb.items(e))
+            else:
+                # thousands of endpoints: every address written or pinned by its prefix
+                # (HULL_PREFIX), with every port written: a coarser superset, a few sets
+                got = pb.hull(consts) & pb.union(pb.forget(x, fields, hull=True) for e in es for x in pb.items(e))
         out.append(got if m is None else got & space.eq("mark", m))
     return _union(out) if out else space.empty()
+
+
+#: `_after` takes the translated packets of more than this many DNAT targets by the prefixes of
+#: their addresses (HULL_PREFIX bits), not address by address
+_HULL_ABOVE = 64
+HULL_PREFIX = {4: 16, 6: 64}
 
 
 def _union(sets):
@@ -633,6 +645,8 @@ class _PartSets:
         self._cof: dict = {}
         self._ops: dict = {}
         self._parts: dict = {}
+        self._hulls: dict = {}
+        self._nets: dict = {}
         self._vars: dict = {}
         self._keep: list = []
 
@@ -645,7 +659,7 @@ class _PartSets:
         vals = {f: int(v) for f, v in pins.items() if f != "family"}
         for f, v in consts:
             vals[f] = int(v)
-        key = (int(s.node), tuple(sorted(vals.items())))
+        key = (int(s.node), tuple(vals.items()))
         hit = self._cof.get(key, False)
         if hit is not False:
             return hit
@@ -725,15 +739,46 @@ class _PartSets:
             hit = self._vars[key] = tuple(names)
         return hit
 
-    def forget(self, x, fields: tuple):
-        """``x`` with ``fields`` free (a Part: unpinned, or quantified out of its ``g``)."""
+    def forget(self, x, fields: tuple, hull: bool = False):
+        """``x`` with ``fields`` free (a Part: unpinned, or quantified out of its ``g``); its
+        exclusions dropped (a superset). ``hull``: a pinned address is widened to its prefix
+        (HULL_PREFIX bits; the part is then a set), for `_after`'s superset."""
         from analyzer.netfilter.setwalk import Part
 
         if not isinstance(x, Part):
             return x.exists(fields)
         pins = {f: v for f, v in x.pins.items() if f not in fields}
         free = tuple(f for f in fields if f not in x.pins)
-        return Part(pins, x.g.exists(free) if free else x.g)  # its exclusions dropped: a superset
+        g = x.g.exists(free) if free else x.g
+        if hull and any(f in ("src", "dst") for f in pins):
+            key = (int(g.node), tuple((f, self._hulled(v) if f in ("src", "dst") else v) for f, v in pins.items()))
+            hit = self._hulls.get(key)
+            if hit is None:
+                sp = self.space
+                hit = self._hulls[key] = sp.where(**{f: v for f, v in key[1] if f != "family"}) & sp._set(g.node)
+            return hit
+        return Part(pins, g)
+
+    def _hulled(self, v):
+        bits = HULL_PREFIX[v.version]
+        key = (v.version, int(v) >> (v.max_prefixlen - bits))
+        hit = self._nets.get(key)
+        if hit is None:
+            hit = self._nets[key] = ipaddress.ip_network((v, bits), strict=False)
+        return hit
+
+    def hull(self, consts) -> object:
+        """A superset of the points ``consts``: per field, every value written (an address by
+        its prefix), in every combination."""
+        sp = self.space
+        per: dict = {}
+        for c in consts:
+            for f, v in c:
+                per.setdefault(f, set()).add(self._hulled(v) if f in ("src", "dst") else v)
+        out = sp._u_family[self.family]
+        for f, vs in per.items():
+            out = out & _union([sp.where(**{f: v}).node for v in vs])
+        return sp._set(out)
 
     def points(self, consts) -> object:
         """The union of the points ``consts`` (((field, value), ...), ...) of this family."""
