@@ -445,7 +445,7 @@ def _fate_groups(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, l
             for want, (keys, _) in merged.items()}
     for want, (key, xs) in sorted(merged.items(), key=lambda kv: (-size[kv[0]], repr(sorted(kv[0], key=repr)))):
         # the witness: preferred values among the group's first parts (all of a small group's)
-        v = pb.union(xs[:_CHECKED_CELLS]).pick(prefer)
+        v = pb.union(xs[:_WITNESS_CELLS]).pick(prefer)
         w = _plain(witness(spec, v, space))
         outcomes = explain_flow(ruleset, w, ns)
         got = {fate(o) for o in outcomes}
@@ -501,6 +501,9 @@ def _after(exits, space, pb):
         out.append(got if m is None else got & space.eq("mark", m))
     return _union(out) if out else space.empty()
 
+
+#: the header fields above the source in the BDD order (engine.packetset.LAYOUT)
+_TOP_FIELDS = ("family", "proto", "dst", "dport")
 
 #: `_after` takes the translated packets of more than this many DNAT targets by the prefixes of
 #: their addresses (HULL_PREFIX bits), not address by address
@@ -559,8 +562,10 @@ def _excl_key(excl) -> tuple:
 
 
 #: a fate grouping with at most this many parts checks that they cover the flow (one BDD of
-#: all of them), and takes its witnesses from whole groups; a bigger one, from this many parts
+#: all of them)
 _CHECKED_CELLS = 2000
+#: a group's witness is picked among its first this many parts (all of a small group's)
+_WITNESS_CELLS = 256
 
 
 def _cells(items, pb) -> dict:
@@ -646,6 +651,8 @@ class _PartSets:
         self._ops: dict = {}
         self._parts: dict = {}
         self._hulls: dict = {}
+        self._products: dict = {}
+        self._member: dict = {}
         self._nets: dict = {}
         self._vars: dict = {}
         self._keep: list = []
@@ -659,6 +666,27 @@ class _PartSets:
         vals = {f: int(v) for f, v in pins.items() if f != "family"}
         for f, v in consts:
             vals[f] = int(v)
+        prod = self._products.get(int(s.node))
+        if prod is None:
+            prod = self._products[int(s.node)] = self._product(s)
+        if prod and all(f in vals for f in prod[2] if f != "family"):
+            # s = T(header fields above the source) AND R(the others): the image is in T or
+            # not (decided once per value of the bits T tests), and then s at it is R
+            top, rest, masks = prod
+            key = (int(s.node), *(vals.get(f, self._bit["family"]) & m for f, m in masks.items()))
+            inside = self._member.get(key)
+            if inside is None:
+                at = {f: vals[f] for f in masks if f != "family"}
+                at["family"] = self._bit["family"]
+                inside = self._member[key] = self.space._at(top.node, at) != self.space._false
+            if not inside:
+                return None
+            for f, v in pins.items():
+                if f not in _TOP_FIELDS and f not in dict(consts):
+                    rest = self.at(rest, f, v)
+                    if rest is None:
+                        return None
+            return rest
         key = (int(s.node), tuple(vals.items()))
         hit = self._cof.get(key, False)
         if hit is not False:
@@ -677,6 +705,28 @@ class _PartSets:
         self._cof[key] = hit
         self._keep.append(s)
         return hit
+
+    def _product(self, s):
+        """``(T, R, {field: mask of the bits T tests})`` when ``s`` is T AND R, T over the header
+        fields above the source (family, protocol, destination and its port), R over the
+        others; False otherwise (or when T tests no bit: then nothing is saved)."""
+        sp = self.space
+        if s.is_empty():
+            return False
+        below = tuple(f for f in sp.fields if f not in _TOP_FIELDS)
+        top = s.exists(below)
+        rest = sp._set(sp._at(s.exists(_TOP_FIELDS[1:]).node, self._bit))
+        if (top & rest) != s:
+            return False
+        masks: dict = {}
+        for v in sp.bdd.support(top.node):
+            f, bit = sp._var_bit[v]
+            if f in _TOP_FIELDS:  # (and the universe's own constraint, on the conntrack state)
+                masks[f] = masks.get(f, 0) | (1 << bit)
+        if not masks:
+            return False
+        self._keep.append(s)
+        return top, rest, masks
 
     def at(self, g, field: str, value):
         """``g`` at ``field == value`` (None: empty), cached."""
