@@ -387,7 +387,7 @@ def _fate_groups(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, l
         classes[translated] = got
         count += len(got)
         if not left.is_empty():
-            rest = rest | pb.union(_before(going[translated], left, translated, pb))
+            rest = rest | pb.union(_before(going[translated], [(None, left)], translated, pb)[None])
     _assumed(walker, assumed)
     for c in classes[True]:
         if any(GHOST_READ in r for r in c.lost):
@@ -403,8 +403,10 @@ def _fate_groups(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, l
             by_fate[(translated, f)] = c.packets if hit is None else hit | c.packets
             lost.setdefault(f, []).extend(r for r in c.lost if r not in lost.get(f, ()))
     pre: dict = {}
-    for (translated, f), cls in by_fate.items():
-        pre.setdefault(f, []).extend(_before(going[translated], cls, translated, pb))
+    for translated in (False, True):
+        targets = [(f, cls) for (tr, f), cls in by_fate.items() if tr == translated]
+        for f, xs in _before(going[translated], targets, translated, pb).items():
+            pre.setdefault(f, []).extend(xs)
     for e in ended:
         # the fate the walk gives a packet that ends in the hook (walk.Walker._end): no
         # translation yet (a DNAT ends the hook's last table), no reply; a statistic rule may
@@ -521,39 +523,44 @@ def _union(sets):
     return sets[0]
 
 
-def _before(exits, packets, translated: bool, pb) -> list:
-    """The input packets whose way out of the hook (one of ``exits``) lands in ``packets``, as
-    `setwalk.Part`s (and sets, for an exit without parts): an exit's packets leave with its
-    mark (Exit.mark) and, translated, with the constants its DNAT wrote (Exit.consts); every
-    other field is the input's own. For a part (fields pinned, the rest ``g``), the packets
-    of ``packets`` at its image's pinned values (one descent: `_PartSets.cofactor`) meet
-    ``g``: no set is built per exit, and the 56,000 exits of a 10,000-service hook share a
-    few ``g``s, their operations cached."""
+def _before(exits, targets, translated: bool, pb) -> dict:
+    """The input packets whose way out of the hook (one of ``exits``) lands in each of
+    ``targets`` ((key, packets), ...), as `setwalk.Part`s (and sets, for an exit without
+    parts): ``{key: [...]}``. An exit's packets leave with its mark (Exit.mark) and,
+    translated, with the constants its DNAT wrote (Exit.consts); every other field is the
+    input's own. For a part (fields pinned, the rest ``g``), the packets of a target at its
+    image's pinned values (`_PartSets.cofactor`) meet ``g``: no set is built per exit, and the
+    56,000 exits of a 10,000-service hook share a few ``g``s, their operations cached."""
     from analyzer.netfilter.setwalk import Part
 
+    out: dict = {k: [] for k, _ in targets}
     sel: dict = {}
-    out = []
     for e in exits:
-        s = sel.get(e.mark)
-        if s is None:
-            s = sel[e.mark] = packets if e.mark is None else packets.restrict("mark", e.mark)
-        if s.is_empty():
+        per = sel.get(e.mark)
+        if per is None:
+            per = sel[e.mark] = [(k, s) for k, s in ((k, t if e.mark is None else t.restrict("mark", e.mark))
+                                                     for k, t in targets) if not s.is_empty()]
+        if not per:
             continue
         consts = e.consts if translated else ()
         if e.parts is None:
-            img = e.image()
-            hit = e.before & pb.space._set(pb.space._exist(pb.variables(consts), (s & img).node)) if consts \
-                else e.before & s
-            if not hit.is_empty():
-                out.append(hit)
+            for k, s in per:
+                img = e.image()
+                hit = e.before & pb.space._set(pb.space._exist(pb.variables(consts), (s & img).node)) if consts \
+                    else e.before & s
+                if not hit.is_empty():
+                    out[k].append(hit)
             continue
         for p in e.parts:
-            cof = pb.cofactor(s, p.pins, consts)
-            if cof is None:
-                continue
-            g = pb.op(p.g, cof)
-            if not g.is_empty():
-                out.append(Part(p.pins, g, p.excl, p.origin))  # exclusions (fields not pinned) kept: shared, never changed
+            vals = pb.image(p.pins, consts)
+            for k, s in per:
+                cof = pb.cofactor(s, vals, p.pins, consts)
+                if cof is None:
+                    continue
+                g = pb.op(p.g, cof)
+                if not g.is_empty():
+                    # exclusions (fields not pinned) kept: shared, never changed
+                    out[k].append(Part(p.pins, g, p.excl, p.origin))
     return out
 
 
@@ -660,12 +667,18 @@ class _PartSets:
     def items(self, e) -> tuple:
         return e.parts if e.parts is not None else (e.before,)
 
-    def cofactor(self, s, pins: dict, consts: tuple):
-        """``s`` (no mark) at the image's pinned values: ``pins``, the DNAT's ``consts``
-        written over them; None when empty."""
+    @staticmethod
+    def image(pins: dict, consts: tuple) -> dict:
+        """The image's pinned values, as ints: ``pins``, the DNAT's ``consts`` written over them
+        (the family apart)."""
         vals = {f: int(v) for f, v in pins.items() if f != "family"}
         for f, v in consts:
             vals[f] = int(v)
+        return vals
+
+    def cofactor(self, s, vals: dict, pins: dict, consts: tuple):
+        """``s`` (no mark) at the image's pinned values ``vals`` (`image` of ``pins`` and
+        ``consts``); None when empty."""
         prod = self._products.get(int(s.node))
         if prod is None:
             prod = self._products[int(s.node)] = self._product(s)
@@ -682,7 +695,7 @@ class _PartSets:
             if not inside:
                 return None
             for f, v in pins.items():
-                if f not in _TOP_FIELDS and f not in dict(consts):
+                if f not in _TOP_FIELDS:  # (a DNAT writes only header fields above the source)
                     rest = self.at(rest, f, v)
                     if rest is None:
                         return None
@@ -692,7 +705,7 @@ class _PartSets:
         if hit is not False:
             return hit
         sp = self.space
-        vals["family"] = self._bit["family"]
+        vals = dict(vals, family=self._bit["family"])
         node = sp._at(s.node, vals)
         if node is None:  # a field above the pinned ones is tested: one field at a time
             g = s

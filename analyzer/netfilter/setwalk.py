@@ -183,7 +183,15 @@ class SetWalker:
         self.mark = mark
         self.backend = backend if backend is not None else getattr(ruleset, "backend", None)
         self._sets: dict = {}
-        self._ports: dict = {}
+        # what depends on the packets' space, family and namespace only (header matches,
+        # points, set operations): shared by every set walk of one exploration (the table
+        # summaries of symbolic.RecordingWalker are dozens of walks over the same chains)
+        shared = space.__dict__.setdefault("_setwalk_shared", {}).get((family, id(ns)))
+        if shared is None:
+            shared = space.__dict__["_setwalk_shared"][(family, id(ns))] = (
+                {}, {}, {}, {}, {}, {}, [], {}, ns)
+        self._headers, self._ports, self._memo, self._points, self._support, self._at_memo, self._keep, \
+            self._witness, _ = shared
         self.recent_assumed = False  # a -m recent match was decided under walk.RECENT_ASSUMPTION
         # what a table summary (symbolic.RecordingWalker) knows of the packets for sure: the
         # output interface, the conntrack states the rules see; ``effects`` False: a rule that
@@ -195,13 +203,6 @@ class SetWalker:
         # --icmp-type are then decided once (None: not known, Unsupported)
         self.tcp_flags = tcp_flags
         self.icmp = icmp
-        # caches of the parts' set operations (`_op`, `_point_set`, `_reads_pinned`)
-        self._memo: dict = {}
-        self._points: dict = {}
-        self._support: dict = {}
-        self._at_memo: dict = {}
-        self._keep: list = []
-        self._witness: dict = {}
         self._full = space.universe().node  # a match that holds for every packet
 
     # ------------------------------------------------------------------ the hook
@@ -679,12 +680,13 @@ class SetWalker:
         """What ``m`` matches, as a set without its family (`_strip`)."""
         if isinstance(m, CtStateMatch):  # decided by the states known here, not cached
             return self._strip(self._compile(m, rule, hook))
+        cache = self._headers if isinstance(m, _HEADER_MATCHES) else self._sets
         key = _match_key(m)
-        hit = self._sets.get(key)
+        hit = cache.get(key)
         if hit is not None:
             return hit
         s = self._strip(self._compile(m, rule, hook))
-        self._sets[key] = s
+        cache[key] = s
         return s
 
     def _compile(self, m, rule, hook: str):
@@ -755,6 +757,8 @@ def _point(m, family: int):
     return None
 
 
+#: matches whose set depends only on the space, the family and the namespace (symbolic.match_header)
+_HEADER_MATCHES = (AddrMatch, IpRangeMatch, ProtoMatch, PortMatch, AddrTypeMatch)
 _NO_DESCENT = object()  # SetWalker._pin: the point is taken as a set
 _PORT_MODULES = {"tcp": 6, "udp": 17, "sctp": 132}  # -m tcp/udp/sctp: the protocol they test first
 
