@@ -288,7 +288,7 @@ def explain_fate(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 
         icmp = (t.icmp_type, t.icmp_code or 0) if "proto" not in spec.open and t.proto in (1, 58) \
             and t.icmp_type is not None else (8 if t.family == 4 else 128, 0)  # an open protocol's: echo request
         sw = SetWalker(ruleset, ns, space, t.family, t.iif, mark, walker.backend,
-                       tcp_flags=int(t.tcp_flags or 0), icmp=icmp)
+                       tcp_flags=int(t.tcp_flags or 0), icmp=icmp, shared=walker.__dict__.setdefault("_setwalk", {}))
         # IPv6: ip6_rcv_core drops some packets before any hook (pipeline.ip6_header_checks)
         dropped = _ip6_header_dropped(space, t) & universe if t.family == 6 else space.empty()
         try:

@@ -174,7 +174,8 @@ class SetWalker:
 
     def __init__(self, ruleset, ns, space, family: int, iif: str | None, mark: int | None,
                  backend: str | None = None, *, oif: str | None = None, ctstates: frozenset | None = None,
-                 effects: bool = True, tcp_flags: int | None = None, icmp: tuple | None = None):
+                 effects: bool = True, tcp_flags: int | None = None, icmp: tuple | None = None,
+                 shared: dict | None = None):
         self.rs = ruleset
         self.ns = ns
         self.space = space
@@ -184,14 +185,16 @@ class SetWalker:
         self.backend = backend if backend is not None else getattr(ruleset, "backend", None)
         self._sets: dict = {}
         # what depends on the packets' space, family and namespace only (header matches,
-        # points, set operations): shared by every set walk of one exploration (the table
+        # points, set operations): ``shared`` by every set walk of one exploration (the table
         # summaries of symbolic.RecordingWalker are dozens of walks over the same chains)
-        shared = space.__dict__.setdefault("_setwalk_shared", {}).get((family, id(ns)))
-        if shared is None:
-            shared = space.__dict__["_setwalk_shared"][(family, id(ns))] = (
-                {}, {}, {}, {}, {}, {}, [], {}, ns)
+        key = (id(space), family, id(ns))
+        hit = shared.get(key) if shared is not None else None
+        if hit is None or hit[-1] is not space:
+            hit = ({}, {}, {}, {}, {}, {}, [], {}, space)
+            if shared is not None:
+                shared[key] = hit
         self._headers, self._ports, self._memo, self._points, self._support, self._at_memo, self._keep, \
-            self._witness, _ = shared
+            self._witness, _ = hit
         self.recent_assumed = False  # a -m recent match was decided under walk.RECENT_ASSUMPTION
         # what a table summary (symbolic.RecordingWalker) knows of the packets for sure: the
         # output interface, the conntrack states the rules see; ``effects`` False: a rule that

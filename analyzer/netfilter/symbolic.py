@@ -364,7 +364,8 @@ class RecordingWalker(Walker):
                 sw = SetWalker(self.rs, self.ns, sp, p.family, p.iif, None if msym is not None else int(mark),
                                self.backend, oif=p.oif, ctstates=ctstates, effects=False,
                                tcp_flags=int(flags) if type(flags) is int else None,
-                               icmp=(it, ic or 0) if type(it) is int and type(ic or 0) is int else None)
+                               icmp=(it, ic or 0) if type(it) is int and type(ic or 0) is int else None,
+                               shared=self.__dict__.setdefault("_setwalk", {}))
                 u = sp.family(p.family)
                 for f, v in pins:
                     u = u & sp.eq(f, v)
