@@ -878,7 +878,10 @@ class _PartSets:
                         for vs in values:
                             pt = pt & ~_point_node(sp, dict(zip(fields, vs)), sp._true)
                 pts.append(pt)
-            node = node | (g.node & _union(pts) & sp._fam[fam])
+            acc = sp._false
+            for pt in pts:  # a left fold: each OR walks only the new cube's path
+                acc = acc | pt
+            node = node | (g.node & acc & sp._fam[fam])
         return sp._set(node)
 
 
