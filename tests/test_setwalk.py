@@ -530,3 +530,105 @@ def test_a_log_rule_with_an_unevaluated_match_changes_nothing():
     pkt = replace(spec.template, src=ipaddress.ip_address("10.0.0.7"), dst=ipaddress.ip_address("10.1.0.5"), sport=40000)
     outcomes = explain_flow(rs, pkt, _ns())
     assert len(outcomes) == 1 and outcomes[0].confidence == "EXACT", [(o.disposition, o.confidence) for o in outcomes]
+
+
+# ------------------------------------------------------------------ parts (pinned fields, exclusions, origins)
+
+def test_descent_cofactor_equals_restrict_on_random_sets():
+    """PacketSpace._at (one descent) is the cofactor `PacketSet.restrict` computes, where it
+    answers; None only when a field above the pinned ones is tested."""
+    import random
+
+    from analyzer.engine.packetset import PacketSpace
+
+    sp = PacketSpace()
+    rnd = random.Random(7)
+    fam = {"family": 0}
+    for _ in range(60):
+        s = sp.empty()
+        for _ in range(rnd.randrange(1, 6)):
+            s = s | sp.where(proto=rnd.choice([6, 17]), dst=f"10.96.{rnd.randrange(4)}.0/{rnd.choice([24, 30, 32])}",
+                             dport=(rnd.randrange(70, 90), rnd.randrange(90, 100)),
+                             src=f"10.{rnd.randrange(3)}.0.0/16")
+        point = {"proto": rnd.choice([6, 17]), "dst": ipaddress.ip_address(f"10.96.{rnd.randrange(4)}.{rnd.randrange(4)}"),
+                 "dport": rnd.randrange(68, 101)}
+        got = sp._at(s.node, dict(fam, **{f: int(v) for f, v in point.items()}))
+        want = s
+        for f, v in point.items():
+            want = want.restrict(f, v)
+        want = sp._at(want.node, fam)  # (restrict of an IPv4 address keeps the family: strip it)
+        assert got is not None and got == want
+    # a field above the pinned ones that the set tests: no descent
+    s = sp.where(proto=6, dport=80) | sp.where(proto=17, dport=53)
+    assert sp._at(s.node, {"family": 0, "dport": 80}) is None
+
+
+def test_a_run_of_one_point_rules_excludes_its_points_from_the_rest():
+    """kube-proxy's KUBE-SERVICES: each '-d VIP -p tcp --dport P' pins a part; the packets they
+    took are excluded from what goes on (a lookup until a rule needs the set), including a
+    second rule on the same point (it gets nothing) and a rule that is not one point."""
+    vips = [f"10.1.0.{i}" for i in range(1, 40)]
+    rules = [f"-A PREROUTING -d {v}/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.2.0.{i}:8080"
+             for i, v in enumerate(vips, 1)]
+    rules.append("-A PREROUTING -d 10.1.0.1/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.2.0.99:1")
+    rules.append("-A PREROUTING -d 10.1.0.0/26 -j DNAT --to-destination 10.2.0.200:9")
+    w = Walked(_nat(*rules))
+    exits = w.exits()
+    dn = {str(dict(e.consts)["dst"]): e for e in exits if e.dnat}
+    assert "10.2.0.99" not in dn  # the same point again: nothing left for it
+    for i, v in enumerate(vips, 1):
+        assert dn[f"10.2.0.{i}"].before == w.where(dst=v, dport=80), v
+    taken = w.space.union(w.where(dst=v, dport=80) for v in vips)
+    assert dn["10.2.0.200"].before == w.where(dst="10.1.0.0/26") - taken
+    plain = [e for e in exits if not e.dnat]
+    assert w.space.union(e.before for e in plain) == w.universe - w.where(dst="10.1.0.0/26")
+    _covers_once(w, exits)
+
+
+def test_endpoint_hairpin_splits_only_its_own_source_between_two_fates():
+    """A kube-proxy service of three endpoints on this node's pod subnet, the client a pod: a
+    statistic rule puts each source in three ways out (one per endpoint); only the source that
+    is an endpoint itself is masqueraded (KUBE-MARK-MASQ of its own endpoint chain) in one of
+    them. Grouped by fate (symbolic._cells, by the parts' origin), that source has two fates and
+    the others one, and every group's packets walk concretely to the group's fates."""
+    eps = ["10.0.0.5", "10.0.0.6", "10.0.0.7"]
+    chains = ":KUBE-SVC-X - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n" + "".join(f":KUBE-SEP-{i} - [0:0]\n" for i in range(3))
+    rules = ["-A PREROUTING -d 10.1.0.10/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-X",
+             "-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000",
+             "-A KUBE-SVC-X -m statistic --mode random --probability 0.33333333349 -j KUBE-SEP-0",
+             "-A KUBE-SVC-X -m statistic --mode random --probability 0.50000000000 -j KUBE-SEP-1",
+             "-A KUBE-SVC-X -j KUBE-SEP-2"]
+    for i, ep in enumerate(eps):
+        rules += [f"-A KUBE-SEP-{i} -s {ep}/32 -j KUBE-MARK-MASQ",
+                  f"-A KUBE-SEP-{i} -p tcp -m tcp -j DNAT --to-destination {ep}:8080"]
+    text = _nat(*rules, chains=chains).replace("COMMIT\n", ":POSTROUTING ACCEPT [0:0]\n-A POSTROUTING -m mark --mark 0x4000/0x4000 -j MASQUERADE\nCOMMIT\n")
+    w = Walked(text, flow="tcp 10.0.0.0/24 -> 10.1.0.10:80")
+    res = explain_open(w.rs, w.spec, w.ns, limit=300, described=0)
+    assert res.by == "fate" and res.complete
+    sp = res.space
+    flow = flow_set(sp, w.spec)
+    by_src = {}
+    for g in res.groups:
+        for ep in eps + ["10.0.0.9"]:
+            mine = flow & sp.eq("src", ipaddress.ip_address(ep))
+            if not (g.packets & mine).is_empty():
+                assert g.packets & mine == mine  # a source is in one group
+                by_src[ep] = {fate(o) for o in g.outcomes}
+    assert len({frozenset(v) for v in by_src.values()}) == 2
+    assert all(len({f[2] for f in by_src[ep]}) == 2 for ep in eps)  # masqueraded in one world, not the others
+    assert len({f[2] for f in by_src["10.0.0.9"]}) == 1
+    for ep in eps + ["10.0.0.9"]:
+        assert w.concrete(src=ep, dst="10.1.0.10", dport=80) == by_src[ep], ep
+    assert sp.union(g.packets for g in res.groups) == flow
+
+
+def test_group_packets_are_built_on_first_use():
+    from analyzer.symbolic import Group
+
+    calls = []
+    g = Group("", None, [], 1)
+    assert g.packets is None
+    g.lazy_packets(lambda: calls.append(1) or "built")
+    assert calls == [] and g.packets == "built" and g.packets == "built" and calls == [1]
+    g.packets = "set"
+    assert g.packets == "set"
