@@ -659,6 +659,8 @@ class _PartSets:
         self._parts: dict = {}
         self._hulls: dict = {}
         self._products: dict = {}
+        self._half: dict = {}
+        self._cut = None
         self._member: dict = {}
         self._nets: dict = {}
         self._vars: dict = {}
@@ -689,9 +691,7 @@ class _PartSets:
             key = (int(s.node), *(vals.get(f, self._bit["family"]) & m for f, m in masks.items()))
             inside = self._member.get(key)
             if inside is None:
-                at = {f: vals[f] for f in masks if f != "family"}
-                at["family"] = self._bit["family"]
-                inside = self._member[key] = self.space._at(top.node, at) != self.space._false
+                inside = self._member[key] = self._inside(top, vals)
             if not inside:
                 return None
             for f, v in pins.items():
@@ -718,6 +718,34 @@ class _PartSets:
         self._cof[key] = hit
         self._keep.append(s)
         return hit
+
+    def _inside(self, top, vals: dict) -> bool:
+        """Whether the image ``vals`` is in ``top`` (a set over the header fields above the
+        source): a descent in two halves, each remembered, split after the destination's first
+        24 bits, where a class of prefixes and ports stops testing the address: 28,000
+        endpoints in a few hundred /24s then share both halves."""
+        sp = self.space
+        at = dict(vals, family=self._bit["family"])
+        if "dst" not in at or "proto" not in at:
+            return sp._at(top.node, at) != sp._false
+        cut = self._cut
+        if cut is None:  # the level of the destination's 8th bit from the end (IPv4; IPv6 alike)
+            cut = self._cut = sp.bdd.level_of_var(sp._vars["dst"][-8])
+        k1 = (int(top.node), at["proto"], at["dst"] >> 8)
+        mid = self._half.get(k1)
+        if mid is None:
+            mid = self._half[k1] = sp._at_until(top.node, at, cut)
+            self._keep.append(top)
+        if mid is None:
+            return sp._at(top.node, at) != sp._false
+        if mid == sp._false:
+            return False
+        k2 = (int(mid), at["dst"] & 0xFF if mid.level <= sp._last_level["dst"] else None, at.get("dport"))
+        hit = self._half.get(k2)
+        if hit is None:
+            node = sp._at(mid, at)
+            hit = self._half[k2] = (node is not None and node != sp._false, mid)
+        return hit[0]
 
     def _product(self, s):
         """``(T, R, {field: mask of the bits T tests})`` when ``s`` is T AND R, T over the header

@@ -632,3 +632,29 @@ def test_group_packets_are_built_on_first_use():
     assert calls == [] and g.packets == "built" and g.packets == "built" and calls == [1]
     g.packets = "set"
     assert g.packets == "set"
+
+
+def test_membership_in_two_remembered_halves_equals_one_descent():
+    """_PartSets._inside (the pull-back's membership of an image in a class's header part,
+    split after the destination's first 24 bits and remembered) answers as one descent."""
+    import random
+
+    from analyzer.engine.packetset import PacketSpace
+    from analyzer.symbolic import _PartSets
+
+    sp = PacketSpace()
+    rnd = random.Random(5)
+    pb = _PartSets(sp, 4)
+    for _ in range(40):
+        s = sp.empty()
+        for _ in range(rnd.randrange(1, 5)):
+            s = s | sp.where(proto=rnd.choice([6, 17]), dst=f"10.{rnd.randrange(2)}.{rnd.randrange(2)}.{rnd.randrange(0, 256, 64)}/{rnd.choice([16, 24, 26, 26, 32])}",
+                             dport=(rnd.randrange(1, 90), rnd.randrange(90, 3000)))
+        if rnd.random() < 0.5:
+            s = sp.family(4) - s  # complemented edges
+        top = s.exists([f for f in sp.fields if f not in ("family", "proto", "dst", "dport")])
+        for _ in range(200):
+            vals = {"proto": rnd.choice([6, 17, 1]), "dport": rnd.choice([0, 5, 89, 90, 2999, 3000]),
+                    "dst": int(ipaddress.ip_address(f"10.{rnd.randrange(2)}.{rnd.randrange(2)}.{rnd.randrange(256)}"))}
+            want = sp._at(top.node, dict(vals, family=0)) != sp._false
+            assert pb._inside(top, vals) == want, vals

@@ -737,6 +737,24 @@ class PacketSpace:
             cube = self._cubes[key] = self.bdd.cube(key)
         return self.bdd.apply("\\E", cube, node)
 
+    def _at_until(self, node: Any, values: dict, stop: int) -> Any:
+        """`_at` down to level ``stop`` (excluded): the node reached there (None as `_at`)."""
+        level_bit = self._level_bit
+        neg = False
+        while True:
+            lev = node.level
+            if lev >= stop:
+                break
+            f, bit = level_bit[lev]
+            v = values.get(f)
+            if v is None:
+                return None
+            if node.negated:
+                neg = not neg
+                node = ~node
+            node = node.high if (v >> bit) & 1 else node.low
+        return ~node if neg else node
+
     def _at(self, node: Any, values: dict) -> Any:
         """The cofactor of ``node`` at a point of some fields (``values``: field -> int, an
         address as its int, ``family`` as its bit), by one descent from the root: no cube is
