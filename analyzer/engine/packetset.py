@@ -760,22 +760,7 @@ class PacketSpace:
         address as its int, ``family`` as its bit), by one descent from the root: no cube is
         built. None when the set tests a field that is not given above the deepest one that
         is (the descent would have to take both ways: the caller uses `PacketSet.restrict`)."""
-        deepest = max(self._last_level[f] for f in values)
-        level_bit = self._level_bit
-        neg = False
-        while True:
-            lev = node.level
-            if lev > deepest:
-                break
-            f, bit = level_bit[lev]
-            v = values.get(f)
-            if v is None:
-                return None
-            if node.negated:
-                neg = not neg
-                node = ~node
-            node = node.high if (v >> bit) & 1 else node.low
-        return ~node if neg else node
+        return self._at_until(node, values, max(self._last_level[f] for f in values) + 1)
 
     # the representative form pins IPv4 high address bits to zero (see the class docstring)
     def _to_rep(self, node: Any) -> Any:
