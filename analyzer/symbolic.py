@@ -705,15 +705,9 @@ class _PartSets:
         if hit is not False:
             return hit
         sp = self.space
-        vals = dict(vals, family=self._bit["family"])
-        node = sp._at(s.node, vals)
-        if node is None:  # a field above the pinned ones is tested: one field at a time
-            g = s
-            objs = {f: v for f, v in pins.items() if f != "family"}
-            objs.update(consts)
-            for f, v in objs.items():
-                g = g.restrict(f, v)
-            node = sp._at(g.node, self._bit)
+        objs = {f: v for f, v in pins.items() if f != "family"}
+        objs.update(consts)
+        node = sp._cofactor(s.node, objs, self.family)
         hit = None if node == sp._false else sp._set(node)
         self._cof[key] = hit
         self._keep.append(s)
@@ -776,9 +770,7 @@ class _PartSets:
         if hit is not False:
             return hit
         sp = self.space
-        node = sp._at(g.node, {field: int(value)})
-        if node is None:
-            node = sp._at(g.restrict(field, value).node, self._bit)
+        node = sp._cofactor(g.node, {field: value}, self.family)
         hit = self._cof[key] = None if node == sp._false else sp._set(node)
         self._keep.append(g)
         return hit

@@ -755,6 +755,19 @@ class PacketSpace:
             node = node.high if (v >> bit) & 1 else node.low
         return ~node if neg else node
 
+    def _cofactor(self, node: Any, values: dict, family: int) -> Any:
+        """The cofactor of ``node`` (a set of ``family``'s packets, 4 or 6) at ``values`` (field ->
+        value as `where` takes it), without the family: `_at`, or field by field
+        (`PacketSet.restrict`) where the set tests a field above them."""
+        fam = {"family": 0 if family == 4 else 1}
+        got = self._at(node, dict(fam, **{f: int(v) for f, v in values.items()}))
+        if got is None:
+            s = self._set(node)
+            for f, v in values.items():
+                s = s.restrict(f, v)
+            got = self._at(s.node, fam)
+        return got
+
     def _at(self, node: Any, values: dict) -> Any:
         """The cofactor of ``node`` at a point of some fields (``values``: field -> int, an
         address as its int, ``family`` as its bit), by one descent from the root: no cube is

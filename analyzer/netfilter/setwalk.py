@@ -465,16 +465,9 @@ class SetWalker:
         return Part(pins, self.space._set(node), keep, p.origin)
 
     def _cofactor(self, g, values: dict):
-        """``g`` at ``values`` (None: empty), by descent or, failing that, `PacketSet.restrict`."""
-        sp = self.space
-        node = sp._at(g.node, {f: int(v) for f, v in values.items()})
-        if node is None:
-            for f, v in values.items():
-                g = g.restrict(f, v)
-            g = self._strip(g)
-        else:
-            g = sp._set(node)
-        return None if g.is_empty() else g
+        """``g`` at ``values`` (None: empty): `PacketSpace._cofactor`."""
+        node = self.space._cofactor(g.node, values, self.family)
+        return None if node == self.space._false else self.space._set(node)
 
     @staticmethod
     def _needs_flush(p: Part, new: dict) -> bool:
