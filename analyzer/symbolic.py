@@ -299,7 +299,7 @@ def explain_fate(ruleset, spec: FlowSpec, ns, local: bool = False, limit: int = 
             return None
         walker.recent_assumed = walker.recent_assumed or sw.recent_assumed
         if not dropped.is_empty():
-            exits.append(Exit(dropped, dropped, 1.0, "DROP", False, (), mark))
+            exits.append(Exit(sw._parts(dropped), space, 1.0, "DROP", False, (), mark))
         try:
             return _fate_groups(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, limit,
                                 progress, described)
@@ -411,7 +411,7 @@ def _fate_groups(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, l
         # the fate the walk gives a packet that ends in the hook (walk.Walker._end): no
         # translation yet (a DNAT ends the hook's last table), no reply; a statistic rule may
         # end some connections of a packet here and let the others go on (one group, both fates)
-        pre.setdefault((_ended_fate(e),), []).extend(pb.items(e))
+        pre.setdefault((_ended_fate(e),), []).extend(e.parts)
     if not rest.is_empty():
         # packets explored by no class (the limit): the fates' sets, built, split what is left
         fates = {f: pb.union(items) for f, items in pre.items()}
@@ -490,16 +490,16 @@ def _after(exits, space, pb):
     out = []
     for (m, fields), es in by.items():
         if fields is None:
-            got = pb.union(x for e in es for x in pb.items(e))
+            got = pb.union(x for e in es for x in e.parts)
         else:
             consts = {e.consts for e in es}
             if len(consts) <= _HULL_ABOVE:
                 written = pb.points(consts)
-                got = written & pb.union(pb.forget(x, fields) for e in es for x in pb.items(e))
+                got = written & pb.union(pb.forget(x, fields) for e in es for x in e.parts)
             else:
                 # thousands of endpoints: every address written or pinned by its prefix
                 # (HULL_PREFIX), with every port written: a coarser superset, a few sets
-                got = pb.hull(consts) & pb.union(pb.forget(x, fields, hull=True) for e in es for x in pb.items(e))
+                got = pb.hull(consts) & pb.union(pb.forget(x, fields, hull=True) for e in es for x in e.parts)
         out.append(got if m is None else got & space.eq("mark", m))
     return _union(out) if out else space.empty()
 
@@ -525,8 +525,7 @@ def _union(sets):
 
 def _before(exits, targets, translated: bool, pb) -> dict:
     """The input packets whose way out of the hook (one of ``exits``) lands in each of
-    ``targets`` ((key, packets), ...), as `setwalk.Part`s (and sets, for an exit without
-    parts): ``{key: [...]}``. An exit's packets leave with its mark (Exit.mark) and,
+    ``targets`` ((key, packets), ...), as `setwalk.Part`s: ``{key: [...]}``. An exit's packets leave with its mark (Exit.mark) and,
     translated, with the constants its DNAT wrote (Exit.consts); every other field is the
     input's own. For a part (fields pinned, the rest ``g``), the packets of a target at its
     image's pinned values (`_PartSets.cofactor`) meet ``g``: no set is built per exit, and the
@@ -543,14 +542,6 @@ def _before(exits, targets, translated: bool, pb) -> dict:
         if not per:
             continue
         consts = e.consts if translated else ()
-        if e.parts is None:
-            for k, s in per:
-                img = e.image()
-                hit = e.before & pb.space._set(pb.space._exist(pb.variables(consts), (s & img).node)) if consts \
-                    else e.before & s
-                if not hit.is_empty():
-                    out[k].append(hit)
-            continue
         for p in e.parts:
             vals = pb.image(p.pins, consts)
             for k, s in per:
@@ -577,7 +568,7 @@ _WITNESS_CELLS = 256
 
 def _cells(items, pb) -> dict:
     """The input packets by set of fates, as parts: ``{frozenset of fates: [parts or sets]}``,
-    from ``items`` ((part or set, fate): the input packets `_before` found for a fate).
+    from ``items`` ((part, fate): the input packets `_before` found for a fate).
 
     A packet is in several items only through a statistic rule (one item per world it goes
     on in), and then all of them have the same `setwalk.Part.origin`: an item without origin
@@ -587,12 +578,10 @@ def _cells(items, pb) -> dict:
     of an endpoint's own chain: the hairpin), one field at most, each value and the rest
     apart, by a partition of their shared sets (`_PartSets.partition`, cached). An origin of
     any other shape is built as sets and split by them."""
-    from analyzer.netfilter.setwalk import Part
-
     out: dict = {}
     by_origin: dict = {}
     for x, f in items:
-        o = x.origin if isinstance(x, Part) else None
+        o = x.origin
         if o is None:
             out.setdefault(frozenset({f}), []).append(x)
         else:
@@ -610,7 +599,7 @@ def _origin_cells(o, its, pb):
         return [(frozenset({its[0][1]}), Part(o.pins, o.g))]
     extra = set()
     for x, _ in its:
-        if not isinstance(x, Part) or x.excl and any(len(k) != 1 for k in x.excl):
+        if x.excl and any(len(k) != 1 for k in x.excl):
             return pb.split([(pb.union([x]), f) for x, f in its])
         extra |= set(x.pins) - set(o.pins)
         extra |= {k[0] for k in x.excl or ()}
@@ -665,9 +654,6 @@ class _PartSets:
         self._nets: dict = {}
         self._vars: dict = {}
         self._keep: list = []
-
-    def items(self, e) -> tuple:
-        return e.parts if e.parts is not None else (e.before,)
 
     @staticmethod
     def image(pins: dict, consts: tuple) -> dict:
@@ -811,25 +797,12 @@ class _PartSets:
             hit = self._ops[key] = (a & b, a, b)
         return hit[0]
 
-    def variables(self, consts: tuple) -> tuple:
-        """The BDD variables the constants fix (an IPv4 address: its low 32 bits)."""
-        key = tuple((f, getattr(v, "version", None)) for f, v in consts)
-        hit = self._vars.get(key)
-        if hit is None:
-            names: list = []
-            for f, version in key:
-                names += self.space._vars[f][96:] if f in ("src", "dst") and version == 4 else self.space._vars[f]
-            hit = self._vars[key] = tuple(names)
-        return hit
-
     def forget(self, x, fields: tuple, hull: bool = False):
         """``x`` with ``fields`` free (a Part: unpinned, or quantified out of its ``g``); its
         exclusions dropped (a superset). ``hull``: a pinned address is widened to its prefix
         (HULL_PREFIX bits; the part is then a set), for `_after`'s superset."""
         from analyzer.netfilter.setwalk import Part
 
-        if not isinstance(x, Part):
-            return x.exists(fields)
         pins = {f: v for f, v in x.pins.items() if f not in fields}
         free = tuple(f for f in fields if f not in x.pins)
         g = x.g.exists(free) if free else x.g

@@ -98,21 +98,22 @@ class Exit:
     ``after`` is None, the packets being ``before`` with those fields rewritten
     (``before.assign_all(consts)``, not built: the caller takes them together).
 
-    ``parts``: ``before`` as the set walk carries it (`Part`s), or None; ``before`` is then built
+    ``parts``: ``before`` as the set walk carries it (`Part`s, in ``space``); ``before`` is built
     from them on first use (a 10,000-service hook has 56,000 exits, and a caller that reads
     their parts builds none)."""
 
     __slots__ = ("_before", "parts", "space", "prob", "action", "dnat", "consts", "mark")
 
-    def __init__(self, before, after, prob: float, action: str | None, dnat: bool, consts: tuple = (),
-                 mark: int | None = None, *, parts: tuple | None = None, space=None):
-        self._before = before
+    def __init__(self, parts: tuple, space, prob: float, action: str | None, dnat: bool, consts: tuple = (),
+                 mark: int | None = None):
+        self._before = None
         self.parts = parts
-        self.space = space if space is not None else before.space
+        self.space = space
         self.prob, self.action, self.dnat, self.consts, self.mark = prob, action, dnat, consts, mark
 
     @property
     def before(self):
+        """The input packets of ``parts``, as one set."""
         if self._before is None:
             self._before = _materialize(self.space, self.parts)
         return self._before
@@ -252,9 +253,9 @@ class SetWalker:
 
     def _exit(self, t: Thread, action: str | None) -> Exit:
         if t.dnat is None:
-            return Exit(None, None, t.prob, action, False, (), t.mark, parts=t.packets, space=self.space)
+            return Exit(t.packets, self.space, t.prob, action, False, (), t.mark)
         before, consts = t.dnat
-        return Exit(None, None, t.prob, action, True, consts, t.mark, parts=before, space=self.space)
+        return Exit(before, self.space, t.prob, action, True, consts, t.mark)
 
     # ------------------------------------------------------------------ one table
     def table(self, th: Thread, table: str, hook: str) -> list[tuple[Thread, str | None]]:
