@@ -555,10 +555,6 @@ def _before(exits, targets, translated: bool, pb) -> dict:
     return out
 
 
-def _excl_key(excl) -> tuple:
-    return () if not excl else tuple((k, frozenset(v)) for k, v in excl.items())
-
-
 #: a fate grouping with at most this many parts checks that they cover the flow (one BDD of
 #: all of them)
 _CHECKED_CELLS = 2000
@@ -845,37 +841,16 @@ class _PartSets:
         return sp._set(node & sp._u_family[self.family])
 
     def union(self, items) -> object:
-        """The set of packets of ``items`` (Parts and sets): the parts' pinned values are
-        united per shared ``g`` first, then ANDed with it once."""
-        from analyzer.netfilter.setwalk import Part, _point_node
+        """The set of packets of ``items`` (Parts and sets): the parts by `setwalk._materialize`."""
+        from analyzer.netfilter.setwalk import Part, _materialize
 
-        sp = self.space
-        groups: dict = {}
-        node = sp._false
+        parts, node = [], self.space._false
         for x in items:
             if isinstance(x, Part):
-                k = (int(x.g.node), x.pins["family"])
-                hit = groups.get(k)
-                if hit is None:
-                    hit = groups[k] = (x.g, {})
-                # the exits of one service's endpoints share their pinned values
-                hit[1][(tuple(x.pins.items()), _excl_key(x.excl))] = x
+                parts.append(x)
             else:
                 node = node | x.node
-        for (_, fam), (g, xs) in groups.items():
-            pts = []
-            for x in xs.values():
-                pt = _point_node(sp, x.pins, sp._true)
-                if x.excl:
-                    for fields, values in x.excl.items():
-                        for vs in values:
-                            pt = pt & ~_point_node(sp, dict(zip(fields, vs)), sp._true)
-                pts.append(pt)
-            acc = sp._false
-            for pt in pts:  # a left fold: each OR walks only the new cube's path
-                acc = acc | pt
-            node = node | (g.node & acc & sp._fam[fam])
-        return sp._set(node)
+        return self.space._set(node | _materialize(self.space, parts).node)
 
 
 def _explore_protos(universe, make, walk, limit, prefer, fixed, spec, progress):
