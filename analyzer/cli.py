@@ -855,7 +855,7 @@ def cmd_explain_open(args, res, spec) -> int:
     from analyzer.netfilter.env import EnvError
     from analyzer.report.explain_json import write_open
     from analyzer.report.terminal import progress
-    from analyzer.symbolic import FateMismatch, describe, explain_open, render_groups
+    from analyzer.symbolic import FateMismatch, describe_group, explain_open, render_groups
 
     try:
         ns = build_namespace(args)
@@ -900,7 +900,7 @@ def cmd_explain_open(args, res, spec) -> int:
         with_findings = [(g, ds) for g, ds in zip(groups, found) if ds]
         for g, ds in with_findings[:shown]:
             if not g.description:
-                g.description = describe(g.packets, spec, result.space)
+                g.description = describe_group(g, spec, result.space)
             write(f"\n{g.description}:\n" + render_text_all(ds) + "\n")
         if shown is not None and len(with_findings) > shown:
             write(f"\n... findings of {len(with_findings) - shown:,} more group(s) not shown "

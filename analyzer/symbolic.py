@@ -43,11 +43,13 @@ class Group:
         """Its classes may be too wide, or an outcome of its witness is APPROXIMATE."""
         return bool(self.approximate) or any(o.confidence == "APPROXIMATE" for o in self.outcomes)
 
-    def lazy_packets(self, build) -> None:
+    def lazy_packets(self, build, parts=None) -> None:
         """``packets`` built by ``build()`` on first use (a fate group of 10,000 services is a
-        BDD of ~450,000 nodes: seconds, that a run without descriptions never needs)."""
+        BDD of ~450,000 nodes: seconds, that a run without descriptions never needs); ``parts``:
+        what it is built from (`setwalk.Part`s and sets), which `describe_group` reads."""
         self.__dict__["_packets"] = None
         self.__dict__["_build"] = build
+        self.__dict__["_parts"] = parts
 
 
 def _get_packets(self):
@@ -59,6 +61,7 @@ def _get_packets(self):
 def _set_packets(self, value):
     self.__dict__["_packets"] = value
     self.__dict__.pop("_build", None)
+    self.__dict__.pop("_parts", None)  # what it was built from is not this set
 
 
 # `Group.packets` is a field of the dataclass above, read and written through this property
@@ -456,11 +459,11 @@ def _fate_groups(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, l
                                f"{sorted(want, key=repr)}")
         reasons = [r for f in key for r in lost.get(f, ())]
         g = Group("", w, outcomes, size[want], None, reasons)
-        g.lazy_packets(lambda xs=xs: pb.union(xs))  # built on first use (describe, JSON, tests)
+        g.lazy_packets(lambda xs=xs: pb.union(xs), xs)  # built on first use (JSON, tests; describe if it must)
         g.assumes = list(assumed)
         groups.append(g)
     for g in groups[:described]:
-        g.description = describe(g.packets, spec, space)
+        g.description = describe_group(g, spec, space)
     return OpenResult(groups, count + len(ended), limit, rest, space, by="fate")
 
 
@@ -984,19 +987,32 @@ def describe(packets, spec: FlowSpec, space) -> str:
     return "every packet of the flow that no other group holds"
 
 
-def _fields_text(packets, spec: FlowSpec, space, skip=frozenset()) -> str:
-    """`describe` field by field (but ``skip``): '' when each open field takes every value."""
+def describe_group(g: Group, spec: FlowSpec, space) -> str:
+    """`describe` of a group's packets; a fate group's read from the set walk's parts, its set
+    built only when they cannot say it (describe_parts: the same text, without the seconds a
+    group of 10,000 services' set takes to build and project)."""
+    parts = g.__dict__.get("_parts")
+    if parts is None:
+        return describe(g.packets, spec, space)
+    from analyzer.describe_parts import describe_parts
+
+    return describe_parts(parts, spec, space, lambda: g.packets)
+
+
+def _fields_text(packets, spec: FlowSpec, space, skip=frozenset(), view=None) -> str:
+    """`describe` field by field (but ``skip``): '' when each open field takes every value.
+    ``view`` (describe_parts.Projections) gives the fields' values instead of ``packets``."""
     t = spec.template
     parts = []
     for f in ("proto", "src", "sport", "dst", "dport", "iif", *OPEN_INTS):
         if f not in spec.open or f in skip:
             continue
         if f in ("mark", "connmark", "tcp_flags", "ctstate"):
-            text = _masks_text(packets, f, spec)
+            text = _masks_text(packets if view is None else view.values(f), f, spec)
             if text:
                 parts.append(f"{f} {text}")
             continue
-        rs, complete = intervals(packets, f, SHOWN_RANGES)
+        rs, complete = intervals(packets, f, SHOWN_RANGES) if view is None else view.intervals(f, SHOWN_RANGES)
         if f == "proto":
             if rs == [(0, 255)]:
                 continue

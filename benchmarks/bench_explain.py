@@ -101,9 +101,9 @@ def main(argv=None) -> int:
         open_s = time.perf_counter() - t
         open_cpu = time.process_time() - c0
         c1 = time.process_time()
-        from analyzer.symbolic import describe
+        from analyzer.symbolic import describe_group
         for g in res.groups[:25]:  # what the text output shows (--show-groups 25)
-            g.description = describe(g.packets, spec, res.space)
+            g.description = describe_group(g, spec, res.space)
         describe_cpu = time.process_time() - c1
         load_after = os.getloadavg()[0]
         done = res.complete

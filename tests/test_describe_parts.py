@@ -1,0 +1,185 @@
+"""A fate group described from the set walk's parts (analyzer/describe_parts.py) says what
+`symbolic.describe` says of the group's set, to the character: on random parts built by hand
+(pinned values, shared sets, exclusions that empty a part or take a value out), on the
+random rulesets of the fate property test, on a generated kube-proxy node, and on corpus
+dumps. Each checks that the parts did answer (not only the set it falls back to).
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from analyzer.describe_parts import fast_text
+from analyzer.engine.packetset import PacketSpace
+from analyzer.netfilter.env import Namespace
+from analyzer.netfilter.setwalk import Part, _materialize
+from analyzer.parse import load_ruleset
+from analyzer.parse.flow import parse_flow_spec
+from analyzer.symbolic import describe, describe_group, explain_open
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = Path(os.environ.get("SYNACK_CORPUS", ROOT.parent / "shared" / "corpus")) / "iptables"
+
+
+def _same_text(res, spec) -> int:
+    """Every group's description from its parts is the set's; returns how many the parts
+    answered themselves."""
+    answered = 0
+    for g in res.groups:
+        parts = g.__dict__.get("_parts")
+        mine = describe_group(g, spec, res.space)
+        assert mine == describe(g.packets, spec, res.space), (spec.text(), g.witness.tuple_str())
+        answered += parts is not None and fast_text(parts, spec, res.space) is not None
+    return answered
+
+
+# ------------------------------------------------------------------ random parts, built by hand
+
+FLOW = "10.0.0.0/28 -> 10.0.1.0/29"
+
+
+def _random_parts(rnd: random.Random, sp: PacketSpace) -> list:
+    """Parts as the set walk leaves them: ``dst``/``dport``/``proto`` pinned (some parts
+    ``src`` too), the other fields a set shared by many (a box, or two boxes: not a product),
+    and now and then exclusions of source addresses, some of them every source the part has;
+    and, unlike the set walk's, a few whose set tests the source they pin."""
+    def addr(k):
+        return ipaddress.ip_address(f"10.0.0.{k}")
+
+    shared = []
+    for _ in range(rnd.randint(1, 3)):
+        lo = rnd.randint(0, 15)
+        hi = rnd.randint(lo, min(15, lo + rnd.choice([0, 1, 3, 15])))
+        g = sp.range("src", addr(lo), addr(hi)) & sp.range("sport", *sorted(rnd.sample(range(1000, 1010), 2)))
+        if rnd.random() < 0.3:  # two boxes: the sources and ports are not a product
+            g = g | (sp.eq("src", addr(rnd.randint(0, 15))) & sp.eq("sport", rnd.randint(0, 5)))
+        shared.append((g, lo, hi))
+    parts = []
+    for _ in range(rnd.randint(2, 12)):
+        g, lo, hi = rnd.choice(shared)
+        pins = {"family": 4, "proto": rnd.choice([6, 6, 17]), "dst": ipaddress.ip_address(f"10.0.1.{rnd.randint(0, 7)}"),
+                "dport": rnd.choice([80, 443, 53])}
+        excl = None
+        if rnd.random() < 0.2:
+            pins["src"] = addr(rnd.randint(0, 15))
+            if rnd.random() < 0.7:  # else a set that still tests the pinned field (the parts cannot say)
+                g = g.exists("src")
+        elif rnd.random() < 0.5:
+            # some of the part's sources, or all of them (the part is then empty)
+            vals = range(lo, hi + 1) if rnd.random() < 0.3 else rnd.sample(range(0, 16), rnd.randint(1, 3))
+            excl = {("src",): {(addr(k),) for k in vals}}
+        parts.append(Part(pins, sp._set(sp._at(g.node, {"family": 0})), excl))
+    return parts
+
+
+def test_random_parts_describe_as_their_set():
+    spec = parse_flow_spec(FLOW, iif="eth0")
+    answered = 0
+    for seed in range(300):
+        sp = PacketSpace()
+        parts = _random_parts(random.Random(seed), sp)
+        packets = _materialize(sp, parts)
+        if packets.is_empty():
+            continue
+        mine = fast_text(parts, spec, sp)
+        if mine is not None:
+            answered += 1
+            assert mine == describe(packets, spec, sp), seed
+    assert answered > 100, answered
+
+
+def test_an_exclusion_of_every_source_empties_the_part():
+    """A part whose every source is excluded holds no packet: its pinned destination is not
+    one of the group's (the projections of its set alone would list it)."""
+    sp = PacketSpace()
+    spec = parse_flow_spec(FLOW, iif="eth0")
+    one = ipaddress.ip_address("10.0.0.3")
+    g = sp._set(sp._at((sp.eq("src", one) & sp.eq("sport", 1000)).node, {"family": 0}))
+    pins = {"family": 4, "proto": 6, "dport": 80}
+    parts = [Part(dict(pins, dst=ipaddress.ip_address("10.0.1.1")), g),
+             Part(dict(pins, dst=ipaddress.ip_address("10.0.1.2")), g, {("src",): {(one,)}})]
+    text = fast_text(parts, spec, sp)
+    assert text == describe(_materialize(sp, parts), spec, sp)
+    assert "dst 10.0.1.1;" in text
+
+
+# ------------------------------------------------------------------ explain by fate
+
+def _open(rs, ns, flow, iif="eth0"):
+    spec = parse_flow_spec(flow, iif=iif)
+    return explain_open(rs, spec, ns, limit=300, described=0, by="fate"), spec
+
+
+def test_generated_kube_proxy_node_describes_its_groups_from_parts():
+    """The shape of the 10,000-service flow, on 150 services: the hairpin group (every part
+    pins the source), the pod sources (each service's endpoints excluded from its sources),
+    the masqueraded ClusterIPs: each read from its parts, as its set says it."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gen_kubeproxy import generate
+
+    ns = Namespace()
+    ns.add_addr("192.168.0.2/24", "eth0")
+    ns.add_route("default via 192.168.0.1 dev eth0")
+    ns.add_route("10.244.0.0/16 via 192.168.0.3 dev eth0")
+    rs = load_ruleset((generate(services=150, seed=3), "kp.rules"), lazy=True).ruleset
+    res, spec = _open(rs, ns, "10.0.0.0/8 -> 10.96.0.0/12")
+    assert res.by == "fate" and len(res.groups) >= 5
+    excluded = [g for g in res.groups if any(isinstance(x, Part) and x.excl for x in g.__dict__["_parts"])]
+    assert excluded and all(fast_text(g.__dict__["_parts"], spec, res.space) is not None for g in excluded)
+    assert _same_text(res, spec) >= 3
+
+
+CORPUS_FLOWS = [
+    ("kube-proxy-nodes/unknown__flannel-kubeproxy-iptables__k8s-worker1.save", "0.0.0.0/0 -> 10.96.0.0/16"),
+    ("kube-proxy-nodes/unknown__flannel-kubeproxy-iptables__k8s-worker1.save", "10.0.0.0/8 -> 10.0.0.0/8"),
+    ("kube-proxy-nodes/k8s-ctr-2026__flannel-kubeproxy__iptables-nft-save.txt", "0.0.0.0/0 -> 10.96.0.0/16"),
+    ("kube-proxy-nodes/unknown__centos7-flannel-kubeproxy__master-01_healthy.save", "0.0.0.0/0 -> 10.2.0.0/16"),
+    ("kube-proxy/proxier_test__TestTracePackets.rules", "0.0.0.0/0 -> 172.30.0.0/16"),
+    ("kube-proxy/proxier_test__TestGetChainLinesMultipleTables.save", "0.0.0.0/0 -> 10.247.0.0/16"),
+]
+
+
+@pytest.mark.parametrize("dump, flow", CORPUS_FLOWS, ids=[f"{Path(d).stem}:{f}" for d, f in CORPUS_FLOWS])
+def test_corpus_fate_groups_describe_from_parts_as_from_sets(dump, flow):
+    path = CORPUS / dump
+    if not path.exists():
+        pytest.skip("corpus not present")
+    rs = load_ruleset((path.read_text(errors="replace"), str(path))).ruleset
+    ns = Namespace()
+    ns.add_addr("192.168.0.2/24", "eth0")
+    ns.add_route("default via 192.168.0.1 dev eth0")
+    res, spec = _open(rs, ns, flow)
+    assert res.by == "fate"
+    assert _same_text(res, spec) >= 2
+
+
+def test_random_rulesets_describe_their_fate_groups_from_parts():
+    """The fate property test's random rulesets and flows (an open mark among them): every
+    group's description from its parts is its set's."""
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    from test_fate_property import EXAMPLES, FLOWS, fate_rulesets
+    from test_symbolic_property import _namespace
+
+    stats = {"fate": 0, "answered": 0}
+
+    @settings(max_examples=EXAMPLES, deadline=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+    @given(text=fate_rulesets(), flow=st.sampled_from(FLOWS), iif=st.sampled_from(["eth0", "eth1"]))
+    def check(text, flow, iif):
+        res = load_ruleset((text, "gen.rules"))
+        hypothesis.assume(not res.errors)
+        got, spec = _open(res.ruleset, _namespace(), flow, iif)
+        if got.by == "fate":
+            stats["fate"] += 1
+            stats["answered"] += _same_text(got, spec)
+
+    check()
+    assert stats["fate"] and stats["answered"], stats
