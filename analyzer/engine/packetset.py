@@ -260,9 +260,12 @@ class PacketSpace:
         self._used_wildcards: set[str] = set()
         # per BDD level, the field and bit (shift from the LSB) its variable holds: `_at` descends
         # by the values of a point without building its cube
+        # and the level where the byte of that bit ends (`_at_until` steps a byte at a time)
         self._level_bit: list = [None] * len(self._var_bit)
         for v, (f, bit) in self._var_bit.items():
-            self._level_bit[bdd.level_of_var(v)] = (f, bit)
+            last = bdd.level_of_var(self._vars[f][self.widths[f] - 1 - (bit & ~7)])
+            self._level_bit[bdd.level_of_var(v)] = (f, bit, last + 1)
+        self._steps: dict = {}  # (node, byte value) -> (node, the node one byte further down)
         self._last_level = {f: bdd.level_of_var(vs[-1]) for f, vs in self._vars.items()}
         self._next_iface = iter(_IFACE_IDS)
         self.declare_interfaces(interfaces)
@@ -738,22 +741,41 @@ class PacketSpace:
         return self.bdd.apply("\\E", cube, node)
 
     def _at_until(self, node: Any, values: dict, stop: int) -> Any:
-        """`_at` down to level ``stop`` (excluded): the node reached there (None as `_at`)."""
+        """`_at` down to level ``stop`` (excluded): the node reached there (None as `_at`).
+
+        The descent goes one byte of a field at a time, each step remembered by (node, the
+        byte's value) (`_steps`): the 28,000 endpoint chains of a 10,000-service dump pin their
+        own source on a set that tests only its first two bytes, and then share both steps."""
         level_bit = self._level_bit
-        neg = False
+        steps = self._steps
         while True:
             lev = node.level
             if lev >= stop:
-                break
-            f, bit = level_bit[lev]
+                return node
+            f, bit, end = level_bit[lev]
             v = values.get(f)
             if v is None:
                 return None
-            if node.negated:
-                neg = not neg
-                node = ~node
-            node = node.high if (v >> bit) & 1 else node.low
-        return ~node if neg else node
+            key = (int(node), (v >> (bit & ~7)) & 0xFF)
+            hit = steps.get(key)
+            if hit is not None and end <= stop:
+                node = hit[1]
+                continue
+            top, neg, until = node, False, min(end, stop)
+            while True:  # within the byte: bit by bit
+                if node.negated:
+                    neg = not neg
+                    node = ~node
+                node = node.high if (v >> bit) & 1 else node.low
+                lev = node.level
+                if lev >= until:
+                    break
+                f2, bit, _ = level_bit[lev]
+                if f2 != f:  # (a byte's levels are one field's)
+                    break
+            node = ~node if neg else node
+            if end <= stop:
+                steps[key] = (top, node)  # the key's node kept: its id stays its own
 
     def _cofactor(self, node: Any, values: dict, family: int) -> Any:
         """The cofactor of ``node`` (a set of ``family``'s packets, 4 or 6) at ``values`` (field ->
