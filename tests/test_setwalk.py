@@ -563,6 +563,42 @@ def test_descent_cofactor_equals_restrict_on_random_sets():
     assert sp._at(s.node, {"family": 0, "dport": 80}) is None
 
 
+
+def test_remembered_byte_steps_give_the_plain_descent():
+    """PacketSpace._at_until steps a byte at a time and remembers each step by (node, byte):
+    many descents on the same sets, at points that share bytes and differ in single bits (the
+    top and bottom bit of a byte among them), give the cofactor `PacketSet.restrict` computes,
+    also with a stop inside a byte (nothing remembered there)."""
+    import random
+
+    from analyzer.engine.packetset import PacketSpace
+
+    sp = PacketSpace()
+    rnd = random.Random(11)
+    sets = []
+    for _ in range(8):
+        s = sp.empty()
+        for _ in range(rnd.randrange(2, 8)):
+            s = s | sp.where(src=f"10.{rnd.choice([0, 128, 129])}.{rnd.randrange(256)}.{rnd.randrange(256)}"
+                             f"/{rnd.choice([9, 16, 17, 24, 31, 32])}", sport=(rnd.randrange(60000), 65535))
+        sets.append(s)
+    for _ in range(600):
+        s = rnd.choice(sets)
+        # an address of the set, or one with a bit of it flipped
+        a = int(s.pick({"src": rnd.getrandbits(32)})["src"]) ^ (rnd.choice([0, 1, 0x80, 0x81]) << rnd.choice([0, 8, 16]))
+        got = sp._at(s.node, {"family": 0, "src": a})
+        want = sp._at(s.restrict("src", ipaddress.ip_address(a)).node, {"family": 0})
+        assert got == want, hex(a)
+        # stopped inside the source's third byte: the node there, as a plain descent reaches it
+        stop = sp.bdd.level_of_var(sp._vars["src"][-12])
+        node, neg, values = s.node, False, {"family": 0, "src": a}
+        while node.level < stop:
+            f, bit, _ = sp._level_bit[node.level]
+            if node.negated:
+                neg, node = not neg, ~node
+            node = node.high if (values[f] >> bit) & 1 else node.low
+        assert sp._at_until(s.node, {"family": 0, "src": a}, stop) == (~node if neg else node)
+
 def test_a_run_of_one_point_rules_excludes_its_points_from_the_rest():
     """kube-proxy's KUBE-SERVICES: each '-d VIP -p tcp --dport P' pins a part; the packets they
     took are excluded from what goes on (a lookup until a rule needs the set), including a
