@@ -640,6 +640,11 @@ class SetWalker:
             elif have != v:
                 outs.append(p)
                 return
+        if p.excl and m_set is not None and self._op("&", p.g, self._reads_pinned(m_set, pins)).is_empty():
+            # no packet of the part matches (kube-proxy's last KUBE-SERVICES rule, addrtype
+            # LOCAL, for a flow to the service range): it goes on with its exclusions, unflushed
+            outs.append(p)
+            return
         if p.excl and (m_set is not None or new and self._needs_flush(p, new)):
             p = self._flush(p)  # once: the misses go on without them
             if p is None:
