@@ -694,3 +694,47 @@ def test_membership_in_two_remembered_halves_equals_one_descent():
                     "dst": int(ipaddress.ip_address(f"10.{rnd.randrange(2)}.{rnd.randrange(2)}.{rnd.randrange(256)}"))}
             want = sp._at(top.node, dict(vals, family=0)) != sp._false
             assert pb._inside(top, vals) == want, vals
+
+
+def test_a_run_of_one_verdict_in_a_table_summary_is_its_rules_one_by_one():
+    """A table summary (SetWalker.table, effects off) takes a run of rules with one verdict at
+    once, by the union of what they match: on random filter chains (one-point rules, prefixes,
+    port ranges, addrtype, a decided interface and conntrack state, a mark decided per thread,
+    a chain jumped to between runs), the packets of each way out are those of the rules walked
+    one by one."""
+    import random
+
+    from analyzer.netfilter.setwalk import Thread
+
+    rnd = random.Random(5)
+
+    def match():
+        return rnd.choice([
+            f"-d 10.1.0.{rnd.randrange(8)}/32 -p tcp -m tcp --dport {rnd.choice([80, 443])}",
+            f"-s 10.0.0.{rnd.randrange(0, 256, 16)}/28",
+            f"-p tcp -m tcp --dport {rnd.randrange(70, 90)}:{rnd.randrange(90, 100)}",
+            "-m addrtype --dst-type LOCAL -p tcp -m tcp --dport 22",
+            "-i eth0 -d 10.1.0.9/32", "-i eth1", "-m conntrack --ctstate NEW -d 10.1.0.7/32",
+            "-m mark --mark 0x4000/0x4000 -d 10.1.0.6/32", "-p udp", "",
+        ])
+
+    for trial in range(40):
+        rules = []
+        for _ in range(rnd.randrange(1, 5)):
+            verdict = rnd.choice(["ACCEPT", "DROP", "REJECT --reject-with icmp-port-unreachable", "RETURN", "SUB"])
+            for _ in range(rnd.randrange(1, 9)):
+                rules.append(f"-A FORWARD {match()} -j {verdict}")
+        text = ("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:SUB - [0:0]\n"
+                + "".join(r + "\n" for r in rules)
+                + "".join(f"-A SUB {match()} -j DROP\n" for _ in range(6)) + "COMMIT\n")
+        w = Walked(text)
+        got = {}
+        for run in (SetWalker.VERDICT_RUN, 10 ** 9):
+            sw = SetWalker(w.rs, w.ns, w.space, 4, "eth0", rnd.choice([0, 0x4000]) if run != 10 ** 9 else sw.mark,
+                           oif="eth1", ctstates=frozenset({"NEW"}), effects=False)
+            sw.VERDICT_RUN = run
+            ways: dict = {}
+            for th, action in sw.table(Thread(w.universe, 1.0, sw.mark), "filter", "FORWARD"):
+                ways[action] = ways[action] | th.packets if action in ways else th.packets
+            got[run] = ways
+        assert got[SetWalker.VERDICT_RUN] == got[10 ** 9], text

@@ -155,6 +155,25 @@ def _materialize(space, parts) -> object:
     return space._set(node)
 
 
+def _verdict_action(t):
+    """How a rule's target ends a packet, as the set walk says it (None: ACCEPT, "DROP",
+    "REJECT ..."); False for any other target."""
+    if isinstance(t, Reject):
+        return f"REJECT {t.with_}"
+    if isinstance(t, Verdict) and t.verdict in ("ACCEPT", "DROP"):
+        return None if t.verdict == "ACCEPT" else "DROP"
+    return False
+
+
+def _or_all(space, nodes: list):
+    """The OR of ``nodes``, pairwise."""
+    if not nodes:
+        return space._false
+    while len(nodes) > 1:
+        nodes = [nodes[i] | nodes[i + 1] if i + 1 < len(nodes) else nodes[i] for i in range(0, len(nodes), 2)]
+    return nodes[0]
+
+
 def _point_node(space, values: dict, node):
     """``node`` AND the cube of ``values`` (field -> value as `PacketSpace.where` takes it; a
     ``family`` entry is skipped: the caller has it), built bottom-up from the space's cached
@@ -292,7 +311,11 @@ class SetWalker:
         if depth > MAX_DEPTH:
             raise Unsupported(f"chains nested deeper than {MAX_DEPTH} (a loop?)")
         back: list = []
-        for rule in chain.rules:
+        rules = chain.rules
+        k, n = 0, len(rules)
+        while k < n:
+            rule = rules[k]
+            k += 1
             if not threads:
                 break
             t = rule.target
@@ -300,6 +323,17 @@ class SetWalker:
                 # no target, LOG and the like: every packet goes on as it was, matched or not
                 # (the walk changes nothing for them either): what the rule matches is moot
                 continue
+            if not self.effects:
+                run = self._verdict_run(rules, k - 1, hook)
+                if run is not None:
+                    # a run of rules with one verdict (kube-proxy's 500 DROPs of
+                    # KUBE-EXTERNAL-SERVICES): their packets at once, by the union of their
+                    # matches (a table summary ORs the packets of one verdict anyway)
+                    end, m, action = run
+                    hit, threads = self._split_set(threads, m)
+                    out.extend((h, action) for h in hit)
+                    k = end
+                    continue
             hit, threads = self._split(rule, threads, hook, isinstance(t, Nat))
             if not hit:
                 continue
@@ -332,6 +366,70 @@ class SetWalker:
             else:
                 raise Unsupported(f"{_at(rule)}: target {getattr(t, 'name', type(t).__name__)}")
         return back + threads
+
+    #: a table summary takes a run of at least this many rules with one verdict at once
+    VERDICT_RUN = 4
+
+    def _verdict_run(self, rules, k: int, hook: str):
+        """``(end, packets, action)`` for the rules ``rules[k:end]`` when they are a run of
+        `VERDICT_RUN` or more rules with the same ACCEPT, DROP or REJECT target, each matching a
+        set of packets (not a per-thread mark, not a statistic: `_rule_set`); ``packets``: the
+        union of what they match (cached per chain position and what the walk knows). None
+        otherwise."""
+        action = _verdict_action(rules[k].target)
+        if action is False:
+            return None
+        end = k + 1
+        while end < len(rules) and _verdict_action(rules[end].target) == action:
+            end += 1
+        if end - k < self.VERDICT_RUN:
+            return None
+        key = ("run", id(rules), k, end, hook, self.iif, self.oif, self.ctstates, self.tcp_flags, self.icmp)
+        hit = self._sets.get(key)
+        if hit is None:
+            sets = []
+            for r in rules[k:end]:
+                s = self._rule_set(r, hook)
+                if s is None:
+                    hit = False
+                    break
+                sets.append(s.node)
+            else:
+                hit = self.space._set(_or_all(self.space, sets))
+            self._sets[key] = hit
+        if hit is False:
+            return None
+        return end, hit, action
+
+    def _rule_set(self, rule, hook: str):
+        """What ``rule`` matches as one set without its family, the same for every thread (None:
+        it depends on the thread: a statistic or a -m mark decided per thread's mark)."""
+        s = None
+        for m in rule.matches:
+            if isinstance(m, CommentMatch):
+                continue
+            if isinstance(m, StatisticMatch) or isinstance(m, MarkMatch) and m.kind == "mark" and self.mark is not None:
+                return None
+            pt = _point(m, self.family)
+            got = self._point_set(dict(pt)) if pt is not None else self._match_set(m, rule, hook)
+            s = got if s is None else self._op("&", s, got)
+        return s if s is not None else self.space._set(self._full)
+
+    def _split_set(self, threads: list, m) -> tuple[list, list]:
+        """(the threads' packets in ``m``, those not), per world, as `_split` for a rule matching
+        the set ``m``."""
+        hit, miss = [], []
+        for th in threads:
+            ins, outs = [], []
+            for part in th.packets:
+                self._split_part(part, {}, m, ins, outs)
+            if ins:
+                hit.append(Thread(tuple(ins), th.prob, th.mark))
+            if outs:
+                miss.append(Thread(tuple(outs), th.prob, th.mark))
+        if len(miss) > 1:
+            miss = self._join([], miss)
+        return hit, miss
 
     @staticmethod
     def _join(a: list, b: list) -> list:
