@@ -729,9 +729,9 @@ def test_a_run_of_one_verdict_in_a_table_summary_is_its_rules_one_by_one():
                 + "".join(f"-A SUB {match()} -j DROP\n" for _ in range(6)) + "COMMIT\n")
         w = Walked(text)
         got = {}
+        mark = rnd.choice([0, 0x4000])
         for run in (SetWalker.VERDICT_RUN, 10 ** 9):
-            sw = SetWalker(w.rs, w.ns, w.space, 4, "eth0", rnd.choice([0, 0x4000]) if run != 10 ** 9 else sw.mark,
-                           oif="eth1", ctstates=frozenset({"NEW"}), effects=False)
+            sw = SetWalker(w.rs, w.ns, w.space, 4, "eth0", mark, oif="eth1", ctstates=frozenset({"NEW"}), effects=False)
             sw.VERDICT_RUN = run
             ways: dict = {}
             for th, action in sw.table(Thread(w.universe, 1.0, sw.mark), "filter", "FORWARD"):
