@@ -81,6 +81,7 @@ class Projections:
         self._points: dict = {f: set() for f in fields}  # pinned values
         self._cuts: dict = {}  # (key, field) -> the values every part of the key excludes there
         self._sets: list = []  # items that are sets
+        shapes: dict = {}  # (key, pinned fields) without exclusions -> the fields pinned
         for x in items:
             if not isinstance(x, Part):
                 self._sets.append(x)
@@ -88,26 +89,42 @@ class Projections:
             key = self._key(x.g, x.pins["family"])
             if key.empty:
                 continue
-            if not key.free_of(x.pins):
-                raise _Unproven("a part's set depends on a field it pins")
-            fld, cut = self._exclusion(x, key)
-            if cut is not None:
-                if not key.some_left(fld, cut):
-                    continue  # the part holds no packet
-                if any(f != fld and f not in x.pins for f in fields) and not key.product(fld):
-                    raise _Unproven(f"the parts' set is not a product of {fld} and the rest")
-            for f in fields:
-                if f in x.pins:
-                    if f in OPEN_INTS or f in ("iif", "oif"):
-                        raise _Unproven(f"{f} pinned")
+            if not x.excl:
+                # the parts of one set and shape differ in their pinned values only
+                shape = (key, tuple(x.pins))
+                pinned = shapes.get(shape)
+                if pinned is None:
+                    pinned = shapes[shape] = self._shape(x, key, None, None)
+                for f in pinned:
                     self._points[f].add(int(x.pins[f]))
-                    continue
-                c = cut if f == fld else frozenset()
-                k = (key, f)
-                have = self._cuts.get(k)
-                # the union of g's values less each part's cut is g's values less their intersection
-                self._cuts[k] = c if have is None else have & c
+                continue
+            fld, cut = self._exclusion(x, key)
+            if not key.some_left(fld, cut):
+                continue  # the part holds no packet
+            if any(f != fld and f not in x.pins for f in fields) and not key.product(fld):
+                raise _Unproven(f"the parts' set is not a product of {fld} and the rest")
+            for f in self._shape(x, key, fld, cut):
+                self._points[f].add(int(x.pins[f]))
         self._runs: dict = {}
+
+    def _shape(self, x, key: "_Key", fld, cut) -> tuple:
+        """The fields ``x`` pins (their values are the caller's to add); the others take
+        ``key``'s values less ``cut`` (of ``fld``)."""
+        if not key.free_of(x.pins):
+            raise _Unproven("a part's set depends on a field it pins")
+        pinned = []
+        for f in self.fields:
+            if f in x.pins:
+                if f in OPEN_INTS or f in ("iif", "oif"):
+                    raise _Unproven(f"{f} pinned")
+                pinned.append(f)
+                continue
+            c = cut if f == fld else frozenset()
+            k = (key, f)
+            have = self._cuts.get(k)
+            # the union of g's values less each part's cut is g's values less their intersection
+            self._cuts[k] = c if have is None else have & c
+        return tuple(pinned)
 
     def _key(self, g, family: int) -> "_Key":
         k = (int(g.node), family)
