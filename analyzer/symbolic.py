@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import ipaddress
+import operator
 from dataclasses import dataclass, field
 
 from analyzer.engine.partition import explore, intervals, masks
@@ -489,22 +490,37 @@ def _after(exits, space, pb):
     harmlessly: a class holds for all its packets, and `_before` counts only real images."""
     by: dict = {}
     for e in exits:
-        by.setdefault((e.mark, tuple(f for f, _ in e.consts) if e.dnat else None), []).append(e)
+        by.setdefault((e.mark, tuple(map(_first, e.consts)) if e.dnat else None), []).append(e)
     out = []
     for (m, fields), es in by.items():
+        parts = [x for e in es for x in e.parts]
         if fields is None:
-            got = pb.union(x for e in es for x in e.parts)
+            got = pb.union(parts)
         else:
-            consts = {e.consts for e in es}
+            consts: set = set()
+            for e in es:  # how many distinct, up to the first beyond _HULL_ABOVE
+                consts.add(e.consts)
+                if len(consts) > _HULL_ABOVE:
+                    break
             if len(consts) <= _HULL_ABOVE:
-                written = pb.points(consts)
-                got = written & pb.union(pb.forget(x, fields) for e in es for x in e.parts)
+                got = pb.points(consts) & pb.forgotten(parts, fields)
             else:
                 # thousands of endpoints: every address written or pinned by its prefix
                 # (HULL_PREFIX), with every port written: a coarser superset, a few sets
-                got = pb.hull(consts) & pb.union(pb.forget(x, fields, hull=True) for e in es for x in e.parts)
+                got = pb.hull(e.consts for e in es) & pb.forgotten(parts, fields, hull=True)
         out.append(got if m is None else got & space.eq("mark", m))
     return _union(out) if out else space.empty()
+
+
+_first = operator.itemgetter(0)
+
+
+def _prefix_key(a) -> tuple:
+    """The address ``a``'s prefix of HULL_PREFIX bits as a key (``_PartSets._hulled`` of two
+    addresses with the same key is the same network): ints, cheaper to hash than addresses."""
+    if a.__class__ is ipaddress.IPv4Address:
+        return 4, a._ip >> (32 - HULL_PREFIX[4])
+    return a.version, int(a) >> (a.max_prefixlen - HULL_PREFIX[a.version])
 
 
 #: the header fields above the source in the BDD order (engine.packetset.LAYOUT)
@@ -532,29 +548,45 @@ def _before(exits, targets, translated: bool, pb) -> dict:
     translated, with the constants its DNAT wrote (Exit.consts); every other field is the
     input's own. For a part (fields pinned, the rest ``g``), the packets of a target at its
     image's pinned values (`_PartSets.cofactor`) meet ``g``: no set is built per exit, and the
-    56,000 exits of a 10,000-service hook share a few ``g``s, their operations cached."""
+    56,000 exits of a 10,000-service hook share a few ``g``s, their operations cached.
+
+    A target that is T AND R (`_PartSets._product`: T over the header fields above the
+    source, which a DNAT writes, R over the others) is decided per image of those fields
+    first (`_PartSets.lands`, once per exit), then R at the part's other pins (`_PartSets.low`,
+    cached by their values): the exits' parts are not asked one target at a time."""
     from analyzer.netfilter.setwalk import Part
 
     out: dict = {k: [] for k, _ in targets}
     sel: dict = {}
+    split = pb.pin_split
+    low_at, op, lands = pb.low, pb.op, pb.lands
     for e in exits:
         per = sel.get(e.mark)
         if per is None:
-            per = sel[e.mark] = [(k, s) for k, s in ((k, t if e.mark is None else t.restrict("mark", e.mark))
-                                                     for k, t in targets) if not s.is_empty()]
+            per = sel[e.mark] = pb.plan([(k, s) for k, s in ((k, t if e.mark is None else t.restrict("mark", e.mark))
+                                                             for k, t in targets) if not s.is_empty()])
         if not per:
             continue
         consts = e.consts if translated else ()
+        top = land = None
         for p in e.parts:
-            vals = pb.image(p.pins, consts)
-            for k, s in per:
-                cof = pb.cofactor(s, vals, p.pins, consts)
+            pins = p.pins
+            ptop, plow, _ = split(pins)
+            if ptop != top:  # (the parts of one exit mostly share it)
+                top, land = ptop, lands(per, ptop, consts)
+            for k, s, rest in land:
+                if rest is None:  # not a product at this image: the cofactor at every pin
+                    cof = pb.cofactor(s, pb.image(pins, consts), pins, consts)
+                elif plow:
+                    cof = low_at(rest, plow)
+                else:
+                    cof = rest
                 if cof is None:
                     continue
-                g = pb.op(p.g, cof)
-                if not g.is_empty():
+                g = op(p.g, cof)
+                if g is not None:
                     # exclusions (fields not pinned) kept: shared, never changed
-                    out[k].append(Part(p.pins, g, p.excl, p.origin))
+                    out[k].append(Part(pins, g, p.excl, p.origin))
     return out
 
 
@@ -653,6 +685,10 @@ class _PartSets:
         self._nets: dict = {}
         self._vars: dict = {}
         self._keep: list = []
+        self._split: dict = {}
+        self._lows: dict = {}
+        self._cuts: dict = {}
+        self._addr: dict = {}
 
     @staticmethod
     def image(pins: dict, consts: tuple) -> dict:
@@ -698,31 +734,97 @@ class _PartSets:
         self._keep.append(s)
         return hit
 
+    def pin_split(self, pins: dict) -> tuple:
+        """``pins`` as (the pins of the header fields above the source, the family aside, as
+        ``{field: int}``; the other pins, a tuple of (field, value) in the pins' order; the
+        pins): cached by the dict's identity (the parts of one service share theirs; kept)."""
+        hit = self._split.get(id(pins))
+        if hit is None or hit[2] is not pins:
+            top = {f: int(v) for f, v in pins.items() if f in _TOP_FIELDS and f != "family"}
+            low = tuple((f, v) for f, v in pins.items() if f not in _TOP_FIELDS)
+            hit = self._split[id(pins)] = (top, low, pins)
+        return hit
+
+    def plan(self, per) -> list:
+        """The targets ``per`` ((key, set), ...) as `lands` asks them: ``[(key, set, product
+        or False, the fields its T tests but the family), ...]``."""
+        out = []
+        for k, s in per:
+            prod = self._products.get(int(s.node))
+            if prod is None:
+                prod = self._products[int(s.node)] = self._product(s)
+            if prod:
+                out.append((k, s, prod, {f for f in prod[2] if f != "family"}))
+            else:
+                out.append((k, s, False, None))
+        return out
+
+    def lands(self, plan, top: dict, consts: tuple) -> list:
+        """Of the targets ``plan`` (`plan`), those the image of a part with the pins ``top``
+        (`pin_split`) and a DNAT's ``consts`` may land in: ``[(key, set, rest), ...]``,
+        ``rest`` the set's R (`_product`) when its T holds the image (a part's packets land
+        there as R at its other pins), None when the set is not a product at this image (the
+        caller takes the cofactor at every pin)."""
+        vals = dict(top)
+        for f, v in consts:
+            vals[f] = int(v)
+        got = []
+        for k, s, prod, need in plan:
+            if prod and vals.keys() >= need:
+                if self._inside(prod[0], vals):
+                    got.append((k, s, prod[1]))
+            else:
+                got.append((k, s, None))
+        return got
+
+    def low(self, rest, low: tuple):
+        """``rest`` at the pins ``low`` ((field, value), ...; fields below the header ones above
+        the source), None when empty: `at`, field by field, the whole cached by the values."""
+        key = (int(rest._node), low)
+        hit = self._lows.get(key, False)
+        if hit is False:
+            hit = rest
+            for f, v in low:
+                hit = self.at(hit, f, v)
+                if hit is None:
+                    break
+            self._lows[key] = hit
+        return hit
+
+    def op(self, a, b):
+        """``a & b``, None when empty, cached by the nodes."""
+        key = (int(a._node), int(b._node))
+        hit = self._ops.get(key)
+        if hit is None:
+            got = a & b
+            hit = self._ops[key] = (got if not got.is_empty() else None, a, b)
+        return hit[0]
+
     def _inside(self, top, vals: dict) -> bool:
         """Whether the image ``vals`` is in ``top`` (a set over the header fields above the
         source): a descent in two halves, each remembered, split after the destination's first
         24 bits, where a class of prefixes and ports stops testing the address: 28,000
         endpoints in a few hundred /24s then share both halves."""
         sp = self.space
-        at = dict(vals, family=self._bit["family"])
-        if "dst" not in at or "proto" not in at:
-            return sp._at(top.node, at) != sp._false
-        cut = self._cut
-        if cut is None:  # the level of the destination's 8th bit from the end (IPv4; IPv6 alike)
-            cut = self._cut = sp.bdd.level_of_var(sp._vars["dst"][-8])
-        k1 = (int(top.node), at["proto"], at["dst"] >> 8)
-        mid = self._half.get(k1)
-        if mid is None:
-            mid = self._half[k1] = sp._at_until(top.node, at, cut)
+        proto, dst = vals.get("proto"), vals.get("dst")
+        if dst is None or proto is None:
+            return sp._at(top._node, dict(vals, family=self._bit["family"])) != sp._false
+        k1 = (int(top._node), proto, dst >> 8)
+        mid = self._half.get(k1, False)
+        if mid is False:
+            cut = self._cut
+            if cut is None:  # the level of the destination's 8th bit from the end (IPv4; IPv6 alike)
+                cut = self._cut = sp.bdd.level_of_var(sp._vars["dst"][-8])
+            mid = self._half[k1] = sp._at_until(top._node, dict(vals, family=self._bit["family"]), cut)
             self._keep.append(top)
         if mid is None:
-            return sp._at(top.node, at) != sp._false
+            return sp._at(top._node, dict(vals, family=self._bit["family"])) != sp._false
         if mid == sp._false:
             return False
-        k2 = (int(mid), at["dst"] & 0xFF if mid.level <= sp._last_level["dst"] else None, at.get("dport"))
+        k2 = (int(mid), dst & 0xFF if mid.level <= sp._last_level["dst"] else None, vals.get("dport"))
         hit = self._half.get(k2)
         if hit is None:
-            node = sp._at(mid, at)
+            node = sp._at(mid, dict(vals, family=self._bit["family"]))
             hit = self._half[k2] = (node is not None and node != sp._false, mid)
         return hit[0]
 
@@ -749,15 +851,49 @@ class _PartSets:
         return top, rest, masks
 
     def at(self, g, field: str, value):
-        """``g`` at ``field == value`` (None: empty), cached."""
-        key = (int(g.node), field, int(value))
+        """``g`` at ``field == value`` (None: empty), cached. An address: the descent through
+        the field in two halves (`_addr_at`), each remembered, where it is all ``g`` tests
+        from its root down to the field's end."""
+        v = int(value)
+        key = (int(g._node), field, v)
         hit = self._cof.get(key, False)
         if hit is not False:
             return hit
         sp = self.space
-        node = sp._cofactor(g.node, {field: value}, self.family)
+        node = self._addr_at(g._node, field, v) if field == "src" or field == "dst" else None
+        if node is None:
+            node = sp._cofactor(g._node, {field: value}, self.family)
+            self._keep.append(g)
         hit = self._cof[key] = None if node == sp._false else sp._set(node)
-        self._keep.append(g)
+        return hit
+
+    def _addr_at(self, node, field: str, v: int):
+        """``node`` at the address ``field == v`` by a descent in two halves: its bits but the
+        last 8 (remembered by them: endpoints share their /24s), then the last 8 (remembered by
+        the node reached, where it still tests them). None when ``node`` tests a field above
+        ``field`` (the caller takes `PacketSpace._cofactor`)."""
+        sp = self.space
+        lev = node.level
+        last = sp._last_level[field]
+        if lev > last:
+            return node
+        cut = self._cuts.get(field)
+        if cut is None:
+            cut = self._cuts[field] = _low_byte_level(sp, field)
+        if lev < sp._level[field] or not cut:
+            return None
+        k1 = (int(node), field, v >> 8)
+        mid = self._addr.get(k1)
+        if mid is None:
+            mid = self._addr[k1] = sp._at_until(node, {field: v}, cut)
+            self._keep.append(node)
+        if mid.level > last:
+            return mid
+        k2 = (int(mid), field, v & 0xFF)
+        hit = self._addr.get(k2)
+        if hit is None:
+            hit = self._addr[k2] = sp._at_until(mid, {field: v}, last + 1)
+            self._keep.append(mid)
         return hit
 
     def partition(self, items) -> list:
@@ -788,14 +924,6 @@ class _PartSets:
             cells = nxt
         return list(cells.items())
 
-    def op(self, a, b):
-        """``a & b``, cached."""
-        key = (int(a.node), int(b.node))
-        hit = self._ops.get(key)
-        if hit is None:
-            hit = self._ops[key] = (a & b, a, b)
-        return hit[0]
-
     def forget(self, x, fields: tuple, hull: bool = False):
         """``x`` with ``fields`` free (a Part: unpinned, or quantified out of its ``g``); its
         exclusions dropped (a superset). ``hull``: a pinned address is widened to its prefix
@@ -814,6 +942,38 @@ class _PartSets:
             return hit
         return Part(pins, g)
 
+    def forgotten(self, parts, fields: tuple, hull: bool = False) -> object:
+        """``union(forget(x, fields, hull) for x in parts)``, each distinct forgotten part
+        (its ``g`` and the pins it keeps, an address hulled by its prefix) built once: the
+        84,000 parts of 28,000 endpoints forget into a few."""
+        keys: dict = {}  # id(pins) -> the pins kept, hulled, as a key (pins dicts are shared)
+        seen: dict = {}  # (g's node, that key) -> a part
+        for x in parts:
+            pins = x.pins
+            pk = keys.get(id(pins))
+            if pk is None:
+                pk = keys[id(pins)] = (pins, self._kept(pins, fields, hull))
+            k = (int(x.g._node), pk[1])
+            if k not in seen:
+                seen[k] = x
+        out = []
+        for x in seen.values():
+            out.append(self.forget(x, fields, hull))
+        return self.union(out)
+
+    def _kept(self, pins: dict, fields: tuple, hull: bool) -> tuple:
+        """What `forget` of a part with ``pins`` depends on besides its ``g``, as a key: which
+        of ``fields`` are pinned, and the pins kept (an address by its `_hulled` prefix with
+        ``hull``)."""
+        out = [(f in pins) for f in fields]
+        for f, v in pins.items():
+            if f in fields:
+                continue
+            if hull and (f == "src" or f == "dst"):
+                v = _prefix_key(v)
+            out.append((f, v))
+        return tuple(out)
+
     def _hulled(self, v):
         bits = HULL_PREFIX[v.version]
         key = (v.version, int(v) >> (v.max_prefixlen - bits))
@@ -826,12 +986,17 @@ class _PartSets:
         """A superset of the points ``consts``: per field, every value written (an address by
         its prefix), in every combination."""
         sp = self.space
-        per: dict = {}
+        per: dict = {}  # field -> {value, or an address's _prefix_key: a value}
         for c in consts:
             for f, v in c:
-                per.setdefault(f, set()).add(self._hulled(v) if f in ("src", "dst") else v)
+                vs = per.get(f)
+                if vs is None:
+                    vs = per[f] = {}
+                vs.setdefault(_prefix_key(v) if f == "src" or f == "dst" else v, v)
         out = sp._u_family[self.family]
         for f, vs in per.items():
+            if f == "src" or f == "dst":
+                vs = {self._hulled(v): None for v in vs.values()}
             out = out & _union([sp.where(**{f: v}).node for v in vs])
         return sp._set(out)
 
@@ -854,6 +1019,15 @@ class _PartSets:
             else:
                 node = node | x.node
         return self.space._set(node | _materialize(self.space, parts).node)
+
+
+def _low_byte_level(sp, field: str) -> int:
+    """The level of ``field``'s first bit of its last 8 (bit 7), 0 when the space does not
+    order the field's bits from the most significant down (no two-halves descent then)."""
+    levels = [(sp.bdd.level_of_var(v), sp._var_bit[v][1]) for v in sp._vars[field]]
+    if [b for _, b in sorted(levels)] != sorted((b for _, b in levels), reverse=True):
+        return 0
+    return min(lev for lev, b in levels if b < 8)
 
 
 def _explore_protos(universe, make, walk, limit, prefer, fixed, spec, progress):

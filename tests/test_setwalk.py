@@ -738,3 +738,138 @@ def test_a_run_of_one_verdict_in_a_table_summary_is_its_rules_one_by_one():
                 ways[action] = ways[action] | th.packets if action in ways else th.packets
             got[run] = ways
         assert got[SetWalker.VERDICT_RUN] == got[10 ** 9], text
+
+
+def _random_parts(sp, rnd, n, fields=("proto", "dst", "dport", "src"), cofactors=True):
+    """Random `setwalk.Part`s of IPv4 packets: a few fields pinned (some pins dicts shared, as
+    the parts of one service share theirs), ``g`` one of a few shared sets over the others (not
+    always, without ``cofactors``), sometimes an exclusion."""
+    from analyzer.netfilter.setwalk import Part
+
+    def addr(net):
+        return ipaddress.ip_address(f"{net}.{rnd.randrange(2)}.{rnd.randrange(3)}.{rnd.randrange(0, 256, 37)}")
+
+    gs = [sp.family(4) & (sp.prefix("src", "10.0.0.0/8") - sp.prefix("src", "10.1.2.0/24")),
+          sp.family(4) & sp.eq("sport", 40000),
+          sp.family(4) & (sp.prefix("src", "10.1.0.0/16") | sp.where(sport=(1, 1023))),
+          sp.family(4) & sp.where(proto=17, sport=53), sp.family(4)]
+    pool, out = [], []
+    for _ in range(n):
+        if pool and rnd.random() < 0.3:
+            pins = rnd.choice(pool)
+        elif pool and rnd.random() < 0.3:  # another's pins, one field more or less
+            pins = dict(rnd.choice(pool))
+            f = rnd.choice(fields)
+            if pins.pop(f, None) is None:
+                pins[f] = 6 if f == "proto" else 80 if f == "dport" else addr(10)
+            pool.append(pins)
+        else:
+            pins = {"family": 4}
+            for f in fields:
+                if rnd.random() < 0.6:
+                    pins[f] = {"proto": lambda: rnd.choice([6, 17]), "dport": lambda: rnd.choice([53, 80, 443]),
+                               "dst": lambda: addr(10), "src": lambda: addr(10)}[f]()
+            pool.append(pins)
+        g = sp._set(sp._at(rnd.choice(gs).node, {"family": 0}))
+        if len(pins) > 1 and (cofactors or rnd.random() < 0.7):  # (else a g that tests a pinned field)
+            g = g.exists([f for f in pins if f != "family"])
+        excl = {("src",): {(addr(10),)}} if "src" not in pins and rnd.random() < 0.3 else None
+        out.append(Part(pins, g, excl, None))
+    return out
+
+
+@pytest.mark.parametrize("hull", [False, True])
+def test_forgetting_parts_once_per_kind_equals_forgetting_each(hull):
+    """_PartSets.forgotten (`_after`: each distinct forgotten part built once) is the union of
+    _PartSets.forget of every part."""
+    import random
+
+    from analyzer.engine.packetset import PacketSpace
+    from analyzer.symbolic import _PartSets
+
+    sp = PacketSpace()
+    rnd = random.Random(11 + hull)
+    for _ in range(25):
+        pb = _PartSets(sp, 4)
+        parts = _random_parts(sp, rnd, rnd.randrange(1, 30), cofactors=False)
+        fields = rnd.choice([("dst", "dport"), ("dst",), ("src",), ("dst", "dport", "src")])
+        assert pb.forgotten(parts, fields, hull) == pb.union(pb.forget(x, fields, hull) for x in parts)
+    # the same set and other pins, the field forgotten pinned in one: two ways to forget it
+    from analyzer.netfilter.setwalk import Part
+
+    g = sp._set(sp._at(sp.prefix("src", "10.1.0.0/16").node, {"family": 0}))
+    parts = [Part({"family": 4, "src": ipaddress.ip_address("10.2.0.1"), "dport": 80}, g), Part({"family": 4, "dport": 80}, g)]
+    pb = _PartSets(sp, 4)
+    assert pb.forgotten(parts, ("src",), hull) == pb.union(pb.forget(x, ("src",), hull) for x in parts)
+
+
+def test_pull_back_by_image_equals_the_sets_of_each_exit():
+    """_before (each exit's image decided against a target's header part once, then its rest at
+    the parts' other pins, all cached) against the plain sets: an exit's packets whose image,
+    its DNAT's constants written and its mark set, is in the target."""
+    import random
+
+    from analyzer.engine.packetset import PacketSpace
+    from analyzer.netfilter.setwalk import Exit
+    from analyzer.symbolic import _before, _PartSets
+
+    sp = PacketSpace()
+    rnd = random.Random(7)
+
+    def target():
+        s = sp.empty()
+        for _ in range(rnd.randrange(1, 4)):
+            top = sp.where(proto=rnd.choice([6, 17]), dst=f"10.{rnd.randrange(2)}.{rnd.randrange(3)}.0/{rnd.choice([16, 24, 26])}")
+            low = rnd.choice([sp.prefix("src", "10.0.0.0/8"), sp.eq("sport", 40000), sp.where(src="10.1.0.0/16", sport=(1, 1023)),
+                              sp.eq("mark", 0x4000), sp.universe()])
+            s = s | (top & low if rnd.random() < 0.8 else top | low)
+        return s & sp.family(4)
+
+    for translated in (True, False, True):
+        for _ in range(8):
+            pb = _PartSets(sp, 4)
+            exits = []
+            for _ in range(rnd.randrange(1, 25)):
+                consts = (("dst", ipaddress.ip_address(f"10.{rnd.randrange(2)}.{rnd.randrange(3)}.{rnd.randrange(256)}")),
+                          ("dport", rnd.choice([53, 80, 8080]))) if translated else ()
+                exits.append(Exit(tuple(_random_parts(sp, rnd, rnd.randrange(1, 3))), sp, 1.0, None, translated,
+                                  consts, rnd.choice([None, 0, 0x4000])))
+            targets = [(k, target()) for k in range(3)]
+            got = _before(exits, targets, translated, pb)
+            for x in (x for xs in got.values() for x in xs):  # a part's set tests no pinned field
+                assert x.g.exists([f for f in x.pins if f != "family"]) == x.g
+            for k, t in targets:
+                want = sp.empty()
+                for e in exits:
+                    s = t if e.mark is None else t.restrict("mark", e.mark)
+                    if e.consts:
+                        s = (s & sp.where(**dict(e.consts))).exists([f for f, _ in e.consts])
+                    want = want | (e.before & s)
+                assert pb.union(got[k]) == want, (translated, k)
+
+
+def test_address_cofactor_in_two_remembered_halves_equals_the_cofactor():
+    """_PartSets.at of an address (a descent in two halves, each remembered by the address's
+    bits) equals PacketSpace._cofactor, for sets testing fields above it too."""
+    import random
+
+    from analyzer.engine.packetset import PacketSpace
+    from analyzer.symbolic import _PartSets
+
+    sp = PacketSpace()
+    rnd = random.Random(3)
+    pb = _PartSets(sp, 4)
+    for _ in range(40):
+        s = sp.empty()
+        for _ in range(rnd.randrange(1, 5)):
+            net = f"10.{rnd.randrange(2)}.{rnd.randrange(2)}.{rnd.randrange(0, 256, 64)}/{rnd.choice([8, 16, 24, 26, 31, 32])}"
+            s = s | (sp.prefix("src", net) & rnd.choice([sp.universe(), sp.eq("sport", 40000), sp.eq("proto", 6)]))
+        if rnd.random() < 0.5:
+            s = sp.family(4) - s  # complemented edges
+        if rnd.random() < 0.7:  # as a part's set: at its family (else the cofactor's own way)
+            s = sp._set(sp._at((s & sp.family(4)).node, {"family": 0}))
+        for _ in range(100):
+            a = ipaddress.ip_address(f"10.{rnd.randrange(2)}.{rnd.randrange(2)}.{rnd.randrange(256)}")
+            want = sp._cofactor(s.node, {"src": a}, 4)
+            got = pb.at(s, "src", a)
+            assert (got.node if got is not None else sp._false) == want, a
