@@ -39,16 +39,16 @@ def _same_text(res, spec) -> int:
 
 # ------------------------------------------------------------------ random parts, built by hand
 
-FLOW = "10.0.0.0/28 -> 10.0.1.0/29"
+FLOWS = {4: "10.0.0.0/28 -> 10.0.1.0/29", 6: "fd00::/124 -> fd00:1::/125"}
 
 
-def _random_parts(rnd: random.Random, sp: PacketSpace) -> list:
+def _random_parts(rnd: random.Random, sp: PacketSpace, family: int = 4) -> list:
     """Parts as the set walk leaves them: ``dst``/``dport``/``proto`` pinned (some parts
     ``src`` too), the other fields a set shared by many (a box, or two boxes: not a product),
     and now and then exclusions of source addresses, some of them every source the part has;
     and, unlike the set walk's, a few whose set tests the source they pin."""
-    def addr(k):
-        return ipaddress.ip_address(f"10.0.0.{k}")
+    def addr(k, net=0):
+        return ipaddress.ip_address(f"10.0.{net}.{k}" if family == 4 else f"fd00:{net}::{k:x}")
 
     shared = []
     for _ in range(rnd.randint(1, 3)):
@@ -61,7 +61,7 @@ def _random_parts(rnd: random.Random, sp: PacketSpace) -> list:
     parts = []
     for _ in range(rnd.randint(2, 12)):
         g, lo, hi = rnd.choice(shared)
-        pins = {"family": 4, "proto": rnd.choice([6, 6, 17]), "dst": ipaddress.ip_address(f"10.0.1.{rnd.randint(0, 7)}"),
+        pins = {"family": family, "proto": rnd.choice([6, 6, 17]), "dst": addr(rnd.randint(0, 7), 1),
                 "dport": rnd.choice([80, 443, 53])}
         excl = None
         if rnd.random() < 0.2:
@@ -72,16 +72,17 @@ def _random_parts(rnd: random.Random, sp: PacketSpace) -> list:
             # some of the part's sources, or all of them (the part is then empty)
             vals = range(lo, hi + 1) if rnd.random() < 0.3 else rnd.sample(range(0, 16), rnd.randint(1, 3))
             excl = {("src",): {(addr(k),) for k in vals}}
-        parts.append(Part(pins, sp._set(sp._at(g.node, {"family": 0})), excl))
+        parts.append(Part(pins, sp._set(sp._at(g.node, {"family": 0 if family == 4 else 1})), excl))
     return parts
 
 
-def test_random_parts_describe_as_their_set():
-    spec = parse_flow_spec(FLOW, iif="eth0")
+@pytest.mark.parametrize("family", [4, 6])
+def test_random_parts_describe_as_their_set(family):
+    spec = parse_flow_spec(FLOWS[family], iif="eth0")
     answered = 0
+    sp = PacketSpace()
     for seed in range(300):
-        sp = PacketSpace()
-        parts = _random_parts(random.Random(seed), sp)
+        parts = _random_parts(random.Random(seed), sp, family)
         packets = _materialize(sp, parts)
         if packets.is_empty():
             continue
@@ -96,7 +97,7 @@ def test_an_exclusion_of_every_source_empties_the_part():
     """A part whose every source is excluded holds no packet: its pinned destination is not
     one of the group's (the projections of its set alone would list it)."""
     sp = PacketSpace()
-    spec = parse_flow_spec(FLOW, iif="eth0")
+    spec = parse_flow_spec(FLOWS[4], iif="eth0")
     one = ipaddress.ip_address("10.0.0.3")
     g = sp._set(sp._at((sp.eq("src", one) & sp.eq("sport", 1000)).node, {"family": 0}))
     pins = {"family": 4, "proto": 6, "dport": 80}
