@@ -136,6 +136,45 @@ def test_generated_kube_proxy_node_describes_its_groups_from_parts():
     assert _same_text(res, spec) >= 3
 
 
+def _v6(a: str) -> ipaddress.IPv6Address:
+    """An IPv4 address in IPv6 clothes: its high 16 bits after fd00:, its low 16 bits last."""
+    v = int(ipaddress.IPv4Address(a))
+    return ipaddress.IPv6Address(0xfd00 << 112 | (v >> 16) << 96 | (v & 0xFFFF))
+
+
+def _v6_len(n: int) -> int:
+    """The prefix length of an IPv4 /n in `_v6`'s form (the bits between are always zero)."""
+    return 16 + n if n <= 16 else 96 + n
+
+
+def test_ipv6_kube_proxy_node_describes_its_groups_from_parts():
+    """The same node in IPv6 (ip6tables-save, every address in `_v6`'s form: pods, services
+    and the node in /64s of their own): 128-bit values read from the parts as from the set."""
+    import re
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gen_kubeproxy import generate
+
+    def six(m):
+        a, n, port = m.groups()
+        return f"{_v6(a)}/{_v6_len(int(n))}" if n else f"[{_v6(a)}]{port}" if port else str(_v6(a))
+
+    text = re.sub(r"(?<![\w.:])(\d+\.\d+\.\d+\.\d+)(?:/(\d+)|(:\d+(?:-\d+)?))?", six,
+                  generate(services=60, seed=3)).replace("by iptables-save", "by ip6tables-save") \
+        .replace("icmp-port-unreachable", "icmp6-port-unreachable")
+    ns = Namespace()
+    ns.add_addr(f"{_v6('192.168.0.2')}/{_v6_len(24)}", "eth0")
+    ns.add_route(f"default via {_v6('192.168.0.1')} dev eth0")
+    ns.add_route(f"{_v6('10.244.0.0')}/{_v6_len(16)} via {_v6('192.168.0.3')} dev eth0")
+    rs = load_ruleset((text, "kp6.rules"), lazy=True).ruleset
+    assert rs.family == 6
+    res, spec = _open(rs, ns, f"{_v6('10.0.0.0')}/{_v6_len(8)} -> {_v6('10.96.0.0')}/{_v6_len(12)}")
+    assert res.by == "fate" and len(res.groups) >= 5
+    assert any(isinstance(x, Part) and x.excl for g in res.groups for x in g.__dict__["_parts"])
+    assert _same_text(res, spec) >= 3
+
+
 CORPUS_FLOWS = [
     ("kube-proxy-nodes/unknown__flannel-kubeproxy-iptables__k8s-worker1.save", "0.0.0.0/0 -> 10.96.0.0/16"),
     ("kube-proxy-nodes/unknown__flannel-kubeproxy-iptables__k8s-worker1.save", "10.0.0.0/8 -> 10.0.0.0/8"),
