@@ -611,56 +611,89 @@ def _cells(items, pb) -> dict:
     any other shape is built as sets and split by them."""
     out: dict = {}
     by_origin: dict = {}
+    alone: dict = {}  # fate -> its cell's list (a fate's frozenset built once)
     for x, f in items:
         o = x.origin
         if o is None:
-            out.setdefault(frozenset({f}), []).append(x)
+            xs = alone.get(f)
+            if xs is None:
+                xs = alone[f] = out.setdefault(frozenset({f}), [])
+            xs.append(x)
         else:
-            by_origin.setdefault(id(o), (o, []))[1].append((x, f))
+            hit = by_origin.get(id(o))
+            if hit is None:
+                by_origin[id(o)] = (o, [(x, f)])
+            else:
+                hit[1].append((x, f))
+    from analyzer.netfilter.setwalk import Part
+
     for o, its in by_origin.values():
-        for key, x in _origin_cells(o, its, pb):
-            out.setdefault(key, []).append(x)
+        for key, x in _origin_cells(o, its, pb, Part):
+            xs = out.get(key)
+            if xs is None:
+                out[key] = [x]
+            else:
+                xs.append(x)
     return out
 
 
-def _origin_cells(o, its, pb):
-    from analyzer.netfilter.setwalk import Part
-
-    if len({f for _, f in its}) == 1:
-        return [(frozenset({its[0][1]}), Part(o.pins, o.g))]
+def _origin_cells(o, its, pb, Part):
+    f0 = its[0][1]
+    for _, f in its:
+        if f is not f0 and f != f0:
+            break
+    else:
+        return [(frozenset({f0}), Part(o.pins, o.g))]
     extra = set()
+    opins = o.pins
     for x, _ in its:
-        if x.excl and any(len(k) != 1 for k in x.excl):
-            return pb.split([(pb.union([x]), f) for x, f in its])
-        extra |= set(x.pins) - set(o.pins)
-        extra |= {k[0] for k in x.excl or ()}
+        if x.excl:
+            if any(len(k) != 1 for k in x.excl):
+                return pb.split([(pb.union([x]), f) for x, f in its])
+            extra.update(k[0] for k in x.excl)
+        if x.pins is not opins:
+            extra.update(f for f in x.pins if f not in opins)
     if len(extra) > 1:
         return pb.split([(pb.union([x]), f) for x, f in its])
     if not extra:
-        return [(k, Part(o.pins, g)) for g, k in pb.partition([(x.g, f) for x, f in its])]
+        return [(k, Part(opins, g)) for g, k in pb.partition([(x.g, f) for x, f in its])]
     fld = extra.pop()
-    values: dict = {}
-    for x, _ in its:
-        if fld in x.pins:
-            values[x.pins[fld]] = None
-        for (v,) in (x.excl or {}).get((fld,), ()):
-            values[v] = None
+    # each item as (its set, fate, their key in `partition`, its value of fld as an int or
+    # None, the ints it excludes)
+    values: dict = {}  # int -> the value, in the order the items give them
+    rows = []
+    for x, f in its:
+        v = x.pins.get(fld)
+        if v is not None:
+            vk = int(v)
+            values.setdefault(vk, v)
+            rows.append((x.g, f, (int(x.g._node), id(f)), vk, ()))
+        else:
+            eks = set()
+            for (v,) in (x.excl or {}).get((fld,), ()):
+                vk = int(v)
+                values.setdefault(vk, v)
+                eks.add(vk)
+            rows.append((x.g, f, None, None, eks))
     out = []
-    for v in values:
-        at = []
-        for x, f in its:
-            if fld in x.pins:
-                if x.pins[fld] == v:
-                    at.append((x.g, f))
-            elif not (x.excl and (v,) in x.excl.get((fld,), ())):
-                c = pb.at(x.g, fld, v)
+    at_ = pb.at
+    for vk, v in values.items():
+        at, key = [], []
+        for g, f, k, pk, eks in rows:
+            if pk is not None:
+                if pk == vk:
+                    at.append((g, f))
+                    key.append(k)
+            elif vk not in eks:
+                c = at_(g, fld, v, vk)
                 if c is not None:
                     at.append((c, f))
-        pins = dict(o.pins)
+                    key.append((int(c._node), id(f)))
+        pins = dict(opins)
         pins[fld] = v
-        out += [(k, Part(pins, g)) for g, k in pb.partition(at)]
-    excl = {(fld,): {(v,) for v in values}}
-    out += [(k, Part(dict(o.pins), g, excl)) for g, k in pb.partition([(x.g, f) for x, f in its if fld not in x.pins])]
+        out += [(k, Part(pins, g)) for g, k in pb.partition(at, tuple(key))]
+    excl = {(fld,): {(v,) for v in values.values()}}
+    out += [(k, Part(dict(opins), g, excl)) for g, k in pb.partition([(g, f) for g, f, _, pk, _ in rows if pk is None])]
     return out
 
 
@@ -689,6 +722,7 @@ class _PartSets:
         self._lows: dict = {}
         self._cuts: dict = {}
         self._addr: dict = {}
+        self._wrapped: dict = {}
 
     @staticmethod
     def image(pins: dict, consts: tuple) -> dict:
@@ -850,21 +884,33 @@ class _PartSets:
         self._keep.append(s)
         return top, rest, masks
 
-    def at(self, g, field: str, value):
-        """``g`` at ``field == value`` (None: empty), cached. An address: the descent through
-        the field in two halves (`_addr_at`), each remembered, where it is all ``g`` tests
-        from its root down to the field's end."""
-        v = int(value)
+    def at(self, g, field: str, value, v: int | None = None):
+        """``g`` at ``field == value`` (None: empty), cached (``v``: ``int(value)``, when the
+        caller has it). An address: the descent through the field in two halves
+        (`_addr_at`), each remembered, where it is all ``g`` tests from its root down to the
+        field's end."""
+        if v is None:
+            v = int(value)
+        if field == "src" or field == "dst":
+            node = self._addr_at(g._node, field, v)
+            if node is not None:
+                return self._wrap(node)
         key = (int(g._node), field, v)
         hit = self._cof.get(key, False)
         if hit is not False:
             return hit
         sp = self.space
-        node = self._addr_at(g._node, field, v) if field == "src" or field == "dst" else None
-        if node is None:
-            node = sp._cofactor(g._node, {field: value}, self.family)
-            self._keep.append(g)
+        node = sp._cofactor(g._node, {field: value}, self.family)
+        self._keep.append(g)
         hit = self._cof[key] = None if node == sp._false else sp._set(node)
+        return hit
+
+    def _wrap(self, node):
+        """The set of ``node`` (None: empty), one per node (kept: its id stays its own)."""
+        hit = self._wrapped.get(int(node), False)
+        if hit is False:
+            hit = self._wrapped[int(node)] = None if node == self.space._false else self.space._set(node)
+            self._keep.append(node)
         return hit
 
     def _addr_at(self, node, field: str, v: int):
@@ -896,15 +942,16 @@ class _PartSets:
             self._keep.append(mid)
         return hit
 
-    def partition(self, items) -> list:
+    def partition(self, items, key: tuple | None = None) -> list:
         """The sets ``items`` ((set, fate), ...) cover, split by the fates of the items that
         hold each packet: ``[(set, frozenset of fates), ...]``, cached (the service chains of
-        one shape share their sets)."""
-        key = tuple((int(g.node), f) for g, f in items)
+        one shape share their sets) by ``key``, the items' (set's node, id of the fate)."""
+        if key is None:
+            key = tuple([(int(g._node), id(f)) for g, f in items])
         hit = self._parts.get(key)
-        if hit is None:
-            hit = self._parts[key] = (self.split(items), [g for g, _ in items])
-        return [(g, k) for k, g in hit[0]]
+        if hit is None:  # (the sets and fates kept: their ids are the key)
+            hit = self._parts[key] = ([(g, k) for k, g in self.split(items)], items)
+        return hit[0]
 
     def split(self, items) -> list:
         """`partition`, uncached: ``[(frozenset of fates, set), ...]``."""

@@ -873,3 +873,60 @@ def test_address_cofactor_in_two_remembered_halves_equals_the_cofactor():
             want = sp._cofactor(s.node, {"src": a}, 4)
             got = pb.at(s, "src", a)
             assert (got.node if got is not None else sp._false) == want, a
+
+
+def test_cells_by_origin_equal_the_fates_of_each_packet():
+    """symbolic._cells (a statistic split's parts by origin: one fate, the origin itself; else
+    split by the source each world pins or excludes, partitions cached) against the plain sets:
+    the cells are disjoint, cover the items, and each holds exactly the packets of its fates."""
+    import random
+
+    from analyzer.engine.packetset import PacketSpace
+    from analyzer.netfilter.setwalk import Part
+    from analyzer.symbolic import _cells, _PartSets
+
+    sp = PacketSpace()
+    rnd = random.Random(9)
+    fates = [("F", i) for i in range(3)]
+    shared = [sp._set(sp._at(s.node, {"family": 0})) for s in
+              (sp.family(4) & sp.prefix("src", "10.0.0.0/8"), sp.family(4) & (sp.prefix("src", "10.0.0.0/8") - sp.prefix("src", "10.1.0.0/16")),
+               sp.family(4) & sp.where(sport=(1, 1023)), sp.family(4))]
+
+    def addr():
+        return ipaddress.ip_address(f"10.{rnd.randrange(3)}.{rnd.randrange(2)}.{rnd.randrange(0, 256, 51)}")
+
+    for _ in range(30):
+        pb = _PartSets(sp, 4)
+        items = []
+        for n in range(rnd.randrange(1, 12)):  # (origins are disjoint: a destination each)
+            pins = {"family": 4, "dst": ipaddress.ip_address(f"10.96.0.{n}"), "dport": 80}
+            o = Part(pins, rnd.choice(shared))
+            if rnd.random() < 0.2:
+                items.append((Part(dict(pins), o.g), rnd.choice(fates)))  # never split
+                continue
+            if rnd.random() < 0.2:  # the worlds all of one fate, or split by their sets only
+                f = rnd.choice(fates)
+                half = o.g & sp._set(sp._at(sp.where(sport=(1, 511)).node, {"family": 0}))
+                items += [(Part(pins, half, None, o), f), (Part(pins, o.g - half, None, o), rnd.choice(fates))]
+                continue
+            for _ in range(rnd.randrange(1, 4)):  # a world per endpoint: its own source apart
+                v = addr()
+                h = pb.at(o.g, "src", v)
+                if h is not None:
+                    items.append((Part(dict(pins, src=v), h, None, o), rnd.choice(fates)))
+                a = o.g & rnd.choice(shared)
+                for g, f in ((a, rnd.choice(fates)), (o.g - a, rnd.choice(fates))):
+                    if not g.is_empty():
+                        items.append((Part(pins, g, {("src",): {(v,)}}, o), f))
+        cells = _cells(items, pb)
+        sets = {k: pb.union(xs) for k, xs in cells.items()}
+        every = {f: pb.union([x for x, g in items if g == f]) for f in fates}
+        assert sp.union(sets.values()) == pb.union([x for x, _ in items])
+        for k, s in sets.items():
+            assert not s.is_empty() and k
+            for k2, s2 in sets.items():
+                assert k2 == k or (s & s2).is_empty()
+            for f in fates:
+                assert (s <= every[f]) if f in k else (s & every[f]).is_empty(), (k, f)
+        for x in (x for xs in cells.values() for x in xs):
+            assert x.g.exists([f for f in x.pins if f != "family"]) == x.g
