@@ -723,6 +723,8 @@ class _PartSets:
         self._cuts: dict = {}
         self._addr: dict = {}
         self._wrapped: dict = {}
+        self._false = space._false
+        self._dst_last = space._last_level["dst"]
 
     @staticmethod
     def image(pins: dict, consts: tuple) -> dict:
@@ -769,14 +771,18 @@ class _PartSets:
         return hit
 
     def pin_split(self, pins: dict) -> tuple:
-        """``pins`` as (the pins of the header fields above the source, the family aside, as
-        ``{field: int}``; the other pins, a tuple of (field, value) in the pins' order; the
-        pins): cached by the dict's identity (the parts of one service share theirs; kept)."""
+        """``pins`` as (the pins of the header fields above the source, the family aside; the
+        other pins), each a tuple of (field, value) in the pins' order, and the pins: cached by
+        the dict's identity (the parts of one service share theirs; the dict is kept)."""
         hit = self._split.get(id(pins))
         if hit is None or hit[2] is not pins:
-            top = {f: int(v) for f, v in pins.items() if f in _TOP_FIELDS and f != "family"}
-            low = tuple((f, v) for f, v in pins.items() if f not in _TOP_FIELDS)
-            hit = self._split[id(pins)] = (top, low, pins)
+            top, low = [], []
+            for f, v in pins.items():
+                if f not in _TOP_FIELDS:
+                    low.append((f, v))
+                elif f != "family":
+                    top.append((f, v))
+            hit = self._split[id(pins)] = (tuple(top), tuple(low), pins)
         return hit
 
     def plan(self, per) -> list:
@@ -788,24 +794,34 @@ class _PartSets:
             if prod is None:
                 prod = self._products[int(s.node)] = self._product(s)
             if prod:
-                out.append((k, s, prod, {f for f in prod[2] if f != "family"}))
+                out.append((k, s, prod, {f for f in prod[2] if f != "family"}, int(prod[0]._node)))
             else:
-                out.append((k, s, False, None))
+                out.append((k, s, False, None, None))
         return out
 
-    def lands(self, plan, top: dict, consts: tuple) -> list:
+    def lands(self, plan, top: tuple, consts: tuple) -> list:
         """Of the targets ``plan`` (`plan`), those the image of a part with the pins ``top``
         (`pin_split`) and a DNAT's ``consts`` may land in: ``[(key, set, rest), ...]``,
         ``rest`` the set's R (`_product`) when its T holds the image (a part's packets land
         there as R at its other pins), None when the set is not a product at this image (the
         caller takes the cofactor at every pin)."""
-        vals = dict(top)
-        for f, v in consts:
-            vals[f] = int(v)
+        vals = {f: int(v) for f, v in consts}
+        for f, v in top:
+            if f not in vals:
+                vals[f] = int(v)
         got = []
-        for k, s, prod, need in plan:
+        half = self._half
+        proto, dst = vals.get("proto"), vals.get("dst")
+        for k, s, prod, need, tint in plan:
             if prod and vals.keys() >= need:
-                if self._inside(prod[0], vals):
+                # `_inside`, its two remembered halves looked up here first
+                mid = half.get((tint, proto, dst >> 8), False) if proto is not None and dst is not None else False
+                if mid is not False and mid is not None and mid != self._false:
+                    hit = half.get((int(mid), dst & 0xFF if mid.level <= self._dst_last else None, vals.get("dport")))
+                    inside = hit[0] if hit is not None else self._inside(prod[0], vals)
+                else:
+                    inside = self._inside(prod[0], vals)
+                if inside:
                     got.append((k, s, prod[1]))
             else:
                 got.append((k, s, None))
@@ -814,6 +830,8 @@ class _PartSets:
     def low(self, rest, low: tuple):
         """``rest`` at the pins ``low`` ((field, value), ...; fields below the header ones above
         the source), None when empty: `at`, field by field, the whole cached by the values."""
+        if len(low) == 1:  # (at is cached)
+            return self.at(rest, *low[0])
         key = (int(rest._node), low)
         hit = self._lows.get(key, False)
         if hit is False:

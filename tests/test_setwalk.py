@@ -817,20 +817,25 @@ def test_pull_back_by_image_equals_the_sets_of_each_exit():
     rnd = random.Random(7)
 
     def target():
-        s = sp.empty()
-        for _ in range(rnd.randrange(1, 4)):
-            top = sp.where(proto=rnd.choice([6, 17]), dst=f"10.{rnd.randrange(2)}.{rnd.randrange(3)}.0/{rnd.choice([16, 24, 26])}")
-            low = rnd.choice([sp.prefix("src", "10.0.0.0/8"), sp.eq("sport", 40000), sp.where(src="10.1.0.0/16", sport=(1, 1023)),
-                              sp.eq("mark", 0x4000), sp.universe()])
-            s = s | (top & low if rnd.random() < 0.8 else top | low)
+        # mostly a product of header sets (destination prefixes, ports) and one set of the other
+        # fields (_PartSets._product), else a union of such products (not one)
+        product = rnd.random() < 0.7
+        s, low = sp.empty(), None
+        for _ in range(rnd.randrange(1, 6)):
+            top = sp.where(proto=rnd.choice([6, 17]), dst=f"10.{rnd.randrange(2)}.{rnd.randrange(3)}.{rnd.randrange(0, 256, 16)}/{rnd.choice([16, 23, 24, 26, 28, 30])}",
+                           **({"dport": rnd.choice([80, 8080])} if rnd.random() < 0.3 else {}))
+            if low is None or not product:
+                low = rnd.choice([sp.prefix("src", "10.0.0.0/8"), sp.eq("sport", 40000), sp.where(src="10.1.0.0/16", sport=(1, 1023)),
+                                  sp.eq("mark", 0x4000), sp.universe()])
+            s = s | (top & low if rnd.random() < 0.8 or product else top | low)
         return s & sp.family(4)
 
     for translated in (True, False, True):
         for _ in range(8):
             pb = _PartSets(sp, 4)
             exits = []
-            for _ in range(rnd.randrange(1, 25)):
-                consts = (("dst", ipaddress.ip_address(f"10.{rnd.randrange(2)}.{rnd.randrange(3)}.{rnd.randrange(256)}")),
+            for _ in range(rnd.randrange(1, 60 if translated else 20)):
+                consts = (("dst", ipaddress.ip_address(f"10.{rnd.randrange(2)}.{rnd.randrange(3)}.{rnd.randrange(0, 256, 16)}")),
                           ("dport", rnd.choice([53, 80, 8080]))) if translated else ()
                 exits.append(Exit(tuple(_random_parts(sp, rnd, rnd.randrange(1, 3))), sp, 1.0, None, translated,
                                   consts, rnd.choice([None, 0, 0x4000])))
@@ -930,3 +935,35 @@ def test_cells_by_origin_equal_the_fates_of_each_packet():
                 assert (s <= every[f]) if f in k else (s & every[f]).is_empty(), (k, f)
         for x in (x for xs in cells.values() for x in xs):
             assert x.g.exists([f for f in x.pins if f != "family"]) == x.g
+
+
+def test_landing_of_images_by_remembered_halves_equals_one_descent():
+    """_PartSets.lands (an image's targets, the halves `_inside` remembered looked up first)
+    keeps exactly the targets whose header part holds the image, and every target that is
+    not a product."""
+    import random
+
+    from analyzer.engine.packetset import PacketSpace
+    from analyzer.symbolic import _PartSets
+
+    sp = PacketSpace()
+    rnd = random.Random(13)
+    for _ in range(6):
+        pb = _PartSets(sp, 4)
+        targets = []
+        for _ in range(4):
+            top = sp.empty()
+            for _ in range(rnd.randrange(1, 6)):
+                top = top | sp.where(proto=rnd.choice([6, 17]), dst=f"10.0.{rnd.randrange(2)}.{rnd.randrange(0, 256, 32)}/{rnd.choice([24, 25, 26, 27, 28, 32])}",
+                                     **({"dport": rnd.choice([80, 8080])} if rnd.random() < 0.3 else {}))
+            low = rnd.choice([sp.prefix("src", "10.0.0.0/8"), sp.eq("sport", 40000)])
+            targets.append(sp.family(4) & (top & low if rnd.random() < 0.8 else top | low))
+        plan = pb.plan(list(enumerate(targets)))
+        for _ in range(1500):
+            proto = rnd.choice([6, 17])
+            consts = (("dst", ipaddress.ip_address(f"10.0.{rnd.randrange(2)}.{rnd.randrange(0, 256, 16)}")),
+                      ("dport", rnd.choice([80, 8080])))
+            got = {k for k, _, _ in pb.lands(plan, (("proto", proto),), consts)}
+            vals = {"family": 0, "proto": proto, "dst": int(consts[0][1]), "dport": consts[1][1]}
+            want = {k for k, (_, s, prod, _, _) in enumerate(plan) if not prod or sp._at(prod[0].node, vals) != sp._false}
+            assert got == want, (proto, consts)
