@@ -33,6 +33,7 @@ from analyzer.model.rules import (
     AddrMatch, AddrTypeMatch, CommentMatch, CtStateMatch, IcmpMatch, IfaceMatch, IpRangeMatch, Jump, MarkMatch, Nat,
     OpaqueMatch, OtherTarget, PortMatch, ProtoMatch, Reject, SetMark, StatisticMatch, TcpFlagsMatch, Verdict,
 )
+from analyzer.model.packet import PORT_PROTOS
 from analyzer.netfilter import stages as STAGES
 
 #: how deep chains may call each other before the set walk gives up (the kernel refuses loops)
@@ -341,6 +342,16 @@ class SetWalker:
                 callee = self.rs.chain(table, t.chain)
                 if callee is None:
                     raise Unsupported(f"{_at(rule)}: jump to undefined chain {t.chain}")
+                marks = self._marks_only(callee) if self.effects and self.mark is not None else None
+                if marks is not None:
+                    # kube-proxy's KUBE-MARK-MASQ (39,000 jumps on a 10,000-service dump): every
+                    # packet comes back, its mark rewritten, as the chain's rules would
+                    for mask, value in marks:
+                        hit = [Thread(h.packets, h.prob, ((h.mark & ~mask) ^ value) & 0xFFFFFFFF) for h in hit]
+                    threads = self._join(threads, hit) if not t.goto else threads
+                    if t.goto:
+                        back.extend(hit)
+                    continue
                 ret = self._chain(hit, table, hook, callee, out, depth + 1)
                 if t.goto:
                     back.extend(ret)  # a RETURN from a goto'd chain returns from this one
@@ -366,6 +377,28 @@ class SetWalker:
             else:
                 raise Unsupported(f"{_at(rule)}: target {getattr(t, 'name', type(t).__name__)}")
         return back + threads
+
+    def _marks_only(self, chain):
+        """The MARK rewrites ``((mask, value), ...)`` of a chain whose every rule matches
+        every packet and marks it (or changes nothing: LOG), in order; None for any other chain."""
+        key = ("marks", id(chain))
+        hit = self._sets.get(key, False)
+        if hit is False:
+            hit = []
+            for r in chain.rules:
+                t = r.target
+                if any(not isinstance(m, CommentMatch) for m in r.matches):
+                    hit = None
+                elif t is None or isinstance(t, OtherTarget) and not t.terminating:
+                    continue
+                elif isinstance(t, SetMark) and t.kind == "MARK":
+                    hit.append((t.mask, t.value))
+                else:
+                    hit = None
+                if hit is None:
+                    break
+            self._sets[key] = hit = tuple(hit) if hit is not None else None
+        return hit
 
     #: a table summary takes a run of at least this many rules with one verdict at once
     VERDICT_RUN = 4
@@ -446,8 +479,6 @@ class SetWalker:
     def _dnat(self, rule, h: Thread) -> list:
         """DNAT to one address (and port) of ``h``'s packets: the table ends. A packet already
         sent there keeps its tuple, and the kernel marks no translation (IPS_DST_NAT)."""
-        from analyzer.model.packet import PORT_PROTOS
-
         t = rule.target
         if len(t.ranges) != 1:
             raise Unsupported(f"{_at(rule)}: DNAT with several ranges")
@@ -464,6 +495,11 @@ class SetWalker:
         consts = tuple(consts)
         same, moved = [], []
         for p in h.packets:
+            pins = p.pins
+            if p.excl is None and (r.port_lo is None or pins.get("proto") in PORT_PROTOS) \
+                    and any(f in pins and pins[f] != v for f, v in consts):
+                moved.append(p)  # (kube-proxy: a port protocol, another destination pinned)
+                continue
             if p.excl and any(f not in p.pins for f, _ in consts):
                 p = self._flush(p)  # the destination is split below: exclusions first
                 if p is None:
@@ -605,9 +641,13 @@ class SetWalker:
             return p
         sp = self.space
         node = sp._false
+        level = sp._level
         for key, values in p.excl.items():
-            for vs in values:
-                node = node | self._point_set(dict(zip(key, vs))).node
+            # in the order of their values from the deepest down (each OR then adds a path
+            # beside the last one: ~1.4x faster than in a set's order for 11,000 points)
+            order = sorted(range(len(key)), key=lambda i: level[key[i]])
+            for vs in sorted(values, key=lambda vs: tuple(int(vs[i]) for i in order), reverse=True):
+                node = self._point_set(dict(zip(key, vs))).node | node
         g = p.g - sp._set(node)
         return None if g.is_empty() else Part(p.pins, g, None, p.origin)
 
@@ -632,9 +672,12 @@ class SetWalker:
             w = self._witness[key] = (p.g.pick(), p.g)
         w = w[0]
         for fields, values in p.excl.items():
-            at = tuple(w[f] for f in fields)
-            if len(values) > 64 or any(tuple(map(int, vs)) == at for vs in values):
+            if len(values) > 64:
                 return False
+            at = tuple(w[f] for f in fields)
+            for vs in values:
+                if tuple(map(int, vs)) == at:
+                    return False
         return True
 
     def _reads_pinned(self, m, pins: dict):
@@ -714,13 +757,15 @@ class SetWalker:
                     miss.append(Thread(outs, th.prob, mk))
             else:
                 if ins:
-                    # the same packets in two worlds: their parts remember where they split
-                    ins = tuple(Part(p.pins, p.g, None, p.origin or p) for p in ins)
+                    # the same packets in two worlds: their parts remember where they split (a
+                    # part split before, without exclusions, is shared as it is)
+                    ins = tuple(p if p.origin is not None and p.excl is None else Part(p.pins, p.g, None, p.origin or p)
+                                for p in ins)
                     hit.append(Thread(ins, th.prob * prob, mk))
                     miss.append(Thread(ins, th.prob * (1 - prob), mk))
                 if outs:
                     miss.append(Thread(outs, th.prob, mk))
-        if len(miss) > 1:
+        if len(miss) > 1 and (len(miss) != 2 or (miss[0].prob, miss[0].mark) == (miss[1].prob, miss[1].mark)):
             miss = self._join([], miss)
         return hit, miss
 
@@ -729,6 +774,9 @@ class SetWalker:
         (``m_set``, a set without family) are a set operation on what is not pinned. The
         packets matched go to ``ins`` (without exclusions: they go to a target), the others to
         ``outs``."""
+        if not points and m_set is None and p.excl is None:
+            ins.append(p)  # (a rule that matches every packet of a part without exclusions)
+            return
         new = {}
         pins = p.pins
         for f, v in points.items():
