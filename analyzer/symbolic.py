@@ -451,7 +451,7 @@ def _fate_groups(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, l
             for want, (keys, _) in merged.items()}
     for want, (key, xs) in sorted(merged.items(), key=lambda kv: (-size[kv[0]], repr(sorted(kv[0], key=repr)))):
         # the witness: preferred values among the group's first parts (all of a small group's)
-        v = pb.union(xs[:_WITNESS_CELLS]).pick(prefer)
+        v = pb.pick(xs[:_WITNESS_CELLS], prefer)
         w = _plain(witness(spec, v, space))
         outcomes = explain_flow(ruleset, w, ns)
         got = {fate(o) for o in outcomes}
@@ -481,6 +481,11 @@ def _ended_fate(e) -> tuple:
     return (disposition(e.action), False, False, None, None)
 
 
+def _many_excluded(x) -> bool:
+    """Whether the part ``x`` excludes more than a few points (building them is dear)."""
+    return bool(x.excl) and sum(len(v) for v in x.excl.values()) > 64
+
+
 def _after(exits, space, pb):
     """The packets leaving the hook by ``exits``, their marks included. Translated exits are
     taken together, over-approximated: per mark and set of rewritten fields, every address
@@ -488,6 +493,8 @@ def _after(exits, space, pb):
     per exit, would be a BDD of ~900,000 nodes for 28,000 endpoints, and every exploration
     step on it slow). Packets of the over-approximation that no exit makes are explored too,
     harmlessly: a class holds for all its packets, and `_before` counts only real images."""
+    from analyzer.netfilter.setwalk import Part
+
     by: dict = {}
     for e in exits:
         by.setdefault((e.mark, tuple(map(_first, e.consts)) if e.dnat else None), []).append(e)
@@ -495,7 +502,9 @@ def _after(exits, space, pb):
     for (m, fields), es in by.items():
         parts = [x for e in es for x in e.parts]
         if fields is None:
-            got = pb.union(parts)
+            # a part with many exclusions is taken without them (a superset: kube-proxy's
+            # 11,000 service points are not built)
+            got = pb.union(x if not _many_excluded(x) else Part(x.pins, x.g, None, x.origin) for x in parts)
         else:
             consts: set = set()
             for e in es:  # how many distinct, up to the first beyond _HULL_ABOVE
@@ -1072,6 +1081,34 @@ class _PartSets:
         sp = self.space
         node = _union([_point_node(sp, dict(c), sp._true) for c in consts]) if consts else sp._false
         return sp._set(node & sp._u_family[self.family])
+
+    def pick(self, items, prefer: dict) -> dict:
+        """``self.union(items).pick(prefer)``, without building the exclusions of a part that
+        excludes many points (`_many_excluded`) when its own preferred packet is not excluded:
+        the preferred packet of a union is the preferred one among its pieces' own."""
+        from analyzer.netfilter.setwalk import Part
+
+        many = [x for x in items if isinstance(x, Part) and _many_excluded(x)]
+        if not many:
+            return self.union(items).pick(prefer)
+        best = [self.union([x for x in items if not (isinstance(x, Part) and _many_excluded(x))])]
+        for x in many:
+            v = self.union([Part(x.pins, x.g, None, x.origin)]).pick(prefer)
+            if v is None:
+                continue  # (an empty part)
+            if any(tuple(v[f] for f in key) in {tuple(map(int, vs)) for vs in values} for key, values in x.excl.items()):
+                return self.union(items).pick(prefer)  # its preferred packet is excluded: build it
+            best.append(self._packet(v))
+        return _union(best).pick(prefer)
+
+    def _packet(self, v: dict):
+        """The one packet ``v`` (a pick: every field's value) as a set."""
+        from analyzer.netfilter.setwalk import _point_node
+
+        sp = self.space
+        mk = ipaddress.IPv4Address if self.family == 4 else ipaddress.IPv6Address
+        vals = {f: (mk(x) if f in ("src", "dst") else x) for f, x in v.items() if f != "family"}
+        return sp._set(_point_node(sp, vals, sp._true) & sp._u_family[self.family])
 
     def union(self, items) -> object:
         """The set of packets of ``items`` (Parts and sets): the parts by `setwalk._materialize`."""

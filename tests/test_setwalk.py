@@ -967,3 +967,71 @@ def test_landing_of_images_by_remembered_halves_equals_one_descent():
             vals = {"family": 0, "proto": proto, "dst": int(consts[0][1]), "dport": consts[1][1]}
             want = {k for k, (_, s, prod, _, _) in enumerate(plan) if not prod or sp._at(prod[0].node, vals) != sp._false}
             assert got == want, (proto, consts)
+
+
+def test_a_fall_through_part_keeps_many_exclusions_and_stays_exact():
+    """More than 64 one-point rules: the packets none of them took leave the hook as one part
+    excluding every point (a lookup, not built: SetWalker._settled), and that exit is still
+    exactly the packets no rule took; grouped by fate, the groups cover the flow once and each
+    witness ends as its group says (the preferred packet taken from the parts, symbolic
+    _PartSets.pick)."""
+    vips = [f"10.1.0.{i}" for i in range(1, 101)]
+    rules = [f"-A PREROUTING -d {v}/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.2.0.{i}:8080"
+             for i, v in enumerate(vips, 1)]
+    w = Walked(_nat(*rules))
+    exits = w.exits()
+    plain = [e for e in exits if not e.dnat]
+    assert any(p.excl and sum(map(len, p.excl.values())) > 64 for e in plain for p in e.parts)
+    taken = w.space.union(w.where(dst=v, dport=80) for v in vips)
+    assert w.space.union(e.before for e in plain) == w.universe - taken
+    _covers_once(w, exits)
+    res = explain_open(w.rs, w.spec, w.ns, by="fate")
+    assert res.by == "fate" and len(res.groups) > 1
+    seen = res.space.empty()
+    for g in res.groups:
+        assert (g.packets & seen).is_empty()
+        seen = seen | g.packets
+        assert {fate(o) for o in g.outcomes} == w.concrete(src=str(g.witness.src), dst=str(g.witness.dst),
+                                                          sport=g.witness.sport, dport=g.witness.dport)
+    assert seen == flow_set(res.space, w.spec)
+
+
+def test_the_preferred_packet_of_parts_with_many_exclusions_is_the_unions():
+    """_PartSets.pick: the preferred packet of parts, one of which excludes many points, taken
+    without building those points, is the union's own (also when the part's own preferred
+    packet is excluded: then the union is built)."""
+    import random
+
+    from analyzer.netfilter.setwalk import Part
+    from analyzer.symbolic import _PartSets
+
+    rnd = random.Random(3)
+    w = Walked(_nat("-A PREROUTING -j ACCEPT"))
+    sp, u = w.space, w.universe
+    pb = _PartSets(sp, 4)
+    g = sp._set(sp._at(u.node, {"family": 0}))
+    for trial in range(30):
+        pins = {"family": 4}
+        if rnd.random() < 0.6:
+            pins["proto"] = rnd.choice([6, 17])
+        if rnd.random() < 0.5:
+            pins["dport"] = rnd.choice([80, 81, 99])
+        excl = {("dport", "dst", "proto"): {(rnd.choice([80, 81, 40000]), ipaddress.ip_address(f"10.1.0.{rnd.randrange(4)}"), 6)
+                                            for _ in range(70)}}
+        # the preferred packet itself excluded now and then
+        if trial % 5 == 0:
+            excl[("dport", "dst", "proto")].update((d, ipaddress.ip_address(f"10.1.0.{k}"), 6) for d in (80, 40000) for k in range(256))
+        big = Part(pins, g, excl)
+        others = [Part({"family": 4, "proto": rnd.choice([6, 17]), "dport": rnd.choice([80, 81, 99])}, g)
+                  for _ in range(rnd.randrange(0, 3))]
+        items = [big, *others]
+        rnd.shuffle(items)
+        prefer = {"proto": 6, "sport": 40000, "dport": rnd.choice([80, 81]), "src": int(ipaddress.ip_address("10.0.0.1")),
+                  "dst": int(ipaddress.ip_address(f"10.1.0.{rnd.randrange(3)}"))}
+        assert pb.pick(items, prefer) == pb.union(items).pick(prefer)
+    # another part holds a more preferred packet than the excluding part's best
+    big = Part({"family": 4, "dport": 99}, g, {("dport", "dst", "proto"): {(80, ipaddress.ip_address(f"10.1.0.{k}"), 6)
+                                                                         for k in range(70)}})
+    items = [big, Part({"family": 4, "proto": 6, "dport": 80}, g)]
+    prefer = {"proto": 6, "dport": 80, "dst": int(ipaddress.ip_address("10.1.0.1"))}
+    assert pb.pick(items, prefer) == pb.union(items).pick(prefer) and pb.pick(items, prefer)["dport"] == 80

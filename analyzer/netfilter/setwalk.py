@@ -148,12 +148,24 @@ def _materialize(space, parts) -> object:
         acc = space._false
         for p in ps.values():
             pt = _point_node(space, p.pins, space._true)
-            for fields, values in (p.excl or {}).items():
-                for vs in values:
-                    pt = pt & ~_point_node(space, dict(zip(fields, vs)), space._true)
+            if p.excl:
+                pt = pt & ~_points_node(space, p.excl)
             acc = acc | pt
         node = node | (g.node & acc & space._fam[fam])
     return space._set(node)
+
+
+def _points_node(space, excl: dict):
+    """The OR of the points of an exclusion lookup (``{fields: {values, ...}}``), each key's
+    points in the order of their values from the deepest down (each OR then adds a path beside
+    the last one: ~1.4x faster than in a set's order for 11,000 points)."""
+    node = space._false
+    level = space._level
+    for key, values in excl.items():
+        order = sorted(range(len(key)), key=lambda i: level[key[i]])
+        for vs in sorted(values, key=lambda vs: tuple(int(vs[i]) for i in order), reverse=True):
+            node = _point_node(space, dict(zip(key, vs)), space._true) | node
+    return node
 
 
 def _verdict_action(t):
@@ -303,7 +315,9 @@ class SetWalker:
         for t, a in out:
             parts = self._settled(t.packets)
             if parts:
-                done.append((t if parts is t.packets else Thread(parts, t.prob, t.mark, t.dnat), a))
+                # (a translated thread's input packets are its DNAT's: settled alike)
+                done.append((t if parts is t.packets else
+                             Thread(parts, t.prob, t.mark, None if t.dnat is None else (parts, t.dnat[1])), a))
         return done
 
     def _chain(self, threads: list, table: str, hook: str, chain, out: list, depth: int) -> list:
@@ -672,9 +686,13 @@ class SetWalker:
             w = self._witness[key] = (p.g.pick(), p.g)
         w = w[0]
         for fields, values in p.excl.items():
-            if len(values) > 64:
-                return False
             at = tuple(w[f] for f in fields)
+            if len(values) > 64:
+                # (kube-proxy's KUBE-SERVICES: the 11,000 points its rules took, kept as a
+                # lookup: building them costs ~0.6 s, that a superset (symbolic._after) avoids)
+                if at in {tuple(map(int, vs)) for vs in values}:
+                    return False
+                continue
             for vs in values:
                 if tuple(map(int, vs)) == at:
                     return False
