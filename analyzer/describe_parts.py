@@ -42,9 +42,15 @@ def fast_text(items, spec, space) -> str | None:
     unusual shape; a conntrack state open)."""
     from analyzer.symbolic import _fields_text
 
+    from analyzer.netfilter.setwalk import Part, _materialize
+
     fields = [f for f in spec.open if f in space.fields]
     if len(items) <= 1 or "ctstate" in fields:
         return None
+    # a part excluding points of several fields (the 11,000 services kube-proxy's KUBE-SERVICES
+    # took, left as a lookup by the set walk) is read as its own set, built here
+    items = [_materialize(space, [x]) if isinstance(x, Part) and x.excl and any(len(k) != 1 for k in x.excl) else x
+             for x in items]
     try:
         view = Projections(items, fields, space)
         text = _fields_text(None, spec, space, view=view)
