@@ -1035,3 +1035,22 @@ def test_the_preferred_packet_of_parts_with_many_exclusions_is_the_unions():
     items = [big, Part({"family": 4, "proto": 6, "dport": 80}, g)]
     prefer = {"proto": 6, "dport": 80, "dst": int(ipaddress.ip_address("10.1.0.1"))}
     assert pb.pick(items, prefer) == pb.union(items).pick(prefer) and pb.pick(items, prefer)["dport"] == 80
+
+
+def test_the_paused_gc_freezes_what_an_exploration_kept():
+    """symbolic._cyclic_gc_paused turns the GC on again after, with what was made inside frozen
+    (not young: no collection scans it next), and inside a pause leaves it paused."""
+    import gc
+
+    from analyzer.symbolic import _cyclic_gc_paused
+
+    assert gc.isenabled()
+    before = gc.get_freeze_count()
+    with _cyclic_gc_paused():
+        assert not gc.isenabled()
+        kept = [[i] for i in range(5000)]
+        with _cyclic_gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled() and gc.get_freeze_count() == before
+    assert gc.isenabled() and gc.get_freeze_count() >= before + len(kept)
+    assert gc.get_count()[0] < 100
