@@ -1054,3 +1054,83 @@ def test_the_paused_gc_freezes_what_an_exploration_kept():
         assert not gc.isenabled() and gc.get_freeze_count() == before
     assert gc.isenabled() and gc.get_freeze_count() >= before + len(kept)
     assert gc.get_count()[0] < 100
+
+
+def _kube_proxy_nat(rnd) -> str:
+    """A random kube-proxy-like nat table: services (ClusterIP:port, a masquerade rule for
+    sources outside the pod range, endpoints chosen by statistic rules), endpoint chains of
+    kube-proxy's shape and now and then one that is not (a third rule, a negated source, a
+    DNAT to a range or to the service itself, another protocol)."""
+    lines = ["*nat", ":PREROUTING ACCEPT [0:0]", ":KUBE-SERVICES - [0:0]", ":KUBE-MARK-MASQ - [0:0]",
+             "-A PREROUTING -j KUBE-SERVICES", "-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000"]
+    body = []
+    for s in range(rnd.randrange(1, 6)):
+        vip, port = f"10.1.0.{s + 1}", rnd.choice([80, 443])
+        proto = rnd.choice(["tcp", "tcp", "udp"])
+        svc = f"KUBE-SVC-{s}"
+        lines.append(f":{svc} - [0:0]")
+        if rnd.random() < 0.2:  # (what reaches it keeps the earlier services' points excluded)
+            body.append(f"-A KUBE-SERVICES -d 10.1.0.0/29 -p {proto} -j {svc}")
+        else:
+            body.append(f"-A KUBE-SERVICES -d {vip}/32 -p {proto} -m {proto} --dport {port} -j {svc}")
+        if rnd.random() < 0.7:
+            body.append(f"-A {svc} ! -s 10.0.0.0/25 -d {vip}/32 -p {proto} -m {proto} --dport {port} -j KUBE-MARK-MASQ")
+        n = rnd.randrange(1, 4)
+        for e in range(n):
+            sep = f"KUBE-SEP-{s}-{e}"
+            lines.append(f":{sep} - [0:0]")
+            stat = f"-m statistic --mode random --probability {1 / (n - e):.5f} " if e < n - 1 else ""
+            body.append(f"-A {svc} -m comment --comment \"ep {e}\" {stat}-j {sep}")
+            ep = rnd.choice([f"10.0.0.{rnd.randrange(4)}", f"10.0.0.{rnd.randrange(200, 204)}", "10.2.0.9", vip])
+            odd = rnd.random()
+            src = f"! -s {ep}/32" if odd < 0.05 else f"-s {ep}/32"
+            body.append(f"-A {sep} {src} -m comment --comment \"ep\" -j KUBE-MARK-MASQ")
+            to = f"{ep}:{port}" if odd > 0.1 else f"{ep}:{port}-{port + 1}"
+            p2 = proto if odd < 0.9 or odd > 0.95 else ("udp" if proto == "tcp" else "tcp")
+            body.append(f"-A {sep} -p {p2} -m comment --comment \"ep\" -m {p2} -j DNAT --to-destination {to}")
+            if 0.95 < odd < 0.97:
+                body.append(f"-A {sep} -j ACCEPT")
+    return "\n".join(lines + body + ["COMMIT", ""])
+
+
+def test_an_endpoint_chain_at_once_is_the_chain_rule_by_rule(monkeypatch):
+    """SetWalker._endpoint (kube-proxy's endpoint chains walked at once) leaves the hook by the
+    same ways, in the same order, with the same parts, as the rules walked one by one, on
+    random kube-proxy-like tables (services with a masquerade rule or not, 1-3 endpoints, an
+    endpoint at the client's own address, at the service itself, chains not of its shape)."""
+    import random
+
+    rnd = random.Random(21)
+    fast = 0
+    plain = SetWalker._endpoint
+
+    def counted(self, threads, chain, table, out):
+        nonlocal fast
+        done = plain(self, threads, chain, table, out)
+        fast += done is not None
+        return done
+
+    monkeypatch.setattr(SetWalker, "_endpoint", counted)
+    for _ in range(150):
+        text = _kube_proxy_nat(rnd)
+        w = Walked(text, flow="10.0.0.0/24 -> 10.1.0.0/29" if rnd.random() < 0.7 else "tcp 10.0.0.0/30 -> 10.1.0.1")
+        got = {}
+        for on in (True, False):
+            sw = SetWalker(w.rs, w.ns, w.space, 4, "eth0", 0)
+            if not on:
+                sw._endpoint_shape = lambda chain, table: None
+            try:
+                exits = sw.hook(w.universe, "PREROUTING", True)
+            except Unsupported as e:
+                got[on] = str(e)
+                continue
+            origins: dict = {}
+
+            def part(x):
+                o = None if x.origin is None else origins.setdefault(id(x.origin), len(origins))
+                excl = None if x.excl is None else sorted((k, sorted(map(str, v))) for k, v in x.excl.items())
+                return (tuple((k, str(v)) for k, v in x.pins.items()), int(x.g.node), str(excl), o)
+
+            got[on] = [(e.prob, e.action, e.dnat, e.consts, e.mark, tuple(map(part, e.parts))) for e in exits]
+        assert got[True] == got[False], text
+    assert fast > 100, fast  # (the chains of kube-proxy's shape were taken at once)

@@ -325,6 +325,10 @@ class SetWalker:
         (RETURN or the end of the chain); threads that end (verdict, NAT) go to ``out``."""
         if depth > MAX_DEPTH:
             raise Unsupported(f"chains nested deeper than {MAX_DEPTH} (a loop?)")
+        if self.effects and self.mark is not None and table == "nat" and hook in ("PREROUTING", "OUTPUT"):
+            done = self._endpoint(threads, chain, table, out)
+            if done is not None:
+                return done
         back: list = []
         rules = chain.rules
         k, n = 0, len(rules)
@@ -391,6 +395,90 @@ class SetWalker:
             else:
                 raise Unsupported(f"{_at(rule)}: target {getattr(t, 'name', type(t).__name__)}")
         return back + threads
+
+    def _endpoint_shape(self, chain, table: str):
+        """``(source, marks, proto, consts)`` when ``chain`` is a kube-proxy endpoint chain
+        (KUBE-SEP-*): ``-s ADDR/32 -j CHAIN`` where CHAIN only marks (`_marks_only`), then
+        ``-p PROTO -j DNAT --to-destination ADDR:PORT`` to one address and port of a port
+        protocol, comments aside; None for any other chain."""
+        key = ("endpoint", id(chain))
+        hit = self._sets.get(key, False)
+        if hit is not False:
+            return hit
+        hit = None
+        rules = chain.rules
+        # (the cheap tests first: most chains reached are not of this shape, and each is asked once)
+        if len(rules) == 2 and type(rules[1].target) is Nat and type(rules[0].target) is Jump:
+            m1 = [m for m in rules[0].matches if not isinstance(m, CommentMatch)]
+            m2 = [m for m in rules[1].matches if not isinstance(m, CommentMatch)]
+            t1, t2 = rules[0].target, rules[1].target
+            callee = self.rs.chain(table, t1.chain) if isinstance(t1, Jump) and not t1.goto else None
+            marks = self._marks_only(callee) if callee is not None else None
+            if marks is not None and len(m1) == 1 and isinstance(m1[0], AddrMatch) and m1[0].direction == "src" \
+                    and len(m2) == 1 and isinstance(m2[0], ProtoMatch) and not m2[0].negated \
+                    and m2[0].number in PORT_PROTOS and isinstance(t2, Nat) and t2.kind == "DNAT" \
+                    and len(t2.ranges) == 1:
+                pt, r = _point(m1[0], self.family), t2.ranges[0]
+                if pt is not None and r.addr_lo is not None and r.addr_lo == r.addr_hi \
+                        and r.addr_lo.version == self.family and r.port_lo is not None and r.port_lo == r.port_hi:
+                    hit = (pt[0][1], marks, m2[0].number, (("dst", r.addr_lo), ("dport", r.port_lo)))
+        self._sets[key] = hit
+        return hit
+
+    def _endpoint(self, threads: list, chain, table: str, out: list):
+        """A kube-proxy endpoint chain (`_endpoint_shape`) walked at once, as `_chain` walks
+        it rule by rule (tests/test_setwalk.py compares them): the packets from the endpoint's
+        own address (``-s``) are marked and every packet is translated to the endpoint. Only
+        for parts without exclusions, their source open, their protocol the rule's and their
+        destination pinned elsewhere than the endpoint (every packet moves); None otherwise
+        (the caller walks the chain rule by rule). 28,000 of them on a 10,000-service dump."""
+        shape = self._endpoint_shape(chain, table)
+        if shape is None:
+            return None
+        src, marks, proto, consts = shape
+        (fd, vd), (fp, vp) = consts
+        for th in threads:
+            for p in th.packets:
+                pins = p.pins
+                if p.excl is not None or "src" in pins or pins.get("proto") != proto or fd not in pins \
+                        or fp not in pins or (pins[fd] == vd and pins[fp] == vp):
+                    return None
+        sp = self.space
+        at, false, where, stop = sp._at_until, sp._false, {"src": int(src)}, sp._last_level["src"] + 1
+        nodes = []
+        for th in threads:
+            got = []
+            for p in th.packets:
+                node = at(p.g.node, where, stop)
+                if node is None:
+                    return None  # (the set tests a field above the source: rule by rule)
+                got.append(node)
+            nodes.append(got)
+        # -s ADDR/32: the packets from the endpoint itself pinned there, excluded from the rest
+        hit, miss = [], []
+        excl_key = ("src",)
+        for th, got in zip(threads, nodes):
+            ins, outs = [], []
+            for p, node in zip(th.packets, got):
+                if node == false:
+                    outs.append(p)
+                    continue
+                outs.append(Part(p.pins, p.g, {excl_key: {(src,)}}, p.origin))
+                pins = dict(p.pins)
+                pins["src"] = src
+                ins.append(Part(pins, sp._set(node), None, p.origin))
+            if ins:
+                hit.append(Thread(tuple(ins), th.prob, th.mark))
+            if outs:
+                miss.append(Thread(tuple(outs), th.prob, th.mark))
+        if len(miss) > 1 and (len(miss) != 2 or (miss[0].prob, miss[0].mark) == (miss[1].prob, miss[1].mark)):
+            miss = self._join([], miss)
+        for mask, value in marks:
+            hit = [Thread(h.packets, h.prob, ((h.mark & ~mask) ^ value) & 0xFFFFFFFF) for h in hit]
+        # -p PROTO -j DNAT: every packet goes to the endpoint
+        for th in self._join(miss, hit):
+            out.append((Thread(th.packets, th.prob, th.mark, (th.packets, consts)), None))
+        return []
 
     def _marks_only(self, chain):
         """The MARK rewrites ``((mask, value), ...)`` of a chain whose every rule matches
