@@ -241,3 +241,30 @@ def test_a_part_excluding_points_of_several_fields_is_read_as_its_set():
     parts = [big, Part(dict(pins, dst=dst[2], dport=53), g)]
     text = fast_text(parts, spec, sp)
     assert text is not None and text == describe(_materialize(sp, parts), spec, sp)
+
+
+def test_excluded_points_outside_a_part_are_trimmed_and_the_text_is_the_sets():
+    """A part excluding (dport, dst, proto) points, some in its set and some not (kube-proxy's
+    packets that no service took exclude every service's points): `trimmed` keeps exactly those
+    in the set, and the description, of the part alone or among others, is its set's."""
+    from analyzer.describe_parts import describe_parts, trimmed
+
+    spec = parse_flow_spec(FLOWS[4], iif="eth0")
+    sp = PacketSpace()
+    rnd = random.Random(7)
+    for _ in range(60):
+        dports = rnd.sample([53, 80, 443, 8080], rnd.randint(1, 4))
+        g = sp._set(sp._at((sp.range("src", "10.0.0.0", f"10.0.0.{rnd.randint(0, 15)}") & sp.eq("proto", 6)
+                            & sp.range("dst", "10.0.1.0", f"10.0.1.{rnd.randint(0, 7)}") & sp.ports("dport", dports)).node,
+                           {"family": 0}))
+        points = {(rnd.choice([53, 80, 443, 8080]), ipaddress.ip_address(f"10.0.1.{rnd.randint(0, 7)}"), rnd.choice([6, 17]))
+                  for _ in range(rnd.randint(1, 12))}
+        big = Part({"family": 4}, g, {("dport", "dst", "proto"): set(points)})
+        inside = {p for p in points if not (sp._set(g.node) & sp.where(dport=p[0], dst=p[1], proto=p[2])).is_empty()}
+        got = trimmed(big, sp)
+        assert (got.excl or {}).get(("dport", "dst", "proto"), set()) == inside
+        assert _materialize(sp, [got]) == _materialize(sp, [big])
+        for parts in ([big], [big, Part({"family": 4, "proto": 6, "dst": ipaddress.ip_address("10.0.1.9"), "dport": 22}, g)]):
+            want = _materialize(sp, parts)
+            if not want.is_empty():
+                assert describe_parts(parts, spec, sp, lambda: want) == describe(want, spec, sp)
