@@ -486,8 +486,11 @@ class SetWalker:
         key = ("marks", id(chain))
         hit = self._sets.get(key, False)
         if hit is False:
-            hit = []
-            for r in chain.rules:
+            rules = chain.rules
+            # (a chain that jumps or translates first, as the 40,000 service and endpoint
+            # chains of a 10,000-service dump, is told at once)
+            hit = [] if not rules or type(rules[0].target) not in (Jump, Nat) else None
+            for r in rules if hit is not None else ():
                 t = r.target
                 if any(not isinstance(m, CommentMatch) for m in r.matches):
                     hit = None
@@ -514,27 +517,43 @@ class SetWalker:
         action = _verdict_action(rules[k].target)
         if action is False:
             return None
-        end = k + 1
-        while end < len(rules) and _verdict_action(rules[end].target) == action:
-            end += 1
-        if end - k < self.VERDICT_RUN:
-            return None
+        # a run of header matches only is the same set for every walk of the exploration (the
+        # table summaries: shared); otherwise it depends on what this walk knows
+        shared = self._headers.get(("run", id(rules), k, hook))
+        if shared is not None:
+            end, hit = shared
+            if hit is not None:
+                return (end, hit, action) if hit is not False else None
+        else:
+            end = k + 1
+            while end < len(rules) and _verdict_action(rules[end].target) == action:
+                end += 1
+            if end - k < self.VERDICT_RUN:
+                return None
+            if all(isinstance(m, _HEADER_MATCHES + (CommentMatch,)) for r in rules[k:end] for m in r.matches):
+                hit = self._run_set(rules, k, end, hook)
+                self._headers[("run", id(rules), k, hook)] = (end, hit)
+                self._keep.append(rules)  # (its id stays its own)
+                return (end, hit, action) if hit is not False else None
+            self._headers[("run", id(rules), k, hook)] = (end, None)
+            self._keep.append(rules)
         key = ("run", id(rules), k, end, hook, self.iif, self.oif, self.ctstates, self.tcp_flags, self.icmp)
         hit = self._sets.get(key)
         if hit is None:
-            sets = []
-            for r in rules[k:end]:
-                s = self._rule_set(r, hook)
-                if s is None:
-                    hit = False
-                    break
-                sets.append(s.node)
-            else:
-                hit = self.space._set(_or_all(self.space, sets))
-            self._sets[key] = hit
+            hit = self._sets[key] = self._run_set(rules, k, end, hook)
         if hit is False:
             return None
         return end, hit, action
+
+    def _run_set(self, rules, k: int, end: int, hook: str):
+        """The union of what ``rules[k:end]`` match (False: one of them depends on the thread)."""
+        sets = []
+        for r in rules[k:end]:
+            s = self._rule_set(r, hook)
+            if s is None:
+                return False
+            sets.append(s.node)
+        return self.space._set(_or_all(self.space, sets))
 
     def _rule_set(self, rule, hook: str):
         """What ``rule`` matches as one set without its family, the same for every thread (None:
