@@ -1082,7 +1082,8 @@ def _kube_proxy_nat(rnd) -> str:
         for e in range(n):
             sep = f"KUBE-SEP-{s}-{e}"
             lines.append(f":{sep} - [0:0]")
-            stat = f"-m statistic --mode random --probability {1 / (n - e):.5f} " if e < n - 1 else ""
+            share = 1 / (n - e) if rnd.random() < 0.8 else rnd.choice([0.95, 0.05])
+            stat = f"-m statistic --mode random --probability {share:.5f} " if e < n - 1 else ""
             body.append(f"-A {svc} -m comment --comment \"ep {e}\" {stat}-j {sep}")
             ep = rnd.choice([f"10.0.0.{rnd.randrange(4)}", f"10.0.0.{rnd.randrange(200, 204)}", "10.2.0.9", vip])
             odd = rnd.random()
@@ -1097,7 +1098,8 @@ def _kube_proxy_nat(rnd) -> str:
 
 
 def test_an_endpoint_chain_at_once_is_the_chain_rule_by_rule(monkeypatch):
-    """SetWalker._endpoint (kube-proxy's endpoint chains walked at once) leaves the hook by the
+    """SetWalker._endpoint (kube-proxy's endpoint chains walked at once) and _split_statistic
+    (its endpoint rules split without the general case) leave the hook by the
     same ways, in the same order, with the same parts, as the rules walked one by one, on
     random kube-proxy-like tables (services with a masquerade rule or not, 1-3 endpoints, an
     endpoint at the client's own address, at the service itself, chains not of its shape)."""
@@ -1122,6 +1124,7 @@ def test_an_endpoint_chain_at_once_is_the_chain_rule_by_rule(monkeypatch):
             sw = SetWalker(w.rs, w.ns, w.space, 4, "eth0", 0)
             if not on:
                 sw._endpoint_shape = lambda chain, table: None
+                sw._split_statistic = lambda rule, threads: None
             try:
                 exits = sw.hook(w.universe, "PREROUTING", True)
             except Unsupported as e:
