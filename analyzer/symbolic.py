@@ -1254,17 +1254,17 @@ def describe(packets, spec: FlowSpec, space) -> str:
     flow = flow_set(space, spec)
     fields = [f for f in spec.open if f in space.fields]
     text = _fields_text(packets, spec, space)
-    if text and any(packets.project(f) != flow.project(f) for f in fields):
+    if text and any(_project(packets, f) != _project(flow, f) for f in fields):
         return text
     rest = flow - packets
     if rest.is_empty():
         return "every packet of the flow"
     box = flow
     for f in fields:
-        box = box & rest.project(f)
+        box = box & _project(rest, f)
     if box == rest:
         # the fields the rest takes every value of say nothing about it
-        other = _fields_text(rest, spec, space, {f for f in fields if rest.project(f) == flow.project(f)})
+        other = _fields_text(rest, spec, space, {f for f in fields if _project(rest, f) == _project(flow, f)})
         if other:
             return f"every packet of the flow except: {other}"
     return "every packet of the flow that no other group holds"
@@ -1280,6 +1280,19 @@ def describe_group(g: Group, spec: FlowSpec, space) -> str:
     from analyzer.describe_parts import describe_parts
 
     return describe_parts(parts, spec, space, lambda: g.packets)
+
+
+def _project(s, f: str):
+    """``s.project(f)`` as `describe` uses it (compared with another's, ANDed with the flow's
+    packets): an IPv4 set's fields other than ``f`` quantified as they are, its high address
+    bits left free, where `PacketSet.project` first pins them (its representative form:
+    rebuilding a set of tens of thousands of nodes, for each field). The same answers: two
+    such projections are equal when the values are, and the flow (IPv4) meets them alike."""
+    sp = s.space
+    if f == "ctstate" or (s.node & sp._fam[6]) != sp._false:
+        return s.project(f)
+    others = tuple(n for g in sp.fields if g != f for n in sp._vars[g])
+    return sp._set(sp._exist(others, s.node) & sp._u)
 
 
 def _fields_text(packets, spec: FlowSpec, space, skip=frozenset(), view=None) -> str:

@@ -268,3 +268,26 @@ def test_excluded_points_outside_a_part_are_trimmed_and_the_text_is_the_sets():
             want = _materialize(sp, parts)
             if not want.is_empty():
                 assert describe_parts(parts, spec, sp, lambda: want) == describe(want, spec, sp)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_describe_projections_answer_as_project(family):
+    """`symbolic._project` (an IPv4 set projected without its representative form) answers
+    what `describe` asks of `PacketSet.project`: whether two sets' values of a field are
+    equal, and which packets of the flow have those values."""
+    from analyzer.symbolic import _project
+
+    sp = PacketSpace()
+    flow = _materialize(sp, _random_parts(random.Random(99), sp, family)) | sp.where(
+        proto=6, src=("10.0.0.0/28" if family == 4 else "fd00::/124"))
+    rnd = random.Random(5)
+    sets = [sp.empty(), flow]
+    for seed in range(40):
+        s = _materialize(sp, _random_parts(random.Random(seed), sp, family))
+        sets.append(s if rnd.random() < 0.7 else s & flow)
+    for f in ("proto", "src", "sport", "dst", "dport", "mark", "ctstate"):
+        for a in sets:
+            pa = _project(a, f)
+            assert flow & pa == flow & a.project(f)
+            for b in sets[:12]:
+                assert (pa == _project(b, f)) == (a.project(f) == b.project(f))
