@@ -291,3 +291,39 @@ def test_describe_projections_answer_as_project(family):
             assert flow & pa == flow & a.project(f)
             for b in sets[:12]:
                 assert (pa == _project(b, f)) == (a.project(f) == b.project(f))
+
+
+def test_one_part_excluding_many_points_describes_as_its_set():
+    """One part excluding (dport, dst, proto) points (kube-proxy's packets that no service
+    took): `one_part_text` answers without building the exclusions, as the set says it: a
+    field-by-field text, or "every packet of the flow that no other group holds"; and says
+    nothing when the rest of the flow is a box (the points a whole product: "except ...")."""
+    from analyzer.describe_parts import describe_parts, one_part_text
+    from analyzer.netfilter.symbolic import flow_set
+
+    spec = parse_flow_spec(FLOWS[4], iif="eth0")
+    sp = PacketSpace()
+    flow = flow_set(sp, spec)
+    rnd = random.Random(11)
+    said = {"text": 0, "rest": 0, "none": 0}
+    for _ in range(80):
+        dsts = [ipaddress.ip_address(f"10.0.1.{k}") for k in rnd.sample(range(8), rnd.randint(1, 4))]
+        dports, protos = rnd.sample([53, 80, 443, 8080], rnd.randint(1, 3)), rnd.sample([6, 17], rnd.randint(1, 2))
+        base = flow
+        if rnd.random() < 0.5:  # less some sources or ports
+            base = base - sp.range("src", "10.0.0.0", f"10.0.0.{rnd.randint(0, 15)}")
+        if rnd.random() < 0.3:
+            base = base & sp.where(proto=rnd.choice([6, 17]))
+        if rnd.random() < 0.3:  # only the excluded ports and protocols: some destinations are all excluded
+            base = base & sp.ports("dport", dports) & sp.ports("proto", protos)
+        g = sp._set(sp._at(base.node, {"family": 0}))
+        points = {(p, d, q) for p in dports for d in dsts for q in protos}
+        if rnd.random() < 0.6:  # not every combination
+            points = set(rnd.sample(sorted(points, key=str), rnd.randint(1, len(points))))
+        x = Part({"family": 4}, g, {("dport", "dst", "proto"): points})
+        want = describe(_materialize(sp, [x]), spec, sp)
+        got = one_part_text(x, spec, sp)
+        said["none" if got is None else "rest" if got.startswith("every packet") else "text"] += 1
+        assert got is None or got == want, (got, want)
+        assert describe_parts([x], spec, sp, None) == want
+    assert said["text"] and said["rest"] and said["none"], said
