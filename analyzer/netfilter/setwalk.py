@@ -455,8 +455,11 @@ class SetWalker:
                     return None  # (the set tests a field above the source: rule by rule)
                 got.append(node)
             nodes.append(got)
-        # -s ADDR/32: the packets from the endpoint itself pinned there, excluded from the rest
-        hit, miss = [], []
+        # -s ADDR/32: the packets from the endpoint itself pinned there (then marked), excluded
+        # from the rest; the threads of one world and mark join again (`_join`: the misses
+        # first, then the marked hits, each in order)
+        worlds: dict = {}
+        hits = []
         excl_key = ("src",)
         for th, got in zip(threads, nodes):
             ins, outs = [], []
@@ -468,17 +471,19 @@ class SetWalker:
                 pins = dict(p.pins)
                 pins["src"] = src
                 ins.append(Part(pins, sp._set(node), None, p.origin))
-            if ins:
-                hit.append(Thread(tuple(ins), th.prob, th.mark))
             if outs:
-                miss.append(Thread(tuple(outs), th.prob, th.mark))
-        if len(miss) > 1 and (len(miss) != 2 or (miss[0].prob, miss[0].mark) == (miss[1].prob, miss[1].mark)):
-            miss = self._join([], miss)
-        for mask, value in marks:
-            hit = [Thread(h.packets, h.prob, ((h.mark & ~mask) ^ value) & 0xFFFFFFFF) for h in hit]
+                worlds.setdefault((th.prob, th.mark), []).extend(outs)
+            if ins:
+                mark = th.mark
+                for mask, value in marks:
+                    mark = ((mark & ~mask) ^ value) & 0xFFFFFFFF
+                hits.append(((th.prob, mark), ins))
+        for key, ins in hits:
+            worlds.setdefault(key, []).extend(ins)
         # -p PROTO -j DNAT: every packet goes to the endpoint
-        for th in self._join(miss, hit):
-            out.append((Thread(th.packets, th.prob, th.mark, (th.packets, consts)), None))
+        for (prob, mark), parts in worlds.items():
+            parts = tuple(parts)
+            out.append((Thread(parts, prob, mark, (parts, consts)), None))
         return []
 
     def _marks_only(self, chain):
