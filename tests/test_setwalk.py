@@ -8,6 +8,8 @@ with the packet sets it must hold, and what the set walk cannot follow exactly m
 from __future__ import annotations
 
 import ipaddress
+import os
+from pathlib import Path
 from dataclasses import replace
 
 import pytest
@@ -1140,3 +1142,80 @@ def test_an_endpoint_chain_at_once_is_the_chain_rule_by_rule(monkeypatch):
             got[on] = [(e.prob, e.action, e.dnat, e.consts, e.mark, tuple(map(part, e.parts))) for e in exits]
         assert got[True] == got[False], text
     assert fast > 100, fast  # (the chains of kube-proxy's shape were taken at once)
+
+
+def _endpoint_chains(rs, table="nat"):
+    """The two-rule chains of a ruleset (kube-proxy's endpoint chains among them)."""
+    t = rs.tables.get(table)
+    return [] if t is None else [c for c in t.chains.values() if len(c.rules) == 2]
+
+
+def _text_and_decoded_shapes(text: str, path: str):
+    """Per two-rule chain: the endpoint shape read from the lines (lazy, undecoded) and the one
+    read from the decoded rules."""
+    from analyzer.netfilter.symbolic import flow_space
+
+    lazy = load_ruleset((text, path), lazy=True).ruleset
+    if lazy is None or lazy.family != 4:
+        return []
+    ns = _ns()
+    spec = parse_flow_spec("10.0.0.0/8 -> 10.0.0.0/8", iif="eth0")
+    sw_text = SetWalker(lazy, ns, flow_space(lazy, ns, spec), 4, "eth0", 0)
+    shapes = []
+    for c in _endpoint_chains(lazy):
+        undecoded = all(r.pending is not None for r in c.rules)
+        shapes.append((c.name, sw_text._endpoint_text(c.rules, "nat") if undecoded else None))
+        assert not undecoded or all(r.pending is not None for r in c.rules)  # (read, not decoded)
+    sw_dec = SetWalker(lazy, ns, sw_text.space, 4, "eth0", 0)  # (rules decoded on first use from here)
+    out = []
+    for (name, got), c in zip(shapes, _endpoint_chains(lazy)):
+        for r in c.rules:
+            r.matches  # decode
+        out.append((name, got, sw_dec._endpoint_shape(c, "nat")))
+    return out
+
+
+def test_an_endpoint_chain_read_from_its_lines_is_the_decoded_one():
+    """SetWalker._endpoint_text (kube-proxy's endpoint chains read from their lines, not decoded)
+    gives the shape the decoded rules give, or none (then they are decoded): on a generated
+    10,000-service-style dump with odd lines mixed in, and on every kube-proxy dump of the
+    corpus."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from gen_kubeproxy import generate
+
+    text = generate(services=60, seed=5)
+    odd = ['-A KUBE-SEP-ODD1 -s 10.244.1.7/32 -m comment --comment "x" -j KUBE-MARK-MASQ',
+           '-A KUBE-SEP-ODD1 -p tcp -m comment --comment "x" -m tcp -j DNAT --to-destination 10.244.1.7:8080 --random',
+           '-A KUBE-SEP-ODD2 -s 10.244.1.8 -j KUBE-MARK-MASQ',
+           '-A KUBE-SEP-ODD2 -p udp -m udp -j DNAT --to-destination 10.244.1.8:53',
+           '-A KUBE-SEP-ODD3 -s 10.244.01.9/32 -j KUBE-MARK-MASQ',
+           '-A KUBE-SEP-ODD3 -p tcp -j DNAT --to-destination 10.244.1.9:80',
+           '-A KUBE-SEP-ODD4 -s 10.244.1.10/32 -j KUBE-MARK-MASQ',
+           '-A KUBE-SEP-ODD4 -p tcp -m udp -j DNAT --to-destination 10.244.1.10:80',
+           '-A KUBE-SEP-ODD5 -s 10.244.1.11/32 -j ACCEPT',
+           '-A KUBE-SEP-ODD5 -p tcp -j DNAT --to-destination 10.244.1.11:80',
+           '-A KUBE-SEP-ODD6 -s 10.244.1.12/32 -j KUBE-MARK-MASQ',
+           '-A KUBE-SEP-ODD6 -p tcp -j DNAT --to-destination 10.244.1.13:80',
+           '-A KUBE-SEP-ODD7 -s 10.244.1.14/31 -j KUBE-MARK-MASQ',
+           '-A KUBE-SEP-ODD7 -p tcp -j DNAT --to-destination 10.244.1.14:80']
+    decl = "".join(f":KUBE-SEP-ODD{k} - [0:0]\n" for k in range(1, 8))
+    text = text.replace("*nat\n", "*nat\n" + decl, 1).replace("\nCOMMIT\n", "\n" + "\n".join(odd) + "\nCOMMIT\n", 1)
+    got = _text_and_decoded_shapes(text, "kp.rules")
+    read = [name for name, a, b in got if a is not None]
+    assert all(a == b for name, a, b in got if a is not None), [(n, a, b) for n, a, b in got if a != b]
+    assert len(read) > 100 and {"KUBE-SEP-ODD2", "KUBE-SEP-ODD6"} <= set(read)  # (no /32, udp, no comment too)
+    assert not {"KUBE-SEP-ODD1", "KUBE-SEP-ODD3", "KUBE-SEP-ODD4", "KUBE-SEP-ODD5", "KUBE-SEP-ODD7"} & set(read)
+    corpus = Path(os.environ.get("SYNACK_CORPUS", Path(__file__).resolve().parent.parent.parent / "shared" / "corpus"))
+    files = sorted(p for d in ("kube-proxy", "kube-proxy-nodes", "k3s") for p in (corpus / "iptables" / d).rglob("*")
+                   if p.is_file())
+    if not files:
+        pytest.skip("corpus not present")
+    compared = 0
+    for p in files:
+        for name, a, b in _text_and_decoded_shapes(p.read_text(errors="replace"), str(p)):
+            if a is not None:
+                assert a == b, (p, name)
+                compared += 1
+    assert compared > 0
