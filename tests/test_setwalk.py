@@ -1219,3 +1219,72 @@ def test_an_endpoint_chain_read_from_its_lines_is_the_decoded_one():
                 assert a == b, (p, name)
                 compared += 1
     assert compared > 0
+
+
+def test_an_endpoint_rule_read_from_its_line_is_the_decoded_one():
+    """SetWalker._statistic_line (kube-proxy's `-m statistic ... -j KUBE-SEP-X` and comment-only
+    jumps read from their lines, not decoded) gives the probability and jump the decoded rule
+    gives (StatisticMatch.probability, the Jump's chain), or none: on a generated dump with
+    odd lines mixed in, and on every kube-proxy dump of the corpus."""
+    import sys
+
+    from analyzer.model.rules import CommentMatch, Jump, StatisticMatch
+    from analyzer.netfilter.symbolic import flow_space
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from gen_kubeproxy import generate
+
+    def decoded(rule):
+        t = rule.target
+        if not isinstance(t, Jump) or t.goto:
+            return None
+        prob = 1.0
+        for m in rule.matches:
+            if isinstance(m, CommentMatch):
+                continue
+            if not isinstance(m, StatisticMatch) or m.mode != "random" or m.negated:
+                return None
+            prob *= m.probability
+        return prob, t.chain
+
+    def compare(text, path):
+        lazy = load_ruleset((text, path), lazy=True).ruleset
+        if lazy is None or "nat" not in lazy.tables:
+            return []
+        ns = _ns()
+        sw = SetWalker(lazy, ns, flow_space(lazy, ns, parse_flow_spec("10.0.0.0/8 -> 10.0.0.0/8", iif="eth0")), 4, "eth0", 0)
+        out = []
+        for c in lazy.tables["nat"].chains.values():
+            for r in c.rules:
+                if r.pending is None:
+                    continue
+                got = sw._statistic_line(r, "nat")
+                assert r.pending is not None  # (read, not decoded)
+                if got is not None:
+                    want = decoded(r)
+                    assert want is not None and (got[0], got[1].chain, got[1].goto) == (want[0], want[1], False), r.text
+                    out.append(r.text)
+        return out
+
+    text = generate(services=60, seed=6)
+    odd = ['-A KUBE-SVC-ODD -m comment --comment "x" -m statistic --mode random --probability 0.33333333349 -j KUBE-SEP-A',
+           '-A KUBE-SVC-ODD -m statistic --mode random --probability 1.5 -j KUBE-SEP-A',
+           '-A KUBE-SVC-ODD -m statistic --mode random ! --probability 0.5 -j KUBE-SEP-A',
+           '-A KUBE-SVC-ODD -m statistic --mode nth --every 2 --packet 0 -j KUBE-SEP-A',
+           '-A KUBE-SVC-ODD -m comment --comment "x" -g KUBE-SEP-A',
+           '-A KUBE-SVC-ODD -m comment --comment "x" -j ACCEPT',
+           '-A KUBE-SVC-ODD -m comment --comment "x" -j KUBE-SEP-NONE',
+           '-A KUBE-SVC-ODD -m statistic --mode random --probability 0.2 -m comment --comment "x" -j KUBE-SEP-A',
+           '-A KUBE-SVC-ODD -m statistic --mode random --probability 1 -j KUBE-SEP-A',
+           '-A KUBE-SVC-ODD -j KUBE-SEP-A']
+    decl = ":KUBE-SVC-ODD - [0:0]\n:KUBE-SEP-A - [0:0]\n"
+    text = text.replace("*nat\n", "*nat\n" + decl, 1).replace("\nCOMMIT\n", "\n" + "\n".join(odd) + "\nCOMMIT\n", 1)
+    read = compare(text, "kp.rules")
+    assert len(read) > 60 and {odd[0], odd[8], odd[9]} <= set(read)
+    assert not set(odd[1:8]) & set(read)
+    corpus = Path(os.environ.get("SYNACK_CORPUS", Path(__file__).resolve().parent.parent.parent / "shared" / "corpus"))
+    files = sorted(p for d in ("kube-proxy", "kube-proxy-nodes", "k3s") for p in (corpus / "iptables" / d).rglob("*")
+                   if p.is_file())
+    if not files:
+        pytest.skip("corpus not present")
+    assert sum(len(compare(p.read_text(errors="replace"), str(p))) for p in files) > 0

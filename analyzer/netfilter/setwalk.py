@@ -338,23 +338,31 @@ class SetWalker:
             k += 1
             if not threads:
                 break
-            t = rule.target
-            if t is None or (isinstance(t, OtherTarget) and not t.terminating):
-                # no target, LOG and the like: every packet goes on as it was, matched or not
-                # (the walk changes nothing for them either): what the rule matches is moot
-                continue
-            if not self.effects:
-                run = self._verdict_run(rules, k - 1, hook)
-                if run is not None:
-                    # a run of rules with one verdict (kube-proxy's 500 DROPs of
-                    # KUBE-EXTERNAL-SERVICES): their packets at once, by the union of their
-                    # matches (a table summary ORs the packets of one verdict anyway)
-                    end, m, action = run
-                    hit, threads = self._split_set(threads, m)
-                    out.extend((h, action) for h in hit)
-                    k = end
+            got = None
+            if self.effects and rule.pending is not None:
+                # not decoded yet: kube-proxy's endpoint rule read from its line (`_statistic_line`)
+                line = self._statistic_line(rule, table)
+                if line is not None:
+                    got = self._split_prob(line[0], threads)
+                    t = line[1]
+            if got is None:
+                t = rule.target
+                if t is None or (isinstance(t, OtherTarget) and not t.terminating):
+                    # no target, LOG and the like: every packet goes on as it was, matched or not
+                    # (the walk changes nothing for them either): what the rule matches is moot
                     continue
-            got = self._split_statistic(rule, threads) if type(t) is Jump and self.effects else None
+                if not self.effects:
+                    run = self._verdict_run(rules, k - 1, hook)
+                    if run is not None:
+                        # a run of rules with one verdict (kube-proxy's 500 DROPs of
+                        # KUBE-EXTERNAL-SERVICES): their packets at once, by the union of their
+                        # matches (a table summary ORs the packets of one verdict anyway)
+                        end, m, action = run
+                        hit, threads = self._split_set(threads, m)
+                        out.extend((h, action) for h in hit)
+                        k = end
+                        continue
+                got = self._split_statistic(rule, threads) if type(t) is Jump and self.effects else None
             hit, threads = got if got is not None else self._split(rule, threads, hook, isinstance(t, Nat))
             if not hit:
                 continue
@@ -935,6 +943,28 @@ class SetWalker:
             miss = self._join([], miss)
         return hit, miss
 
+    def _statistic_line(self, rule, table: str):
+        """``(probability, Jump)`` of a rule not decoded yet whose line is a kube-proxy endpoint
+        rule (``-A SVC [-m comment --comment C] [-m statistic --mode random --probability P]
+        -j CHAIN``, CHAIN a chain of the table), what the parser would decode from it; None
+        otherwise (tests/test_setwalk.py compares both on the corpus)."""
+        from analyzer.parse import options as O
+
+        m = _SVC_JUMP.fullmatch(rule.text)
+        if m is None:
+            return None
+        name = m.group(2)
+        if name in O.TARGETS or name == "SET" or any(name in s for s in O.FAMILY_TARGETS.values()) \
+                or self.rs.chain(table, name) is None:
+            return None
+        prob = 1.0
+        if m.group(1) is not None:
+            p = float(m.group(1))
+            if not 0.0 <= p <= 1.0:
+                return None
+            prob = O.random_threshold(p) / 0x80000000  # (StatisticMatch.probability)
+        return prob, Jump(0, 0, name, False)
+
     def _split_statistic(self, rule, threads: list):
         """`_split` of a rule that matches by ``-m statistic --mode random`` alone (or matches
         every packet: comments only), for threads without exclusions: kube-proxy's 28,000
@@ -949,6 +979,10 @@ class SetWalker:
                 return None
             p = m.probability
             prob *= (1 - p) if m.negated else p
+        return self._split_prob(prob, threads)
+
+    def _split_prob(self, prob: float, threads: list):
+        """`_split_statistic` of a rule matching with probability ``prob``."""
         for th in threads:
             for p in th.packets:
                 if p.excl is not None:
@@ -1112,6 +1146,7 @@ def _point(m, family: int):
 # kube-proxy's endpoint chain, line by line (SetWalker._endpoint_text): its source mark rule and
 # its DNAT rule, an optional comment (quoted without '"' or '\\', or one word) and nothing else
 _COMMENT = r'(?: -m comment --comment (?:"[^"\\]*"|[^ "\\-][^ "\\]*))?'
+_SVC_JUMP = re.compile(r'-A \S+' + _COMMENT + r'(?: -m statistic --mode random --probability (\d+(?:\.\d+)?))? -j (\S+)')
 _SEP_MARK = re.compile(r'-A \S+ -s (\d+\.\d+\.\d+\.\d+)(?:/32)?' + _COMMENT + r' -j (\S+)')
 _SEP_DNAT = re.compile(r'-A \S+ -p (tcp|udp|sctp)' + _COMMENT + r'(?: -m (tcp|udp|sctp))? -j DNAT --to-destination '
                        r'(\d+\.\d+\.\d+\.\d+):([1-9]\d*)')

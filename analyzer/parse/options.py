@@ -1186,6 +1186,16 @@ def make_target(name: str, opts: list, ctx: Ctx, col: int, end: int, goto: bool)
 _PROBABILITIES: dict = {}  # --probability text -> kernel threshold
 
 
+def random_threshold(prob: float) -> int:
+    """The kernel's threshold of ``-m statistic --mode random --probability PROB`` (0..1):
+    libxt_statistic's ``info->u.random.probability = lround(0x80000000 * prob)``.
+
+    >>> random_threshold(0.5), random_threshold(1.0)
+    (1073741824, 2147483648)
+    """
+    return int(0x80000000 * prob + 0.5)
+
+
 def merge_statistic(parts: list[OpaqueMatch], ctx: Ctx) -> StatisticMatch:
     """Options of one ``-m statistic`` become one StatisticMatch with the kernel's threshold."""
     if len(parts) == 2 and parts[0].args[0] == "random" and parts[1].option == "--probability" \
@@ -1205,8 +1215,7 @@ def merge_statistic(parts: list[OpaqueMatch], ctx: Ctx) -> StatisticMatch:
             raise DecodeError("PRS004", "statistic --mode random needs --probability 0..1", ctx.index) from None
         if not 0.0 <= prob <= 1.0:
             raise DecodeError("PRS004", f"probability {prob} out of range 0..1", ctx.index)
-        # libxt_statistic: info->u.random.probability = lround(0x80000000 * prob)
-        threshold = int(0x80000000 * prob + 0.5)
+        threshold = random_threshold(prob)
         if len(_PROBABILITIES) < 4096:
             _PROBABILITIES[opts["--probability"]] = threshold
         return new_StatisticMatch(col, end, neg, "random", threshold)
