@@ -1288,3 +1288,64 @@ def test_an_endpoint_rule_read_from_its_line_is_the_decoded_one():
     if not files:
         pytest.skip("corpus not present")
     assert sum(len(compare(p.read_text(errors="replace"), str(p))) for p in files) > 0
+
+
+def test_a_service_rule_read_from_its_line_is_the_decoded_one():
+    """SetWalker._point_line (kube-proxy's `-d VIP/32 -p tcp ... --dport P -j CHAIN` rules, with
+    a service's `! -s POD-CIDR` masquerade rule, read from their lines, not decoded) gives the
+    plan the decoded rule gives (`_plan`: the same points in the same order, the same set, the
+    same jump), or none: on a generated dump with odd lines and every kube-proxy corpus dump."""
+    import sys
+
+    from analyzer.model.rules import Jump
+    from analyzer.netfilter.symbolic import flow_space
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from gen_kubeproxy import generate
+
+    def compare(text, path):
+        lazy = load_ruleset((text, path), lazy=True).ruleset
+        if lazy is None or lazy.family != 4 or "nat" not in lazy.tables:
+            return []
+        ns = _ns()
+        sw = SetWalker(lazy, ns, flow_space(lazy, ns, parse_flow_spec("10.0.0.0/8 -> 10.0.0.0/8", iif="eth0")), 4, "eth0", 0)
+        out = []
+        for c in lazy.tables["nat"].chains.values():
+            for r in c.rules:
+                if r.pending is None:
+                    continue
+                got = sw._point_line(r, "nat", "PREROUTING")
+                assert r.pending is not None  # (read, not decoded)
+                if got is None:
+                    continue
+                want = sw._plan(r, "PREROUTING")
+                t = r.target
+                assert isinstance(t, Jump) and (t.chain, t.goto) == (got[1].chain, got[1].goto), r.text
+                (n1, p1, m1, s1, k1), (n2, p2, m2, s2, k2) = got[0], want
+                assert (n1, list(p1.items()), s1, k1) == (n2, list(p2.items()), s2, k2), r.text
+                assert (m1 is None and m2 is None) or (m1 is not None and m2 is not None and m1.node == m2.node), r.text
+                out.append(r.text)
+        return out
+
+    text = generate(services=60, seed=7)
+    odd = ['-A KUBE-SVC-ODD ! -s 10.244.0.0/16 -d 10.96.0.9/32 -p tcp -m comment --comment "x" -m tcp --dport 80 -j KUBE-MARK-MASQ',
+           '-A KUBE-SVC-ODD -d 10.96.0.9 -p udp -m udp --dport 53 -j KUBE-SEP-A',
+           '-A KUBE-SVC-ODD -d 10.96.0.9/32 -p tcp -m udp --dport 80 -j KUBE-SEP-A',
+           '-A KUBE-SVC-ODD -d 10.96.0.9/24 -p tcp -m tcp --dport 80 -j KUBE-SEP-A',
+           '-A KUBE-SVC-ODD ! -s 10.244.0.0/33 -d 10.96.0.9/32 -p tcp -m tcp --dport 80 -j KUBE-SEP-A',
+           '-A KUBE-SVC-ODD ! -s 10.244.0.0/016 -d 10.96.0.9/32 -p tcp -m tcp --dport 80 -j KUBE-SEP-A',
+           '-A KUBE-SVC-ODD -d 10.96.0.9/32 -p tcp -m tcp --dport 65536 -j KUBE-SEP-A',
+           '-A KUBE-SVC-ODD -d 10.96.0.9/32 -p tcp -m tcp --dport 80 -j KUBE-SEP-NONE',
+           '-A KUBE-SVC-ODD -d 10.96.0.9/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.0.1',
+           '-A KUBE-SVC-ODD ! -s 10.244.3.0/16 -d 10.96.0.9/32 -p tcp -m tcp --dport 80 -j KUBE-SEP-A']
+    decl = ":KUBE-SVC-ODD - [0:0]\n:KUBE-SEP-A - [0:0]\n"
+    text = text.replace("*nat\n", "*nat\n" + decl, 1).replace("\nCOMMIT\n", "\n" + "\n".join(odd) + "\nCOMMIT\n", 1)
+    read = compare(text, "kp.rules")
+    assert len(read) > 100 and {odd[0], odd[1], odd[9]} <= set(read)  # (host bits of a source prefix: masked)
+    assert not set(odd[2:9]) & set(read)
+    corpus = Path(os.environ.get("SYNACK_CORPUS", Path(__file__).resolve().parent.parent.parent / "shared" / "corpus"))
+    files = sorted(p for d in ("kube-proxy", "kube-proxy-nodes", "k3s") for p in (corpus / "iptables" / d).rglob("*")
+                   if p.is_file())
+    if not files:
+        pytest.skip("corpus not present")
+    assert sum(len(compare(p.read_text(errors="replace"), str(p))) for p in files) > 0

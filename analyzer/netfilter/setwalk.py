@@ -340,11 +340,17 @@ class SetWalker:
                 break
             got = None
             if self.effects and rule.pending is not None:
-                # not decoded yet: kube-proxy's endpoint rule read from its line (`_statistic_line`)
+                # not decoded yet: kube-proxy's endpoint rule or service rule read from its line
+                # (`_statistic_line`, `_point_line`)
                 line = self._statistic_line(rule, table)
                 if line is not None:
                     got = self._split_prob(line[0], threads)
                     t = line[1]
+                else:
+                    line = self._point_line(rule, table, hook)
+                    if line is not None:
+                        got = self._split_by(line[0], threads)
+                        t = line[1]
             if got is None:
                 t = rule.target
                 if t is None or (isinstance(t, OtherTarget) and not t.terminating):
@@ -876,6 +882,12 @@ class SetWalker:
     def _split(self, rule, threads: list, hook: str, keep_excl: bool = False) -> tuple[list, list]:
         """(the threads' packets the rule matches, those it does not), per world. ``keep_excl``:
         the matched parts may keep their exclusions (a target that ends the thread: DNAT)."""
+        return self._split_by(self._plan(rule, hook), threads, keep_excl)
+
+    def _plan(self, rule, hook: str) -> tuple:
+        """What ``rule`` matches, as `_split_by` takes it: ``(never, points, m_set, prob, marks)``
+        (one-value matches as points, the others as one set, a statistic's probability, a
+        ``-m mark`` decided per thread)."""
         points: dict = {}
         never = False
         m_set = None
@@ -908,6 +920,11 @@ class SetWalker:
             if s.node == self._full:
                 continue
             m_set = s if m_set is None else self._op("&", m_set, s)
+        return never, points, m_set, prob, marks
+
+    def _split_by(self, plan: tuple, threads: list, keep_excl: bool = False) -> tuple[list, list]:
+        """`_split` by a rule's `_plan`."""
+        never, points, m_set, prob, marks = plan
         if never or m_set is not None and m_set.is_empty():
             return [], threads
         hit, miss = [], []
@@ -964,6 +981,40 @@ class SetWalker:
                 return None
             prob = O.random_threshold(p) / 0x80000000  # (StatisticMatch.probability)
         return prob, Jump(0, 0, name, False)
+
+    def _point_line(self, rule, table: str, hook: str):
+        """``(plan, Jump)`` (`_plan`) of a rule not decoded yet whose line is a kube-proxy
+        service rule (``-A CHAIN [! -s NET] -d A[/32] -p P [-m comment --comment C] -m P --dport
+        PORT -j CHAIN2``, CHAIN2 a chain of the table: KUBE-SERVICES' rules, a service's
+        masquerade rule), what the parser would decode from it; None otherwise
+        (tests/test_setwalk.py compares both on the corpus)."""
+        from analyzer.model.rules import AddrMatch as _Addr
+        from analyzer.parse import options as O
+
+        if self.family != 4:
+            return None
+        m = _SVC_POINT.fullmatch(rule.text)
+        if m is None or m.group(4) != m.group(3):
+            return None
+        name = m.group(6)
+        if name in O.TARGETS or name == "SET" or any(name in s for s in O.FAMILY_TARGETS.values()) \
+                or self.rs.chain(table, name) is None:
+            return None
+        port, dst = int(m.group(5)), O.dotted_quad(m.group(2))
+        if dst is None or port > 65535:
+            return None
+        m_set = None
+        if m.group(1) is not None:
+            a, _, plen = m.group(1).partition("/")
+            src = O.dotted_quad(a)
+            if src is None or not 0 <= int(plen) <= 32 or plen != str(int(plen)):
+                return None
+            net = O._v4_network(int.from_bytes(src, "big"), int(plen))
+            s = self._match_set(_Addr(0, 0, True, "src", (net,)), rule, hook)
+            m_set = None if s.node == self._full else s
+        proto = _PORT_MODULES[m.group(3)]
+        points = {"dst": O._v4_address(int.from_bytes(dst, "big")), "proto": proto, "dport": port}
+        return (False, points, m_set, 1.0, None), Jump(0, 0, name, False)
 
     def _split_statistic(self, rule, threads: list):
         """`_split` of a rule that matches by ``-m statistic --mode random`` alone (or matches
@@ -1147,6 +1198,8 @@ def _point(m, family: int):
 # its DNAT rule, an optional comment (quoted without '"' or '\\', or one word) and nothing else
 _COMMENT = r'(?: -m comment --comment (?:"[^"\\]*"|[^ "\\-][^ "\\]*))?'
 _SVC_JUMP = re.compile(r'-A \S+' + _COMMENT + r'(?: -m statistic --mode random --probability (\d+(?:\.\d+)?))? -j (\S+)')
+_SVC_POINT = re.compile(r'-A \S+(?: ! -s (\d+\.\d+\.\d+\.\d+/\d+))? -d (\d+\.\d+\.\d+\.\d+)(?:/32)? -p (tcp|udp|sctp)'
+                        + _COMMENT + r' -m (tcp|udp|sctp) --dport ([1-9]\d*) -j (\S+)')
 _SEP_MARK = re.compile(r'-A \S+ -s (\d+\.\d+\.\d+\.\d+)(?:/32)?' + _COMMENT + r' -j (\S+)')
 _SEP_DNAT = re.compile(r'-A \S+ -p (tcp|udp|sctp)' + _COMMENT + r'(?: -m (tcp|udp|sctp))? -j DNAT --to-destination '
                        r'(\d+\.\d+\.\d+\.\d+):([1-9]\d*)')
