@@ -35,6 +35,7 @@ from analyzer.model.rules import (
     OpaqueMatch, OtherTarget, PortMatch, ProtoMatch, Reject, SetMark, StatisticMatch, TcpFlagsMatch, Verdict,
 )
 from analyzer.model.packet import PORT_PROTOS
+from analyzer.parse import options as O
 from analyzer.netfilter import stages as STAGES
 
 #: how deep chains may call each other before the set walk gives up (the kernel refuses loops)
@@ -455,15 +456,10 @@ class SetWalker:
         parser takes them, CHAIN a chain of the table that only marks); None otherwise (the
         caller decodes them). What the parser would decode from these lines, to the value
         (tests/test_setwalk.py compares both on every such chain of the corpus)."""
-        from analyzer.parse import options as O
-
         m1, m2 = _SEP_MARK.fullmatch(rules[0].text), _SEP_DNAT.fullmatch(rules[1].text)
         if m1 is None or m2 is None or m2.group(2) not in (None, m2.group(1)):
             return None
-        name = m1.group(2)
-        if name in O.TARGETS or name == "SET" or any(name in s for s in O.FAMILY_TARGETS.values()):
-            return None
-        callee = self.rs.chain(table, name)
+        callee = self._line_jump(m1.group(2), table)
         marks = self._marks_only(callee) if callee is not None else None
         src, dst, port = O.dotted_quad(m1.group(1)), O.dotted_quad(m2.group(3)), int(m2.group(4))
         if marks is None or src is None or dst is None or not 0 < port < 65536:
@@ -960,19 +956,26 @@ class SetWalker:
             miss = self._join([], miss)
         return hit, miss
 
+    def _line_jump(self, name: str, table: str):
+        """The chain a ``-j NAME`` read from a line jumps to, as the parser decides it: a chain
+        of the table whose name is no target's (None otherwise), cached per walk."""
+        key = ("jump", table, name)
+        hit = self._sets.get(key, False)
+        if hit is False:
+            hit = None if name in _NOT_CHAINS else self.rs.chain(table, name)
+            self._sets[key] = hit
+        return hit
+
     def _statistic_line(self, rule, table: str):
         """``(probability, Jump)`` of a rule not decoded yet whose line is a kube-proxy endpoint
         rule (``-A SVC [-m comment --comment C] [-m statistic --mode random --probability P]
         -j CHAIN``, CHAIN a chain of the table), what the parser would decode from it; None
         otherwise (tests/test_setwalk.py compares both on the corpus)."""
-        from analyzer.parse import options as O
-
         m = _SVC_JUMP.fullmatch(rule.text)
         if m is None:
             return None
         name = m.group(2)
-        if name in O.TARGETS or name == "SET" or any(name in s for s in O.FAMILY_TARGETS.values()) \
-                or self.rs.chain(table, name) is None:
+        if self._line_jump(name, table) is None:
             return None
         prob = 1.0
         if m.group(1) is not None:
@@ -988,17 +991,13 @@ class SetWalker:
         PORT -j CHAIN2``, CHAIN2 a chain of the table: KUBE-SERVICES' rules, a service's
         masquerade rule), what the parser would decode from it; None otherwise
         (tests/test_setwalk.py compares both on the corpus)."""
-        from analyzer.model.rules import AddrMatch as _Addr
-        from analyzer.parse import options as O
-
         if self.family != 4:
             return None
         m = _SVC_POINT.fullmatch(rule.text)
         if m is None or m.group(4) != m.group(3):
             return None
         name = m.group(6)
-        if name in O.TARGETS or name == "SET" or any(name in s for s in O.FAMILY_TARGETS.values()) \
-                or self.rs.chain(table, name) is None:
+        if self._line_jump(name, table) is None:
             return None
         port, dst = int(m.group(5)), O.dotted_quad(m.group(2))
         if dst is None or port > 65535:
@@ -1010,7 +1009,7 @@ class SetWalker:
             if src is None or not 0 <= int(plen) <= 32 or plen != str(int(plen)):
                 return None
             net = O._v4_network(int.from_bytes(src, "big"), int(plen))
-            s = self._match_set(_Addr(0, 0, True, "src", (net,)), rule, hook)
+            s = self._match_set(AddrMatch(0, 0, True, "src", (net,)), rule, hook)
             m_set = None if s.node == self._full else s
         proto = _PORT_MODULES[m.group(3)]
         points = {"dst": O._v4_address(int.from_bytes(dst, "big")), "proto": proto, "dport": port}
@@ -1197,6 +1196,8 @@ def _point(m, family: int):
 # kube-proxy's endpoint chain, line by line (SetWalker._endpoint_text): its source mark rule and
 # its DNAT rule, an optional comment (quoted without '"' or '\\', or one word) and nothing else
 _COMMENT = r'(?: -m comment --comment (?:"[^"\\]*"|[^ "\\-][^ "\\]*))?'
+# names a -j takes as a target, not a chain (the parser: O.TARGETS, SET, other families' targets)
+_NOT_CHAINS = frozenset(O.TARGETS) | {"SET"} | frozenset().union(*O.FAMILY_TARGETS.values())
 _SVC_JUMP = re.compile(r'-A \S+' + _COMMENT + r'(?: -m statistic --mode random --probability (\d+(?:\.\d+)?))? -j (\S+)')
 _SVC_POINT = re.compile(r'-A \S+(?: ! -s (\d+\.\d+\.\d+\.\d+/\d+))? -d (\d+\.\d+\.\d+\.\d+)(?:/32)? -p (tcp|udp|sctp)'
                         + _COMMENT + r' -m (tcp|udp|sctp) --dport ([1-9]\d*) -j (\S+)')
