@@ -247,6 +247,8 @@ class SetWalker:
         self.tcp_flags = tcp_flags
         self.icmp = icmp
         self._full = space.universe().node  # a match that holds for every packet
+        self._full_set = space.universe()
+        self._addrs: dict = {}  # dotted quads read from lines (_line_address)
 
     # ------------------------------------------------------------------ the hook
     def hook(self, universe, hook: str, ct_in_use: bool) -> list[Exit]:
@@ -461,11 +463,10 @@ class SetWalker:
             return None
         callee = self._line_jump(m1.group(2), table)
         marks = self._marks_only(callee) if callee is not None else None
-        src, dst, port = O.dotted_quad(m1.group(1)), O.dotted_quad(m2.group(3)), int(m2.group(4))
+        src, dst, port = self._line_address(m1.group(1)), self._line_address(m2.group(3)), int(m2.group(4))
         if marks is None or src is None or dst is None or not 0 < port < 65536:
             return None
-        return (O._v4_address(int.from_bytes(src, "big")), marks, _PORT_MODULES[m2.group(1)],
-                (("dst", O._v4_address(int.from_bytes(dst, "big"))), ("dport", port)))
+        return src, marks, _PORT_MODULES[m2.group(1)], (("dst", dst), ("dport", port))
 
     def _endpoint(self, threads: list, chain, table: str, out: list):
         """A kube-proxy endpoint chain (`_endpoint_shape`) walked at once, as `_chain` walks
@@ -999,21 +1000,38 @@ class SetWalker:
         name = m.group(6)
         if self._line_jump(name, table) is None:
             return None
-        port, dst = int(m.group(5)), O.dotted_quad(m.group(2))
+        port, dst = int(m.group(5)), self._line_address(m.group(2))
         if dst is None or port > 65535:
             return None
         m_set = None
         if m.group(1) is not None:
-            a, _, plen = m.group(1).partition("/")
-            src = O.dotted_quad(a)
-            if src is None or not 0 <= int(plen) <= 32 or plen != str(int(plen)):
+            key = ("not-src", m.group(1), hook)
+            m_set = self._sets.get(key, False)
+            if m_set is False:  # (one pod range for 10,000 services: built once)
+                a, _, plen = m.group(1).partition("/")
+                src = O.dotted_quad(a)
+                if src is None or not 0 <= int(plen) <= 32 or plen != str(int(plen)):
+                    m_set = None
+                else:
+                    net = O._v4_network(int.from_bytes(src, "big"), int(plen))
+                    s = self._match_set(AddrMatch(0, 0, True, "src", (net,)), rule, hook)
+                    m_set = s if s.node != self._full else self._full_set
+                self._sets[key] = m_set
+            if m_set is None:
                 return None
-            net = O._v4_network(int.from_bytes(src, "big"), int(plen))
-            s = self._match_set(AddrMatch(0, 0, True, "src", (net,)), rule, hook)
-            m_set = None if s.node == self._full else s
-        proto = _PORT_MODULES[m.group(3)]
-        points = {"dst": O._v4_address(int.from_bytes(dst, "big")), "proto": proto, "dport": port}
+            if m_set is self._full_set:
+                m_set = None
+        points = {"dst": dst, "proto": _PORT_MODULES[m.group(3)], "dport": port}
         return (False, points, m_set, 1.0, None), Jump(0, 0, name, False)
+
+    def _line_address(self, text: str):
+        """The IPv4 address of a dotted quad read from a line, as the parser takes it (None: not
+        one), cached per walk (a service's address is in two of its lines, an endpoint's too)."""
+        hit = self._addrs.get(text, False)
+        if hit is False:
+            packed = O.dotted_quad(text)
+            hit = self._addrs[text] = None if packed is None else O._v4_address(int.from_bytes(packed, "big"))
+        return hit
 
     def _split_statistic(self, rule, threads: list):
         """`_split` of a rule that matches by ``-m statistic --mode random`` alone (or matches
