@@ -1144,34 +1144,58 @@ def test_an_endpoint_chain_at_once_is_the_chain_rule_by_rule(monkeypatch):
     assert fast > 100, fast  # (the chains of kube-proxy's shape were taken at once)
 
 
-def _endpoint_chains(rs, table="nat"):
-    """The two-rule chains of a ruleset (kube-proxy's endpoint chains among them)."""
-    t = rs.tables.get(table)
-    return [] if t is None else [c for c in t.chains.values() if len(c.rules) == 2]
+def _with_lines(text: str, chains: tuple, lines: list) -> str:
+    """A generated dump with ``chains`` declared and ``lines`` added to its nat table."""
+    decl = "".join(f":{c} - [0:0]\n" for c in chains)
+    return text.replace("*nat\n", "*nat\n" + decl, 1).replace("\nCOMMIT\n", "\n" + "\n".join(lines) + "\nCOMMIT\n", 1)
 
 
-def _text_and_decoded_shapes(text: str, path: str):
-    """Per two-rule chain: the endpoint shape read from the lines (lazy, undecoded) and the one
-    read from the decoded rules."""
+def _lazy_walker(text: str, path: str):
+    """The IPv4 dump ``text`` parsed lazily, as `synack explain` parses it, and a set walker on
+    it (None when it is not an IPv4 dump with a nat table)."""
     from analyzer.netfilter.symbolic import flow_space
 
     lazy = load_ruleset((text, path), lazy=True).ruleset
-    if lazy is None or lazy.family != 4:
-        return []
+    if lazy is None or lazy.family != 4 or "nat" not in lazy.tables:
+        return None
     ns = _ns()
-    spec = parse_flow_spec("10.0.0.0/8 -> 10.0.0.0/8", iif="eth0")
-    sw_text = SetWalker(lazy, ns, flow_space(lazy, ns, spec), 4, "eth0", 0)
-    shapes = []
-    for c in _endpoint_chains(lazy):
-        undecoded = all(r.pending is not None for r in c.rules)
-        shapes.append((c.name, sw_text._endpoint_text(c.rules, "nat") if undecoded else None))
-        assert not undecoded or all(r.pending is not None for r in c.rules)  # (read, not decoded)
-    sw_dec = SetWalker(lazy, ns, sw_text.space, 4, "eth0", 0)  # (rules decoded on first use from here)
+    return SetWalker(lazy, ns, flow_space(lazy, ns, parse_flow_spec("10.0.0.0/8 -> 10.0.0.0/8", iif="eth0")), 4, "eth0", 0)
+
+
+def _kube_proxy_corpus() -> list:
+    """The corpus's kube-proxy and k3s dumps (the test is skipped without the corpus)."""
+    corpus = Path(os.environ.get("SYNACK_CORPUS", Path(__file__).resolve().parent.parent.parent / "shared" / "corpus"))
+    files = sorted(p for d in ("kube-proxy", "kube-proxy-nodes", "k3s") for p in (corpus / "iptables" / d).rglob("*")
+                   if p.is_file())
+    if not files:
+        pytest.skip("corpus not present")
+    return files
+
+
+def _generated(services: int, seed: int) -> str:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from gen_kubeproxy import generate
+
+    return generate(services=services, seed=seed)
+
+
+def _text_and_decoded_shapes(text: str, path: str):
+    """Per two-rule chain of the nat table: the endpoint shape read from its lines (undecoded)
+    and the one read from its decoded rules."""
+    sw = _lazy_walker(text, path)
+    if sw is None:
+        return []
     out = []
-    for (name, got), c in zip(shapes, _endpoint_chains(lazy)):
+    for c in sw.rs.tables["nat"].chains.values():
+        if len(c.rules) != 2 or not all(r.pending is not None for r in c.rules):
+            continue
+        got = sw._endpoint_text(c.rules, "nat")
+        assert all(r.pending is not None for r in c.rules)  # (read, not decoded)
         for r in c.rules:
             r.matches  # decode
-        out.append((name, got, sw_dec._endpoint_shape(c, "nat")))
+        out.append((c.name, got, SetWalker(sw.rs, sw.ns, sw.space, 4, "eth0", 0)._endpoint_shape(c, "nat")))
     return out
 
 
@@ -1180,12 +1204,6 @@ def test_an_endpoint_chain_read_from_its_lines_is_the_decoded_one():
     gives the shape the decoded rules give, or none (then they are decoded): on a generated
     10,000-service-style dump with odd lines mixed in, and on every kube-proxy dump of the
     corpus."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from gen_kubeproxy import generate
-
-    text = generate(services=60, seed=5)
     odd = ['-A KUBE-SEP-ODD1 -s 10.244.1.7/32 -m comment --comment "x" -j KUBE-MARK-MASQ',
            '-A KUBE-SEP-ODD1 -p tcp -m comment --comment "x" -m tcp -j DNAT --to-destination 10.244.1.7:8080 --random',
            '-A KUBE-SEP-ODD2 -s 10.244.1.8 -j KUBE-MARK-MASQ',
@@ -1200,20 +1218,14 @@ def test_an_endpoint_chain_read_from_its_lines_is_the_decoded_one():
            '-A KUBE-SEP-ODD6 -p tcp -j DNAT --to-destination 10.244.1.13:80',
            '-A KUBE-SEP-ODD7 -s 10.244.1.14/31 -j KUBE-MARK-MASQ',
            '-A KUBE-SEP-ODD7 -p tcp -j DNAT --to-destination 10.244.1.14:80']
-    decl = "".join(f":KUBE-SEP-ODD{k} - [0:0]\n" for k in range(1, 8))
-    text = text.replace("*nat\n", "*nat\n" + decl, 1).replace("\nCOMMIT\n", "\n" + "\n".join(odd) + "\nCOMMIT\n", 1)
+    text = _with_lines(_generated(60, 5), tuple(f"KUBE-SEP-ODD{k}" for k in range(1, 8)), odd)
     got = _text_and_decoded_shapes(text, "kp.rules")
     read = [name for name, a, b in got if a is not None]
     assert all(a == b for name, a, b in got if a is not None), [(n, a, b) for n, a, b in got if a != b]
     assert len(read) > 100 and {"KUBE-SEP-ODD2", "KUBE-SEP-ODD6"} <= set(read)  # (no /32, udp, no comment too)
     assert not {"KUBE-SEP-ODD1", "KUBE-SEP-ODD3", "KUBE-SEP-ODD4", "KUBE-SEP-ODD5", "KUBE-SEP-ODD7"} & set(read)
-    corpus = Path(os.environ.get("SYNACK_CORPUS", Path(__file__).resolve().parent.parent.parent / "shared" / "corpus"))
-    files = sorted(p for d in ("kube-proxy", "kube-proxy-nodes", "k3s") for p in (corpus / "iptables" / d).rglob("*")
-                   if p.is_file())
-    if not files:
-        pytest.skip("corpus not present")
     compared = 0
-    for p in files:
+    for p in _kube_proxy_corpus():
         for name, a, b in _text_and_decoded_shapes(p.read_text(errors="replace"), str(p)):
             if a is not None:
                 assert a == b, (p, name)
@@ -1226,13 +1238,7 @@ def test_an_endpoint_rule_read_from_its_line_is_the_decoded_one():
     jumps read from their lines, not decoded) gives the probability and jump the decoded rule
     gives (StatisticMatch.probability, the Jump's chain), or none: on a generated dump with
     odd lines mixed in, and on every kube-proxy dump of the corpus."""
-    import sys
-
     from analyzer.model.rules import CommentMatch, Jump, StatisticMatch
-    from analyzer.netfilter.symbolic import flow_space
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from gen_kubeproxy import generate
 
     def decoded(rule):
         t = rule.target
@@ -1248,25 +1254,19 @@ def test_an_endpoint_rule_read_from_its_line_is_the_decoded_one():
         return prob, t.chain
 
     def compare(text, path):
-        lazy = load_ruleset((text, path), lazy=True).ruleset
-        if lazy is None or "nat" not in lazy.tables:
-            return []
-        ns = _ns()
-        sw = SetWalker(lazy, ns, flow_space(lazy, ns, parse_flow_spec("10.0.0.0/8 -> 10.0.0.0/8", iif="eth0")), 4, "eth0", 0)
+        sw = _lazy_walker(text, path)
         out = []
-        for c in lazy.tables["nat"].chains.values():
-            for r in c.rules:
-                if r.pending is None:
-                    continue
-                got = sw._statistic_line(r, "nat")
-                assert r.pending is not None  # (read, not decoded)
-                if got is not None:
-                    want = decoded(r)
-                    assert want is not None and (got[0], got[1].chain, got[1].goto) == (want[0], want[1], False), r.text
-                    out.append(r.text)
+        for r in () if sw is None else (r for c in sw.rs.tables["nat"].chains.values() for r in c.rules):
+            if r.pending is None:
+                continue
+            got = sw._statistic_line(r, "nat")
+            assert r.pending is not None  # (read, not decoded)
+            if got is not None:
+                want = decoded(r)
+                assert want is not None and (got[0], got[1].chain, got[1].goto) == (want[0], want[1], False), r.text
+                out.append(r.text)
         return out
 
-    text = generate(services=60, seed=6)
     odd = ['-A KUBE-SVC-ODD -m comment --comment "x" -m statistic --mode random --probability 0.33333333349 -j KUBE-SEP-A',
            '-A KUBE-SVC-ODD -m statistic --mode random --probability 1.5 -j KUBE-SEP-A',
            '-A KUBE-SVC-ODD -m statistic --mode random ! --probability 0.5 -j KUBE-SEP-A',
@@ -1277,17 +1277,10 @@ def test_an_endpoint_rule_read_from_its_line_is_the_decoded_one():
            '-A KUBE-SVC-ODD -m statistic --mode random --probability 0.2 -m comment --comment "x" -j KUBE-SEP-A',
            '-A KUBE-SVC-ODD -m statistic --mode random --probability 1 -j KUBE-SEP-A',
            '-A KUBE-SVC-ODD -j KUBE-SEP-A']
-    decl = ":KUBE-SVC-ODD - [0:0]\n:KUBE-SEP-A - [0:0]\n"
-    text = text.replace("*nat\n", "*nat\n" + decl, 1).replace("\nCOMMIT\n", "\n" + "\n".join(odd) + "\nCOMMIT\n", 1)
-    read = compare(text, "kp.rules")
+    read = compare(_with_lines(_generated(60, 6), ("KUBE-SVC-ODD", "KUBE-SEP-A"), odd), "kp.rules")
     assert len(read) > 60 and {odd[0], odd[8], odd[9]} <= set(read)
     assert not set(odd[1:8]) & set(read)
-    corpus = Path(os.environ.get("SYNACK_CORPUS", Path(__file__).resolve().parent.parent.parent / "shared" / "corpus"))
-    files = sorted(p for d in ("kube-proxy", "kube-proxy-nodes", "k3s") for p in (corpus / "iptables" / d).rglob("*")
-                   if p.is_file())
-    if not files:
-        pytest.skip("corpus not present")
-    assert sum(len(compare(p.read_text(errors="replace"), str(p))) for p in files) > 0
+    assert sum(len(compare(p.read_text(errors="replace"), str(p))) for p in _kube_proxy_corpus()) > 0
 
 
 def test_a_service_rule_read_from_its_line_is_the_decoded_one():
@@ -1295,39 +1288,27 @@ def test_a_service_rule_read_from_its_line_is_the_decoded_one():
     a service's `! -s POD-CIDR` masquerade rule, read from their lines, not decoded) gives the
     plan the decoded rule gives (`_plan`: the same points in the same order, the same set, the
     same jump), or none: on a generated dump with odd lines and every kube-proxy corpus dump."""
-    import sys
-
     from analyzer.model.rules import Jump
-    from analyzer.netfilter.symbolic import flow_space
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from gen_kubeproxy import generate
 
     def compare(text, path):
-        lazy = load_ruleset((text, path), lazy=True).ruleset
-        if lazy is None or lazy.family != 4 or "nat" not in lazy.tables:
-            return []
-        ns = _ns()
-        sw = SetWalker(lazy, ns, flow_space(lazy, ns, parse_flow_spec("10.0.0.0/8 -> 10.0.0.0/8", iif="eth0")), 4, "eth0", 0)
+        sw = _lazy_walker(text, path)
         out = []
-        for c in lazy.tables["nat"].chains.values():
-            for r in c.rules:
-                if r.pending is None:
-                    continue
-                got = sw._point_line(r, "nat", "PREROUTING")
-                assert r.pending is not None  # (read, not decoded)
-                if got is None:
-                    continue
-                want = sw._plan(r, "PREROUTING")
-                t = r.target
-                assert isinstance(t, Jump) and (t.chain, t.goto) == (got[1].chain, got[1].goto), r.text
-                (n1, p1, m1, s1, k1), (n2, p2, m2, s2, k2) = got[0], want
-                assert (n1, list(p1.items()), s1, k1) == (n2, list(p2.items()), s2, k2), r.text
-                assert (m1 is None and m2 is None) or (m1 is not None and m2 is not None and m1.node == m2.node), r.text
-                out.append(r.text)
+        for r in () if sw is None else (r for c in sw.rs.tables["nat"].chains.values() for r in c.rules):
+            if r.pending is None:
+                continue
+            got = sw._point_line(r, "nat", "PREROUTING")
+            assert r.pending is not None  # (read, not decoded)
+            if got is None:
+                continue
+            want = sw._plan(r, "PREROUTING")
+            t = r.target
+            assert isinstance(t, Jump) and (t.chain, t.goto) == (got[1].chain, got[1].goto), r.text
+            (n1, p1, m1, s1, k1), (n2, p2, m2, s2, k2) = got[0], want
+            assert (n1, list(p1.items()), s1, k1) == (n2, list(p2.items()), s2, k2), r.text
+            assert (m1 is None and m2 is None) or (m1 is not None and m2 is not None and m1.node == m2.node), r.text
+            out.append(r.text)
         return out
 
-    text = generate(services=60, seed=7)
     odd = ['-A KUBE-SVC-ODD ! -s 10.244.0.0/16 -d 10.96.0.9/32 -p tcp -m comment --comment "x" -m tcp --dport 80 -j KUBE-MARK-MASQ',
            '-A KUBE-SVC-ODD -d 10.96.0.9 -p udp -m udp --dport 53 -j KUBE-SEP-A',
            '-A KUBE-SVC-ODD -d 10.96.0.9/32 -p tcp -m udp --dport 80 -j KUBE-SEP-A',
@@ -1338,14 +1319,7 @@ def test_a_service_rule_read_from_its_line_is_the_decoded_one():
            '-A KUBE-SVC-ODD -d 10.96.0.9/32 -p tcp -m tcp --dport 80 -j KUBE-SEP-NONE',
            '-A KUBE-SVC-ODD -d 10.96.0.9/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.0.1',
            '-A KUBE-SVC-ODD ! -s 10.244.3.0/16 -d 10.96.0.9/32 -p tcp -m tcp --dport 80 -j KUBE-SEP-A']
-    decl = ":KUBE-SVC-ODD - [0:0]\n:KUBE-SEP-A - [0:0]\n"
-    text = text.replace("*nat\n", "*nat\n" + decl, 1).replace("\nCOMMIT\n", "\n" + "\n".join(odd) + "\nCOMMIT\n", 1)
-    read = compare(text, "kp.rules")
+    read = compare(_with_lines(_generated(60, 7), ("KUBE-SVC-ODD", "KUBE-SEP-A"), odd), "kp.rules")
     assert len(read) > 100 and {odd[0], odd[1], odd[9]} <= set(read)  # (host bits of a source prefix: masked)
     assert not set(odd[2:9]) & set(read)
-    corpus = Path(os.environ.get("SYNACK_CORPUS", Path(__file__).resolve().parent.parent.parent / "shared" / "corpus"))
-    files = sorted(p for d in ("kube-proxy", "kube-proxy-nodes", "k3s") for p in (corpus / "iptables" / d).rglob("*")
-                   if p.is_file())
-    if not files:
-        pytest.skip("corpus not present")
-    assert sum(len(compare(p.read_text(errors="replace"), str(p))) for p in files) > 0
+    assert sum(len(compare(p.read_text(errors="replace"), str(p))) for p in _kube_proxy_corpus()) > 0
