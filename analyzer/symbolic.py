@@ -709,7 +709,8 @@ def _origin_cells(o, its, pb, Part):
         pins[fld] = v
         out += [(k, Part(pins, g)) for g, k in pb.partition(at, tuple(key))]
     excl = {(fld,): {(v,) for v in values.values()}}
-    out += [(k, Part(dict(opins), g, excl)) for g, k in pb.partition([(g, f) for g, f, _, pk, _ in rows if pk is None])]
+    out += [(k, Part(dict(opins), g, excl)) for g, k in pb.partition([(g, f) for g, f, _, pk, _ in rows if pk is None])
+            if pb.left(g, fld, values)]
     return out
 
 
@@ -722,6 +723,7 @@ class _PartSets:
     def __init__(self, space, family: int):
         self.space = space
         self.family = family
+        self._picks: dict = {}  # a set's node -> (its preferred packet, the set): `left`
         self._bit = {"family": 0 if family == 4 else 1}
         self._cof: dict = {}
         self._ops: dict = {}
@@ -975,6 +977,20 @@ class _PartSets:
             hit = self._addr[k2] = sp._at_until(mid, {field: v}, last + 1)
             self._keep.append(mid)
         return hit
+
+    def left(self, g, fld: str, values: dict) -> bool:
+        """Whether ``g`` holds a packet whose ``fld`` is none of ``values`` (``{int: value}``):
+        its preferred packet's, else the set less those values (a rest that a statistic rule's
+        worlds pinned entirely, e.g. the only protocol of the flow, is no cell)."""
+        w = self._picks.get(int(g.node))
+        if w is None:
+            w = self._picks[int(g.node)] = (g.pick(), g)
+        if w[0] is None:
+            return False
+        if w[0][fld] not in values:
+            return True
+        sp = self.space
+        return not (g - sp._set(_union([sp.where(**{fld: v}).node for v in values.values()]))).is_empty()
 
     def partition(self, items, key: tuple | None = None) -> list:
         """The sets ``items`` ((set, fate), ...) cover, split by the fates of the items that

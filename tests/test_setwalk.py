@@ -1323,3 +1323,24 @@ def test_a_service_rule_read_from_its_line_is_the_decoded_one():
     assert len(read) > 100 and {odd[0], odd[1], odd[9]} <= set(read)  # (host bits of a source prefix: masked)
     assert not set(odd[2:9]) & set(read)
     assert sum(len(compare(p.read_text(errors="replace"), str(p))) for p in _kube_proxy_corpus()) > 0
+
+
+def test_a_statistic_world_pinning_the_flows_only_protocol_leaves_no_empty_group():
+    """A statistic rule that splits the worlds, then `-p tcp` in one of them on a TCP flow: the
+    rest of that origin (its packets of another protocol) is empty and is no group (found by
+    the random fate property test: the group's witness could not be picked)."""
+    text = ("*mangle\n:PREROUTING ACCEPT [0:0]\n"
+            "-A PREROUTING -m mark --mark 0x1 -m statistic --mode random --probability 0.5 -j DROP\n"
+            "-A PREROUTING -m statistic --mode random --probability 0.5 -p tcp -j DROP\nCOMMIT\n"
+            "*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j DNAT --to-destination 10.0.1.5:8080\nCOMMIT\n")
+    w = Walked(text, flow="tcp 10.0.0.0/26 -> 10.0.1.0/29:80 mark 0x0/0xfffffff0")
+    res = explain_open(w.rs, w.spec, w.ns, by="fate")
+    assert res.by == "fate" and res.groups
+    seen = res.space.empty()
+    for g in res.groups:
+        assert not g.packets.is_empty() and (g.packets & seen).is_empty()
+        seen = seen | g.packets
+        wt = g.witness
+        assert {fate(o) for o in g.outcomes} == w.concrete(src=str(wt.src), dst=str(wt.dst), sport=wt.sport,
+                                                          dport=wt.dport, mark=wt.mark)
+    assert seen == flow_set(res.space, w.spec)
