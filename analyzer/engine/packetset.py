@@ -177,6 +177,11 @@ def _hostport(addr: IPAddress, port: int) -> str:
 # the space: one BDD manager, the variable layout, interned interfaces
 # --------------------------------------------------------------------------------------------
 
+#: how many descent steps a space remembers (`PacketSpace._at_until`) before it forgets them all:
+#: a 10,000-service flow needs a few tens of thousands
+_MAX_STEPS = 100_000
+
+
 class PacketSpace:
     """The universe of packets: one BDD manager and the variable layout of `LAYOUT`.
 
@@ -775,6 +780,8 @@ class PacketSpace:
                     break
             node = ~node if neg else node
             if end <= stop:
+                if len(steps) >= _MAX_STEPS:
+                    steps.clear()  # (the kept nodes would keep CUDD from freeing what they hold)
                 steps[key] = (top, node)  # the key's node kept: its id stays its own
 
     def _cofactor(self, node: Any, values: dict, family: int) -> Any:
