@@ -247,6 +247,9 @@ class SetWalker:
         self.tcp_flags = tcp_flags
         self.icmp = icmp
         self._full = space.universe().node  # a match that holds for every packet
+        self._endpoints = False  # the table walked now may hold kube-proxy endpoint chains (`_endpoint`)
+        self._shapes: dict = {}  # id(chain) -> its endpoint shape or None (`_endpoint_shape`)
+        self._marks: dict = {}  # id(chain) -> its MARK rewrites or None (`_marks_only`)
         self._full_set = space.universe()
         self._addrs: dict = {}  # dotted quads read from lines (_line_address)
 
@@ -329,7 +332,8 @@ class SetWalker:
         (RETURN or the end of the chain); threads that end (verdict, NAT) go to ``out``."""
         if depth > MAX_DEPTH:
             raise Unsupported(f"chains nested deeper than {MAX_DEPTH} (a loop?)")
-        if self.effects and self.mark is not None and table == "nat" and hook in ("PREROUTING", "OUTPUT"):
+        self._endpoints = self.effects and self.mark is not None and table == "nat" and hook in ("PREROUTING", "OUTPUT")
+        if self._endpoints:
             done = self._endpoint(threads, chain, table, out)
             if done is not None:
                 return done
@@ -345,14 +349,15 @@ class SetWalker:
             if self.effects and rule.pending is not None:
                 # not decoded yet: kube-proxy's endpoint rule or service rule read from its line
                 # (`_statistic_line`, `_point_line`)
-                line = self._statistic_line(rule, table)
-                if line is not None:
-                    got = self._split_prob(line[0], threads)
-                    t = line[1]
-                else:
+                if " --dport " in rule.text:
                     line = self._point_line(rule, table, hook)
                     if line is not None:
                         got = self._split_by(line[0], threads)
+                        t = line[1]
+                else:
+                    line = self._statistic_line(rule, table)
+                    if line is not None:
+                        got = self._split_prob(line[0], threads)
                         t = line[1]
             if got is None:
                 t = rule.target
@@ -379,6 +384,8 @@ class SetWalker:
                 callee = self.rs.chain(table, t.chain)
                 if callee is None:
                     raise Unsupported(f"{_at(rule)}: jump to undefined chain {t.chain}")
+                if self._endpoints and depth < MAX_DEPTH and self._endpoint(hit, callee, table, out) is not None:
+                    continue  # (an endpoint chain, walked at once: nothing comes back)
                 marks = self._marks_only(callee) if self.effects and self.mark is not None else None
                 if marks is not None:
                     # kube-proxy's KUBE-MARK-MASQ (39,000 jumps on a 10,000-service dump): every
@@ -420,8 +427,8 @@ class SetWalker:
         (KUBE-SEP-*): ``-s ADDR/32 -j CHAIN`` where CHAIN only marks (`_marks_only`), then
         ``-p PROTO -j DNAT --to-destination ADDR:PORT`` to one address and port of a port
         protocol, comments aside; None for any other chain."""
-        key = ("endpoint", id(chain))
-        hit = self._sets.get(key, False)
+        key = id(chain)
+        hit = self._shapes.get(key, False)
         if hit is not False:
             return hit
         hit = None
@@ -431,7 +438,7 @@ class SetWalker:
             # without decoding the 56,000 rules of 28,000 endpoints (`_endpoint_text`)
             hit = self._endpoint_text(rules, table)
             if hit is not None:
-                self._sets[key] = hit
+                self._shapes[key] = hit
                 return hit
         # (the cheap tests first: most chains reached are not of this shape, and each is asked once)
         if len(rules) == 2 and type(rules[1].target) is Nat and type(rules[0].target) is Jump:
@@ -448,7 +455,7 @@ class SetWalker:
                 if pt is not None and r.addr_lo is not None and r.addr_lo == r.addr_hi \
                         and r.addr_lo.version == self.family and r.port_lo is not None and r.port_lo == r.port_hi:
                     hit = (pt[0][1], marks, m2[0].number, (("dst", r.addr_lo), ("dport", r.port_lo)))
-        self._sets[key] = hit
+        self._shapes[key] = hit
         return hit
 
     def _endpoint_text(self, rules, table: str):
@@ -531,8 +538,8 @@ class SetWalker:
     def _marks_only(self, chain):
         """The MARK rewrites ``((mask, value), ...)`` of a chain whose every rule matches
         every packet and marks it (or changes nothing: LOG), in order; None for any other chain."""
-        key = ("marks", id(chain))
-        hit = self._sets.get(key, False)
+        key = id(chain)
+        hit = self._marks.get(key, False)
         if hit is False:
             rules = chain.rules
             # (a chain that jumps or translates first, as the 40,000 service and endpoint
@@ -554,7 +561,7 @@ class SetWalker:
                     hit = None
                 if hit is None:
                     break
-            self._sets[key] = hit = tuple(hit) if hit is not None else None
+            self._marks[key] = hit = tuple(hit) if hit is not None else None
         return hit
 
     #: a table summary takes a run of at least this many rules with one verdict at once
