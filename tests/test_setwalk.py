@@ -672,24 +672,35 @@ def test_group_packets_are_built_on_first_use():
     assert g.packets == "set"
 
 
-def test_membership_in_two_remembered_halves_equals_one_descent():
-    """_PartSets._inside (the pull-back's membership of an image in a class's header part,
-    split after the destination's first 24 bits and remembered) answers as one descent."""
+
+def _random_sets_setup(seed: int):
+    """A packet space, a seeded random source and the pull-back's caches (`symbolic._PartSets`)."""
     import random
 
     from analyzer.engine.packetset import PacketSpace
     from analyzer.symbolic import _PartSets
 
     sp = PacketSpace()
-    rnd = random.Random(5)
-    pb = _PartSets(sp, 4)
+    return sp, random.Random(seed), _PartSets(sp, 4)
+
+
+def _random_union(sp, rnd, make):
+    """The union of 1-4 sets ``make()`` gives, its complement in IPv4 half the time (complemented
+    BDD edges)."""
+    s = sp.empty()
+    for _ in range(rnd.randrange(1, 5)):
+        s = s | make()
+    return sp.family(4) - s if rnd.random() < 0.5 else s
+
+
+def test_membership_in_two_remembered_halves_equals_one_descent():
+    """_PartSets._inside (the pull-back's membership of an image in a class's header part,
+    split after the destination's first 24 bits and remembered) answers as one descent."""
+    sp, rnd, pb = _random_sets_setup(5)
     for _ in range(40):
-        s = sp.empty()
-        for _ in range(rnd.randrange(1, 5)):
-            s = s | sp.where(proto=rnd.choice([6, 17]), dst=f"10.{rnd.randrange(2)}.{rnd.randrange(2)}.{rnd.randrange(0, 256, 64)}/{rnd.choice([16, 24, 26, 26, 32])}",
-                             dport=(rnd.randrange(1, 90), rnd.randrange(90, 3000)))
-        if rnd.random() < 0.5:
-            s = sp.family(4) - s  # complemented edges
+        s = _random_union(sp, rnd, lambda: sp.where(
+            proto=rnd.choice([6, 17]), dport=(rnd.randrange(1, 90), rnd.randrange(90, 3000)),
+            dst=f"10.{rnd.randrange(2)}.{rnd.randrange(2)}.{rnd.randrange(0, 256, 64)}/{rnd.choice([16, 24, 26, 26, 32])}"))
         top = s.exists([f for f in sp.fields if f not in ("family", "proto", "dst", "dport")])
         for _ in range(200):
             vals = {"proto": rnd.choice([6, 17, 1]), "dport": rnd.choice([0, 5, 89, 90, 2999, 3000]),
@@ -861,21 +872,11 @@ def test_pull_back_by_image_equals_the_sets_of_each_exit():
 def test_address_cofactor_in_two_remembered_halves_equals_the_cofactor():
     """_PartSets.at of an address (a descent in two halves, each remembered by the address's
     bits) equals PacketSpace._cofactor, for sets testing fields above it too."""
-    import random
-
-    from analyzer.engine.packetset import PacketSpace
-    from analyzer.symbolic import _PartSets
-
-    sp = PacketSpace()
-    rnd = random.Random(3)
-    pb = _PartSets(sp, 4)
+    sp, rnd, pb = _random_sets_setup(3)
     for _ in range(40):
-        s = sp.empty()
-        for _ in range(rnd.randrange(1, 5)):
-            net = f"10.{rnd.randrange(2)}.{rnd.randrange(2)}.{rnd.randrange(0, 256, 64)}/{rnd.choice([8, 16, 24, 26, 31, 32])}"
-            s = s | (sp.prefix("src", net) & rnd.choice([sp.universe(), sp.eq("sport", 40000), sp.eq("proto", 6)]))
-        if rnd.random() < 0.5:
-            s = sp.family(4) - s  # complemented edges
+        s = _random_union(sp, rnd, lambda: sp.prefix(
+            "src", f"10.{rnd.randrange(2)}.{rnd.randrange(2)}.{rnd.randrange(0, 256, 64)}/{rnd.choice([8, 16, 24, 26, 31, 32])}")
+            & rnd.choice([sp.universe(), sp.eq("sport", 40000), sp.eq("proto", 6)]))
         if rnd.random() < 0.7:  # as a part's set: at its family (else the cofactor's own way)
             s = sp._set(sp._at((s & sp.family(4)).node, {"family": 0}))
         for _ in range(100):
@@ -1162,6 +1163,19 @@ def _lazy_walker(text: str, path: str):
     return SetWalker(lazy, ns, flow_space(lazy, ns, parse_flow_spec("10.0.0.0/8 -> 10.0.0.0/8", iif="eth0")), 4, "eth0", 0)
 
 
+def _read_lines(text: str, path: str, read):
+    """``(walker, rule, what read(walker, rule) read)`` for each rule of the lazily parsed dump's
+    nat table that ``read`` read from its line (it must not decode the rule)."""
+    sw = _lazy_walker(text, path)
+    for r in () if sw is None else [r for c in sw.rs.tables["nat"].chains.values() for r in c.rules]:
+        if r.pending is None:
+            continue
+        got = read(sw, r)
+        assert r.pending is not None  # (read, not decoded)
+        if got is not None:
+            yield sw, r, got
+
+
 def _kube_proxy_corpus() -> list:
     """The corpus's kube-proxy and k3s dumps (the test is skipped without the corpus)."""
     corpus = Path(os.environ.get("SYNACK_CORPUS", Path(__file__).resolve().parent.parent.parent / "shared" / "corpus"))
@@ -1254,17 +1268,11 @@ def test_an_endpoint_rule_read_from_its_line_is_the_decoded_one():
         return prob, t.chain
 
     def compare(text, path):
-        sw = _lazy_walker(text, path)
         out = []
-        for r in () if sw is None else (r for c in sw.rs.tables["nat"].chains.values() for r in c.rules):
-            if r.pending is None:
-                continue
-            got = sw._statistic_line(r, "nat")
-            assert r.pending is not None  # (read, not decoded)
-            if got is not None:
-                want = decoded(r)
-                assert want is not None and (got[0], got[1].chain, got[1].goto) == (want[0], want[1], False), r.text
-                out.append(r.text)
+        for sw, r, got in _read_lines(text, path, lambda sw, r: sw._statistic_line(r, "nat")):
+            want = decoded(r)
+            assert want is not None and (got[0], got[1].chain, got[1].goto) == (want[0], want[1], False), r.text
+            out.append(r.text)
         return out
 
     odd = ['-A KUBE-SVC-ODD -m comment --comment "x" -m statistic --mode random --probability 0.33333333349 -j KUBE-SEP-A',
@@ -1291,15 +1299,8 @@ def test_a_service_rule_read_from_its_line_is_the_decoded_one():
     from analyzer.model.rules import Jump
 
     def compare(text, path):
-        sw = _lazy_walker(text, path)
         out = []
-        for r in () if sw is None else (r for c in sw.rs.tables["nat"].chains.values() for r in c.rules):
-            if r.pending is None:
-                continue
-            got = sw._point_line(r, "nat", "PREROUTING")
-            assert r.pending is not None  # (read, not decoded)
-            if got is None:
-                continue
+        for sw, r, got in _read_lines(text, path, lambda sw, r: sw._point_line(r, "nat", "PREROUTING")):
             want = sw._plan(r, "PREROUTING")
             t = r.target
             assert isinstance(t, Jump) and (t.chain, t.goto) == (got[1].chain, got[1].goto), r.text
