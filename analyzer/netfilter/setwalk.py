@@ -170,6 +170,14 @@ def _points_node(space, excl: dict):
     return node
 
 
+def _remarked(mark: int, marks) -> int:
+    """``mark`` after MARK's rewrites ``((mask, value), ...)`` in order: the kernel's
+    ``new = (old & ~mask) ^ value`` (xt_MARK; `SetMark`)."""
+    for mask, value in marks:
+        mark = ((mark & ~mask) ^ value) & 0xFFFFFFFF
+    return mark
+
+
 def _verdict_action(t):
     """How a rule's target ends a packet, as the set walk says it (None: ACCEPT, "DROP",
     "REJECT ..."); False for any other target."""
@@ -246,11 +254,10 @@ class SetWalker:
         # --icmp-type are then decided once (None: not known, Unsupported)
         self.tcp_flags = tcp_flags
         self.icmp = icmp
-        self._full = space.universe().node  # a match that holds for every packet
-        self._endpoints = False  # the table walked now may hold kube-proxy endpoint chains (`_endpoint`)
+        self._full_set = space.universe()  # a match that holds for every packet
+        self._full = self._full_set.node
         self._shapes: dict = {}  # id(chain) -> its endpoint shape or None (`_endpoint_shape`)
         self._marks: dict = {}  # id(chain) -> its MARK rewrites or None (`_marks_only`)
-        self._full_set = space.universe()
         self._addrs: dict = {}  # dotted quads read from lines (_line_address)
 
     # ------------------------------------------------------------------ the hook
@@ -332,8 +339,8 @@ class SetWalker:
         (RETURN or the end of the chain); threads that end (verdict, NAT) go to ``out``."""
         if depth > MAX_DEPTH:
             raise Unsupported(f"chains nested deeper than {MAX_DEPTH} (a loop?)")
-        self._endpoints = self.effects and self.mark is not None and table == "nat" and hook in ("PREROUTING", "OUTPUT")
-        if self._endpoints:
+        endpoints = self.effects and self.mark is not None and table == "nat" and hook in ("PREROUTING", "OUTPUT")
+        if endpoints:
             done = self._endpoint(threads, chain, table, out)
             if done is not None:
                 return done
@@ -372,7 +379,7 @@ class SetWalker:
                         # KUBE-EXTERNAL-SERVICES): their packets at once, by the union of their
                         # matches (a table summary ORs the packets of one verdict anyway)
                         end, m, action = run
-                        hit, threads = self._split_set(threads, m)
+                        hit, threads = self._split_by((False, {}, m, 1.0, None), threads)
                         out.extend((h, action) for h in hit)
                         k = end
                         continue
@@ -384,14 +391,13 @@ class SetWalker:
                 callee = self.rs.chain(table, t.chain)
                 if callee is None:
                     raise Unsupported(f"{_at(rule)}: jump to undefined chain {t.chain}")
-                if self._endpoints and depth < MAX_DEPTH and self._endpoint(hit, callee, table, out) is not None:
+                if endpoints and depth < MAX_DEPTH and self._endpoint(hit, callee, table, out) is not None:
                     continue  # (an endpoint chain, walked at once: nothing comes back)
                 marks = self._marks_only(callee) if self.effects and self.mark is not None else None
                 if marks is not None:
                     # kube-proxy's KUBE-MARK-MASQ (39,000 jumps on a 10,000-service dump): every
                     # packet comes back, its mark rewritten, as the chain's rules would
-                    for mask, value in marks:
-                        hit = [Thread(h.packets, h.prob, ((h.mark & ~mask) ^ value) & 0xFFFFFFFF) for h in hit]
+                    hit = [Thread(h.packets, h.prob, _remarked(h.mark, marks)) for h in hit]
                     threads = self._join(threads, hit) if not t.goto else threads
                     if t.goto:
                         back.extend(hit)
@@ -413,7 +419,7 @@ class SetWalker:
             elif isinstance(t, SetMark) and t.kind == "MARK" and self.effects:
                 if self.mark is None:
                     raise Unsupported(f"{_at(rule)}: MARK on an open mark")
-                threads = self._join(threads, [Thread(h.packets, h.prob, ((h.mark & ~t.mask) ^ t.value) & 0xFFFFFFFF)
+                threads = self._join(threads, [Thread(h.packets, h.prob, _remarked(h.mark, ((t.mask, t.value),)))
                                                for h in hit])
             elif isinstance(t, Nat) and t.kind == "DNAT" and table == "nat" and hook in ("PREROUTING", "OUTPUT") \
                     and self.effects:
@@ -523,10 +529,7 @@ class SetWalker:
             if outs:
                 worlds.setdefault((th.prob, th.mark), []).extend(outs)
             if ins:
-                mark = th.mark
-                for mask, value in marks:
-                    mark = ((mark & ~mask) ^ value) & 0xFFFFFFFF
-                hits.append(((th.prob, mark), ins))
+                hits.append(((th.prob, _remarked(th.mark, marks)), ins))
         for key, ins in hits:
             worlds.setdefault(key, []).extend(ins)
         # -p PROTO -j DNAT: every packet goes to the endpoint
@@ -626,23 +629,7 @@ class SetWalker:
             pt = _point(m, self.family)
             got = self._point_set(dict(pt)) if pt is not None else self._match_set(m, rule, hook)
             s = got if s is None else self._op("&", s, got)
-        return s if s is not None else self.space._set(self._full)
-
-    def _split_set(self, threads: list, m) -> tuple[list, list]:
-        """(the threads' packets in ``m``, those not), per world, as `_split` for a rule matching
-        the set ``m``."""
-        hit, miss = [], []
-        for th in threads:
-            ins, outs = [], []
-            for part in th.packets:
-                self._split_part(part, {}, m, ins, outs)
-            if ins:
-                hit.append(Thread(tuple(ins), th.prob, th.mark))
-            if outs:
-                miss.append(Thread(tuple(outs), th.prob, th.mark))
-        if len(miss) > 1:
-            miss = self._join([], miss)
-        return hit, miss
+        return s if s is not None else self._full_set
 
     @staticmethod
     def _join(a: list, b: list) -> list:
@@ -730,7 +717,6 @@ class SetWalker:
     def _has_ports(self):
         hit = self._ports.get("has")
         if hit is None:
-            from analyzer.model.packet import PORT_PROTOS
             hit = self._ports["has"] = self.space.ports("proto", [(p, p) for p in PORT_PROTOS])
         return hit
 
@@ -1013,21 +999,20 @@ class SetWalker:
         m_set = None
         if m.group(1) is not None:
             key = ("not-src", m.group(1), hook)
-            m_set = self._sets.get(key, False)
-            if m_set is False:  # (one pod range for 10,000 services: built once)
+            hit = self._sets.get(key)
+            if hit is None:  # (read, set): one pod range for 10,000 services, built once
                 a, _, plen = m.group(1).partition("/")
                 src = O.dotted_quad(a)
                 if src is None or not 0 <= int(plen) <= 32 or plen != str(int(plen)):
-                    m_set = None
+                    hit = (False, None)
                 else:
                     net = O._v4_network(int.from_bytes(src, "big"), int(plen))
                     s = self._match_set(AddrMatch(0, 0, True, "src", (net,)), rule, hook)
-                    m_set = s if s.node != self._full else self._full_set
-                self._sets[key] = m_set
-            if m_set is None:
+                    hit = (True, None if s.node == self._full else s)
+                self._sets[key] = hit
+            read, m_set = hit
+            if not read:
                 return None
-            if m_set is self._full_set:
-                m_set = None
         points = {"dst": dst, "proto": _PORT_MODULES[m.group(3)], "dport": port}
         return (False, points, m_set, 1.0, None), Jump(0, 0, name, False)
 
