@@ -1109,7 +1109,7 @@ class _PartSets:
         """``self.union(items).pick(prefer)``, without building the exclusions of a part that
         excludes many points (`_many_excluded`) when its own preferred packet is not excluded:
         the preferred packet of a union is the preferred one among its pieces' own."""
-        from analyzer.netfilter.setwalk import Part
+        from analyzer.netfilter.setwalk import Part, _excludes
 
         many = [x for x in items if isinstance(x, Part) and _many_excluded(x)]
         if not many:
@@ -1119,7 +1119,7 @@ class _PartSets:
             v = self.union([Part(x.pins, x.g, None, x.origin)]).pick(prefer)
             if v is None:
                 continue  # (an empty part)
-            if any(tuple(v[f] for f in key) in {tuple(map(int, vs)) for vs in values} for key, values in x.excl.items()):
+            if _excludes(x.excl, v):
                 return self.union(items).pick(prefer)  # its preferred packet is excluded: build it
             best.append(self._packet(v))
         return _union(best).pick(prefer)
