@@ -178,7 +178,7 @@ def _hostport(addr: IPAddress, port: int) -> str:
 # --------------------------------------------------------------------------------------------
 
 #: how many descent steps a space remembers (`PacketSpace._at_until`) before it forgets them all:
-#: a 10,000-service flow needs a few tens of thousands
+#: the 10,000-service open flow remembers about 500
 _MAX_STEPS = 100_000
 
 
@@ -263,9 +263,9 @@ class PacketSpace:
         self._wild_ids: dict[str, int] = {}
         self._iface_by_id: dict[int, tuple[str, bool]] = {}  # id -> (name or prefix, is wildcard)
         self._used_wildcards: set[str] = set()
-        # per BDD level, the field and bit (shift from the LSB) its variable holds: `_at` descends
-        # by the values of a point without building its cube
-        # and the level where the byte of that bit ends (`_at_until` steps a byte at a time)
+        # per BDD level, the field and bit (shift from the LSB) its variable holds, and the level
+        # where the byte of that bit ends: `_at` descends by the values of a point without
+        # building its cube, a byte at a time (`_at_until`)
         self._level_bit: list = [None] * len(self._var_bit)
         for v, (f, bit) in self._var_bit.items():
             last = bdd.level_of_var(self._vars[f][self.widths[f] - 1 - (bit & ~7)])
