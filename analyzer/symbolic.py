@@ -709,8 +709,8 @@ def _origin_cells(o, its, pb, Part):
         pins[fld] = v
         out += [(k, Part(pins, g)) for g, k in pb.partition(at, tuple(key))]
     excl = {(fld,): {(v,) for v in values.values()}}
-    out += [(k, Part(dict(opins), g, excl)) for g, k in pb.partition([(g, f) for g, f, _, pk, _ in rows if pk is None])
-            if pb.left(g, fld, values)]
+    rest = [(k, Part(dict(opins), g, excl)) for g, k in pb.partition([(g, f) for g, f, _, pk, _ in rows if pk is None])]
+    out += [(k, x) for k, x in rest if pb.left(x)]
     return out
 
 
@@ -978,19 +978,18 @@ class _PartSets:
             self._keep.append(mid)
         return hit
 
-    def left(self, g, fld: str, values: dict) -> bool:
-        """Whether ``g`` holds a packet whose ``fld`` is none of ``values`` (``{int: value}``):
-        its preferred packet's, else the set less those values (a rest that a statistic rule's
-        worlds pinned entirely, e.g. the only protocol of the flow, is no cell)."""
-        w = self._picks.get(int(g.node))
+    def left(self, x) -> bool:
+        """Whether the part ``x`` holds a packet: its set's preferred packet, if its exclusions
+        leave it, else its set built (a rest that a statistic rule's worlds pinned entirely,
+        e.g. the only protocol of the flow, is no cell)."""
+        from analyzer.netfilter.setwalk import _excludes
+
+        w = self._picks.get(int(x.g.node))
         if w is None:
-            w = self._picks[int(g.node)] = (g.pick(), g)
+            w = self._picks[int(x.g.node)] = (x.g.pick(), x.g)
         if w[0] is None:
             return False
-        if w[0][fld] not in values:
-            return True
-        sp = self.space
-        return not (g - sp._set(_union([sp.where(**{fld: v}).node for v in values.values()]))).is_empty()
+        return not _excludes(x.excl, w[0]) or not self.union([x]).is_empty()
 
     def partition(self, items, key: tuple | None = None) -> list:
         """The sets ``items`` ((set, fate), ...) cover, split by the fates of the items that
