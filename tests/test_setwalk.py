@@ -38,8 +38,8 @@ def _ns() -> Namespace:
 class Walked:
     """A ruleset's PREROUTING hook walked over the packets of a flow."""
 
-    def __init__(self, text: str, flow: str = FLOW, iif: str = "eth0"):
-        res = load_ruleset((text, "t.rules"))
+    def __init__(self, text: str, flow: str = FLOW, iif: str = "eth0", lazy: bool = False):
+        res = load_ruleset((text, "t.rules"), lazy=lazy)
         assert not res.errors, res.errors
         self.rs = res.ruleset
         self.ns = _ns()
@@ -1100,34 +1100,41 @@ def _kube_proxy_nat(rnd) -> str:
     return "\n".join(lines + body + ["COMMIT", ""])
 
 
-def test_an_endpoint_chain_at_once_is_the_chain_rule_by_rule(monkeypatch):
+@pytest.mark.parametrize("lazy", [False, True])
+def test_an_endpoint_chain_at_once_is_the_chain_rule_by_rule(monkeypatch, lazy):
     """SetWalker._endpoint (kube-proxy's endpoint chains walked at once) and _split_statistic
-    (its endpoint rules split without the general case) leave the hook by the
-    same ways, in the same order, with the same parts, as the rules walked one by one, on
-    random kube-proxy-like tables (services with a masquerade rule or not, 1-3 endpoints, an
-    endpoint at the client's own address, at the service itself, chains not of its shape)."""
+    (its endpoint rules split without the general case), and on a lazily parsed dump
+    _statistic_endpoint (an endpoint rule read from its line and its chain at once), leave the
+    hook by the same ways, in the same order, with the same parts, as the rules walked one by
+    one, on random kube-proxy-like tables (services with a masquerade rule or not, 1-3
+    endpoints, an endpoint at the client's own address, at the service itself, chains not of
+    its shape)."""
     import random
 
     rnd = random.Random(21)
     fast = 0
-    plain = SetWalker._endpoint
+    name = "_statistic_endpoint" if lazy else "_endpoint"
+    plain = getattr(SetWalker, name)
 
-    def counted(self, threads, chain, table, out):
+    def counted(self, *args):
         nonlocal fast
-        done = plain(self, threads, chain, table, out)
+        done = plain(self, *args)
         fast += done is not None
         return done
 
-    monkeypatch.setattr(SetWalker, "_endpoint", counted)
+    monkeypatch.setattr(SetWalker, name, counted)
     for _ in range(150):
         text = _kube_proxy_nat(rnd)
-        w = Walked(text, flow="10.0.0.0/24 -> 10.1.0.0/29" if rnd.random() < 0.7 else "tcp 10.0.0.0/30 -> 10.1.0.1")
+        w = Walked(text, flow="10.0.0.0/24 -> 10.1.0.0/29" if rnd.random() < 0.7 else "tcp 10.0.0.0/30 -> 10.1.0.1",
+                   lazy=lazy)
         got = {}
         for on in (True, False):
             sw = SetWalker(w.rs, w.ns, w.space, 4, "eth0", 0)
             if not on:
                 sw._endpoint_shape = lambda chain, table: None
                 sw._split_statistic = lambda rule, threads: None
+                sw._statistic_line = lambda rule, table: None
+                sw._point_line = lambda rule, table, hook: None
             try:
                 exits = sw.hook(w.universe, "PREROUTING", True)
             except Unsupported as e:
@@ -1196,8 +1203,9 @@ def _generated(services: int, seed: int) -> str:
 
 
 def _text_and_decoded_shapes(text: str, path: str):
-    """Per two-rule chain of the nat table: the endpoint shape read from its lines (undecoded)
-    and the one read from its decoded rules."""
+    """Per two-rule chain of the nat table: the endpoint shape read from its lines (undecoded),
+    the shape `_endpoint_shape` gives on the lazily parsed chain (from its lines, or decoding
+    them when they do not tell), and the one read from its decoded rules."""
     sw = _lazy_walker(text, path)
     if sw is None:
         return []
@@ -1207,9 +1215,14 @@ def _text_and_decoded_shapes(text: str, path: str):
             continue
         got = sw._endpoint_text(c.rules, "nat")
         assert all(r.pending is not None for r in c.rules)  # (read, not decoded)
+        lazy = sw._endpoint_shape(c, "nat")
+        if "DNAT" not in c.rules[1].text:
+            assert all(r.pending is not None for r in c.rules)  # (no DNAT named: not decoded to tell)
         for r in c.rules:
             r.matches  # decode
-        out.append((c.name, got, SetWalker(sw.rs, sw.ns, sw.space, 4, "eth0", 0)._endpoint_shape(c, "nat")))
+        decoded = SetWalker(sw.rs, sw.ns, sw.space, 4, "eth0", 0)._endpoint_shape(c, "nat")
+        assert lazy == decoded, c.name
+        out.append((c.name, got, decoded))
     return out
 
 
@@ -1271,7 +1284,7 @@ def test_an_endpoint_rule_read_from_its_line_is_the_decoded_one():
         out = []
         for sw, r, got in _read_lines(text, path, lambda sw, r: sw._statistic_line(r, "nat")):
             want = decoded(r)
-            assert want is not None and (got[0], got[1].chain, got[1].goto) == (want[0], want[1], False), r.text
+            assert want is not None and got[:2] == want and got[2] is sw.rs.chain("nat", want[1]), r.text
             out.append(r.text)
         return out
 
