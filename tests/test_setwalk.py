@@ -1317,6 +1317,7 @@ def test_a_service_rule_read_from_its_line_is_the_decoded_one():
             want = sw._plan(r, "PREROUTING")
             t = r.target
             assert isinstance(t, Jump) and (t.chain, t.goto) == (got[1].chain, got[1].goto), r.text
+            assert got[2] is sw.rs.chain("nat", t.chain), r.text
             (n1, p1, m1, s1, k1), (n2, p2, m2, s2, k2) = got[0], want
             assert (n1, list(p1.items()), s1, k1) == (n2, list(p2.items()), s2, k2), r.text
             assert (m1 is None and m2 is None) or (m1 is not None and m2 is not None and m1.node == m2.node), r.text

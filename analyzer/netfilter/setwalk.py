@@ -276,6 +276,7 @@ class SetWalker:
         self._marks: dict = {}  # id(chain) -> its MARK rewrites or None (`_marks_only`)
         self._addrs: dict = {}  # dotted quads read from lines (_line_address)
         self._probs: dict = {}  # statistic probabilities read from lines (_statistic_line)
+        self._jumps: dict = {}  # jumps read from lines (_jump)
 
     # ------------------------------------------------------------------ the hook
     def hook(self, universe, hook: str, ct_in_use: bool) -> list[Exit]:
@@ -377,7 +378,7 @@ class SetWalker:
                     line = self._point_line(rule, table, hook)
                     if line is not None:
                         got = self._split_by(line[0], threads)
-                        t = line[1]
+                        t, callee = line[1], line[2]
                 else:
                     line = self._statistic_line(rule, table)
                     if line is not None:
@@ -387,8 +388,9 @@ class SetWalker:
                                 threads = rest  # (kube-proxy's endpoint rule and chain at once)
                                 continue
                         got = self._split_prob(line[0], threads)
-                        t = Jump(0, 0, line[1], False)
+                        t, callee = self._jump(line[1]), line[2]
             if got is None:
+                callee = None
                 t = rule.target
                 if t is None or (isinstance(t, OtherTarget) and not t.terminating):
                     # no target, LOG and the like: every packet goes on as it was, matched or not
@@ -410,7 +412,8 @@ class SetWalker:
             if not hit:
                 continue
             if isinstance(t, Jump):
-                callee = self.rs.chain(table, t.chain)
+                if callee is None:  # (a line read: its chain already looked up)
+                    callee = self.rs.chain(table, t.chain)
                 if callee is None:
                     raise Unsupported(f"{_at(rule)}: jump to undefined chain {t.chain}")
                 if endpoints and depth < MAX_DEPTH and self._endpoint(hit, callee, table, out) is not None:
@@ -1039,6 +1042,13 @@ class SetWalker:
             self._sets[key] = hit
         return hit
 
+    def _jump(self, name: str) -> Jump:
+        """The jump ``-j name`` a line read says, one per name."""
+        hit = self._jumps.get(name)
+        if hit is None:
+            hit = self._jumps[name] = Jump(0, 0, name, False)
+        return hit
+
     def _statistic_line(self, rule, table: str):
         """``(probability, CHAIN, its chain)`` of a rule not decoded yet whose line is a kube-proxy
         endpoint rule (``-A SVC [-m comment --comment C] [-m statistic --mode random --probability
@@ -1063,7 +1073,7 @@ class SetWalker:
         return prob, name, callee
 
     def _point_line(self, rule, table: str, hook: str):
-        """``(plan, Jump)`` (`_plan`) of a rule not decoded yet whose line is a kube-proxy
+        """``(plan, Jump, its chain)`` (`_plan`) of a rule not decoded yet whose line is a kube-proxy
         service rule (``-A CHAIN [! -s NET] -d A[/32] -p P [-m comment --comment C] -m P --dport
         PORT -j CHAIN2``, CHAIN2 a chain of the table: KUBE-SERVICES' rules, a service's
         masquerade rule), what the parser would decode from it; None otherwise
@@ -1074,7 +1084,8 @@ class SetWalker:
         if m is None or m.group(4) != m.group(3):
             return None
         name = m.group(6)
-        if self._line_jump(name, table) is None:
+        callee = self._line_jump(name, table)
+        if callee is None:
             return None
         port, dst = int(m.group(5)), self._line_address(m.group(2))
         if dst is None or port > 65535:
@@ -1097,7 +1108,7 @@ class SetWalker:
             if not read:
                 return None
         points = {"dst": dst, "proto": _PORT_MODULES[m.group(3)], "dport": port}
-        return (False, points, m_set, 1.0, None), Jump(0, 0, name, False)
+        return (False, points, m_set, 1.0, None), self._jump(name), callee
 
     def _line_address(self, text: str):
         """The IPv4 address of a dotted quad read from a line, as the parser takes it (None: not
