@@ -499,14 +499,17 @@ class SetWalker:
         caller decodes them). What the parser would decode from these lines, to the value
         (tests/test_setwalk.py compares both on every such chain of the corpus)."""
         m1, m2 = _SEP_MARK.fullmatch(rules[0].text), _SEP_DNAT.fullmatch(rules[1].text)
-        if m1 is None or m2 is None or m2.group(2) not in (None, m2.group(1)):
+        if m1 is None or m2 is None:
             return None
-        callee = self._line_jump(m1.group(2), table)
+        (src, jump), (proto, module, dst, port) = m1.groups(), m2.groups()
+        if module not in (None, proto):
+            return None
+        callee = self._line_jump(jump, table)
         marks = self._marks_only(callee) if callee is not None else None
-        src, dst, port = self._line_address(m1.group(1)), self._line_address(m2.group(3)), int(m2.group(4))
+        src, dst, port = self._line_address(src), self._line_address(dst), int(port)
         if marks is None or src is None or dst is None or not 0 < port < 65536:
             return None
-        return src, marks, _PORT_MODULES[m2.group(1)], (("dst", dst), ("dport", port))
+        return src, marks, _PORT_MODULES[proto], (("dst", dst), ("dport", port))
 
     def _endpoint(self, threads: list, chain, table: str, out: list):
         """A kube-proxy endpoint chain (`_endpoint_shape`) walked at once, as `_chain` walks
@@ -912,7 +915,10 @@ class SetWalker:
         """``parts`` as a way out of a table: a part keeps its exclusions (the parts of 28,000
         endpoints then share their ``g``) when one packet of its ``g`` is not excluded (it is
         not empty); otherwise they are taken out, and an empty part is dropped."""
-        if not any(p.excl for p in parts):
+        for p in parts:
+            if p.excl:
+                break
+        else:
             return parts
         out = []
         for p in parts:
@@ -1081,21 +1087,23 @@ class SetWalker:
         if self.family != 4:
             return None
         m = _SVC_POINT.fullmatch(rule.text)
-        if m is None or m.group(4) != m.group(3):
+        if m is None:
             return None
-        name = m.group(6)
+        not_src, vip, proto, module, port, name = m.groups()
+        if module != proto:
+            return None
         callee = self._line_jump(name, table)
         if callee is None:
             return None
-        port, dst = int(m.group(5)), self._line_address(m.group(2))
+        port, dst = int(port), self._line_address(vip)
         if dst is None or port > 65535:
             return None
         m_set = None
-        if m.group(1) is not None:
-            key = ("not-src", m.group(1), hook)
+        if not_src is not None:
+            key = ("not-src", not_src, hook)
             hit = self._sets.get(key)
             if hit is None:  # (read, set): one pod range for 10,000 services, built once
-                a, _, plen = m.group(1).partition("/")
+                a, _, plen = not_src.partition("/")
                 src = O.dotted_quad(a)
                 if src is None or not 0 <= int(plen) <= 32 or plen != str(int(plen)):
                     hit = (False, None)
@@ -1107,7 +1115,7 @@ class SetWalker:
             read, m_set = hit
             if not read:
                 return None
-        points = {"dst": dst, "proto": _PORT_MODULES[m.group(3)], "dport": port}
+        points = {"dst": dst, "proto": _PORT_MODULES[proto], "dport": port}
         return (False, points, m_set, 1.0, None), self._jump(name), callee
 
     def _line_address(self, text: str):
