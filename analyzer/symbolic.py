@@ -360,7 +360,8 @@ def _fate_groups(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, l
     going = {False: [e for e in exits if e.action is None and not e.dnat],
              True: [e for e in exits if e.action is None and e.dnat]}
     pb = _PartSets(space, t.family)
-    q = {k: _after(es, space, pb) for k, es in going.items()}
+    images: dict = {False: {}, True: {}}  # per mark, a superset of the packets leaving by those exits
+    q = {k: _after(es, space, pb, images[k]) for k, es in going.items()}
     marked = mark is not None and any(e.mark != mark for es in going.values() for e in es)
     # the fields the hook may have written are open in the packets after it: the mark (MARK),
     # and the destination and its port of the translated ones (DNAT)
@@ -398,7 +399,7 @@ def _fate_groups(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, l
         classes[translated] = got
         count += len(got)
         if not left.is_empty():
-            rest = rest | pb.union(_before(going[translated], [(None, left)], translated, pb)[None])
+            rest = rest | pb.union(_before(going[translated], [(None, left)], translated, pb, images[translated])[None])
     _assumed(walker, assumed)
     for c in classes[True]:
         if any(GHOST_READ in r for r in c.lost):
@@ -416,7 +417,7 @@ def _fate_groups(ruleset, spec, ns, nsw, walker, space, universe, exits, mark, l
     pre: dict = {}
     for translated in (False, True):
         targets = [(f, cls) for (tr, f), cls in by_fate.items() if tr == translated]
-        for f, xs in _before(going[translated], targets, translated, pb).items():
+        for f, xs in _before(going[translated], targets, translated, pb, images[translated]).items():
             pre.setdefault(f, []).extend(xs)
     for e in ended:
         # the fate the walk gives a packet that ends in the hook (walk.Walker._end): no
@@ -493,8 +494,9 @@ def _many_excluded(x) -> bool:
     return bool(x.excl) and sum(len(v) for v in x.excl.values()) > 64
 
 
-def _after(exits, space, pb):
-    """The packets leaving the hook by ``exits``, their marks included. Translated exits are
+def _after(exits, space, pb, images: dict | None = None):
+    """The packets leaving the hook by ``exits``, their marks included (``images``, when given,
+    gets them per mark, without it: ``{mark: set}``). Translated exits are
     taken together, over-approximated: per mark and set of rewritten fields, every address
     and port written with every packet's other fields (the union of the exact images, one
     per exit, would be a BDD of ~900,000 nodes for 28,000 endpoints, and every exploration
@@ -524,6 +526,8 @@ def _after(exits, space, pb):
                 # thousands of endpoints: every address written or pinned by its prefix
                 # (HULL_PREFIX), with every port written: a coarser superset, a few sets
                 got = pb.hull(e.consts for e in es) & pb.forgotten(parts, fields, hull=True)
+        if images is not None:
+            images[m] = images[m] | got if m in images else got
         out.append(got if m is None else got & space.eq("mark", m))
     return _union(out) if out else space.empty()
 
@@ -558,7 +562,7 @@ def _union(sets):
     return sets[0]
 
 
-def _before(exits, targets, translated: bool, pb) -> dict:
+def _before(exits, targets, translated: bool, pb, images: dict | None = None) -> dict:
     """The input packets whose way out of the hook (one of ``exits``) lands in each of
     ``targets`` ((key, packets), ...), as `setwalk.Part`s: ``{key: [...]}``. An exit's packets leave with its mark (Exit.mark) and,
     translated, with the constants its DNAT wrote (Exit.consts); every other field is the
@@ -569,27 +573,70 @@ def _before(exits, targets, translated: bool, pb) -> dict:
     A target that is T AND R (`_PartSets._product`: T over the header fields above the
     source, which a DNAT writes, R over the others) is decided per image of those fields
     first (`_PartSets.lands`, once per exit), then R at the part's other pins (`_PartSets.low`,
-    cached by their values): the exits' parts are not asked one target at a time."""
+    cached by their values): the exits' parts are not asked one target at a time.
+
+    ``images`` (`_after`'s, when given): per mark, a superset of the packets leaving by the
+    exits of that mark. When it lies inside the R of every target it meets (each a product),
+    a part whose image is in a target's T is in it whole: the part itself, no set operation
+    (`_whole`; the 56,000 exits of a 10,000-service hook, 84,000 parts, are then one `lands`
+    each, remembered by the image's /24 and port)."""
     from analyzer.netfilter.setwalk import Part
 
     out: dict = {k: [] for k, _ in targets}
     sel: dict = {}
-    split = pb.pin_split
+    split, splits = pb.pin_split, pb._split
     low_at, op, lands = pb.low, pb.op, pb.lands
+    # a part with no pin below the header fields lands in products as its set ANDed with each
+    # R: remembered by (the landing's id, the set's node); the landings are kept alive here,
+    # their ids unique
+    kept: dict = {}  # id of a landing -> (it, whether every target in it is a product there)
+    same: dict = {}
+    whole: dict = {}  # mark -> `_whole` of its images
+    false = pb._false
     for e in exits:
         per = sel.get(e.mark)
         if per is None:
             per = sel[e.mark] = pb.plan([(k, s) for k, s in ((k, t if e.mark is None else t.restrict("mark", e.mark))
                                                              for k, t in targets) if not s.is_empty()])
+            whole[e.mark] = _whole(per, None if images is None else images.get(e.mark))
         if not per:
             continue
+        fast = whole[e.mark]
         consts = e.consts if translated else ()
         top = land = None
         for p in e.parts:
             pins = p.pins
-            ptop, plow, _ = split(pins)
+            hit = splits.get(id(pins))  # (`pin_split`, its cache looked up here first)
+            ptop, plow, was = hit if hit is not None else split(pins)
+            if was is not pins:
+                ptop, plow, _ = split(pins)
             if ptop != top:  # (the parts of one exit mostly share it)
                 top, land = ptop, lands(per, ptop, consts)
+                hit = kept.get(id(land))
+                if hit is None:
+                    hit = kept[id(land)] = (land, all(rest is not None for _, _, rest in land),
+                                            None if fast is None else
+                                            [k for k, _, _ in land if k not in fast]
+                                            if all(rest is not None for k, _, rest in land if k not in fast) else None)
+                products, into = hit[1], hit[2]
+            if into is not None:
+                if p.g._node != false:
+                    for k in into:
+                        out[k].append(p)  # (its packets' images are in R: p & R is p)
+                continue
+            if not plow and products:
+                key = (id(land), int(p.g._node))
+                got = same.get(key)
+                if got is None:
+                    got = same[key] = []
+                    for k, _, rest in land:
+                        g = op(p.g, rest)
+                        if g is not None:
+                            got.append((k, g))
+                for k, g in got:
+                    # exclusions (fields not pinned) kept: shared, never changed
+                    out[k].append(Part(pins, g, p.excl, p.origin))
+                continue
             for k, s, rest in land:
                 if rest is None:  # not a product at this image: the cofactor at every pin
                     cof = pb.cofactor(s, pb.image(pins, consts), pins, consts)
@@ -601,9 +648,23 @@ def _before(exits, targets, translated: bool, pb) -> dict:
                     continue
                 g = op(p.g, cof)
                 if g is not None:
-                    # exclusions (fields not pinned) kept: shared, never changed
                     out[k].append(Part(pins, g, p.excl, p.origin))
     return out
+
+
+def _whole(per, img) -> set | None:
+    """When every target of ``per`` (`_PartSets.plan`) either never meets ``img`` (packets
+    leaving the hook) or is a product whose R holds all of ``img``, the keys of the former (a
+    part of ``img`` in the T of one of the others is in it whole); else None."""
+    if img is None:
+        return None
+    never = set()
+    for k, s, prod, _, _ in per:
+        if img.isdisjoint(s):
+            never.add(k)
+        elif not (prod and img <= prod[1]):
+            return None
+    return never
 
 
 #: a fate grouping with at most this many parts checks that they cover the flow (one BDD of
@@ -659,23 +720,26 @@ def _origin_cells(o, its, pb, Part):
         if f is not f0 and f != f0:
             break
     else:
-        return [(frozenset({f0}), Part(o.pins, o.g))]
+        return [(pb.one(f0), Part(o.pins, o.g))]
     extra = set()
     opins = o.pins
     for x, _ in its:
         if x.excl:
-            if any(len(k) != 1 for k in x.excl):
-                return pb.split([(pb.union([x]), f) for x, f in its])
-            extra.update(k[0] for k in x.excl)
+            for k in x.excl:
+                if len(k) != 1:
+                    return pb.split([(pb.union([x]), f) for x, f in its])
+                extra.add(k[0])
         if x.pins is not opins:
-            extra.update(f for f in x.pins if f not in opins)
+            extra.update(x.pins.keys() - opins.keys())
     if len(extra) > 1:
         return pb.split([(pb.union([x]), f) for x, f in its])
     if not extra:
         return [(k, Part(opins, g)) for g, k in pb.partition([(x.g, f) for x, f in its])]
     fld = extra.pop()
-    # each item as (its set, fate, their key in `partition`, its value of fld as an int or
-    # None, the ints it excludes)
+    # each item as (its set, fate, (its set's node, id of the fate): their key in `partition`,
+    # its value of fld as an int or None, the ints it excludes). An item whose set and fate an
+    # earlier one in `partition`'s list has changes nothing there (`_PartSets.split`): each
+    # list below keeps the first of those only, and asks `at` once for them
     values: dict = {}  # int -> the value, in the order the items give them
     rows = []
     for x, f in its:
@@ -690,26 +754,38 @@ def _origin_cells(o, its, pb, Part):
                 vk = int(v)
                 values.setdefault(vk, v)
                 eks.add(vk)
-            rows.append((x.g, f, None, None, eks))
+            rows.append((x.g, f, (int(x.g._node), id(f)), None, eks))
     out = []
     at_ = pb.at
     for vk, v in values.items():
         at, key = [], []
-        for g, f, k, pk, eks in rows:
+        seen, asked = set(), set()  # the items' keys in the list; the free rows' keys asked `at`
+        for g, f, gk, pk, eks in rows:
             if pk is not None:
-                if pk == vk:
+                if pk == vk and gk not in seen:
+                    seen.add(gk)
                     at.append((g, f))
-                    key.append(k)
-            elif vk not in eks:
+                    key.append(gk)
+            elif vk not in eks and gk not in asked:
+                asked.add(gk)
                 c = at_(g, fld, v, vk)
                 if c is not None:
-                    at.append((c, f))
-                    key.append((int(c._node), id(f)))
+                    ck = (int(c._node), gk[1])
+                    if ck not in seen:
+                        seen.add(ck)
+                        at.append((c, f))
+                        key.append(ck)
         pins = dict(opins)
         pins[fld] = v
         out += [(k, Part(pins, g)) for g, k in pb.partition(at, tuple(key))]
     excl = {(fld,): {(v,) for v in values.values()}}
-    rest = [(k, Part(dict(opins), g, excl)) for g, k in pb.partition([(g, f) for g, f, _, pk, _ in rows if pk is None])]
+    free, key, seen = [], [], set()
+    for g, f, gk, pk, _ in rows:
+        if pk is None and gk not in seen:
+            seen.add(gk)
+            free.append((g, f))
+            key.append(gk)
+    rest = [(k, Part(dict(opins), g, excl)) for g, k in pb.partition(free, tuple(key))]
     out += [(k, x) for k, x in rest if pb.left(x)]
     return out
 
@@ -741,6 +817,8 @@ class _PartSets:
         self._cuts: dict = {}
         self._addr: dict = {}
         self._wrapped: dict = {}
+        self._ones: dict = {}
+        self._lands: dict = {}  # (plan's id, protocol, destination >> 8) -> `_by_port`
         self._false = space._false
         self._dst_last = space._last_level["dst"]
 
@@ -822,11 +900,57 @@ class _PartSets:
         (`pin_split`) and a DNAT's ``consts`` may land in: ``[(key, set, rest), ...]``,
         ``rest`` the set's R (`_product`) when its T holds the image (a part's packets land
         there as R at its other pins), None when the set is not a product at this image (the
-        caller takes the cofactor at every pin)."""
+        caller takes the cofactor at every pin).
+
+        An image with its protocol, destination and port pinned whose /24 no target's T
+        tells apart below its first 24 bits (`_by_port`: the T's remembered first halves,
+        `_inside`) lands as every image of that /24 and port: the answer is remembered by
+        them (28,000 endpoints in a few hundred /24s, a few ports: one answer for many
+        exits; the list is shared, not to be changed)."""
         vals = {f: int(v) for f, v in consts}
         for f, v in top:
             if f not in vals:
                 vals[f] = int(v)
+        dst, dport = vals.get("dst"), vals.get("dport")
+        if dst is not None and dport is not None and "proto" in vals:
+            k1 = (id(plan), vals["proto"], dst >> 8)
+            by_port = self._lands.get(k1)
+            if by_port is None:
+                by_port = self._lands[k1] = self._by_port(plan, vals)
+            if by_port is not False:
+                got = by_port.get(dport)
+                if got is None:
+                    got = by_port[dport] = self._lands_at(plan, vals)
+                return got
+        return self._lands_at(plan, vals)
+
+    def _by_port(self, plan, vals: dict):
+        """A dict to remember `lands` of the images of ``vals``' protocol and /24 by their port,
+        when no target of ``plan`` tests the destination's last byte at them (False otherwise).
+        Every target's T tests only the protocol, destination and port (`_product`), so with
+        those pinned whether an image is in it is the second half of `_inside`, which reads the
+        last byte only where the first half's node still tests the destination."""
+        sp = self.space
+        fam = self._bit["family"]
+        proto, dst = vals["proto"], vals["dst"]
+        for _, _, prod, _, tint in plan:
+            if not prod:
+                continue
+            k1 = (tint, proto, dst >> 8)
+            mid = self._half.get(k1, False)
+            if mid is False:  # (as `_inside` computes and remembers it)
+                cut = self._cut
+                if cut is None:
+                    cut = self._cut = sp.bdd.level_of_var(sp._vars["dst"][-8])
+                mid = self._half[k1] = sp._at_until(prod[0]._node, dict(vals, family=fam), cut)
+                self._keep.append(prod[0])
+            if mid is None or (mid != self._false and mid.level <= self._dst_last):
+                return False
+        self._keep.append(plan)  # (its id is in the key)
+        return {}
+
+    def _lands_at(self, plan, vals: dict) -> list:
+        """`lands` at the image ``vals`` (field -> int)."""
         got = []
         half = self._half
         proto, dst = vals.get("proto"), vals.get("dst")
@@ -990,6 +1114,13 @@ class _PartSets:
         if w[0] is None:
             return False
         return not _excludes(x.excl, w[0]) or not self.union([x]).is_empty()
+
+    def one(self, f) -> frozenset:
+        """``frozenset({f})``, one per fate (by its id; the fate kept)."""
+        hit = self._ones.get(id(f))
+        if hit is None or hit[1] is not f:
+            hit = self._ones[id(f)] = (frozenset({f}), f)
+        return hit[0]
 
     def partition(self, items, key: tuple | None = None) -> list:
         """The sets ``items`` ((set, fate), ...) cover, split by the fates of the items that

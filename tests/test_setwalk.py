@@ -869,6 +869,60 @@ def test_pull_back_by_image_equals_the_sets_of_each_exit():
                 assert pb.union(got[k]) == want, (translated, k)
 
 
+def test_pull_back_of_parts_landing_whole_equals_the_sets_of_each_exit():
+    """_before given `_after`'s images per mark: when every target either never meets a mark's
+    images or is a product whose R holds them all, a part lands whole in the targets whose T
+    holds its image (the part itself, no set operation). Against the plain sets, on targets
+    built to take that way (header classes times one R holding every image, a target the
+    images never meet) and on targets that do not."""
+    import random
+
+    from analyzer.engine.packetset import PacketSpace
+    from analyzer.netfilter.setwalk import Exit
+    from analyzer.symbolic import _after, _before, _PartSets
+
+    sp = PacketSpace()
+    rnd = random.Random(17)
+    whole = 0
+    for trial in range(40):
+        translated = trial % 4 != 3
+        pb = _PartSets(sp, 4)
+        exits = []
+        for _ in range(rnd.randrange(1, 40)):
+            consts = (("dst", ipaddress.ip_address(f"10.{rnd.randrange(2)}.{rnd.randrange(3)}.{rnd.randrange(0, 256, 16)}")),
+                      ("dport", rnd.choice([53, 80, 8080]))) if translated else ()
+            exits.append(Exit(tuple(_random_parts(sp, rnd, rnd.randrange(1, 3))), sp, 1.0, None, translated,
+                              consts, rnd.choice([0, 0x4000])))
+        images: dict = {}
+        q = _after(exits, sp, pb, images)
+        # header classes: destination prefixes and ports, the rest of the header space the last
+        cuts = [sp.where(dst=f"10.{rnd.randrange(2)}.{rnd.randrange(3)}.0/{rnd.choice([16, 23, 24])}",
+                         **({"dport": rnd.choice([80, 8080])} if rnd.random() < 0.5 else {})) for _ in range(3)]
+        tops, seen = [], sp.empty()
+        for c in cuts:
+            tops.append(c - seen)
+            seen = seen | c
+        tops.append(sp.universe() - seen)
+        low = sp.universe() if rnd.random() < 0.8 else sp.prefix("src", "10.0.0.0/9")  # (else not every image)
+        targets = [(k, (t & low & sp.family(4)) if rnd.random() < 0.9 else t & q) for k, t in enumerate(tops)
+                   if not t.is_empty()]
+        # (no translated image meets it: they go to 10.0.0.0/8)
+        targets.append(("never", sp.family(4) & sp.prefix("dst", "192.168.0.0/16") & sp.eq("sport", 9)))
+        got = _before(exits, targets, translated, pb, images)
+        plain = _before(exits, targets, translated, _PartSets(sp, 4))
+        parts = {id(p) for e in exits for p in e.parts}
+        whole += any(id(x) in parts for xs in got.values() for x in xs)
+        for k, t in targets:
+            want = sp.empty()
+            for e in exits:
+                s = t.restrict("mark", e.mark)
+                if e.consts:
+                    s = (s & sp.where(**dict(e.consts))).exists([f for f, _ in e.consts])
+                want = want | (e.before & s)
+            assert pb.union(got[k]) == want == pb.union(plain[k]), (trial, k)
+    assert whole > 10  # (the parts landed whole in most trials)
+
+
 def test_address_cofactor_in_two_remembered_halves_equals_the_cofactor():
     """_PartSets.at of an address (a descent in two halves, each remembered by the address's
     bits) equals PacketSpace._cofactor, for sets testing fields above it too."""
