@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from analyzer.netfilter.walk import ChainIndex, _text_index_key, chain_index_key, index_key
+from analyzer.netfilter.walk import ChainIndex, _dotted_quad, _text_index_key, chain_index_key, index_key
 from analyzer.parse import load_ruleset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,6 +59,24 @@ def test_text_key_is_the_decoded_key_on_handwritten_rules():
     r6, r4 = rs.chain("nat", "S").rules
     assert _text_index_key(r6.text, 6) == index_key(r6) != (None, None)
     assert _text_index_key(r4.text, 6) is None  # another family's address: decode
+
+
+def test_dotted_quad_reads_what_the_address_parser_reads():
+    """_dotted_quad (inet_pton, the text index's fast path) is IPv4Address of the text, None
+    where that raises, on random dotted strings: leading zeros, octets above 255, too few or
+    too many octets, empty ones, stray characters."""
+    import ipaddress
+
+    rng = random.Random(3)
+    pieces = ["0", "00", "1", "01", "9", "10", "010", "99", "100", "199", "255", "256", "300", "999", "1000", "", " 1", "1a", "+1"]
+    for _ in range(20000):
+        text = ".".join(rng.choice(pieces) for _ in range(rng.choice([3, 4, 4, 4, 4, 5])))
+        try:
+            want = ipaddress.IPv4Address(text)
+        except ValueError:
+            want = None
+        assert _dotted_quad(text) == want, text
+    assert _dotted_quad("10.96.0.1\x00") is None
 
 
 def test_mutated_kube_proxy_rules_agree():

@@ -47,7 +47,7 @@ def interface_names(ruleset, ns: Namespace, extra=()) -> list[str]:
     names.update(ns.bridged.values())
     for rule in ruleset.rules():
         text = rule.text
-        if "-i" not in text and "-o" not in text and "interface" not in text and "physdev" not in text:
+        if "-i" not in text and "-o" not in text:  # (in every option _IFACE_WORDS reads)
             continue
         for m in _IFACE_WORDS.finditer(text):
             names.add(m.group(1).strip("'\""))
