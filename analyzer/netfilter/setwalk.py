@@ -715,14 +715,29 @@ class SetWalker:
         """What ``rule`` matches as one set without its family, the same for every thread (None:
         it depends on the thread: a statistic or a -m mark decided per thread's mark)."""
         s = None
+        points: dict = {}  # the one-value matches, one cube (kube-proxy's -d, -p, --dport)
+        never = False
         for m in rule.matches:
             if isinstance(m, CommentMatch):
                 continue
             if isinstance(m, StatisticMatch) or isinstance(m, MarkMatch) and m.kind == "mark" and self.mark is not None:
                 return None
             pt = _point(m, self.family)
-            got = self._point_set(dict(pt)) if pt is not None else self._match_set(m, rule, hook)
+            if pt is not None:
+                for f, v in pt:
+                    have = points.get(f)
+                    if have is None:
+                        points[f] = v
+                    elif have != v:
+                        never = True  # (two values of one field: no packet)
+                continue
+            got = self._match_set(m, rule, hook)
             s = got if s is None else self._op("&", s, got)
+        if never:
+            return self.space.empty()
+        if points:
+            pt = self._point_set(points)
+            s = pt if s is None else self._op("&", s, pt)
         return s if s is not None else self._full_set
 
     @staticmethod
