@@ -603,9 +603,17 @@ def _before(exits, targets, translated: bool, pb, images: dict | None = None) ->
             continue
         fast = whole[e.mark]
         consts = e.consts if translated else ()
-        top = land = None
+        top = land = prev = into = None
         for p in e.parts:
             pins = p.pins
+            if into is not None and (pins is prev or pins.get("dst") is prev.get("dst") and pins.get("dport") is
+                                     prev.get("dport") and pins.get("proto") is prev.get("proto")):
+                # the last part's header pins (the same objects): its image, landing whole as it did
+                if p.g._node != false:
+                    for k in into:
+                        out[k].append(p)
+                continue
+            prev = pins
             hit = splits.get(id(pins))  # (`pin_split`, its cache looked up here first)
             ptop, plow, was = hit if hit is not None else split(pins)
             if was is not pins:
@@ -714,7 +722,9 @@ def _cells(items, pb) -> dict:
     return out
 
 
-def _origin_cells(o, its, pb, Part):
+def _origin_cells(o, its, pb, Part, general: bool = False):
+    """`_cells` of one origin's items ``its`` ((part, fate), ...): ``[(frozenset of fates, part or set), ...]``
+    (``general``: never the shortcut for pinned rows first and one free set, for tests)."""
     f0 = its[0][1]
     for _, f in its:
         if f is not f0 and f != f0:
@@ -742,51 +752,85 @@ def _origin_cells(o, its, pb, Part):
     # list below keeps the first of those only, and asks `at` once for them
     values: dict = {}  # int -> the value, in the order the items give them
     rows = []
+    by_value: dict = {}  # int -> the pinned rows' (set, fate, key) of that value, their keys once
+    free: dict = {}  # the free rows' key -> (set, fate, the ints every one of them excludes)
+    ordered = True  # every pinned row before every free row
+    taken, taken_ints = [], set()  # the free rows' excluded values: their sets, as ints
     for x, f in its:
         v = x.pins.get(fld)
+        gk = (int(x.g._node), id(f))
         if v is not None:
             vk = int(v)
             values.setdefault(vk, v)
-            rows.append((x.g, f, (int(x.g._node), id(f)), vk, ()))
+            rows.append((x.g, f, gk, vk, ()))
+            ordered = ordered and not free
+            at = by_value.get(vk)
+            if at is None:
+                by_value[vk] = {gk: (x.g, f)}
+            elif gk not in at:
+                at[gk] = (x.g, f)
         else:
             eks = set()
-            for (v,) in (x.excl or {}).get((fld,), ()):
+            xs = (x.excl or {}).get((fld,), ())
+            for (v,) in xs:
                 vk = int(v)
                 values.setdefault(vk, v)
                 eks.add(vk)
-            rows.append((x.g, f, (int(x.g._node), id(f)), None, eks))
+            rows.append((x.g, f, gk, None, eks))
+            taken.append(xs)
+            taken_ints |= eks
+            hit = free.get(gk)
+            free[gk] = (x.g, f, eks if hit is None else hit[2] & eks)
     out = []
     at_ = pb.at
-    for vk, v in values.items():
-        at, key = [], []
-        seen, asked = set(), set()  # the items' keys in the list; the free rows' keys asked `at`
-        for g, f, gk, pk, eks in rows:
-            if pk is not None:
-                if pk == vk and gk not in seen:
-                    seen.add(gk)
-                    at.append((g, f))
-                    key.append(gk)
-            elif vk not in eks and gk not in asked:
-                asked.add(gk)
-                c = at_(g, fld, v, vk)
+    if ordered and len(free) <= 1 and not general:
+        # the pinned rows of a value, then the one free set at it unless every free row
+        # excludes the value: the list the loop below makes, without a pass over every row
+        (fk, (fg, ff, fex)), = free.items() if free else ((None, (None, None, ())),)
+        for vk, v in values.items():
+            mine = by_value.get(vk, {})
+            at, key = list(mine.values()), list(mine)
+            if fk is not None and vk not in fex:
+                c = at_(fg, fld, v, vk)
                 if c is not None:
-                    ck = (int(c._node), gk[1])
-                    if ck not in seen:
-                        seen.add(ck)
-                        at.append((c, f))
+                    ck = (int(c._node), fk[1])
+                    if ck not in mine:
+                        at.append((c, ff))
                         key.append(ck)
-        pins = dict(opins)
-        pins[fld] = v
-        out += [(k, Part(pins, g)) for g, k in pb.partition(at, tuple(key))]
-    excl = {(fld,): {(v,) for v in values.values()}}
-    free, key, seen = [], [], set()
-    for g, f, gk, pk, _ in rows:
-        if pk is None and gk not in seen:
-            seen.add(gk)
-            free.append((g, f))
-            key.append(gk)
-    rest = [(k, Part(dict(opins), g, excl)) for g, k in pb.partition(free, tuple(key))]
-    out += [(k, x) for k, x in rest if pb.left(x)]
+            pins = dict(opins)
+            pins[fld] = v
+            out += [(k, Part(pins, g)) for g, k in pb.partition(at, tuple(key))]
+    else:
+        for vk, v in values.items():
+            at, key = [], []
+            seen, asked = set(), set()  # the items' keys in the list; the free rows' keys asked `at`
+            for g, f, gk, pk, eks in rows:
+                if pk is not None:
+                    if pk == vk and gk not in seen:
+                        seen.add(gk)
+                        at.append((g, f))
+                        key.append(gk)
+                elif vk not in eks and gk not in asked:
+                    asked.add(gk)
+                    c = at_(g, fld, v, vk)
+                    if c is not None:
+                        ck = (int(c._node), gk[1])
+                        if ck not in seen:
+                            seen.add(ck)
+                            at.append((c, f))
+                            key.append(ck)
+            pins = dict(opins)
+            pins[fld] = v
+            out += [(k, Part(pins, g)) for g, k in pb.partition(at, tuple(key))]
+    # every value apart: (the free rows' sets of them, when they hold them all: their tuples
+    # are hashed already)
+    excl = {(fld,): set().union(*taken) if len(taken_ints) == len(values) else {(v,) for v in values.values()}}
+    for g, k in pb.partition([(g, f) for g, f, _ in free.values()], tuple(free)):
+        x = Part(dict(opins), g, excl)
+        w = pb.preferred(g)
+        # (`_PartSets.left`: its preferred packet is left unless it has one of the values)
+        if w is not None and (w[fld] not in values or pb.left(x)):
+            out.append((k, x))
     return out
 
 
@@ -907,22 +951,22 @@ class _PartSets:
         `_inside`) lands as every image of that /24 and port: the answer is remembered by
         them (28,000 endpoints in a few hundred /24s, a few ports: one answer for many
         exits; the list is shared, not to be changed)."""
-        vals = {f: int(v) for f, v in consts}
-        for f, v in top:
-            if f not in vals:
-                vals[f] = int(v)
-        dst, dport = vals.get("dst"), vals.get("dport")
-        if dst is not None and dport is not None and "proto" in vals:
-            k1 = (id(plan), vals["proto"], dst >> 8)
+        t = dict(top)
+        if consts:
+            t.update(consts)  # (what the DNAT wrote over the pins)
+        dst, dport, proto = t.get("dst"), t.get("dport"), t.get("proto")
+        if dst is not None and dport is not None and proto is not None:
+            dst, dport = int(dst), int(dport)
+            k1 = (id(plan), int(proto), dst >> 8)
             by_port = self._lands.get(k1)
             if by_port is None:
-                by_port = self._lands[k1] = self._by_port(plan, vals)
+                by_port = self._lands[k1] = self._by_port(plan, {f: int(v) for f, v in t.items()})
             if by_port is not False:
                 got = by_port.get(dport)
                 if got is None:
-                    got = by_port[dport] = self._lands_at(plan, vals)
+                    got = by_port[dport] = self._lands_at(plan, {f: int(v) for f, v in t.items()})
                 return got
-        return self._lands_at(plan, vals)
+        return self._lands_at(plan, {f: int(v) for f, v in t.items()})
 
     def _by_port(self, plan, vals: dict):
         """A dict to remember `lands` of the images of ``vals``' protocol and /24 by their port,
@@ -1108,12 +1152,17 @@ class _PartSets:
         e.g. the only protocol of the flow, is no cell)."""
         from analyzer.netfilter.setwalk import _excludes
 
-        w = self._picks.get(int(x.g.node))
+        w = self.preferred(x.g)
         if w is None:
-            w = self._picks[int(x.g.node)] = (x.g.pick(), x.g)
-        if w[0] is None:
             return False
-        return not _excludes(x.excl, w[0]) or not self.union([x]).is_empty()
+        return not _excludes(x.excl, w) or not self.union([x]).is_empty()
+
+    def preferred(self, g) -> dict | None:
+        """``g.pick()``, remembered by its node (None: ``g`` is empty)."""
+        w = self._picks.get(int(g._node))
+        if w is None:
+            w = self._picks[int(g._node)] = (g.pick(), g)
+        return w[0]
 
     def one(self, f) -> frozenset:
         """``frozenset({f})``, one per fate (by its id; the fate kept)."""

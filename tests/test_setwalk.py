@@ -897,7 +897,8 @@ def test_pull_back_of_parts_landing_whole_equals_the_sets_of_each_exit():
         q = _after(exits, sp, pb, images)
         # header classes: destination prefixes and ports, the rest of the header space the last
         cuts = [sp.where(dst=f"10.{rnd.randrange(2)}.{rnd.randrange(3)}.0/{rnd.choice([16, 23, 24])}",
-                         **({"dport": rnd.choice([80, 8080])} if rnd.random() < 0.5 else {})) for _ in range(3)]
+                         **({"dport": rnd.choice([80, 8080])} if rnd.random() < 0.5 else {}),
+                         **({"proto": rnd.choice([6, 17])} if rnd.random() < 0.5 else {})) for _ in range(3)]
         tops, seen = [], sp.empty()
         for c in cuts:
             tops.append(c - seen)
@@ -995,6 +996,63 @@ def test_cells_by_origin_equal_the_fates_of_each_packet():
                 assert (s <= every[f]) if f in k else (s & every[f]).is_empty(), (k, f)
         for x in (x for xs in cells.values() for x in xs):
             assert x.g.exists([f for f in x.pins if f != "family"]) == x.g
+
+
+def test_hairpin_cells_of_one_free_set_equal_the_general_split():
+    """symbolic._origin_cells of kube-proxy's hairpin shape (each endpoint's own source pinned,
+    then the other sources, each excluding its endpoint, all one set: the shortcut) gives the
+    cells of its general loop over every item, in the same order, and those hold exactly the
+    packets of their fates; a rest whose preferred packet is an endpoint is still kept when
+    it holds another packet, dropped when it holds none."""
+    import random
+
+    from analyzer.engine.packetset import PacketSpace
+    from analyzer.netfilter.setwalk import Part
+    from analyzer.symbolic import _origin_cells, _PartSets
+
+    sp = PacketSpace()
+    rnd = random.Random(21)
+    fates = [("F", i) for i in range(3)]
+
+    def g(s):
+        return sp._set(sp._at((sp.family(4) & s).node, {"family": 0}))
+
+    sets = [g(sp.prefix("src", "10.0.0.0/8")), g(sp.prefix("src", "10.1.0.0/16") & sp.where(sport=(1, 1023))),
+            g(sp.eq("sport", 40000)), g(sp.universe()), g(sp.prefix("src", "10.1.2.0/31"))]
+    shortcut = 0
+    for trial in range(300):
+        pins = {"family": 4, "dst": ipaddress.ip_address("10.96.0.1"), "proto": 6, "dport": 80}
+        o = Part(pins, rnd.choice(sets))
+        eps = list(dict.fromkeys(ipaddress.ip_address(f"10.1.{rnd.randrange(3)}.{rnd.randrange(4)}")
+                                 for _ in range(rnd.randrange(1, 5))))
+        free = [rnd.choice(sets)] if rnd.random() < 0.8 else [rnd.choice(sets), rnd.choice(sets)]
+        mk = _PartSets(sp, 4)
+        its = [(Part(dict(pins, src=v), h, None, o), rnd.choice(fates)) for v in eps  # (its set at its source)
+               for h in [mk.at(rnd.choice(sets), "src", v)] if h is not None]
+        if not its:
+            continue
+        frees = [(Part(pins, rnd.choice(free), {("src",): {(v,)}}, o), rnd.choice(fates)) for v in eps]
+        its = its + frees if rnd.random() < 0.8 else [x for pair in zip(its, frees) for x in pair]
+        if len({id(f) for _, f in its}) == 1:
+            continue
+        got = _origin_cells(o, its, _PartSets(sp, 4), Part)
+        want = _origin_cells(o, its, _PartSets(sp, 4), Part, general=True)
+        shortcut += len(set(map(id, free))) == 1 and its[0][0].pins is not pins and its[-1][0].pins is pins
+
+        def view(cells):
+            return [(k, dict(x.pins), int(x.g.node), {k2: {tuple(map(int, t)) for t in v} for k2, v in (x.excl or {}).items()})
+                    for k, x in cells]
+        assert view(got) == view(want), trial
+        pb = _PartSets(sp, 4)
+        every = {f: pb.union([x for x, h in its if h == f]) for f in fates}
+        cover = pb.union([x for x, _ in its])
+        assert pb.union([x for _, x in got]) == cover
+        for k, x in got:
+            c = pb.union([x])
+            assert not c.is_empty()
+            for f in fates:
+                assert (c <= every[f]) if f in k else (c & every[f]).is_empty(), (trial, k, f)
+    assert shortcut > 100
 
 
 def test_landing_of_images_by_remembered_halves_equals_one_descent():
