@@ -125,15 +125,18 @@ def trimmed(x, space):
     node = x.g.node & sp._fam[fam]
     at = {"family": 0 if fam == 4 else 1}
     excl: dict = {}
+    false, at_until = sp._false, sp._at_until
     for key, values in x.excl.items():
         if len(key) == 1:
             excl[key] = values
             continue
         kept = set()
+        stop = max(sp._last_level[f] for f in key) + 1  # (PacketSpace._at's, once per key)
         for vs in values:
             point = dict(at)
-            point.update((f, int(v)) for f, v in zip(key, vs))
-            if sp._at(node, point) != sp._false:  # in the set (or the descent cannot say: kept)
+            for f, v in zip(key, vs):
+                point[f] = v if v.__class__ is int else int(v)
+            if at_until(node, point, stop) != false:  # in the set (or the descent cannot say: kept)
                 kept.add(vs)
         if kept:
             excl[key] = kept
