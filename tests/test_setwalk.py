@@ -1194,6 +1194,10 @@ def _kube_proxy_nat(rnd) -> str:
         if rnd.random() < 0.7:
             body.append(f"-A {svc} ! -s 10.0.0.0/25 -d {vip}/32 -p {proto} -m {proto} --dport {port} -j KUBE-MARK-MASQ")
         n = rnd.randrange(1, 4)
+        affinity = rnd.random() < 0.3  # (sessionAffinity ClientIP: --rcheck per endpoint, --set at its DNAT)
+        for e in range(n) if affinity else ():
+            body.append(f"-A {svc} -m comment --comment \"ep {e}\" -m recent --rcheck --seconds 10800 --reap "
+                        f"--name KUBE-SEP-{s}-{e} --mask 255.255.255.255 --rsource -j KUBE-SEP-{s}-{e}")
         for e in range(n):
             sep = f"KUBE-SEP-{s}-{e}"
             lines.append(f":{sep} - [0:0]")
@@ -1206,7 +1210,8 @@ def _kube_proxy_nat(rnd) -> str:
             body.append(f"-A {sep} {src} -m comment --comment \"ep\" -j KUBE-MARK-MASQ")
             to = f"{ep}:{port}" if odd > 0.1 else f"{ep}:{port}-{port + 1}"
             p2 = proto if odd < 0.9 or odd > 0.95 else ("udp" if proto == "tcp" else "tcp")
-            body.append(f"-A {sep} -p {p2} -m comment --comment \"ep\" -m {p2} -j DNAT --to-destination {to}")
+            recent = f"-m recent --set --name {sep} --mask 255.255.255.255 --rsource " if rnd.random() < 0.3 else ""
+            body.append(f"-A {sep} -p {p2} -m comment --comment \"ep\" {recent}-m {p2} -j DNAT --to-destination {to}")
             if 0.95 < odd < 0.97:
                 body.append(f"-A {sep} -j ACCEPT")
     return "\n".join(lines + body + ["COMMIT", ""])
@@ -1235,6 +1240,7 @@ def test_an_endpoint_chain_at_once_is_the_chain_rule_by_rule(monkeypatch, lazy):
         return done
 
     monkeypatch.setattr(SetWalker, name, counted)
+    affine = 0
     for _ in range(150):
         text = _kube_proxy_nat(rnd)
         w = Walked(text, flow="10.0.0.0/24 -> 10.1.0.0/29" if rnd.random() < 0.7 else "tcp 10.0.0.0/30 -> 10.1.0.1",
@@ -1247,6 +1253,7 @@ def test_an_endpoint_chain_at_once_is_the_chain_rule_by_rule(monkeypatch, lazy):
                 sw._split_statistic = lambda rule, threads: None
                 sw._statistic_line = lambda rule, table: None
                 sw._point_line = lambda rule, table, hook: None
+                sw._rcheck_line = lambda rule, table: False
             try:
                 exits = sw.hook(w.universe, "PREROUTING", True)
             except Unsupported as e:
@@ -1260,8 +1267,11 @@ def test_an_endpoint_chain_at_once_is_the_chain_rule_by_rule(monkeypatch, lazy):
                 return (tuple((k, str(v)) for k, v in x.pins.items()), int(x.g.node), str(excl), o)
 
             got[on] = [(e.prob, e.action, e.dnat, e.consts, e.mark, tuple(map(part, e.parts))) for e in exits]
+            got[on].append(("recent assumed", sw.recent_assumed))
         assert got[True] == got[False], text
+        affine += "--rcheck" in text and isinstance(got[True], list)
     assert fast > 100, fast  # (the chains of kube-proxy's shape were taken at once)
+    assert affine > 20, affine  # (with session affinity too)
 
 
 def _with_lines(text: str, chains: tuple, lines: list) -> str:
@@ -1356,13 +1366,25 @@ def test_an_endpoint_chain_read_from_its_lines_is_the_decoded_one():
            '-A KUBE-SEP-ODD6 -s 10.244.1.12/32 -j KUBE-MARK-MASQ',
            '-A KUBE-SEP-ODD6 -p tcp -j DNAT --to-destination 10.244.1.13:80',
            '-A KUBE-SEP-ODD7 -s 10.244.1.14/31 -j KUBE-MARK-MASQ',
-           '-A KUBE-SEP-ODD7 -p tcp -j DNAT --to-destination 10.244.1.14:80']
-    text = _with_lines(_generated(60, 5), tuple(f"KUBE-SEP-ODD{k}" for k in range(1, 8)), odd)
+           '-A KUBE-SEP-ODD7 -p tcp -j DNAT --to-destination 10.244.1.14:80',
+           # session affinity: --set (every packet, read), --update and ! --set (decoded, not endpoints)
+           '-A KUBE-SEP-ODD8 -s 10.244.1.15/32 -m comment --comment "x" -j KUBE-MARK-MASQ',
+           '-A KUBE-SEP-ODD8 -p tcp -m comment --comment "x" -m recent --set --name KUBE-SEP-ODD8 --mask 255.255.255.255 '
+           '--rsource -m tcp -j DNAT --to-destination 10.244.1.15:80',
+           '-A KUBE-SEP-ODD9 -s 10.244.1.16/32 -j KUBE-MARK-MASQ',
+           '-A KUBE-SEP-ODD9 -p tcp -m recent --update --name KUBE-SEP-ODD9 --mask 255.255.255.255 --rsource -m tcp '
+           '-j DNAT --to-destination 10.244.1.16:80',
+           '-A KUBE-SEP-ODD10 -s 10.244.1.17/32 -j KUBE-MARK-MASQ',
+           '-A KUBE-SEP-ODD10 -p tcp -m recent ! --set --name KUBE-SEP-ODD10 --mask 255.255.255.255 --rsource -m tcp '
+           '-j DNAT --to-destination 10.244.1.17:80']
+    text = _with_lines(_generated(60, 5), tuple(f"KUBE-SEP-ODD{k}" for k in range(1, 11)), odd)
     got = _text_and_decoded_shapes(text, "kp.rules")
     read = [name for name, a, b in got if a is not None]
     assert all(a == b for name, a, b in got if a is not None), [(n, a, b) for n, a, b in got if a != b]
-    assert len(read) > 100 and {"KUBE-SEP-ODD2", "KUBE-SEP-ODD6"} <= set(read)  # (no /32, udp, no comment too)
-    assert not {"KUBE-SEP-ODD1", "KUBE-SEP-ODD3", "KUBE-SEP-ODD4", "KUBE-SEP-ODD5", "KUBE-SEP-ODD7"} & set(read)
+    assert len(read) > 100 and {"KUBE-SEP-ODD2", "KUBE-SEP-ODD6", "KUBE-SEP-ODD8"} <= set(read)  # (no /32, udp, no comment too)
+    assert not {"KUBE-SEP-ODD1", "KUBE-SEP-ODD3", "KUBE-SEP-ODD4", "KUBE-SEP-ODD5", "KUBE-SEP-ODD7", "KUBE-SEP-ODD9",
+                "KUBE-SEP-ODD10"} & set(read)
+    assert dict((n, b) for n, a, b in got)["KUBE-SEP-ODD8"][4] is True  # (its --set: every packet)
     compared = 0
     for p in _kube_proxy_corpus():
         for name, a, b in _text_and_decoded_shapes(p.read_text(errors="replace"), str(p)):
@@ -1414,6 +1436,29 @@ def test_an_endpoint_rule_read_from_its_line_is_the_decoded_one():
     assert len(read) > 60 and {odd[0], odd[8], odd[9]} <= set(read)
     assert not set(odd[1:8]) & set(read)
     assert sum(len(compare(p.read_text(errors="replace"), str(p))) for p in _kube_proxy_corpus()) > 0
+
+
+def test_a_session_affinity_check_read_from_its_line_matches_no_packet_as_decoded():
+    """SetWalker._rcheck_line (kube-proxy's `-m recent --rcheck ... -j KUBE-SEP-X`, read from its
+    line, not decoded) is said of exactly the rules whose decoded matches take no packet under
+    walk.RECENT_ASSUMPTION (`_plan`: an empty set) and jump to a chain: on a generated dump
+    with session affinity and odd lines (negated, --update, no --reap, an undefined chain)."""
+    from analyzer.model.rules import Jump
+
+    odd = ['-A KUBE-SVC-ODD -m comment --comment "x" -m recent --rcheck --seconds 10800 --reap --name KUBE-SEP-A '
+           '--mask 255.255.255.255 --rsource -j KUBE-SEP-A',
+           '-A KUBE-SVC-ODD -m recent --rcheck --seconds 60 --reap --name X --mask 255.255.255.255 --rsource -j KUBE-SEP-A',
+           '-A KUBE-SVC-ODD -m recent ! --rcheck --seconds 60 --reap --name X --mask 255.255.255.255 --rsource -j KUBE-SEP-A',
+           '-A KUBE-SVC-ODD -m recent --update --seconds 60 --reap --name X --mask 255.255.255.255 --rsource -j KUBE-SEP-A',
+           '-A KUBE-SVC-ODD -m recent --rcheck --seconds 60 --name X --mask 255.255.255.255 --rsource -j KUBE-SEP-A',
+           '-A KUBE-SVC-ODD -m recent --rcheck --seconds 60 --reap --name X --mask 255.255.255.255 --rsource -j KUBE-SEP-NONE']
+    text = _with_lines(_generated(300, 7), ("KUBE-SVC-ODD", "KUBE-SEP-A"), odd)
+    read = []
+    for sw, r, got in _read_lines(text, "kp.rules", lambda sw, r: sw._rcheck_line(r, "nat") or None):
+        never, _, m_set, _, _ = sw._plan(r, "PREROUTING")
+        assert isinstance(r.target, Jump) and (never or m_set is not None and m_set.is_empty()), r.text
+        read.append(r.text)
+    assert len(read) > 5 and {odd[0], odd[1]} <= set(read) and not set(odd[2:]) & set(read)
 
 
 def test_a_service_rule_read_from_its_line_is_the_decoded_one():

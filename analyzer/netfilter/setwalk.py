@@ -381,6 +381,11 @@ class SetWalker:
                         t, callee = line[1], line[2]
                 else:
                     line = self._statistic_line(rule, table)
+                    if line is None and self._rcheck_line(rule, table):
+                        # kube-proxy's session affinity: no entry yet (walk.RECENT_ASSUMPTION),
+                        # the rule matches no packet, as `_compile` decides it
+                        self.recent_assumed = True
+                        continue
                     if line is not None:
                         if endpoints and depth < MAX_DEPTH:
                             rest = self._statistic_endpoint(line[0], line[2], threads, table, out)
@@ -454,10 +459,12 @@ class SetWalker:
         return back + threads
 
     def _endpoint_shape(self, chain, table: str):
-        """``(source, marks, proto, consts)`` when ``chain`` is a kube-proxy endpoint chain
-        (KUBE-SEP-*): ``-s ADDR/32 -j CHAIN`` where CHAIN only marks (`_marks_only`), then
-        ``-p PROTO -j DNAT --to-destination ADDR:PORT`` to one address and port of a port
-        protocol, comments aside; None for any other chain."""
+        """``(source, marks, proto, consts, recent)`` when ``chain`` is a kube-proxy endpoint
+        chain (KUBE-SEP-*): ``-s ADDR/32 -j CHAIN`` where CHAIN only marks (`_marks_only`), then
+        ``-p PROTO [-m recent --set ...] -j DNAT --to-destination ADDR:PORT`` to one address and
+        port of a port protocol, comments aside; ``recent``: whether the DNAT rule has recent
+        matches that every packet meets (session affinity's ``--set``: `_compile` decides them
+        under walk.RECENT_ASSUMPTION). None for any other chain."""
         key = id(chain)
         hit = self._shapes.get(key, False)
         if hit is not False:
@@ -476,7 +483,8 @@ class SetWalker:
         # (the cheap tests first: most chains reached are not of this shape, and each is asked once)
         if len(rules) == 2 and type(rules[1].target) is Nat and type(rules[0].target) is Jump:
             m1 = [m for m in rules[0].matches if not isinstance(m, CommentMatch)]
-            m2 = [m for m in rules[1].matches if not isinstance(m, CommentMatch)]
+            m2 = [m for m in rules[1].matches if not isinstance(m, CommentMatch) and not _every_recent(m)]
+            recent = len(m2) != sum(not isinstance(m, CommentMatch) for m in rules[1].matches)
             t1, t2 = rules[0].target, rules[1].target
             callee = self.rs.chain(table, t1.chain) if isinstance(t1, Jump) and not t1.goto else None
             marks = self._marks_only(callee) if callee is not None else None
@@ -487,7 +495,7 @@ class SetWalker:
                 pt, r = _point(m1[0], self.family), t2.ranges[0]
                 if pt is not None and r.addr_lo is not None and r.addr_lo == r.addr_hi \
                         and r.addr_lo.version == self.family and r.port_lo is not None and r.port_lo == r.port_hi:
-                    hit = (pt[0][1], marks, m2[0].number, (("dst", r.addr_lo), ("dport", r.port_lo)))
+                    hit = (pt[0][1], marks, m2[0].number, (("dst", r.addr_lo), ("dport", r.port_lo)), recent)
         self._shapes[key] = hit
         return hit
 
@@ -501,7 +509,7 @@ class SetWalker:
         m1, m2 = _SEP_MARK.fullmatch(rules[0].text), _SEP_DNAT.fullmatch(rules[1].text)
         if m1 is None or m2 is None:
             return None
-        (src, jump), (proto, module, dst, port) = m1.groups(), m2.groups()
+        (src, jump), (proto, recent, module, dst, port) = m1.groups(), m2.groups()
         if module not in (None, proto):
             return None
         callee = self._line_jump(jump, table)
@@ -509,7 +517,7 @@ class SetWalker:
         src, dst, port = self._line_address(src), self._line_address(dst), int(port)
         if marks is None or src is None or dst is None or not 0 < port < 65536:
             return None
-        return src, marks, _PORT_MODULES[proto], (("dst", dst), ("dport", port))
+        return src, marks, _PORT_MODULES[proto], (("dst", dst), ("dport", port)), recent is not None
 
     def _endpoint(self, threads: list, chain, table: str, out: list):
         """A kube-proxy endpoint chain (`_endpoint_shape`) walked at once, as `_chain` walks
@@ -521,7 +529,7 @@ class SetWalker:
         shape = self._endpoint_shape(chain, table)
         if shape is None:
             return None
-        src, marks, proto, consts = shape
+        src, marks, proto, consts, recent = shape
         (fd, vd), (fp, vp) = consts
         for th in threads:
             for p in th.packets:
@@ -562,7 +570,9 @@ class SetWalker:
                 hits.append(((th.prob, _remarked(th.mark, marks)), ins))
         for key, ins in hits:
             worlds.setdefault(key, []).extend(ins)
-        # -p PROTO -j DNAT: every packet goes to the endpoint
+        # -p PROTO [-m recent --set] -j DNAT: every packet goes to the endpoint
+        if recent:
+            self.recent_assumed = True  # (as `_compile` decides --set: walk.RECENT_ASSUMPTION)
         for (prob, mark), parts in worlds.items():
             parts = tuple(parts)
             out.append((Thread(parts, prob, mark, (parts, consts)), None))
@@ -579,7 +589,7 @@ class SetWalker:
         shape = self._endpoint_shape(callee, table)
         if shape is None or prob <= 0.0:
             return None
-        src, marks, proto, consts = shape
+        src, marks, proto, consts, recent = shape
         (fd, vd), (fp, vp) = consts
         sp = self.space
         at, false, where, stop = sp._at_until, sp._false, {"src": int(src)}, sp._last_level["src"] + 1
@@ -625,6 +635,8 @@ class SetWalker:
                 hits.append(((hp, _remarked(mk, marks)), marked))
         for key, ins in hits:
             worlds.setdefault(key, []).extend(ins)
+        if recent:
+            self.recent_assumed = True  # (as `_compile` decides --set: walk.RECENT_ASSUMPTION)
         for (p_, mark), parts in worlds.items():
             parts = tuple(parts)
             out.append((Thread(parts, p_, mark, (parts, consts)), None))
@@ -1070,6 +1082,15 @@ class SetWalker:
             hit = self._jumps[name] = Jump(0, 0, name, False)
         return hit
 
+    def _rcheck_line(self, rule, table: str) -> bool:
+        """Whether a rule not decoded yet is kube-proxy's session affinity check (``-A SVC [-m
+        comment --comment C] -m recent --rcheck --seconds N --reap --name SEP --mask
+        255.255.255.255 --rsource -j CHAIN``, CHAIN a chain of the table): under
+        walk.RECENT_ASSUMPTION (the client's first connection) it matches no packet, as
+        `_compile` decides the decoded rule (tests/test_setwalk.py compares both)."""
+        m = _SVC_RCHECK.fullmatch(rule.text)
+        return m is not None and self._line_jump(m.group(1), table) is not None
+
     def _statistic_line(self, rule, table: str):
         """``(probability, CHAIN, its chain)`` of a rule not decoded yet whose line is a kube-proxy
         endpoint rule (``-A SVC [-m comment --comment C] [-m statistic --mode random --probability
@@ -1289,10 +1310,20 @@ class SetWalker:
             # as the walk decides it for a connection's first packet (walk.RECENT_ASSUMPTION):
             # a client the list has not seen; --set matches, the checks find no entry
             self.recent_assumed = True
-            hit = m.option not in ("--rcheck", "--update", "--remove")
+            hit = m.option not in _RECENT_CHECKS
             return sp.universe() if hit != m.negated else sp.empty()
         what = f"-m {m.module}" if m.module else type(m).__name__.replace("Match", " match").lower()
         raise Unsupported(f"{_at(rule)}: '{what}' is not followed as a set")
+
+
+def _every_recent(m) -> bool:
+    """Whether ``m`` is a recent match every packet meets under walk.RECENT_ASSUMPTION (no entry
+    yet: an option but --rcheck, --update and --remove, not negated), as `_compile` decides it."""
+    return isinstance(m, OpaqueMatch) and m.module == "recent" and not m.negated and m.option not in _RECENT_CHECKS
+
+
+#: the recent options that look the client up (none is found under walk.RECENT_ASSUMPTION)
+_RECENT_CHECKS = ("--rcheck", "--update", "--remove")
 
 
 def _point(m, family: int):
@@ -1329,8 +1360,12 @@ _SVC_JUMP = re.compile(r'-A \S+' + _COMMENT + r'(?: -m statistic --mode random -
 _SVC_POINT = re.compile(r'-A \S+(?: ! -s (\d+\.\d+\.\d+\.\d+/\d+))? -d (\d+\.\d+\.\d+\.\d+)(?:/32)? -p (tcp|udp|sctp)'
                         + _COMMENT + r' -m (tcp|udp|sctp) --dport ([1-9]\d*) -j (\S+)')
 _SEP_MARK = re.compile(r'-A \S+ -s (\d+\.\d+\.\d+\.\d+)(?:/32)?' + _COMMENT + r' -j (\S+)')
-_SEP_DNAT = re.compile(r'-A \S+ -p (tcp|udp|sctp)' + _COMMENT + r'(?: -m (tcp|udp|sctp))? -j DNAT --to-destination '
-                       r'(\d+\.\d+\.\d+\.\d+):([1-9]\d*)')
+# session affinity (ClientIP): the DNAT rule remembers the client (--set), the service's chain
+# first sends a client the list holds to its endpoint (--rcheck)
+_RECENT = r' -m recent --{} --seconds [1-9]\d* --reap --name \S+ --mask 255\.255\.255\.255 --rsource'
+_SEP_DNAT = re.compile(r'-A \S+ -p (tcp|udp|sctp)' + _COMMENT + r'( -m recent --set --name \S+ --mask 255\.255\.255\.255 '
+                       r'--rsource)?(?: -m (tcp|udp|sctp))? -j DNAT --to-destination (\d+\.\d+\.\d+\.\d+):([1-9]\d*)')
+_SVC_RCHECK = re.compile(r'-A \S+' + _COMMENT + _RECENT.format("rcheck") + r' -j (\S+)')
 
 #: matches whose set depends only on the space, the family and the namespace (symbolic.match_header)
 _HEADER_MATCHES = (AddrMatch, IpRangeMatch, ProtoMatch, PortMatch, AddrTypeMatch)
