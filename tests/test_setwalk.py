@@ -1219,19 +1219,18 @@ def _kube_proxy_nat(rnd) -> str:
 
 @pytest.mark.parametrize("lazy", [False, True])
 def test_an_endpoint_chain_at_once_is_the_chain_rule_by_rule(monkeypatch, lazy):
-    """SetWalker._endpoint (kube-proxy's endpoint chains walked at once) and _split_statistic
-    (its endpoint rules split without the general case), and on a lazily parsed dump
-    _statistic_endpoint (an endpoint rule read from its line and its chain at once), leave the
-    hook by the same ways, in the same order, with the same parts, as the rules walked one by
-    one, on random kube-proxy-like tables (services with a masquerade rule or not, 1-3
-    endpoints, an endpoint at the client's own address, at the service itself, chains not of
-    its shape)."""
+    """SetWalker._endpoint (kube-proxy's endpoint chains walked at once; on a lazily parsed
+    dump with the endpoint rule read from its line and split at once too) and _split_statistic
+    (its endpoint rules split without the general case) leave the hook by the same ways, in
+    the same order, with the same parts, as the rules walked one by one, on random
+    kube-proxy-like tables (services with a masquerade rule or not, 1-3 endpoints, an endpoint
+    at the client's own address, at the service itself, chains not of its shape, session
+    affinity)."""
     import random
 
     rnd = random.Random(21)
     fast = 0
-    name = "_statistic_endpoint" if lazy else "_endpoint"
-    plain = getattr(SetWalker, name)
+    plain = SetWalker._endpoint
 
     def counted(self, *args):
         nonlocal fast
@@ -1239,7 +1238,7 @@ def test_an_endpoint_chain_at_once_is_the_chain_rule_by_rule(monkeypatch, lazy):
         fast += done is not None
         return done
 
-    monkeypatch.setattr(SetWalker, name, counted)
+    monkeypatch.setattr(SetWalker, "_endpoint", counted)
     affine = 0
     for _ in range(150):
         text = _kube_proxy_nat(rnd)

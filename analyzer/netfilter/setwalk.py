@@ -388,7 +388,7 @@ class SetWalker:
                         continue
                     if line is not None:
                         if endpoints and depth < MAX_DEPTH:
-                            rest = self._statistic_endpoint(line[0], line[2], threads, table, out)
+                            rest = self._endpoint(threads, line[2], table, out, line[0])
                             if rest is not None:
                                 threads = rest  # (kube-proxy's endpoint rule and chain at once)
                                 continue
@@ -519,74 +519,19 @@ class SetWalker:
             return None
         return src, marks, _PORT_MODULES[proto], (("dst", dst), ("dport", port)), recent is not None
 
-    def _endpoint(self, threads: list, chain, table: str, out: list):
+    def _endpoint(self, threads: list, chain, table: str, out: list, prob: float = 1.0):
         """A kube-proxy endpoint chain (`_endpoint_shape`) walked at once, as `_chain` walks
-        it rule by rule (tests/test_setwalk.py compares them): the packets from the endpoint's
-        own address (``-s``) are marked and every packet is translated to the endpoint. Only
-        for parts without exclusions, their source open, their protocol the rule's and their
-        destination pinned elsewhere than the endpoint (every packet moves); None otherwise
-        (the caller walks the chain rule by rule). 28,000 of them on a 10,000-service dump."""
+        it rule by rule: the packets from the endpoint's own address (``-s``) are marked and
+        every packet is translated to the endpoint. With ``prob`` below 1, the rule that jumps
+        there matches by ``-m statistic`` alone with that probability (`_statistic_line`): split
+        and walked at once, as `_split_prob` and then the chain would, without the threads
+        between. Returns the threads that go on (the rule's misses; none at ``prob`` 1: nothing
+        comes back from the chain). Only for parts without exclusions, their source open, their
+        protocol the rule's and their destination pinned elsewhere than the endpoint (every
+        packet moves); None otherwise (the caller splits, walks the chain rule by rule).
+        28,000 of them on a 10,000-service dump; tests/test_setwalk.py compares them with the
+        rules walked one by one."""
         shape = self._endpoint_shape(chain, table)
-        if shape is None:
-            return None
-        src, marks, proto, consts, recent = shape
-        (fd, vd), (fp, vp) = consts
-        for th in threads:
-            for p in th.packets:
-                pins = p.pins
-                if p.excl is not None or "src" in pins or pins.get("proto") != proto or fd not in pins \
-                        or fp not in pins or (pins[fd] == vd and pins[fp] == vp):
-                    return None
-        sp = self.space
-        at, false, where, stop = sp._at_until, sp._false, {"src": int(src)}, sp._last_level["src"] + 1
-        nodes = []
-        for th in threads:
-            got = []
-            for p in th.packets:
-                node = at(p.g.node, where, stop)
-                if node is None:
-                    return None  # (the set tests a field above the source: rule by rule)
-                got.append(node)
-            nodes.append(got)
-        # -s ADDR/32: the packets from the endpoint itself pinned there (then marked), excluded
-        # from the rest; the threads of one world and mark join again (`_join`: the misses
-        # first, then the marked hits, each in order)
-        worlds: dict = {}
-        hits = []
-        excl_key = ("src",)
-        for th, got in zip(threads, nodes):
-            ins, outs = [], []
-            for p, node in zip(th.packets, got):
-                if node == false:
-                    outs.append(p)
-                    continue
-                outs.append(Part(p.pins, p.g, {excl_key: {(src,)}}, p.origin))
-                pins = dict(p.pins)
-                pins["src"] = src
-                ins.append(Part(pins, sp._set(node), None, p.origin))
-            if outs:
-                worlds.setdefault((th.prob, th.mark), []).extend(outs)
-            if ins:
-                hits.append(((th.prob, _remarked(th.mark, marks)), ins))
-        for key, ins in hits:
-            worlds.setdefault(key, []).extend(ins)
-        # -p PROTO [-m recent --set] -j DNAT: every packet goes to the endpoint
-        if recent:
-            self.recent_assumed = True  # (as `_compile` decides --set: walk.RECENT_ASSUMPTION)
-        for (prob, mark), parts in worlds.items():
-            parts = tuple(parts)
-            out.append((Thread(parts, prob, mark, (parts, consts)), None))
-        return []
-
-    def _statistic_endpoint(self, prob: float, callee, threads: list, table: str, out: list):
-        """A rule matching with probability ``prob`` (`_statistic_line`) that jumps to the
-        endpoint chain ``callee`` (`_endpoint_shape`), split and walked at once: what
-        `_split_prob` and then `_endpoint` of its hits do, one after the other, without the
-        threads between (28,000 such rules on a 10,000-service dump). Returns the threads that
-        go on (the rule's misses); None when either would not apply (the caller does them one
-        after the other, or rule by rule). tests/test_setwalk.py compares it with the rules
-        walked one by one."""
-        shape = self._endpoint_shape(callee, table)
         if shape is None or prob <= 0.0:
             return None
         src, marks, proto, consts, recent = shape
@@ -1362,10 +1307,10 @@ _SVC_POINT = re.compile(r'-A \S+(?: ! -s (\d+\.\d+\.\d+\.\d+/\d+))? -d (\d+\.\d+
 _SEP_MARK = re.compile(r'-A \S+ -s (\d+\.\d+\.\d+\.\d+)(?:/32)?' + _COMMENT + r' -j (\S+)')
 # session affinity (ClientIP): the DNAT rule remembers the client (--set), the service's chain
 # first sends a client the list holds to its endpoint (--rcheck)
-_RECENT = r' -m recent --{} --seconds [1-9]\d* --reap --name \S+ --mask 255\.255\.255\.255 --rsource'
 _SEP_DNAT = re.compile(r'-A \S+ -p (tcp|udp|sctp)' + _COMMENT + r'( -m recent --set --name \S+ --mask 255\.255\.255\.255 '
                        r'--rsource)?(?: -m (tcp|udp|sctp))? -j DNAT --to-destination (\d+\.\d+\.\d+\.\d+):([1-9]\d*)')
-_SVC_RCHECK = re.compile(r'-A \S+' + _COMMENT + _RECENT.format("rcheck") + r' -j (\S+)')
+_SVC_RCHECK = re.compile(r'-A \S+' + _COMMENT + r' -m recent --rcheck --seconds [1-9]\d* --reap --name \S+ '
+                         r'--mask 255\.255\.255\.255 --rsource -j (\S+)')
 
 #: matches whose set depends only on the space, the family and the namespace (symbolic.match_header)
 _HEADER_MATCHES = (AddrMatch, IpRangeMatch, ProtoMatch, PortMatch, AddrTypeMatch)
