@@ -671,31 +671,16 @@ class SetWalker:
     def _rule_set(self, rule, hook: str):
         """What ``rule`` matches as one set without its family, the same for every thread (None:
         it depends on the thread: a statistic or a -m mark decided per thread's mark)."""
-        s = None
-        points: dict = {}  # the one-value matches, one cube (kube-proxy's -d, -p, --dport)
-        never = False
         for m in rule.matches:
-            if isinstance(m, CommentMatch):
-                continue
             if isinstance(m, StatisticMatch) or isinstance(m, MarkMatch) and m.kind == "mark" and self.mark is not None:
                 return None
-            pt = _point(m, self.family)
-            if pt is not None:
-                for f, v in pt:
-                    have = points.get(f)
-                    if have is None:
-                        points[f] = v
-                    elif have != v:
-                        never = True  # (two values of one field: no packet)
-                continue
-            got = self._match_set(m, rule, hook)
-            s = got if s is None else self._op("&", s, got)
+        never, points, m_set, _, _ = self._plan(rule, hook)
         if never:
             return self.space.empty()
-        if points:
+        if points:  # (the one-value matches as one cube: kube-proxy's -d, -p, --dport)
             pt = self._point_set(points)
-            s = pt if s is None else self._op("&", s, pt)
-        return s if s is not None else self._full_set
+            m_set = pt if m_set is None else self._op("&", m_set, pt)
+        return m_set if m_set is not None else self._full_set
 
     @staticmethod
     def _join(a: list, b: list) -> list:
