@@ -498,3 +498,30 @@ def test_open_sources_without_a_route_back_are_one_class(tmp_path):
     assert "client sees tcp 192.168.0.5:80 -> 10.9.0.1:40000 (as dialled)" in out
     rc, out, err = run(base + ["--flow", "tcp 10.9.0.0/16 -> 10.9.0.0/24:80"])
     assert "stopped at the limit" not in out and "the destination may be the client's own address" in out, out
+
+
+def test_interface_names_are_every_name_the_rules_write():
+    """netfilter.symbolic.interface_names skips a rule whose text holds neither '-i' nor '-o'
+    (every option it reads holds one): on random rules with every interface option, quoted
+    comments and look-alike words, the names are those its pattern finds in every rule."""
+    import random
+
+    from analyzer.netfilter.symbolic import _IFACE_WORDS, interface_names
+    from analyzer.parse import load_ruleset
+
+    rnd = random.Random(4)
+    opts = ["-i", "-o", "--in-interface", "--out-interface", "-m physdev --physdev-in", "-m physdev --physdev-out"]
+    words = ["-p tcp", "-m comment --comment \"sync-ingress x-o\"", "-s 10.0.0.0/8", "-j ACCEPT", "-m multiport --dports 80,81",
+             "! -i lo", "-m tcp --dport 22"]
+    for _ in range(30):
+        rules = []
+        for _ in range(rnd.randrange(1, 12)):
+            parts = [rnd.choice(words) for _ in range(rnd.randrange(0, 3))]
+            if rnd.random() < 0.6:
+                parts.append(f"{rnd.choice(opts)} {rnd.choice(['eth0', 'eth1', 'veth+', 'cni0', 'br-x', 'wg0'])}")
+            rnd.shuffle(parts)
+            rules.append("-A FORWARD " + " ".join(parts) + " -j ACCEPT")
+        rs = load_ruleset(("*filter\n:FORWARD ACCEPT [0:0]\n" + "\n".join(rules) + "\nCOMMIT\n", "x.rules")).ruleset
+        want = {m.group(1).strip("'\"") for r in rs.rules() for m in _IFACE_WORDS.finditer(r.text)} - {"+"}
+        got = set(interface_names(rs, Namespace()))
+        assert got == want, rules
