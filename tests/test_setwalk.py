@@ -1515,3 +1515,29 @@ def test_a_statistic_world_pinning_the_flows_only_protocol_leaves_no_empty_group
         assert {fate(o) for o in g.outcomes} == w.concrete(src=str(wt.src), dst=str(wt.dst), sport=wt.sport,
                                                           dport=wt.dport, mark=wt.mark)
     assert seen == flow_set(res.space, w.spec)
+
+
+def test_a_big_exclusion_lookup_takes_out_what_its_points_say():
+    """setwalk._excludes of a lookup of more than 64 points (their ints hashed once, kept while
+    the lookup is the same object of the same size) says what a scan of its points says, and
+    sees a point added to the lookup afterwards (an exclusion only grows: SetWalker._exclude)."""
+    import random
+
+    from analyzer.netfilter.setwalk import _excludes
+
+    rnd = random.Random(3)
+    key = ("dport", "dst", "proto")
+    values = {(rnd.choice([53, 80, 443]), ipaddress.ip_address(f"10.96.{rnd.randrange(4)}.{rnd.randrange(256)}"),
+               rnd.choice([6, 17])) for _ in range(300)}
+    excl = {key: values}
+
+    def plain(v):
+        return any((int(p), int(d), pr) == (v["dport"], v["dst"], v["proto"]) for p, d, pr in values)
+
+    for _ in range(500):
+        v = {"dport": rnd.choice([53, 80, 443]), "dst": int(ipaddress.ip_address(f"10.96.{rnd.randrange(4)}.{rnd.randrange(256)}")),
+             "proto": rnd.choice([6, 17])}
+        assert _excludes(excl, v) == plain(v)
+        if not plain(v) and rnd.random() < 0.2:
+            values.add((v["dport"], ipaddress.ip_address(v["dst"]), v["proto"]))  # (grown in place)
+            assert _excludes(excl, v)

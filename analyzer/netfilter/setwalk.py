@@ -181,9 +181,23 @@ def _excludes(excl: dict, v: dict) -> bool:
                     return True
             continue
         at = tuple(v[f] for f in fields)
-        if any(tuple(map(int, vs)) == at for vs in values):
+        if len(values) > 64:  # (kube-proxy's 11,000 service points: their ints, hashed once)
+            hit = _INT_POINTS.get(id(values))
+            if hit is None or hit[0] is not values or hit[1] != len(values):
+                if len(_INT_POINTS) >= 16:
+                    _INT_POINTS.clear()
+                hit = _INT_POINTS[id(values)] = (values, len(values), {tuple(map(int, vs)) for vs in values})
+            if at in hit[2]:
+                return True
+        elif any(tuple(map(int, vs)) == at for vs in values):
             return True
     return False
+
+
+#: id(an exclusion lookup's values) -> (the values, how many, their ints): `_excludes` of a big
+#: lookup. An exclusion only ever grows (`SetWalker._exclude`), so its size says it is unchanged;
+#: the values are kept (their id stays theirs). Bounded: cleared past 16 lookups.
+_INT_POINTS: dict = {}
 
 
 def _remarked(mark: int, marks) -> int:
