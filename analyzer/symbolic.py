@@ -107,8 +107,11 @@ def _cyclic_gc_paused():
     What the exploration kept is then frozen out of the collector's reach (`gc.freeze`), as
     the parse does with the model and lint --env with its trips: left young, it would all be
     scanned by the first collection after (millions of objects, 0.4 s after the 10k flow's
-    fate grouping, in whatever allocates next) and again as it ages. The few cycles among
-    it are not collected (memory, not behaviour)."""
+    fate grouping, in whatever allocates next) and again as it ages. A cycle among it is
+    never collected: none may hold the packet space (its BDD manager and every set, ~250 MB
+    for a 10,000-service flow), which is freed with the answer by reference counting
+    (tests/test_setwalk.py checks it; a recorder once kept the walker's bound method, and with
+    it every exploration's space for the process's life)."""
     import gc
 
     enabled = gc.isenabled()

@@ -1174,6 +1174,31 @@ def test_the_paused_gc_freezes_what_an_exploration_kept():
     assert gc.get_count()[0] < 100
 
 
+@pytest.mark.parametrize("by", ["fate", "path"])
+def test_an_exploration_keeps_nothing_alive_once_its_answer_is_dropped(by):
+    """The packet space of an open flow's exploration (its BDD manager, every set of it) is
+    freed with the answer: nothing of it is left in a reference cycle, which
+    symbolic._cyclic_gc_paused's freeze would keep for the process's life (each 10,000-service
+    flow ~250 MB; a long run of explains, as this test suite, then runs out of memory). The
+    recorder keeps the last rule label function it was given: it must not be the walker's
+    bound method."""
+    import gc
+    import weakref
+
+    from analyzer.symbolic import explain_open
+
+    rs = load_ruleset((_generated(20, 3), "kp.rules"), lazy=True).ruleset
+    ns = _ns()
+    ns.add_route("10.244.0.0/16 via 192.168.0.3 dev eth0")
+    res = explain_open(rs, parse_flow_spec("10.0.0.0/8 -> 10.96.0.0/12", iif="eth0"), ns, limit=10 ** 6,
+                       described=0, by=by)
+    assert res.groups and res.by == by
+    space = weakref.ref(res.space)
+    del res
+    gc.collect()  # (frozen objects are not collected: only what no cycle holds is freed)
+    assert space() is None
+
+
 def _kube_proxy_nat(rnd) -> str:
     """A random kube-proxy-like nat table: services (ClusterIP:port, a masquerade rule for
     sources outside the pod range, endpoints chosen by statistic rules), endpoint chains of

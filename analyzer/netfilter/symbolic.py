@@ -292,14 +292,19 @@ class RecordingWalker(Walker):
         super().__init__(*a, **kw)
         # rule label by id(rule), for the recorder's reasons (the walker holds the ruleset, so
         # its rules' ids stay theirs; hashing a frozen Rule costs ~10 us)
-        self._labels: dict = {}
+        labels: dict = {}
 
-    def _where(self, rule) -> str:
-        try:
-            return self._labels[id(rule)][1]
-        except KeyError:
-            self._labels[id(rule)] = (rule, f"{rule.label} (line {rule.span.line})")
-            return self._labels[id(rule)][1]
+        def where(rule) -> str:
+            try:
+                return labels[id(rule)][1]
+            except KeyError:
+                labels[id(rule)] = (rule, f"{rule.label} (line {rule.span.line})")
+                return labels[id(rule)][1]
+
+        # (a function of the labels, not a method: the recorder keeps the last label it was
+        # given, and a bound method would keep the walker, its namespace and the packet space
+        # in a reference cycle that outlives the exploration, frozen by symbolic._cyclic_gc_paused)
+        self._where = where
 
     #: `Walker._eval` tells the recorder which rule it evaluates (labelled only if a reason
     #: is lost: `_where`)
