@@ -11,7 +11,8 @@ rules-crossed grouping; `--open-limit N` stops after N classes, for a quick run)
 
 The open flow is judged on the best of ``--open-repeat`` runs, each on the dump parsed anew (as
 the whole command is judged on the best of ``--repeat``): the shared VM's speed drifts by
-10-30% between runs of the same code; the median and the worst are printed beside it.
+10-40% between runs of the same code; the median and the worst are printed beside it, and a
+fixed loop's CPU time before each run (`machine_clock`) says how fast the machine was then.
 """
 from __future__ import annotations
 
@@ -32,6 +33,14 @@ def service_flows(text: str, n: int, seed: int = 1):
     rnd = random.Random(seed)
     rnd.shuffle(pairs)
     return [f"{p} 10.1.2.3:40000 -> {d}:{port}" for d, p, port in pairs[:n]]
+
+
+def machine_clock() -> float:
+    """CPU seconds of a fixed pure-Python loop (~0.85 s on this VM at its usual speed, up to
+    1.2 s when the host is busy): the machine's speed at the moment, to read a run's time by."""
+    c0 = time.process_time()
+    sum(i * i for i in range(10 ** 7))
+    return time.process_time() - c0
 
 
 def main(argv=None) -> int:
@@ -100,8 +109,9 @@ def main(argv=None) -> int:
 
         spec = parse_flow_spec(args.open, iif="eth0")
         load = os.getloadavg()[0]
-        cpus, walls = [], []
+        cpus, walls, clocks = [], [], []
         for k in range(max(1, args.open_repeat)):
+            clocks.append(machine_clock())
             if k:  # the dump parsed anew: nothing the first run decoded is reused
                 rs = load_ruleset((text, str(dump)), lazy=True).ruleset
             t, c0 = time.perf_counter(), time.process_time()
@@ -131,11 +141,16 @@ def main(argv=None) -> int:
                     ("  groups / classes explored", f"{len(res.groups)} / {res.classes}", "", ""),
                     ("  describing the first 25 groups (CPU)", f"{describe_cpu:.2f} s", "", ""),
                     # the machine is shared: CPU time itself grows with the contention
-                    ("  load average before / after", f"{load:.1f} / {load_after:.1f}", "", "")]
+                    ("  load average before / after", f"{load:.1f} / {load_after:.1f}", "", ""),
+                    # the VM's own speed drifts by 30-40% within an hour: a fixed loop's CPU
+                    # time beside each run says how fast the machine was then
+                    ("  machine clock (fixed loop, CPU) before each run", " ".join(f"{c:.2f}" for c in clocks) + " s",
+                     "", "")]
         open_data = {"open_flow": args.open, "open_by": res.by, "open_s": open_s, "open_cpu_s": open_cpu,
                      "open_cpu_runs_s": cpus,
                      "open_classes": res.classes, "open_groups": len(res.groups), "describe_cpu_s": describe_cpu,
-                     "open_complete": done, "load_before": load, "load_after": load_after}
+                     "open_complete": done, "load_before": load, "load_after": load_after,
+                     "machine_clock_s": clocks}
     rows = [
         ("explain one flow, dump loaded (median)", f"{median * 1000:.2f} ms", "<= 50 ms", t_flow.verdict),
         ("explain one flow, worst of %d" % len(times), f"{worst * 1000:.2f} ms", "", ""),
