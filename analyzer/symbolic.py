@@ -670,7 +670,7 @@ def _whole(per, img) -> set | None:
     if img is None:
         return None
     never = set()
-    for k, s, prod, _, _ in per:
+    for k, s, prod, _ in per:
         if img.isdisjoint(s):
             never.add(k)
         elif not (prod and img <= prod[1]):
@@ -937,9 +937,9 @@ class _PartSets:
             if prod is None:
                 prod = self._products[int(s.node)] = self._product(s)
             if prod:
-                out.append((k, s, prod, {f for f in prod[2] if f != "family"}, int(prod[0]._node)))
+                out.append((k, s, prod, {f for f in prod[2] if f != "family"}))
             else:
-                out.append((k, s, False, None, None))
+                out.append((k, s, False, None))
         return out
 
     def lands(self, plan, top: tuple, consts: tuple) -> list:
@@ -977,20 +977,10 @@ class _PartSets:
         Every target's T tests only the protocol, destination and port (`_product`), so with
         those pinned whether an image is in it is the second half of `_inside`, which reads the
         last byte only where the first half's node still tests the destination."""
-        sp = self.space
-        fam = self._bit["family"]
-        proto, dst = vals["proto"], vals["dst"]
-        for _, _, prod, _, tint in plan:
+        for _, _, prod, _ in plan:
             if not prod:
                 continue
-            k1 = (tint, proto, dst >> 8)
-            mid = self._half.get(k1, False)
-            if mid is False:  # (as `_inside` computes and remembers it)
-                cut = self._cut
-                if cut is None:
-                    cut = self._cut = sp.bdd.level_of_var(sp._vars["dst"][-8])
-                mid = self._half[k1] = sp._at_until(prod[0]._node, dict(vals, family=fam), cut)
-                self._keep.append(prod[0])
+            mid = self._first_half(prod[0], vals)
             if mid is None or (mid != self._false and mid.level <= self._dst_last):
                 return False
         self._keep.append(plan)  # (its id is in the key)
@@ -999,18 +989,9 @@ class _PartSets:
     def _lands_at(self, plan, vals: dict) -> list:
         """`lands` at the image ``vals`` (field -> int)."""
         got = []
-        half = self._half
-        proto, dst = vals.get("proto"), vals.get("dst")
-        for k, s, prod, need, tint in plan:
+        for k, s, prod, need in plan:
             if prod and vals.keys() >= need:
-                # `_inside`, its two remembered halves looked up here first
-                mid = half.get((tint, proto, dst >> 8), False) if proto is not None and dst is not None else False
-                if mid is not False and mid is not None and mid != self._false:
-                    hit = half.get((int(mid), dst & 0xFF if mid.level <= self._dst_last else None, vals.get("dport")))
-                    inside = hit[0] if hit is not None else self._inside(prod[0], vals)
-                else:
-                    inside = self._inside(prod[0], vals)
-                if inside:
+                if self._inside(prod[0], vals):
                     got.append((k, s, prod[1]))
             else:
                 got.append((k, s, None))
@@ -1047,17 +1028,10 @@ class _PartSets:
         24 bits, where a class of prefixes and ports stops testing the address: 28,000
         endpoints in a few hundred /24s then share both halves."""
         sp = self.space
-        proto, dst = vals.get("proto"), vals.get("dst")
-        if dst is None or proto is None:
+        dst = vals.get("dst")
+        if dst is None or vals.get("proto") is None:
             return sp._at(top._node, dict(vals, family=self._bit["family"])) != sp._false
-        k1 = (int(top._node), proto, dst >> 8)
-        mid = self._half.get(k1, False)
-        if mid is False:
-            cut = self._cut
-            if cut is None:  # the level of the destination's 8th bit from the end (IPv4; IPv6 alike)
-                cut = self._cut = sp.bdd.level_of_var(sp._vars["dst"][-8])
-            mid = self._half[k1] = sp._at_until(top._node, dict(vals, family=self._bit["family"]), cut)
-            self._keep.append(top)
+        mid = self._first_half(top, vals)
         if mid is None:
             return sp._at(top._node, dict(vals, family=self._bit["family"])) != sp._false
         if mid == sp._false:
@@ -1068,6 +1042,22 @@ class _PartSets:
             node = sp._at(mid, dict(vals, family=self._bit["family"]))
             hit = self._half[k2] = (node is not None and node != sp._false, mid)
         return hit[0]
+
+    def _first_half(self, top, vals: dict):
+        """`_inside`'s first half: ``top`` descended by the image ``vals`` (its protocol and
+        destination given) down to the destination's last 8 bits, remembered by (``top``, the
+        protocol, the destination's first 24 bits); None where ``top`` tests a field ``vals``
+        does not give above there."""
+        k1 = (int(top._node), vals["proto"], vals["dst"] >> 8)
+        mid = self._half.get(k1, False)
+        if mid is False:
+            sp = self.space
+            cut = self._cut
+            if cut is None:  # the level of the destination's 8th bit from the end (IPv4; IPv6 alike)
+                cut = self._cut = sp.bdd.level_of_var(sp._vars["dst"][-8])
+            mid = self._half[k1] = sp._at_until(top._node, dict(vals, family=self._bit["family"]), cut)
+            self._keep.append(top)
+        return mid
 
     def _product(self, s):
         """``(T, R, {field: mask of the bits T tests})`` when ``s`` is T AND R, T over the header

@@ -1056,7 +1056,7 @@ def test_hairpin_cells_of_one_free_set_equal_the_general_split():
 
 
 def test_landing_of_images_by_remembered_halves_equals_one_descent():
-    """_PartSets.lands (an image's targets, the halves `_inside` remembered looked up first)
+    """_PartSets.lands (an image's targets: `_inside` per target, remembered by the image's /24 and port)
     keeps exactly the targets whose header part holds the image, and every target that is
     not a product."""
     import random
@@ -1083,7 +1083,7 @@ def test_landing_of_images_by_remembered_halves_equals_one_descent():
                       ("dport", rnd.choice([80, 8080])))
             got = {k for k, _, _ in pb.lands(plan, (("proto", proto),), consts)}
             vals = {"family": 0, "proto": proto, "dst": int(consts[0][1]), "dport": consts[1][1]}
-            want = {k for k, (_, s, prod, _, _) in enumerate(plan) if not prod or sp._at(prod[0].node, vals) != sp._false}
+            want = {k for k, (_, s, prod, _) in enumerate(plan) if not prod or sp._at(prod[0].node, vals) != sp._false}
             assert got == want, (proto, consts)
 
 
