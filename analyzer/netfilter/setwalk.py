@@ -1083,12 +1083,10 @@ class SetWalker:
             key = ("not-src", not_src, hook)
             hit = self._sets.get(key)
             if hit is None:  # (read, set): one pod range for 10,000 services, built once
-                a, _, plen = not_src.partition("/")
-                src = O.dotted_quad(a)
-                if src is None or not 0 <= int(plen) <= 32 or plen != str(int(plen)):
+                if O._V4_MATCH(not_src) is None:  # (not a network the parser reads at once)
                     hit = (False, None)
                 else:
-                    net = O._v4_network(int.from_bytes(src, "big"), int(plen))
+                    net = O._net_cached(not_src)  # (the parser's own reader of a network)
                     s = self._match_set(AddrMatch(0, 0, True, "src", (net,)), rule, hook)
                     hit = (True, None if s.node == self._full else s)
                 self._sets[key] = hit
