@@ -498,7 +498,7 @@ class SetWalker:
         if len(rules) == 2 and type(rules[1].target) is Nat and type(rules[0].target) is Jump:
             m1 = [m for m in rules[0].matches if not isinstance(m, CommentMatch)]
             m2 = [m for m in rules[1].matches if not isinstance(m, CommentMatch) and not _every_recent(m)]
-            recent = len(m2) != sum(not isinstance(m, CommentMatch) for m in rules[1].matches)
+            recent = any(_every_recent(m) for m in rules[1].matches)
             t1, t2 = rules[0].target, rules[1].target
             callee = self.rs.chain(table, t1.chain) if isinstance(t1, Jump) and not t1.goto else None
             marks = self._marks_only(callee) if callee is not None else None
